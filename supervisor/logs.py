@@ -1,0 +1,479 @@
+"""Child output capture: non-blocking pipe reads, size-rotated log files, in-memory tail.
+
+The daemon registers each child's stdout/stderr pipe with its selector and, when a pipe is
+readable, calls `PipeReader.pump()`. The reader moves bytes from the pipe into a
+`LogSink`, which appends them to a rotating log file and keeps the last `tail_size` bytes
+in memory for `supctl tail`. This module knows fds and files, not programs: it must not
+import the selector or the daemon.
+
+Hot path, per readable pipe (one child writing 1 GiB must log at close to `cat` speed):
+
+    os.readv(pipe, [shared buffer]) -> os.write(file, view[:n]) -> copy into the tail ring
+
+No bytes object is built unless an `on_data` hook asks for one. The read buffer is one
+module-level bytearray shared by every reader (the daemon is single-threaded), and a
+sink allocates neither a file descriptor nor tail memory until its program first writes,
+so 1,000 sleeping programs cost almost nothing.
+
+Rotation follows supervisord: `NAME.out.log` is current, `NAME.out.log.1` the newest
+backup, `.N` the oldest. See `LogSink` for when exactly a file is cut.
+
+Error policy (why `write` never raises): the daemon loop must keep running when the disk
+is full, the log folder was removed or a path is not writable. A failing sink logs one
+`log_write_failed` event when the trouble starts and one `log_write_recovered` event
+(with the number of bytes it had to drop) when a write succeeds again; meanwhile it keeps
+the error in `last_error` and counts lost bytes in `dropped_bytes`. It does not queue
+unwritten output in memory: a full disk can last for hours and the daemon's memory must
+stay bounded. The tail buffer keeps receiving everything, so `supctl tail` still works.
+After a failure the file is closed and opened again on the next write (or `reopen()`),
+which also recreates missing folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+# Unbound proxy: resolves the daemon's structlog configuration at each (rare) call.
+log = structlog.get_logger("supd")
+
+DEFAULT_TAIL_SIZE = 64 * 1024
+# One read takes what a full 1 MiB pipe holds (the unprivileged pipe-max-size default).
+READ_BUFFER_SIZE = 1024 * 1024
+# A pipe starts with 16 pages; a read this large means it was full and the child blocked.
+DEFAULT_PIPE_CAPACITY = 64 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_FIONREAD = 0x541B  # termios.FIONREAD on Linux; not worth importing termios for
+
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+_FILE_MODE = 0o644
+_FOLDER_MODE = 0o755
+
+
+# --- OS calls ----------------------------------------------------------------------------
+
+
+def _open_log_file(path: Path, truncate: bool) -> tuple[int, os.stat_result]:
+    """Open `path` for appending, creating it and missing parent folders."""
+    flags = _OPEN_FLAGS | (os.O_TRUNC if truncate else 0)
+    try:
+        fd = os.open(path, flags, _FILE_MODE)
+    except FileNotFoundError:
+        os.makedirs(path.parent, mode=_FOLDER_MODE, exist_ok=True)
+        fd = os.open(path, flags, _FILE_MODE)
+    try:
+        return fd, os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write every byte of `data`, looping over short writes. Raises OSError."""
+    while data:
+        written = os.write(fd, data)
+        if written == 0:  # regular files never do this; don't spin if something does
+            raise OSError(errno.EIO, "write() wrote nothing")
+        data = data[written:]
+
+
+def _rename_if_exists(source: Path, target: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(source, target)
+
+
+def _read_into(fd: int, buffer: bytearray) -> int | None:
+    """Bytes read into `buffer`; 0 at end of file; None when the pipe is empty."""
+    try:
+        return os.readv(fd, [buffer])
+    except BlockingIOError:
+        return None
+
+
+def _pending_bytes(fd: int) -> int:
+    """How many bytes the pipe holds right now (FIONREAD)."""
+    return int.from_bytes(fcntl.ioctl(fd, _FIONREAD, b"\0\0\0\0"), "little", signed=True)
+
+
+def set_pipe_size(fd: int, size: int) -> None:
+    """Ask the kernel to resize a pipe's buffer (F_SETPIPE_SZ), best-effort.
+
+    EPERM (over /proc/sys/fs/pipe-max-size or the per-user pipe quota) and EBUSY (the
+    pipe holds more than `size`) leave the pipe as it was. Other errors, such as EBADF or
+    EINVAL for an fd that is not a pipe, are caller bugs and raise.
+    """
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EBUSY):
+            raise
+
+
+# --- Tail ring ---------------------------------------------------------------------------
+
+
+class TailBuffer:
+    """The last `size` bytes of a stream.
+
+    It grows like a plain bytearray until it holds `size` bytes, so a quiet program costs
+    only what it wrote, then turns into a fixed ring: each append is one or two memcpy
+    of at most `size` bytes, whatever the stream's total throughput.
+    """
+
+    __slots__ = ("_data", "_end", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data = bytearray()
+        # Once full: where the next byte goes, which is also where the oldest byte is.
+        self._end = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def append(self, chunk: memoryview) -> None:
+        size = self.size
+        if len(chunk) >= size:
+            self._data[:] = chunk[len(chunk) - size :]
+            self._end = 0
+            return
+        missing = size - len(self._data)
+        if missing > 0:
+            self._data += chunk[:missing]
+            chunk = chunk[missing:]
+            if not chunk:
+                return
+        self._overwrite_oldest(chunk)
+
+    def _overwrite_oldest(self, chunk: memoryview) -> None:
+        end = self._end
+        first = min(len(chunk), self.size - end)
+        self._data[end : end + first] = chunk[:first]
+        wrapped = len(chunk) - first
+        if wrapped:
+            self._data[:wrapped] = chunk[first:]
+        self._end = (end + len(chunk)) % self.size
+
+    def last(self, nbytes: int) -> bytes:
+        """The last `nbytes` bytes held (fewer if fewer were written)."""
+        nbytes = min(nbytes, len(self._data))
+        if nbytes <= 0:
+            return b""
+        if len(self._data) < self.size or self._end == 0:
+            return bytes(self._data[-nbytes:])
+        start = self._end - nbytes
+        if start >= 0:
+            return bytes(self._data[start : self._end])
+        return bytes(self._data[start:]) + bytes(self._data[: self._end])
+
+
+# --- Log file ----------------------------------------------------------------------------
+
+
+class LogSink:
+    """One output stream of one process: rotating log file plus in-memory tail.
+
+    `path` None discards the output (the tail is still kept). The file is opened lazily
+    on the first write (or by `reopen()`), so idle programs hold no file descriptor.
+
+    Rotation (`maxbytes` > 0, regular files only): a file never grows past `maxbytes`.
+    When a write would overflow it, the file is cut at the last newline that leaves it
+    at least half full; failing that, before the write if the file already ends a line and
+    is at least half full; failing that (a line longer than that), exactly at `maxbytes`.
+    So lines stay whole unless they are too long to, and output without any newline
+    still rotates. With `backups` > 0, NAME -> NAME.1 -> ... -> NAME.N and the old NAME.N
+    is dropped; with `backups` == 0 the file is truncated and written again from the
+    start, as supervisord does. Size is tracked from our own writes, starting from the
+    size of the file when it was opened.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        maxbytes: int,
+        backups: int,
+        tail_size: int = DEFAULT_TAIL_SIZE,
+    ) -> None:
+        self.path = path
+        self.maxbytes = maxbytes
+        self.backups = backups
+        self.bytes_written = 0  # every byte ever given to write(), kept or dropped
+        self.dropped_bytes = 0  # bytes that could not be written to the file
+        self.last_error: OSError | None = None  # set while the file is failing
+        self._tail = TailBuffer(tail_size)
+        self._fd: int | None = None
+        self._size = 0
+        self._rotates = False  # whether the open file is regular and maxbytes > 0
+        self._ends_line = True  # whether the open file's last byte is a newline
+        self._truncate_on_open = False
+        self._write_failing = False
+        self._rotate_failing = False
+
+    # -- public --
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append `data`, rotating as needed. Never raises OSError (see module doc)."""
+        chunk = memoryview(data) if not isinstance(data, memoryview) else data
+        if chunk.format != "B":
+            chunk = chunk.cast("B")
+        if not chunk:
+            return
+        self.bytes_written += len(chunk)
+        self._tail.append(chunk)
+        if self.path is not None:
+            self._write_file(chunk)
+
+    def tail(self, nbytes: int) -> bytes:
+        """The last `nbytes` bytes of output (at most `tail_size`)."""
+        return self._tail.last(nbytes)
+
+    def reopen(self) -> None:
+        """Close and reopen the path, creating it: for SIGUSR2 after logrotate moved it."""
+        self.close()
+        if self.path is not None:
+            self._open()
+
+    def close(self) -> None:
+        """Close the file. A later write opens it again."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError as exc:  # NFS can report a failed flush here
+                self._write_failed(exc, 0)
+
+    # -- writing --
+
+    def _write_file(self, chunk: memoryview) -> None:
+        while chunk:
+            if self._fd is None and not self._open():
+                self._write_failed(None, len(chunk))
+                return
+            cut = self._rotation_cut(chunk) if self._rotates else None
+            if cut is None:
+                self._append(chunk)
+                return
+            if cut and not self._append(chunk[:cut]):
+                self._write_failed(None, len(chunk) - cut)
+                return
+            chunk = chunk[cut:]
+            if not self._rotate():
+                # Better a file past maxbytes than lost output; the next write retries.
+                self._append(chunk)
+                return
+
+    def _rotation_cut(self, chunk: memoryview) -> int | None:
+        """How many bytes of `chunk` still go into this file; None if all of it fits."""
+        room = self.maxbytes - self._size
+        if len(chunk) <= room:
+            return None
+        if room <= 0:
+            return 0
+        half = self.maxbytes // 2
+        search_from = max(0, half - self._size)
+        if search_from < room:
+            # Copies at most maxbytes/2, once per rotation: memoryview has no rfind.
+            newline = bytes(chunk[search_from:room]).rfind(b"\n")
+            if newline >= 0:
+                return search_from + newline + 1
+        if self._ends_line and self._size >= half and self._size > 0:
+            return 0
+        return room
+
+    def _append(self, chunk: memoryview) -> bool:
+        assert self._fd is not None
+        try:
+            _write_all(self._fd, chunk)
+        except OSError as exc:
+            # Reopen on the next write: the fd may be stale (EIO, ESTALE) and a fresh
+            # open recreates a removed folder.
+            self.close()
+            self._write_failed(exc, len(chunk))
+            return False
+        self._size += len(chunk)
+        self._ends_line = chunk[-1] == 0x0A
+        if self._write_failing:
+            self._write_recovered()
+        return True
+
+    def _open(self) -> bool:
+        assert self.path is not None
+        try:
+            fd, st = _open_log_file(self.path, self._truncate_on_open)
+        except OSError as exc:
+            self._write_failed(exc, 0)
+            return False
+        self._fd = fd
+        self._size = st.st_size
+        # /dev/stdout, a FIFO or /dev/null: never rename those.
+        self._rotates = self.maxbytes > 0 and stat.S_ISREG(st.st_mode)
+        # We cannot read an O_WRONLY file's last byte; a new run starts on a new line.
+        self._ends_line = True
+        self._truncate_on_open = False
+        return True
+
+    # -- rotation --
+
+    def _rotate(self) -> bool:
+        """Start a new current file. False (and the file unchanged) if that failed."""
+        assert self.path is not None
+        if self.backups > 0:
+            try:
+                self._shift_backups(self.path)
+            except OSError as exc:
+                self._rotate_failed(exc)
+                return False
+        else:
+            self._truncate_on_open = True
+        self.close()
+        if self._rotate_failing:
+            self._rotate_recovered()
+        return True
+
+    def _shift_backups(self, path: Path) -> None:
+        """NAME.N-1 -> NAME.N, ..., NAME -> NAME.1 (os.replace drops the old NAME.N).
+
+        A missing file is fine: fewer backups exist yet, or logrotate moved NAME away.
+        Any other error stops before NAME.1 is overwritten, so no backup is lost.
+        """
+        for number in range(self.backups - 1, 0, -1):
+            _rename_if_exists(_backup_path(path, number), _backup_path(path, number + 1))
+        _rename_if_exists(path, _backup_path(path, 1))
+
+    # -- error reporting: one event when trouble starts, one when it ends --
+
+    def _write_failed(self, exc: OSError | None, dropped: int) -> None:
+        self.dropped_bytes += dropped
+        if exc is None:
+            return
+        self.last_error = exc
+        if not self._write_failing:
+            self._write_failing = True
+            log.warning("log_write_failed", path=str(self.path), error=str(exc))
+
+    def _write_recovered(self) -> None:
+        self._write_failing = False
+        if not self._rotate_failing:
+            self.last_error = None
+        log.info("log_write_recovered", path=str(self.path), dropped_bytes=self.dropped_bytes)
+
+    def _rotate_failed(self, exc: OSError) -> None:
+        self.last_error = exc
+        if not self._rotate_failing:
+            self._rotate_failing = True
+            log.warning("log_rotate_failed", path=str(self.path), error=str(exc))
+
+    def _rotate_recovered(self) -> None:
+        self._rotate_failing = False
+        if not self._write_failing:
+            self.last_error = None
+        log.info("log_rotate_recovered", path=str(self.path))
+
+
+def _backup_path(path: Path, number: int) -> Path:
+    return path.with_name(f"{path.name}.{number}")
+
+
+# --- Pipe reader -------------------------------------------------------------------------
+
+_read_buffer: bytearray | None = None
+_read_view: memoryview | None = None
+
+
+def _shared_buffer() -> tuple[bytearray, memoryview]:
+    """The one read buffer, allocated on first use so importing this module stays cheap."""
+    global _read_buffer, _read_view
+    if _read_buffer is None or _read_view is None:
+        _read_buffer = bytearray(READ_BUFFER_SIZE)
+        _read_view = memoryview(_read_buffer)
+    return _read_buffer, _read_view
+
+
+class PipeReader:
+    """Moves a non-blocking pipe's bytes into a `LogSink`, a bounded amount per call.
+
+    The pipe must be registered level-triggered (the selector's default): `pump` returns
+    with data still in the pipe after `max_reads` reads, or as soon as one read comes back
+    short (the pipe was empty at that moment), and relies on the next readiness report.
+
+    `on_data`, if given, gets a bytes copy of every chunk (for `tail -f` followers).
+    `grow_pipe_to`: once a read shows the pipe was full, enlarge it to this many bytes
+    (best-effort; 0 never does). Only busy pipes grow, so 1,000 quiet programs don't
+    spend the per-user pipe quota.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        sink: LogSink,
+        on_data: Callable[[bytes], None] | None = None,
+        grow_pipe_to: int = READ_BUFFER_SIZE,
+    ) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.sink = sink
+        self.on_data = on_data
+        self._grow_pipe_to = grow_pipe_to
+
+    def pump(self, max_reads: int = 16) -> bool:
+        """Read at most `max_reads` times. True at end of file: unregister and close."""
+        buffer, view = _shared_buffer()
+        for _ in range(max_reads):
+            count = self._read(buffer)
+            if count is None:
+                return False
+            if count == 0:
+                return True
+            self._deliver(view[:count])
+            if count < len(buffer):
+                if count >= DEFAULT_PIPE_CAPACITY:
+                    self._grow_pipe()
+                return False
+        return False
+
+    def drain(self) -> bool:
+        """Read what the pipe holds now, for a child that exited. True at end of file.
+
+        Bounded: a grandchild that inherited the pipe and keeps writing must not hold the
+        loop here forever. Reads what FIONREAD reports plus one more buffer, which is
+        enough to see end of file once the writer is gone.
+        """
+        buffer, view = _shared_buffer()
+        try:
+            budget = _pending_bytes(self.fd) + len(buffer)
+        except OSError:
+            budget = len(buffer)
+        while budget > 0:
+            count = self._read(buffer)
+            if count is None:
+                return False
+            if count == 0:
+                return True
+            self._deliver(view[:count])
+            budget -= count
+        return False
+
+    def _read(self, buffer: bytearray) -> int | None:
+        """Like _read_into, but an unexpected error ends the stream instead of the loop."""
+        try:
+            return _read_into(self.fd, buffer)
+        except OSError as exc:
+            log.warning("pipe_read_failed", fd=self.fd, path=str(self.sink.path), error=str(exc))
+            return 0
+
+    def _deliver(self, chunk: memoryview) -> None:
+        self.sink.write(chunk)
+        if self.on_data is not None:
+            self.on_data(bytes(chunk))
+
+    def _grow_pipe(self) -> None:
+        if self._grow_pipe_to > 0:
+            set_pipe_size(self.fd, self._grow_pipe_to)
+            self._grow_pipe_to = 0  # once is enough, whether or not the kernel agreed
