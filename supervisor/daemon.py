@@ -1,0 +1,550 @@
+"""supd, the daemon: ties the selector, the process state machines, the log capture and
+the control server together. This is the only module with side effects on programs.
+
+Data flow, one direction only:
+
+    kernel fd -> Selector.select() -> ReadyKey(data=tag) -> Daemon._dispatch (one match)
+      -> Process.handle(event, now) -> [effects] -> Daemon._apply (spawn, kill, timers, logs)
+
+Everything the daemon waits for is an event from the one selector: child exits
+(signalfd + waitid sweep), output pipes, timerfd timers (startsecs, backoff, stop
+timeout), SIGTERM/SIGINT/SIGHUP/SIGUSR2 through the signalfd, and the control socket with
+its eventfd doorbell. There is no polling and no sleep: with nothing to do the loop blocks
+in epoll_wait(-1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from supervisor import __version__, daemonlog, spawn
+from supervisor.config import Config, ConfigError, ProgramConfig, load, summary
+from supervisor.logs import LogSink, PipeReader
+from supervisor.process import (
+    ArmTimer,
+    CancelTimer,
+    Effect,
+    Exited,
+    ForceKill,
+    Ignored,
+    Kill,
+    Process,
+    ProcessEvent,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    Start,
+    State,
+    Stop,
+    Timer,
+    TimerFired,
+    Transitioned,
+    signal_name,
+)
+from supervisor.selector import Event, ReadyKey, Selector
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+# Signals the daemon reads through the signalfd.
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DAEMON_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, signal.SIGUSR2)
+
+# A state is "down" once no process runs and none will run without a command.
+DOWN_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
+
+# Output reads per pipe per wake-up: a flooding child cannot starve the others.
+MAX_READS_PER_WAKEUP = 8
+
+
+# -- registration tags: what a ready key means ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SignalTag:
+    signum: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChildTag:
+    name: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimerTag:
+    name: str
+    timer: Timer
+    serial: int  # tells a stale expiry from the timer that replaced it
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTag:
+    name: str
+    stream: str
+
+
+# -- runtime state of one process ------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """A process and everything the daemon holds for it: child, pipes, logs, timers."""
+
+    process: Process
+    program: str
+    stdout: LogSink
+    stderr: LogSink
+    child: spawn.Child | None = None
+    timers: dict[Timer, tuple[int, int]] = field(default_factory=dict)  # timer -> (fd, serial)
+    readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
+    retiring: bool = False  # removed or changed by a reload: dropped once down
+
+    @property
+    def name(self) -> str:
+        return self.process.name
+
+    @property
+    def config(self) -> ProgramConfig:
+        return self.process.config
+
+    def is_down(self) -> bool:
+        return self.process.state in DOWN_STATES and self.child is None
+
+    def sink(self, stream: str) -> LogSink:
+        return self.stdout if stream == "stdout" else self.stderr
+
+
+@dataclass
+class Waiter:
+    """A control request waiting for processes to settle (start/stop/restart, wait=true)."""
+
+    names: set[str]
+    done: Callable[[str], bool]  # is this process settled?
+    finish: Callable[[], None]
+
+
+class Daemon:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.log = daemonlog.get_logger()
+        self.selector: Selector[Any] = Selector()
+        self.slots: dict[str, Slot] = {}
+        self.programs: dict[str, list[str]] = {}  # program -> its process names, in order
+        self.replacements: dict[str, ProgramConfig] = {}  # changed programs awaiting their stop
+        self.waiters: list[Waiter] = []
+        self.output_listeners: list[Callable[[str, str, bytes], bool]] = []
+        self.transition_hooks: list[Callable[[], None]] = []
+        self.shutting_down = False
+        self.running = False
+        self.exit_code = EXIT_OK
+        self._timer_serial = 0
+        self._stepping = False
+        self._step_again = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Take over the signals and start the autostart programs (by priority)."""
+        for signum in DAEMON_SIGNALS:
+            self.selector.register_signal(signum, SignalTag(signum))
+        for program in self.config.programs.values():
+            self._add_program(program)
+        self._autostart(self.config.programs.values())
+        self.running = True
+
+    def run(self) -> int:
+        """The loop: block in select until something happens, dispatch, repeat."""
+        while self.running:
+            for key in self.selector.select(-1):
+                self._dispatch(key)
+        return self.exit_code
+
+    def close(self) -> None:
+        for slot in list(self.slots.values()):
+            self._drop_slot(slot)
+        self.selector.close()
+
+    def _autostart(self, programs: Iterable[ProgramConfig]) -> None:
+        for program in sorted(programs, key=lambda p: p.priority):
+            if program.autostart:
+                for name in self.programs[program.name]:
+                    self.send(name, Start())
+
+    # -- the one dispatch -------------------------------------------------------------
+
+    def _dispatch(self, key: ReadyKey) -> None:
+        match key.data:
+            case ChildTag(name=name, pid=pid):
+                self.selector.unregister(key.fd)
+                self._child_exited(name, pid)
+            case OutputTag(name=name):
+                self._output_ready(name, key)
+            case TimerTag(name=name, timer=timer, serial=serial):
+                self._timer_fired(name, timer, serial, key.fd)
+            case SignalTag(signum=signum):
+                self._signal_received(signum)
+            case _:
+                self.dispatch_other(key)
+
+    def dispatch_other(self, key: ReadyKey) -> None:
+        """Keys registered by extensions (control server, notifier) are routed here."""
+        self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
+
+    def _signal_received(self, signum: int) -> None:
+        self.log.info("signal_received", signal=signal_name(signum))
+        if signum in SHUTDOWN_SIGNALS:
+            self.shutdown()
+        elif signum == signal.SIGHUP:
+            self.reload()
+        elif signum == signal.SIGUSR2:
+            self.reopen_logs()
+
+    # -- events into the state machines -----------------------------------------------
+
+    def send(self, name: str, event: ProcessEvent) -> None:
+        slot = self.slots.get(name)
+        if slot is not None:
+            self._apply(slot, slot.process.handle(event, self.clock()))
+
+    def _apply(self, slot: Slot, effects: list[Effect]) -> None:
+        """The only place where state-machine decisions become side effects."""
+        pending = list(effects)
+        while pending:
+            effect = pending.pop(0)
+            match effect:
+                case Spawn():
+                    pending[:0] = self._spawn(slot)
+                case Kill(signum=signum, group=group):
+                    self._kill(slot, signum, group)
+                case ArmTimer(timer=timer, delay_s=delay_s):
+                    self._arm_timer(slot, timer, delay_s)
+                case CancelTimer(timer=timer):
+                    self._cancel_timer(slot, timer)
+                case Transitioned():
+                    self._transitioned(slot, effect)
+                case Ignored(state=state, event=event):
+                    self.log.debug("event_ignored", process=slot.name, state=state.value, event=event)
+
+    def _spawn(self, slot: Slot) -> list[Effect]:
+        program = slot.config
+        env = dict(os.environ)
+        env.update(program.environment)
+        env.update(SUPD_PROCESS_NAME=slot.name, SUPD_PROGRAM=slot.program)
+        spec = spawn.SpawnSpec(
+            argv=program.command,
+            environment=env,
+            directory=program.directory,
+            user=program.user,
+            group=program.group,
+            umask=program.umask,
+            redirect_stderr=program.redirect_stderr,
+        )
+        now = self.clock()
+        try:
+            child = spawn.spawn(spec, capture_stdout=True, capture_stderr=True)
+        except spawn.SpawnError as exc:
+            self.log.error("spawn_failed", process=slot.name, error=str(exc))
+            return slot.process.handle(SpawnFailed(str(exc)), now)
+        slot.child = child
+        self.selector.register_process(child.pid, ChildTag(slot.name, child.pid))
+        for stream, fd in (("stdout", child.stdout_fd), ("stderr", child.stderr_fd)):
+            if fd is not None:
+                slot.readers[fd] = PipeReader(fd, slot.sink(stream), self._output_hook(slot, stream))
+                self.selector.register_handle(fd, Event.READ, OutputTag(slot.name, stream))
+        self.log.info("spawned", process=slot.name, pid=child.pid)
+        return slot.process.handle(Spawned(child.pid), now)
+
+    def _output_hook(self, slot: Slot, stream: str) -> Callable[[bytes], None] | None:
+        if not self.output_listeners:
+            return None
+        name = slot.name
+
+        def forward(data: bytes) -> None:
+            self.output_listeners[:] = [f for f in self.output_listeners if f(name, stream, data)]
+
+        return forward
+
+    def _kill(self, slot: Slot, signum: int, group: bool) -> None:
+        if slot.child is None:
+            return
+        sent = spawn.send_signal(slot.child, signum, group)
+        self.log.info(
+            "signal_sent", process=slot.name, pid=slot.child.pid, signal=signal_name(signum), sent=sent
+        )
+
+    def _arm_timer(self, slot: Slot, timer: Timer, delay_s: float) -> None:
+        self._cancel_timer(slot, timer)
+        self._timer_serial += 1
+        delay_ms = max(1, round(delay_s * 1000))  # 0 would disarm a timerfd
+        tag = TimerTag(slot.name, timer, self._timer_serial)
+        fd = self.selector.register_timer(delay_ms, True, tag)
+        slot.timers[timer] = (fd, self._timer_serial)
+
+    def _cancel_timer(self, slot: Slot, timer: Timer) -> None:
+        entry = slot.timers.pop(timer, None)
+        if entry is not None:
+            self.selector.unregister(entry[0])
+
+    def _timer_fired(self, name: str, timer: Timer, serial: int, fd: int) -> None:
+        slot = self.slots.get(name)
+        if slot is None or slot.timers.get(timer) != (fd, serial):
+            return  # cancelled after it expired, in the same batch
+        self._cancel_timer(slot, timer)
+        self._apply(slot, slot.process.handle(TimerFired(timer), self.clock()))
+
+    def _child_exited(self, name: str, pid: int) -> None:
+        slot = self.slots.get(name)
+        if slot is None or slot.child is None or slot.child.pid != pid:
+            self.log.warning("unknown_child_exited", process=name, pid=pid)
+            return
+        child, slot.child = slot.child, None
+        self._drain_output(slot)  # nothing the child wrote is lost to its exit
+        exit_code, exit_signal = spawn.reap(child)
+        self.log.info(
+            "exited",
+            process=name,
+            pid=pid,
+            exit_code=exit_code,
+            signal=signal_name(exit_signal) if exit_signal is not None else None,
+        )
+        self._apply(slot, slot.process.handle(Exited(exit_code, exit_signal), self.clock()))
+
+    # -- output -----------------------------------------------------------------------
+
+    def _output_ready(self, name: str, key: ReadyKey) -> None:
+        slot = self.slots.get(name)
+        reader = slot.readers.get(key.fd) if slot is not None else None
+        if slot is None or reader is None:
+            return
+        if reader.pump(MAX_READS_PER_WAKEUP):
+            self._close_reader(slot, key.fd)
+
+    def _drain_output(self, slot: Slot) -> None:
+        for fd, reader in list(slot.readers.items()):
+            if reader.drain():
+                self._close_reader(slot, fd)
+
+    def _close_reader(self, slot: Slot, fd: int) -> None:
+        del slot.readers[fd]
+        self.selector.unregister(fd)
+        os.close(fd)
+
+    def reopen_logs(self) -> None:
+        for slot in self.slots.values():
+            slot.stdout.reopen()
+            slot.stderr.reopen()
+        self.log.info("logs_reopened", count=len(self.slots))
+
+    # -- transitions ------------------------------------------------------------------
+
+    def _transitioned(self, slot: Slot, change: Transitioned) -> None:
+        process = slot.process
+        self.log.info(
+            "state_changed",
+            process=slot.name,
+            pid=process.pid,
+            from_state=change.old.value,
+            to_state=change.new.value,
+            reason=change.reason,
+        )
+        if change.new is State.BACKOFF and process.backoff_until is not None:
+            delay = round(process.backoff_until - self.clock(), 3)
+            self.log.info("backoff", process=slot.name, delay_s=delay, failures=process.failures)
+        elif change.new is State.FATAL:
+            self.log.error("fatal", process=slot.name, reason=change.reason)
+        self._settle(slot)
+        for hook in self.transition_hooks:
+            hook()
+
+    def _settle(self, slot: Slot) -> None:
+        """Follow-ups of a transition: waiters, reload replacements, shutdown progress."""
+        for waiter in list(self.waiters):
+            if slot.name in waiter.names and waiter.done(slot.name):
+                waiter.names.discard(slot.name)
+                if not waiter.names:
+                    self.waiters.remove(waiter)
+                    waiter.finish()
+        if slot.retiring and slot.is_down():
+            self._retire(slot)
+        if self.shutting_down:
+            self._shutdown_step()
+
+    def wait_for(
+        self, names: Iterable[str], done: Callable[[str], bool], finish: Callable[[], None]
+    ) -> None:
+        pending = {n for n in names if not done(n)}
+        if not pending:
+            finish()
+            return
+        self.waiters.append(Waiter(pending, done, finish))
+
+    # -- programs ---------------------------------------------------------------------
+
+    def _add_program(self, program: ProgramConfig) -> None:
+        names = program.process_names()
+        self.programs[program.name] = names
+        for name in names:
+            self.slots[name] = Slot(
+                process=Process(name, program),
+                program=program.name,
+                stdout=self._sink(program, name, "stdout"),
+                stderr=self._sink(program, name, "stderr"),
+            )
+
+    @staticmethod
+    def _sink(program: ProgramConfig, name: str, stream: str) -> LogSink:
+        stream_literal: Any = stream
+        return LogSink(
+            program.log_path(name, stream_literal),
+            program.log_maxbytes(stream_literal),
+            program.log_backups(stream_literal),
+        )
+
+    def _drop_slot(self, slot: Slot) -> None:
+        for timer in list(slot.timers):
+            self._cancel_timer(slot, timer)
+        self._drain_output(slot)
+        for fd in list(slot.readers):
+            self._close_reader(slot, fd)
+        slot.stdout.close()
+        slot.stderr.close()
+        self.slots.pop(slot.name, None)
+
+    def _retire(self, slot: Slot) -> None:
+        program = slot.program
+        self._drop_slot(slot)
+        names = self.programs.get(program, [])
+        if any(n in self.slots for n in names):
+            return
+        self.programs.pop(program, None)
+        replacement = self.replacements.pop(program, None)
+        if replacement is not None:
+            self._add_program(replacement)
+            if replacement.autostart:
+                self._autostart([replacement])
+
+    # -- reload -----------------------------------------------------------------------
+
+    def reload(self) -> tuple[list[str], list[str], list[str]]:
+        """SIGHUP: apply the config file's changes; raises ConfigError (nothing changed)."""
+        try:
+            new = load(self.config.path)
+        except ConfigError as exc:
+            self.log.error("reload_failed", problems=[str(p) for p in exc.problems])
+            raise
+        old = self.config.programs
+        added = [n for n in new.programs if n not in old]
+        removed = [n for n in old if n not in new.programs]
+        changed = [n for n in new.programs if n in old and new.programs[n] != old[n]]
+        self.config = new
+        for name in removed + changed:
+            if name in changed:
+                self.replacements[name] = new.programs[name]
+            for slot in [self.slots[n] for n in self.programs.get(name, [])]:
+                slot.retiring = True
+                self.send(slot.name, Stop())
+                if self.slots.get(slot.name) is slot and slot.is_down():
+                    self._retire(slot)
+        for name in added:
+            self._add_program(new.programs[name])
+        self._autostart(new.programs[n] for n in added)
+        self.log.info("config_reloaded", added=added, changed=changed, removed=removed)
+        return added, changed, removed
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop everything, highest priority number first; a second call kills."""
+        if self.shutting_down:
+            self.log.warning("shutdown_forced")
+            for name in list(self.slots):
+                self.send(name, Stop())  # BACKOFF and STARTING processes too
+                self.send(name, ForceKill())
+            return
+        self.shutting_down = True
+        self.log.info("shutdown_started")
+        self._shutdown_step()
+
+    def _shutdown_step(self) -> None:
+        """Stop the next priority group once the previous one is down; exit when all are.
+
+        Stopping a process in BACKOFF settles at once and calls back here, so a re-entrant
+        call only asks the outer one to look again (no recursion per process).
+        """
+        if self._stepping:
+            self._step_again = True
+            return
+        self._stepping = True
+        try:
+            self._step_again = True
+            while self._step_again:
+                self._step_again = False
+                self._stop_next_group()
+        finally:
+            self._stepping = False
+
+    def _stop_next_group(self) -> None:
+        live = [s for s in self.slots.values() if not s.is_down()]
+        if not live:
+            self.running = False
+            return
+        if any(s.process.state is State.STOPPING for s in live):
+            return  # the current group is still stopping
+        top = max(s.config.priority for s in live)
+        for slot in live:
+            if slot.config.priority == top:
+                self.send(slot.name, Stop())
+
+
+def reset_inherited_signals() -> None:
+    """Start from known signal state whatever the launcher left us.
+
+    A launcher that set SIGCHLD to SIG_IGN would make the kernel reap our children and
+    lose their exit statuses; a blocked mask would hide signals from the signalfd.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    for signum in (*DAEMON_SIGNALS, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="supd", description="supervise processes")
+    parser.add_argument("-c", "--config", default="/etc/supd/supd.toml", help="config file")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--version", action="version", version=f"supd {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(summary(config))
+        return EXIT_OK
+    daemonlog.configure(config.supervisor.log_format, config.supervisor.log_level)
+    reset_inherited_signals()
+    daemon = Daemon(config)
+    try:
+        daemon.setup()
+        return daemon.run()
+    finally:
+        daemon.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,379 @@
+"""The process state machine: pure, no I/O.
+
+One `Process` per supervised process (``web`` or ``web:0``). The daemon feeds it events
+(`Start`, `Stop`, `Spawned`, `Exited`, `TimerFired`, ...) with the current monotonic time,
+and it answers with a list of effects (`Spawn`, `Kill`, `ArmTimer`, ...) that the daemon
+carries out. Nothing here touches the OS, the selector or the logger, so every transition
+is tested as plain data (tests/test_process.py).
+
+Desired state (`want`) is kept apart from actual state (`state`), as s6 and runit do: a
+`Stop` while STOPPING is a no-op, a `Start` while STOPPING means "come back up once the old
+one is gone", and autorestart is simply "want is UP and the policy says restart".
+
+This module imports nothing from supd but the config model.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import dataclass, field
+
+from supervisor.config import ProgramConfig
+
+
+class State(enum.Enum):
+    """supervisord's state names and meanings."""
+
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    EXITED = "EXITED"
+    FATAL = "FATAL"
+
+
+class Want(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+
+
+class Timer(enum.Enum):
+    """Why a timer was armed; each process has at most one timer of each kind."""
+
+    STARTSECS = "startsecs"
+    BACKOFF = "backoff"
+    STOP_TIMEOUT = "stop_timeout"
+
+
+# Events: what happened to the process.
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """An operator (or autostart) wants the process up; resets the failure counters."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """An operator (or shutdown, or reload) wants the process down."""
+
+
+@dataclass(frozen=True, slots=True)
+class ForceKill:
+    """Stop now: SIGKILL whatever is left (a second SIGTERM during shutdown)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnFailed:
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """The process ended: `exit_code` for a normal exit, `exit_signal` when killed."""
+
+    exit_code: int | None
+    exit_signal: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    timer: Timer
+
+
+ProcessEvent = Start | Stop | ForceKill | Spawned | SpawnFailed | Exited | TimerFired
+
+
+# Effects: what the daemon must do.
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    signum: int
+    group: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTimer:
+    timer: Timer
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    timer: Timer
+
+
+@dataclass(frozen=True, slots=True)
+class Transitioned:
+    old: State
+    new: State
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    state: State
+    event: ProcessEvent
+
+
+Effect = Spawn | Kill | ArmTimer | CancelTimer | Transitioned | Ignored
+
+
+def backoff_delay(failures: int, config: ProgramConfig) -> float:
+    """Delay before the restart that follows the n-th consecutive failure (n >= 1)."""
+    if failures < 1:
+        return 0.0
+    delay = config.backoff_initial * config.backoff_factor ** (failures - 1)
+    return float(min(config.backoff_max, delay))
+
+
+def gives_up(start_failures: int, config: ProgramConfig) -> bool:
+    """The first attempt plus `startretries` retries have all failed."""
+    return start_failures > config.startretries
+
+
+def is_expected_exit(event: Exited, config: ProgramConfig) -> bool:
+    """An exit that `autorestart = "on-failure"` leaves alone.
+
+    A signal death while RUNNING is never expected: the daemon only signals to stop, and
+    stops are handled in STOPPING.
+    """
+    return event.exit_signal is None and event.exit_code in config.exitcodes
+
+
+@dataclass
+class Process:
+    """The supervised life of one process slot (`name`), across its restarts."""
+
+    name: str
+    config: ProgramConfig
+    state: State = State.STOPPED
+    want: Want = Want.DOWN
+    pid: int | None = None
+    started_at: float | None = None  # monotonic time of the last spawn
+    stopped_at: float | None = None  # monotonic time of the last exit
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    spawn_error: str | None = None
+    restarts: int = 0  # automatic restarts, for `status`
+    failures: int = 0  # consecutive failures: the backoff ladder's rung
+    start_failures: int = 0  # failed starts since the last successful one
+    backoff_until: float | None = None  # monotonic deadline of a pending restart
+    killed: bool = field(default=False)  # SIGKILL already sent during this stop
+
+    # -- the transition table ---------------------------------------------------------
+
+    def handle(self, event: ProcessEvent, now: float) -> list[Effect]:
+        """Feed one event; returns what the daemon must do. Never raises on odd input."""
+        match self.state, event:
+            case (State.STOPPED | State.EXITED | State.FATAL), Start():
+                return self._start(now, "start requested", reset=True)
+            case State.BACKOFF, Start():
+                return [CancelTimer(Timer.BACKOFF), *self._start(now, "start requested", True)]
+            case (State.STARTING | State.RUNNING), Start():
+                self.want = Want.UP
+                return []
+            case State.STOPPING, Start():
+                self.want = Want.UP  # come back up once the old process is gone
+                return []
+            case State.STARTING, Spawned(pid=pid):
+                return self._spawned(pid, now)
+            case State.STARTING, SpawnFailed(error=error):
+                self.spawn_error = error
+                self.stopped_at = now
+                return self._failed_start(now, f"spawn failed: {error}")
+            case State.STARTING, TimerFired(timer=Timer.STARTSECS):
+                return self._running(now, f"stayed up {self.config.startsecs:g}s")
+            case State.STARTING, Exited():
+                assert isinstance(event, Exited)
+                self._record_exit(event, now)
+                return [CancelTimer(Timer.STARTSECS), *self._failed_start(now, "exited too quickly")]
+            case State.RUNNING, Exited():
+                assert isinstance(event, Exited)
+                return self._exited_while_running(event, now)
+            case State.BACKOFF, TimerFired(timer=Timer.BACKOFF):
+                self.restarts += 1
+                return self._spawn(now, "backoff elapsed")
+            case (State.STARTING | State.RUNNING), Stop():
+                return self._stop(now)
+            case State.BACKOFF, Stop():
+                self.want = Want.DOWN
+                self.backoff_until = None
+                return [CancelTimer(Timer.BACKOFF), self._enter(State.STOPPED, "stop requested")]
+            case (State.EXITED | State.FATAL | State.STOPPED), Stop():
+                self.want = Want.DOWN
+                return []
+            case State.STOPPING, Stop():
+                self.want = Want.DOWN
+                return []
+            case State.STOPPING, (TimerFired(timer=Timer.STOP_TIMEOUT) | ForceKill()):
+                return self._kill(group=True)
+            case (State.STARTING | State.RUNNING), ForceKill():
+                return [*self._stop(now), *self._kill(group=True)]
+            case State.STOPPING, Exited():
+                assert isinstance(event, Exited)
+                return self._stopped(event, now)
+            case _:
+                return [Ignored(self.state, event)]
+
+    # -- actions ----------------------------------------------------------------------
+
+    def _enter(self, new: State, reason: str) -> Transitioned:
+        old, self.state = self.state, new
+        return Transitioned(old, new, reason)
+
+    def _start(self, now: float, reason: str, reset: bool) -> list[Effect]:
+        if reset:
+            self.failures = 0
+            self.start_failures = 0
+        self.want = Want.UP
+        return self._spawn(now, reason)
+
+    def _spawn(self, now: float, reason: str) -> list[Effect]:
+        self.pid = None
+        self.spawn_error = None
+        self.backoff_until = None
+        self.killed = False
+        return [self._enter(State.STARTING, reason), Spawn()]
+
+    def _spawned(self, pid: int, now: float) -> list[Effect]:
+        self.pid = pid
+        self.started_at = now
+        self.exit_code = self.exit_signal = None
+        if self.config.startsecs <= 0:
+            return self._running(now, "started")
+        return [ArmTimer(Timer.STARTSECS, self.config.startsecs)]
+
+    def _running(self, now: float, reason: str) -> list[Effect]:
+        self.start_failures = 0
+        return [self._enter(State.RUNNING, reason)]
+
+    def _record_exit(self, event: Exited, now: float) -> None:
+        self.pid = None
+        self.stopped_at = now
+        self.exit_code = event.exit_code
+        self.exit_signal = event.exit_signal
+
+    def _uptime(self, now: float) -> float:
+        return now - self.started_at if self.started_at is not None else 0.0
+
+    def _failed_start(self, now: float, reason: str) -> list[Effect]:
+        self.failures += 1
+        self.start_failures += 1
+        if gives_up(self.start_failures, self.config):
+            self.want = Want.DOWN
+            return [self._enter(State.FATAL, f"{reason}; gave up after {self.start_failures}")]
+        return self._backoff(now, reason)
+
+    def _backoff(self, now: float, reason: str) -> list[Effect]:
+        delay = backoff_delay(self.failures, self.config)
+        if delay <= 0:  # a timerfd armed with 0 is disarmed: restart right away instead
+            self.restarts += 1
+            return [self._enter(State.BACKOFF, reason), *self._spawn(now, "restarting")]
+        self.backoff_until = now + delay
+        return [self._enter(State.BACKOFF, reason), ArmTimer(Timer.BACKOFF, delay)]
+
+    def _exited_while_running(self, event: Exited, now: float) -> list[Effect]:
+        if self._uptime(now) >= self.config.backoff_reset:
+            self.failures = 0
+        self._record_exit(event, now)
+        policy = self.config.autorestart
+        restart = policy == "always" or (
+            policy == "on-failure" and not is_expected_exit(event, self.config)
+        )
+        reason = describe_exit(event)
+        if not restart:
+            self.want = Want.DOWN
+            return [self._enter(State.EXITED, reason)]
+        self.failures += 1
+        return self._backoff(now, reason)
+
+    def _stop(self, now: float) -> list[Effect]:
+        self.want = Want.DOWN
+        effects: list[Effect] = []
+        if self.state is State.STARTING:
+            effects.append(CancelTimer(Timer.STARTSECS))
+        effects.append(self._enter(State.STOPPING, "stop requested"))
+        effects.append(Kill(self.config.stopsignal, group=self.config.killasgroup))
+        effects.append(ArmTimer(Timer.STOP_TIMEOUT, self.config.stopwaitsecs))
+        return effects
+
+    def _kill(self, group: bool) -> list[Effect]:
+        if self.killed:
+            return []
+        self.killed = True
+        return [Kill(signal.SIGKILL, group=group)]
+
+    def _stopped(self, event: Exited, now: float) -> list[Effect]:
+        self._record_exit(event, now)
+        effects: list[Effect] = [
+            CancelTimer(Timer.STOP_TIMEOUT),
+            self._enter(State.STOPPED, describe_exit(event)),
+        ]
+        if self.want is Want.UP:  # a restart, or a start that arrived while stopping
+            effects += self._start(now, "restart requested", reset=True)
+        return effects
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def describe_exit(event: Exited) -> str:
+    if event.exit_signal is not None:
+        return f"killed by {signal_name(event.exit_signal)}"
+    return f"exited with status {event.exit_code}"
+
+
+def format_uptime(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{days} day{'s' if days != 1 else ''}, {clock}" if days else clock
+
+
+def describe(process: Process, now: float, wall_now: float) -> str:
+    """The one-line summary `status` shows, supervisorctl style.
+
+    `now` is monotonic; `wall_now` is only used to print the wall-clock time of an exit.
+    """
+    import time  # display only; the state machine itself never reads a clock
+
+    state = process.state
+    if state in (State.RUNNING, State.STARTING, State.STOPPING) and process.pid is not None:
+        return f"pid {process.pid}, uptime {format_uptime(process._uptime(now))}"
+    if state is State.BACKOFF and process.backoff_until is not None:
+        wait = max(0.0, process.backoff_until - now)
+        return f"restarting in {wait:.1f} s"
+    if state is State.FATAL and process.spawn_error:
+        return process.spawn_error
+    if process.stopped_at is None:
+        return "not started"
+    at = time.strftime("%H:%M:%S", time.localtime(wall_now - (now - process.stopped_at)))
+    if process.spawn_error:
+        return f"{process.spawn_error} at {at}"
+    if process.exit_signal is not None:
+        what = f"killed by {signal_name(process.exit_signal)}"
+    else:
+        what = f"exited {process.exit_code}"
+    if state is State.FATAL:
+        return f"{what} at {at}, exited too quickly"
+    return f"{what} at {at}"

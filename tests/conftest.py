@@ -1,0 +1,26 @@
+"""Fixtures shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Supd
+
+
+@pytest.fixture
+def supd(tmp_path: Path) -> Iterator[Callable[..., Supd]]:
+    """Factory: `supd(config_text)` starts a real daemon; all are killed at teardown."""
+    started: list[Supd] = []
+
+    def start(config: str, *extra: str, wait_ready: bool = True, **kw: Any) -> Supd:
+        instance = Supd(tmp_path, config, **kw)
+        started.append(instance)
+        return instance.start(*extra, wait_ready=wait_ready)
+
+    yield start
+    for instance in started:
+        instance.kill()
