@@ -1,0 +1,512 @@
+"""The control protocol: JSON-RPC 2.0, one JSON object per line.
+
+This module is the wire format only: pydantic models for every method's params and
+result, the error and exit code tables, and the helpers that turn bytes into a
+`Request` and answers into bytes. It does no I/O, and it must not import `selector`,
+`linux`, `daemon` or ctypes: the daemon's control server (`control.py`) and the tests
+use it, and it stays cheap enough to import anywhere. (`ctl.py` avoids even pydantic
+and mirrors the few constants it needs; `tests/test_ctl.py` keeps the mirrors honest.)
+
+Framing: every message is one UTF-8 JSON object followed by b"\\n". JSON never needs a
+raw newline inside a value, so a line is a message. docs/protocol.md is the reference
+for people; keep it in step with this file.
+
+Decisions beyond the JSON-RPC 2.0 spec:
+
+- Params are always an object (by-name); an array is "invalid params". Unknown fields
+  are rejected, and types are strict (no "5" for 5, no 1 for true).
+- Batch requests (a JSON array) are not supported: answered with "invalid request".
+- A request without an "id" member is a notification: it is executed, and nothing is
+  ever written back for it, not even an error (the spec's rule). `shutdown` sent as a
+  notification is a fire-and-forget stop. Lines whose kind can't be told (unparsable
+  JSON, not an object) are answered with id null, as the spec says.
+- The server sends notifications of its own: `output` while a `tail` follows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from signal import Signals
+from typing import Annotated, Any, Final, Literal
+
+import pydantic_core
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
+
+JSONRPC_VERSION: Final = "2.0"
+
+#: Largest tail a client may ask for, so that one answer stays well below the control
+#: server's per-client output limit.
+MAX_TAIL_BYTES: Final = 1 << 20
+
+RequestId = int | str
+
+
+class ErrorCode(IntEnum):
+    """`error.code` values. Negative ones are JSON-RPC's own; positive ones are supd's."""
+
+    PARSE_ERROR = -32700  # not JSON / not UTF-8
+    INVALID_REQUEST = -32600  # JSON, but not a JSON-RPC 2.0 request object
+    METHOD_NOT_FOUND = -32601
+    INVALID_PARAMS = -32602  # error.data: list of "field: problem" strings
+    INTERNAL_ERROR = -32603  # a bug in supd; the daemon keeps running
+    NO_SUCH_PROCESS = 1  # a name matched no process or program
+    BAD_STATE = 2  # the process can't do that now (e.g. signal a stopped process)
+    PERMISSION_DENIED = 3  # the peer's uid/gid may not use the socket
+    CONFIG_INVALID = 4  # reload refused; error.data: list of config problems
+    SHUTTING_DOWN = 5  # the daemon is stopping and accepts no new work
+    TOO_MANY_CONNECTIONS = 6  # the server is at max_connections
+    REQUEST_TOO_LARGE = 7  # a line over the server's max_line; connection closed
+
+
+class ExitStatus(IntEnum):
+    """supctl's exit status. Scripts depend on these: never renumber."""
+
+    OK = 0
+    FAILED = 1  # an operation failed (start ended FATAL, unknown name, ...)
+    USAGE = 2  # bad command line or config file
+    NOT_RUNNING = 3  # `status` found a named process (or any process) not RUNNING
+    UNREACHABLE = 4  # no daemon answered on the socket
+
+
+EXIT_OK: Final = ExitStatus.OK
+EXIT_FAILED: Final = ExitStatus.FAILED
+EXIT_USAGE: Final = ExitStatus.USAGE
+EXIT_NOT_RUNNING: Final = ExitStatus.NOT_RUNNING
+EXIT_UNREACHABLE: Final = ExitStatus.UNREACHABLE
+
+
+class ProcessState(StrEnum):
+    """Process states on the wire (Supervisor's names, which operators know)."""
+
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    EXITED = "EXITED"
+    FATAL = "FATAL"
+
+
+Stream = Literal["stdout", "stderr"]
+
+
+# --------------------------------------------------------------------------- params
+#
+# Params arrive from clients: strict types, no unknown fields, frozen.
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+def _non_empty_names(names: list[str]) -> list[str]:
+    if not names:
+        raise ValueError("at least one name is required")
+    if any(not name for name in names):
+        raise ValueError("names must not be empty strings")
+    return names
+
+
+Names = Annotated[list[StrictStr], AfterValidator(_non_empty_names)]
+
+
+def parse_signal(value: str | int) -> Signals:
+    """`"TERM"`, `"SIGTERM"`, `"term"`, `"15"` or `15` → `Signals.SIGTERM`.
+
+    Raises ValueError for anything that is not a signal of this platform.
+    """
+    if isinstance(value, int) or value.isdigit():
+        try:
+            return Signals(int(value))
+        except ValueError:
+            raise ValueError(f"unknown signal number {value}") from None
+    name = value.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return Signals[name]
+    except KeyError:
+        raise ValueError(f"unknown signal {value!r}") from None
+
+
+def _canonical_signal(value: str | int) -> str:
+    return parse_signal(value).name
+
+
+class StatusParams(_Params):
+    names: Names | None = None
+
+
+class StartParams(_Params):
+    names: Names
+    wait: bool = True
+
+
+class StopParams(_Params):
+    names: Names
+    wait: bool = True
+
+
+class RestartParams(_Params):
+    names: Names
+    wait: bool = True
+
+
+class SignalParams(_Params):
+    # Normalised to the canonical name ("SIGHUP") whatever form the client sent.
+    signal: Annotated[StrictStr | StrictInt, AfterValidator(_canonical_signal)]
+    names: Names
+
+    @property
+    def signum(self) -> Signals:
+        return parse_signal(self.signal)
+
+
+class ReloadParams(_Params):
+    pass
+
+
+class TailParams(_Params):
+    name: StrictStr
+    stream: Stream = "stdout"
+    bytes: int = Field(default=1600, ge=0, le=MAX_TAIL_BYTES)
+    follow: bool = False
+
+
+class PidParams(_Params):
+    name: StrictStr | None = None
+
+
+class VersionParams(_Params):
+    pass
+
+
+class ShutdownParams(_Params):
+    pass
+
+
+Params = (
+    StatusParams
+    | StartParams
+    | StopParams
+    | RestartParams
+    | SignalParams
+    | ReloadParams
+    | TailParams
+    | PidParams
+    | VersionParams
+    | ShutdownParams
+)
+
+Method = Literal[
+    "status", "start", "stop", "restart", "signal", "reload", "tail", "pid", "version", "shutdown"
+]
+
+
+# --------------------------------------------------------------------------- results
+#
+# Results are built by the daemon, so they validate in the ordinary (lax) mode:
+# `ProcessInfo(state="RUNNING", ...)` is fine. Unknown fields are still typos.
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ProcessInfo(_Result):
+    """One row of `status`."""
+
+    name: str  # "web:1"
+    program: str  # "web"
+    state: ProcessState
+    pid: int | None = None
+    uptime: float | None = None  # seconds in the current run
+    exit_code: int | None = None
+    exit_signal: str | None = None  # "SIGKILL"
+    restarts: int = 0  # automatic restarts only
+    spawn_error: str | None = None
+    description: str = ""  # "pid 4242, uptime 0:03:10"
+
+
+class ActionResult(_Result):
+    """One process's outcome of `start`, `stop`, `restart` or `signal`."""
+
+    name: str
+    ok: bool
+    state: ProcessState | None = None  # None when the name matched nothing
+    error: str | None = None
+
+
+class ReloadResult(_Result):
+    added: list[str] = []
+    changed: list[str] = []
+    removed: list[str] = []
+
+
+class TailResult(_Result):
+    name: str
+    stream: Stream
+    data: str  # UTF-8 decoded with errors="replace"
+
+
+class OutputParams(_Result):
+    """Params of the server's `output` notification while a tail follows."""
+
+    name: str
+    stream: Stream
+    data: str
+
+
+class PidResult(_Result):
+    pid: int | None
+
+
+class VersionResult(_Result):
+    version: str
+    pid: int
+    config: str | None = None  # path of the config file in use
+
+
+class ShutdownResult(_Result):
+    ok: bool = True
+
+
+#: The Python type of each method's result; `RESULT_ADAPTERS[m].validate_json(...)`
+#: checks an answer (tests, and clients that want models).
+RESULT_TYPES: Final[dict[str, Any]] = {
+    "status": list[ProcessInfo],
+    "start": list[ActionResult],
+    "stop": list[ActionResult],
+    "restart": list[ActionResult],
+    "signal": list[ActionResult],
+    "reload": ReloadResult,
+    "tail": TailResult,
+    "pid": PidResult,
+    "version": VersionResult,
+    "shutdown": ShutdownResult,
+}
+RESULT_ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
+    method: TypeAdapter(result_type) for method, result_type in RESULT_TYPES.items()
+}
+
+
+# --------------------------------------------------------------------------- requests
+#
+# One envelope model per method, joined in a union discriminated by "method", so a
+# whole line is checked by a single `validate_json` call, and pydantic's error
+# locations tell which JSON-RPC error it was: a location under "params" is invalid
+# params, anything else an invalid request.
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    jsonrpc: Literal["2.0"]
+    # Absent means notification; present-but-null is a (discouraged) request.
+    id: StrictInt | StrictStr | None = None
+
+
+class _Status(_Envelope):
+    method: Literal["status"]
+    params: StatusParams = StatusParams()
+
+
+class _Start(_Envelope):
+    method: Literal["start"]
+    params: StartParams
+
+
+class _Stop(_Envelope):
+    method: Literal["stop"]
+    params: StopParams
+
+
+class _Restart(_Envelope):
+    method: Literal["restart"]
+    params: RestartParams
+
+
+class _Signal(_Envelope):
+    method: Literal["signal"]
+    params: SignalParams
+
+
+class _Reload(_Envelope):
+    method: Literal["reload"]
+    params: ReloadParams = ReloadParams()
+
+
+class _Tail(_Envelope):
+    method: Literal["tail"]
+    params: TailParams
+
+
+class _Pid(_Envelope):
+    method: Literal["pid"]
+    params: PidParams = PidParams()
+
+
+class _Version(_Envelope):
+    method: Literal["version"]
+    params: VersionParams = VersionParams()
+
+
+class _Shutdown(_Envelope):
+    method: Literal["shutdown"]
+    params: ShutdownParams = ShutdownParams()
+
+
+_AnyEnvelope = Annotated[
+    _Status | _Start | _Stop | _Restart | _Signal | _Reload | _Tail | _Pid | _Version | _Shutdown,
+    Field(discriminator="method"),
+]
+_ENVELOPE: Final[TypeAdapter[_AnyEnvelope]] = TypeAdapter(_AnyEnvelope)
+
+METHODS: Final[tuple[str, ...]] = tuple(RESULT_TYPES)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A valid request. `match request.params:` tells the method by its params type."""
+
+    id: RequestId | None
+    method: Method
+    params: Params
+    notification: bool = False  # no "id" member: run it, never answer it
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    """A line that could not become a `Request`, and the error it earns."""
+
+    id: RequestId | None
+    code: int
+    message: str
+    data: Any = None
+    # The line was a notification: per JSON-RPC nothing is written back.
+    notification: bool = False
+
+    def encode(self) -> bytes:
+        return encode_error(self.id, self.code, self.message, self.data)
+
+
+def parse_request(line: bytes) -> Request | ErrorResponse:
+    """Validate one line (with or without its b"\\n"). Never raises."""
+    try:
+        envelope = _ENVELOPE.validate_json(line)
+    except ValidationError as exc:
+        return _classify_safely(line, exc)
+    except Exception as exc:  # a pydantic bug must not reach the daemon's loop
+        return ErrorResponse(None, ErrorCode.INTERNAL_ERROR, f"internal error: {exc}")
+    return Request(
+        id=envelope.id,
+        method=envelope.method,
+        params=envelope.params,
+        notification="id" not in envelope.model_fields_set,
+    )
+
+
+def _classify_safely(line: bytes, exc: ValidationError) -> ErrorResponse:
+    try:
+        return _classify(line, exc)
+    except (ValueError, RecursionError):
+        # Our second look with json.loads can disagree with pydantic's parser on
+        # exotic input (nesting depth, say); such a line is no request either way.
+        return ErrorResponse(None, ErrorCode.INVALID_REQUEST, "invalid request")
+
+
+def _classify(line: bytes, exc: ValidationError) -> ErrorResponse:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    if errors[0]["type"] == "json_invalid":
+        return ErrorResponse(None, ErrorCode.PARSE_ERROR, f"parse error: {errors[0]['msg']}")
+    # The line is JSON: now the id (and whether it is a notification) can be recovered.
+    raw = json.loads(line)
+    if not isinstance(raw, dict):
+        what = "batch requests are not supported" if isinstance(raw, list) else "not an object"
+        return ErrorResponse(None, ErrorCode.INVALID_REQUEST, f"invalid request: {what}")
+    request_id = _usable_id(raw.get("id"))
+    # Only a well-formed request without an id is a notification; an invalid request
+    # is answered (id null) even when it has no id, as the spec's examples show.
+    notification = "id" not in raw
+    if raw.get("jsonrpc") != JSONRPC_VERSION:
+        return ErrorResponse(
+            request_id, ErrorCode.INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"'
+        )
+    if errors[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        method = raw.get("method")
+        if isinstance(method, str):
+            return ErrorResponse(
+                request_id,
+                ErrorCode.METHOD_NOT_FOUND,
+                f"method not found: {method!r}",
+                data=list(METHODS),
+                notification=notification,
+            )
+        return ErrorResponse(
+            request_id, ErrorCode.INVALID_REQUEST, "invalid request: 'method' must be a string"
+        )
+    problems = [_describe(error["loc"][1:], error["msg"]) for error in errors]
+    if all(error["loc"][1:2] == ("params",) for error in errors):
+        return ErrorResponse(
+            request_id,
+            ErrorCode.INVALID_PARAMS,
+            "invalid params: " + "; ".join(p.removeprefix("params.") for p in problems),
+            data=[p.removeprefix("params.") for p in problems],
+            notification=notification,
+        )
+    return ErrorResponse(
+        request_id, ErrorCode.INVALID_REQUEST, "invalid request: " + "; ".join(problems), problems
+    )
+
+
+def _usable_id(value: object) -> RequestId | None:
+    # bool is an int subclass, but `true` is not a valid id.
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return None
+
+
+def _describe(loc: tuple[int | str, ...], msg: str) -> str:
+    """("params", "names", 0), "Input should be..." → "params.names.0: Input should be..."."""
+    where = ".".join(str(part) for part in loc)
+    # A value error from our own validators reads "Value error, unknown signal 'X'".
+    msg = msg.removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_result(request_id: RequestId | None, result: Any) -> bytes:
+    """A success response line. `result` may be a model, a list of models, a dict..."""
+    return _encode({"jsonrpc": JSONRPC_VERSION, "id": request_id, "result": result})
+
+
+def encode_error(request_id: RequestId | None, code: int, message: str, data: Any = None) -> bytes:
+    """An error response line; "data" is left out when None."""
+    error: dict[str, Any] = {"code": int(code), "message": message}
+    if data is not None:
+        error["data"] = data
+    return _encode({"jsonrpc": JSONRPC_VERSION, "id": request_id, "error": error})
+
+
+def encode_notification(method: str, params: Any) -> bytes:
+    """A server-to-client notification line (no id), e.g. `output`."""
+    return _encode({"jsonrpc": JSONRPC_VERSION, "method": method, "params": params})
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    # to_json serialises models, enums and containers of them. Compact JSON escapes
+    # control characters, so the only b"\n" is the terminator.
+    return pydantic_core.to_json(message) + b"\n"
