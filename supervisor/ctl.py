@@ -1,0 +1,721 @@
+"""supctl: the command-line client of supd's control socket.
+
+    supctl [-s SOCKET | -c CONFIG] [--json] [--timeout S] COMMAND [ARGS]
+    supctl                      # interactive shell
+
+supctl must start fast (a whole `supctl status` well under 200 ms, interpreter
+included), so this module imports only light stdlib modules at import time: no
+pydantic, no `supervisor.protocol`, no selector or ctypes. It speaks the protocol with
+plain `json` and mirrors the few constants it needs from `protocol` (tests/test_ctl.py
+checks the mirrors). tomllib is imported only with -c, readline only in the shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TextIO
+
+from supervisor import __version__
+
+# Mirrors of protocol.ExitStatus: scripts depend on these numbers.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_UNREACHABLE = 4
+EXIT_INTERRUPTED = 130  # Ctrl-C outside of `tail -f`, as shells report it
+
+# Mirrors of protocol.ErrorCode (only those supctl treats specially).
+INVALID_PARAMS = -32602
+PERMISSION_DENIED = 3
+CONFIG_INVALID = 4
+TOO_MANY_CONNECTIONS = 6
+
+DEFAULT_SOCKET = "/run/supd/supd.sock"
+SOCKET_ENV = "SUPD_SOCKET"
+HISTORY_FILE = "~/.supctl_history"
+
+# start/stop/restart may wait for startsecs / stopwaitsecs; everything else is quick.
+WAITING_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S = 10.0
+
+COMMANDS = (
+    "status",
+    "start",
+    "stop",
+    "restart",
+    "signal",
+    "reload",
+    "tail",
+    "pid",
+    "version",
+    "shutdown",
+    "help",
+)
+SHELL_ONLY = ("quit", "exit")
+
+
+class UsageError(Exception):
+    """Bad command line or config file: exit 2."""
+
+
+class Unreachable(Exception):
+    """No daemon answered: exit 4, naming the socket and why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot reach supd at {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class RpcError(Exception):
+    """The daemon answered with a JSON-RPC error."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+# --------------------------------------------------------------------------- socket path
+
+
+def resolve_socket(
+    socket_arg: str | None, config_arg: str | None, environ: Mapping[str, str]
+) -> str:
+    """-s, else $SUPD_SOCKET, else the config file's socket (-c), else the default."""
+    if socket_arg:
+        return socket_arg
+    if environ.get(SOCKET_ENV):
+        return environ[SOCKET_ENV]
+    if config_arg:
+        return socket_from_config(config_arg, environ)
+    return DEFAULT_SOCKET
+
+
+def socket_from_config(config_path: str, environ: Mapping[str, str]) -> str:
+    """The [supervisor] socket key of a supd config, read with tomllib alone.
+
+    A relative path is relative to the config file's folder. Without the key the daemon
+    listens on $RUNTIME_DIRECTORY/supd.sock (systemd) or else on supd.sock beside the
+    config. The pydantic config module is deliberately not imported: it is slow.
+    """
+    import tomllib
+
+    try:
+        with open(config_path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise UsageError(f"cannot read config {config_path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config {config_path} is not valid TOML: {exc}") from None
+    section = document.get("supervisor", {})
+    value = section.get("socket") if isinstance(section, dict) else None
+    folder = os.path.dirname(os.path.abspath(config_path))
+    if value is not None:
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"config {config_path}: supervisor.socket must be a path")
+        return os.path.join(folder, os.path.expanduser(value))
+    runtime = environ.get("RUNTIME_DIRECTORY", "")
+    if runtime:
+        # systemd joins several RuntimeDirectory= entries with ":"; ours is the first.
+        return os.path.join(runtime.split(":")[0], "supd.sock")
+    return os.path.join(folder, "supd.sock")
+
+
+# --------------------------------------------------------------------------- the client
+
+
+def _connect_reason(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file (is supd running?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (stale socket: supd is not running)"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, TimeoutError):
+        return "timed out connecting"
+    return (exc.strerror or str(exc)).lower()
+
+
+class Client:
+    """A blocking JSON-RPC client on one connection; every wait has a deadline."""
+
+    def __init__(self, path: str, timeout_s: float | None) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self._next_id = 1
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A daemon with a full accept backlog makes connect() block: bound it too.
+        sock.settimeout(self.timeout_s)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise Unreachable(self.path, _connect_reason(exc)) from None
+        self._sock = sock
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Send one request and return its result; RpcError for an error answer."""
+        if self._sock is None:
+            self.connect()
+        request_id = self._next_id
+        self._next_id += 1
+        request = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        self._send(json.dumps(request).encode() + b"\n")
+        while True:
+            message = self._read_message(deadline)
+            if "method" in message:
+                continue  # a notification from an earlier follow: not our answer
+            if message.get("id") in (request_id, None):
+                return self._unwrap(message)
+
+    def notifications(self) -> Iterator[dict[str, Any]]:
+        """Server notifications, forever (no deadline): `tail -f`."""
+        while True:
+            message = self._read_message(None)
+            if "method" in message:
+                yield message
+
+    def _unwrap(self, message: dict[str, Any]) -> Any:
+        if "error" in message:
+            error = message["error"] if isinstance(message["error"], dict) else {}
+            code = error.get("code", 0)
+            text = str(error.get("message", "unknown error"))
+            if code in (PERMISSION_DENIED, TOO_MANY_CONNECTIONS) and message.get("id") is None:
+                # Refused at accept: the daemon is there, but not for us.
+                raise Unreachable(self.path, text)
+            raise RpcError(code, text, error.get("data"))
+        return message.get("result")
+
+    def _send(self, data: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendall(data)
+        except TimeoutError:
+            raise Unreachable(self.path, self._timeout_reason()) from None
+        except OSError as exc:
+            raise Unreachable(self.path, f"connection lost ({exc.strerror})") from None
+
+    def _read_message(self, deadline: float | None) -> dict[str, Any]:
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                return self._decode(line)
+            self._buffer += self._recv(deadline)
+
+    def _recv(self, deadline: float | None) -> bytes:
+        assert self._sock is not None
+        if deadline is None:
+            self._sock.settimeout(None)
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unreachable(self.path, self._timeout_reason())
+            self._sock.settimeout(remaining)
+        try:
+            chunk = self._sock.recv(1 << 16)
+        except TimeoutError:
+            raise Unreachable(self.path, self._timeout_reason()) from None
+        except OSError as exc:
+            raise Unreachable(self.path, f"connection lost ({exc.strerror})") from None
+        if not chunk:
+            raise Unreachable(self.path, "supd closed the connection")
+        return chunk
+
+    def _timeout_reason(self) -> str:
+        return f"no answer within {self.timeout_s:g} s (see --timeout)"
+
+    def _decode(self, line: bytes) -> dict[str, Any]:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise Unreachable(self.path, "invalid answer (not JSON)") from None
+        if not isinstance(message, dict):
+            raise Unreachable(self.path, "invalid answer (not a JSON object)")
+        return message
+
+
+# --------------------------------------------------------------------------- output
+
+
+_COLOURS = {
+    "RUNNING": "32",  # green
+    "STARTING": "33",  # yellow
+    "STOPPING": "33",
+    "BACKOFF": "33",
+    "EXITED": "31",  # red
+    "FATAL": "1;31",  # bold red
+}
+STATE_WIDTH = 10  # "STARTING" and "STOPPING" plus a gap
+
+
+def wants_colour(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+    if environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def format_status_table(rows: Sequence[dict[str, Any]], colour: bool = False) -> list[str]:
+    """Aligned `name  STATE  description` lines, like supervisorctl's."""
+    if not rows:
+        return []
+    name_width = max(len(str(row.get("name", ""))) for row in rows) + 3
+    lines = []
+    for row in rows:
+        name = str(row.get("name", ""))
+        state = str(row.get("state", ""))
+        description = str(row.get("description") or row.get("spawn_error") or "")
+        padded = state.ljust(STATE_WIDTH)
+        if colour and state in _COLOURS:
+            # Pad first, colour the word only: escapes must not count as width.
+            padded = f"\x1b[{_COLOURS[state]}m{state}\x1b[0m" + " " * (STATE_WIDTH - len(state))
+        lines.append(f"{name.ljust(name_width)}{padded}{description}".rstrip())
+    return lines
+
+
+class Output:
+    """Where results go: text for people, or JSON for scripts."""
+
+    def __init__(self, out: TextIO, err: TextIO, *, as_json: bool, colour: bool) -> None:
+        self.out = out
+        self.err = err
+        self.as_json = as_json
+        self.colour = colour
+
+    def line(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+
+    def json(self, value: Any) -> None:
+        self.out.write(json.dumps(value, indent=2) + "\n")
+
+    def error(self, text: str) -> None:
+        self.err.write(f"supctl: {text}\n")
+        self.err.flush()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+Handler = Callable[[Client, argparse.Namespace, Output], int]
+
+
+def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
+    params = {"names": args.names} if args.names else {}
+    rows = client.call("status", params)
+    if out.as_json:
+        out.json(rows)
+    else:
+        for line in format_status_table(rows, out.colour):
+            out.line(line)
+    all_running = all(row.get("state") == "RUNNING" for row in rows)
+    return EXIT_OK if all_running else EXIT_NOT_RUNNING
+
+
+_DONE = {"start": "started", "stop": "stopped", "restart": "restarted", "signal": "signalled"}
+
+
+def _report_actions(method: str, results: list[dict[str, Any]], out: Output, waited: bool) -> int:
+    if out.as_json:
+        out.json(results)
+    else:
+        for item in results:
+            name = item.get("name")
+            if item.get("ok"):
+                done = _DONE[method] if waited else f"{method} requested"
+                out.line(f"{name}: {done}")
+            else:
+                out.line(f"{name}: ERROR ({item.get('error') or item.get('state')})")
+    return EXIT_OK if all(item.get("ok") for item in results) else EXIT_FAILED
+
+
+def cmd_control(client: Client, args: argparse.Namespace, out: Output) -> int:
+    results = client.call(args.command, {"names": args.names, "wait": args.wait})
+    return _report_actions(args.command, results, out, args.wait)
+
+
+def cmd_signal(client: Client, args: argparse.Namespace, out: Output) -> int:
+    signal = int(args.signal) if args.signal.isdigit() else args.signal
+    results = client.call("signal", {"signal": signal, "names": args.names})
+    return _report_actions("signal", results, out, True)
+
+
+def cmd_reload(client: Client, args: argparse.Namespace, out: Output) -> int:
+    try:
+        result = client.call("reload")
+    except RpcError as exc:
+        if exc.code != CONFIG_INVALID:
+            raise
+        out.error(f"reload refused, nothing changed: {exc.message}")
+        for problem in exc.data if isinstance(exc.data, list) else []:
+            out.err.write(f"  {problem}\n")
+        return EXIT_FAILED
+    if out.as_json:
+        out.json(result)
+        return EXIT_OK
+    changes = [(what, result.get(what) or []) for what in ("added", "changed", "removed")]
+    for what, names in changes:
+        if names:
+            out.line(f"{what}: {', '.join(names)}")
+    if not any(names for _, names in changes):
+        out.line("no changes")
+    return EXIT_OK
+
+
+def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
+    params = {"name": args.name, "stream": args.stream, "follow": args.follow}
+    if args.bytes is not None:
+        params["bytes"] = args.bytes
+    result = client.call("tail", params)
+    _write_output(result, out)
+    if not args.follow:
+        return EXIT_OK
+    try:
+        for message in client.notifications():
+            if message.get("method") == "output" and isinstance(message.get("params"), dict):
+                _write_output(message["params"], out)
+    except KeyboardInterrupt:
+        return EXIT_OK  # the normal way to stop following
+    return EXIT_OK  # pragma: no cover (notifications() ends only by exception)
+
+
+def _write_output(chunk: dict[str, Any], out: Output) -> None:
+    if out.as_json:
+        out.out.write(json.dumps(chunk) + "\n")
+    else:
+        out.out.write(str(chunk.get("data", "")))
+    out.out.flush()
+
+
+def cmd_pid(client: Client, args: argparse.Namespace, out: Output) -> int:
+    result = client.call("pid", {"name": args.name} if args.name else {})
+    if out.as_json:
+        out.json(result)
+    elif result.get("pid") is not None:
+        out.line(str(result["pid"]))
+    if result.get("pid") is None:
+        if not out.as_json:
+            out.error(f"{args.name} is not running")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_version(client: Client, args: argparse.Namespace, out: Output) -> int:
+    result = client.call("version")
+    if out.as_json:
+        out.json(result)
+    else:
+        config = result.get("config") or "no config file"
+        out.line(f"supd {result.get('version')} (pid {result.get('pid')}, config {config})")
+    return EXIT_OK
+
+
+def cmd_shutdown(client: Client, args: argparse.Namespace, out: Output) -> int:
+    result = client.call("shutdown")
+    if out.as_json:
+        out.json(result)
+    else:
+        out.line("supd is shutting down")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _timeout(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(text)
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supctl",
+        description="Control a running supd. Without a command: an interactive shell.",
+    )
+    parser.add_argument("-s", "--socket", help=f"control socket (default: ${SOCKET_ENV}, ...)")
+    parser.add_argument("-c", "--config", help="supd config file: use its socket")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        metavar="S",
+        help=f"seconds to wait for an answer (default {DEFAULT_TIMEOUT_S:g}, "
+        f"{WAITING_TIMEOUT_S:g} for start/stop/restart; 0: forever)",
+    )
+    parser.add_argument("--version", action="version", version=f"supctl {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, handler: Handler | None, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        # SUPPRESS: a command without --json keeps the global option's value.
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = command("status", cmd_status, "show processes (exit 3 if any is not RUNNING)")
+    sub.add_argument("names", nargs="*", metavar="NAME")
+    for name in ("start", "stop", "restart"):
+        sub = command(name, cmd_control, f"{name} processes (NAME, program, or 'all')")
+        sub.add_argument("names", nargs="+", metavar="NAME")
+        sub.add_argument(
+            "--no-wait", dest="wait", action="store_false", help="answer without waiting"
+        )
+    sub = command("signal", cmd_signal, "send a signal (TERM, SIGHUP, 15...) to processes")
+    sub.add_argument("signal", metavar="SIG")
+    sub.add_argument("names", nargs="+", metavar="NAME")
+    command("reload", cmd_reload, "re-read the config file and apply the changes")
+    sub = command("tail", cmd_tail, "show the end of a process's output")
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    sub.add_argument("-n", "--bytes", type=_non_negative_int, metavar="BYTES")
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("stream", nargs="?", default="stdout", choices=("stdout", "stderr"))
+    sub = command("pid", cmd_pid, "print supd's pid, or a process's")
+    sub.add_argument("name", nargs="?", metavar="NAME")
+    command("version", cmd_version, "show the daemon's version, pid and config")
+    command("shutdown", cmd_shutdown, "stop all processes and the daemon")
+    sub = command("help", None, "show help for a command")
+    sub.add_argument("topic", nargs="?", metavar="COMMAND")
+    return parser
+
+
+def default_timeout(args: argparse.Namespace) -> float:
+    if args.command in ("start", "stop", "restart") and getattr(args, "wait", False):
+        return WAITING_TIMEOUT_S
+    return DEFAULT_TIMEOUT_S
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Session:
+    """What stays the same between commands: the socket, the streams, the options."""
+
+    def __init__(
+        self,
+        parser: argparse.ArgumentParser,
+        socket_path: str,
+        args: argparse.Namespace,
+        out: TextIO,
+        err: TextIO,
+    ) -> None:
+        self.parser = parser
+        self.socket_path = socket_path
+        self.timeout_s: float | None = args.timeout
+        self.out = out
+        self.err = err
+        self.colour = wants_colour(out, os.environ)
+
+    def run(self, args: argparse.Namespace) -> int:
+        """One command: connect, call, print. Returns the exit status."""
+        output = Output(self.out, self.err, as_json=args.json, colour=self.colour)
+        if args.handler is None:
+            return self.help(getattr(args, "topic", None))
+        timeout = default_timeout(args) if self.timeout_s is None else self.timeout_s
+        try:
+            with Client(self.socket_path, timeout or None) as client:
+                status: int = args.handler(client, args, output)
+                return status
+        except Unreachable as exc:
+            output.error(str(exc))
+            return EXIT_UNREACHABLE
+        except RpcError as exc:
+            output.error(exc.message)
+            return EXIT_USAGE if exc.code == INVALID_PARAMS else EXIT_FAILED
+        finally:
+            self.out.flush()
+
+    def help(self, topic: str | None) -> int:
+        if topic is None:
+            self.out.write(self.parser.format_help())
+            return EXIT_OK
+        sub = _subparser(self.parser, topic)
+        if sub is None:
+            self.err.write(f"supctl: no such command: {topic}\n")
+            return EXIT_USAGE
+        self.out.write(sub.format_help())
+        return EXIT_OK
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser | None = action.choices.get(name)
+            return found
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        socket_path = resolve_socket(args.socket, args.config, os.environ)
+    except SystemExit as exc:  # argparse: --help, --version, or a usage error
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except UsageError as exc:
+        sys.stderr.write(f"supctl: {exc}\n")
+        return EXIT_USAGE
+    session = Session(parser, socket_path, args, sys.stdout, sys.stderr)
+    try:
+        if args.command is None:
+            return run_shell(session, args)
+        return session.run(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `supctl tail -f web | head`: the reader left; stop quietly, no traceback.
+        _silence_stdout()
+        return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    # Python would flush stdout again at exit and print a second BrokenPipeError.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+# --------------------------------------------------------------------------- the shell
+
+
+def run_shell(session: Session, defaults: argparse.Namespace) -> int:
+    """`supctl>` prompt with readline history and completion; help, quit/exit, EOF."""
+    import readline
+    import shlex
+
+    history = os.path.expanduser(HISTORY_FILE)
+    with contextlib.suppress(OSError):  # first run, or no home
+        readline.read_history_file(history)
+    readline.set_history_length(1000)
+    completer = Completer(session)
+    readline.set_completer(completer.complete)
+    readline.set_completer_delims(" \t")  # "web:1" is one word
+    if "libedit" in (readline.__doc__ or ""):
+        readline.parse_and_bind("bind ^I rl_complete")
+    else:
+        readline.parse_and_bind("tab: complete")
+    session.out.write(f"supctl {__version__} on {session.socket_path}; 'help' lists commands\n")
+    try:
+        while True:
+            try:
+                line = input("supctl> ")
+            except EOFError:
+                session.out.write("\n")
+                return EXIT_OK
+            except KeyboardInterrupt:
+                session.out.write("\n")
+                continue
+            try:
+                words = shlex.split(line)
+            except ValueError as exc:
+                session.err.write(f"supctl: {exc}\n")
+                continue
+            if not words:
+                continue
+            if words[0] in SHELL_ONLY:
+                return EXIT_OK
+            run_shell_command(session, defaults, words)
+    finally:
+        with contextlib.suppress(OSError):
+            readline.write_history_file(history)
+
+
+def run_shell_command(session: Session, defaults: argparse.Namespace, words: list[str]) -> int:
+    """One shell line. Usage errors print argparse's message but never leave the shell."""
+    namespace = argparse.Namespace(**vars(defaults))
+    try:
+        args = session.parser.parse_args(words, namespace)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        return EXIT_OK
+    try:
+        return session.run(args)
+    except KeyboardInterrupt:
+        session.out.write("\n")
+        return EXIT_INTERRUPTED
+
+
+class Completer:
+    """readline completion: command names first, then process/program names."""
+
+    NAME_COMMANDS = ("status", "start", "stop", "restart", "tail", "pid")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.matches: list[str] = []
+
+    def complete(self, text: str, state: int) -> str | None:
+        if state == 0:
+            import readline
+
+            words = readline.get_line_buffer()[: readline.get_begidx()].split()
+            self.matches = [c for c in self.candidates(words) if c.startswith(text)]
+        return self.matches[state] if state < len(self.matches) else None
+
+    def candidates(self, words: list[str]) -> list[str]:
+        if not words:
+            return [*COMMANDS, *SHELL_ONLY]
+        command = words[0]
+        if command == "help":
+            return list(COMMANDS) if len(words) == 1 else []
+        if command == "tail" and len([w for w in words[1:] if not w.startswith("-")]) == 1:
+            return ["stdout", "stderr"]
+        if command == "signal" and len(words) == 1:
+            return ["TERM", "HUP", "INT", "KILL", "USR1", "USR2", "QUIT"]
+        if command in (*self.NAME_COMMANDS, "signal"):
+            names = self.process_names()
+            return [*names, "all"] if command not in ("tail", "pid", "status") else names
+        return []
+
+    def process_names(self) -> list[str]:
+        """Processes and their programs, asked from the daemon (nothing if it is away)."""
+        try:
+            with Client(self.session.socket_path, 2.0) as client:
+                rows = client.call("status")
+        except (Unreachable, RpcError):
+            return []
+        names = [str(row.get("name")) for row in rows]
+        programs = sorted({str(row.get("program")) for row in rows} - set(names))
+        return sorted(names) + programs
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
