@@ -235,9 +235,14 @@ class LogSink:
         return self._tail.last(nbytes)
 
     def reopen(self) -> None:
-        """Close and reopen the path, creating it: for SIGUSR2 after logrotate moved it."""
+        """Close and reopen the path, creating it: for SIGUSR2 after logrotate moved it.
+
+        A sink that never wrote stays closed (its file appears with its first write), so
+        that a SIGUSR2 doesn't make 1,000 quiet programs each hold an fd.
+        """
+        was_in_use = self._fd is not None or self._write_failing
         self.close()
-        if self.path is not None:
+        if self.path is not None and was_in_use:
             self._open()
 
     def close(self) -> None:
