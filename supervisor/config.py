@@ -215,9 +215,9 @@ def _parse_command(value: object) -> object:
             return tuple(shlex.split(value))
         except ValueError as error:
             raise ValueError(f"cannot split command: {error}") from None
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return tuple(value)
-    return value
+    raise ValueError("should be a string or a list of strings")
 
 
 def _stringify_env_value(value: object) -> object:
@@ -908,10 +908,13 @@ def _problems_from(
     options = [name for name in model.model_fields if name != "name"]
     problems: list[Problem] = []
     for item in error.errors(include_url=False):
-        # A program's name is its table key; dict-key errors carry a "[key]" marker.
+        # Dict-key errors carry a "[key]" marker after the key.
         loc = tuple(part for part in item["loc"] if part != "[key]")
         if loc[:1] == ("name",) and model is ProgramConfig:
-            loc = loc[1:]
+            # A program's name is its table's key, already shown as the problem's key.
+            message = str(item["msg"]).removeprefix("Value error, ")
+            problems.append(document.problem(table, message))
+            continue
         cause = item.get("ctx", {}).get("error")
         if isinstance(cause, _OptionProblems):
             for option, message in cause.problems:
