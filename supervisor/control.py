@@ -1,0 +1,799 @@
+"""The control server: supd's end of the control socket, inside the daemon's loop.
+
+The server owns a UNIX stream socket, its client connections and a doorbell
+(`SelectEvent`), and registers all of them with the daemon's selector under its own
+tags (`Listener`, `Connection`, `Doorbell`, `AcceptRetry`, all `ControlTag`s). The
+daemon routes every ready key whose data is a `ControlTag` to `on_ready()`; nothing
+else is needed. Must not import `daemon`.
+
+How a request travels:
+
+    client bytes -> on_ready(Connection) -> split lines -> protocol.parse_request
+        bad line  -> error answer at once (the connection stays open)
+        good line -> (request, Responder) queued, doorbell rung
+    doorbell -> on_ready(Doorbell) -> run_queued() -> handler.handle_command(...)
+        -> responder.result()/error() now or later -> write buffer -> client
+
+Commands run in `run_queued()` only, never while reading: the daemon sees each command
+as one more event of its loop, after the read that produced it has finished.
+
+Rules that keep one client from hurting the loop or the others:
+
+- Everything is non-blocking; each wake-up reads at most one chunk per connection and
+  accepts at most a batch of clients, so a busy client or a connect storm cannot starve
+  anything else (epoll is level-triggered: what is left is reported again).
+- A line longer than `max_line` earns REQUEST_TOO_LARGE and the connection is closed;
+  partial lines are never buffered beyond that.
+- Output is buffered per connection; WRITE interest is registered only while there is
+  pending output. A client whose pending output already exceeds `max_output` when more
+  comes (it stopped reading, typically during `tail -f`) is dropped.
+- Out of fds (EMFILE/ENFILE on accept), the listener is paused and a short oneshot
+  timer resumes it, instead of spinning on a listener that stays readable.
+- Idle connections cost nothing per loop iteration: nothing iterates over them.
+
+Disconnects and half-closes. A peer that closes its socket is dropped at once: its
+responders become `closed`, pending operations go on (a `start` still starts), and
+answers to them are silently discarded. A peer that only shuts down its sending side
+(`socat` after its stdin ends) still gets the answers to what it sent: the connection
+stays until they are written. The selector always watches EPOLLRDHUP, which is level-
+triggered, so a half-closed connection is paused while it waits for answers, and is
+dropped if it stops reading them (ERROR reported without WRITE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import json
+import os
+import pwd
+import select
+import socket
+import stat
+import struct
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import structlog
+
+from supervisor import protocol
+from supervisor.protocol import ErrorCode, ErrorResponse, Request
+from supervisor.selector import Event, ReadyKey, SelectEvent, Selector
+
+READ_CHUNK: Final = 1 << 16  # bytes read per connection per wake-up
+ACCEPTS_PER_WAKEUP: Final = 64
+COMMANDS_PER_RING: Final = 64  # the rest ring the doorbell again
+ACCEPT_RETRY_MS: Final = 100
+PROBE_TIMEOUT_S: Final = 1.0  # asking a live daemon on our path for its pid
+
+# accept() errors that mean "no resources now": pause rather than spin.
+_RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() errors about one client that gave up while queued: just go on.
+_CLIENT_GONE_ERRORS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+# --------------------------------------------------------------------------- tags
+
+
+class ControlTag:
+    """Base of the server's selector tags: route keys with such data to `on_ready()`."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Listener(ControlTag):
+    """The listening socket is readable: clients wait in the accept queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connection(ControlTag):
+    """A client connection; ids are never reused, so a stale key can't hit a new client."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Doorbell(ControlTag):
+    """Requests are queued: run them."""
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptRetry(ControlTag):
+    """The pause after EMFILE/ENFILE is over: accept again."""
+
+
+# --------------------------------------------------------------------------- API
+
+
+class AlreadyRunning(Exception):
+    """A live daemon answers on the socket path; `pid` is its pid if it said."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        who = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(f"supd is already running on {path} ({who})")
+        self.path = path
+        self.pid = pid
+
+
+class CommandHandler(Protocol):
+    """Implemented by the daemon."""
+
+    def handle_command(self, request: Request, responder: Responder) -> None:
+        """Run one request; answer through `responder`, now or later."""
+
+
+class Responder:
+    """One pending request. The daemon may answer now or later (e.g. `start` answers
+    when the process reaches RUNNING).
+
+    Answering twice is a no-op (logged); answering after the client left is a silent
+    no-op: the operation itself is not cancelled. For a notification request (no id)
+    answers are never written.
+    """
+
+    __slots__ = ("_answered", "_conn", "_server", "request")
+
+    def __init__(self, server: ControlServer, conn: _Client, request: Request) -> None:
+        self._server = server
+        self._conn = conn
+        self._answered = False
+        self.request = request
+
+    @property
+    def closed(self) -> bool:
+        """The client is gone: nothing more will reach it (drop followers then)."""
+        return self._conn.closed
+
+    @property
+    def answered(self) -> bool:
+        return self._answered
+
+    def result(self, value: Any) -> None:
+        """Answer with a result: a pydantic model, a list of them, a dict, None..."""
+        if self._begin_answer():
+            self._server._answer(self._conn, self._encode_result(value))
+
+    def error(self, code: int, message: str, data: Any = None) -> None:
+        """Answer with a JSON-RPC error (`protocol.ErrorCode`)."""
+        if self._begin_answer():
+            answer = protocol.encode_error(self.request.id, code, message, self._jsonable(data))
+            self._server._answer(self._conn, answer)
+
+    def notify(self, method: str, params: Any) -> bool:
+        """Send a notification (`output` while following); False once the client is gone."""
+        if self._conn.closed:
+            return False
+        try:
+            line = protocol.encode_notification(method, params)
+        except Exception:
+            self._server._log.exception("notification_not_serializable", method=method)
+            return not self._conn.closed
+        return self._server._send(self._conn, line)
+
+    def _begin_answer(self) -> bool:
+        if self._answered:
+            self._server._log.warning(
+                "answered_twice", method=self.request.method, id=self.request.id
+            )
+            return False
+        self._answered = True
+        self._conn.outstanding -= 1
+        if self.request.notification or self._conn.closed:
+            self._server._answer(self._conn, None)
+            return False
+        return True
+
+    def _encode_result(self, value: Any) -> bytes:
+        try:
+            return protocol.encode_result(self.request.id, value)
+        except Exception as exc:
+            # A daemon bug; the client still gets an answer and the loop goes on.
+            self._server._log.exception("result_not_serializable", method=self.request.method)
+            return protocol.encode_error(
+                self.request.id, ErrorCode.INTERNAL_ERROR, f"internal error: {exc}"
+            )
+
+    def _jsonable(self, data: Any) -> Any:
+        try:
+            protocol.encode_result(None, data)
+        except Exception:
+            return repr(data)
+        return data
+
+
+# --------------------------------------------------------------------------- internals
+
+
+class _Client:
+    """The server's record of one connection."""
+
+    __slots__ = (
+        "closed",
+        "closing",
+        "conn_id",
+        "fd",
+        "inbuf",
+        "interest",
+        "outbuf",
+        "outstanding",
+        "peer_pid",
+        "peer_uid",
+        "reading",
+        "scan_from",
+        "sock",
+    )
+
+    def __init__(self, conn_id: int, sock: socket.socket, peer_pid: int, peer_uid: int) -> None:
+        self.conn_id = conn_id
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer_pid = peer_pid
+        self.peer_uid = peer_uid
+        self.inbuf = bytearray()
+        self.scan_from = 0  # inbuf[:scan_from] holds no b"\n"
+        self.outbuf = bytearray()
+        self.interest = Event.READ
+        self.outstanding = 0  # requests received and not yet answered
+        self.reading = True  # False after the peer's EOF, or when closing
+        self.closing = False  # close as soon as the output is written
+        self.closed = False
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected `sock` (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def peer_has_closed(sock: socket.socket) -> bool:
+    """After EOF: did the peer close (POLLHUP), or only shut down its sending side?
+
+    A zero-timeout poll of one fd: epoll reports both cases as ERROR (EPOLLRDHUP).
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return any(mask & select.POLLHUP for _, mask in poller.poll(0))
+
+
+def _make_parents(folder: Path) -> None:
+    """Create the missing folders of `folder`, each with mode 0700."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+
+
+def _probe(path: Path) -> tuple[bool, int | None]:
+    """Is a daemon listening on `path`, and what is its pid? Blocking, bounded."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(PROBE_TIMEOUT_S)
+        try:
+            sock.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False, None  # stale: nobody listens
+        except OSError:
+            return True, None  # e.g. a full accept backlog: someone is there
+        try:
+            sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"pid","params":{}}\n')
+            answer = b""
+            while b"\n" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            pid = json.loads(answer.split(b"\n", 1)[0])["result"]["pid"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return True, None
+        return True, pid if isinstance(pid, int) else None
+
+
+# --------------------------------------------------------------------------- server
+
+
+class ControlServer:
+    """The control socket server. Not thread-safe: use it from the loop's thread."""
+
+    def __init__(
+        self,
+        selector: Selector[Any],
+        handler: CommandHandler,
+        *,
+        path: Path,
+        mode: int = 0o600,
+        group: str | None = None,
+        listen_fd: int | None = None,
+        max_connections: int = 512,
+        max_line: int = 1 << 20,
+        max_output: int = 4 << 20,
+        log: Any = None,
+    ) -> None:
+        self.path = Path(path)
+        self._selector = selector
+        self._handler = handler
+        self._mode = mode
+        self._group = group
+        self._listen_fd = listen_fd
+        self._max_connections = max_connections
+        self._max_line = max_line
+        self._max_output = max_output
+        base_log = log if log is not None else structlog.get_logger("supd")
+        self._log: Any = base_log.bind(component="control")
+        self._listener: socket.socket | None = None
+        self._bound_inode: tuple[int, int] | None = None  # (st_dev, st_ino) if we made it
+        self._group_gid: int | None = None
+        self._doorbell: SelectEvent | None = None
+        self._bell_rung = False
+        self._retry_timer: int | None = None
+        self._accept_paused = False
+        self._connections: dict[int, _Client] = {}
+        self._next_conn_id = 1
+        self._queue: deque[tuple[Request, Responder]] = deque()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create (or adopt) the listening socket and register everything.
+
+        Raises AlreadyRunning if a live daemon answers on `path`, LookupError for an
+        unknown group, OSError for the rest.
+        """
+        if self._listener is not None:
+            raise RuntimeError("the control server is already open")
+        if self._group is not None:
+            self._group_gid = self._resolve_group(self._group)
+        if self._listen_fd is not None:
+            listener = socket.socket(fileno=self._listen_fd)
+            os.set_inheritable(listener.fileno(), False)
+        else:
+            listener = self._bind()
+        listener.setblocking(False)
+        self._listener = listener
+        try:
+            self._register()
+        except BaseException:
+            self.close()
+            raise
+        self._log.info("control_listening", path=str(self.path), activated=not self._bound_inode)
+
+    def _register(self) -> None:
+        assert self._listener is not None
+        self._selector.register_handle(self._listener.fileno(), Event.READ, Listener())
+        self._doorbell = SelectEvent()
+        self._selector.register_event(self._doorbell, Doorbell())
+        # Made now, not when needed: at EMFILE there is no fd left for a timerfd. It
+        # fires once shortly after start (ignored) and is re-armed on each pause.
+        self._retry_timer = self._selector.register_timer(ACCEPT_RETRY_MS, True, AcceptRetry())
+
+    def close(self) -> None:
+        """Close the listener and every connection; unlink the socket if we made it.
+
+        Queued requests that have not run are dropped.
+        """
+        for conn in list(self._connections.values()):
+            self._close(conn)
+        self._queue.clear()
+        if self._retry_timer is not None:
+            self._unregister(self._retry_timer)  # closes the timerfd
+            self._retry_timer = None
+        if self._doorbell is not None:
+            self._unregister(self._doorbell)
+            self._doorbell.close()
+            self._doorbell = None
+        if self._listener is not None:
+            self._unregister(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            self._unlink_our_socket()
+
+    def _unregister(self, target: int | SelectEvent) -> None:
+        with contextlib.suppress(KeyError):  # never registered (open() failed half-way)
+            self._selector.unregister(target)
+
+    def _unlink_our_socket(self) -> None:
+        # Only if the file is still the one we bound: a newer daemon may own the path.
+        if self._bound_inode is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._bound_inode:
+                os.unlink(self.path)
+        self._bound_inode = None
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def accepting(self) -> bool:
+        """False while accept is paused after EMFILE/ENFILE."""
+        return self._listener is not None and not self._accept_paused
+
+    # -- creating the socket ------------------------------------------------------
+
+    @staticmethod
+    def _resolve_group(group: str) -> int:
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            if group.isdigit():
+                return int(group)
+            raise LookupError(f"unknown group {group!r} for the control socket") from None
+
+    def _bind(self) -> socket.socket:
+        _make_parents(self.path.parent)
+        for attempt in (1, 2):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                self._bind_restricted(sock)
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EADDRINUSE or attempt == 2:
+                    raise
+                self._remove_stale_socket()  # raises AlreadyRunning if it is live
+                continue
+            try:
+                self._set_owner_and_mode()
+                sock.listen(socket.SOMAXCONN)
+            except BaseException:
+                sock.close()
+                self._unlink_our_socket()
+                raise
+            return sock
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _bind_restricted(self, sock: socket.socket) -> None:
+        # The socket file is born with mode 0000, so nobody can connect before the
+        # chown/chmod below: there is no window with looser permissions. (The umask is
+        # process-wide; the daemon is single-threaded.)
+        old_umask = os.umask(0o777)
+        try:
+            sock.bind(os.fspath(self.path))
+        finally:
+            os.umask(old_umask)
+        st = os.lstat(self.path)
+        self._bound_inode = (st.st_dev, st.st_ino)
+
+    def _set_owner_and_mode(self) -> None:
+        if self._group_gid is not None:
+            os.chown(self.path, -1, self._group_gid)
+        os.chmod(self.path, self._mode)
+
+    def _remove_stale_socket(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, "exists and is not a socket", str(self.path))
+        alive, pid = _probe(self.path)
+        if alive:
+            raise AlreadyRunning(self.path, pid)
+        self._log.info("stale_socket_removed", path=str(self.path))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # -- dispatch -----------------------------------------------------------------
+
+    @staticmethod
+    def owns(data: object) -> bool:
+        """Whether a ready key's data is one of the server's tags."""
+        return isinstance(data, ControlTag)
+
+    def on_ready(self, key: ReadyKey[Any]) -> None:
+        """Handle a ready key whose data is a `ControlTag`."""
+        match key.data:
+            case Connection(conn_id=conn_id):
+                conn = self._connections.get(conn_id)
+                if conn is not None:  # else: closed earlier in this same batch
+                    self._connection_ready(conn, key.events)
+            case Listener():
+                self._accept_batch()
+            case Doorbell():
+                self.run_queued()
+            case AcceptRetry():
+                self._resume_accepting()
+            case _:
+                self._log.warning("unknown_control_key", data=repr(key.data))
+
+    def run_queued(self) -> None:
+        """Run queued requests: the ONE place where commands are executed."""
+        self._bell_rung = False
+        for _ in range(min(len(self._queue), COMMANDS_PER_RING)):
+            request, responder = self._queue.popleft()
+            self._run(request, responder)
+        if self._queue:
+            self._ring()  # the rest next iteration, after other events had their turn
+
+    def _run(self, request: Request, responder: Responder) -> None:
+        try:
+            self._handler.handle_command(request, responder)
+        except Exception as exc:
+            # A daemon bug: the client gets an error, the loop keeps running.
+            self._log.exception("command_failed", method=request.method, id=request.id)
+            if not responder.answered:
+                responder.error(ErrorCode.INTERNAL_ERROR, f"internal error: {exc}")
+
+    def _ring(self) -> None:
+        if not self._bell_rung and self._doorbell is not None:
+            self._bell_rung = True
+            self._doorbell.trigger()
+
+    # -- accepting ----------------------------------------------------------------
+
+    def _accept_batch(self) -> None:
+        assert self._listener is not None
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _CLIENT_GONE_ERRORS:
+                    continue
+                # Out of fds (or something unexpected): the listener stays readable,
+                # so retrying now would spin. Pause it; the timer resumes it.
+                self._pause_accepting(exc)
+                return
+            self._admit(sock)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        assert self._listener is not None and self._retry_timer is not None
+        level = "warning" if exc.errno in _RESOURCE_ERRORS else "error"
+        getattr(self._log, level)(
+            "accept_paused", error=exc.strerror, errno=exc.errno, retry_ms=ACCEPT_RETRY_MS
+        )
+        self._accept_paused = True
+        self._selector.update_handle(self._listener.fileno(), Event(0))
+        self._selector.rearm_timer(self._retry_timer, ACCEPT_RETRY_MS, True)
+
+    def _resume_accepting(self) -> None:
+        if self._accept_paused and self._listener is not None:
+            self._accept_paused = False
+            self._selector.update_handle(self._listener.fileno(), Event.READ)
+
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            sock.setblocking(False)
+            pid, uid, gid = peer_credentials(sock)
+        except OSError:
+            sock.close()
+            return
+        if not self._authorized(uid, gid):
+            self._log.warning("client_refused", reason="permission denied", uid=uid, pid=pid)
+            self._refuse(sock, ErrorCode.PERMISSION_DENIED, "permission denied")
+            return
+        if len(self._connections) >= self._max_connections:
+            self._log.warning(
+                "client_refused",
+                reason="too many connections",
+                uid=uid,
+                pid=pid,
+                limit=self._max_connections,
+            )
+            self._refuse(sock, ErrorCode.TOO_MANY_CONNECTIONS, "too many connections")
+            return
+        conn = _Client(self._next_conn_id, sock, pid, uid)
+        self._next_conn_id += 1
+        try:
+            self._selector.register_handle(conn.fd, Event.READ, Connection(conn.conn_id))
+        except (OSError, ValueError):
+            self._log.exception("client_not_registered", uid=uid, pid=pid)
+            sock.close()
+            return
+        self._connections[conn.conn_id] = conn
+        self._log.debug("client_connected", conn=conn.conn_id, uid=uid, pid=pid)
+
+    def _authorized(self, uid: int, gid: int) -> bool:
+        """root, our own euid, and members of the socket's group (if one is set)."""
+        if uid == 0 or uid == os.geteuid():
+            return True
+        group_gid = self._group_gid
+        if group_gid is None:
+            return False
+        if gid == group_gid:
+            return True
+        # Looked up each time (rarely reached): membership changes apply at once.
+        try:
+            user = pwd.getpwuid(uid)
+            members = grp.getgrgid(group_gid).gr_mem
+        except KeyError:
+            return False
+        return user.pw_gid == group_gid or user.pw_name in members
+
+    @staticmethod
+    def _refuse(sock: socket.socket, code: int, message: str) -> None:
+        # A fresh socket's send buffer is empty: one short line always fits.
+        with contextlib.suppress(OSError):
+            sock.send(protocol.encode_error(None, code, message), socket.MSG_NOSIGNAL)
+        sock.close()
+
+    # -- reading ------------------------------------------------------------------
+
+    def _connection_ready(self, conn: _Client, events: Event) -> None:
+        if conn.reading and events & (Event.READ | Event.ERROR):
+            self._read(conn)
+        elif events & Event.ERROR and not events & Event.WRITE:
+            # Not reading any more, and the peer's EOF (EPOLLRDHUP) is level-triggered:
+            # waiting here for the socket to drain would spin. It isn't draining.
+            self._close(conn, "client stopped reading after its EOF")
+            return
+        if not conn.closed and events & Event.WRITE:
+            self._flush(conn)
+
+    def _read(self, conn: _Client) -> None:
+        try:
+            chunk = conn.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close(conn, f"read failed: {exc.strerror}")
+            return
+        if chunk:
+            self._take_lines(conn, chunk)
+        else:
+            self._end_of_input(conn)
+
+    def _take_lines(self, conn: _Client, chunk: bytes) -> None:
+        buf = conn.inbuf
+        buf += chunk
+        while not conn.closed:
+            newline = buf.find(b"\n", conn.scan_from)
+            if newline < 0:
+                break
+            if newline > self._max_line:
+                self._too_large(conn)
+                return
+            line = bytes(buf[:newline])
+            del buf[: newline + 1]
+            conn.scan_from = 0
+            self._take_line(conn, line)
+        if conn.closed or not conn.reading:
+            return
+        if len(buf) > self._max_line:
+            self._too_large(conn)  # no newline in sight: don't buffer more
+            return
+        conn.scan_from = len(buf)
+
+    def _take_line(self, conn: _Client, line: bytes) -> None:
+        if not line.strip():
+            return  # blank lines (a person at socat pressing Enter) are ignored
+        parsed = protocol.parse_request(line)
+        if isinstance(parsed, ErrorResponse):
+            self._log.info(
+                "rpc_error", conn=conn.conn_id, code=int(parsed.code), message=parsed.message
+            )
+            if not parsed.notification:
+                self._send(conn, parsed.encode())
+            return
+        conn.outstanding += 1
+        self._queue.append((parsed, Responder(self, conn, parsed)))
+        self._ring()
+
+    def _too_large(self, conn: _Client) -> None:
+        self._log.warning("request_too_large", conn=conn.conn_id, limit=self._max_line)
+        conn.inbuf.clear()
+        self._send(
+            conn,
+            protocol.encode_error(
+                None,
+                ErrorCode.REQUEST_TOO_LARGE,
+                f"request too large: a line may have at most {self._max_line} bytes",
+            ),
+        )
+        self._close_after_output(conn)
+
+    def _end_of_input(self, conn: _Client) -> None:
+        conn.reading = False
+        conn.inbuf.clear()  # an unfinished last line can't be a request any more
+        if peer_has_closed(conn.sock):
+            self._close(conn)
+            return
+        self._update_interest(conn)
+        self._close_if_done(conn)
+
+    # -- writing ------------------------------------------------------------------
+
+    def _answer(self, conn: _Client, line: bytes | None) -> None:
+        """A responder answered (`line` None: nothing to write, e.g. a notification)."""
+        if line is not None:
+            self._send(conn, line)
+        self._close_if_done(conn)
+
+    def _send(self, conn: _Client, data: bytes) -> bool:
+        """Write now as far as the socket takes it, buffer the rest. False: client gone."""
+        if conn.closed:
+            return False
+        if len(conn.outbuf) > self._max_output:
+            self._close(conn, f"client not reading: over {self._max_output} bytes pending")
+            return False
+        if not conn.outbuf:
+            try:
+                sent = conn.sock.send(data, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._close(conn, f"write failed: {exc.strerror}")
+                return False
+            if sent == len(data):
+                return True
+            data = data[sent:]
+        conn.outbuf += data
+        self._update_interest(conn)
+        return True
+
+    def _flush(self, conn: _Client) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf, socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close(conn, f"write failed: {exc.strerror}")
+            return
+        del conn.outbuf[:sent]
+        if not conn.outbuf:
+            self._update_interest(conn)
+            self._close_if_done(conn)
+
+    def _update_interest(self, conn: _Client) -> None:
+        if conn.closed:
+            return
+        wanted = Event(0)
+        if conn.reading:
+            wanted |= Event.READ
+        if conn.outbuf:
+            wanted |= Event.WRITE
+        if wanted != conn.interest:
+            self._selector.update_handle(conn.fd, wanted)
+            conn.interest = wanted
+
+    # -- closing ------------------------------------------------------------------
+
+    def _close_after_output(self, conn: _Client) -> None:
+        conn.reading = False
+        conn.closing = True
+        self._update_interest(conn)
+        self._close_if_done(conn)
+
+    def _close_if_done(self, conn: _Client) -> None:
+        """Close a connection that will receive nothing more: it stopped sending, all
+        its output is written, and it waits for no answer (or is being closed)."""
+        if conn.closed or conn.reading or conn.outbuf:
+            return
+        if conn.closing or conn.outstanding <= 0:
+            self._close(conn)
+
+    def _close(self, conn: _Client, problem: str | None = None) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        conn.reading = False
+        del self._connections[conn.conn_id]
+        with contextlib.suppress(KeyError):
+            self._selector.unregister(conn.fd)
+        conn.sock.close()
+        conn.inbuf.clear()
+        conn.outbuf.clear()
+        if problem is None:
+            self._log.debug("client_disconnected", conn=conn.conn_id)
+        else:
+            self._log.warning(
+                "client_dropped",
+                conn=conn.conn_id,
+                uid=conn.peer_uid,
+                pid=conn.peer_pid,
+                reason=problem,
+                pending_answers=conn.outstanding,
+            )
