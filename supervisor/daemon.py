@@ -87,6 +87,12 @@ class TimerTag:
 
 
 @dataclass(frozen=True, slots=True)
+class ExecReportTag:
+    name: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
 class OutputTag:
     name: str
     stream: str
@@ -107,6 +113,7 @@ class Slot:
     timers: dict[Timer, tuple[int, int]] = field(default_factory=dict)  # timer -> (fd, serial)
     readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
     retiring: bool = False  # removed or changed by a reload: dropped once down
+    exec_error: str | None = None  # the child's report that its exec failed
 
     @property
     def name(self) -> str:
@@ -182,13 +189,15 @@ class Daemon:
 
     # -- the one dispatch -------------------------------------------------------------
 
-    def _dispatch(self, key: ReadyKey) -> None:
+    def _dispatch(self, key: ReadyKey[Any]) -> None:
         match key.data:
             case ChildTag(name=name, pid=pid):
                 self.selector.unregister(key.fd)
                 self._child_exited(name, pid)
             case OutputTag(name=name):
                 self._output_ready(name, key)
+            case ExecReportTag(name=name, pid=pid):
+                self._exec_reported(name, pid)
             case TimerTag(name=name, timer=timer, serial=serial):
                 self._timer_fired(name, timer, serial, key.fd)
             case SignalTag(signum=signum):
@@ -196,7 +205,7 @@ class Daemon:
             case _:
                 self.dispatch_other(key)
 
-    def dispatch_other(self, key: ReadyKey) -> None:
+    def dispatch_other(self, key: ReadyKey[Any]) -> None:
         """Keys registered by extensions (control server, notifier) are routed here."""
         self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
 
@@ -233,7 +242,9 @@ class Daemon:
                 case Transitioned():
                     self._transitioned(slot, effect)
                 case Ignored(state=state, event=event):
-                    self.log.debug("event_ignored", process=slot.name, state=state.value, event=event)
+                    self.log.debug(
+                        "event_ignored", process=slot.name, state=state.value, event=event
+                    )
 
     def _spawn(self, slot: Slot) -> list[Effect]:
         program = slot.config
@@ -251,18 +262,40 @@ class Daemon:
         )
         now = self.clock()
         try:
-            child = spawn.spawn(spec, capture_stdout=True, capture_stderr=True)
+            child = spawn.spawn(spec)
         except spawn.SpawnError as exc:
             self.log.error("spawn_failed", process=slot.name, error=str(exc))
             return slot.process.handle(SpawnFailed(str(exc)), now)
         slot.child = child
+        slot.exec_error = None
         self.selector.register_process(child.pid, ChildTag(slot.name, child.pid))
+        if child.exec_error_fd is not None:
+            tag = ExecReportTag(slot.name, child.pid)
+            self.selector.register_handle(child.exec_error_fd, Event.READ, tag)
         for stream, fd in (("stdout", child.stdout_fd), ("stderr", child.stderr_fd)):
             if fd is not None:
-                slot.readers[fd] = PipeReader(fd, slot.sink(stream), self._output_hook(slot, stream))
+                slot.readers[fd] = PipeReader(
+                    fd, slot.sink(stream), self._output_hook(slot, stream)
+                )
                 self.selector.register_handle(fd, Event.READ, OutputTag(slot.name, stream))
         self.log.info("spawned", process=slot.name, pid=child.pid)
         return slot.process.handle(Spawned(child.pid), now)
+
+    def _exec_reported(self, name: str, pid: int) -> None:
+        """The child's exec report: end of file if exec worked, else why it failed."""
+        slot = self.slots.get(name)
+        if slot is None or slot.child is None or slot.child.pid != pid:
+            return
+        self._take_exec_report(slot, slot.child)
+
+    def _take_exec_report(self, slot: Slot, child: spawn.Child) -> None:
+        if child.exec_error_fd is None:
+            return
+        self.selector.unregister(child.exec_error_fd)
+        error = child.read_exec_error()
+        if error is not None:
+            slot.exec_error = error
+            self.log.error("spawn_failed", process=slot.name, pid=child.pid, error=error)
 
     def _output_hook(self, slot: Slot, stream: str) -> Callable[[bytes], None] | None:
         if not self.output_listeners:
@@ -277,9 +310,13 @@ class Daemon:
     def _kill(self, slot: Slot, signum: int, group: bool) -> None:
         if slot.child is None:
             return
-        sent = spawn.send_signal(slot.child, signum, group)
+        sent = spawn.send_signal(slot.child.pid, signum, group)
         self.log.info(
-            "signal_sent", process=slot.name, pid=slot.child.pid, signal=signal_name(signum), sent=sent
+            "signal_sent",
+            process=slot.name,
+            pid=slot.child.pid,
+            signal=signal_name(signum),
+            sent=sent,
         )
 
     def _arm_timer(self, slot: Slot, timer: Timer, delay_s: float) -> None:
@@ -308,8 +345,13 @@ class Daemon:
             self.log.warning("unknown_child_exited", process=name, pid=pid)
             return
         child, slot.child = slot.child, None
+        self._take_exec_report(slot, child)
         self._drain_output(slot)  # nothing the child wrote is lost to its exit
-        exit_code, exit_signal = spawn.reap(child)
+        exit_code, exit_signal = spawn.reap(pid)
+        now = self.clock()
+        if slot.exec_error is not None:
+            self._apply(slot, slot.process.handle(SpawnFailed(slot.exec_error), now))
+            return
         self.log.info(
             "exited",
             process=name,
@@ -317,11 +359,11 @@ class Daemon:
             exit_code=exit_code,
             signal=signal_name(exit_signal) if exit_signal is not None else None,
         )
-        self._apply(slot, slot.process.handle(Exited(exit_code, exit_signal), self.clock()))
+        self._apply(slot, slot.process.handle(Exited(exit_code, exit_signal), now))
 
     # -- output -----------------------------------------------------------------------
 
-    def _output_ready(self, name: str, key: ReadyKey) -> None:
+    def _output_ready(self, name: str, key: ReadyKey[Any]) -> None:
         slot = self.slots.get(name)
         reader = slot.readers.get(key.fd) if slot is not None else None
         if slot is None or reader is None:
@@ -538,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     daemonlog.configure(config.supervisor.log_format, config.supervisor.log_level)
     reset_inherited_signals()
+    spawn.mark_inherited_fds_cloexec()
+    spawn.raise_fd_limit()
     daemon = Daemon(config)
     try:
         daemon.setup()

@@ -179,11 +179,11 @@ class Process:
     def handle(self, event: ProcessEvent, now: float) -> list[Effect]:
         """Feed one event; returns what the daemon must do. Never raises on odd input."""
         match self.state, event:
-            case (State.STOPPED | State.EXITED | State.FATAL), Start():
+            case ((State.STOPPED | State.EXITED | State.FATAL), Start()):
                 return self._start(now, "start requested", reset=True)
             case State.BACKOFF, Start():
                 return [CancelTimer(Timer.BACKOFF), *self._start(now, "start requested", True)]
-            case (State.STARTING | State.RUNNING), Start():
+            case ((State.STARTING | State.RUNNING), Start()):
                 self.want = Want.UP
                 return []
             case State.STOPPING, Start():
@@ -191,29 +191,35 @@ class Process:
                 return []
             case State.STARTING, Spawned(pid=pid):
                 return self._spawned(pid, now)
-            case State.STARTING, SpawnFailed(error=error):
+            case ((State.STARTING | State.RUNNING), SpawnFailed(error=error)):
+                # RUNNING too: with startsecs = 0 a failed exec is reported after the fact
+                self.pid = None
                 self.spawn_error = error
                 self.stopped_at = now
-                return self._failed_start(now, f"spawn failed: {error}")
+                failed = self._failed_start(now, f"spawn failed: {error}")
+                return [CancelTimer(Timer.STARTSECS), *failed]
             case State.STARTING, TimerFired(timer=Timer.STARTSECS):
                 return self._running(now, f"stayed up {self.config.startsecs:g}s")
             case State.STARTING, Exited():
                 assert isinstance(event, Exited)
                 self._record_exit(event, now)
-                return [CancelTimer(Timer.STARTSECS), *self._failed_start(now, "exited too quickly")]
+                return [
+                    CancelTimer(Timer.STARTSECS),
+                    *self._failed_start(now, "exited too quickly"),
+                ]
             case State.RUNNING, Exited():
                 assert isinstance(event, Exited)
                 return self._exited_while_running(event, now)
             case State.BACKOFF, TimerFired(timer=Timer.BACKOFF):
                 self.restarts += 1
                 return self._spawn(now, "backoff elapsed")
-            case (State.STARTING | State.RUNNING), Stop():
+            case ((State.STARTING | State.RUNNING), Stop()):
                 return self._stop(now)
             case State.BACKOFF, Stop():
                 self.want = Want.DOWN
                 self.backoff_until = None
                 return [CancelTimer(Timer.BACKOFF), self._enter(State.STOPPED, "stop requested")]
-            case (State.EXITED | State.FATAL | State.STOPPED), Stop():
+            case ((State.EXITED | State.FATAL | State.STOPPED), Stop()):
                 self.want = Want.DOWN
                 return []
             case State.STOPPING, Stop():
@@ -221,7 +227,7 @@ class Process:
                 return []
             case State.STOPPING, (TimerFired(timer=Timer.STOP_TIMEOUT) | ForceKill()):
                 return self._kill(group=True)
-            case (State.STARTING | State.RUNNING), ForceKill():
+            case ((State.STARTING | State.RUNNING), ForceKill()):
                 return [*self._stop(now), *self._kill(group=True)]
             case State.STOPPING, Exited():
                 assert isinstance(event, Exited)

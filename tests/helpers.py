@@ -68,7 +68,9 @@ class RpcError(Exception):
         self.error = error
 
 
-def rpc(sock_path: Path, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+def rpc(
+    sock_path: Path, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0
+) -> Any:
     """One JSON-RPC call over the control socket; returns the result or raises RpcError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -161,7 +163,9 @@ class Supd:
             entry = self.status().get(name)
             return entry if entry is not None and entry["state"] in states else None
 
-        return wait_until(reached, timeout, lambda: f"{name} in {states}: {self.status().get(name)}")
+        return wait_until(
+            reached, timeout, lambda: f"{name} in {states}: {self.status().get(name)}"
+        )
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)

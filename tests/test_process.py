@@ -1,0 +1,225 @@
+"""The process state machine as data: (state, event) -> (new state, effects). No OS."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import pytest
+
+from supervisor.config import ProgramConfig
+from supervisor.process import (
+    ArmTimer,
+    CancelTimer,
+    Effect,
+    Exited,
+    ForceKill,
+    Ignored,
+    Kill,
+    Process,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    Start,
+    State,
+    Stop,
+    Timer,
+    TimerFired,
+    Transitioned,
+    Want,
+    backoff_delay,
+    describe,
+    gives_up,
+)
+
+
+def program(**options: Any) -> ProgramConfig:
+    return ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
+
+
+def states(effects: list[Effect]) -> list[State]:
+    return [e.new for e in effects if isinstance(e, Transitioned)]
+
+
+def running(config: ProgramConfig, now: float = 0.0) -> Process:
+    p = Process("web", config)
+    p.handle(Start(), now)
+    p.handle(Spawned(100), now)
+    p.handle(TimerFired(Timer.STARTSECS), now + config.startsecs)
+    assert p.state is State.RUNNING
+    return p
+
+
+@pytest.mark.parametrize(
+    ("failures", "initial", "factor", "maximum", "expected"),
+    [
+        (1, 1.0, 2.0, 60.0, 1.0),
+        (2, 1.0, 2.0, 60.0, 2.0),
+        (3, 1.0, 2.0, 60.0, 4.0),
+        (7, 1.0, 2.0, 60.0, 60.0),  # 64 capped
+        (1, 0.0, 2.0, 60.0, 0.0),
+        (5, 0.5, 1.0, 60.0, 0.5),  # factor 1: a flat delay
+        (0, 1.0, 2.0, 60.0, 0.0),
+    ],
+)
+def test_backoff_delay_ladder(
+    failures: int, initial: float, factor: float, maximum: float, expected: float
+) -> None:
+    config = program(backoff_initial=initial, backoff_factor=factor, backoff_max=maximum)
+    assert backoff_delay(failures, config) == pytest.approx(expected)
+
+
+def test_gives_up_after_first_attempt_plus_startretries() -> None:
+    config = program(startretries=3)
+    assert [gives_up(n, config) for n in range(1, 6)] == [False, False, False, True, True]
+
+
+def test_start_spawns_then_runs_after_startsecs() -> None:
+    p = Process("web", program(startsecs=2))
+    effects = p.handle(Start(), 0.0)
+    assert states(effects) == [State.STARTING] and Spawn() in effects
+    assert p.handle(Spawned(42), 0.0) == [ArmTimer(Timer.STARTSECS, 2.0)]
+    assert states(p.handle(TimerFired(Timer.STARTSECS), 2.0)) == [State.RUNNING]
+    assert p.pid == 42 and p.want is Want.UP
+
+
+def test_startsecs_zero_is_running_at_spawn() -> None:
+    p = Process("web", program(startsecs=0))
+    p.handle(Start(), 0.0)
+    assert states(p.handle(Spawned(42), 0.0)) == [State.RUNNING]
+
+
+def test_exit_while_starting_backs_off_then_goes_fatal() -> None:
+    p = Process("web", program(startsecs=1, startretries=2, backoff_initial=1, backoff_factor=2))
+    p.handle(Start(), 0.0)
+    delays = []
+    for attempt in range(3):
+        p.handle(Spawned(100 + attempt), 0.0)
+        effects = p.handle(Exited(1, None), 0.1)
+        assert CancelTimer(Timer.STARTSECS) in effects
+        if attempt < 2:
+            assert p.state is State.BACKOFF
+            delays += [e.delay_s for e in effects if isinstance(e, ArmTimer)]
+            assert Spawn() in p.handle(TimerFired(Timer.BACKOFF), 5.0)
+    assert delays == [1.0, 2.0]
+    assert p.state is State.FATAL and p.want is Want.DOWN
+
+
+def test_spawn_failure_counts_as_failed_start() -> None:
+    p = Process("web", program(startretries=0))
+    p.handle(Start(), 0.0)
+    effects = p.handle(SpawnFailed("No such file or directory: /nope"), 0.0)
+    assert states(effects) == [State.FATAL]
+    assert p.spawn_error == "No such file or directory: /nope"
+    assert "No such file" in describe(p, 1.0, 1000.0)
+
+
+def test_zero_backoff_restarts_immediately_without_a_timer() -> None:
+    p = running(program(backoff_initial=0, autorestart="always"))
+    effects = p.handle(Exited(0, None), 5.0)
+    assert states(effects) == [State.BACKOFF, State.STARTING]
+    assert Spawn() in effects and not any(isinstance(e, ArmTimer) for e in effects)
+    assert p.restarts == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "exit_code", "exit_signal", "restarts"),
+    [
+        ("always", 0, None, True),
+        ("always", 1, None, True),
+        ("on-failure", 0, None, False),
+        ("on-failure", 1, None, True),
+        ("on-failure", None, signal.SIGSEGV, True),
+        ("on-failure", 3, None, False),  # 3 is in exitcodes below
+        ("never", 1, None, False),
+        ("never", None, signal.SIGKILL, False),
+    ],
+)
+def test_autorestart_policy_after_exit_from_running(
+    policy: str, exit_code: int | None, exit_signal: int | None, restarts: bool
+) -> None:
+    p = running(program(autorestart=policy, exitcodes=[0, 3]))
+    effects = p.handle(Exited(exit_code, exit_signal), 100.0)
+    expected = State.BACKOFF if restarts else State.EXITED
+    assert states(effects)[0] is expected
+    assert p.exit_code == exit_code and p.exit_signal == exit_signal
+
+
+def test_consecutive_failures_climb_the_ladder_and_a_long_run_resets_it() -> None:
+    config = program(autorestart="always", backoff_initial=1, backoff_factor=3, backoff_reset=60)
+    p = running(config)
+    delays = []
+    now = 0.0
+    for _ in range(3):
+        now += 10  # short runs: each exit is another consecutive failure
+        effects = p.handle(Exited(1, None), now)
+        delays += [e.delay_s for e in effects if isinstance(e, ArmTimer)]
+        p.handle(TimerFired(Timer.BACKOFF), now)
+        p.handle(Spawned(7), now)
+        p.handle(TimerFired(Timer.STARTSECS), now + 1)
+    assert delays == [1.0, 3.0, 9.0]
+    now += 100  # a run longer than backoff_reset
+    effects = p.handle(Exited(1, None), now)
+    assert [e.delay_s for e in effects if isinstance(e, ArmTimer)] == [1.0]
+    assert p.restarts == 3
+
+
+def test_stop_sends_stopsignal_and_escalates_to_sigkill_once() -> None:
+    p = running(program(stopsignal="INT", stopwaitsecs=5, killasgroup=True))
+    effects = p.handle(Stop(), 10.0)
+    assert states(effects) == [State.STOPPING]
+    assert Kill(signal.SIGINT, group=True) in effects
+    assert ArmTimer(Timer.STOP_TIMEOUT, 5.0) in effects
+    assert p.handle(TimerFired(Timer.STOP_TIMEOUT), 15.0) == [Kill(signal.SIGKILL, group=True)]
+    assert p.handle(ForceKill(), 15.5) == []
+    effects = p.handle(Exited(None, signal.SIGKILL), 16.0)
+    assert states(effects) == [State.STOPPED] and CancelTimer(Timer.STOP_TIMEOUT) in effects
+
+
+def test_stop_interrupts_a_pending_restart() -> None:
+    p = running(program(autorestart="always", backoff_initial=10))
+    p.handle(Exited(1, None), 100.0)
+    assert p.state is State.BACKOFF
+    effects = p.handle(Stop(), 101.0)
+    assert states(effects) == [State.STOPPED] and CancelTimer(Timer.BACKOFF) in effects
+    assert p.handle(TimerFired(Timer.BACKOFF), 110.0) == [
+        Ignored(State.STOPPED, TimerFired(Timer.BACKOFF))
+    ]
+
+
+def test_start_while_stopping_comes_back_up_after_the_exit() -> None:
+    p = running(program())
+    p.handle(Stop(), 1.0)
+    assert p.handle(Start(), 1.1) == []
+    effects = p.handle(Exited(None, signal.SIGTERM), 1.2)
+    assert states(effects) == [State.STOPPED, State.STARTING] and Spawn() in effects
+
+
+def test_signal_death_during_stop_is_not_a_failure() -> None:
+    p = running(program(autorestart="on-failure"))
+    p.handle(Stop(), 1.0)
+    p.handle(Exited(None, signal.SIGTERM), 1.1)
+    assert p.state is State.STOPPED and p.restarts == 0
+
+
+def test_start_from_fatal_resets_the_retry_count() -> None:
+    p = Process("web", program(startretries=0))
+    p.handle(Start(), 0.0)
+    p.handle(Spawned(1), 0.0)
+    p.handle(Exited(1, None), 0.1)
+    assert p.state is State.FATAL
+    p.handle(Start(), 1.0)
+    assert p.state is State.STARTING and p.start_failures == 0
+
+
+def test_odd_events_are_ignored_not_raised() -> None:
+    p = Process("web", program())
+    for event in (Exited(0, None), Spawned(3), TimerFired(Timer.STOP_TIMEOUT), ForceKill()):
+        assert p.handle(event, 0.0) == [Ignored(State.STOPPED, event)]
+
+
+def test_describe_lines() -> None:
+    p = running(program(startsecs=1), now=0.0)
+    assert describe(p, 3 * 3600 + 190.0, 0.0) == "pid 100, uptime 3:03:10"
+    p.handle(Exited(1, None), 5000.0)
+    assert describe(p, 5000.0, 0.0).startswith("restarting in ")
