@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor import __version__, daemonlog, spawn
-from supervisor.config import Config, ConfigError, ProgramConfig, load, summary
+from supervisor.commands import Commands
+from supervisor.config import Config, ConfigError, ProgramConfig, Stream, load, summary
+from supervisor.control import AlreadyRunning, ControlServer
 from supervisor.logs import LogSink, PipeReader
 from supervisor.process import (
     ArmTimer,
@@ -151,6 +153,7 @@ class Daemon:
         self.waiters: list[Waiter] = []
         self.output_listeners: list[Callable[[str, str, bytes], bool]] = []
         self.transition_hooks: list[Callable[[], None]] = []
+        self.control: ControlServer | None = None
         self.shutting_down = False
         self.running = False
         self.exit_code = EXIT_OK
@@ -160,8 +163,22 @@ class Daemon:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def setup(self) -> None:
-        """Take over the signals and start the autostart programs (by priority)."""
+    def setup(self, listen_fd: int | None = None) -> None:
+        """Open the control socket, take over the signals, start the autostart programs.
+
+        Raises AlreadyRunning when another supd serves the socket.
+        """
+        settings = self.config.supervisor
+        self.control = ControlServer(
+            self.selector,
+            Commands(self),
+            path=settings.socket,
+            mode=settings.socket_mode,
+            group=settings.socket_group,
+            listen_fd=listen_fd,
+            log=self.log,
+        )
+        self.control.open()
         for signum in DAEMON_SIGNALS:
             self.selector.register_signal(signum, SignalTag(signum))
         for program in self.config.programs.values():
@@ -177,6 +194,8 @@ class Daemon:
         return self.exit_code
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
         for slot in list(self.slots.values()):
             self._drop_slot(slot)
         self.selector.close()
@@ -206,8 +225,11 @@ class Daemon:
                 self.dispatch_other(key)
 
     def dispatch_other(self, key: ReadyKey[Any]) -> None:
-        """Keys registered by extensions (control server, notifier) are routed here."""
-        self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
+        """Keys registered by the control server (and other extensions)."""
+        if self.control is not None and self.control.owns(key.data):
+            self.control.on_ready(key)
+        else:
+            self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
 
     def _signal_received(self, signum: int) -> None:
         self.log.info("signal_received", signal=signal_name(signum))
@@ -298,14 +320,30 @@ class Daemon:
             self.log.error("spawn_failed", process=slot.name, pid=child.pid, error=error)
 
     def _output_hook(self, slot: Slot, stream: str) -> Callable[[bytes], None] | None:
+        """A reader's hook for `tail -f` followers; None keeps the hot path copy-free."""
         if not self.output_listeners:
             return None
         name = slot.name
 
         def forward(data: bytes) -> None:
-            self.output_listeners[:] = [f for f in self.output_listeners if f(name, stream, data)]
+            listeners = self.output_listeners
+            listeners[:] = [listen for listen in listeners if listen(name, stream, data)]
+            if not listeners:
+                self._refresh_output_hooks()
 
         return forward
+
+    def add_output_listener(self, listener: Callable[[str, str, bytes], bool]) -> None:
+        """`listener(name, stream, data)` sees all output until it returns False."""
+        self.output_listeners.append(listener)
+        if len(self.output_listeners) == 1:
+            self._refresh_output_hooks()
+
+    def _refresh_output_hooks(self) -> None:
+        for slot in self.slots.values():
+            for reader in slot.readers.values():
+                stream = "stdout" if reader.sink is slot.stdout else "stderr"
+                reader.on_data = self._output_hook(slot, stream)
 
     def _kill(self, slot: Slot, signum: int, group: bool) -> None:
         if slot.child is None:
@@ -444,12 +482,11 @@ class Daemon:
             )
 
     @staticmethod
-    def _sink(program: ProgramConfig, name: str, stream: str) -> LogSink:
-        stream_literal: Any = stream
+    def _sink(program: ProgramConfig, name: str, stream: Stream) -> LogSink:
         return LogSink(
-            program.log_path(name, stream_literal),
-            program.log_maxbytes(stream_literal),
-            program.log_backups(stream_literal),
+            program.log_path(name, stream),
+            program.log_maxbytes(stream),
+            program.log_backups(stream),
         )
 
     def _drop_slot(self, slot: Slot) -> None:
@@ -586,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.setup()
         return daemon.run()
+    except AlreadyRunning as exc:
+        print(f"supd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         daemon.close()
 

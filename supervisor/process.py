@@ -136,7 +136,10 @@ def backoff_delay(failures: int, config: ProgramConfig) -> float:
     """Delay before the restart that follows the n-th consecutive failure (n >= 1)."""
     if failures < 1:
         return 0.0
-    delay = config.backoff_initial * config.backoff_factor ** (failures - 1)
+    try:
+        delay = config.backoff_initial * config.backoff_factor ** (failures - 1)
+    except OverflowError:  # a program crash-looping for days: the ceiling holds
+        return float(config.backoff_max)
     return float(min(config.backoff_max, delay))
 
 

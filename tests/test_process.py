@@ -60,6 +60,7 @@ def running(config: ProgramConfig, now: float = 0.0) -> Process:
         (1, 0.0, 2.0, 60.0, 0.0),
         (5, 0.5, 1.0, 60.0, 0.5),  # factor 1: a flat delay
         (0, 1.0, 2.0, 60.0, 0.0),
+        (5000, 1.0, 2.0, 60.0, 60.0),  # float overflow must not escape
     ],
 )
 def test_backoff_delay_ladder(

@@ -1,0 +1,254 @@
+"""What each control method does to the daemon: the daemon's `CommandHandler`.
+
+The control server parses and validates requests and calls `handle_command` from the
+loop when its doorbell rings; this module turns them into state-machine events and
+answers through the `Responder`, at once or when the processes have settled (a `start`
+answers once the process is RUNNING or has failed). A client that disconnects cancels
+nothing: its answer is simply dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from supervisor import __version__, spawn
+from supervisor.config import ConfigError
+from supervisor.control import Responder
+from supervisor.process import Start, State, Stop, Want, describe, signal_name
+from supervisor.protocol import (
+    ActionResult,
+    ErrorCode,
+    OutputParams,
+    PidParams,
+    PidResult,
+    ProcessInfo,
+    ReloadParams,
+    ReloadResult,
+    Request,
+    RestartParams,
+    ShutdownParams,
+    ShutdownResult,
+    SignalParams,
+    StartParams,
+    StatusParams,
+    StopParams,
+    TailParams,
+    TailResult,
+    VersionParams,
+    VersionResult,
+)
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+
+ALL = "all"
+
+
+class UnknownNames(Exception):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"no such process: {', '.join(names)}")
+        self.names = names
+
+
+class Commands:
+    """The daemon's side of every control method."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def handle_command(self, request: Request, responder: Responder) -> None:
+        try:
+            self._handle(request, responder)
+        except UnknownNames as exc:
+            responder.error(ErrorCode.NO_SUCH_PROCESS, str(exc), exc.names)
+
+    def _handle(self, request: Request, responder: Responder) -> None:
+        match request.params:
+            case StatusParams(names=names):
+                responder.result(self.status(names))
+            case StartParams(names=names, wait=wait):
+                self._change(names, wait, responder, restart=False, up=True)
+            case StopParams(names=names, wait=wait):
+                self._change(names, wait, responder, restart=False, up=False)
+            case RestartParams(names=names, wait=wait):
+                self._change(names, wait, responder, restart=True, up=True)
+            case SignalParams(names=names) as params:
+                responder.result(self.signal(int(params.signum), names))
+            case ReloadParams():
+                self._reload(responder)
+            case TailParams() as params:
+                self._tail(params, responder)
+            case PidParams(name=name):
+                responder.result(PidResult(pid=self._pid(name)))
+            case VersionParams():
+                config = str(self.daemon.config.path)
+                responder.result(VersionResult(version=__version__, pid=os.getpid(), config=config))
+            case ShutdownParams():
+                responder.result(ShutdownResult(ok=True))
+                self.daemon.shutdown()
+
+    # -- names ------------------------------------------------------------------------
+
+    def resolve(self, names: list[str] | None) -> list[str]:
+        """Process names for `names`: processes, programs (all their processes) or "all"."""
+        daemon = self.daemon
+        if not names or ALL in names:
+            return list(daemon.slots)
+        found: list[str] = []
+        unknown: list[str] = []
+        for name in names:
+            if name in daemon.programs:
+                found += [n for n in daemon.programs[name] if n in daemon.slots]
+            elif name in daemon.slots:
+                found.append(name)
+            else:
+                unknown.append(name)
+        if unknown:
+            raise UnknownNames(unknown)
+        return list(dict.fromkeys(found))
+
+    # -- status -----------------------------------------------------------------------
+
+    def status(self, names: list[str] | None) -> list[ProcessInfo]:
+        now, wall = self.daemon.clock(), time.time()
+        return [self.info(name, now, wall) for name in self.resolve(names)]
+
+    def info(self, name: str, now: float, wall: float) -> ProcessInfo:
+        slot = self.daemon.slots[name]
+        process = slot.process
+        live = process.pid is not None and process.started_at is not None
+        return ProcessInfo(
+            name=name,
+            program=slot.program,
+            state=process.state.value,
+            pid=process.pid,
+            uptime=now - process.started_at if live and process.started_at is not None else None,
+            exit_code=process.exit_code,
+            exit_signal=signal_name(process.exit_signal) if process.exit_signal else None,
+            restarts=process.restarts,
+            spawn_error=process.spawn_error,
+            description=describe(process, now, wall),
+        )
+
+    # -- start / stop / restart -------------------------------------------------------
+
+    def _change(
+        self, names: list[str], wait: bool, responder: Responder, *, restart: bool, up: bool
+    ) -> None:
+        daemon = self.daemon
+        if daemon.shutting_down and up:
+            responder.error(ErrorCode.SHUTTING_DOWN, "supd is shutting down")
+            return
+        targets = self.resolve(names)
+        for name in targets:
+            if restart or not up:
+                daemon.send(name, Stop())
+            if up:
+                daemon.send(name, Start())
+        settled = self._started if up else self._stopped
+        finish = self._answer_change(targets, responder, up)
+        if wait:
+            daemon.wait_for(targets, settled, finish)
+        else:
+            finish()
+
+    def _started(self, name: str) -> bool:
+        slot = self.daemon.slots.get(name)
+        if slot is None:
+            return True
+        process = slot.process
+        return process.state in (State.RUNNING, State.FATAL) or (
+            process.state in (State.STOPPED, State.EXITED) and process.want is Want.DOWN
+        )
+
+    def _stopped(self, name: str) -> bool:
+        slot = self.daemon.slots.get(name)
+        return slot is None or slot.process.state in (State.STOPPED, State.EXITED, State.FATAL)
+
+    def _answer_change(
+        self, targets: list[str], responder: Responder, up: bool
+    ) -> Callable[[], None]:
+        def finish() -> None:
+            results = []
+            for name in targets:
+                slot = self.daemon.slots.get(name)
+                if slot is None:
+                    results.append(ActionResult(name=name, ok=False, error="removed by a reload"))
+                    continue
+                state = slot.process.state
+                ok = state is State.RUNNING if up else state is not State.STOPPING
+                error = None if ok else self._failure(name, state)
+                results.append(ActionResult(name=name, ok=ok, state=state.value, error=error))
+            responder.result(results)
+
+        return finish
+
+    def _failure(self, name: str, state: State) -> str:
+        process = self.daemon.slots[name].process
+        if process.spawn_error:
+            return f"spawn error: {process.spawn_error}"
+        if state is State.FATAL:
+            return "exited too quickly (gave up)"
+        return f"not running ({state.value})"
+
+    # -- signal -----------------------------------------------------------------------
+
+    def signal(self, signum: int, names: list[str]) -> list[ActionResult]:
+        results = []
+        for name in self.resolve(names):
+            process = self.daemon.slots[name].process
+            sent = process.pid is not None and spawn.send_signal(process.pid, signum, False)
+            self.daemon.log.info(
+                "signal_sent", process=name, pid=process.pid, signal=signal_name(signum), sent=sent
+            )
+            error = None if sent else f"not running ({process.state.value})"
+            results.append(ActionResult(name=name, ok=sent, state=process.state.value, error=error))
+        return results
+
+    # -- reload -----------------------------------------------------------------------
+
+    def _reload(self, responder: Responder) -> None:
+        try:
+            added, changed, removed = self.daemon.reload()
+        except ConfigError as exc:
+            problems = [str(p) for p in exc.problems]
+            responder.error(ErrorCode.CONFIG_INVALID, "invalid config; nothing changed", problems)
+            return
+        responder.result(ReloadResult(added=added, changed=changed, removed=removed))
+
+    # -- tail -------------------------------------------------------------------------
+
+    def _tail(self, params: TailParams, responder: Responder) -> None:
+        slot = self.daemon.slots.get(params.name)
+        if slot is None:
+            raise UnknownNames([params.name])
+        data = slot.sink(params.stream).tail(params.bytes)
+        text = data.decode(errors="replace")
+        responder.result(TailResult(name=params.name, stream=params.stream, data=text))
+        if params.follow:
+            self.daemon.add_output_listener(_follower(params, responder))
+
+    def _pid(self, name: str | None) -> int | None:
+        if name is None:
+            return os.getpid()
+        slot = self.daemon.slots.get(name)
+        if slot is None:
+            raise UnknownNames([name])
+        return slot.process.pid
+
+
+def _follower(params: TailParams, responder: Responder) -> Callable[[str, str, bytes], bool]:
+    """An output listener for `tail -f`; returns False once the client has gone."""
+
+    def forward(name: str, stream: str, data: bytes) -> bool:
+        if responder.closed:
+            return False
+        if name != params.name or stream != params.stream:
+            return True
+        text = data.decode(errors="replace")
+        return responder.notify("output", OutputParams(name=name, stream=params.stream, data=text))
+
+    return forward
