@@ -133,7 +133,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 class Event(enum.Flag):
@@ -265,6 +264,10 @@ class _Kind(enum.Enum):
     USER = "user event"
 
 
+_HANDLE: Final = _Kind.HANDLE
+_TIMER: Final = _Kind.TIMER
+
+
 @dataclass(slots=True, eq=False)
 class _Key(Generic[T]):
     ident: int  # the fd, or the virtual id of a signal or process
@@ -272,6 +275,20 @@ class _Key(Generic[T]):
     events: Event
     data: T
     param: int = 0  # the signal number or the pid of a virtual key
+    # A handle's last ReadyKey and the epoll mask it was made for: a busy handle keeps
+    # reporting the same mask, and select() then reuses it. -1 matches no mask.
+    ready_mask: int = -1
+    ready: ReadyKey[T] | None = None
+
+    def cache_ready(self, fd: int, mask: int) -> ReadyKey[T]:
+        events, error_code = _HANDLE_EVENTS.get(mask) or _translate_epoll_mask(mask)
+        ready = ReadyKey(fd, events, error_code, self.data)
+        self.ready, self.ready_mask = ready, mask
+        return ready
+
+    def set_data(self, data: T) -> None:
+        self.data = data
+        self.ready_mask = -1  # the cached ReadyKey holds the old data
 
     def describe(self) -> str:
         if self.kind is _Kind.SIGNAL:
@@ -318,7 +335,6 @@ _EPOLL_BITS: Final = (
     (select.EPOLLHUP, Event.ERROR),
     (select.EPOLLRDHUP, Event.ERROR),
 )
-_KNOWN_EPOLL_BITS: Final = sum(bit for bit, _ in _EPOLL_BITS)
 
 
 def _translate_epoll_mask(mask: int) -> tuple[Event, int]:
@@ -383,10 +399,6 @@ class _SignalFd:
         self._taken = taken  # fd numbers that already have a key
         self._blocked_before: dict[int, bool] = {}
         self.fd = -1
-
-    @property
-    def signals(self) -> frozenset[int]:
-        return frozenset(self._blocked_before)
 
     def add(self, signum: int) -> None:
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
@@ -664,34 +676,21 @@ class Selector(Generic[T]):
 
     # ------------------------------------------------------------------- selecting
 
-    def select(self, timeout_ms: int = -1) -> list[ReadyKey[T]]:
+    def select(self, timeout_ms: int = -1, max_events: int = 0) -> list[ReadyKey[T]]:
         """Wait up to ``timeout_ms`` (-1: forever, 0: not at all) and return what is ready.
 
-        Returns at most ``max_events`` keys; the rest come with the next call. A signal
-        handled by a Python handler while waiting does not end the wait (PEP 475); one
-        whose handler raises InterruptedError gives an empty result.
+        Returns at most ``max_events`` keys (default: the selector's ``max_events``);
+        the rest come with the next call. A signal handled by a Python handler while
+        waiting does not end the wait (PEP 475); one whose handler raises
+        InterruptedError gives an empty result.
         """
-        return self._select(timeout_ms, self._max_events)
-
-    def select_into(self, timeout_ms: int, buffer: list[ReadyKey[T] | None]) -> int:
-        """Like ``select()``, but fill ``buffer`` from the start and return the count.
-
-        Never returns more keys than ``buffer`` has slots: the rest wait for the next
-        call. Slots after the count are left as they were.
-        """
-        if not buffer:
-            raise ValueError("select_into needs a buffer with at least one slot")
-        ready = self._select(timeout_ms, len(buffer))
-        count = len(ready)
-        buffer[:count] = ready
-        return count
-
-    def _select(self, timeout_ms: int, capacity: int) -> list[ReadyKey[T]]:
-        # The hot path of the daemon: keep per-event work to dict lookups.
+        # The daemon's hot path: per ready handle, one dict lookup and, when the handle
+        # reports the same epoll mask as last time, its cached ReadyKey.
+        capacity = max_events or self._max_events
         result: list[ReadyKey[T]] = []
         if self._pending:
             self._deliver_pending(result, capacity)
-            if len(result) == capacity:
+            if len(result) >= capacity:
                 return result
             timeout_ms = 0  # never sleep on events we already have
         try:
@@ -701,22 +700,18 @@ class Selector(Generic[T]):
         except InterruptedError:
             return result
         keys = self._keys
-        handle_events = _HANDLE_EVENTS
-        handle = _Kind.HANDLE
-        timer = _Kind.TIMER
-        new_ready_key = tuple.__new__  # skips NamedTuple's Python-level __new__
         append = result.append
         for fd, mask in ready:
-            key = keys.get(fd)
-            if key is None:
-                if fd == self._signalfd.fd:
-                    self._read_signalfd()
-                continue  # a ghost of a closed fd (see the module notes)
-            kind = key.kind
-            if kind is handle:
-                events, error_code = handle_events.get(mask) or _translate_epoll_mask(mask)
-                append(new_ready_key(ReadyKey, (fd, events, error_code, key.data)))
-            elif kind is timer:
+            try:
+                key = keys[fd]
+            except KeyError:
+                self._read_unkeyed(fd)
+                continue
+            if key.ready_mask == mask:
+                append(key.ready)  # type: ignore[arg-type]  # set with ready_mask
+            elif key.kind is _HANDLE:
+                append(key.cache_ready(fd, mask))
+            elif key.kind is _TIMER:
                 self._read_timer(key, result)
             else:
                 self._read_user_event(key, result)
@@ -725,6 +720,24 @@ class Selector(Generic[T]):
         if self._pending:
             self._deliver_pending(result, capacity)
         return result
+
+    def select_into(self, timeout_ms: int, buffer: list[ReadyKey[T] | None]) -> int:
+        """Like ``select()``, but fill ``buffer`` from the start and return the count.
+
+        Never returns more keys than ``buffer`` has slots: the rest wait for the next
+        call. Slots after the count are left as they were.
+        """
+        if not buffer:
+            raise ValueError("select_into needs a buffer with at least one slot")
+        ready = self.select(timeout_ms, len(buffer))
+        count = len(ready)
+        buffer[:count] = ready
+        return count
+
+    def _read_unkeyed(self, fd: int) -> None:
+        if fd == self._signalfd.fd:
+            self._read_signalfd()
+        # Otherwise a ghost of a closed fd (see the module notes): nothing to report.
 
     def _deliver_pending(self, result: list[ReadyKey[T]], capacity: int) -> None:
         pending = self._pending
@@ -801,7 +814,7 @@ class Selector(Generic[T]):
         key = self._keys.get(ident)
         if key is None:
             return False
-        key.data = data
+        key.set_data(data)
         return True
 
     def with_data(self, ident: int, action: Callable[[T], object]) -> bool:

@@ -933,3 +933,16 @@ def test_max_events_caps_one_select(make_pipe):
         assert len(sel.select(0)) == 2
     with pytest.raises(ValueError, match="max_events"):
         Selector[int](max_events=0)
+
+
+def test_repeated_readiness_follows_data_and_mask_changes(selector, make_pipe):
+    """select() reuses a handle's ReadyKey while nothing changed; it must not go stale."""
+    r, w = make_pipe()
+    selector.register_handle(r, Event.READ, "old")
+    os.write(w, b"x")
+    assert selector.select(0) == [ReadyKey(r, Event.READ, 0, "old")]
+    assert selector.select(0) == [ReadyKey(r, Event.READ, 0, "old")]
+    selector.set_data(r, "new")
+    assert selector.select(0) == [ReadyKey(r, Event.READ, 0, "new")]
+    os.close(w)  # the mask changes: EPOLLIN|EPOLLHUP
+    assert selector.select(0) == [ReadyKey(r, Event.READ | Event.ERROR, errno.ECONNRESET, "new")]
