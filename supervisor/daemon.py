@@ -16,6 +16,7 @@ in epoll_wait(-1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -190,7 +191,12 @@ class Daemon:
         """The loop: block in select until something happens, dispatch, repeat."""
         while self.running:
             for key in self.selector.select(-1):
-                self._dispatch(key)
+                try:
+                    self._dispatch(key)
+                except Exception:
+                    # A bug in handling one event must not take every program down with
+                    # the daemon: log it loudly and carry on with the next event.
+                    self.log.exception("event_failed", fd=key.fd, data=repr(key.data))
         return self.exit_code
 
     def close(self) -> None:
@@ -236,7 +242,8 @@ class Daemon:
         if signum in SHUTDOWN_SIGNALS:
             self.shutdown()
         elif signum == signal.SIGHUP:
-            self.reload()
+            with contextlib.suppress(ConfigError):  # logged by reload(); nothing changed
+                self.reload()
         elif signum == signal.SIGUSR2:
             self.reopen_logs()
 

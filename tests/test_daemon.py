@@ -1,0 +1,608 @@
+"""supd end to end: real daemon, real children, real signals, observed like a user would."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    PY,
+    REPO,
+    RpcError,
+    Supd,
+    pid_alive,
+    python_command,
+    toml_list,
+    wait_until,
+)
+
+Factory = Callable[..., Supd]
+
+
+def cmd(code: str) -> str:
+    """A TOML value: argv running `code` in Python."""
+    return toml_list(python_command(code))
+
+
+SLEEP = cmd("import time; time.sleep(1000)")
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+# -- lifecycle ----------------------------------------------------------------------------
+
+
+def test_program_goes_starting_then_running_after_startsecs(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0.5
+    """)
+    assert d.state("web") == "STARTING"
+    entry = d.wait_state("web", "RUNNING")
+    assert pid_alive(entry["pid"])
+    assert entry["description"].startswith(f"pid {entry['pid']}, uptime ")
+    changes = [(e["from_state"], e["to_state"]) for e in d.events("state_changed")]
+    assert changes == [("STOPPED", "STARTING"), ("STARTING", "RUNNING")]
+
+
+def test_backoff_gives_up_after_startretries(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.crash]
+        command = {cmd("raise SystemExit(1)")}
+        startsecs = 1
+        startretries = 2
+        backoff_initial = 0.05
+    """)
+    entry = d.wait_state("crash", "FATAL")
+    assert entry["exit_code"] == 1
+    assert len(d.events("spawned")) == 3  # the first attempt plus two retries
+    assert d.events("fatal")
+
+
+def test_backoff_delays_follow_the_ladder(supd: Factory, tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    record = cmd(f"import time; open({str(starts)!r}, 'a').write(str(time.monotonic()) + chr(10))")
+    d = supd(f"""
+        [programs.crash]
+        command = {record}
+        startsecs = 5
+        startretries = 3
+        backoff_initial = 0.2
+        backoff_factor = 2.0
+        backoff_max = 0.5
+    """)
+    d.wait_state("crash", "FATAL", timeout=15)
+    times = [float(t) for t in read_lines(starts)]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    # 0.2, 0.4, then capped at 0.5; plus the child's own start and exit (tens of ms).
+    for gap, expected in zip(gaps, [0.2, 0.4, 0.5], strict=True):
+        assert expected <= gap < expected + 0.25, gaps
+    delays = [e["delay_s"] for e in d.events("backoff")]
+    assert delays == pytest.approx([0.2, 0.4, 0.5], abs=0.02)
+
+
+def test_zero_backoff_restarts_within_milliseconds(supd: Factory, tmp_path: Path) -> None:
+    d = supd(f"""
+        [programs.blip]
+        command = {cmd("import time; time.sleep(0.05)")}
+        autorestart = "always"
+        startsecs = 0
+        backoff_initial = 0
+    """)
+    wait_until(lambda: len(d.events("spawned")) >= 6, describe=d.describe)
+    exits = d.events("exited")
+    spawns = d.events("spawned")
+    assert d.status()["blip"]["restarts"] >= 5
+    # Every exit is followed by the next spawn with no timer in between.
+    assert not d.events("backoff")
+    assert len(spawns) >= len(exits)
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "restarted"),
+    [(0, False), (3, False), (4, True)],
+)
+def test_exit_codes_decide_on_failure_restarts(
+    supd: Factory, exit_code: int, restarted: bool
+) -> None:
+    d = supd(f"""
+        [programs.job]
+        command = {cmd(f"import time; time.sleep(0.3); raise SystemExit({exit_code})")}
+        autorestart = "on-failure"
+        exitcodes = [0, 3]
+        startsecs = 0.1
+        backoff_initial = 0.05
+    """)
+    if restarted:
+        wait_until(lambda: d.status()["job"]["restarts"] >= 1, describe=d.describe)
+    else:
+        entry = d.wait_state("job", "EXITED")
+        assert entry["exit_code"] == exit_code and entry["restarts"] == 0
+        assert entry["description"].startswith(f"exited {exit_code} at ")
+
+
+def test_autorestart_never_leaves_it_exited(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.job]
+        command = {cmd("import time; time.sleep(0.2); raise SystemExit(9)")}
+        autorestart = "never"
+        startsecs = 0.05
+    """)
+    assert d.wait_state("job", "EXITED")["exit_code"] == 9
+
+
+def test_spawn_error_is_a_state_not_a_crash(supd: Factory, tmp_path: Path) -> None:
+    d = supd(f"""
+        [programs.missing]
+        command = "/no/such/program --flag"
+        startretries = 1
+        backoff_initial = 0.01
+        [programs.baduser]
+        command = {SLEEP}
+        user = "no-such-user-supd"
+        startretries = 0
+        [programs.nodir]
+        command = {SLEEP}
+        directory = "{tmp_path}/missing-dir"
+        startretries = 0
+        [programs.fine]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    missing = d.wait_state("missing", "FATAL")
+    assert "No such file or directory" in missing["spawn_error"]
+    assert "unknown user" in d.wait_state("baduser", "FATAL")["spawn_error"]
+    assert "No such directory" in d.wait_state("nodir", "FATAL")["spawn_error"]
+    assert d.state("fine") == "RUNNING"
+
+
+def test_exec_failure_after_fork_is_reported_as_spawn_error(supd: Factory, tmp_path: Path) -> None:
+    script = tmp_path / "script"
+    script.write_text("not a script\n")  # executable but no #! line: execve fails ENOEXEC
+    script.chmod(0o755)
+    d = supd(f"""
+        [programs.bad]
+        command = "{script}"
+        startretries = 0
+    """)
+    entry = d.wait_state("bad", "FATAL")
+    assert entry["spawn_error"] and "Exec format error" in entry["spawn_error"]
+
+
+# -- stopping -----------------------------------------------------------------------------
+
+
+def test_stop_escalates_to_sigkill_after_stopwaitsecs(supd: Factory, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    d = supd(f"""
+        [programs.stubborn]
+        command = {
+        cmd(f'''
+            import signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            open({str(ready)!r}, "w").close()
+            time.sleep(1000)
+        ''')
+    }
+        startsecs = 0
+        stopwaitsecs = 0.5
+    """)
+    pid = d.wait_state("stubborn", "RUNNING")["pid"]
+    wait_until(ready.exists)
+    began = time.monotonic()
+    [result] = d.rpc("stop", {"names": ["stubborn"]})
+    took = time.monotonic() - began
+    assert result["ok"] and result["state"] == "STOPPED"
+    assert 0.45 <= took < 3
+    entry = d.status()["stubborn"]
+    assert entry["exit_signal"] == "SIGKILL"
+    assert not pid_alive(pid)
+
+
+def test_killasgroup_reaches_a_grandchild(supd: Factory, tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild"
+    d = supd(f"""
+        [programs.parent]
+        command = {
+        cmd(f'''
+            import subprocess, time
+            child = subprocess.Popen(["sleep", "1000"])
+            open({str(pidfile)!r}, "w").write(str(child.pid))
+            time.sleep(1000)
+        ''')
+    }
+        startsecs = 0
+        killasgroup = true
+    """)
+    d.wait_state("parent", "RUNNING")
+    grandchild = int(wait_until(lambda: pidfile.exists() and pidfile.read_text()))
+    d.track(grandchild)
+    d.rpc("stop", {"names": ["parent"]})
+    wait_until(lambda: not pid_alive(grandchild), describe="grandchild killed")
+
+
+def test_stop_interrupts_a_pending_restart(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.crash]
+        command = {cmd("raise SystemExit(1)")}
+        startsecs = 1
+        backoff_initial = 30
+    """)
+    d.wait_state("crash", "BACKOFF")
+    [result] = d.rpc("stop", {"names": ["crash"]})
+    assert result["state"] == "STOPPED"
+    assert d.status()["crash"]["state"] == "STOPPED"
+
+
+# -- the clean slate ----------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def test_child_starts_with_empty_mask_default_signals_and_only_three_fds(supd: Factory) -> None:
+    d = supd("""
+        [programs.plain]
+        command = "sleep 1000"
+        startsecs = 0
+        umask = "027"
+        environment = { FOO = "bar" }
+    """)
+    pid = d.wait_state("plain", "RUNNING")["pid"]
+    status = proc_status(pid)
+    assert int(status["SigBlk"], 16) == 0
+    ignored = int(status["SigIgn"], 16)
+    assert ignored & ((1 << 31) - 1) == 0, f"SigIgn={status['SigIgn']}"
+    assert sorted(os.listdir(f"/proc/{pid}/fd")) == ["0", "1", "2"]
+    assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+    assert os.getsid(pid) == pid
+    assert status["Umask"] == "0027"
+    env = dict(
+        item.split("=", 1)
+        for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+        if "=" in item
+    )
+    assert env["FOO"] == "bar"
+    assert env["SUPD_PROCESS_NAME"] == "plain" and env["SUPD_PROGRAM"] == "plain"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_user_option_drops_privileges(supd: Factory) -> None:
+    d = supd("""
+        [programs.unprivileged]
+        command = "sleep 1000"
+        startsecs = 0
+        user = "nobody"
+    """)
+    pid = d.wait_state("unprivileged", "RUNNING")["pid"]
+    status = proc_status(pid)
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    assert status["Uid"].split()[0] == str(nobody.pw_uid)
+    assert status["Gid"].split()[0] == str(nobody.pw_gid)
+
+
+def test_children_get_sigterm_when_supd_is_killed(supd: Factory) -> None:
+    d = supd("""
+        [programs.orphan]
+        command = "sleep 1000"
+        startsecs = 0
+    """)
+    pid = d.wait_state("orphan", "RUNNING")["pid"]
+    d.signal(signal.SIGKILL)
+    d.wait_exit()
+    wait_until(lambda: not pid_alive(pid), describe="child stopped by PDEATHSIG")
+
+
+# -- signals to supd ----------------------------------------------------------------------
+
+
+def test_sigterm_stops_everything_by_priority_and_exits_zero(supd: Factory, tmp_path: Path) -> None:
+    order = tmp_path / "order"
+    programs = ""
+    for name, priority in [("db", 1), ("app", 50), ("web", 100), ("web2", 100)]:
+        code = f'''
+            import signal, sys, time
+            def bye(*_):
+                time.sleep(0.2)
+                open({str(order)!r}, "a").write("{name}\\n")
+                sys.exit(0)
+            signal.signal(signal.SIGTERM, bye)
+            open({str(tmp_path / name)!r} + ".ready", "w").close()
+            time.sleep(1000)
+        '''
+        programs += f"""
+        [programs.{name}]
+        command = {cmd(code)}
+        priority = {priority}
+        startsecs = 0
+        """
+    d = supd(programs)
+    pids = [d.wait_state(n, "RUNNING")["pid"] for n in ("db", "app", "web", "web2")]
+    for name in ("db", "app", "web", "web2"):
+        wait_until((tmp_path / f"{name}.ready").exists)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    stopped = read_lines(order)
+    assert sorted(stopped[:2]) == ["web", "web2"] and stopped[2:] == ["app", "db"]
+    assert not any(pid_alive(p) for p in pids)
+    assert not d.socket.exists()
+
+
+def test_second_sigterm_kills_what_is_left(supd: Factory, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    d = supd(f"""
+        [programs.stubborn]
+        command = {
+        cmd(f'''
+            import signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            open({str(ready)!r}, "w").close()
+            time.sleep(1000)
+        ''')
+    }
+        startsecs = 0
+        stopwaitsecs = 60
+    """)
+    pid = d.wait_state("stubborn", "RUNNING")["pid"]
+    wait_until(ready.exists)
+    d.signal(signal.SIGTERM)
+    d.wait_state("stubborn", "STOPPING")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(timeout=10) == 0
+    assert not pid_alive(pid)
+
+
+def test_sigint_shuts_down_with_no_zombie_left(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.a]
+        command = {SLEEP}
+        numprocs = 3
+        startsecs = 0
+    """)
+    pids = [d.wait_state(f"a:{i}", "RUNNING")["pid"] for i in range(3)]
+    d.signal(signal.SIGINT)
+    assert d.wait_exit() == 0
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_sigusr2_reopens_log_files(supd: Factory, tmp_path: Path) -> None:
+    ticker = cmd(
+        "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.02)"
+    )
+    d = supd(f"""
+        [programs.ticker]
+        command = {ticker}
+        startsecs = 0
+    """)
+    log = tmp_path / "logs" / "ticker.out.log"
+    wait_until(lambda: log.exists() and log.stat().st_size > 0)
+    moved = tmp_path / "ticker.out.log.moved"
+    log.rename(moved)
+    d.signal(signal.SIGUSR2)
+    wait_until(lambda: log.exists() and log.stat().st_size > 0, describe=d.describe)
+    old = [int(x) for x in read_lines(moved)]
+    new = [int(x) for x in read_lines(log)]
+    assert old + new == list(range(len(old) + len(new)))  # nothing lost between the two
+
+
+# -- reload -------------------------------------------------------------------------------
+
+
+def test_reload_adds_removes_and_changes_while_unchanged_keep_their_pid(
+    supd: Factory,
+) -> None:
+    d = supd(f"""
+        [programs.keep]
+        command = {SLEEP}
+        startsecs = 0
+        [programs.change]
+        command = {SLEEP}
+        startsecs = 0
+        [programs.remove]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    keep = d.wait_state("keep", "RUNNING")["pid"]
+    change = d.wait_state("change", "RUNNING")["pid"]
+    remove = d.wait_state("remove", "RUNNING")["pid"]
+    d.write_config(f"""
+        [programs.keep]
+        command = {SLEEP}
+        startsecs = 0
+        [programs.change]
+        command = {SLEEP}
+        startsecs = 0
+        environment = {{ NEW = "1" }}
+        [programs.add]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    result = d.rpc("reload")
+    assert result == {"added": ["add"], "changed": ["change"], "removed": ["remove"]}
+    d.wait_state("add", "RUNNING")
+    new_change = d.wait_state("change", "RUNNING")["pid"]
+    assert new_change != change
+    assert b"NEW=1" in Path(f"/proc/{new_change}/environ").read_bytes()
+    wait_until(lambda: "remove" not in d.status(), describe=lambda: str(d.status()))
+    assert not pid_alive(remove) and not pid_alive(change)
+    assert d.status()["keep"]["pid"] == keep
+
+
+def test_sighup_reloads_and_invalid_config_keeps_the_old_one(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.keep]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    pid = d.wait_state("keep", "RUNNING")["pid"]
+    d.write_config("""
+        [programs.keep]
+        command = "sleep 1000"
+        startsecs = -1
+    """)
+    with pytest.raises(RpcError) as info:
+        d.rpc("reload")
+    assert "programs.keep.startsecs" in str(info.value.error.get("data"))
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: d.events("reload_failed"), describe=d.describe)
+    problems = d.events("reload_failed")[-1]["problems"]
+    assert any(re.search(r"supd\.toml:4: programs\.keep\.startsecs: ", p) for p in problems)
+    assert d.status()["keep"]["pid"] == pid
+    d.write_config(f"""
+        [programs.keep]
+        command = {SLEEP}
+        startsecs = 0
+        [programs.extra]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    d.signal(signal.SIGHUP)
+    d.wait_state("extra", "RUNNING")
+    assert d.status()["keep"]["pid"] == pid
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def test_no_output_line_lost_across_rotations(supd: Factory, tmp_path: Path) -> None:
+    count = 20000
+    writer = cmd(
+        f"import sys\nfor i in range({count}): sys.stdout.write(f'line {{i:06d}}' + chr(10))"
+    )
+    d = supd(f"""
+        [programs.writer]
+        command = {writer}
+        autorestart = "never"
+        startsecs = 0
+        stdout_logfile_maxbytes = 16384
+        stdout_logfile_backups = 100
+    """)
+    d.wait_state("writer", "EXITED")
+    log = tmp_path / "logs" / "writer.out.log"
+    backups = sorted(log.parent.glob("writer.out.log.*"), key=lambda p: -int(p.suffix[1:]))
+    assert len(backups) > 5
+    text = "".join(p.read_text() for p in [*backups, log])
+    assert text.splitlines() == [f"line {i:06d}" for i in range(count)]
+    assert all(p.stat().st_size <= 16384 for p in [*backups, log])
+
+
+def test_stderr_goes_to_its_own_log_or_follows_stdout(supd: Factory, tmp_path: Path) -> None:
+    code = "import sys; print('out'); print('err', file=sys.stderr)"
+    d = supd(f"""
+        [programs.split]
+        command = {cmd(code)}
+        autorestart = "never"
+        startsecs = 0
+        [programs.merged]
+        command = {cmd(code)}
+        autorestart = "never"
+        startsecs = 0
+        redirect_stderr = true
+    """)
+    d.wait_state("split", "EXITED")
+    d.wait_state("merged", "EXITED")
+    logs = tmp_path / "logs"
+    assert (logs / "split.out.log").read_text() == "out\n"
+    assert (logs / "split.err.log").read_text() == "err\n"
+    assert sorted((logs / "merged.out.log").read_text().split()) == ["err", "out"]
+    assert not (logs / "merged.err.log").exists()
+
+
+def test_a_flooding_child_does_not_starve_the_control_socket(supd: Factory) -> None:
+    flood = cmd("import os\nb = b'x' * 65536\nwhile True: os.write(1, b)")
+    d = supd(f"""
+        [programs.flood]
+        command = {flood}
+        startsecs = 0
+        stdout_logfile = "none"
+        [programs.quiet]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    d.wait_state("flood", "RUNNING")
+    worst = 0.0
+    for _ in range(20):
+        began = time.monotonic()
+        d.status()
+        worst = max(worst, time.monotonic() - began)
+    assert worst < 1.0, worst
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def run_supd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [PY, "-m", "supervisor", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=30,
+    )
+
+
+def test_check_prints_a_summary_for_a_good_config(tmp_path: Path) -> None:
+    (tmp_path / "supd.toml").write_text('[programs.a]\ncommand = "true"\nnumprocs = 2\n')
+    result = run_supd("-c", str(tmp_path / "supd.toml"), "--check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 program" in result.stdout and "2 processes" in result.stdout
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_bad_config_lists_every_problem_with_file_and_line(tmp_path: Path, check: bool) -> None:
+    config = tmp_path / "supd.toml"
+    config.write_text(
+        "[programs.web]\n"
+        'command = "true"\n'
+        "startsecs = -1\n"
+        "bogus = 1\n"
+        "\n"
+        "[programs.api]\n"
+        'stopsignal = "NOPE"\n'
+    )
+    result = run_supd("-c", str(config), *(["--check"] if check else []), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert any(line.startswith(f"{config}:3: programs.web.startsecs: ") for line in lines), lines
+    assert any(line.startswith(f"{config}:4: programs.web.bogus: ") for line in lines), lines
+    assert any(line.startswith(f"{config}:7: programs.api.stopsignal: ") for line in lines), lines
+    assert any(line.startswith(f"{config}:6: programs.api.command: ") for line in lines), lines
+    assert not (tmp_path / "supd.sock").exists()
+
+
+def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    config = tmp_path / "supd.toml"
+    config.write_text('[programs.web]\ncommand = "true\n')
+    result = run_supd("-c", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert re.match(rf"{re.escape(str(config))}:2:\d+: ", result.stderr), result.stderr
+
+
+def test_python_dash_m_and_console_script_agree(tmp_path: Path) -> None:
+    result = run_supd("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("supd ")
+    script = Path(sys.executable).parent / "supd"
+    if script.exists():
+        out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
+        assert out.stdout == result.stdout
