@@ -219,7 +219,17 @@ class Client:
         except TimeoutError:
             raise Unreachable(self.path, self._timeout_reason()) from None
         except OSError as exc:
+            # The daemon may have refused us (permission denied, too many connections)
+            # and closed before we sent: its error line is still there to read.
+            self._raise_refusal()
             raise Unreachable(self.path, f"connection lost ({exc.strerror})") from None
+
+    def _raise_refusal(self) -> None:
+        try:
+            message = self._read_message(time.monotonic() + 1.0)
+        except Unreachable:
+            return
+        self._unwrap(message)
 
     def _read_message(self, deadline: float | None) -> dict[str, Any]:
         while True:

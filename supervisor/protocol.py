@@ -453,8 +453,9 @@ def _classify(line: bytes, exc: ValidationError) -> ErrorResponse:
                 data=list(METHODS),
                 notification=notification,
             )
+        problem = "must be a string" if "method" in raw else "is required"
         return ErrorResponse(
-            request_id, ErrorCode.INVALID_REQUEST, "invalid request: 'method' must be a string"
+            request_id, ErrorCode.INVALID_REQUEST, f"invalid request: 'method' {problem}"
         )
     problems = [_describe(error["loc"][1:], error["msg"]) for error in errors]
     if all(error["loc"][1:2] == ("params",) for error in errors):
@@ -509,4 +510,10 @@ def encode_notification(method: str, params: Any) -> bytes:
 def _encode(message: dict[str, Any]) -> bytes:
     # to_json serialises models, enums and containers of them. Compact JSON escapes
     # control characters, so the only b"\n" is the terminator.
-    return pydantic_core.to_json(message) + b"\n"
+    try:
+        return pydantic_core.to_json(message) + b"\n"
+    except pydantic_core.PydanticSerializationError:
+        # Strings with lone surrogates (a client's odd id, say) can't be UTF-8; json
+        # escapes them. Values that are not JSON at all still raise, from here.
+        plain = pydantic_core.to_jsonable_python(message)
+        return json.dumps(plain, separators=(",", ":")).encode() + b"\n"
