@@ -270,7 +270,8 @@ class ServerLoop:
         return future.result(timeout)
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [entry for entry in self.logs.entries if entry["event"] == name]
+        """The server's log entries of one event (structlog's LogCapture)."""
+        return [dict(entry) for entry in self.logs.entries if entry["event"] == name]
 
     def _main(self) -> None:
         try:
