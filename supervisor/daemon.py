@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor import __version__, daemonlog, spawn
+from supervisor import __version__, daemonlog, linux, spawn
 from supervisor.commands import Commands
 from supervisor.config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from supervisor.control import AlreadyRunning, ControlServer
@@ -155,6 +155,7 @@ class Daemon:
         self.output_listeners: list[Callable[[str, str, bytes], bool]] = []
         self.transition_hooks: list[Callable[[], None]] = []
         self.control: ControlServer | None = None
+        self.subreaper = False
         self.shutting_down = False
         self.running = False
         self.exit_code = EXIT_OK
@@ -180,6 +181,9 @@ class Daemon:
             log=self.log,
         )
         self.control.open()
+        if settings.subreaper or os.getpid() == 1:
+            linux.set_child_subreaper(True)
+            self.subreaper = True
         for signum in DAEMON_SIGNALS:
             self.selector.register_signal(signum, SignalTag(signum))
         for program in self.config.programs.values():
@@ -197,7 +201,34 @@ class Daemon:
                     # A bug in handling one event must not take every program down with
                     # the daemon: log it loudly and carry on with the next event.
                     self.log.exception("event_failed", fd=key.fd, data=repr(key.data))
+            if self.subreaper:
+                self._reap_orphans()
         return self.exit_code
+
+    def _reap_orphans(self) -> None:
+        """Reap adopted orphans (we are a subreaper or PID 1) without touching our own.
+
+        waitid(P_ALL, WNOWAIT) only peeks at one exited child. An orphan is reaped at
+        once; one of our programs is left alone (its PROCESS event is queued and its
+        owner reaps it, keeping the exact exit status), and since the peek would keep
+        naming it, the remaining orphans wait for the next loop iteration, which that
+        queued event guarantees.
+        """
+        ours: set[int] | None = None
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            if ours is None:
+                ours = {s.child.pid for s in self.slots.values() if s.child is not None}
+            if info.si_pid in ours:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(info.si_pid, 0)
+            self.log.debug("orphan_reaped", pid=info.si_pid, status=info.si_status)
 
     def close(self) -> None:
         if self.control is not None:

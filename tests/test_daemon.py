@@ -266,6 +266,7 @@ def test_child_starts_with_empty_mask_default_signals_and_only_three_fds(supd: F
         environment = { FOO = "bar" }
     """)
     pid = d.wait_state("plain", "RUNNING")["pid"]
+    wait_until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("sleep"))  # exec done
     status = proc_status(pid)
     assert int(status["SigBlk"], 16) == 0
     ignored = int(status["SigIgn"], 16)
@@ -292,6 +293,7 @@ def test_user_option_drops_privileges(supd: Factory) -> None:
         user = "nobody"
     """)
     pid = d.wait_state("unprivileged", "RUNNING")["pid"]
+    wait_until(lambda: proc_status(pid)["Name"] == "sleep")  # exec done
     status = proc_status(pid)
     import pwd
 
@@ -442,7 +444,8 @@ def test_reload_adds_removes_and_changes_while_unchanged_keep_their_pid(
     d.wait_state("add", "RUNNING")
     new_change = d.wait_state("change", "RUNNING")["pid"]
     assert new_change != change
-    assert b"NEW=1" in Path(f"/proc/{new_change}/environ").read_bytes()
+    # RUNNING (startsecs = 0) is reached at fork time: wait for the exec to show.
+    wait_until(lambda: b"NEW=1" in Path(f"/proc/{new_change}/environ").read_bytes())
     wait_until(lambda: "remove" not in d.status(), describe=lambda: str(d.status()))
     assert not pid_alive(remove) and not pid_alive(change)
     assert d.status()["keep"]["pid"] == keep
@@ -607,3 +610,38 @@ def test_python_dash_m_and_console_script_agree(tmp_path: Path) -> None:
     if script.exists():
         out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
         assert out.stdout == result.stdout
+
+
+# -- subreaper ----------------------------------------------------------------------------
+
+
+def test_subreaper_reaps_double_forked_orphans_and_keeps_exit_status(
+    supd: Factory, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "grandchild"
+    d = supd(f"""
+        [supervisor]
+        subreaper = true
+        [programs.forker]
+        command = {
+        cmd(f'''
+            import os, sys, time
+            if os.fork() == 0:          # the child daemonizes the grandchild and leaves
+                if os.fork() == 0:
+                    open({str(pidfile)!r}, "w").write(str(os.getpid()))
+                    time.sleep(0.3)     # then the orphan exits, a zombie for supd
+                    os._exit(0)
+                os._exit(0)
+            time.sleep(1.5)
+            sys.exit(7)
+        ''')
+    }
+        startsecs = 0
+        autorestart = "never"
+    """)
+    d.wait_state("forker", "RUNNING")
+    grandchild = int(wait_until(lambda: pidfile.exists() and pidfile.read_text()))
+    d.track(grandchild)
+    wait_until(lambda: not Path(f"/proc/{grandchild}").exists(), describe="orphan reaped")
+    entry = d.wait_state("forker", "EXITED")
+    assert entry["exit_code"] == 7
