@@ -405,10 +405,11 @@ def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
     if args.bytes is not None:
         params["bytes"] = args.bytes
     result = client.call("tail", params)
-    _write_output(result, out)
     if not args.follow:
+        _write_output(result, out)
         return EXIT_OK
     try:
+        _write_output(result, out)
         for message in client.notifications():
             if message.get("method") == "output" and isinstance(message.get("params"), dict):
                 _write_output(message["params"], out)
@@ -677,10 +678,13 @@ def run_shell_command(session: Session, defaults: argparse.Namespace, words: lis
     if args.command is None:
         return EXIT_OK
     try:
-        return session.run(args)
+        status = session.run(args)
     except KeyboardInterrupt:
         session.out.write("\n")
         return EXIT_INTERRUPTED
+    if getattr(args, "follow", False):
+        session.out.write("\n")  # the prompt after ^C goes on a line of its own
+    return status
 
 
 class Completer:
