@@ -599,7 +599,7 @@ def test_a_full_pipe_is_enlarged_once_and_a_quiet_one_is_not(pipe: tuple[int, in
         PipeReader(busy_read, LogSink(None, 0, 0)).pump()
         PipeReader(quiet_read, LogSink(None, 0, 0)).pump()
 
-        assert pipe_size(busy_read) == logs.READ_BUFFER_SIZE
+        assert pipe_size(busy_read) == logs.BULK_PIPE_SIZE
         assert pipe_size(quiet_read) == default
     finally:
         os.close(quiet_read)
