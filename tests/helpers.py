@@ -119,11 +119,20 @@ class Supd:
             )
         if wait_ready:
             wait_until(
-                lambda: self.socket.exists() or self.proc is None or self.proc.poll() is not None,
+                lambda: self.answers() or self.proc is None or self.proc.poll() is not None,
                 describe=self.describe,
             )
             assert self.proc.poll() is None, self.describe()
         return self
+
+    def answers(self) -> bool:
+        """Whether a daemon accepts connections on the socket."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     @property
     def pid(self) -> int:
