@@ -177,7 +177,7 @@ def test_supctl_tail_follow_stops_on_ctrl_c(daemon: Supd) -> None:
         first = proc.stdout.readline()
         assert first.startswith(b"tick")
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
+        _, err = proc.communicate(timeout=10)
         assert proc.returncode == 0 and b"Traceback" not in err
     finally:
         if proc.poll() is None:
