@@ -9,6 +9,7 @@ nothing: its answer is simply dropped.
 
 from __future__ import annotations
 
+import codecs
 import os
 import time
 from collections.abc import Callable
@@ -149,11 +150,10 @@ class Commands:
             if up:
                 daemon.send(name, Start())
         settled = self._started if up else self._stopped
-        finish = self._answer_change(targets, responder, up)
         if wait:
-            daemon.wait_for(targets, settled, finish)
+            daemon.wait_for(targets, settled, self._answer_change(targets, responder, up))
         else:
-            finish()
+            self._answer_change(targets, responder, up, accepted=True)()
 
     def _started(self, name: str) -> bool:
         slot = self.daemon.slots.get(name)
@@ -169,8 +169,10 @@ class Commands:
         return slot is None or slot.process.state in (State.STOPPED, State.EXITED, State.FATAL)
 
     def _answer_change(
-        self, targets: list[str], responder: Responder, up: bool
+        self, targets: list[str], responder: Responder, up: bool, accepted: bool = False
     ) -> Callable[[], None]:
+        """The answer once settled; with `accepted` (wait=false), ok means "under way"."""
+
         def finish() -> None:
             results = []
             for name in targets:
@@ -179,7 +181,10 @@ class Commands:
                     results.append(ActionResult(name=name, ok=False, error="removed by a reload"))
                     continue
                 state = slot.process.state
-                ok = state is State.RUNNING if up else state is not State.STOPPING
+                if accepted:
+                    ok = state is not State.FATAL if up else True
+                else:
+                    ok = state is State.RUNNING if up else state is not State.STOPPING
                 error = None if ok else self._failure(name, state)
                 results.append(ActionResult(name=name, ok=ok, state=state.value, error=error))
             responder.result(results)
@@ -243,12 +248,17 @@ class Commands:
 def _follower(params: TailParams, responder: Responder) -> Callable[[str, str, bytes], bool]:
     """An output listener for `tail -f`; returns False once the client has gone."""
 
+    # One decoder per follower: a UTF-8 character split across two reads stays whole.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
     def forward(name: str, stream: str, data: bytes) -> bool:
         if responder.closed:
             return False
         if name != params.name or stream != params.stream:
             return True
-        text = data.decode(errors="replace")
+        text = decoder.decode(data)
+        if not text:
+            return True
         return responder.notify("output", OutputParams(name=name, stream=params.stream, data=text))
 
     return forward

@@ -475,11 +475,16 @@ class Daemon:
             to_state=change.new.value,
             reason=change.reason,
         )
+        pid = process.last_pid
         if change.new is State.BACKOFF and process.backoff_until is not None:
             delay = round(process.backoff_until - self.clock(), 3)
-            self.log.info("backoff", process=slot.name, delay_s=delay, failures=process.failures)
+            self.log.info(
+                "backoff", process=slot.name, pid=pid, delay_s=delay, failures=process.failures
+            )
         elif change.new is State.FATAL:
-            self.log.error("fatal", process=slot.name, reason=change.reason)
+            self.log.error("fatal", process=slot.name, pid=pid, reason=change.reason)
+        elif change.new is State.STOPPED and change.old is State.STOPPING:
+            self.log.info("stopped", process=slot.name, pid=pid, reason=change.reason)
         self._settle(slot)
         for hook in self.transition_hooks:
             hook()

@@ -166,6 +166,7 @@ class Process:
     state: State = State.STOPPED
     want: Want = Want.DOWN
     pid: int | None = None
+    last_pid: int | None = None  # the pid of the latest run, kept after it ends (logs)
     started_at: float | None = None  # monotonic time of the last spawn
     stopped_at: float | None = None  # monotonic time of the last exit
     exit_code: int | None = None
@@ -259,7 +260,7 @@ class Process:
         return [self._enter(State.STARTING, reason), Spawn()]
 
     def _spawned(self, pid: int, now: float) -> list[Effect]:
-        self.pid = pid
+        self.pid = self.last_pid = pid
         self.started_at = now
         self.exit_code = self.exit_signal = None
         if self.config.startsecs <= 0:

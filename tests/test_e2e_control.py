@@ -116,7 +116,8 @@ def test_unknown_name_is_an_application_error(daemon: Supd) -> None:
 
 def test_start_without_wait_answers_at_once(daemon: Supd) -> None:
     [result] = daemon.rpc("start", {"names": ["idle"], "wait": False})
-    assert result["state"] == "STARTING"
+    assert result["state"] == "STARTING" and result["ok"]
+    assert supctl(daemon, "restart", "--no-wait", "web").returncode == 0
 
 
 def test_signal_reaches_the_process(daemon: Supd) -> None:
@@ -300,3 +301,32 @@ def test_garbage_and_slow_clients_do_not_disturb_the_daemon(daemon: Supd) -> Non
     finally:
         for s in clients:
             s.close()
+
+
+def test_tail_follow_keeps_a_split_utf8_character_whole(supd: Factory) -> None:
+    code = """
+        import os, sys, time
+        time.sleep(0.5)
+        os.write(1, b"caf\\xc3")
+        time.sleep(0.3)
+        os.write(1, b"\\xa9!\\n")
+        time.sleep(1000)
+    """
+    d = supd(f"""
+        [programs.cafe]
+        command = {toml_list(python_command(code))}
+        startsecs = 0
+    """)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(d.socket))
+        request = {"jsonrpc": "2.0", "id": 1, "method": "tail"}
+        request["params"] = {"name": "cafe", "bytes": 0, "follow": True}
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        reader = sock.makefile()
+        text = ""
+        while "!" not in text:
+            message = json.loads(reader.readline())
+            if message.get("method") == "output":
+                text += message["params"]["data"]
+    assert text == "caf\u00e9!\n"
