@@ -243,6 +243,10 @@ class LogSink:
         """The last `nbytes` bytes of output (at most `tail_size`)."""
         return self._tail.last(nbytes)
 
+    @property
+    def tail_size(self) -> int:
+        return self._tail.size
+
     def reopen(self) -> None:
         """Close and reopen the path, creating it: for SIGUSR2 after logrotate moved it.
 

@@ -367,6 +367,7 @@ def test_tail_returns_the_last_bytes_and_is_bounded(tmp_path: Path) -> None:
     sink.write(b"x" * 1000 + b"END")
     assert sink.tail(100) == b"x" * 13 + b"END"
     assert sink.tail(0) == b""
+    assert sink.tail_size == 16
     assert sink.bytes_written == 1023
 
 
