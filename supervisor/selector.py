@@ -483,6 +483,7 @@ class Selector(Generic[T]):
         self._processes: dict[int, _Key[T]] = {}  # pid -> key
         # Events already known but not yet returned: (ident, events, error_code).
         self._pending: deque[tuple[int, Event, int]] = deque()
+        self._queued: dict[int, int] = {}  # ident -> its events in _pending (cheap unregister)
         self._signalfd = _SignalFd(self._epoll, self._keys)
         self._children_exited = False
         # Virtual ids are never reused, so a stale id can never name a newer key.
@@ -644,7 +645,9 @@ class Selector(Generic[T]):
         try:
             self._release(key)
         finally:
-            if self._pending:
+            # Only signals and processes queue events; handles and timers never do, and
+            # unregistering those (thousands of pipes) must not scan the queue each time.
+            if self._queued.pop(ident, 0):
                 self._pending = deque(item for item in self._pending if item[0] != ident)
 
     def _release(self, key: _Key[T]) -> None:
@@ -741,9 +744,14 @@ class Selector(Generic[T]):
 
     def _deliver_pending(self, result: list[ReadyKey[T]], capacity: int) -> None:
         pending = self._pending
+        queued = self._queued
         keys = self._keys
         while pending and len(result) < capacity:
             ident, events, error_code = pending.popleft()
+            if queued[ident] == 1:
+                del queued[ident]
+            else:
+                queued[ident] -= 1
             # The data is looked up now, so set_data() after queueing still counts.
             result.append(ReadyKey(ident, events, error_code, keys[ident].data))
 
@@ -781,7 +789,7 @@ class Selector(Generic[T]):
                 continue
             key = self._signals.get(info.signo)
             if key is not None:
-                self._pending.append((key.ident, Event.SIGNAL, 0))
+                self._queue(key.ident, Event.SIGNAL, 0)
 
     def _sweep_processes(self) -> None:
         self._children_exited = False
@@ -801,7 +809,11 @@ class Selector(Generic[T]):
     def _finish_process(self, key: _Key[T], error_code: int) -> None:
         key.events = _PROCESS_FINISHED
         events = _PROCESS_FINISHED | Event.ERROR if error_code else _PROCESS_FINISHED
-        self._pending.append((key.ident, events, error_code))
+        self._queue(key.ident, events, error_code)
+
+    def _queue(self, ident: int, events: Event, error_code: int) -> None:
+        self._pending.append((ident, events, error_code))
+        self._queued[ident] = self._queued.get(ident, 0) + 1
 
     # ----------------------------------------------------------------- data access
 
@@ -878,6 +890,7 @@ class Selector(Generic[T]):
             self._signalfd.remove_all()
         finally:
             self._pending.clear()
+            self._queued.clear()
             self._epoll.close()
         if failures:
             raise failures[0]
