@@ -1,0 +1,511 @@
+"""The workloads. Each runs one subject (supd, supervisord, or a reference such as the
+bare-Python floor or `cat`) once and adds its figures to `Results`; __main__ runs the
+subjects of a workload alternately, round after round, so that a slow spell of the
+machine hits them alike.
+
+Timing comes from the helper's own CLOCK_MONOTONIC stamps wherever a start or an exit is
+involved (see helper.c), so the benchmark's polling never adds to a latency.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import floor, procs
+from benchmarks.daemons import Daemon, Program, Supd, Supervisord
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+SUPD = "supd"
+SUPERVISORD = "supervisord"
+FLOOR = "floor"
+CAT = "cat"
+DAEMONS = (SUPD, SUPERVISORD)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    respawn_restarts: int  # per round
+    respawn_rounds: int
+    respawn_lifetime_ms: int
+    idle_programs: int
+    idle_window_s: float
+    fleet_programs: int  # memory, control, start-up
+    fleet_rounds: int
+    status_calls: int
+    ctl_runs: int
+    log_bytes: int
+    log_rounds: int
+    storm_programs: int
+    storm_lifetime_ms: int
+    storm_window_s: float
+    storm_rounds: int
+    selector_calls: int
+
+
+FULL = Sizes(
+    respawn_restarts=100,
+    respawn_rounds=2,
+    respawn_lifetime_ms=50,
+    idle_programs=100,
+    idle_window_s=10.0,
+    fleet_programs=1000,
+    fleet_rounds=3,
+    status_calls=20,
+    ctl_runs=5,
+    log_bytes=GIB,
+    log_rounds=2,
+    storm_programs=200,
+    storm_lifetime_ms=100,
+    storm_window_s=10.0,
+    storm_rounds=1,
+    selector_calls=20_000,
+)
+
+QUICK = Sizes(
+    respawn_restarts=20,
+    respawn_rounds=1,
+    respawn_lifetime_ms=50,
+    idle_programs=20,
+    idle_window_s=2.0,
+    fleet_programs=100,
+    fleet_rounds=1,
+    status_calls=5,
+    ctl_runs=2,
+    log_bytes=64 * MIB,
+    log_rounds=1,
+    storm_programs=50,
+    storm_lifetime_ms=100,
+    storm_window_s=2.0,
+    storm_rounds=1,
+    selector_calls=5_000,
+)
+
+# Things seen settle: supd's exec reports and supervisord's first loop turns.
+SETTLE_S = 1.0
+# A storm's first second is its ramp-up, not its steady state.
+STORM_WARMUP_S = 1.0
+
+
+class Results:
+    """Samples per (metric, subject). Latencies are pooled across rounds; other metrics
+    get one sample per round."""
+
+    def __init__(self) -> None:
+        self.samples: dict[tuple[str, str], list[float]] = defaultdict(list)
+        self.notes: list[str] = []
+
+    def add(self, metric: str, subject: str, values: Iterable[float]) -> None:
+        self.samples[metric, subject].extend(values)
+
+    def get(self, metric: str, subject: str) -> list[float]:
+        return self.samples.get((metric, subject), [])
+
+
+@dataclass
+class Session:
+    """What every workload needs: the helper, the venv, a scratch folder, the sizes."""
+
+    processes: procs.Processes
+    helper: list[str]  # argv prefix that runs the helper
+    bench_venv: Path
+    scratch: Path
+    sizes: Sizes
+    results: Results = field(default_factory=Results)
+    _runs: int = 0
+
+    def workdir(self, name: str) -> Path:
+        self._runs += 1
+        path = self.scratch / f"{self._runs:03d}-{name}"
+        path.mkdir()
+        return path
+
+    def daemon(self, kind: str, workdir: Path) -> Daemon:
+        if kind == SUPD:
+            return Supd(workdir)
+        return Supervisord(workdir, self.bench_venv)
+
+    def stamps_env(self, stamps: Path) -> dict[str, str]:
+        return {**os.environ, "HELPER_STAMPS": str(stamps)}
+
+
+# -- stamps -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Respawn:
+    ident: str
+    exited_ns: int
+    started_ns: int
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.started_ns - self.exited_ns) / 1e6
+
+
+def read_stamps(path: Path) -> list[tuple[str, str, int]]:
+    """(kind "S"/"E", helper id, ns) records, in file order."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        kind, ident, ns = line.split()
+        records.append((kind, ident, int(ns)))
+    return records
+
+
+def starts(records: list[tuple[str, str, int]]) -> list[int]:
+    return sorted(ns for kind, _ident, ns in records if kind == "S")
+
+
+def respawns(records: list[tuple[str, str, int]]) -> list[Respawn]:
+    """Each start paired with the previous exit of the same helper id, by time."""
+    by_id: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for kind, ident, ns in records:
+        by_id[ident].append((ns, kind))
+    found = []
+    for ident, events in by_id.items():
+        events.sort()
+        for (exit_ns, first), (start_ns, second) in itertools.pairwise(events):
+            if first == "E" and second == "S":
+                found.append(Respawn(ident, exit_ns, start_ns))
+    return sorted(found, key=lambda r: r.started_ns)
+
+
+def count_starts(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"S ")
+    except FileNotFoundError:
+        return 0
+
+
+# -- shared steps -------------------------------------------------------------------------
+
+
+def wait_until_all_running(daemon: Daemon, count: int, deadline_s: float, poll_s: float) -> None:
+    def all_running() -> bool:
+        try:
+            states = daemon.states()
+        except OSError:
+            return False  # not listening yet
+        return len(states) == count and all(s == "RUNNING" for s in states.values())
+
+    procs.wait_for(all_running, deadline_s, f"{daemon.kind}: {count} programs RUNNING", poll_s)
+
+
+def wait_until_answering(daemon: Daemon, deadline_s: float) -> None:
+    def answers() -> bool:
+        try:
+            daemon.states()
+        except OSError:
+            return False
+        return True
+
+    procs.wait_for(answers, deadline_s, f"{daemon.kind} answers status", 0.02)
+
+
+def sleepers(helper: list[str], count: int) -> list[Program]:
+    return [Program(f"p{i:04d}", [*helper, "sleep", str(i)]) for i in range(count)]
+
+
+def exiters(helper: list[str], count: int, lifetime_ms: int) -> list[Program]:
+    argv = [*helper, "exit-after", str(lifetime_ms)]
+    return [Program(f"p{i:04d}", [*argv, str(i)]) for i in range(count)]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile: p99 of 200 samples is the second largest."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * fraction // 1))
+    return ordered[int(rank) - 1]
+
+
+# -- 1. exit-to-respawn latency -----------------------------------------------------------
+
+
+def respawn(session: Session, subject: str) -> str:
+    sizes = session.sizes
+    workdir = session.workdir(f"respawn-{subject}")
+    stamps = workdir / "stamps"
+    wanted_starts = sizes.respawn_restarts + 1
+    argv = [*session.helper, "exit-after", str(sizes.respawn_lifetime_ms)]
+    if subject == FLOOR:
+        floor.respawn_loop(
+            lambda i: [*argv, str(i)], 1, session.stamps_env(stamps), max_starts=wanted_starts
+        )
+    else:
+        daemon = session.daemon(subject, workdir)
+        daemon.write_config(exiters(session.helper, 1, sizes.respawn_lifetime_ms))
+        process = daemon.launch(session.processes, session.stamps_env(stamps))
+        try:
+            deadline = 30 + wanted_starts * sizes.respawn_lifetime_ms / 1000 * 5
+            procs.wait_for(
+                lambda: count_starts(stamps) >= wanted_starts,
+                deadline,
+                f"{subject}: {wanted_starts} starts",
+                0.05,
+            )
+        finally:
+            session.processes.kill(process)
+    latencies = [r.latency_ms for r in respawns(read_stamps(stamps))][: sizes.respawn_restarts]
+    session.results.add("respawn.latency_ms", subject, latencies)
+    return f"median {statistics.median(latencies):.2f} ms over {len(latencies)}"
+
+
+# -- 2 + 3. a fleet of sleeping programs: idle cost, memory, control, start-up -------------
+
+
+def fleet(
+    session: Session, subject: str, programs: int, *, idle_window_s: float = 0, control: bool
+) -> str:
+    """Launch `programs` sleepers; time until all are RUNNING, then measure what was
+    asked for: RSS always, idle cost over a window, control round trips."""
+    workdir = session.workdir(f"fleet{programs}-{subject}")
+    daemon = session.daemon(subject, workdir)
+    daemon.write_config(sleepers(session.helper, programs))
+    results = session.results
+    launched = time.monotonic()
+    process = daemon.launch(session.processes, dict(os.environ))
+    try:
+        wait_until_all_running(daemon, programs, 60 + programs * 0.1, 0.02)
+        startup_s = time.monotonic() - launched
+        results.add(f"startup{programs}.s", subject, [startup_s])
+        time.sleep(SETTLE_S)  # let the start-up's stragglers (exec reports, logs) pass
+        results.add(f"rss{programs}.mib", subject, [procs.rss_bytes(process.pid) / MIB])
+        summary = f"all RUNNING after {startup_s:.2f} s"
+        if idle_window_s:
+            summary += "; " + _idle(session, subject, process.pid, idle_window_s)
+        if control:
+            summary += "; " + _control(session, daemon, programs)
+    finally:
+        session.processes.kill(process)
+    return summary
+
+
+def _idle(session: Session, subject: str, pid: int, window_s: float) -> str:
+    switches, cpu_ns = procs.context_switches(pid), procs.on_cpu_ns(pid)
+    time.sleep(window_s)  # the measurement itself: nothing may disturb the daemon
+    switches = procs.context_switches(pid) - switches
+    cpu_ms = (procs.on_cpu_ns(pid) - cpu_ns) / 1e6
+    session.results.add("idle.wakeups", subject, [switches])
+    session.results.add("idle.cpu_ms", subject, [cpu_ms])
+    return f"{switches} wake-ups, {cpu_ms:.2f} ms CPU in {window_s:g} s idle"
+
+
+def _control(session: Session, daemon: Daemon, programs: int) -> str:
+    raw_ms = []
+    for _ in range(session.sizes.status_calls):
+        started = time.perf_counter()
+        daemon.status_round_trip()
+        raw_ms.append((time.perf_counter() - started) * 1000)
+    ctl_ms = []
+    for _ in range(session.sizes.ctl_runs):
+        started = time.perf_counter()
+        subprocess.run(
+            daemon.ctl_status_argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,  # both exit 0 only when every process is RUNNING
+            timeout=60,
+        )
+        ctl_ms.append((time.perf_counter() - started) * 1000)
+    session.results.add(f"status{programs}.raw_ms", daemon.kind, raw_ms)
+    session.results.add(f"status{programs}.ctl_ms", daemon.kind, ctl_ms)
+    return (
+        f"raw status {statistics.median(raw_ms):.1f} ms, "
+        f"ctl status {statistics.median(ctl_ms):.0f} ms"
+    )
+
+
+# -- 6. log throughput --------------------------------------------------------------------
+
+
+def log_throughput(session: Session, subject: str) -> str:
+    size = session.sizes.log_bytes
+    workdir = session.workdir(f"log-{subject}")
+    stamps = workdir / "stamps"
+    logfile = workdir / "writer.log"
+    env = session.stamps_env(stamps)
+    writer = [*session.helper, "write", str(size), "0"]
+    try:
+        if subject == CAT:
+            cpu_s = None
+            pipeline = f"{shlex.join(writer)} | cat > {shlex.quote(str(logfile))}"
+            process = session.processes.start(["sh", "-c", pipeline], env=env)
+            if process.wait() != 0:
+                raise RuntimeError(f"`{pipeline}` failed")
+            finished = time.monotonic_ns()
+            session.processes.kill(process)
+        else:
+            finished, cpu_s = _daemon_writes(session, subject, workdir, writer, logfile, env)
+        elapsed_s = (finished - starts(read_stamps(stamps))[0]) / 1e9
+        check = _verify(session, size, workdir, logfile.name)
+    finally:
+        for path in workdir.glob("writer.log*"):
+            path.unlink()  # a GiB each: don't let rounds pile them up
+    results = session.results
+    results.add("log.mib_s", subject, [size / MIB / elapsed_s])
+    results.add("log.complete", subject, [1.0 if check.startswith("ok") else 0.0])
+    summary = f"{size / MIB / elapsed_s:.0f} MiB/s, {check}"
+    if cpu_s is not None:
+        results.add("log.cpu_s_per_gib", subject, [cpu_s / (size / GIB)])
+        summary += f", daemon CPU {cpu_s:.2f} s"
+    return summary
+
+
+def _daemon_writes(
+    session: Session,
+    subject: str,
+    workdir: Path,
+    writer: list[str],
+    logfile: Path,
+    env: dict[str, str],
+) -> tuple[int, float]:
+    """Start the writer through the daemon; returns when its log holds every byte (ns)
+    and the daemon's CPU seconds spent from the start request to the writer's exit."""
+    daemon = session.daemon(subject, workdir)
+    program = Program(
+        "writer", writer, autostart=False, restart=False, stdout_logfile=logfile, stdout_maxbytes=0
+    )
+    daemon.write_config([program])
+    size = session.sizes.log_bytes
+    process = daemon.launch(session.processes, env)
+    try:
+        wait_until_answering(daemon, 30)
+        cpu_before = procs.cpu_seconds(process.pid)
+        daemon.start("writer")
+        procs.wait_for(
+            lambda: _size(logfile) >= size, 30 + size / MIB, f"{subject}: log complete", 0.005
+        )
+        finished = time.monotonic_ns()
+        procs.wait_for(
+            lambda: daemon.states().get("writer") == "EXITED", 30, f"{subject}: writer EXITED", 0.02
+        )
+        cpu_s = procs.cpu_seconds(process.pid) - cpu_before
+    finally:
+        session.processes.kill(process)
+    return finished, cpu_s
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _verify(session: Session, size: int, workdir: Path, name: str) -> str:
+    """Every numbered line present, in order: rotated backups (oldest first), then the
+    live file."""
+    backups = sorted(
+        (p for p in workdir.glob(f"{name}.*") if p.suffix[1:].isdigit()),
+        key=lambda p: -int(p.suffix[1:]),
+    )
+    files = [str(p) for p in [*backups, workdir / name]]
+    verdict = subprocess.run(
+        [*session.helper, "verify", str(size), *files],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return verdict.stdout.strip() or verdict.stderr.strip()
+
+
+# -- 7. restart storm ---------------------------------------------------------------------
+
+
+def storm(session: Session, subject: str) -> str:
+    sizes = session.sizes
+    workdir = session.workdir(f"storm-{subject}")
+    stamps = workdir / "stamps"
+    env = session.stamps_env(stamps)
+    programs = exiters(session.helper, sizes.storm_programs, sizes.storm_lifetime_ms)
+    run_s = STORM_WARMUP_S + sizes.storm_window_s
+    if subject == FLOOR:
+        until = time.monotonic() + run_s + 0.5
+        floor.respawn_loop(lambda i: programs[i].argv, len(programs), env, until=until)
+    else:
+        daemon = session.daemon(subject, workdir)
+        daemon.write_config(programs)
+        process = daemon.launch(session.processes, env)
+        try:
+            procs.wait_for(lambda: count_starts(stamps) > 0, 30, f"{subject}: first start", 0.01)
+            time.sleep(run_s + 0.5)  # the storm itself runs for this long
+        finally:
+            session.processes.kill(process)
+    records = read_stamps(stamps)
+    window_start = starts(records)[0] + int(STORM_WARMUP_S * 1e9)
+    window_end = window_start + int(sizes.storm_window_s * 1e9)
+    achieved = sum(1 for ns in starts(records) if window_start <= ns < window_end)
+    latencies = [
+        r.latency_ms for r in respawns(records) if window_start <= r.started_ns < window_end
+    ]
+    session.results.add("storm.restarts", subject, [achieved])
+    session.results.add("storm.latency_ms", subject, latencies)
+    ideal = ideal_storm_restarts(sizes)
+    return (
+        f"{achieved} starts in {sizes.storm_window_s:g} s ({achieved / ideal:.0%} of ideal), "
+        f"latency median {statistics.median(latencies):.2f} ms"
+    )
+
+
+def ideal_storm_restarts(sizes: Sizes) -> float:
+    """Starts in the window were every respawn instantaneous."""
+    return sizes.storm_programs * sizes.storm_window_s * 1000 / sizes.storm_lifetime_ms
+
+
+# -- selector micro-benchmark -------------------------------------------------------------
+
+
+def selector(session: Session, subject: str) -> str:
+    """benchmarks/selector.py, in a process of its own; parses its two per-call times."""
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.selector",
+            "--calls",
+            str(session.sizes.selector_calls),
+            "--rounds",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+    bare = float(_field(output, r"bare epoll\.poll\(0\):\s+([\d.]+)"))
+    ours = float(_field(output, r"Selector\.select\(0\):\s+([\d.]+)"))
+    session.results.add("selector.us", "epoll", [bare])
+    session.results.add("selector.us", SUPD, [ours])
+    return f"Selector.select {ours:.2f} us/call, bare epoll {bare:.2f} us/call"
+
+
+def _field(text: str, pattern: str) -> str:
+    match = re.search(pattern, text)
+    if match is None:
+        raise RuntimeError(f"benchmarks.selector printed no {pattern!r}:\n{text}")
+    return match[1]
+
+
+def scratch_dir() -> Path:
+    """Short, so that socket paths stay under the 107-byte limit of sun_path."""
+    return Path(tempfile.mkdtemp(prefix="supd-bench-"))
+
+
+Runner = Callable[[Session, str], str]
