@@ -155,6 +155,8 @@ class Daemon:
         self.output_listeners: list[Callable[[str, str, bytes], bool]] = []
         self.transition_hooks: list[Callable[[], None]] = []
         self.control: ControlServer | None = None
+        # supd's environment as every child starts from it (minus systemd's variables)
+        self.base_environment = spawn.child_environment(os.environ)
         self.subreaper = False
         self.shutting_down = False
         self.running = False
@@ -162,6 +164,7 @@ class Daemon:
         self._timer_serial = 0
         self._stepping = False
         self._step_again = False
+        self._stopping_group: set[str] = set()  # shutdown: the priority group being stopped
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -308,9 +311,12 @@ class Daemon:
 
     def _spawn(self, slot: Slot) -> list[Effect]:
         program = slot.config
-        env = dict(os.environ)
-        env.update(program.environment)
-        env.update(SUPD_PROCESS_NAME=slot.name, SUPD_PROGRAM=slot.program)
+        env = {
+            **self.base_environment,
+            **program.environment,
+            "SUPD_PROCESS_NAME": slot.name,
+            "SUPD_PROGRAM": slot.program,
+        }
         spec = spawn.SpawnSpec(
             argv=program.command,
             environment=env,
@@ -600,8 +606,9 @@ class Daemon:
     def _shutdown_step(self) -> None:
         """Stop the next priority group once the previous one is down; exit when all are.
 
-        Stopping a process in BACKOFF settles at once and calls back here, so a re-entrant
-        call only asks the outer one to look again (no recursion per process).
+        Called after every transition during shutdown, so it does O(1) work until the
+        current group is down. Stopping a process in BACKOFF settles at once and calls
+        back here: a re-entrant call only asks the outer one to look again.
         """
         if self._stepping:
             self._step_again = True
@@ -616,16 +623,21 @@ class Daemon:
             self._stepping = False
 
     def _stop_next_group(self) -> None:
+        group = self._stopping_group
+        while group:  # the group's processes still alive, checked oldest first
+            name = next(iter(group))
+            slot = self.slots.get(name)
+            if slot is not None and not slot.is_down():
+                return
+            group.discard(name)
         live = [s for s in self.slots.values() if not s.is_down()]
         if not live:
             self.running = False
             return
-        if any(s.process.state is State.STOPPING for s in live):
-            return  # the current group is still stopping
         top = max(s.config.priority for s in live)
-        for slot in live:
-            if slot.config.priority == top:
-                self.send(slot.name, Stop())
+        group.update(s.name for s in live if s.config.priority == top)
+        for name in list(group):
+            self.send(name, Stop())
 
 
 def reset_inherited_signals() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import signal
+import time  # for display only (describe); the state machine never reads a clock
 from dataclasses import dataclass, field
 
 from supervisor.config import ProgramConfig
@@ -365,8 +366,6 @@ def describe(process: Process, now: float, wall_now: float) -> str:
 
     `now` is monotonic; `wall_now` is only used to print the wall-clock time of an exit.
     """
-    import time  # display only; the state machine itself never reads a clock
-
     state = process.state
     if state in (State.RUNNING, State.STARTING, State.STOPPING) and process.pid is not None:
         return f"pid {process.pid}, uptime {format_uptime(process._uptime(now))}"

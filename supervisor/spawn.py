@@ -139,13 +139,23 @@ def resolve_credentials(user: str | None, group: str | None) -> Credentials | No
     return creds
 
 
-def child_environment(base: Mapping[str, str], creds: Credentials | None) -> dict[str, str]:
-    """supd's environment for a child, minus supd's own systemd variables."""
+def child_environment(base: Mapping[str, str], *extra: Mapping[str, str]) -> dict[str, str]:
+    """`base` (supd's environment) minus supd's own systemd variables, plus `extra`."""
     env = {k: v for k, v in base.items() if k not in PRIVATE_ENVIRONMENT}
-    if creds is not None:
-        env.setdefault("HOME", creds.home)
-        env.update(USER=creds.name, LOGNAME=creds.name)
+    for more in extra:
+        env.update(more)
     return env
+
+
+def _with_credentials(env: Mapping[str, str], creds: Credentials | None) -> Mapping[str, str]:
+    if creds is None:
+        return env
+    return {"HOME": creds.home, **env, "USER": creds.name, "LOGNAME": creds.name}
+
+
+# argv[0] -> path found in PATH; re-checked with one access() per use, so a program
+# that was removed is reported, and one installed later is found on the next miss.
+_executables: dict[tuple[str, str], str] = {}
 
 
 def resolve_executable(argv0: str, env: Mapping[str, str], directory: Path | None) -> str:
@@ -157,9 +167,14 @@ def resolve_executable(argv0: str, env: Mapping[str, str], directory: Path | Non
         if os.path.isdir(path) or not os.access(path, os.X_OK):
             raise SpawnError(f"Permission denied: {argv0}")
         return path
-    found = shutil.which(argv0, path=env.get("PATH", os.defpath))
+    search = env.get("PATH", os.defpath)
+    cached = _executables.get((argv0, search))
+    if cached is not None and os.access(cached, os.X_OK):
+        return cached
+    found = shutil.which(argv0, path=search)
     if found is None:
         raise SpawnError(f"No such file or directory: {argv0} (not found in PATH)")
+    _executables[(argv0, search)] = found
     return found
 
 
@@ -184,7 +199,7 @@ def spawn(spec: SpawnSpec) -> Child:
     if not spec.argv:
         raise SpawnError("empty command")
     creds = resolve_credentials(spec.user, spec.group)
-    env = child_environment(spec.environment, creds)
+    env = _with_credentials(spec.environment, creds)
     if spec.directory is not None and not os.path.isdir(spec.directory):
         raise SpawnError(f"No such directory: {spec.directory}")
     executable = resolve_executable(spec.argv[0], env, spec.directory)
@@ -205,10 +220,13 @@ def spawn(spec: SpawnSpec) -> Child:
         child_fds.append(report_w)
         stdin = _stdin()
         parent_pid = os.getpid()
+        # Only dispositions that are not the default need resetting in the child: the
+        # less Python the child runs, the fewer pages it copies before exec.
+        changed = tuple(s for s in _RESETTABLE_SIGNALS if signal.getsignal(s) != signal.SIG_DFL)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which execs or _exits
             fds = (stdin, out_w, err_w, report_w)
-            _become_program(spec, creds, executable, env, fds, parent_pid)
+            _become_program(spec, creds, executable, env, fds, changed, parent_pid)
     except OSError as exc:
         for fd in parent_fds:
             os.close(fd)
@@ -225,6 +243,7 @@ def _become_program(
     executable: str,
     env: Mapping[str, str],
     fds: tuple[int, int, int, int],
+    changed_signals: tuple[int, ...],
     parent_pid: int,
 ) -> None:  # pragma: no cover - runs in the child
     """In the forked child: set up the clean slate and exec. Never returns."""
@@ -232,7 +251,7 @@ def _become_program(
     try:
         os.setsid()
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        for signum in _RESETTABLE_SIGNALS:
+        for signum in changed_signals:
             signal.signal(signum, signal.SIG_DFL)
         os.dup2(stdin, 0)
         os.dup2(stdout, 1)

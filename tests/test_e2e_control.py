@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.protocol import RESULT_ADAPTERS
 from tests.helpers import PY, REPO, RpcError, Supd, pid_alive, python_command, toml_list, wait_until
 
 Factory = Callable[..., Supd]
@@ -69,6 +70,12 @@ def test_status_table_and_exit_3_for_a_stopped_process(daemon: Supd) -> None:
     rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()}
     assert rows == {"web:0": "RUNNING", "web:1": "RUNNING", "ticker": "RUNNING", "idle": "STOPPED"}
     assert supctl(daemon, "status", "web").returncode == 0
+
+
+@pytest.mark.parametrize("method", ["status", "start", "stop", "restart", "pid", "version"])
+def test_results_match_the_documented_models(daemon: Supd, method: str) -> None:
+    params = {"names": ["web"]} if method in ("start", "stop", "restart") else {}
+    RESULT_ADAPTERS[method].validate_python(daemon.rpc(method, params))
 
 
 def test_status_json_matches_the_raw_method(daemon: Supd) -> None:
