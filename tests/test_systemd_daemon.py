@@ -102,6 +102,18 @@ class NotifyListener:
                 raise AssertionError(f"no {key}={value or '*'} after {timeout}s: {self.messages}")
             self._receive(remaining)
 
+    def wait_status(self, wanted: Callable[[str], bool], timeout: float = 15.0) -> str:
+        """The latest STATUS= text, once it is one `wanted` accepts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = [message["STATUS"] for message in self.messages if "STATUS" in message]
+            if statuses and wanted(statuses[-1]):
+                return statuses[-1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no such STATUS after {timeout}s: {self.messages}")
+            self._receive(remaining)
+
     def drain(self) -> None:
         """Read whatever has arrived by now."""
         while self._receive(0.001):
@@ -186,15 +198,9 @@ def test_status_follows_the_state_counts(supd: Factory, listener: NotifyListener
         env=systemd_env(listener),
     )
     listener.wait_for("READY", "1")
-    d.wait_state("up", "RUNNING")
-    running = listener.messages[listener.wait_for("STATUS")]["STATUS"]
-    while "1 running" not in running:  # the READY message may carry an earlier status
-        running = listener.messages[listener.wait_for("STATUS")]["STATUS"]
+    assert listener.wait_status(lambda text: "1 running" in text) == "1 running"
     d.rpc("stop", {"names": ["up"], "wait": True})
-    stopped = listener.messages[listener.wait_for("STATUS")]["STATUS"]
-    while "0 running" not in stopped:
-        stopped = listener.messages[listener.wait_for("STATUS")]["STATUS"]
-    assert "stopped" in stopped
+    assert listener.wait_status(lambda text: "stopped" in text) == "0 running, 1 stopped"
 
 
 # -- reload and stop ---------------------------------------------------------------------
