@@ -136,16 +136,20 @@ class Notifier:
         environ = os.environ if environ is None else environ
         name = environ.get("NOTIFY_SOCKET", "")
         address = socket_address(name) if name else None
-        if name and address is None:
-            (log or structlog.get_logger("supd")).warning(
-                "notify_socket_unsupported", notify_socket=name
-            )
-        return cls(
+        notifier = cls(
             address,
             watchdog_usec=_positive_int(environ.get("WATCHDOG_USEC")),
             watchdog_pid=_positive_int(environ.get("WATCHDOG_PID")),
             log=log,
         )
+        if name and address is None:
+            notifier._log.warning("notify_socket_unsupported", notify_socket=name)
+        return notifier
+
+    @classmethod
+    def disabled(cls) -> Notifier:
+        """A notifier that sends nothing: for a daemon not started by systemd, and tests."""
+        return cls(None)
 
     @property
     def enabled(self) -> bool:

@@ -157,6 +157,14 @@ def test_without_notify_socket_nothing_is_sent(environ: dict[str, str]) -> None:
     assert logs == []
 
 
+def test_disabled_notifier_sends_nothing() -> None:
+    notifier = Notifier.disabled()
+    assert not notifier.enabled
+    notifier.ready()
+    notifier.watchdog()
+    assert notifier.watchdog_interval_ms() is None
+
+
 def test_from_environ_defaults_to_os_environ(
     receiver: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
