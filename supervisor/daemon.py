@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor import __version__, daemonlog, linux, spawn
+from supervisor import __version__, activation, daemonlog, linux, notify, spawn
 from supervisor.commands import Commands
 from supervisor.config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from supervisor.control import AlreadyRunning, ControlServer
@@ -96,6 +96,11 @@ class ExecReportTag:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchdogTag:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
 class OutputTag:
     name: str
     stream: str
@@ -143,8 +148,17 @@ class Waiter:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        notifier: notify.Notifier | None = None,
+    ) -> None:
         self.config = config
+        self.notifier = notifier or notify.Notifier.disabled()
+        self.ready_sent = False
+        self.state_counts: dict[State, int] = dict.fromkeys(State, 0)
         self.clock = clock
         self.log = daemonlog.get_logger()
         self.selector: Selector[Any] = Selector()
@@ -153,7 +167,6 @@ class Daemon:
         self.replacements: dict[str, ProgramConfig] = {}  # changed programs awaiting their stop
         self.waiters: list[Waiter] = []
         self.output_listeners: list[Callable[[str, str, bytes], bool]] = []
-        self.transition_hooks: list[Callable[[], None]] = []
         self.control: ControlServer | None = None
         # supd's environment as every child starts from it (minus systemd's variables)
         self.base_environment = spawn.child_environment(os.environ)
@@ -189,10 +202,14 @@ class Daemon:
             self.subreaper = True
         for signum in DAEMON_SIGNALS:
             self.selector.register_signal(signum, SignalTag(signum))
+        interval = self.notifier.watchdog_interval_ms()
+        if interval is not None:
+            self.selector.register_timer(interval, False, WatchdogTag())
         for program in self.config.programs.values():
             self._add_program(program)
         self._autostart(self.config.programs.values())
         self.running = True
+        self._maybe_ready()
 
     def run(self) -> int:
         """The loop: block in select until something happens, dispatch, repeat."""
@@ -239,6 +256,7 @@ class Daemon:
         for slot in list(self.slots.values()):
             self._drop_slot(slot)
         self.selector.close()
+        self.notifier.close()
 
     def _autostart(self, programs: Iterable[ProgramConfig]) -> None:
         for program in sorted(programs, key=lambda p: p.priority):
@@ -261,6 +279,8 @@ class Daemon:
                 self._timer_fired(name, timer, serial, key.fd)
             case SignalTag(signum=signum):
                 self._signal_received(signum)
+            case WatchdogTag():
+                self.notifier.watchdog()
             case _:
                 self.dispatch_other(key)
 
@@ -473,6 +493,8 @@ class Daemon:
 
     def _transitioned(self, slot: Slot, change: Transitioned) -> None:
         process = slot.process
+        self.state_counts[change.old] -= 1
+        self.state_counts[change.new] += 1
         self.log.info(
             "state_changed",
             process=slot.name,
@@ -492,8 +514,9 @@ class Daemon:
         elif change.new is State.STOPPED and change.old is State.STOPPING:
             self.log.info("stopped", process=slot.name, pid=pid, reason=change.reason)
         self._settle(slot)
-        for hook in self.transition_hooks:
-            hook()
+        if self.notifier.enabled:
+            self._maybe_ready()
+            self.notifier.status(self.status_line())
 
     def _settle(self, slot: Slot) -> None:
         """Follow-ups of a transition: waiters, reload replacements, shutdown progress."""
@@ -507,6 +530,19 @@ class Daemon:
             self._retire(slot)
         if self.shutting_down:
             self._shutdown_step()
+
+    def status_line(self) -> str:
+        return notify.status_line({state.value: n for state, n in self.state_counts.items()})
+
+    def _maybe_ready(self) -> None:
+        """READY=1 once the initial start has settled: nothing is STARTING any more.
+
+        (Every autostart program is then RUNNING, in BACKOFF or FATAL, or has exited.)
+        """
+        if not self.ready_sent and self.running and not self.state_counts[State.STARTING]:
+            self.ready_sent = True
+            self.notifier.ready(self.status_line())
+            self.log.info("ready", status=self.status_line())
 
     def wait_for(
         self, names: Iterable[str], done: Callable[[str], bool], finish: Callable[[], None]
@@ -523,6 +559,7 @@ class Daemon:
         names = program.process_names()
         self.programs[program.name] = names
         for name in names:
+            self.state_counts[State.STOPPED] += 1
             self.slots[name] = Slot(
                 process=Process(name, program),
                 program=program.name,
@@ -546,7 +583,8 @@ class Daemon:
             self._close_reader(slot, fd)
         slot.stdout.close()
         slot.stderr.close()
-        self.slots.pop(slot.name, None)
+        if self.slots.pop(slot.name, None) is not None:
+            self.state_counts[slot.process.state] -= 1
 
     def _retire(self, slot: Slot) -> None:
         program = slot.program
@@ -565,10 +603,12 @@ class Daemon:
 
     def reload(self) -> tuple[list[str], list[str], list[str]]:
         """SIGHUP: apply the config file's changes; raises ConfigError (nothing changed)."""
+        self.notifier.reloading(self.status_line())
         try:
             new = load(self.config.path)
         except ConfigError as exc:
             self.log.error("reload_failed", problems=[str(p) for p in exc.problems])
+            self.notifier.ready(self.status_line())  # still running, on the old config
             raise
         old = self.config.programs
         added = [n for n in new.programs if n not in old]
@@ -587,6 +627,7 @@ class Daemon:
             self._add_program(new.programs[name])
         self._autostart(new.programs[n] for n in added)
         self.log.info("config_reloaded", added=added, changed=changed, removed=removed)
+        self.notifier.ready(self.status_line())
         return added, changed, removed
 
     # -- shutdown ---------------------------------------------------------------------
@@ -600,6 +641,7 @@ class Daemon:
                 self.send(name, ForceKill())
             return
         self.shutting_down = True
+        self.notifier.stopping(self.status_line())
         self.log.info("shutdown_started")
         self._shutdown_step()
 
@@ -672,11 +714,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     daemonlog.configure(config.supervisor.log_format, config.supervisor.log_level)
     reset_inherited_signals()
+    systemd = notify.take_systemd_environment(os.environ)  # ours, never a child's
+    listen_fd = activation.control_socket_fd(systemd, unset=False)
     spawn.mark_inherited_fds_cloexec()
     spawn.raise_fd_limit()
-    daemon = Daemon(config)
+    daemon = Daemon(config, notifier=notify.Notifier.from_environ(systemd))
     try:
-        daemon.setup()
+        daemon.setup(listen_fd)
         return daemon.run()
     except AlreadyRunning as exc:
         print(f"supd: {exc}", file=sys.stderr)

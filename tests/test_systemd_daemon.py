@@ -1,7 +1,7 @@
 """supd under systemd, end to end: a real daemon talking sd_notify to a datagram socket
 this test listens on, and serving its control socket from a passed (activated) fd.
 
-The contract (issue 5), as daemon.py is to implement it with supervisor/notify.py and
+The contract (issue 5), as daemon.py implements it with supervisor/notify.py and
 supervisor/activation.py:
 
 * NOTIFY_SOCKET is read at start (and removed from supd's environment);
@@ -11,10 +11,6 @@ supervisor/activation.py:
 * STATUS= lines (notify.status_line) as the counts change;
 * WATCHDOG=1 every WATCHDOG_USEC / 2;
 * with LISTEN_FDS/LISTEN_PID, the control server serves on the passed socket.
-
-Tests marked `needs_notify_wiring` are not run until daemon.py uses supervisor.notify
-and supervisor.activation (they show as xfail "NOT RUN" meanwhile); once it does they
-run like any other test. Delete the marker then.
 """
 
 from __future__ import annotations
@@ -31,26 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import daemon
 from tests.helpers import PY, REPO, Supd, python_command, toml_list, wait_until
 
 Factory = Callable[..., Supd]
 
-
-def _daemon_uses(module: str) -> bool:
-    """True when daemon.py imported `module` or something from it."""
-    return any(
-        getattr(value, "__name__", None) == module or getattr(value, "__module__", None) == module
-        for value in vars(daemon).values()
-    )
-
-
-WIRED = _daemon_uses("supervisor.notify") and _daemon_uses("supervisor.activation")
-needs_notify_wiring = pytest.mark.xfail(
-    not WIRED,
-    reason="daemon.py does not use supervisor.notify / supervisor.activation yet (issue 5)",
-    run=False,
-)
 
 SLEEP = toml_list(python_command("import time; time.sleep(1000)"))
 CRASH = toml_list(python_command("raise SystemExit(1)"))
@@ -141,7 +121,6 @@ def systemd_env(listener: NotifyListener, **extra: str) -> dict[str, str]:
 # -- readiness ---------------------------------------------------------------------------
 
 
-@needs_notify_wiring
 def test_ready_once_autostart_programs_settle(supd: Factory, listener: NotifyListener) -> None:
     started = time.monotonic()
     d = supd(
@@ -174,7 +153,6 @@ def test_ready_once_autostart_programs_settle(supd: Factory, listener: NotifyLis
     assert listener.keys().count("READY") == 1, listener.messages
 
 
-@needs_notify_wiring
 def test_ready_at_once_without_autostart_programs(supd: Factory, listener: NotifyListener) -> None:
     supd(
         f"""
@@ -187,7 +165,6 @@ def test_ready_at_once_without_autostart_programs(supd: Factory, listener: Notif
     listener.wait_for("READY", "1", timeout=10)
 
 
-@needs_notify_wiring
 def test_status_follows_the_state_counts(supd: Factory, listener: NotifyListener) -> None:
     d = supd(
         f"""
@@ -206,7 +183,6 @@ def test_status_follows_the_state_counts(supd: Factory, listener: NotifyListener
 # -- reload and stop ---------------------------------------------------------------------
 
 
-@needs_notify_wiring
 def test_sighup_sends_reloading_then_ready(supd: Factory, listener: NotifyListener) -> None:
     d = supd(
         f"""
@@ -226,7 +202,6 @@ def test_sighup_sends_reloading_then_ready(supd: Factory, listener: NotifyListen
     assert ready > reloading
 
 
-@needs_notify_wiring
 def test_sigterm_sends_stopping_before_exit(supd: Factory, listener: NotifyListener) -> None:
     d = supd(
         f"""
@@ -245,7 +220,6 @@ def test_sigterm_sends_stopping_before_exit(supd: Factory, listener: NotifyListe
 # -- watchdog ----------------------------------------------------------------------------
 
 
-@needs_notify_wiring
 def test_watchdog_pings_every_half_interval(supd: Factory, listener: NotifyListener) -> None:
     supd(
         f"""
@@ -294,7 +268,6 @@ def activated_supd(tmp_path: Path, config: str, listening: socket.socket) -> Ite
         instance.kill()
 
 
-@needs_notify_wiring
 def test_control_server_serves_on_the_activated_socket(tmp_path: Path) -> None:
     activated_path = tmp_path / "activated.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
