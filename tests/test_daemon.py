@@ -645,3 +645,26 @@ def test_subreaper_reaps_double_forked_orphans_and_keeps_exit_status(
     wait_until(lambda: not Path(f"/proc/{grandchild}").exists(), describe="orphan reaped")
     entry = d.wait_state("forker", "EXITED")
     assert entry["exit_code"] == 7
+
+
+def test_log_lines_carry_journal_priorities_under_systemd(tmp_path: Path) -> None:
+    """With JOURNAL_STREAM naming our stderr, lines start with <N> and carry no time."""
+    config = tmp_path / "supd.toml"
+    config.write_text('[programs.bad]\ncommand = "/no/such/thing"\nstartretries = 0\n')
+    log = tmp_path / "journal"
+    with open(log, "wb") as stderr:
+        st = os.fstat(stderr.fileno())
+        env = dict(os.environ, PYTHONPATH=str(REPO), JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        proc = subprocess.Popen(
+            [PY, "-m", "supervisor", "-c", str(config)], stderr=stderr, env=env, cwd=tmp_path
+        )
+    try:
+        wait_until(lambda: '"fatal"' in log.read_text(), describe=log.read_text)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    lines = log.read_text().splitlines()
+    assert all(re.match(r"<[0-7]>\{", line) for line in lines), lines
+    assert any(line.startswith("<3>") and '"fatal"' in line for line in lines)
+    assert any(line.startswith("<6>") and '"spawn_failed"' not in line for line in lines)
+    assert not any('"timestamp"' in line for line in lines)
