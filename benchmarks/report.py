@@ -105,8 +105,10 @@ def _respawn(f: _Figures, sizes: Sizes) -> list[Row]:
     metric = "respawn.latency_ms"
     if f.get(metric, SUPD) is None and f.get(metric, SUPERVISORD) is None:
         return []
-    count = sizes.respawn_restarts * sizes.respawn_rounds
-    name = f"respawn ({count} restarts, exit after {sizes.respawn_lifetime_ms} ms)"
+    counts = ", ".join(
+        f"{subject} {len(f.results.get(metric, subject))}" for subject in (SUPD, SUPERVISORD, FLOOR)
+    )
+    name = f"respawn (exit after {sizes.respawn_lifetime_ms} ms; restarts measured: {counts})"
     supd, floor = f.get(metric, SUPD), f.get(metric, FLOOR)
     target, passed = _ratio_target(supd, floor, 3, "<= 3x floor")
     floor_p99 = f.get(metric, FLOOR, p99)

@@ -96,6 +96,12 @@ QUICK = Sizes(
 
 # Things seen settle: supd's exec reports and supervisord's first loop turns.
 SETTLE_S = 1.0
+# The most one subject may spend on one round of the respawn workload.
+RESPAWN_BUDGET_S = 30.0
+# The most one subject may spend on each kind of control call in one round (at least
+# MIN_CALLS are made whatever it takes).
+CONTROL_BUDGET_S = 5.0
+MIN_CALLS = 3
 # A storm's first second is its ramp-up, not its steady state.
 STORM_WARMUP_S = 1.0
 
@@ -244,17 +250,19 @@ def respawn(session: Session, subject: str) -> str:
     argv = [*session.helper, "exit-after", str(sizes.respawn_lifetime_ms)]
     if subject == FLOOR:
         floor.respawn_loop(
-            lambda i: [*argv, str(i)], 1, session.stamps_env(stamps), max_starts=wanted_starts
+            lambda i: [*argv, str(i)], 1, session.stamps_env(stamps), max_starts=wanted_starts + 1
         )
     else:
         daemon = session.daemon(subject, workdir)
         daemon.write_config(exiters(session.helper, 1, sizes.respawn_lifetime_ms))
         process = daemon.launch(session.processes, session.stamps_env(stamps))
         try:
-            deadline = 30 + wanted_starts * sizes.respawn_lifetime_ms / 1000 * 5
+            # supervisord needs about a second per restart: it gets a time budget, not
+            # the full count, or it alone would take minutes.
+            cut_off = time.monotonic() + RESPAWN_BUDGET_S
             procs.wait_for(
-                lambda: count_starts(stamps) >= wanted_starts,
-                deadline,
+                lambda: count_starts(stamps) >= wanted_starts or time.monotonic() > cut_off,
+                RESPAWN_BUDGET_S + 30,
                 f"{subject}: {wanted_starts} starts",
                 0.05,
             )
@@ -274,13 +282,20 @@ def fleet(
     """Launch `programs` sleepers; time until all are RUNNING, then measure what was
     asked for: RSS always, idle cost over a window, control round trips."""
     workdir = session.workdir(f"fleet{programs}-{subject}")
+    stamps = workdir / "stamps"
     daemon = session.daemon(subject, workdir)
     daemon.write_config(sleepers(session.helper, programs))
     results = session.results
     launched = time.monotonic()
-    process = daemon.launch(session.processes, dict(os.environ))
+    process = daemon.launch(session.processes, session.stamps_env(stamps))
     try:
-        wait_until_all_running(daemon, programs, 60 + programs * 0.1, 0.02)
+        # Status calls cost the daemon real work with many programs (supervisord: over a
+        # second each), so they begin only once every helper has stamped its start.
+        deadline_s = 60 + programs * 0.1
+        procs.wait_for(
+            lambda: count_starts(stamps) >= programs, deadline_s, f"{subject}: all started", 0.01
+        )
+        wait_until_all_running(daemon, programs, deadline_s, 0.02)
         startup_s = time.monotonic() - launched
         results.add(f"startup{programs}.s", subject, [startup_s])
         time.sleep(SETTLE_S)  # let the start-up's stragglers (exec reports, logs) pass
@@ -306,14 +321,9 @@ def _idle(session: Session, subject: str, pid: int, window_s: float) -> str:
 
 
 def _control(session: Session, daemon: Daemon, programs: int) -> str:
-    raw_ms = []
-    for _ in range(session.sizes.status_calls):
-        started = time.perf_counter()
-        daemon.status_round_trip()
-        raw_ms.append((time.perf_counter() - started) * 1000)
-    ctl_ms = []
-    for _ in range(session.sizes.ctl_runs):
-        started = time.perf_counter()
+    raw_ms = _timed_calls(daemon.status_round_trip, session.sizes.status_calls)
+
+    def ctl_status() -> None:
         subprocess.run(
             daemon.ctl_status_argv(),
             stdin=subprocess.DEVNULL,
@@ -322,13 +332,26 @@ def _control(session: Session, daemon: Daemon, programs: int) -> str:
             check=True,  # both exit 0 only when every process is RUNNING
             timeout=60,
         )
-        ctl_ms.append((time.perf_counter() - started) * 1000)
+
+    ctl_ms = _timed_calls(ctl_status, session.sizes.ctl_runs)
     session.results.add(f"status{programs}.raw_ms", daemon.kind, raw_ms)
     session.results.add(f"status{programs}.ctl_ms", daemon.kind, ctl_ms)
     return (
         f"raw status {statistics.median(raw_ms):.1f} ms, "
         f"ctl status {statistics.median(ctl_ms):.0f} ms"
     )
+
+
+def _timed_calls(call: Callable[[], object], count: int) -> list[float]:
+    """Milliseconds per call: `count` calls, or fewer (MIN_CALLS at least) should they
+    exceed CONTROL_BUDGET_S."""
+    times_ms: list[float] = []
+    cut_off = time.monotonic() + CONTROL_BUDGET_S
+    while len(times_ms) < count and (len(times_ms) < MIN_CALLS or time.monotonic() < cut_off):
+        started = time.perf_counter()
+        call()
+        times_ms.append((time.perf_counter() - started) * 1000)
+    return times_ms
 
 
 # -- 6. log throughput --------------------------------------------------------------------
