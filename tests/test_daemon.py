@@ -168,17 +168,35 @@ def test_spawn_error_is_a_state_not_a_crash(supd: Factory, tmp_path: Path) -> No
     assert d.state("fine") == "RUNNING"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="user = root forces the fork path")
 def test_exec_failure_after_fork_is_reported_as_spawn_error(supd: Factory, tmp_path: Path) -> None:
+    """The fork path (used to switch users) reports a failed execve as spawn_error."""
     script = tmp_path / "script"
     script.write_text("not a script\n")  # executable but no #! line: execve fails ENOEXEC
     script.chmod(0o755)
     d = supd(f"""
         [programs.bad]
         command = "{script}"
+        user = "root"
         startretries = 0
     """)
     entry = d.wait_state("bad", "FATAL")
     assert entry["spawn_error"] and "Exec format error" in entry["spawn_error"]
+
+
+def test_a_program_that_cannot_run_ends_fatal_with_the_reason_logged(
+    supd: Factory, tmp_path: Path
+) -> None:
+    script = tmp_path / "script"
+    script.write_text("no-such-command-supd\n")  # no #! line
+    script.chmod(0o755)
+    d = supd(f"""
+        [programs.bad]
+        command = "{script}"
+        startretries = 0
+    """)
+    assert d.wait_state("bad", "FATAL")["exit_code"] in (126, 127)
+    assert "no-such-command-supd" in (tmp_path / "logs" / "bad.err.log").read_text()
 
 
 # -- stopping -----------------------------------------------------------------------------
