@@ -240,4 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        _progress("interrupted: every process the benchmark started is gone")
+        raise SystemExit(130) from None

@@ -109,7 +109,7 @@ class Supd:
 
     def launch(self, processes: Processes, env: dict[str, str]) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "supervisor", "-c", str(self.config_path)]
-        return processes.start(argv, env=env, output=self.workdir / "daemon.log")
+        return processes.start(argv, env=env, output=self.workdir / "daemon.log", cwd=self.workdir)
 
     def _call(self, method: str, params: dict[str, Any]) -> bytes:
         self._next_id += 1
@@ -209,7 +209,7 @@ class Supervisord:
 
     def launch(self, processes: Processes, env: dict[str, str]) -> subprocess.Popen[bytes]:
         argv = [str(self.venv / "bin" / "supervisord"), "-n", "-c", str(self.config_path)]
-        return processes.start(argv, env=env, output=self.workdir / "daemon.log")
+        return processes.start(argv, env=env, output=self.workdir / "daemon.log", cwd=self.workdir)
 
     def _post(self, method: str, params: tuple[Any, ...]) -> bytes:
         body = xmlrpc.client.dumps(params, method).encode()

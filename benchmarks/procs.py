@@ -192,12 +192,16 @@ def reap_untracked(tracked: set[int]) -> None:
 
 @contextlib.contextmanager
 def exit_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the benchmark like Ctrl-C does: through every finally."""
+    """SIGINT, SIGTERM and SIGHUP end the benchmark through every finally. SIGINT is
+    caught even when inherited as ignored (as by a background job of a shell)."""
 
     def leave(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    previous = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGHUP)}
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, leave) for s in signals}
     try:
         yield
     finally:

@@ -374,15 +374,23 @@ def machine() -> str:
 
 
 def git_revision(repo: Path) -> str:
-    try:
+    """The commit, and the daemon's files that differ from it (others may be editing
+    them while the benchmark runs: the figures are of the files as they were)."""
+
+    def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    try:
+        revision = git("rev-parse", "--short", "HEAD").strip()
+        changed = git("status", "--porcelain", "--", "supervisor").splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    if changed:
+        files = ", ".join(line[3:] for line in changed)
+        revision += f" with uncommitted changes to {files}"
+    return revision
 
 
 def now_utc() -> str:

@@ -71,7 +71,7 @@ FULL = Sizes(
     storm_programs=200,
     storm_lifetime_ms=100,
     storm_window_s=10.0,
-    storm_rounds=1,
+    storm_rounds=2,
     selector_calls=20_000,
 )
 
@@ -97,7 +97,7 @@ QUICK = Sizes(
 # Things seen settle: supd's exec reports and supervisord's first loop turns.
 SETTLE_S = 1.0
 # The most one subject may spend on one round of the respawn workload.
-RESPAWN_BUDGET_S = 30.0
+RESPAWN_BUDGET_S = 40.0
 # The most one subject may spend on each kind of control call in one round (at least
 # MIN_CALLS are made whatever it takes).
 CONTROL_BUDGET_S = 5.0
