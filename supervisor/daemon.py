@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -210,6 +211,7 @@ class Daemon:
         self._autostart(self.config.programs.values())
         self.running = True
         self._maybe_ready()
+        self._release_memory()
 
     def run(self) -> int:
         """The loop: block in select until something happens, dispatch, repeat."""
@@ -531,6 +533,12 @@ class Daemon:
         if self.shutting_down:
             self._shutdown_step()
 
+    @staticmethod
+    def _release_memory() -> None:
+        """After a (re)load: free the parser's garbage and hand the pages back."""
+        gc.collect()
+        linux.malloc_trim()
+
     def status_line(self) -> str:
         return notify.status_line({state.value: n for state, n in self.state_counts.items()})
 
@@ -626,6 +634,7 @@ class Daemon:
         for name in added:
             self._add_program(new.programs[name])
         self._autostart(new.programs[n] for n in added)
+        self._release_memory()
         self.log.info("config_reloaded", added=added, changed=changed, removed=removed)
         self.notifier.ready(self.status_line())
         return added, changed, removed

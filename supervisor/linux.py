@@ -294,3 +294,21 @@ def set_pdeathsig(signum: int) -> None:
 def get_pdeathsig() -> int:
     """The parent-death signal of this process, 0 for none (PR_GET_PDEATHSIG)."""
     return _prctl_get_int(PR_GET_PDEATHSIG)
+
+
+# -- memory -------------------------------------------------------------------------------
+
+_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
+if _malloc_trim is not None:
+    _malloc_trim.argtypes = [ctypes.c_size_t]
+    _malloc_trim.restype = ctypes.c_int
+
+
+def malloc_trim() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim(0)).
+
+    Loading a config allocates far more than it keeps; without this the daemon's RSS
+    stays at the peak of the load. A no-op where the C library lacks the call.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
