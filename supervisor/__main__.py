@@ -1,5 +1,5 @@
-"""`python -m supervisor` runs the daemon."""
+"""`python -m supervisor` runs the daemon, exactly like the `supd` command."""
 
-from supervisor.daemon import main
+from supervisor.entry import main
 
 raise SystemExit(main())

@@ -110,7 +110,7 @@ class OutputTag:
 # -- runtime state of one process ------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Slot:
     """A process and everything the daemon holds for it: child, pipes, logs, timers."""
 

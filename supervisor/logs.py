@@ -203,6 +203,23 @@ class LogSink:
     size of the file when it was opened.
     """
 
+    __slots__ = (
+        "_ends_line",
+        "_fd",
+        "_rotate_failing",
+        "_rotates",
+        "_size",
+        "_tail",
+        "_truncate_on_open",
+        "_write_failing",
+        "backups",
+        "bytes_written",
+        "dropped_bytes",
+        "last_error",
+        "maxbytes",
+        "path",
+    )
+
     def __init__(
         self,
         path: Path | None,
@@ -431,6 +448,8 @@ class PipeReader:
     (best-effort; 0 never does). Only busy pipes grow, so 1,000 quiet programs don't
     spend the per-user pipe quota.
     """
+
+    __slots__ = ("_grow_pipe_to", "fd", "on_data", "sink")
 
     def __init__(
         self,

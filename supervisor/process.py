@@ -158,7 +158,7 @@ def is_expected_exit(event: Exited, config: ProgramConfig) -> bool:
     return event.exit_signal is None and event.exit_code in config.exitcodes
 
 
-@dataclass
+@dataclass(slots=True)
 class Process:
     """The supervised life of one process slot (`name`), across its restarts."""
 

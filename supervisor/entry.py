@@ -1,0 +1,25 @@
+"""The `supd` command: a small launcher in front of supervisor.daemon.
+
+supd never speaks TLS and never needs OpenSSL's hashes, but its dependencies import
+both at start-up (structlog -> asyncio -> ssl; pydantic -> secrets -> hmac -> hashlib),
+which maps OpenSSL's libcrypto into a daemon that should stay small: about 4 MB of RSS,
+a tenth of the whole. Marking the two OpenSSL bindings as unavailable before anything
+is imported keeps them out; both importers already handle their absence (asyncio runs
+without ssl, hashlib falls back to its built-in implementations). This is done here and
+not in the package, so that supctl, the tests and library users are not affected.
+"""
+
+from __future__ import annotations
+
+import sys
+
+_UNUSED_EXTENSIONS = ("_ssl", "_hashlib")
+
+
+def main(argv: list[str] | None = None) -> int:
+    for name in _UNUSED_EXTENSIONS:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]  # "not importable"
+    from supervisor import daemon
+
+    return daemon.main(argv)
