@@ -40,6 +40,16 @@ def read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def ignores_sigterm(ready: Path) -> str:
+    """A program that ignores SIGTERM and creates `ready` once it does."""
+    return cmd(f"""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open({str(ready)!r}, "w").close()
+        time.sleep(1000)
+    """)
+
+
 # -- lifecycle ----------------------------------------------------------------------------
 
 
@@ -206,14 +216,7 @@ def test_stop_escalates_to_sigkill_after_stopwaitsecs(supd: Factory, tmp_path: P
     ready = tmp_path / "ready"
     d = supd(f"""
         [programs.stubborn]
-        command = {
-        cmd(f'''
-            import signal, time
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            open({str(ready)!r}, "w").close()
-            time.sleep(1000)
-        ''')
-    }
+        command = {ignores_sigterm(ready)}
         startsecs = 0
         stopwaitsecs = 0.5
     """)
@@ -371,14 +374,7 @@ def test_second_sigterm_kills_what_is_left(supd: Factory, tmp_path: Path) -> Non
     ready = tmp_path / "ready"
     d = supd(f"""
         [programs.stubborn]
-        command = {
-        cmd(f'''
-            import signal, time
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            open({str(ready)!r}, "w").close()
-            time.sleep(1000)
-        ''')
-    }
+        command = {ignores_sigterm(ready)}
         startsecs = 0
         stopwaitsecs = 60
     """)
