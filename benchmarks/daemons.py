@@ -116,7 +116,7 @@ class Supd:
         request = {"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": params}
         with _connect_unix(self.socket_path, self.timeout_s) as sock:
             sock.sendall(json.dumps(request).encode() + b"\n")
-            chunks = []
+            chunks: list[bytes] = []
             while not chunks or not chunks[-1].endswith(b"\n"):
                 chunk = sock.recv(1 << 20)
                 if not chunk:

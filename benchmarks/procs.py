@@ -20,7 +20,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -108,14 +107,11 @@ def _die_with_us() -> None:
     linux.set_pdeathsig(signal.SIGKILL)
 
 
-@dataclass
 class Processes:
     """Starts processes and guarantees they are gone afterwards."""
 
-    started: list[subprocess.Popen[bytes]]
-
     def __init__(self) -> None:
-        self.started = []
+        self.started: list[subprocess.Popen[bytes]] = []
         linux.set_child_subreaper(True)
 
     def start(
