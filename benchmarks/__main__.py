@@ -1,6 +1,6 @@
 """supd against supervisord 4.3.0 on the same workloads, in one run, one table.
 
-    python -m benchmarks                      # everything (about 10 minutes)
+    python -m benchmarks                      # everything (about 5 minutes)
     python -m benchmarks respawn idle         # just these workloads
     python -m benchmarks --quick              # smaller sizes: a smoke run of a minute
     python -m benchmarks --write-results      # also rewrite benchmarks/RESULTS.md
@@ -120,9 +120,10 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
         steps.append(Step("storm", (SUPD, SUPERVISORD, FLOOR), sizes.storm_rounds, workloads.storm))
     if "selector" in wanted:
         steps.append(Step("selector", (SUPD,), 1, workloads.selector))
-    return [
+    kept = [
         Step(s.name, tuple(x for x in s.subjects if x in subjects), s.rounds, s.run) for s in steps
     ]
+    return [s for s in kept if s.subjects]
 
 
 def run_step(session: Session, step: Step) -> None:
@@ -135,8 +136,8 @@ def run_step(session: Session, step: Step) -> None:
             started = time.monotonic()
             try:
                 summary = step.run(session, subject)
-            except (procs.Timeout, RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                summary = f"FAILED: {exc}"
+            except Exception as exc:  # one broken run must not lose the others' figures
+                summary = f"FAILED: {exc!r}"
                 session.results.notes.append(f"{label}: {exc}")
             _progress(f"{label}: {summary} ({time.monotonic() - started:.1f} s)")
 
@@ -151,11 +152,13 @@ def _progress(text: str) -> None:
 def results_markdown(
     table: str, summary: str, notes: list[str], args: argparse.Namespace, machine: str
 ) -> str:
-    command = "python -m benchmarks" + (" " + " ".join(args.workloads) if args.workloads else "")
+    options = [*(["--quick"] if args.quick else []), *(["--only", args.only] if args.only else [])]
+    command = " ".join(["python -m benchmarks", *options, *args.workloads])
     parts = [
         "# supd benchmark results",
         "",
-        f"Last full run: {report.now_utc()}, commit {report.git_revision(REPO)}, "
+        f"Last {'quick' if args.quick else 'full'} run: {report.now_utc()}, "
+        f"commit {report.git_revision(REPO)}, "
         f"`{command}` against supervisor {SUPERVISOR_VERSION}.",
         "",
         f"Machine: {machine}.",
