@@ -150,6 +150,8 @@ class Commands:
             return
         targets = self.resolve(names)
         for name in targets:
+            if daemon.slots[name].retiring:
+                continue  # a reload is replacing or removing it: leave it to that
             if restart or not up:
                 daemon.send(name, Stop())
             if up:
@@ -162,7 +164,7 @@ class Commands:
 
     def _started(self, name: str) -> bool:
         slot = self.daemon.slots.get(name)
-        if slot is None:
+        if slot is None or slot.retiring:
             return True
         process = slot.process
         return process.state in (State.RUNNING, State.FATAL) or (
@@ -171,7 +173,11 @@ class Commands:
 
     def _stopped(self, name: str) -> bool:
         slot = self.daemon.slots.get(name)
-        return slot is None or slot.process.state in (State.STOPPED, State.EXITED, State.FATAL)
+        return (
+            slot is None
+            or slot.retiring
+            or slot.process.state in (State.STOPPED, State.EXITED, State.FATAL)
+        )
 
     def _answer_change(
         self, targets: list[str], responder: Responder, up: bool, accepted: bool = False
@@ -182,8 +188,9 @@ class Commands:
             results = []
             for name in targets:
                 slot = self.daemon.slots.get(name)
-                if slot is None:
-                    results.append(ActionResult(name=name, ok=False, error="removed by a reload"))
+                if slot is None or slot.retiring:
+                    gone = "being replaced or removed by a reload"
+                    results.append(ActionResult(name=name, ok=False, error=gone))
                     continue
                 state = slot.process.state
                 if accepted:

@@ -110,7 +110,7 @@ class OutputTag:
 # -- runtime state of one process ------------------------------------------------------
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity
 class Slot:
     """A process and everything the daemon holds for it: child, pipes, logs, timers."""
 
@@ -178,7 +178,7 @@ class Daemon:
         self._timer_serial = 0
         self._stepping = False
         self._step_again = False
-        self._stopping_group: set[str] = set()  # shutdown: the priority group being stopped
+        self._stopping_group: dict[Slot, None] = {}  # shutdown: the group being stopped
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -201,6 +201,8 @@ class Daemon:
         if settings.subreaper or os.getpid() == 1:
             linux.set_child_subreaper(True)
             self.subreaper = True
+            # Every SIGCHLD, also for orphans no PROCESS key will ever name.
+            self.selector.register_signal(signal.SIGCHLD, SignalTag(signal.SIGCHLD))
         for signum in DAEMON_SIGNALS:
             self.selector.register_signal(signum, SignalTag(signum))
         interval = self.notifier.watchdog_interval_ms()
@@ -223,8 +225,6 @@ class Daemon:
                     # A bug in handling one event must not take every program down with
                     # the daemon: log it loudly and carry on with the next event.
                     self.log.exception("event_failed", fd=key.fd, data=repr(key.data))
-            if self.subreaper:
-                self._reap_orphans()
         return self.exit_code
 
     def _reap_orphans(self) -> None:
@@ -261,6 +261,8 @@ class Daemon:
         self.notifier.close()
 
     def _autostart(self, programs: Iterable[ProgramConfig]) -> None:
+        if self.shutting_down:
+            return
         for program in sorted(programs, key=lambda p: p.priority):
             if program.autostart:
                 for name in self.programs[program.name]:
@@ -294,6 +296,9 @@ class Daemon:
             self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
 
     def _signal_received(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self._reap_orphans()
+            return
         self.log.info("signal_received", signal=signal_name(signum))
         if signum in SHUTDOWN_SIGNALS:
             self.shutdown()
@@ -328,7 +333,7 @@ class Daemon:
                     self._transitioned(slot, effect)
                 case Ignored(state=state, event=event):
                     self.log.debug(
-                        "event_ignored", process=slot.name, state=state.value, event=event
+                        "event_ignored", process=slot.name, state=state.value, ignored=repr(event)
                     )
 
     def _spawn(self, slot: Slot) -> list[Effect]:
@@ -446,7 +451,8 @@ class Daemon:
     def _child_exited(self, name: str, pid: int) -> None:
         slot = self.slots.get(name)
         if slot is None or slot.child is None or slot.child.pid != pid:
-            self.log.warning("unknown_child_exited", process=name, pid=pid)
+            # Cannot happen by design; if it does, at least leave no zombie behind.
+            self.log.warning("unknown_child_exited", process=name, pid=pid, status=spawn.reap(pid))
             return
         child, slot.child = slot.child, None
         self._take_exec_report(slot, child)
@@ -594,6 +600,15 @@ class Daemon:
         if self.slots.pop(slot.name, None) is not None:
             self.state_counts[slot.process.state] -= 1
 
+    def _retire_program(self, name: str) -> None:
+        """Stop a program's processes; each is dropped once down (then its replacement)."""
+        slots = [self.slots[n] for n in self.programs.get(name, []) if n in self.slots]
+        for slot in slots:
+            slot.retiring = True
+            self.send(slot.name, Stop())
+            if self.slots.get(slot.name) is slot and slot.is_down():
+                self._retire(slot)
+
     def _retire(self, slot: Slot) -> None:
         program = slot.program
         self._drop_slot(slot)
@@ -602,15 +617,21 @@ class Daemon:
             return
         self.programs.pop(program, None)
         replacement = self.replacements.pop(program, None)
-        if replacement is not None:
+        if replacement is not None and not self.shutting_down:
             self._add_program(replacement)
-            if replacement.autostart:
-                self._autostart([replacement])
+            self._autostart([replacement])
 
     # -- reload -----------------------------------------------------------------------
 
     def reload(self) -> tuple[list[str], list[str], list[str]]:
-        """SIGHUP: apply the config file's changes; raises ConfigError (nothing changed)."""
+        """SIGHUP: apply the config file's changes; raises ConfigError (nothing changed).
+
+        A program whose old processes are still stopping (changed or removed by an
+        earlier reload) is parked in `replacements` and created once they are gone.
+        """
+        if self.shutting_down:
+            self.log.warning("reload_ignored", reason="shutting down")
+            return [], [], []
         self.notifier.reloading(self.status_line())
         try:
             new = load(self.config.path)
@@ -623,17 +644,18 @@ class Daemon:
         removed = [n for n in old if n not in new.programs]
         changed = [n for n in new.programs if n in old and new.programs[n] != old[n]]
         self.config = new
+        for name in removed:
+            self.replacements.pop(name, None)  # an earlier reload's pending version
+        for name in changed:
+            self.replacements[name] = new.programs[name]
         for name in removed + changed:
-            if name in changed:
-                self.replacements[name] = new.programs[name]
-            for slot in [self.slots[n] for n in self.programs.get(name, [])]:
-                slot.retiring = True
-                self.send(slot.name, Stop())
-                if self.slots.get(slot.name) is slot and slot.is_down():
-                    self._retire(slot)
+            self._retire_program(name)
         for name in added:
-            self._add_program(new.programs[name])
-        self._autostart(new.programs[n] for n in added)
+            if name in self.programs:  # removed earlier, still stopping: add it after
+                self.replacements[name] = new.programs[name]
+            else:
+                self._add_program(new.programs[name])
+        self._autostart(new.programs[n] for n in added if n not in self.replacements)
         self._release_memory()
         self.log.info("config_reloaded", added=added, changed=changed, removed=removed)
         self.notifier.ready(self.status_line())
@@ -676,19 +698,18 @@ class Daemon:
     def _stop_next_group(self) -> None:
         group = self._stopping_group
         while group:  # the group's processes still alive, checked oldest first
-            name = next(iter(group))
-            slot = self.slots.get(name)
-            if slot is not None and not slot.is_down():
+            slot = next(iter(group))
+            if self.slots.get(slot.name) is slot and not slot.is_down():
                 return
-            group.discard(name)
+            del group[slot]
         live = [s for s in self.slots.values() if not s.is_down()]
         if not live:
             self.running = False
             return
         top = max(s.config.priority for s in live)
-        group.update(s.name for s in live if s.config.priority == top)
-        for name in list(group):
-            self.send(name, Stop())
+        group.update(dict.fromkeys(s for s in live if s.config.priority == top))
+        for slot in list(group):
+            self.send(slot.name, Stop())
 
 
 def reset_inherited_signals() -> None:

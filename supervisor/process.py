@@ -231,12 +231,16 @@ class Process:
                 self.want = Want.DOWN
                 return []
             case State.STOPPING, (TimerFired(timer=Timer.STOP_TIMEOUT) | ForceKill()):
-                return self._kill(group=True)
+                return self._kill()
             case ((State.STARTING | State.RUNNING), ForceKill()):
-                return [*self._stop(now), *self._kill(group=True)]
+                return [*self._stop(now), *self._kill()]
             case State.STOPPING, Exited():
                 assert isinstance(event, Exited)
                 return self._stopped(event, now)
+            case State.STOPPING, SpawnFailed(error=error):
+                # A failed exec reported while stopping: the process is gone all the same.
+                self.spawn_error = error
+                return self._stopped(Exited(None, None), now)
             case _:
                 return [Ignored(self.state, event)]
 
@@ -322,11 +326,11 @@ class Process:
         effects.append(ArmTimer(Timer.STOP_TIMEOUT, self.config.stopwaitsecs))
         return effects
 
-    def _kill(self, group: bool) -> list[Effect]:
+    def _kill(self) -> list[Effect]:
         if self.killed:
             return []
         self.killed = True
-        return [Kill(signal.SIGKILL, group=group)]
+        return [Kill(signal.SIGKILL, group=self.config.killasgroup)]
 
     def _stopped(self, event: Exited, now: float) -> list[Effect]:
         self._record_exit(event, now)

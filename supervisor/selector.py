@@ -69,10 +69,11 @@ Must not import anything from ``supervisor`` except ``linux``.
 # gap: an exit before the check is seen by the check, an exit after it raises a SIGCHLD
 # that lands in the signalfd. The same check rejects a pid that is not our child.
 #
-# SIGCHLD therefore belongs to process watching: register_signal(SIGCHLD) while any
-# process is watched (or register_process while SIGCHLD is registered as a signal) is
-# an error. Anyone else who reaps with waitpid(-1) or sets SIGCHLD to SIG_IGN (which
-# makes the kernel auto-reap) steals exits from the sweep; supd must not.
+# SIGCHLD may also be registered as a signal, alongside process watching: then every
+# SIGCHLD record read also gives that key a SIGNAL event (a subreaper uses it to reap
+# adopted orphans, which no PROCESS key will ever name). Whoever does so must reap only
+# pids that are not watched: anyone who reaps with waitpid(-1), or sets SIGCHLD to
+# SIG_IGN (which makes the kernel auto-reap), steals exits from the sweep.
 #
 # Timers are timerfds with millisecond precision, oneshot timers stay until unregistered
 # -----------------------------------------------------------------------------------
@@ -571,13 +572,10 @@ class Selector(Generic[T]):
             raise AlreadyRegisteredError(
                 f"{name} is already registered as {self._signals[signum].describe()}"
             )
-        if signum == signal.SIGCHLD and self._processes:
-            raise RegistrationError(
-                "SIGCHLD cannot be registered while processes are watched: process"
-                " watching owns it (see register_process)"
-            )
+        shared = signum == signal.SIGCHLD and bool(self._processes)  # already in the fd
         try:
-            self._signalfd.add(signum)
+            if not shared:
+                self._signalfd.add(signum)
         except OSError as exc:
             raise _os_error(exc, f"cannot watch {name}") from exc
         key = _Key(next(self._virtual_ids), _Kind.SIGNAL, Event.SIGNAL, data, signum)
@@ -594,12 +592,7 @@ class Selector(Generic[T]):
             raise AlreadyRegisteredError(
                 f"pid {pid} is already watched as {self._processes[pid].describe()}"
             )
-        if signal.SIGCHLD in self._signals:
-            raise RegistrationError(
-                f"cannot watch pid {pid}: SIGCHLD is registered as a signal"
-                f" ({self._signals[signal.SIGCHLD].describe()})"
-            )
-        first = not self._processes
+        first = not self._processes and signal.SIGCHLD not in self._signals
         if first:
             try:
                 self._signalfd.add(signal.SIGCHLD)
@@ -662,10 +655,11 @@ class Selector(Generic[T]):
             self._forget_fd(key.ident)
         elif kind is _Kind.SIGNAL:
             del self._signals[key.param]
-            self._signalfd.remove(key.param)
+            if not (key.param == signal.SIGCHLD and self._processes):
+                self._signalfd.remove(key.param)
         else:
             del self._processes[key.param]
-            if not self._processes:
+            if not self._processes and signal.SIGCHLD not in self._signals:
                 self._signalfd.remove(signal.SIGCHLD)
 
     def _forget_fd(self, fd: int) -> None:
@@ -786,10 +780,9 @@ class Selector(Generic[T]):
         for info in linux.iter_siginfo(records):
             if info.signo == signal.SIGCHLD and self._processes:
                 self._children_exited = True  # which child(ren): the sweep finds out
-                continue
             key = self._signals.get(info.signo)
-            if key is not None:
-                self._queue(key.ident, Event.SIGNAL, 0)
+            if key is not None and not (info.signo == signal.SIGCHLD and key.ident in self._queued):
+                self._queue(key.ident, Event.SIGNAL, 0)  # (SIGCHLD: one pending is enough)
 
     def _sweep_processes(self) -> None:
         self._children_exited = False

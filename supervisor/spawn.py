@@ -272,7 +272,8 @@ def _posix_spawn(
     argv = [setpriv, "--pdeathsig", "TERM", "--", *spec.argv]
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
     directory = spec.directory
-    cwd = os.getcwd() if directory is not None else None
+    # The way back is an fd, not a path: supd's own folder may have been deleted.
+    cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if directory else None
     old_umask = os.umask(spec.umask) if spec.umask is not None else None
     raised = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
@@ -290,12 +291,17 @@ def _posix_spawn(
             setsigdef=_RESETTABLE_SIGNALS,
         )
     finally:
-        if raised != _ORIGINAL_NOFILE:
-            resource.setrlimit(resource.RLIMIT_NOFILE, raised)
+        # Restoring cannot fail in practice; if it did, the child (already running) must
+        # still be returned and watched, so no error may escape from here.
+        with contextlib.suppress(OSError, ValueError):
+            if raised != _ORIGINAL_NOFILE:
+                resource.setrlimit(resource.RLIMIT_NOFILE, raised)
         if old_umask is not None:
             os.umask(old_umask)
         if cwd is not None:
-            os.chdir(cwd)
+            with contextlib.suppress(OSError):
+                os.fchdir(cwd)
+            os.close(cwd)
 
 
 # -- the general path: fork, set up in Python, exec ---------------------------------------

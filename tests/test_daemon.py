@@ -682,3 +682,130 @@ def test_log_lines_carry_journal_priorities_under_systemd(tmp_path: Path) -> Non
     assert any(line.startswith("<3>") and '"fatal"' in line for line in lines)
     assert any(line.startswith("<6>") and '"spawn_failed"' not in line for line in lines)
     assert not any('"timestamp"' in line for line in lines)
+
+
+# -- reload and shutdown edge cases (regressions from review) ---------------------------
+
+
+def test_second_sigterm_kills_even_when_other_programs_are_already_down(
+    supd: Factory, tmp_path: Path
+) -> None:
+    ready = tmp_path / "ready"
+    d = supd(f"""
+        [programs.done]
+        command = "true"
+        autorestart = "never"
+        startsecs = 0
+        [programs.stubborn]
+        command = {ignores_sigterm(ready)}
+        startsecs = 0
+        stopwaitsecs = 100
+    """)
+    d.wait_state("done", "EXITED")
+    pid = d.wait_state("stubborn", "RUNNING")["pid"]
+    wait_until(ready.exists)
+    d.signal(signal.SIGTERM)
+    d.wait_state("stubborn", "STOPPING")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(timeout=10) == 0
+    assert not pid_alive(pid)
+
+
+def test_shutdown_right_after_a_reload_does_not_start_the_new_version(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.x]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    d.wait_state("x", "RUNNING")
+    d.write_config(f"""
+        [programs.x]
+        command = {SLEEP}
+        startsecs = 0
+        environment = {{ VERSION = "2" }}
+    """)
+    d.signal(signal.SIGHUP)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert len(d.events("spawned")) == 1  # the new version never started
+
+
+def test_program_removed_and_added_back_while_still_stopping(supd: Factory, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    old_config = f"""
+        [programs.x]
+        command = {ignores_sigterm(ready)}
+        startsecs = 0
+        stopwaitsecs = 1
+    """
+    d = supd(old_config)
+    old = d.wait_state("x", "RUNNING")["pid"]
+    wait_until(ready.exists)
+    d.write_config("")
+    assert d.rpc("reload")["removed"] == ["x"]
+    assert d.status()["x"]["state"] == "STOPPING"  # ignores SIGTERM for stopwaitsecs
+    d.write_config(f"""
+        [programs.x]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    assert d.rpc("reload")["added"] == ["x"]
+    new = d.wait_state("x", "RUNNING", timeout=10)["pid"]
+    assert new != old
+    wait_until(lambda: not Path(f"/proc/{old}").exists(), describe="old one killed and reaped")
+    assert len(d.status()) == 1
+
+
+def test_reloads_while_a_changed_program_is_still_stopping(supd: Factory, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    stubborn = ignores_sigterm(ready)
+    d = supd(f"""
+        [programs.x]
+        command = {stubborn}
+        numprocs = 2
+        startsecs = 0
+        stopwaitsecs = 1
+    """)
+    d.wait_state("x:0", "RUNNING")
+    d.wait_state("x:1", "RUNNING")
+    wait_until(ready.exists)
+    d.write_config(f"""
+        [programs.x]
+        command = {stubborn}
+        numprocs = 3
+        startsecs = 0
+        stopwaitsecs = 1
+    """)
+    assert d.rpc("reload")["changed"] == ["x"]
+    [restart] = d.rpc("restart", {"names": ["x:0"]})
+    assert not restart["ok"] and "reload" in restart["error"]
+    d.write_config(f"""
+        [programs.other]
+        command = {SLEEP}
+        startsecs = 0
+    """)  # x removed before its new version ever ran
+    assert d.rpc("reload") == {"added": ["other"], "changed": [], "removed": ["x"]}
+    d.wait_state("other", "RUNNING")
+    wait_until(lambda: set(d.status()) == {"other"}, describe=lambda: str(d.status()))
+
+
+def test_subreaper_reaps_orphans_when_no_program_is_running(supd: Factory) -> None:
+    d = supd("""
+        [supervisor]
+        subreaper = true
+        [programs.daemonizer]
+        command = ["sh", "-c", "sleep 0.3 >/dev/null 2>&1 & exit 0"]
+        startsecs = 0
+        autorestart = "never"
+    """)
+    d.wait_state("daemonizer", "EXITED")
+
+    def zombies() -> list[str]:
+        children = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
+        return [c for c in children if not pid_alive(int(c)) and Path(f"/proc/{c}").exists()]
+
+    def orphan_gone() -> bool:
+        children = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
+        return not children
+
+    wait_until(orphan_gone, describe=lambda: f"children of supd: {zombies()}")

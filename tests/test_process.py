@@ -224,3 +224,19 @@ def test_describe_lines() -> None:
     assert describe(p, 3 * 3600 + 190.0, 0.0) == "pid 100, uptime 3:03:10"
     p.handle(Exited(1, None), 5000.0)
     assert describe(p, 5000.0, 0.0).startswith("restarting in ")
+
+
+def test_failed_exec_reported_while_stopping_ends_the_stop() -> None:
+    """Review finding: SpawnFailed in STOPPING used to leave the process STOPPING."""
+    p = running(program())
+    p.handle(Stop(), 1.0)
+    effects = p.handle(SpawnFailed("Exec format error: /x"), 1.1)
+    assert states(effects) == [State.STOPPED] and p.pid is None
+    assert p.spawn_error == "Exec format error: /x"
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_sigkill_escalation_follows_killasgroup(group: bool) -> None:
+    p = running(program(killasgroup=group))
+    p.handle(Stop(), 1.0)
+    assert p.handle(TimerFired(Timer.STOP_TIMEOUT), 20.0) == [Kill(signal.SIGKILL, group=group)]

@@ -590,18 +590,43 @@ def test_failed_signal_registration_restores_the_mask(selector):
     assert selector.is_empty
 
 
-def test_sigchld_belongs_to_process_watching(selector, children):
-    selector.register_process(children.exited(), "child")
-    with pytest.raises(RegistrationError, match="SIGCHLD"):
+def test_sigchld_as_a_signal_coexists_with_process_watching(selector, children):
+    """A subreaper registers SIGCHLD too: it hears every SIGCHLD, the sweep still works."""
+    r, w = os.pipe()
+    try:
+        watched = children.waiting_on(r)
+        selector.register_process(watched, "child")
         selector.register_signal(signal.SIGCHLD, "chld")
+        os.close(w)
+        w = -1
+        keys = collect_until(selector, lambda got: {k.data for k in got} >= {"child", "chld"})
+        events = {k.data: k.events for k in keys}
+        assert events["chld"] == Event.SIGNAL and Event.PROCESS in events["child"]
+        assert [k.data for k in keys].count("chld") == 1  # SIGCHLDs queue at most once
+        assert children.reap(watched) == 0
+        selector.unregister(next(k.fd for k in keys if k.data == "child"))
+        assert signal.SIGCHLD in blocked_signals()  # still the signal's
+        orphan_like = children.exited()  # not watched: only the SIGNAL key hears it
+        assert [k.data for k in collect_until(selector, lambda got: got)] == ["chld"]
+        children.reap(orphan_like)
+        selector.unregister(next(k.fd for k in keys if k.data == "chld"))
+        assert signal.SIGCHLD not in blocked_signals()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
-def test_processes_cannot_be_watched_while_sigchld_is_a_signal(selector, children):
-    selector.register_signal(signal.SIGCHLD, "chld")
-    pid = children.exited()
-    with pytest.raises(RegistrationError, match=rf"pid {pid}: SIGCHLD"):
-        selector.register_process(pid, "child")
-    assert selector.count == 1
+def collect_until(
+    selector: Selector[Any], done: Callable[[list[ReadyKey[Any]]], object], seconds: float = 5
+) -> list[ReadyKey[Any]]:
+    """Select until `done(collected)` is true (or fail after `seconds`)."""
+    deadline = time.monotonic() + seconds
+    collected: list[ReadyKey[Any]] = []
+    while not done(collected):
+        assert time.monotonic() < deadline, collected
+        collected += selector.select(100)
+    return collected
 
 
 # ------------------------------------------------------------------------- processes
