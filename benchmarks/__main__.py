@@ -150,18 +150,15 @@ def _progress(text: str) -> None:
 
 
 def results_markdown(
-    table: str, summary: str, notes: list[str], args: argparse.Namespace, machine: str
+    table: str, summary: str, notes: list[str], args: argparse.Namespace, setting: str
 ) -> str:
     options = [*(["--quick"] if args.quick else []), *(["--only", args.only] if args.only else [])]
     command = " ".join(["python -m benchmarks", *options, *args.workloads])
     parts = [
         "# supd benchmark results",
         "",
-        f"Last {'quick' if args.quick else 'full'} run: {report.now_utc()}, "
-        f"commit {report.git_revision(REPO)}, "
-        f"`{command}` against supervisor {SUPERVISOR_VERSION}.",
-        "",
-        f"Machine: {machine}.",
+        f"Last {'quick' if args.quick else 'full'} run: `{command}` against supervisor "
+        f"{SUPERVISOR_VERSION}, {setting}.",
         "",
         table,
         "",
@@ -171,10 +168,20 @@ def results_markdown(
         "column is what the machine allows without a supervisor: *floor* is a bare Python",
         "loop (os.posix_spawn + pidfd + epoll, nothing else) respawning the same helper;",
         "*cat* is `helper write | cat > file`. Latencies are a helper's start stamp minus",
-        "its previous exit stamp (CLOCK_MONOTONIC, taken by the helper). Rounds alternate",
-        "between subjects. Both daemons log at warning level; both start programs with",
-        "startsecs = 0; supd restarts with backoff_initial = 0, supervisord with",
-        "autorestart = true. Run `python -m benchmarks --help` for the workloads.",
+        "its previous exit stamp (CLOCK_MONOTONIC, taken by the helper); supervisord gets",
+        f"{workloads.RESPAWN_BUDGET_S:g} s per respawn round instead of the full count.",
+        "Wake-ups are the daemon's voluntary + involuntary context switches over the idle",
+        "window, CPU its schedstat time. Raw status is one fresh unix-socket connection per",
+        "call (supd: JSON-RPC `status`; supervisord: XML-RPC `getAllProcessInfo`); the",
+        "ctl row runs the whole `supctl status` / `supervisorctl status` process. Start-up",
+        "is launch until a status call shows every program RUNNING. Log throughput runs",
+        "from the writer's start stamp until the log file holds every byte; daemon CPU is",
+        "utime + stime from the start request to the writer's exit. The storm counts",
+        f"starts in a {workloads.FULL.storm_window_s:g} s window after "
+        f"{workloads.STORM_WARMUP_S:g} s of warm-up. Rounds alternate between subjects;",
+        "figures are medians. Both daemons log at warning level; both start programs",
+        "with startsecs = 0; supd restarts with backoff_initial = 0, supervisord with",
+        "autorestart = true. `python -m benchmarks --help` lists the workloads.",
     ]
     if notes:
         parts += ["", "Problems during the run:", "", *[f"- {note}" for note in notes]]
@@ -210,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     subjects = {FLOOR, CAT, *([args.only] if args.only else DAEMONS)}
     steps = plan(args.workloads or list(WORKLOADS), sizes, subjects)
     machine = report.machine()
+    # Taken before the run: others may commit while it goes on.
+    setting = f"started {report.now_utc()} at commit {report.git_revision(REPO)}"
     if SUPERVISORD in subjects:
         ensure_supervisor(BENCH_VENV)
     helper = build_helper()
@@ -236,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"scratch folder kept: {scratch}")
     if args.write_results:
         RESULTS_MD.write_text(
-            results_markdown(table, summary, session.results.notes, args, machine)
+            results_markdown(table, summary, session.results.notes, args, f"{setting}; {machine}")
         )
         _progress(f"wrote {RESULTS_MD}")
     return 0

@@ -49,7 +49,7 @@ class Row:
     def cells(self) -> list[str]:
         ratio = ""
         if self.supd is not None and self.supervisord:
-            ratio = f"{self.supd / self.supervisord:.2f}x"
+            ratio = f"{self.supd / self.supervisord:.2g}x"
         verdict = {True: "PASS", False: "**FAIL**", None: ""}[self.passed]
         return [
             self.workload,
@@ -367,7 +367,7 @@ def machine() -> str:
             memory_kib = int(line.split()[1])
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
-        f"{cpu}, {os.cpu_count()} cores, {memory_kib / (1 << 20):.0f} GiB RAM; "
+        f"machine: {cpu}, {os.cpu_count()} cores, {memory_kib / (1 << 20):.0f} GiB RAM; "
         f"Linux {platform.release()}; Python {platform.python_version()}; "
         f"load average before the run {load}"
     )
