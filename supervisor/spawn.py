@@ -204,7 +204,10 @@ def spawn(spec: SpawnSpec) -> Child:
     if spec.directory is not None and not os.path.isdir(spec.directory):
         raise SpawnError(f"No such directory: {spec.directory}")
     executable = resolve_executable(spec.argv[0], env, spec.directory)
-    setpriv = _setpriv() if creds is None else None
+    # As PID 1 (a container's init) the parent-death signal is moot: when PID 1 dies
+    # the kernel kills everything in its namespace. Then exec the program directly.
+    direct = creds is None and os.getpid() == 1
+    setpriv = _setpriv() if creds is None and not direct else None
     parent_fds: list[int] = []
     child_fds: list[int] = []
     try:
@@ -217,8 +220,9 @@ def spawn(spec: SpawnSpec) -> Child:
             err_r, err_w = _pipe()
             parent_fds.append(err_r)
             child_fds.append(err_w)
-        if setpriv is not None:
-            pid = _posix_spawn(spec, setpriv, env, (_stdin(), out_w, err_w))
+        if direct or setpriv is not None:
+            path, argv = (executable, list(spec.argv)) if direct else _through_setpriv(spec)
+            pid = _posix_spawn(spec, path, argv, env, (_stdin(), out_w, err_w))
             return Child(pid, out_r, err_r, None)
         report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         parent_fds.append(report_r)
@@ -266,10 +270,19 @@ def _setpriv() -> str | None:
     return _setpriv_path
 
 
+def _through_setpriv(spec: SpawnSpec) -> tuple[str, list[str]]:
+    setpriv = _setpriv()
+    assert setpriv is not None
+    return setpriv, [setpriv, "--pdeathsig", "TERM", "--", *spec.argv]
+
+
 def _posix_spawn(
-    spec: SpawnSpec, setpriv: str, env: Mapping[str, str], fds: tuple[int, int, int]
+    spec: SpawnSpec,
+    path: str,
+    argv: list[str],
+    env: Mapping[str, str],
+    fds: tuple[int, int, int],
 ) -> int:
-    argv = [setpriv, "--pdeathsig", "TERM", "--", *spec.argv]
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
     directory = spec.directory
     # The way back is an fd, not a path: supd's own folder may have been deleted.
@@ -282,7 +295,7 @@ def _posix_spawn(
         if raised != _ORIGINAL_NOFILE:
             resource.setrlimit(resource.RLIMIT_NOFILE, _ORIGINAL_NOFILE)
         return os.posix_spawn(
-            setpriv,
+            path,
             argv,
             env,
             file_actions=actions,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -809,3 +810,50 @@ def test_subreaper_reaps_orphans_when_no_program_is_running(supd: Factory) -> No
         return not children
 
     wait_until(orphan_gone, describe=lambda: f"children of supd: {zombies()}")
+
+
+# -- as a container's init ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)"
+)
+def test_as_pid_1_it_reaps_orphans_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
+    """supd as PID 1 of a new PID namespace, as in a container."""
+    marker = tmp_path / "orphan"
+    config = tmp_path / "supd.toml"
+    daemonizer = cmd(f"""
+        import os, time
+        if os.fork() == 0:
+            if os.fork() == 0:
+                open({str(marker)!r}, "w").write("x")
+                time.sleep(0.2)
+                os._exit(0)
+            os._exit(0)
+        time.sleep(1000)
+    """)
+    config.write_text(f"[programs.app]\ncommand = {daemonizer}\nstartsecs = 0\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    argv = ["unshare", "--pid", "--fork", "--kill-child", PY, "-m", "supervisor", "-c", str(config)]
+    log = open(tmp_path / "supd.log", "wb")  # noqa: SIM115  (closed below)
+    outer = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
+    try:
+        sock = tmp_path / "supd.sock"
+        wait_until(sock.exists, describe=lambda: (tmp_path / "supd.log").read_text())
+        children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children")
+        [supd_pid] = [int(pid) for pid in wait_until(lambda: children.read_text().split())]
+        assert "\t1\n" in Path(f"/proc/{supd_pid}/status").read_text().split("NSpid:")[1]
+        wait_until(marker.exists)
+
+        def no_zombie_children() -> bool:
+            children = Path(f"/proc/{supd_pid}/task/{supd_pid}/children").read_text().split()
+            return all(pid_alive(int(c)) for c in children)
+
+        wait_until(no_zombie_children, describe="the orphan reaped by PID 1")
+        os.kill(supd_pid, signal.SIGTERM)
+        assert outer.wait(timeout=20) == 0
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
+        log.close()
