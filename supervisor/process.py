@@ -282,7 +282,7 @@ class Process:
         self.exit_code = event.exit_code
         self.exit_signal = event.exit_signal
 
-    def _uptime(self, now: float) -> float:
+    def uptime(self, now: float) -> float:
         return now - self.started_at if self.started_at is not None else 0.0
 
     def _failed_start(self, now: float, reason: str) -> list[Effect]:
@@ -302,7 +302,7 @@ class Process:
         return [self._enter(State.BACKOFF, reason), ArmTimer(Timer.BACKOFF, delay)]
 
     def _exited_while_running(self, event: Exited, now: float) -> list[Effect]:
-        if self._uptime(now) >= self.config.backoff_reset:
+        if self.uptime(now) >= self.config.backoff_reset:
             self.failures = 0
         self._record_exit(event, now)
         policy = self.config.autorestart
@@ -372,7 +372,7 @@ def describe(process: Process, now: float, wall_now: float) -> str:
     """
     state = process.state
     if state in (State.RUNNING, State.STARTING, State.STOPPING) and process.pid is not None:
-        return f"pid {process.pid}, uptime {format_uptime(process._uptime(now))}"
+        return f"pid {process.pid}, uptime {format_uptime(process.uptime(now))}"
     if state is State.BACKOFF and process.backoff_until is not None:
         wait = max(0.0, process.backoff_until - now)
         return f"restarting in {wait:.1f} s"
