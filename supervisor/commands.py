@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from supervisor import __version__, spawn
+from supervisor import __version__
 from supervisor.config import ConfigError
 from supervisor.control import Responder
-from supervisor.process import Start, State, Stop, Want, describe, signal_name
+from supervisor.process import DOWN_STATES, Start, State, Stop, Want, describe
 from supervisor.protocol import (
     ActionResult,
     ErrorCode,
@@ -40,6 +40,7 @@ from supervisor.protocol import (
     VersionParams,
     VersionResult,
 )
+from supervisor.signals import name as signal_name
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
@@ -173,11 +174,7 @@ class Commands:
 
     def _stopped(self, name: str) -> bool:
         slot = self.daemon.slots.get(name)
-        return (
-            slot is None
-            or slot.retiring
-            or slot.process.state in (State.STOPPED, State.EXITED, State.FATAL)
-        )
+        return slot is None or slot.retiring or slot.process.state in DOWN_STATES
 
     def _answer_change(
         self, targets: list[str], responder: Responder, up: bool, accepted: bool = False
@@ -216,11 +213,9 @@ class Commands:
     def signal(self, signum: int, names: list[str]) -> list[ActionResult]:
         results = []
         for name in self.resolve(names):
-            process = self.daemon.slots[name].process
-            sent = process.pid is not None and spawn.send_signal(process.pid, signum, False)
-            self.daemon.log.info(
-                "signal_sent", process=name, pid=process.pid, signal=signal_name(signum), sent=sent
-            )
+            slot = self.daemon.slots[name]
+            process = slot.process
+            sent = self.daemon.signal_process(slot, signum, group=False)
             error = None if sent else f"not running ({process.state.value})"
             results.append(ActionResult(name=name, ok=sent, state=process.state.value, error=error))
         return results

@@ -66,6 +66,8 @@ from pydantic import (
     model_validator,
 )
 
+from supervisor import signals
+
 try:
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
@@ -182,19 +184,16 @@ def _parse_byte_size(value: object) -> object:
 
 def _parse_signal(value: object) -> object:
     """'TERM', 'SIGTERM', 'term', '15' or 15 -> 15; other types pass through."""
-    if isinstance(value, str):
-        text = value.strip().upper()
-        if text.isdigit():
-            value = int(text)
-        else:
-            try:
-                return int(signal.Signals["SIG" + text.removeprefix("SIG")])
-            except KeyError:
-                raise ValueError("unknown signal; use a name like TERM or a number") from None
-    if _is_int(value):
-        if value not in signal.valid_signals():
-            raise ValueError("no such signal number")
-        return value
+    if isinstance(value, str) and not value.strip().isdigit():
+        try:
+            return signals.parse(value)
+        except ValueError:
+            raise ValueError("unknown signal; use a name like TERM or a number") from None
+    if isinstance(value, str) or _is_int(value):
+        try:
+            return signals.parse(int(value))
+        except ValueError:
+            raise ValueError("no such signal number") from None
     return value
 
 
@@ -451,10 +450,13 @@ class ProgramConfig(BaseModel):
         return self.stdout_logfile_backups if stream == "stdout" else self.stderr_logfile_backups
 
     def _process_num(self, process_name: str) -> int:
-        try:
-            return self.process_names().index(process_name)
-        except ValueError:
-            raise ValueError(f"{process_name!r} is not a process of {self.name!r}") from None
+        if self.numprocs == 1 and process_name == self.name:
+            return 0
+        program, _, number = process_name.rpartition(":")
+        valid = program == self.name and number.isdigit() and str(int(number)) == number
+        if valid and int(number) < self.numprocs:
+            return int(number)
+        raise ValueError(f"{process_name!r} is not a process of {self.name!r}")
 
     # -- normalisation of raw TOML values ------------------------------------
 

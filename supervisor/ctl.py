@@ -123,11 +123,11 @@ def socket_from_config(config_path: str, environ: Mapping[str, str]) -> str:
     if value is not None:
         if not isinstance(value, str) or not value:
             raise UsageError(f"config {config_path}: supervisor.socket must be a path")
-        return os.path.join(folder, os.path.expanduser(value))
+        return os.path.join(folder, value)  # no "~" expansion: the daemon does none
     runtime = environ.get("RUNTIME_DIRECTORY", "")
     if runtime:
         # systemd joins several RuntimeDirectory= entries with ":"; ours is the first.
-        return os.path.join(runtime.split(":")[0], "supd.sock")
+        return os.path.join(folder, runtime.split(":")[0], "supd.sock")
     return os.path.join(folder, "supd.sock")
 
 

@@ -8,9 +8,9 @@ Data flow, one direction only:
 
 Everything the daemon waits for is an event from the one selector: child exits
 (signalfd + waitid sweep), output pipes, timerfd timers (startsecs, backoff, stop
-timeout), SIGTERM/SIGINT/SIGHUP/SIGUSR2 through the signalfd, and the control socket with
-its eventfd doorbell. There is no polling and no sleep: with nothing to do the loop blocks
-in epoll_wait(-1).
+timeout), SIGTERM/SIGINT/SIGHUP/SIGUSR2 (and, as a subreaper, every SIGCHLD) through the
+signalfd, and the control socket with its eventfd doorbell. There is no polling and no
+sleep: with nothing to do the loop blocks in epoll_wait(-1).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from supervisor.config import Config, ConfigError, ProgramConfig, Stream, load, 
 from supervisor.control import AlreadyRunning, ControlServer
 from supervisor.logs import LogSink, PipeReader
 from supervisor.process import (
+    DOWN_STATES,
     ArmTimer,
     CancelTimer,
     Effect,
@@ -50,20 +51,17 @@ from supervisor.process import (
     Timer,
     TimerFired,
     Transitioned,
-    signal_name,
 )
 from supervisor.selector import Event, ReadyKey, Selector
+from supervisor.signals import name as signal_name
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
+EXIT_CONFIG = 2  # a bad config, or another supd already serves the socket
 
 # Signals the daemon reads through the signalfd.
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DAEMON_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, signal.SIGUSR2)
 
-# A state is "down" once no process runs and none will run without a command.
-DOWN_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
 
 # Output reads per pipe per wake-up: a flooding child cannot starve the others.
 MAX_READS_PER_WAKEUP = 8
@@ -324,7 +322,7 @@ class Daemon:
                 case Spawn():
                     pending[:0] = self._spawn(slot)
                 case Kill(signum=signum, group=group):
-                    self._kill(slot, signum, group)
+                    self.signal_process(slot, signum, group)
                 case ArmTimer(timer=timer, delay_s=delay_s):
                     self._arm_timer(slot, timer, delay_s)
                 case CancelTimer(timer=timer):
@@ -416,9 +414,10 @@ class Daemon:
                 stream = "stdout" if reader.sink is slot.stdout else "stderr"
                 reader.on_data = self._output_hook(slot, stream)
 
-    def _kill(self, slot: Slot, signum: int, group: bool) -> None:
+    def signal_process(self, slot: Slot, signum: int, group: bool) -> bool:
+        """Send `signum` to a process (or its group); False if it is not running."""
         if slot.child is None:
-            return
+            return False
         sent = spawn.send_signal(slot.child.pid, signum, group)
         self.log.info(
             "signal_sent",
@@ -427,6 +426,7 @@ class Daemon:
             signal=signal_name(signum),
             sent=sent,
         )
+        return sent
 
     def _arm_timer(self, slot: Slot, timer: Timer, delay_s: float) -> None:
         self._cancel_timer(slot, timer)
@@ -470,6 +470,10 @@ class Daemon:
             signal=signal_name(exit_signal) if exit_signal is not None else None,
         )
         self._apply(slot, slot.process.handle(Exited(exit_code, exit_signal), now))
+        if self.subreaper:
+            # Orphans that died with this child (a killed process group) were hidden
+            # behind its zombie from _reap_orphans' peek; with it reaped, look again.
+            self._reap_orphans()
 
     # -- output -----------------------------------------------------------------------
 

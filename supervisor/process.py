@@ -21,6 +21,7 @@ import time  # for display only (describe); the state machine never reads a cloc
 from dataclasses import dataclass, field
 
 from supervisor.config import ProgramConfig
+from supervisor.signals import name as signal_name
 
 
 class State(enum.Enum):
@@ -33,6 +34,10 @@ class State(enum.Enum):
     STOPPING = "STOPPING"
     EXITED = "EXITED"
     FATAL = "FATAL"
+
+
+# A process is "down" in these: none runs, and none will without a command.
+DOWN_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
 
 
 class Want(enum.Enum):
@@ -341,13 +346,6 @@ class Process:
         if self.want is Want.UP:  # a restart, or a start that arrived while stopping
             effects += self._start(now, "restart requested", reset=True)
         return effects
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def describe_exit(event: Exited) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from signal import Signals
 from typing import Annotated, Any, Final, Literal
 
 import pydantic_core
@@ -42,6 +41,8 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+
+from supervisor import signals
 
 JSONRPC_VERSION: Final = "2.0"
 
@@ -121,27 +122,11 @@ def _non_empty_names(names: list[str]) -> list[str]:
 Names = Annotated[list[StrictStr], AfterValidator(_non_empty_names)]
 
 
-def parse_signal(value: str | int) -> Signals:
-    """`"TERM"`, `"SIGTERM"`, `"term"`, `"15"` or `15` → `Signals.SIGTERM`.
-
-    Raises ValueError for anything that is not a signal of this platform.
-    """
-    if isinstance(value, int) or value.isdigit():
-        try:
-            return Signals(int(value))
-        except ValueError:
-            raise ValueError(f"unknown signal number {value}") from None
-    name = value.upper()
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    try:
-        return Signals[name]
-    except KeyError:
-        raise ValueError(f"unknown signal {value!r}") from None
+parse_signal = signals.parse  # "TERM", "SIGTERM", "term", "15" or 15 -> 15
 
 
 def _canonical_signal(value: str | int) -> str:
-    return parse_signal(value).name
+    return signals.name(signals.parse(value))
 
 
 class StatusParams(_Params):
@@ -169,8 +154,8 @@ class SignalParams(_Params):
     names: Names
 
     @property
-    def signum(self) -> Signals:
-        return parse_signal(self.signal)
+    def signum(self) -> int:
+        return signals.parse(self.signal)
 
 
 class ReloadParams(_Params):

@@ -301,7 +301,7 @@ class _Key(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class SelectorStatistics:
-    """A snapshot of what a selector holds, for debugging and ``supctl``."""
+    """A snapshot of what a selector holds, for debugging and tests."""
 
     handles: int
     timers: int

@@ -16,11 +16,13 @@ std; procServ#48 is the bug this prevents):
   thousands of pipes; a child expecting the usual 1024 for select() gets it back).
 - PR_SET_PDEATHSIG = SIGTERM, set after the uid/gid change (which clears it), so that
   a supd killed with SIGKILL leaves no orphan holding a port the next supd needs.
+  (Not when supd is PID 1: the kernel kills its whole PID namespace with it.)
 
-Two ways to get there, because speed matters here (a respawn's latency is mostly the
-spawn): `posix_spawn` through setpriv(1) when it can (see `_posix_spawn`), else a
-plain `os.fork()` that sets everything up in Python and execs (`_fork`), for programs
-that switch users and for systems without setpriv. On the fork path the child reports a
+Three ways to get there, because speed matters here (a respawn's latency is mostly the
+spawn): `posix_spawn` through setpriv(1), which sets the parent-death signal (see
+`_posix_spawn`); `posix_spawn` of the program itself when supd is PID 1; else a plain
+`os.fork()` that sets everything up in Python and execs (`_fork`), for programs that
+switch users and for systems without setpriv. On the fork path the child reports a
 failed exec through a close-on-exec pipe (end of file means the exec succeeded), which
 the daemon reads when convenient: the parent never waits for the child. Running Python
 in a forked child is safe because the daemon is single-threaded. The common failures
@@ -34,6 +36,7 @@ place, so the pid cannot be reused before `reap()` collects exactly that pid.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import os
 import pwd
@@ -82,7 +85,8 @@ class SpawnSpec:
 
 @dataclass
 class Child:
-    """A forked child and the daemon's ends of its pipes (None when closed)."""
+    """A started child and the daemon's ends of its pipes (None when closed or unused:
+    only the fork path has an exec report)."""
 
     pid: int
     stdout_fd: int | None
@@ -250,24 +254,17 @@ def spawn(spec: SpawnSpec) -> Child:
 # then execs the program, for about 1 ms of the child's time. Where setpriv is missing,
 # or the program switches users, the fork path below does everything in Python.
 
-_SETPRIV_UNKNOWN = ""
-_setpriv_path: str | None = _SETPRIV_UNKNOWN
 
-
+@functools.cache
 def _setpriv() -> str | None:
     """setpriv's path, if it supports --pdeathsig (util-linux 2.33+); looked up once."""
-    global _setpriv_path
-    if _setpriv_path == _SETPRIV_UNKNOWN:
-        _setpriv_path = None
-        found = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
-        if found is not None:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                usage = subprocess.run(
-                    [found, "--help"], capture_output=True, text=True, timeout=10
-                ).stdout
-                if "--pdeathsig" in usage:
-                    _setpriv_path = found
-    return _setpriv_path
+    found = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if found is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            usage = subprocess.run([found, "--help"], capture_output=True, text=True, timeout=10)
+            if "--pdeathsig" in usage.stdout:
+                return found
+    return None
 
 
 def _through_setpriv(spec: SpawnSpec) -> tuple[str, list[str]]:

@@ -215,7 +215,7 @@ def test_config_socket_relative_absolute_and_home(tmp_path: Path) -> None:
     absolute = write_config(tmp_path / "abs", '[supervisor]\nsocket = "/x/y.sock"\n')
     assert ctl.socket_from_config(str(absolute), {}) == "/x/y.sock"
     home = write_config(tmp_path / "home", '[supervisor]\nsocket = "~/supd.sock"\n')
-    assert ctl.socket_from_config(str(home), {}) == os.path.expanduser("~/supd.sock")
+    assert ctl.socket_from_config(str(home), {}) == str(tmp_path / "home" / "~" / "supd.sock")
 
 
 def test_config_without_socket_uses_runtime_directory_or_the_config_folder(
@@ -230,9 +230,14 @@ def test_config_without_socket_uses_runtime_directory_or_the_config_folder(
 def test_socket_default_agrees_with_the_daemon_config(tmp_path: Path) -> None:
     """supctl reads the socket key without the pydantic config module; both must agree."""
     config_module = pytest.importorskip("supervisor.config")
-    for text in ('[supervisor]\nsocket = "../run/x.sock"\n', "[supervisor]\n", ""):
+    texts = ('[supervisor]\nsocket = "../run/x.sock"\n', '[supervisor]\nsocket = "~/x"\n', "")
+    for text in texts:
         path = write_config(tmp_path / "c", text)
-        for environ in ({}, {"RUNTIME_DIRECTORY": str(tmp_path / "rt")}):
+        for environ in (
+            {},
+            {"RUNTIME_DIRECTORY": str(tmp_path / "rt")},
+            {"RUNTIME_DIRECTORY": "rt"},
+        ):
             loaded = config_module.load(path, environ=environ)
             expected = os.path.normpath(loaded.supervisor.socket)
             assert os.path.normpath(ctl.socket_from_config(str(path), environ)) == expected

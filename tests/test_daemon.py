@@ -857,3 +857,31 @@ def test_as_pid_1_it_reaps_orphans_and_exits_zero_on_sigterm(tmp_path: Path) -> 
             outer.kill()
             outer.wait()
         log.close()
+
+
+def test_subreaper_reaps_orphans_killed_with_their_program(supd: Factory, tmp_path: Path) -> None:
+    """An orphan in the program's process group dies with it on stop: no zombie stays."""
+    marker = tmp_path / "orphan"
+    d = supd(f"""
+        [supervisor]
+        subreaper = true
+        [programs.forker]
+        command = {
+        cmd(f'''
+            import os, time
+            if os.fork() == 0:
+                if os.fork() == 0:
+                    open({str(marker)!r}, "w").write(str(os.getpid()))
+                    time.sleep(1000)
+                os._exit(0)
+            time.sleep(1000)
+        ''')
+    }
+        startsecs = 0
+        killasgroup = true
+    """)
+    d.wait_state("forker", "RUNNING")
+    orphan = int(wait_until(lambda: marker.exists() and marker.read_text()))
+    d.track(orphan)
+    d.rpc("stop", {"names": ["forker"]})
+    wait_until(lambda: not Path(f"/proc/{orphan}").exists(), describe="orphan killed and reaped")

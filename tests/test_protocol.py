@@ -120,11 +120,20 @@ def test_line_without_newline_and_with_crlf_parse_alike() -> None:
      ("9", signal.SIGKILL), (15, signal.SIGTERM), ("usr1", signal.SIGUSR1)],
 )  # fmt: skip
 def test_signal_names_and_numbers(value: str | int, expected: signal.Signals) -> None:
-    assert protocol.parse_signal(value) is expected
+    assert protocol.parse_signal(value) == expected
     request = parsed(id=1, method="signal", params={"signal": value, "names": ["a"]})
     assert isinstance(request.params, SignalParams)
-    assert request.params.signum is expected
+    assert request.params.signum == expected
     assert request.params.signal == expected.name
+
+
+def test_realtime_signals_are_accepted_as_numbers_and_names() -> None:
+    """The config accepts stopsignal = 40; supctl signal must accept it too."""
+    rt = signal.SIGRTMIN + 2
+    for value in (rt, str(rt), "RTMIN+2", "SIGRTMIN+2"):
+        request = parsed(id=1, method="signal", params={"signal": value, "names": ["a"]})
+        assert isinstance(request.params, SignalParams)
+        assert (request.params.signum, request.params.signal) == (rt, "SIGRTMIN+2")
 
 
 # --------------------------------------------------------------------------- errors
