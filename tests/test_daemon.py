@@ -630,59 +630,85 @@ def test_python_dash_m_and_console_script_agree(tmp_path: Path) -> None:
 # -- subreaper ----------------------------------------------------------------------------
 
 
+def orphan_maker(pidfile: Path, release: Path, then: str) -> str:
+    """A program whose grandchild is orphaned: it records its pid, waits for `release`,
+    then exits. The program itself runs `then` (Python) once the orphan exists."""
+    return cmd(f"""
+        import os, sys, time
+        if os.fork() == 0:
+            if os.fork() == 0:
+                open({str(pidfile)!r} + ".tmp", "w").write(str(os.getpid()))
+                os.rename({str(pidfile)!r} + ".tmp", {str(pidfile)!r})
+                while not os.path.exists({str(release)!r}):
+                    time.sleep(0.01)
+                os._exit(0)
+            os._exit(0)
+        while not os.path.exists({str(pidfile)!r}):
+            time.sleep(0.01)
+        {then}
+    """)
+
+
+def adopted_then_reaped(d: Supd, pidfile: Path, release: Path) -> None:
+    """The orphan's parent is supd (adopted), and once released it leaves no zombie."""
+    orphan = int(wait_until(lambda: pidfile.exists() and pidfile.read_text()))
+    d.track(orphan)
+    ppid = wait_until(lambda: proc_status(orphan)["PPid"] == str(d.pid), describe="adopted")
+    assert ppid
+    release.touch()
+    wait_until(lambda: not Path(f"/proc/{orphan}").exists(), describe="orphan reaped by supd")
+
+
 def test_subreaper_reaps_double_forked_orphans_and_keeps_exit_status(
     supd: Factory, tmp_path: Path
 ) -> None:
-    pidfile = tmp_path / "grandchild"
+    pidfile, release, done = tmp_path / "orphan", tmp_path / "release", tmp_path / "done"
+    wait_done = f"[time.sleep(0.01) for _ in iter(lambda: os.path.exists({str(done)!r}), True)]"
     d = supd(f"""
         [supervisor]
         subreaper = true
         [programs.forker]
-        command = {
-        cmd(f'''
-            import os, sys, time
-            if os.fork() == 0:          # the child daemonizes the grandchild and leaves
-                if os.fork() == 0:
-                    open({str(pidfile)!r}, "w").write(str(os.getpid()))
-                    time.sleep(0.3)     # then the orphan exits, a zombie for supd
-                    os._exit(0)
-                os._exit(0)
-            time.sleep(1.5)
-            sys.exit(7)
-        ''')
-    }
+        command = {orphan_maker(pidfile, release, wait_done + "; sys.exit(7)")}
         startsecs = 0
         autorestart = "never"
     """)
     d.wait_state("forker", "RUNNING")
-    grandchild = int(wait_until(lambda: pidfile.exists() and pidfile.read_text()))
-    d.track(grandchild)
-    wait_until(lambda: not Path(f"/proc/{grandchild}").exists(), describe="orphan reaped")
-    entry = d.wait_state("forker", "EXITED")
-    assert entry["exit_code"] == 7
+    adopted_then_reaped(d, pidfile, release)
+    done.touch()
+    assert d.wait_state("forker", "EXITED")["exit_code"] == 7  # the program's own status
 
 
-def test_log_lines_carry_journal_priorities_under_systemd(tmp_path: Path) -> None:
-    """With JOURNAL_STREAM naming our stderr, lines start with <N> and carry no time."""
-    config = tmp_path / "supd.toml"
-    config.write_text('[programs.bad]\ncommand = "/no/such/thing"\nstartretries = 0\n')
-    log = tmp_path / "journal"
-    with open(log, "wb") as stderr:
-        st = os.fstat(stderr.fileno())
-        env = dict(os.environ, PYTHONPATH=str(REPO), JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
-        proc = subprocess.Popen(
-            [PY, "-m", "supervisor", "-c", str(config)], stderr=stderr, env=env, cwd=tmp_path
-        )
-    try:
-        wait_until(lambda: '"fatal"' in log.read_text(), describe=log.read_text)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
-    lines = log.read_text().splitlines()
-    assert all(re.match(r"<[0-7]>\{", line) for line in lines), lines
-    assert any(line.startswith("<3>") and '"fatal"' in line for line in lines)
-    assert any(line.startswith("<6>") and '"spawn_failed"' not in line for line in lines)
-    assert not any('"timestamp"' in line for line in lines)
+def test_subreaper_reaps_orphans_when_no_program_is_running(supd: Factory, tmp_path: Path) -> None:
+    pidfile, release = tmp_path / "orphan", tmp_path / "release"
+    d = supd(f"""
+        [supervisor]
+        subreaper = true
+        [programs.daemonizer]
+        command = {orphan_maker(pidfile, release, "sys.exit(0)")}
+        startsecs = 0
+        autorestart = "never"
+    """)
+    d.wait_state("daemonizer", "EXITED")  # nothing is watched any more
+    adopted_then_reaped(d, pidfile, release)
+
+
+def test_subreaper_reaps_orphans_killed_with_their_program(supd: Factory, tmp_path: Path) -> None:
+    """An orphan in the program's process group dies with it on stop: no zombie stays."""
+    pidfile, release = tmp_path / "orphan", tmp_path / "release"
+    d = supd(f"""
+        [supervisor]
+        subreaper = true
+        [programs.forker]
+        command = {orphan_maker(pidfile, release, "time.sleep(1000)")}
+        startsecs = 0
+        killasgroup = true
+    """)
+    d.wait_state("forker", "RUNNING")
+    orphan = int(wait_until(lambda: pidfile.exists() and pidfile.read_text()))
+    d.track(orphan)
+    wait_until(lambda: proc_status(orphan)["PPid"] == str(d.pid), describe="adopted")
+    d.rpc("stop", {"names": ["forker"]})
+    wait_until(lambda: not Path(f"/proc/{orphan}").exists(), describe="orphan killed and reaped")
 
 
 # -- reload and shutdown edge cases (regressions from review) ---------------------------
@@ -790,28 +816,6 @@ def test_reloads_while_a_changed_program_is_still_stopping(supd: Factory, tmp_pa
     wait_until(lambda: set(d.status()) == {"other"}, describe=lambda: str(d.status()))
 
 
-def test_subreaper_reaps_orphans_when_no_program_is_running(supd: Factory) -> None:
-    d = supd("""
-        [supervisor]
-        subreaper = true
-        [programs.daemonizer]
-        command = ["sh", "-c", "sleep 0.3 >/dev/null 2>&1 & exit 0"]
-        startsecs = 0
-        autorestart = "never"
-    """)
-    d.wait_state("daemonizer", "EXITED")
-
-    def zombies() -> list[str]:
-        children = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
-        return [c for c in children if not pid_alive(int(c)) and Path(f"/proc/{c}").exists()]
-
-    def orphan_gone() -> bool:
-        children = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
-        return not children
-
-    wait_until(orphan_gone, describe=lambda: f"children of supd: {zombies()}")
-
-
 # -- as a container's init ----------------------------------------------------------------
 
 
@@ -857,31 +861,3 @@ def test_as_pid_1_it_reaps_orphans_and_exits_zero_on_sigterm(tmp_path: Path) -> 
             outer.kill()
             outer.wait()
         log.close()
-
-
-def test_subreaper_reaps_orphans_killed_with_their_program(supd: Factory, tmp_path: Path) -> None:
-    """An orphan in the program's process group dies with it on stop: no zombie stays."""
-    marker = tmp_path / "orphan"
-    d = supd(f"""
-        [supervisor]
-        subreaper = true
-        [programs.forker]
-        command = {
-        cmd(f'''
-            import os, time
-            if os.fork() == 0:
-                if os.fork() == 0:
-                    open({str(marker)!r}, "w").write(str(os.getpid()))
-                    time.sleep(1000)
-                os._exit(0)
-            time.sleep(1000)
-        ''')
-    }
-        startsecs = 0
-        killasgroup = true
-    """)
-    d.wait_state("forker", "RUNNING")
-    orphan = int(wait_until(lambda: marker.exists() and marker.read_text()))
-    d.track(orphan)
-    d.rpc("stop", {"names": ["forker"]})
-    wait_until(lambda: not Path(f"/proc/{orphan}").exists(), describe="orphan killed and reaped")
