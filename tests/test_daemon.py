@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,14 @@ def read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def ignores_sigterm(ready: Path) -> str:
-    """A program that ignores SIGTERM and creates `ready` once it does."""
+def ignores_sigterm(ready: Path, per_process: bool = False) -> str:
+    """A program that ignores SIGTERM and creates `ready` (or `ready.NAME` for each
+    process, with `per_process`) once it does."""
+    suffix = ' + "." + os.environ["SUPD_PROCESS_NAME"]' if per_process else ""
     return cmd(f"""
-        import signal, time
+        import os, signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        open({str(ready)!r}, "w").close()
+        open({str(ready)!r}{suffix}, "w").close()
         time.sleep(1000)
     """)
 
@@ -58,7 +61,7 @@ def test_program_goes_starting_then_running_after_startsecs(supd: Factory) -> No
     d = supd(f"""
         [programs.web]
         command = {SLEEP}
-        startsecs = 0.5
+        startsecs = 2
     """)
     assert d.state("web") == "STARTING"
     entry = d.wait_state("web", "RUNNING")
@@ -97,9 +100,10 @@ def test_backoff_delays_follow_the_ladder(supd: Factory, tmp_path: Path) -> None
     d.wait_state("crash", "FATAL", timeout=15)
     times = [float(t) for t in read_lines(starts)]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    # 0.2, 0.4, then capped at 0.5; plus the child's own start and exit (tens of ms).
+    # 0.2, 0.4, then capped at 0.5, plus the child's own start and exit: never less (the
+    # timer's floor), and the ceiling is loose because a loaded machine delays children.
     for gap, expected in zip(gaps, [0.2, 0.4, 0.5], strict=True):
-        assert expected <= gap < expected + 0.25, gaps
+        assert expected <= gap < expected + 1.0, gaps
     delays = [e["delay_s"] for e in d.events("backoff")]
     assert delays == pytest.approx([0.2, 0.4, 0.5], abs=0.02)
 
@@ -113,12 +117,12 @@ def test_zero_backoff_restarts_within_milliseconds(supd: Factory, tmp_path: Path
         backoff_initial = 0
     """)
     wait_until(lambda: len(d.events("spawned")) >= 6, describe=d.describe)
-    exits = d.events("exited")
-    spawns = d.events("spawned")
     assert d.status()["blip"]["restarts"] >= 5
-    # Every exit is followed by the next spawn with no timer in between.
-    assert not d.events("backoff")
-    assert len(spawns) >= len(exits)
+    assert not d.events("backoff")  # no timer between an exit and the next spawn
+    exits = [datetime.fromisoformat(e["timestamp"]) for e in d.events("exited")]
+    spawns = [datetime.fromisoformat(e["timestamp"]) for e in d.events("spawned")]
+    gaps = [(spawn - exit).total_seconds() for exit, spawn in zip(exits, spawns[1:], strict=False)]
+    assert gaps and max(gaps) < 0.2, gaps  # the default backoff would be 1 s
 
 
 @pytest.mark.parametrize(
@@ -331,6 +335,9 @@ def test_children_get_sigterm_when_supd_is_killed(supd: Factory) -> None:
         startsecs = 0
     """)
     pid = d.wait_state("orphan", "RUNNING")["pid"]
+    # RUNNING comes at spawn time (startsecs = 0); the death signal is set just before
+    # the exec of sleep, so wait for that exec.
+    wait_until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("sleep"))
     d.signal(signal.SIGKILL)
     d.wait_exit()
     wait_until(lambda: not pid_alive(pid), describe="child stopped by PDEATHSIG")
@@ -346,8 +353,9 @@ def test_sigterm_stops_everything_by_priority_and_exits_zero(supd: Factory, tmp_
         code = f'''
             import signal, sys, time
             def bye(*_):
+                open({str(order)!r}, "a").write("{name} term\\n")
                 time.sleep(0.2)
-                open({str(order)!r}, "a").write("{name}\\n")
+                open({str(order)!r}, "a").write("{name} exit\\n")
                 sys.exit(0)
             signal.signal(signal.SIGTERM, bye)
             open({str(tmp_path / name)!r} + ".ready", "w").close()
@@ -365,8 +373,12 @@ def test_sigterm_stops_everything_by_priority_and_exits_zero(supd: Factory, tmp_
         wait_until((tmp_path / f"{name}.ready").exists)
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
-    stopped = read_lines(order)
-    assert sorted(stopped[:2]) == ["web", "web2"] and stopped[2:] == ["app", "db"]
+    log = read_lines(order)
+    # web and web2 (priority 100) are stopped together: both get TERM before either
+    # exits; app (50) only after both are gone, and db (1) last.
+    assert sorted(log[:2]) == ["web term", "web2 term"], log
+    assert sorted(log[2:4]) == ["web exit", "web2 exit"], log
+    assert log[4:] == ["app term", "app exit", "db term", "db exit"], log
     assert not any(pid_alive(p) for p in pids)
     assert not d.socket.exists()
 
@@ -738,20 +750,27 @@ def test_second_sigterm_kills_even_when_other_programs_are_already_down(
     assert not pid_alive(pid)
 
 
-def test_shutdown_right_after_a_reload_does_not_start_the_new_version(supd: Factory) -> None:
+def test_shutdown_right_after_a_reload_does_not_start_the_new_version(
+    supd: Factory, tmp_path: Path
+) -> None:
+    ready = tmp_path / "ready"
+    stubborn = ignores_sigterm(ready)
     d = supd(f"""
         [programs.x]
-        command = {SLEEP}
+        command = {stubborn}
         startsecs = 0
+        stopwaitsecs = 1
     """)
     d.wait_state("x", "RUNNING")
+    wait_until(ready.exists)
     d.write_config(f"""
         [programs.x]
-        command = {SLEEP}
+        command = {stubborn}
         startsecs = 0
         environment = {{ VERSION = "2" }}
     """)
     d.signal(signal.SIGHUP)
+    d.wait_state("x", "STOPPING")  # the old version is on its way out (it ignores TERM)
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     assert len(d.events("spawned")) == 1  # the new version never started
@@ -763,7 +782,7 @@ def test_program_removed_and_added_back_while_still_stopping(supd: Factory, tmp_
         [programs.x]
         command = {ignores_sigterm(ready)}
         startsecs = 0
-        stopwaitsecs = 1
+        stopwaitsecs = 5
     """
     d = supd(old_config)
     old = d.wait_state("x", "RUNNING")["pid"]
@@ -784,24 +803,24 @@ def test_program_removed_and_added_back_while_still_stopping(supd: Factory, tmp_
 
 
 def test_reloads_while_a_changed_program_is_still_stopping(supd: Factory, tmp_path: Path) -> None:
-    ready = tmp_path / "ready"
-    stubborn = ignores_sigterm(ready)
+    ready = tmp_path / "ready"  # one file per process: ready.x:0, ready.x:1
+    stubborn = ignores_sigterm(ready, per_process=True)
     d = supd(f"""
         [programs.x]
         command = {stubborn}
         numprocs = 2
         startsecs = 0
-        stopwaitsecs = 1
+        stopwaitsecs = 5
     """)
     d.wait_state("x:0", "RUNNING")
     d.wait_state("x:1", "RUNNING")
-    wait_until(ready.exists)
+    wait_until(lambda: all(Path(f"{ready}.x:{i}").exists() for i in (0, 1)))
     d.write_config(f"""
         [programs.x]
         command = {stubborn}
         numprocs = 3
         startsecs = 0
-        stopwaitsecs = 1
+        stopwaitsecs = 5
     """)
     assert d.rpc("reload")["changed"] == ["x"]
     [restart] = d.rpc("restart", {"names": ["x:0"]})
