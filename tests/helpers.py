@@ -61,6 +61,19 @@ def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
 
 
+def children_of(pid: int) -> list[int]:
+    """The pids of `pid`'s children (from /proc; [] once it is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    children: list[int] = []
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):
+            children += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return children
+
+
 class RpcError(Exception):
     def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(f"{error.get('code')}: {error.get('message')}")
@@ -190,10 +203,9 @@ class Supd:
         self._children.update(pids)
 
     def kill(self) -> None:
-        """Teardown: SIGKILL supd and every child it reported, then reap supd."""
+        """Teardown: SIGKILL supd and every child it has (or reported), then reap supd."""
         if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                self.status()
+            self._children.update(children_of(self.proc.pid))  # even if supd is hung
             kill_quietly(self.proc.pid)
             self.proc.wait()
         for pid in self._children:
