@@ -880,3 +880,102 @@ def test_as_pid_1_it_reaps_orphans_and_exits_zero_on_sigterm(tmp_path: Path) -> 
             outer.kill()
             outer.wait()
         log.close()
+
+
+# -- promises of the README ---------------------------------------------------------------
+
+
+def context_switches(pid: int) -> int:
+    status = proc_status(pid)
+    return int(status["voluntary_ctxt_switches"]) + int(status["nonvoluntary_ctxt_switches"])
+
+
+def test_an_idle_daemon_does_not_wake_up(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.idle]
+        command = {SLEEP}
+        numprocs = 5
+        startsecs = 0.1
+    """)
+    for i in range(5):
+        d.wait_state(f"idle:{i}", "RUNNING")
+
+    # Start-up traffic (the last startsecs timers, the status calls above) must end first.
+    def quiet_for(seconds: float) -> bool:
+        before = context_switches(d.pid)
+        time.sleep(seconds)  # a measurement window, not a wait for an event
+        return context_switches(d.pid) == before
+
+    wait_until(lambda: quiet_for(0.3), describe="the daemon to go quiet")
+    assert quiet_for(1.0)  # the measurement itself: nothing happens in a whole second
+
+
+def test_programs_start_in_priority_order(supd: Factory, tmp_path: Path) -> None:
+    order = tmp_path / "order"
+    programs = "".join(
+        f"""
+        [programs.{name}]
+        command = {cmd(f"open({str(order)!r}, 'a').write('{name}'); import time; time.sleep(99)")}
+        priority = {priority}
+        startsecs = 0
+        """
+        for name, priority in [("web", 300), ("db", 10), ("app", 200)]
+    )  # fmt: skip
+    d = supd(programs)
+    spawned = wait_until(lambda: len(d.events("spawned")) == 3 and d.events("spawned"))
+    assert [e["process"] for e in spawned] == ["db", "app", "web"]
+    wait_until(lambda: order.exists() and len(order.read_text()) == len("webdbapp"))
+
+
+def test_stopsignal_is_what_the_program_gets(supd: Factory, tmp_path: Path) -> None:
+    got, ready = tmp_path / "got", tmp_path / "ready"
+    d = supd(f"""
+        [programs.graceful]
+        command = {
+        cmd(f'''
+            import signal, sys, time
+            def bye(signum, _):
+                open({str(got)!r}, "w").write(signal.Signals(signum).name)
+                sys.exit(0)
+            signal.signal(signal.SIGINT, bye)
+            signal.signal(signal.SIGTERM, bye)
+            open({str(ready)!r}, "w").close()
+            time.sleep(1000)
+        ''')
+    }
+        startsecs = 0
+        stopsignal = "INT"
+    """)
+    d.wait_state("graceful", "RUNNING")
+    wait_until(ready.exists)
+    [result] = d.rpc("stop", {"names": ["graceful"]})
+    assert result["ok"]
+    assert got.read_text() == "SIGINT"
+
+
+def test_reload_honours_autostart_and_includes(supd: Factory, tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    d = supd(f"""
+        [supervisor]
+        include = ["conf.d/*.toml"]
+        [programs.main]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    d.wait_state("main", "RUNNING")
+    (tmp_path / "conf.d" / "extra.toml").write_text(f"""
+[programs.manual]
+command = {SLEEP}
+autostart = false
+[programs.auto]
+command = {SLEEP}
+startsecs = 0
+""")
+    assert sorted(d.rpc("reload")["added"]) == ["auto", "manual"]
+    d.wait_state("auto", "RUNNING")
+    assert d.status()["manual"]["state"] == "STOPPED"
+    (tmp_path / "conf.d" / "extra.toml").write_text(f"[programs.main]\ncommand = {SLEEP}\n")
+    with pytest.raises(RpcError) as info:  # main defined twice: the reload is refused
+        d.rpc("reload")
+    assert "extra.toml" in str(info.value.error["data"])
+    assert set(d.status()) == {"main", "manual", "auto"}
