@@ -979,3 +979,28 @@ startsecs = 0
         d.rpc("reload")
     assert "extra.toml" in str(info.value.error["data"])
     assert set(d.status()) == {"main", "manual", "auto"}
+
+
+def test_log_format_and_level_shape_the_daemons_own_log(supd: Factory) -> None:
+    console = supd("""
+        [supervisor]
+        log_format = "console"
+        [programs.p]
+        command = "sleep 1000"
+        startsecs = 0
+    """)
+    console.wait_state("p", "RUNNING")
+    lines = wait_until(lambda: [ln for ln in console.describe().splitlines() if "spawned" in ln])
+    assert "process=p" in lines[0] and not lines[0].lstrip().startswith("{")
+    console.kill()
+    console.log_path.unlink()
+    quiet = supd("""
+        [supervisor]
+        log_level = "warning"
+        [programs.missing]
+        command = "/no/such/program"
+        startretries = 0
+    """)
+    quiet.wait_state("missing", "FATAL")
+    levels = {e["level"] for e in wait_until(quiet.events)}
+    assert levels <= {"warning", "error"} and "error" in levels
