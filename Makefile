@@ -6,8 +6,13 @@ CONFIG ?= config/supd.toml
 
 .PHONY: run test lint bench clean venv
 
+# Debian's python3 needs python3-venv for this; as root we install it when missing.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "python3 -m venv failed: installing python3-venv" >&2; \
+	    apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); \
+	  else echo "python3 -m venv failed: install python3-venv (Debian/Ubuntu)" >&2; exit 1; fi; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # The stamp files reinstall only when pyproject.toml changes.
