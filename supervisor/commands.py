@@ -71,11 +71,11 @@ class Commands:
             case StatusParams(names=names):
                 responder.result(self.status(names))
             case StartParams(names=names, wait=wait):
-                self._change(names, wait, responder, restart=False, up=True)
+                self._change(names, wait, responder, (Start(),))
             case StopParams(names=names, wait=wait):
-                self._change(names, wait, responder, restart=False, up=False)
+                self._change(names, wait, responder, (Stop(),))
             case RestartParams(names=names, wait=wait):
-                self._change(names, wait, responder, restart=True, up=True)
+                self._change(names, wait, responder, (Stop(), Start()))
             case SignalParams(names=names) as params:
                 responder.result(self.signal(int(params.signum), names))
             case ReloadParams():
@@ -143,9 +143,11 @@ class Commands:
     # -- start / stop / restart -------------------------------------------------------
 
     def _change(
-        self, names: list[str], wait: bool, responder: Responder, *, restart: bool, up: bool
+        self, names: list[str], wait: bool, responder: Responder, events: tuple[Start | Stop, ...]
     ) -> None:
+        """start (Start), stop (Stop) or restart (Stop then Start) the named processes."""
         daemon = self.daemon
+        up = isinstance(events[-1], Start)  # where the processes are meant to end up
         if daemon.shutting_down and up:
             responder.error(ErrorCode.SHUTTING_DOWN, "supd is shutting down")
             return
@@ -153,10 +155,8 @@ class Commands:
         for name in targets:
             if daemon.slots[name].retiring:
                 continue  # a reload is replacing or removing it: leave it to that
-            if restart or not up:
-                daemon.send(name, Stop())
-            if up:
-                daemon.send(name, Start())
+            for event in events:
+                daemon.send(name, event)
         settled = self._started if up else self._stopped
         if wait:
             daemon.wait_for(targets, settled, self._answer_change(targets, responder, up))
