@@ -47,6 +47,14 @@ def toml_list(argv: list[str]) -> str:
     return json.dumps(argv)
 
 
+def cmd(code: str) -> str:
+    """A TOML `command` value: argv running `code` in Python."""
+    return toml_list(python_command(code))
+
+
+SLEEP = cmd("import time; time.sleep(1000)")  # a program that runs until stopped
+
+
 def pid_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:

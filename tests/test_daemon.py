@@ -16,26 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    PY,
-    REPO,
-    RpcError,
-    Supd,
-    pid_alive,
-    python_command,
-    toml_list,
-    wait_until,
-)
+from tests.helpers import PY, REPO, SLEEP, RpcError, Supd, cmd, pid_alive, wait_until
 
 Factory = Callable[..., Supd]
-
-
-def cmd(code: str) -> str:
-    """A TOML value: argv running `code` in Python."""
-    return toml_list(python_command(code))
-
-
-SLEEP = cmd("import time; time.sleep(1000)")
 
 
 def read_lines(path: Path) -> list[str]:

@@ -16,11 +16,20 @@ from pathlib import Path
 import pytest
 
 from supervisor.protocol import RESULT_ADAPTERS
-from tests.helpers import PY, REPO, RpcError, Supd, pid_alive, python_command, toml_list, wait_until
+from tests.helpers import (
+    PY,
+    REPO,
+    SLEEP,
+    RpcError,
+    Supd,
+    pid_alive,
+    python_command,
+    toml_list,
+    wait_until,
+)
 
 Factory = Callable[..., Supd]
 
-SLEEP = toml_list(python_command("import time; time.sleep(1000)"))
 TICKER = toml_list(
     python_command("""
         import itertools, time

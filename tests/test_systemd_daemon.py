@@ -27,12 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PY, REPO, Supd, python_command, toml_list, wait_until
+from tests.helpers import PY, REPO, SLEEP, Supd, python_command, toml_list, wait_until
 
 Factory = Callable[..., Supd]
 
 
-SLEEP = toml_list(python_command("import time; time.sleep(1000)"))
 CRASH = toml_list(python_command("raise SystemExit(1)"))
 
 
