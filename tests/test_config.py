@@ -18,10 +18,10 @@ from supervisor.config import (
     Problem,
     ProgramConfig,
     SupervisorConfig,
-    _KeyLocator,
     load,
     summary,
 )
+from supervisor.tomlkeys import KeyLocator
 
 REPO = Path(__file__).resolve().parent.parent
 NO_ENV: dict[str, str] = {}
@@ -804,7 +804,7 @@ def test_lines_are_found_for_every_way_of_writing_a_key(tmp_path: Path) -> None:
 
 
 def test_locator_falls_back_to_the_enclosing_table() -> None:
-    locator = _KeyLocator('\n[programs.web]\ncommand = "x"\n')
+    locator = KeyLocator('\n[programs.web]\ncommand = "x"\n')
 
     assert locator.line_of(("programs", "web", "command")) == 3
     assert locator.line_of(("programs", "web", "missing")) == 2
