@@ -223,6 +223,9 @@ class Commands:
     # -- reload -----------------------------------------------------------------------
 
     def _reload(self, responder: Responder) -> None:
+        if self.daemon.shutting_down:
+            responder.error(ErrorCode.SHUTTING_DOWN, "supd is shutting down")
+            return
         try:
             added, changed, removed = self.daemon.reload()
         except ConfigError as exc:

@@ -347,3 +347,32 @@ def test_tail_follow_keeps_a_split_utf8_character_whole(supd: Factory, tmp_path:
         assert json.loads(reader.readline())["params"]["data"] == "caf"
         second.touch()  # the rest of the character arrives in a second read
         assert json.loads(reader.readline())["params"]["data"] == "\u00e9!\n"
+
+
+def test_commands_that_start_things_are_refused_during_shutdown(
+    supd: Factory, tmp_path: Path
+) -> None:
+    ready = tmp_path / "ready"
+    stubborn = toml_list(
+        python_command(f"""
+            import signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            open({str(ready)!r}, "w").close()
+            time.sleep(1000)
+        """)
+    )
+    d = supd(f"""
+        [programs.stubborn]
+        command = {stubborn}
+        startsecs = 0
+        stopwaitsecs = 30
+    """)
+    d.wait_state("stubborn", "RUNNING")
+    wait_until(ready.exists)
+    d.signal(signal.SIGTERM)
+    d.wait_state("stubborn", "STOPPING")
+    for method in ("reload", "start"):
+        with pytest.raises(RpcError) as info:
+            d.rpc(method, {"names": ["stubborn"]} if method == "start" else {})
+        assert info.value.code == 5  # SHUTTING_DOWN
+    assert d.status()["stubborn"]["state"] == "STOPPING"  # status still answers
