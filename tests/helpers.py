@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -220,12 +220,3 @@ class Supd:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             kill_quietly(pid)
-
-
-@contextlib.contextmanager
-def running_supd(tmp_path: Path, config: str, **kw: Any) -> Iterator[Supd]:
-    supd = Supd(tmp_path, config, **kw)
-    try:
-        yield supd.start()
-    finally:
-        supd.kill()
