@@ -108,7 +108,7 @@ class Supd:
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def launch(self, processes: Processes, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "supervisor", "-c", str(self.config_path)]
+        argv = [sys.executable, "-m", "supd", "-c", str(self.config_path)]
         return processes.start(argv, env=env, output=self.workdir / "daemon.log", cwd=self.workdir)
 
     def _call(self, method: str, params: dict[str, Any]) -> bytes:
@@ -141,7 +141,7 @@ class Supd:
 
     def ctl_status_argv(self) -> list[str]:
         supctl = Path(sys.executable).with_name("supctl")
-        command = [str(supctl)] if supctl.exists() else [sys.executable, "-m", "supervisor.ctl"]
+        command = [str(supctl)] if supctl.exists() else [sys.executable, "-m", "supd.ctl"]
         return [*command, "-s", str(self.socket_path), "status"]
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from supervisor.selector import Event, Selector
+from supd.selector import Event, Selector
 
 
 def _raise_fd_limit(needed: int) -> None:

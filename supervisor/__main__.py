@@ -1,5 +1,5 @@
-"""`python -m supervisor` runs the daemon, exactly like the `supd` command."""
+"""`python -m supd` runs the daemon, exactly like the `supd` command."""
 
-from supervisor.entry import main
+from .entry import main
 
 raise SystemExit(main())

@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from supervisor import __version__
-from supervisor.config import ConfigError
-from supervisor.control import Responder
-from supervisor.process import DOWN_STATES, Start, State, Stop, Want, describe
-from supervisor.protocol import (
+from . import __version__
+from .config import ConfigError
+from .control import Responder
+from .process import DOWN_STATES, Start, State, Stop, Want, describe
+from .protocol import (
     ActionResult,
     ErrorCode,
     OutputParams,
@@ -40,10 +40,10 @@ from supervisor.protocol import (
     VersionParams,
     VersionResult,
 )
-from supervisor.signals import name as signal_name
+from .signals import name as signal_name
 
 if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
+    from .daemon import Daemon
 
 ALL = "all"
 

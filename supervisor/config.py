@@ -66,8 +66,8 @@ from pydantic import (
     model_validator,
 )
 
-from supervisor import signals
-from supervisor.tomlkeys import KeyLocator, KeyPath
+from . import signals
+from .tomlkeys import KeyLocator, KeyPath
 
 try:
     import tomllib

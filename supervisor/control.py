@@ -59,9 +59,9 @@ from typing import Any, Final, Protocol
 
 import structlog
 
-from supervisor import protocol
-from supervisor.protocol import ErrorCode, ErrorResponse, Request
-from supervisor.selector import Event, ReadyKey, SelectEvent, Selector
+from . import protocol
+from .protocol import ErrorCode, ErrorResponse, Request
+from .selector import Event, ReadyKey, SelectEvent, Selector
 
 READ_CHUNK: Final = 1 << 16  # bytes read per connection per wake-up
 ACCEPTS_PER_WAKEUP: Final = 64

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
-from supervisor import __version__
+from . import __version__
 
 # Mirrors of protocol.ExitStatus: scripts depend on these numbers.
 EXIT_OK = 0

@@ -26,12 +26,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor import __version__, activation, daemonlog, linux, notify, spawn
-from supervisor.commands import Commands
-from supervisor.config import Config, ConfigError, ProgramConfig, Stream, load, summary
-from supervisor.control import AlreadyRunning, ControlServer
-from supervisor.logs import LogSink, PipeReader
-from supervisor.process import (
+from . import __version__, activation, daemonlog, linux, notify, spawn
+from .commands import Commands
+from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
+from .control import AlreadyRunning, ControlServer
+from .logs import LogSink, PipeReader
+from .process import (
     DOWN_STATES,
     ArmTimer,
     CancelTimer,
@@ -52,8 +52,8 @@ from supervisor.process import (
     TimerFired,
     Transitioned,
 )
-from supervisor.selector import Event, ReadyKey, Selector
-from supervisor.signals import name as signal_name
+from .selector import Event, ReadyKey, Selector
+from .signals import name as signal_name
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # a bad config, or another supd already serves the socket

@@ -1,4 +1,4 @@
-"""The `supd` command: a small launcher in front of supervisor.daemon.
+"""The `supd` command: a small launcher in front of supd.daemon.
 
 supd never speaks TLS and never needs OpenSSL's hashes, but its dependencies import
 both at start-up (structlog -> asyncio -> ssl; pydantic -> secrets -> hmac -> hashlib),
@@ -20,6 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in _UNUSED_EXTENSIONS:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # "not importable"
-    from supervisor import daemon
+    from . import daemon
 
     return daemon.main(argv)

@@ -20,8 +20,8 @@ import signal
 import time  # for display only (describe); the state machine never reads a clock
 from dataclasses import dataclass, field
 
-from supervisor.config import ProgramConfig
-from supervisor.signals import name as signal_name
+from .config import ProgramConfig
+from .signals import name as signal_name
 
 
 class State(enum.Enum):

@@ -42,7 +42,7 @@ from pydantic import (
     ValidationError,
 )
 
-from supervisor import signals
+from . import signals
 
 JSONRPC_VERSION: Final = "2.0"
 

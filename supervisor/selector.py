@@ -118,7 +118,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Generic, NamedTuple, TypeVar
 
-from supervisor import linux
+from . import linux
 
 __all__ = [
     "AlreadyRegisteredError",

@@ -21,6 +21,22 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
+def source_pythonpath() -> str:
+    """A PYTHONPATH under which `import supd` finds this checkout's supervisor/ folder.
+
+    The venv's editable install maps the import name `supd` to supervisor/; an
+    interpreter outside the venv (the system python running as `nobody`) needs this
+    instead: a folder holding a `supd` symlink (in build/, which git ignores).
+    """
+    folder = REPO / "build" / "pythonpath"
+    link = folder / "supd"
+    if not link.is_symlink():
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            link.symlink_to(REPO / "supervisor")
+    return str(folder)
+
+
 def wait_until(
     predicate: Callable[[], T], timeout: float = 10.0, describe: str | Callable[[], str] = ""
 ) -> T:
@@ -128,10 +144,10 @@ class Supd:
 
     def start(self, *extra: str, wait_ready: bool = True) -> Supd:
         env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("PYTHONPATH", str(REPO))
+        env.setdefault("PYTHONPATH", source_pythonpath())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [PY, "-m", "supervisor", "-c", str(self.config_path), *extra],
+                [PY, "-m", "supd", "-c", str(self.config_path), *extra],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.config import (
+from supd.config import (
     Config,
     ConfigError,
     Problem,
@@ -21,7 +21,7 @@ from supervisor.config import (
     load,
     summary,
 )
-from supervisor.tomlkeys import KeyLocator
+from supd.tomlkeys import KeyLocator
 
 REPO = Path(__file__).resolve().parent.parent
 NO_ENV: dict[str, str] = {}

@@ -31,14 +31,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import LogCapture
 
-from supervisor import protocol
-from supervisor.control import (
+from supd import protocol
+from supd.control import (
     AlreadyRunning,
     ControlServer,
     ControlTag,
     Responder,
 )
-from supervisor.protocol import (
+from supd.protocol import (
     ActionResult,
     ErrorCode,
     OutputParams,
@@ -60,7 +60,7 @@ from supervisor.protocol import (
     VersionParams,
     VersionResult,
 )
-from supervisor.selector import SelectEvent, Selector
+from supd.selector import SelectEvent, Selector
 from tests.helpers import wait_until
 
 T = TypeVar("T")
@@ -927,7 +927,7 @@ def test_socket_activation_serves_the_given_fd(sock_path: Path) -> None:
 
 
 def test_control_tags_are_recognised() -> None:
-    from supervisor.control import AcceptRetry, Connection, Doorbell, Listener
+    from supd.control import AcceptRetry, Connection, Doorbell, Listener
 
     for tag in (Listener(), Connection(1), Doorbell(), AcceptRetry()):
         assert isinstance(tag, ControlTag)

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from supervisor import ctl, protocol
-from supervisor.protocol import ProcessInfo
-from tests.helpers import REPO, wait_until
+from supd import ctl, protocol
+from supd.protocol import ProcessInfo
+from tests.helpers import source_pythonpath, wait_until
 from tests.test_control import SYSTEM_PYTHON, ServerLoop, needs_root, traversable_socket_dir
 
 
@@ -61,12 +61,12 @@ def supctl(capsys: pytest.CaptureFixture[str]) -> Any:
 
 
 def supctl_process(*argv: str, home: Path | None = None, **kwargs: Any) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": source_pythonpath()}
     env.pop("SUPD_SOCKET", None)
     if home is not None:
         env["HOME"] = str(home)  # the shell's history file goes there
     return subprocess.Popen(
-        [sys.executable, "-m", "supervisor.ctl", *argv],
+        [sys.executable, "-m", "supd.ctl", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -108,9 +108,9 @@ def test_mirrored_constants_match_protocol() -> None:
 
 def test_supctl_imports_neither_pydantic_nor_the_daemon() -> None:
     code = (
-        "import sys, supervisor.ctl; print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        "import sys, supd.ctl; print(sorted(m for m in sys.modules if m.split('.')[0] in"
         " ('pydantic', 'pydantic_core', 'ctypes', 'structlog') or m in"
-        " ('supervisor.protocol', 'supervisor.selector', 'supervisor.daemon')))"
+        " ('supd.protocol', 'supd.selector', 'supd.daemon')))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -229,7 +229,7 @@ def test_config_without_socket_uses_runtime_directory_or_the_config_folder(
 
 def test_socket_default_agrees_with_the_daemon_config(tmp_path: Path) -> None:
     """supctl reads the socket key without the pydantic config module; both must agree."""
-    config_module = pytest.importorskip("supervisor.config")
+    config_module = pytest.importorskip("supd.config")
     texts = ('[supervisor]\nsocket = "../run/x.sock"\n', '[supervisor]\nsocket = "~/x"\n', "")
     for text in texts:
         path = write_config(tmp_path / "c", text)
@@ -482,11 +482,11 @@ def run_supctl_as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
     # The system python: nobody can't run the venv's (under /root). supctl needs only
     # the stdlib, which is the point.
     return subprocess.run(
-        [str(SYSTEM_PYTHON), "-m", "supervisor.ctl", *argv],
+        [str(SYSTEM_PYTHON), "-m", "supd.ctl", *argv],
         user="nobody",
         group="nogroup",
         extra_groups=[],
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": source_pythonpath(), "PATH": "/usr/bin:/bin"},
         cwd="/",
         capture_output=True,
         text=True,

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PY, REPO, SLEEP, RpcError, Supd, cmd, pid_alive, wait_until
+from tests.helpers import (
+    PY,
+    SLEEP,
+    RpcError,
+    Supd,
+    cmd,
+    pid_alive,
+    source_pythonpath,
+    wait_until,
+)
 
 Factory = Callable[..., Supd]
 
@@ -565,9 +574,9 @@ def test_a_flooding_child_does_not_starve_the_control_socket(supd: Factory) -> N
 
 
 def run_supd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=source_pythonpath())
     return subprocess.run(
-        [PY, "-m", "supervisor", *args],
+        [PY, "-m", "supd", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -839,8 +848,8 @@ def test_as_pid_1_it_reaps_orphans_and_exits_zero_on_sigterm(tmp_path: Path) -> 
         time.sleep(1000)
     """)
     config.write_text(f"[programs.app]\ncommand = {daemonizer}\nstartsecs = 0\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    argv = ["unshare", "--pid", "--fork", "--kill-child", PY, "-m", "supervisor", "-c", str(config)]
+    env = dict(os.environ, PYTHONPATH=source_pythonpath())
+    argv = ["unshare", "--pid", "--fork", "--kill-child", PY, "-m", "supd", "-c", str(config)]
     log = open(tmp_path / "supd.log", "wb")  # noqa: SIM115  (closed below)
     outer = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
     try:

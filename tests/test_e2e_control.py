@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.protocol import RESULT_ADAPTERS
+from supd.protocol import RESULT_ADAPTERS
 from tests.helpers import (
     PY,
     REPO,
@@ -56,7 +56,7 @@ CONFIG = f"""
 def supctl(d: Supd, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), NO_COLOR="1")
     return subprocess.run(
-        [PY, "-m", "supervisor.ctl", "-s", str(d.socket), *args],
+        [PY, "-m", "supd.ctl", "-s", str(d.socket), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -182,7 +182,7 @@ def test_tail_follow_streams_notifications(daemon: Supd) -> None:
 def test_supctl_tail_follow_stops_on_ctrl_c(daemon: Supd) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [PY, "-m", "supervisor.ctl", "-s", str(daemon.socket), "tail", "-f", "ticker"],
+        [PY, "-m", "supd.ctl", "-s", str(daemon.socket), "tail", "-f", "ticker"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor import linux
+from supd import linux
 
 NS_PER_MS = 1_000_000
 
@@ -216,7 +216,7 @@ def test_set_pdeathsig_round_trips_in_a_child():
     out = run_python(
         """
         import signal
-        from supervisor.linux import get_pdeathsig, set_pdeathsig
+        from supd.linux import get_pdeathsig, set_pdeathsig
         before = get_pdeathsig()
         set_pdeathsig(signal.SIGTERM)
         during = get_pdeathsig()
@@ -233,7 +233,7 @@ def test_child_subreaper_adopts_orphaned_grandchildren():
     out = run_python(
         """
         import os, signal, subprocess
-        from supervisor.linux import get_child_subreaper, set_child_subreaper
+        from supd.linux import get_child_subreaper, set_child_subreaper
         before = get_child_subreaper()
         set_child_subreaper(True)
         shell = subprocess.run(

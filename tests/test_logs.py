@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from supervisor import logs
-from supervisor.logs import LogSink, PipeReader, TailBuffer, set_pipe_size
+from supd import logs
+from supd.logs import LogSink, PipeReader, TailBuffer, set_pipe_size
 from tests.helpers import python_command
 
 F_GETPIPE_SZ = 1032

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from supervisor import activation, notify, spawn
-from supervisor.notify import Notifier, status_line, take_systemd_environment
+from supd import activation, notify, spawn
+from supd.notify import Notifier, status_line, take_systemd_environment
 from tests.helpers import PY, REPO
 
 # -- notify: fixtures and helpers --------------------------------------------------------
@@ -384,7 +384,7 @@ def test_is_unix_stream_listener_tells_sockets_apart(tmp_path: Path) -> None:
 # its own pid, runs the test's code and prints the JSON of `result`.
 _CHILD_PRELUDE = """
 import fcntl, json, os, socket, sys
-from supervisor import activation
+from supd import activation
 # Out of the way first (a source may itself be 3 or 4), then onto 3, 4, ...; dup2
 # leaves the copy inheritable, as systemd does.
 moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in json.loads(sys.argv[1])]

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from supervisor.config import ProgramConfig
-from supervisor.process import (
+from supd.config import ProgramConfig
+from supd.process import (
     ArmTimer,
     CancelTimer,
     Effect,

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor import protocol
-from supervisor.protocol import (
+from supd import protocol
+from supd.protocol import (
     ActionResult,
     ErrorCode,
     ErrorResponse,
@@ -342,9 +342,9 @@ def test_error_codes_are_fixed() -> None:
 
 def test_protocol_imports_no_io_modules() -> None:
     code = (
-        "import sys, supervisor.protocol; "
-        "bad = [m for m in ('supervisor.selector', 'supervisor.linux', 'supervisor.daemon',"
-        " 'supervisor.control', 'ctypes') if m in sys.modules]; print(bad)"
+        "import sys, supd.protocol; "
+        "bad = [m for m in ('supd.selector', 'supd.linux', 'supd.daemon',"
+        " 'supd.control', 'ctypes') if m in sys.modules]; print(bad)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

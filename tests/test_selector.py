@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from supervisor import linux
-from supervisor.selector import (
+from supd import linux
+from supd.selector import (
     AlreadyRegisteredError,
     Event,
     NotRegisteredError,

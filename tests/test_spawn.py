@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import spawn
+from supd import spawn
 from tests.helpers import wait_until
 
 

@@ -242,7 +242,7 @@ _ACTIVATE = """
 import os, sys
 os.dup2(int(sys.argv[1]), 3)
 os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="supd.socket", LISTEN_PID=str(os.getpid()))
-os.execv(sys.executable, [sys.executable, "-m", "supervisor", *sys.argv[2:]])
+os.execv(sys.executable, [sys.executable, "-m", "supd", *sys.argv[2:]])
 """
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import load
+from supd.config import load
 from tests.helpers import PY, REPO
 
 SERVICE = REPO / "systemd" / "supd.service"
@@ -220,7 +220,7 @@ def test_system_config_passes_check() -> None:
     env = {k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run(
-        [PY, "-m", "supervisor", "-c", str(SYSTEM_CONFIG), "--check"],
+        [PY, "-m", "supd", "-c", str(SYSTEM_CONFIG), "--check"],
         capture_output=True,
         text=True,
         env=env,
