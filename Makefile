@@ -15,12 +15,20 @@ $(BIN)/python:
 	  else echo "python3 -m venv failed: install python3-venv (Debian/Ubuntu)" >&2; exit 1; fi; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The stamp files reinstall only when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The C spawner (supervisor/_spawn.c) is built by the install where a C compiler exists;
+# as root on Debian we install one when missing (without it supd still works, slower).
+CC_CHECK = command -v cc >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null; } \
+	  || echo "no C compiler: supd will use its pure-Python spawn method" >&2; }
+
+# The stamp files reinstall only when pyproject.toml or the C spawner changes.
+$(VENV)/.installed: pyproject.toml supervisor/_spawn.c | $(BIN)/python
+	@$(CC_CHECK)
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml supervisor/_spawn.c | $(BIN)/python
+	@$(CC_CHECK)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.installed
 

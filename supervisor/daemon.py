@@ -63,6 +63,9 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DAEMON_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, signal.SIGUSR2)
 
 
+# How much of a child's stderr to look at for setpriv's own exec failure message.
+SETPRIV_MESSAGE_BYTES = 4096
+
 # Output reads per pipe per wake-up: a flooding child cannot starve the others.
 MAX_READS_PER_WAKEUP = 8
 
@@ -459,6 +462,13 @@ class Daemon:
         self._drain_output(slot)  # nothing the child wrote is lost to its exit
         exit_code, exit_signal = spawn.reap(pid)
         now = self.clock()
+        if slot.exec_error is None:
+            stream = "stdout" if slot.config.redirect_stderr else "stderr"
+            slot.exec_error = spawn.setpriv_exec_failure(
+                child, exit_code, slot.sink(stream).tail(SETPRIV_MESSAGE_BYTES)
+            )
+            if slot.exec_error is not None:
+                self.log.error("spawn_failed", process=name, pid=pid, error=slot.exec_error)
         if slot.exec_error is not None:
             self._apply(slot, slot.process.handle(SpawnFailed(slot.exec_error), now))
             return
@@ -731,7 +741,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="supd", description="supervise processes")
     parser.add_argument("-c", "--config", default="/etc/supd/supd.toml", help="config file")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
-    parser.add_argument("--version", action="version", version=f"supd {__version__}")
+    version = f"supd {__version__} (spawn method: {spawn.method()})"
+    parser.add_argument("--version", action="version", version=version)
     return parser.parse_args(argv)
 
 

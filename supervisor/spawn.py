@@ -18,16 +18,26 @@ std; procServ#48 is the bug this prevents):
   a supd killed with SIGKILL leaves no orphan holding a port the next supd needs.
   (Not when supd is PID 1: the kernel kills its whole PID namespace with it.)
 
-Three ways to get there, because speed matters here (a respawn's latency is mostly the
-spawn): `posix_spawn` through setpriv(1), which sets the parent-death signal (see
-`_posix_spawn`); `posix_spawn` of the program itself when supd is PID 1; else a plain
-`os.fork()` that sets everything up in Python and execs (`_fork`), for programs that
-switch users and for systems without setpriv. On the fork path the child reports a
-failed exec through a close-on-exec pipe (end of file means the exec succeeded), which
-the daemon reads when convenient: the parent never waits for the child. Running Python
-in a forked child is safe because the daemon is single-threaded. The common failures
-(no such file, not executable, no such directory, unknown user) are checked in the
-parent first, so they are reported at once on both paths.
+Two implementations, because speed matters here (a respawn's latency is mostly the
+spawn), chosen once per daemon (`method()`; `supd --version` prints it):
+
+- ``clone``: supd's small C spawner (`_spawn.c`, bound in `clonespawn`), built at
+  install time where a C compiler exists. clone(CLONE_VM | CLONE_VFORK) borrows the
+  daemon's memory instead of copying it, sets up everything above in C, and execs.
+  A failed step (exec included) comes back as SpawnError at once, with its errno.
+- ``python``, where the C spawner was not built (or ``SUPD_SPAWN=python`` asks for it):
+  `posix_spawn` through setpriv(1), which sets the parent-death signal (see
+  `_posix_spawn`); `posix_spawn` of the program itself when supd is PID 1; else a
+  plain `os.fork()` that sets everything up in Python and execs (`_fork`), for programs
+  that switch users and for systems without setpriv. On the fork path the child reports
+  a failed exec through a close-on-exec pipe (end of file means the exec succeeded),
+  which the daemon reads when convenient: the parent never waits for the child. Running
+  Python in a forked child is safe because the daemon is single-threaded. Through
+  setpriv, a failed exec is setpriv's own exit (`SETPRIV_EXEC_FAILED`) with its message
+  on the program's stderr.
+
+The common failures (no such file, not executable, no such directory, unknown user)
+are checked in the parent first, so they are reported the same way on every path.
 
 Reaping: the selector reports an exit with waitid(WNOWAIT), which leaves the zombie in
 place, so the pid cannot be reused before `reap()` collects exactly that pid.
@@ -40,6 +50,7 @@ import functools
 import grp
 import os
 import pwd
+import re
 import resource
 import shutil
 import signal
@@ -48,7 +59,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import linux
+from . import clonespawn, linux
 
 # Standard signals a child gets back at their default disposition.
 _RESETTABLE_SIGNALS = tuple(s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP))
@@ -66,6 +77,35 @@ PRIVATE_ENVIRONMENT = (
 
 _EXIT_EXEC_FAILED = 127
 _ORIGINAL_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+METHODS = ("clone", "python")
+
+
+def _default_method() -> str:
+    wanted = os.environ.get("SUPD_SPAWN", "")
+    if wanted == "python" or not clonespawn.available():
+        return "python"
+    return "clone"
+
+
+_method = _default_method()
+
+
+def method() -> str:
+    """`clone` (the C spawner) or `python` (posix_spawn through setpriv, or fork)."""
+    return _method
+
+
+def use_method(name: str) -> str:
+    """Switch the spawn method (tests run every spawn test on both); returns the old one.
+
+    ValueError for "clone" where the C spawner was not built.
+    """
+    global _method
+    if name not in METHODS or (name == "clone" and not clonespawn.available()):
+        raise ValueError(f"spawn method {name!r} is not available here")
+    old, _method = _method, name
+    return old
 
 
 class SpawnError(Exception):
@@ -92,6 +132,7 @@ class Child:
     stdout_fd: int | None
     stderr_fd: int | None
     exec_error_fd: int | None  # the child's exec report: EOF on success, else a message
+    via_setpriv: bool = False  # setpriv's own exec failure ends the child (see below)
 
     def read_exec_error(self) -> str | None:
         """Read and close the exec report: the error message, or None if exec worked.
@@ -208,6 +249,8 @@ def spawn(spec: SpawnSpec) -> Child:
     if spec.directory is not None and not os.path.isdir(spec.directory):
         raise SpawnError(f"No such directory: {spec.directory}")
     executable = resolve_executable(spec.argv[0], env, spec.directory)
+    if _method == "clone":
+        return _clone(spec, creds, executable, env)
     # As PID 1 (a container's init) the parent-death signal is moot: when PID 1 dies
     # the kernel kills everything in its namespace. Then exec the program directly.
     direct = creds is None and os.getpid() == 1
@@ -227,7 +270,7 @@ def spawn(spec: SpawnSpec) -> Child:
         if direct or setpriv is not None:
             path, argv = (executable, list(spec.argv)) if direct else _through_setpriv(spec)
             pid = _posix_spawn(spec, path, argv, env, (_stdin(), out_w, err_w))
-            return Child(pid, out_r, err_r, None)
+            return Child(pid, out_r, err_r, None, via_setpriv=not direct)
         report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         parent_fds.append(report_r)
         child_fds.append(report_w)
@@ -240,6 +283,59 @@ def spawn(spec: SpawnSpec) -> Child:
         for fd in child_fds:
             os.close(fd)
     return Child(pid, out_r, err_r, report_r)
+
+
+# -- the C spawner -----------------------------------------------------------------------
+
+
+def _clone(
+    spec: SpawnSpec, creds: Credentials | None, executable: str, env: Mapping[str, str]
+) -> Child:
+    out_r, out_w = _pipe_or_spawn_error()
+    err_r: int | None = None
+    err_w = out_w
+    try:
+        if not spec.redirect_stderr:
+            err_r, err_w = _pipe()
+        pid = clonespawn.spawn(
+            executable,
+            spec.argv,
+            env,
+            (_stdin(), out_w, err_w),
+            directory=os.fspath(spec.directory) if spec.directory is not None else None,
+            umask=spec.umask,
+            nofile=_ORIGINAL_NOFILE,
+            credentials=(creds.uid, creds.gid, creds.groups) if creds is not None else None,
+            # As PID 1 the parent-death signal is moot: the kernel kills the namespace.
+            pdeathsig=0 if os.getpid() == 1 else signal.SIGTERM,
+        )
+    except OSError as exc:
+        for fd in (out_r, err_r):
+            if fd is not None:
+                os.close(fd)
+        raise SpawnError(_clone_failure(exc, spec)) from None
+    finally:
+        os.close(out_w)
+        if err_w != out_w:
+            os.close(err_w)
+    return Child(pid, out_r, err_r, None)
+
+
+def _pipe_or_spawn_error() -> tuple[int, int]:
+    try:
+        return _pipe()
+    except OSError as exc:
+        raise SpawnError(f"cannot spawn: {exc.strerror or exc}") from None
+
+
+def _clone_failure(exc: OSError, spec: SpawnSpec) -> str:
+    reason = exc.strerror or str(exc)
+    step = exc.step if isinstance(exc, clonespawn.CloneSpawnError) else "spawn"
+    if step == "exec":
+        return f"{reason}: {spec.argv[0]}"
+    if step == "chdir":
+        return f"{reason}: {spec.directory}"
+    return f"cannot {step}: {reason}"
 
 
 # -- the fast path: posix_spawn through setpriv ------------------------------------------
@@ -265,6 +361,27 @@ def _setpriv() -> str | None:
             if "--pdeathsig" in usage.stdout:
                 return found
     return None
+
+
+# setpriv exits with these when its exec fails (util-linux's EX_EXEC_FAILED and
+# EX_EXEC_ENOENT), after printing "setpriv: failed to execute PATH: REASON" on stderr.
+SETPRIV_EXEC_FAILED = frozenset({126, 127})
+_SETPRIV_FAILURE = re.compile(rb"^setpriv: failed to execute (.*): ([^:\n]*)$", re.MULTILINE)
+
+
+def setpriv_exec_failure(child: Child, exit_code: int | None, stderr_tail: bytes) -> str | None:
+    """Why exec failed, if this exit is setpriv's and not the program's own.
+
+    `stderr_tail` is the end of what the child wrote on stderr (on stdout with
+    redirect_stderr); only setpriv's own line, last before the exit, counts.
+    """
+    if not child.via_setpriv or exit_code not in SETPRIV_EXEC_FAILED:
+        return None
+    lines = stderr_tail.rstrip(b"\n").rsplit(b"\n", 1)
+    match = _SETPRIV_FAILURE.match(lines[-1])
+    if match is None:
+        return None
+    return f"{match[2].decode(errors='replace')}: {match[1].decode(errors='replace')}"
 
 
 def _through_setpriv(spec: SpawnSpec) -> tuple[str, list[str]]:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from supd import clonespawn
 from tests.helpers import Supd
+
+
+@pytest.fixture(params=["clone", "python"])
+def spawn_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """supd's environment choosing each spawn method in turn (SUPD_SPAWN)."""
+    if request.param == "clone" and not clonespawn.available():
+        pytest.skip("the C spawner (_spawn.c) was not built: no C compiler at install")
+    return {**os.environ, "SUPD_SPAWN": request.param}
 
 
 @pytest.fixture

@@ -176,34 +176,71 @@ def test_spawn_error_is_a_state_not_a_crash(supd: Factory, tmp_path: Path) -> No
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="user = root forces the fork path")
-def test_exec_failure_after_fork_is_reported_as_spawn_error(supd: Factory, tmp_path: Path) -> None:
-    """The fork path (used to switch users) reports a failed execve as spawn_error."""
+def test_exec_failure_when_switching_users_is_reported_as_spawn_error(
+    supd: Factory, tmp_path: Path, spawn_env: dict[str, str]
+) -> None:
+    """Switching users (the fork path on the python method) reports a failed execve."""
     script = tmp_path / "script"
     script.write_text("not a script\n")  # executable but no #! line: execve fails ENOEXEC
     script.chmod(0o755)
-    d = supd(f"""
+    d = supd(
+        f"""
         [programs.bad]
         command = "{script}"
         user = "root"
         startretries = 0
-    """)
+    """,
+        env=spawn_env,
+    )
     entry = d.wait_state("bad", "FATAL")
     assert entry["spawn_error"] and "Exec format error" in entry["spawn_error"]
 
 
-def test_a_program_that_cannot_run_ends_fatal_with_the_reason_logged(
-    supd: Factory, tmp_path: Path
+def test_a_script_whose_interpreter_is_missing_is_a_spawn_error(
+    supd: Factory, tmp_path: Path, spawn_env: dict[str, str]
 ) -> None:
+    """Whatever the spawn method, a failed exec is reported as spawn_error: at once by
+    the C spawner, from setpriv's exit and message on the python method."""
     script = tmp_path / "script"
-    script.write_text("no-such-command-supd\n")  # no #! line
+    script.write_text("#!/nonexistent/interp\n")
     script.chmod(0o755)
-    d = supd(f"""
+    d = supd(
+        f"""
         [programs.bad]
         command = "{script}"
         startretries = 0
-    """)
-    assert d.wait_state("bad", "FATAL")["exit_code"] in (126, 127)
-    assert "no-such-command-supd" in (tmp_path / "logs" / "bad.err.log").read_text()
+        """,
+        env=spawn_env,
+    )
+    entry = d.wait_state("bad", "FATAL")
+    assert entry["spawn_error"] == f"No such file or directory: {script}"
+    assert d.state("bad") == "FATAL"
+
+
+def test_a_program_that_cannot_run_ends_fatal_with_the_reason_logged(
+    supd: Factory, tmp_path: Path, spawn_env: dict[str, str]
+) -> None:
+    """A script without a #! line: execve refuses it (ENOEXEC), as supervisord's does.
+
+    The C spawner reports that as the spawn error; setpriv (the python method) runs such
+    a script with /bin/sh, like execvp, and the shell's failure is the program's own."""
+    script = tmp_path / "script"
+    script.write_text("no-such-command-supd\n")  # no #! line
+    script.chmod(0o755)
+    d = supd(
+        f"""
+        [programs.bad]
+        command = "{script}"
+        startretries = 0
+        """,
+        env=spawn_env,
+    )
+    entry = d.wait_state("bad", "FATAL")
+    if spawn_env["SUPD_SPAWN"] == "clone":
+        assert entry["spawn_error"] == f"Exec format error: {script}"
+    else:
+        assert entry["exit_code"] == 127
+        assert "no-such-command-supd" in (tmp_path / "logs" / "bad.err.log").read_text()
 
 
 # -- stopping -----------------------------------------------------------------------------
@@ -275,14 +312,19 @@ def proc_status(pid: int) -> dict[str, str]:
     return fields
 
 
-def test_child_starts_with_empty_mask_default_signals_and_only_three_fds(supd: Factory) -> None:
-    d = supd("""
+def test_child_starts_with_empty_mask_default_signals_and_only_three_fds(
+    supd: Factory, spawn_env: dict[str, str]
+) -> None:
+    d = supd(
+        """
         [programs.plain]
         command = "sleep 1000"
         startsecs = 0
         umask = "027"
         environment = { FOO = "bar" }
-    """)
+    """,
+        env=spawn_env,
+    )
     pid = d.wait_state("plain", "RUNNING")["pid"]
     wait_until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("sleep"))  # exec done
     status = proc_status(pid)
@@ -303,13 +345,16 @@ def test_child_starts_with_empty_mask_default_signals_and_only_three_fds(supd: F
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
-def test_user_option_drops_privileges(supd: Factory) -> None:
-    d = supd("""
+def test_user_option_drops_privileges(supd: Factory, spawn_env: dict[str, str]) -> None:
+    d = supd(
+        """
         [programs.unprivileged]
         command = "sleep 1000"
         startsecs = 0
         user = "nobody"
-    """)
+    """,
+        env=spawn_env,
+    )
     pid = d.wait_state("unprivileged", "RUNNING")["pid"]
     wait_until(lambda: proc_status(pid)["Name"] == "sleep")  # exec done
     status = proc_status(pid)
@@ -320,12 +365,15 @@ def test_user_option_drops_privileges(supd: Factory) -> None:
     assert status["Gid"].split()[0] == str(nobody.pw_gid)
 
 
-def test_children_get_sigterm_when_supd_is_killed(supd: Factory) -> None:
-    d = supd("""
+def test_children_get_sigterm_when_supd_is_killed(supd: Factory, spawn_env: dict[str, str]) -> None:
+    d = supd(
+        """
         [programs.orphan]
         command = "sleep 1000"
         startsecs = 0
-    """)
+    """,
+        env=spawn_env,
+    )
     pid = d.wait_state("orphan", "RUNNING")["pid"]
     # RUNNING comes at spawn time (startsecs = 0); the death signal is set just before
     # the exec of sleep, so wait for that exec.

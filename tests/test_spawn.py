@@ -1,17 +1,34 @@
-"""spawn.py directly: both spawn paths, the parent's state restored, errors reported."""
+"""spawn.py directly: every spawn method, the parent's state restored, errors reported.
+
+Each test runs once per method (`clone`, the C spawner, and `python`, posix_spawn
+through setpriv or fork); the C one is skipped, with the reason, where it was not built.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pwd
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from supd import spawn
+from supd import clonespawn, spawn
 from tests.helpers import wait_until
+
+
+@pytest.fixture(autouse=True, params=spawn.METHODS)
+def method(request: pytest.FixtureRequest) -> Iterator[str]:
+    name: str = request.param
+    if name == "clone" and not clonespawn.available():
+        pytest.skip("the C spawner (_spawn.c) was not built: no C compiler at install")
+    old = spawn.use_method(name)
+    yield name
+    spawn.use_method(old)
 
 
 @pytest.fixture
@@ -96,7 +113,11 @@ def test_reap_returns_code_or_signal(children: list[spawn.Child]) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="user = root forces the fork path")
-def test_fork_path_reports_a_failed_exec(children: list[spawn.Child], tmp_path: Path) -> None:
+def test_fork_path_reports_a_failed_exec(
+    children: list[spawn.Child], tmp_path: Path, method: str
+) -> None:
+    if method != "python":
+        pytest.skip("the fork path is the python method's")
     script = tmp_path / "script"
     script.write_text("#!/no/such/interpreter\n")
     script.chmod(0o755)
@@ -107,3 +128,111 @@ def test_fork_path_reports_a_failed_exec(children: list[spawn.Child], tmp_path: 
     error = child.read_exec_error()
     assert error is not None and "No such file or directory" in error
     assert child.exec_error_fd is None
+
+
+def bad_interpreter_script(tmp_path: Path) -> Path:
+    script = tmp_path / "script"
+    script.write_text("#!/no/such/interpreter\n")  # exists and is executable: exec fails
+    script.chmod(0o755)
+    return script
+
+
+def test_the_c_spawner_reports_a_failed_exec_at_once(tmp_path: Path, method: str) -> None:
+    if method != "clone":
+        pytest.skip("the python method reports it later (fork pipe or setpriv's exit)")
+    script = bad_interpreter_script(tmp_path)
+    with pytest.raises(spawn.SpawnError, match=f"No such file or directory: {script}$"):
+        spawn.spawn(spec([str(script)]))
+
+
+def test_setpriv_exec_failure_is_told_apart_from_the_programs_exit(
+    children: list[spawn.Child], tmp_path: Path, method: str
+) -> None:
+    if method != "python" or os.getpid() == 1 or spawn._setpriv() is None:
+        pytest.skip("only the python method goes through setpriv")
+    script = bad_interpreter_script(tmp_path)
+    failed = spawn.spawn(spec([str(script)]))
+    own_exit = spawn.spawn(spec(["sh", "-c", "echo 'setpriv: failed to execute x: y' >&2; exit 5"]))
+    children += [failed, own_exit]
+    assert failed.via_setpriv and failed.stderr_fd is not None
+    stderr = read_all(failed.stderr_fd)
+    code, _ = spawn.reap(failed.pid)
+    assert spawn.setpriv_exec_failure(failed, code, stderr) == (
+        f"No such file or directory: {script}"
+    )
+    assert own_exit.stderr_fd is not None
+    stderr = read_all(own_exit.stderr_fd)
+    code, _ = spawn.reap(own_exit.pid)
+    assert code == 5
+    assert spawn.setpriv_exec_failure(own_exit, code, stderr) is None
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # runnable by nobody, unlike the venv's
+PROBE = """
+import ctypes, json, os, resource
+libc = ctypes.CDLL(None)
+pdeathsig = ctypes.c_int()
+libc.prctl(2, ctypes.byref(pdeathsig))  # PR_GET_PDEATHSIG
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({
+    "pdeathsig": pdeathsig.value,
+    "sigblk": int(status["SigBlk"], 16),
+    "sigign": int(status["SigIgn"], 16),
+    "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")),  # not the listing's own fd
+    "own_session": os.getsid(0) == os.getpid(),
+    "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+    "ids": [os.getuid(), os.getgid(), os.getgroups()],
+}))
+"""
+
+
+def _inheritable(fd: int) -> bool:
+    try:
+        return os.get_inheritable(fd)
+    except OSError:  # the listing's own fd, closed by now
+        return False
+
+
+def probe_child(children: list[spawn.Child], **options: object) -> dict[str, Any]:
+    child = spawn.spawn(spec([SYSTEM_PYTHON, "-S", "-c", PROBE], **options))
+    children.append(child)
+    assert child.stdout_fd is not None
+    found: dict[str, Any] = json.loads(read_all(child.stdout_fd))
+    return found
+
+
+def test_the_child_starts_from_a_clean_slate(children: list[spawn.Child], method: str) -> None:
+    """Parent-death signal, empty mask, default dispositions, fds 0-2, own session and
+    the fd limit supd started with: whatever the method."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
+    old_handler = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        found = probe_child(children)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        signal.signal(signal.SIGUSR1, old_handler)
+    assert found["pdeathsig"] == (0 if os.getpid() == 1 else signal.SIGTERM)
+    assert found["sigblk"] == 0
+    # Python itself ignores SIGPIPE and SIGXFSZ at start-up; nothing else may be ignored.
+    python_ignores = {signal.SIGPIPE, signal.SIGXFSZ}
+    standard = sum(1 << (s - 1) for s in spawn._RESETTABLE_SIGNALS if s not in python_ignores)
+    assert found["sigign"] & standard == 0, hex(found["sigign"])
+    # pytest's own inheritable fds (not supd's business: the daemon marks whatever it
+    # inherited close-on-exec at start) reach the child; the spawn's pipes never do.
+    leaked_by_pytest = [
+        fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2 and _inheritable(fd)
+    ]
+    assert found["fds"] == [0, 1, 2, *sorted(leaked_by_pytest)]
+    assert found["own_session"]
+    assert tuple(found["nofile"]) == spawn._ORIGINAL_NOFILE
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_switching_users_sets_uid_gid_groups_and_keeps_the_parent_death_signal(
+    children: list[spawn.Child], method: str
+) -> None:
+    nobody = pwd.getpwnam("nobody")
+    found = probe_child(children, user="nobody")
+    assert found["pdeathsig"] == signal.SIGTERM
+    assert found["ids"] == [nobody.pw_uid, nobody.pw_gid, [nobody.pw_gid]]

@@ -1,0 +1,169 @@
+/*
+ * supd's fast spawn path: clone(CLONE_VM | CLONE_VFORK), set up the clean slate, execve.
+ *
+ * Loaded with ctypes (supervisor/spawn.py); it has no Python API. Why it exists: a
+ * fork() of the ~40 MB daemon costs milliseconds of copy-on-write, and posix_spawn()
+ * cannot set PR_SET_PDEATHSIG, switch users or join a cgroup. Like glibc's posix_spawn
+ * (and CPython's _posixsubprocess with vfork), the child borrows the parent's memory
+ * until it execs, so it may only make system calls: no malloc, no stdio, no locks. The
+ * parent is suspended until then, which also means the child can hand back why it
+ * failed through the request itself (`error`, `step`), with no pipe and no race.
+ *
+ * Signals: the parent blocks every signal around the clone, so that no handler of the
+ * daemon can run in the child on the shared memory; the child resets every disposition
+ * to SIG_DFL and only then unblocks (an empty mask, as programs expect).
+ *
+ * User switching uses the raw system calls: glibc's setuid() would try to synchronise
+ * the threads of the borrowed process, which this child is not.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* Which step failed; spawn.py maps these to words. Keep the two lists in step. */
+enum supd_step {
+    STEP_NONE = 0,
+    STEP_CLONE,
+    STEP_SETSID,
+    STEP_FDS,
+    STEP_CHDIR,
+    STEP_RLIMIT,
+    STEP_CGROUP,
+    STEP_GROUPS,
+    STEP_GID,
+    STEP_UID,
+    STEP_PDEATHSIG,
+    STEP_PARENT_GONE,
+    STEP_EXEC,
+};
+
+struct supd_spawn_request {
+    const char *path;        /* what execve runs, already resolved */
+    char *const *argv;
+    char *const *envp;
+    int fds[3];              /* become the child's 0, 1 and 2 */
+    const char *cwd;         /* NULL: stay in the daemon's folder */
+    int umask;               /* -1: keep */
+    int set_nofile;          /* give the child this RLIMIT_NOFILE */
+    uint64_t nofile_cur;
+    uint64_t nofile_max;
+    int cgroup_fd;           /* an open cgroup.procs to join, or -1 */
+    int switch_user;         /* then: */
+    uint32_t uid;
+    uint32_t gid;
+    int ngroups;
+    const uint32_t *groups;
+    int pdeathsig;           /* 0: none */
+    int parent_pid;          /* the child exits if its parent is no longer this */
+    /* out */
+    int error;               /* errno of the failed step */
+    int step;                /* enum supd_step */
+};
+
+static char child_stack[64 * 1024] __attribute__((aligned(16)));
+
+static int fail(struct supd_spawn_request *req, int step)
+{
+    req->error = errno;
+    req->step = step;
+    _exit(127);
+}
+
+static int child_main(void *arg)
+{
+    struct supd_spawn_request *req = arg;
+    struct sigaction dfl;
+    sigset_t empty;
+    int i;
+
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (i = 1; i < NSIG; i++) {
+        if (i != SIGKILL && i != SIGSTOP)
+            sigaction(i, &dfl, NULL); /* glibc's reserved ones fail with EINVAL: fine */
+    }
+    if (setsid() < 0)
+        fail(req, STEP_SETSID);
+    for (i = 0; i < 3; i++) {
+        if (req->fds[i] == i) {
+            /* Already in place: dup2 would be a no-op and keep close-on-exec. */
+            int flags = fcntl(i, F_GETFD);
+            if (flags < 0 || fcntl(i, F_SETFD, flags & ~FD_CLOEXEC) < 0)
+                fail(req, STEP_FDS);
+        } else if (dup2(req->fds[i], i) < 0) {
+            fail(req, STEP_FDS);
+        }
+    }
+    if (req->cwd != NULL && chdir(req->cwd) < 0)
+        fail(req, STEP_CHDIR);
+    if (req->umask >= 0)
+        umask((mode_t)req->umask);
+    if (req->set_nofile) {
+        struct rlimit limit = {(rlim_t)req->nofile_cur, (rlim_t)req->nofile_max};
+        if (setrlimit(RLIMIT_NOFILE, &limit) < 0)
+            fail(req, STEP_RLIMIT);
+    }
+    /* Join the cgroup while still privileged: "0" means the writing process. */
+    if (req->cgroup_fd >= 0 && write(req->cgroup_fd, "0", 1) != 1)
+        fail(req, STEP_CGROUP);
+    if (req->switch_user) {
+        if (syscall(SYS_setgroups, req->ngroups, req->groups) < 0)
+            fail(req, STEP_GROUPS);
+        if (syscall(SYS_setresgid, req->gid, req->gid, req->gid) < 0)
+            fail(req, STEP_GID);
+        if (syscall(SYS_setresuid, req->uid, req->uid, req->uid) < 0)
+            fail(req, STEP_UID);
+    }
+    /* After the uid change, which clears it. */
+    if (req->pdeathsig > 0) {
+        if (prctl(PR_SET_PDEATHSIG, req->pdeathsig) < 0)
+            fail(req, STEP_PDEATHSIG);
+        if (getppid() != req->parent_pid) {
+            errno = ESRCH; /* supd died before the prctl: nobody would stop us */
+            fail(req, STEP_PARENT_GONE);
+        }
+    }
+    sigemptyset(&empty);
+    sigprocmask(SIG_SETMASK, &empty, NULL);
+    execve(req->path, req->argv, req->envp);
+    return fail(req, STEP_EXEC);
+}
+
+/* The child's pid, or -1 with req->error and req->step saying why (the failed child,
+ * if any, is already reaped). */
+int supd_spawn(struct supd_spawn_request *req)
+{
+    sigset_t all, old;
+    int pid, saved;
+
+    req->error = 0;
+    req->step = STEP_NONE;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid = clone(child_main, child_stack + sizeof child_stack,
+                CLONE_VM | CLONE_VFORK | SIGCHLD, req);
+    saved = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (pid < 0) {
+        req->error = saved;
+        req->step = STEP_CLONE;
+        return -1;
+    }
+    if (req->step != STEP_NONE) {
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+        return -1;
+    }
+    return pid;
+}

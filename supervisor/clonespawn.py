@@ -1,0 +1,153 @@
+"""The binding of supd's C spawner (`_spawn.c`): clone(CLONE_VM | CLONE_VFORK) + execve.
+
+`_spawn.c` is built at install time where a C compiler exists (an optional extension
+in pyproject.toml) and is a plain shared library, loaded here with ctypes. `available()`
+says whether it was built; spawn.py falls back to its pure-Python paths when not.
+
+Why C: the child must run between clone and exec without touching the daemon's memory
+(it borrows it), which Python cannot promise. The request below is filled in by Python,
+read by the child, and the child writes back which step failed with which errno: the
+parent is suspended until the child has exec'd or exited, so the answer is there when
+`spawn()` returns, and an exec failure is an exception, not an exit status to decode.
+
+Must not import anything from supd but `linux`-free standard modules.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+# enum supd_step in _spawn.c, in order.
+STEPS: Final = (
+    "",
+    "clone",
+    "setsid",
+    "set up fds 0-2",
+    "chdir",
+    "set the fd limit",
+    "join the cgroup",
+    "setgroups",
+    "setgid",
+    "setuid",
+    "set the parent-death signal",
+    "check the parent",
+    "exec",
+)
+
+
+class _Request(ctypes.Structure):
+    _fields_ = [
+        ("path", ctypes.c_char_p),
+        ("argv", ctypes.POINTER(ctypes.c_char_p)),
+        ("envp", ctypes.POINTER(ctypes.c_char_p)),
+        ("fds", ctypes.c_int * 3),
+        ("cwd", ctypes.c_char_p),
+        ("umask", ctypes.c_int),
+        ("set_nofile", ctypes.c_int),
+        ("nofile_cur", ctypes.c_uint64),
+        ("nofile_max", ctypes.c_uint64),
+        ("cgroup_fd", ctypes.c_int),
+        ("switch_user", ctypes.c_int),
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("ngroups", ctypes.c_int),
+        ("groups", ctypes.POINTER(ctypes.c_uint32)),
+        ("pdeathsig", ctypes.c_int),
+        ("parent_pid", ctypes.c_int),
+        ("error", ctypes.c_int),
+        ("step", ctypes.c_int),
+    ]
+
+
+class CloneSpawnError(OSError):
+    """A step of the child's set-up (or its exec) failed; `step` names it."""
+
+    def __init__(self, errno: int, step: str, filename: str | None) -> None:
+        super().__init__(errno, os.strerror(errno), filename)
+        self.step = step
+
+
+def _library_path() -> Path | None:
+    folder = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = folder / f"_spawn{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _load() -> ctypes.CDLL | None:
+    path = _library_path()
+    if path is None:
+        return None
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    library.supd_spawn.argtypes = [ctypes.POINTER(_Request)]
+    library.supd_spawn.restype = ctypes.c_int
+    return library
+
+
+_library: Final = _load()
+
+
+def available() -> bool:
+    return _library is not None
+
+
+def _strings(items: Sequence[bytes]) -> ctypes.Array[ctypes.c_char_p]:
+    array = (ctypes.c_char_p * (len(items) + 1))()
+    array[: len(items)] = list(items)
+    return array
+
+
+def spawn(
+    path: str,
+    argv: Sequence[str],
+    environment: Mapping[str, str],
+    fds: tuple[int, int, int],
+    *,
+    directory: str | None = None,
+    umask: int | None = None,
+    nofile: tuple[int, int] | None = None,
+    cgroup_procs_fd: int | None = None,
+    credentials: tuple[int, int, Sequence[int]] | None = None,
+    pdeathsig: int = 0,
+) -> int:
+    """Start `path` with a clean slate; its pid, or CloneSpawnError naming the step."""
+    assert _library is not None, "check available() first"
+    request = _Request()
+    request.path = os.fsencode(path)
+    argv_array = _strings([os.fsencode(arg) for arg in argv])
+    env_array = _strings([os.fsencode(f"{key}={value}") for key, value in environment.items()])
+    request.argv = argv_array
+    request.envp = env_array
+    request.fds = (ctypes.c_int * 3)(*fds)
+    request.cwd = os.fsencode(directory) if directory is not None else None
+    request.umask = -1 if umask is None else umask
+    if nofile is not None:
+        request.set_nofile = 1
+        request.nofile_cur, request.nofile_max = nofile
+    request.cgroup_fd = -1 if cgroup_procs_fd is None else cgroup_procs_fd
+    groups_array = None
+    if credentials is not None:
+        uid, gid, groups = credentials
+        groups_array = (ctypes.c_uint32 * max(1, len(groups)))(*groups)
+        request.switch_user = 1
+        request.uid, request.gid = uid, gid
+        request.ngroups = len(groups)
+        request.groups = groups_array
+    request.pdeathsig = pdeathsig
+    request.parent_pid = os.getpid()
+    pid: int = _library.supd_spawn(ctypes.byref(request))
+    if pid < 0:
+        step = STEPS[request.step] if 0 <= request.step < len(STEPS) else str(request.step)
+        filename = path if step == "exec" else directory if step == "chdir" else None
+        raise CloneSpawnError(request.error, step, filename)
+    return pid
