@@ -258,6 +258,8 @@ class ServerLoop:
                 self._wake.trigger()
             self._thread.join(10)
         assert not self._thread.is_alive(), "the loop thread did not stop"
+        if self._wake is not None:
+            self._wake.close()
 
     def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
         """Run `fn` on the loop thread and return its result."""
@@ -302,7 +304,8 @@ class ServerLoop:
             finally:
                 server.close()
                 selector.unregister(self._wake)
-                self._wake.close()
+                # The wake fd stays open: stop() may be triggering it right now (it set
+                # _stopping, and another event ended the loop first); stop() closes it.
 
     def _loop(self, selector: Selector[Any], server: ControlServer) -> None:
         while not self._stopping:
