@@ -155,6 +155,7 @@ class Event(enum.Flag):
 
     READ = enum.auto()
     WRITE = enum.auto()
+    PRIORITY = enum.auto()  # EPOLLPRI: sysfs/cgroupfs files that changed (cgroup.events)
     TIMER = enum.auto()
     SIGNAL = enum.auto()
     PROCESS = enum.auto()
@@ -326,7 +327,7 @@ class SelectorStatistics:
     signalfd: int  # -1 when no signal or process is watched
 
 
-_HANDLE_EVENTS_MASK: Final = Event.READ | Event.WRITE
+_HANDLE_EVENTS_MASK: Final = Event.READ | Event.WRITE | Event.PRIORITY
 _TIMER_PERIODIC: Final = Event.TIMER
 _TIMER_ONESHOT: Final = Event.TIMER | Event.ONESHOT
 _TIMER_FINISHED: Final = Event.TIMER | Event.ONESHOT | Event.FINISHED
@@ -346,6 +347,7 @@ _HANGUP_ERRNO: Final = errno.ECONNRESET
 _EPOLL_BITS: Final = (
     (select.EPOLLIN, Event.READ),
     (select.EPOLLOUT, Event.WRITE),
+    (select.EPOLLPRI, Event.PRIORITY),
     (select.EPOLLERR, Event.ERROR),
     (select.EPOLLHUP, Event.ERROR),
     (select.EPOLLRDHUP, Event.ERROR),
@@ -357,6 +359,10 @@ def _translate_epoll_mask(mask: int) -> tuple[Event, int]:
     for bit, event in _EPOLL_BITS:
         if mask & bit:
             events |= event
+    if mask & select.EPOLLPRI and not mask & (select.EPOLLHUP | select.EPOLLRDHUP):
+        # sysfs and cgroupfs say "this file changed" with EPOLLPRI | EPOLLERR
+        # (sysfs_notify, kernfs_fop_poll): that EPOLLERR is no error.
+        events &= ~Event.ERROR
     return events, (_HANGUP_ERRNO if events & Event.ERROR else 0)
 
 
@@ -381,6 +387,8 @@ def _epoll_mask(events: Event) -> int:
         mask |= select.EPOLLIN
     if events & Event.WRITE:
         mask |= select.EPOLLOUT
+    if events & Event.PRIORITY:
+        mask |= select.EPOLLPRI
     return mask
 
 
@@ -509,7 +517,11 @@ class Selector(Generic[T]):
     # ---------------------------------------------------------------- registration
 
     def register_handle(self, fd: int, events: Event, data: T) -> None:
-        """Watch ``fd`` for READ and/or WRITE; an empty ``events`` registers it paused."""
+        """Watch ``fd`` for READ, WRITE and/or PRIORITY; empty ``events`` registers it paused.
+
+        PRIORITY is EPOLLPRI: out-of-band data, and the "changed" notification of sysfs
+        and cgroupfs files such as cgroup.events (re-read the file to clear it).
+        """
         self._check_handle_events(fd, events)
         if fd < 0:
             raise RegistrationError(f"fd {fd} is not a file descriptor")
@@ -970,7 +982,7 @@ class Selector(Generic[T]):
         extra = events & ~_HANDLE_EVENTS_MASK
         if extra:
             raise RegistrationError(
-                f"fd {fd}: a handle waits for READ and WRITE only, not {extra.name}"
+                f"fd {fd}: a handle waits for READ, WRITE and PRIORITY only, not {extra.name}"
             )
 
     def _check_free(self, fd: int) -> None:
