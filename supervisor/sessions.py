@@ -1,0 +1,164 @@
+"""Leftovers without cgroups: every program is a session leader, and sessions are traced.
+
+Each child supd spawns starts its own session (setsid), so the session id of everything
+it leaves behind is its pid, unless a descendant called setsid() again (only cgroups
+catch those). This module finds the members of a session in /proc and keeps a small
+journal of the sessions supd started, so that a supd that was SIGKILLed (no chance to
+stop anything) is followed by one that kills what the dead one left.
+
+The journal is append-only, one line per event, each line written whole with O_APPEND:
+
+    + SID STARTTIME     a session started (STARTTIME: the leader's, in clock ticks)
+    - SID               it ended (its leader exited and its members were dealt with)
+
+and rewritten (atomically, by rename) when it grows past a bound. Appending costs one
+write per spawn; rewriting a whole state file per spawn would cost O(programs).
+
+A session is only killed when its leader's start time still matches, or, with the leader
+gone, for members that started after it: a reused pid never makes supd kill a stranger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+COMPACT_AFTER_LINES = 4096
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    session: int
+    start_time: int  # clock ticks since boot
+    state: str
+    command: str
+
+
+def parse_stat(text: str) -> ProcStat | None:
+    """/proc/PID/stat: the command may hold spaces and parentheses; the last ')' ends it."""
+    head, _, rest = text.rpartition(")")
+    pid_text, _, command = head.partition(" (")
+    fields = rest.split()
+    try:
+        # fields[0] is the state (field 3); session is field 6, starttime field 22.
+        return ProcStat(int(pid_text), int(fields[3]), int(fields[19]), fields[0], command)
+    except (ValueError, IndexError):
+        return None
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return parse_stat(f.read())
+    except OSError:
+        return None
+
+
+def all_processes() -> Iterator[ProcStat]:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            stat = read_stat(int(entry.name))
+            if stat is not None:
+                yield stat
+
+
+def session_members(session: int, leader_start: int | None = None) -> list[ProcStat]:
+    """Live processes of `session`, started no earlier than its leader (if known)."""
+    return [
+        p
+        for p in all_processes()
+        if p.session == session
+        and p.state != "Z"
+        and (leader_start is None or p.start_time >= leader_start)
+    ]
+
+
+def kill_session(session: int, leader_start: int | None = None) -> list[ProcStat]:
+    """SIGKILL every live member of `session` (one /proc scan); returns them."""
+    if leader_start is not None:
+        leader = read_stat(session)
+        if leader is not None and leader.start_time != leader_start:
+            return []  # the pid now leads another session: not ours
+    members = session_members(session, leader_start)
+    for member in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member.pid, signal.SIGKILL)
+    return members
+
+
+class SessionJournal:
+    """The sessions this supd started and has not seen end, on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.live: dict[int, int] = {}  # session id -> leader's start time
+        self._fd: int | None = None
+        self._lines = 0
+
+    def load(self) -> dict[int, int]:
+        """What a previous supd left: sessions it started and never saw end."""
+        found: dict[int, int] = {}
+        try:
+            text = self.path.read_text()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return found
+        for line in text.splitlines():
+            kind, _, rest = line.partition(" ")
+            words = rest.split()
+            with contextlib.suppress(ValueError, IndexError):
+                if kind == "+":
+                    found[int(words[0])] = int(words[1])
+                elif kind == "-":
+                    found.pop(int(words[0]), None)
+        return found
+
+    def open(self) -> None:
+        """Start a fresh journal (after the previous one's leftovers were dealt with)."""
+        self._rewrite()
+
+    def started(self, pid: int) -> None:
+        stat = read_stat(pid)
+        if stat is None:
+            return  # already gone: nothing it leaves can outlive its exit handling
+        self.live[pid] = stat.start_time
+        self._append(f"+ {pid} {stat.start_time}\n")
+
+    def ended(self, pid: int) -> None:
+        if self.live.pop(pid, None) is not None:
+            self._append(f"- {pid}\n")
+
+    def close(self, remove: bool = False) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def _append(self, line: str) -> None:
+        if self._fd is None:
+            return
+        if self._lines >= COMPACT_AFTER_LINES:
+            self._rewrite()  # from `live`, which already holds this change
+            return
+        with contextlib.suppress(OSError):  # a full disk costs the journal, not a spawn
+            os.write(self._fd, line.encode())
+            self._lines += 1
+
+    def _rewrite(self) -> None:
+        temporary = self.path.with_name(self.path.name + ".new")
+        try:
+            with open(temporary, "w") as f:
+                f.writelines(f"+ {sid} {start}\n" for sid, start in self.live.items())
+            os.replace(temporary, self.path)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError:
+            return
+        self.close()
+        self._fd = fd
+        self._lines = len(self.live)
