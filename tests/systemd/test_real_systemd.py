@@ -424,6 +424,7 @@ def test_a_second_supd_on_the_same_config_refuses_to_start(service: Service) -> 
     assert proc.returncode == 2, proc
     assert "already running" in proc.stderr
     assert str(service.main_pid()) in proc.stderr
+    assert service.pid("worker") == worker
     # ... and supctl with the config reaches the service.
     assert "worker" in service.supctl("-c", "/etc/supd/supd.toml", "status")
 
