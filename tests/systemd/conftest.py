@@ -8,7 +8,6 @@ skip into a failure.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO
+from tests.systemd import readme
 from tests.systemd.machine import Machine, Unavailable, unavailable_reason
 
 CHECKOUT = "/root/supd"  # where the container gets its copy of this checkout
@@ -54,19 +54,11 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
         box.close()
 
 
-def readme_install_script(readme: str) -> str:
-    """The first ```sh block of the README's "Running under systemd" section."""
-    section = readme.split("\n## Running under systemd", 1)[1]
-    match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert match, "the README's systemd section has no ```sh block"
-    return match.group(1)
-
-
 @pytest.fixture(scope="session")
 def installed(machine: Machine) -> Machine:
     """supd installed and started in the container exactly as the README says, run as a
     root shell would from the checkout."""
-    script = readme_install_script((REPO / "README.md").read_text())
+    script = readme.install_script()
     machine.run("sh", "-exc", f"cd {shlex.quote(CHECKOUT)}\n{script}", timeout=300)
     return machine
 

@@ -53,6 +53,7 @@ COPY_EXCLUDES = (
 )
 
 BOOT_TIMEOUT = 90.0
+CANNOT_MOUNT = 77  # the launcher's exit status when the machine refuses the mounts
 POWEROFF_TIMEOUT = 30.0
 
 # Runs as the container's launcher, inside `unshare --mount --propagation private`:
@@ -62,12 +63,13 @@ set -eu
 work=$1 name=$2 checkout=$3 dest=$4; shift 4
 lower=$work/lower layers=$work/layers root=$work/root
 mkdir -p "$lower" "$layers" "$root"
-mount --bind / "$lower"
-mount -o remount,bind,ro "$lower"
-mount -t tmpfs -o mode=0755 tmpfs "$layers"
-mkdir "$layers/upper" "$layers/work"
-mount -t overlay overlay \
-  -o "lowerdir=$lower,upperdir=$layers/upper,workdir=$layers/work" "$root"
+# A machine that does not allow these mounts cannot run the tier: exit 77 says so.
+mount --bind / "$lower" && mount -o remount,bind,ro "$lower" \
+  && mount -t tmpfs -o mode=0755 tmpfs "$layers" \
+  && mkdir "$layers/upper" "$layers/work" \
+  && mount -t overlay overlay \
+       -o "lowerdir=$lower,upperdir=$layers/upper,workdir=$layers/work" "$root" \
+  || exit 77
 # Services enabled on the host image (databases, timers, a getty) have no business in
 # a test container: masked.
 for unit in "$@"; do ln -sf /dev/null "$root/etc/systemd/system/$unit"; done
@@ -107,6 +109,13 @@ def unavailable_reason() -> str | None:
         return f"cannot read /proc/filesystems: {exc}"
     if "\toverlay\n" not in filesystems:
         return "the kernel has no overlayfs"
+    if not any(Path(p).exists() for p in ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")):
+        return "systemd is not installed (nothing to boot)"
+    # The README's install runs the system python3's venv inside the container.
+    python = "/usr/bin/python3"
+    probe = [python, "-c", "import ensurepip, venv"]
+    if not Path(python).exists() or subprocess.run(probe, capture_output=True).returncode:
+        return f"{python} with venv is needed (Debian: apt-get install python3-venv)"
     return None
 
 
@@ -195,6 +204,10 @@ class Machine:
             if found:
                 return found
             if self.launcher is not None and self.launcher.poll() is not None:
+                if self.launcher.returncode == CANNOT_MOUNT:
+                    raise Unavailable(
+                        "cannot make the overlay root (mounts refused):\n" + self.console_tail(5)
+                    )
                 raise RuntimeError(
                     f"the container exited ({self.launcher.returncode}) before {what}:\n"
                     + self.console_tail()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.helpers import REPO, wait_until
+from tests.systemd import readme
 from tests.systemd.machine import Machine
 
 DROP_IN_DIR = "/etc/systemd/system/supd.service.d"
@@ -363,18 +364,10 @@ def test_recovery_after_kill_9(service: Service) -> None:
 # -- socket activation -------------------------------------------------------------------
 
 
-def readme_socket_commands() -> str:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Running under systemd", 1)[1]
-    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert len(blocks) >= 2, "the README's systemd section lacks the socket commands"
-    return str(blocks[1])
-
-
 def test_socket_activation_in_the_documented_order(service: Service) -> None:
     service.configure(sleeper("worker"))
     service.systemctl("start", "supd.service")  # installed and running, as after install
-    service.machine.sh(readme_socket_commands())
+    service.machine.sh(readme.socket_activation_script())
     assert service.is_active("supd.socket") == "active"
     assert service.is_active() == "active"
     inode = service.run("stat", "-c", "%i", "/run/supd/supd.sock").strip()
@@ -615,5 +608,5 @@ def test_security_score_is_the_one_in_the_readme(service: Service) -> None:
     match = SECURITY_RE.search(proc.stdout + proc.stderr)
     assert match, proc.stdout + proc.stderr
     score = f"{match.group(1)} {match.group(2)}"
-    readme = (REPO / "README.md").read_text()
-    assert f"`systemd-analyze security supd`: {score}" in readme, score
+    text = (REPO / "README.md").read_text()
+    assert f"`systemd-analyze security supd`: {score}" in text, score
