@@ -8,10 +8,11 @@ so a second copy may well bind a different one. The config file is what both sha
 The lock is `.NAME.lock` beside the config (symlinks resolved: one file, one lock), a
 file that is never deleted (removing a lock file while another process waits on it is
 how two processes end up holding "the" lock); it holds the owner's pid, for the
-message a second supd prints. Where that file cannot be created (a read-only folder,
-or one the user may not write), the config file itself is locked instead: as good,
-except that an editor which saves by renaming a new file into place gives the next
-supd a fresh inode to lock.
+message a second supd prints. Where the user may not write it, an existing lock file
+is locked through a read-only fd (flock does not care); where it cannot be created (a
+read-only folder, or one the user may not write), the config file itself is locked
+instead: as good, except that an editor which saves by renaming a new file into place
+gives the next supd a fresh inode to lock.
 
 The fd is close-on-exec, so no program inherits the lock and none keeps it after supd
 is gone; the kernel drops it when supd exits, however it exits.
@@ -68,13 +69,16 @@ class InstanceLock:
         except OSError as exc:
             if exc.errno not in _CANNOT_CREATE:
                 raise
-            path = Path(os.path.realpath(config))
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             writable = False
+            try:  # another user's lock file: a read-only fd takes the same flock
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                path = Path(os.path.realpath(config))
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_pid(fd) if writable else None
+            holder = _read_pid(fd)
             os.close(fd)
             raise AlreadyLocked(config, path, holder) from None
         except BaseException:

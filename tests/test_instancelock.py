@@ -155,5 +155,22 @@ def test_a_read_only_folder_locks_the_config_itself() -> None:
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == str(config)
         assert not (folder / ".supd.toml.lock").exists()
+        if os.geteuid() == 0:
+            # A lock file root made and holds: nobody cannot write it, but sees the lock.
+            folder.chmod(0o755)
+            held = InstanceLock.acquire(config)
+            try:
+                assert held.path == folder / ".supd.toml.lock"
+                proc = subprocess.run(
+                    [*become, PY, "-c", code],
+                    capture_output=True,
+                    text=True,
+                    env={**environment(), "PYTHONPATH": source_pythonpath()},
+                    timeout=30,
+                )
+                assert proc.returncode != 0
+                assert f"already running on {config} (pid {os.getpid()};" in proc.stderr
+            finally:
+                held.release()
     finally:
         shutil.rmtree(top, ignore_errors=True)

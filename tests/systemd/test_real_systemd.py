@@ -80,7 +80,9 @@ class Service:
         return {entry["name"]: entry for entry in entries}
 
     def state(self, name: str) -> str:
-        return str(self.processes()[name]["state"])
+        """The process's state, or "" while supd does not know it (yet)."""
+        entry = self.processes().get(name)
+        return "" if entry is None else str(entry["state"])
 
     def pid(self, name: str) -> int:
         return int(self.supctl("pid", name).strip())
@@ -330,7 +332,7 @@ def alive_in_container(service: Service, pid: int) -> bool:
 
 
 def test_watchdog_restarts_a_hung_supd(service: Service) -> None:
-    service.machine.write(f"{DROP_IN_DIR}/watchdog.conf", "[Service]\nWatchdogSec=2s\n")
+    service.machine.write(f"{DROP_IN_DIR}/watchdog.conf", "[Service]\nWatchdogSec=3s\n")
     service.systemctl("daemon-reload")
     service.configure(sleeper("worker"))
     service.systemctl("start", "supd.service")
