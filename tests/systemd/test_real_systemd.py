@@ -10,6 +10,7 @@ started with the programs the test writes to /etc/supd/conf.d/test.toml.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import time
@@ -530,30 +531,47 @@ INT80 = (  # a 32-bit system call from this 64-bit process: mov eax, 20 (getpid)
     "print(ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))())\n"
 )
 
-def write_proc_sys():
-    with open("/proc/sys/kernel/domainname", "w") as f:
-        f.write("(none)")
+def read_kallsyms():  # an empty, inaccessible file in its place when refused
+    with open("/proc/kallsyms") as f:
+        if not f.read(1):
+            raise OSError("hidden")
 
-def swapoff():  # ENOENT when allowed (root has CAP_SYS_ADMIN), EPERM when filtered
-    if ctypes.CDLL(None, use_errno=True).swapoff(b"/nonexistent") != 0:
-        code = ctypes.get_errno()
-        if code == errno.EPERM:
-            raise OSError(code, os.strerror(code))
+def reboot_syscall():  # bad magic numbers: EINVAL when allowed, EPERM when filtered
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(169, 0, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EPERM:  # x86-64
+        raise OSError(errno.EPERM, "reboot")
 
 def setarch_no_aslr():
     subprocess.run(["setarch", os.uname().machine, "-R", "true"], check=True,
                    stderr=subprocess.DEVNULL)
 
 def syscall_32bit():  # killed by SIGSYS when refused
-    if subprocess.run([sys.executable, "-c", INT80]).returncode == -signal.SIGSYS:
+    run = subprocess.run([sys.executable, "-c", INT80], stdout=subprocess.DEVNULL)
+    if run.returncode == -signal.SIGSYS:
         raise OSError("SIGSYS")
 
+def write_usr():
+    with open("/usr/local/supd-probe", "w"):
+        pass
+    os.unlink("/usr/local/supd-probe")
+
+def mkdir_cgroup():  # in this process's own cgroup (v2)
+    own = [line[3:] for line in open("/proc/self/cgroup").read().splitlines()
+           if line.startswith("0::")][0]
+    mounts = [line.split()[4] for line in open("/proc/self/mountinfo")
+              if " - cgroup2 " in line]
+    path = mounts[0] + own + "/supd-probe"
+    os.mkdir(path)
+    os.rmdir(path)
+
 probes = {
-    "write /proc/sys": write_proc_sys,
+    "write /usr": write_usr,
+    "read /proc/kallsyms": read_kallsyms,
+    "mkdir in a cgroup": mkdir_cgroup,
     "SCHED_FIFO": lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1)),
     "chmod u+s": lambda: os.chmod("/var/tmp/supd-test/suid-probe", 0o4755),
     "chmod g+s": lambda: os.chmod("/var/tmp/supd-test/suid-probe", 0o2755),
-    "swapoff": swapoff,
+    "reboot()": reboot_syscall,
     "setarch -R": setarch_no_aslr,
     "32-bit syscall": syscall_32bit,
 }
@@ -567,6 +585,8 @@ for name, probe in probes.items():
 
 
 def test_hardening_leaves_programs_running_as_other_users_alone(service: Service) -> None:
+    if os.uname().machine != "x86_64":
+        pytest.skip("the probes use x86-64 system call numbers and instructions")
     service.machine.sh(
         f"""
         install -m 4755 /usr/bin/id /usr/local/bin/suid-id
@@ -576,6 +596,12 @@ def test_hardening_leaves_programs_running_as_other_users_alone(service: Service
     )
     program = json.dumps(["python3", "-c", HARDENED_PROGRAM])
     probe = json.dumps(["python3", "-c", HARDENING_IN_EFFECT])
+    # The probe is worth something: in a unit without the hardening, all is allowed.
+    bare = service.run(
+        "systemd-run", "--wait", "--pipe", "--quiet", "python3", "-c", HARDENING_IN_EFFECT
+    ).splitlines()
+    assert bare == [line.replace("refused", "allowed") for line in PROBED_UNDER_SUPD]
+    service.run("chmod", "0644", f"{SCRATCH}/suid-probe")
     service.configure(
         f'[programs.as_nobody]\ncommand = {program}\nuser = "nobody"\n'
         'directory = "/"\nautorestart = "never"\nstartsecs = 0\n'
@@ -592,15 +618,20 @@ def test_hardening_leaves_programs_running_as_other_users_alone(service: Service
         assert "FAILED" not in log and log.count("ok: ") == 10, (name, log)
         assert service.processes()[name]["exit_code"] == 0, log
     probed = service.run("cat", "/var/log/supd/probe.out.log").splitlines()
-    assert probed == [
-        "refused: write /proc/sys",  # ProtectKernelTunables
-        "refused: SCHED_FIFO",  # RestrictRealtime
-        "refused: chmod u+s",  # RestrictSUIDSGID
-        "refused: chmod g+s",
-        "refused: swapoff",  # SystemCallFilter=~@swap
-        "refused: setarch -R",  # LockPersonality
-        "refused: 32-bit syscall",  # SystemCallArchitectures=native
-    ]
+    assert probed == PROBED_UNDER_SUPD
+
+
+PROBED_UNDER_SUPD = [
+    "refused: write /usr",  # ProtectSystem=yes
+    "refused: read /proc/kallsyms",  # ProtectKernelTunables
+    "refused: mkdir in a cgroup",  # ProtectControlGroups
+    "refused: SCHED_FIFO",  # RestrictRealtime
+    "refused: chmod u+s",  # RestrictSUIDSGID
+    "refused: chmod g+s",
+    "refused: reboot()",  # SystemCallFilter=~@reboot
+    "refused: setarch -R",  # LockPersonality
+    "refused: 32-bit syscall",  # SystemCallArchitectures=native
+]
 
 
 def test_security_score_is_the_one_in_the_readme(service: Service) -> None:
