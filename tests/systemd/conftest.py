@@ -17,9 +17,7 @@ import pytest
 
 from tests.helpers import REPO
 from tests.systemd import readme
-from tests.systemd.machine import Machine, Unavailable, unavailable_reason
-
-CHECKOUT = "/root/supd"  # where the container gets its copy of this checkout
+from tests.systemd.machine import CHECKOUT, Machine, Unavailable, unavailable_reason
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

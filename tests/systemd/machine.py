@@ -52,6 +52,7 @@ COPY_EXCLUDES = (
     "run",
 )
 
+CHECKOUT = "/root/supd"  # where the container gets its copy of the checkout
 BOOT_TIMEOUT = 90.0
 CANNOT_MOUNT = 77  # the launcher's exit status when the machine refuses the mounts
 POWEROFF_TIMEOUT = 30.0
@@ -132,7 +133,7 @@ def enabled_host_units() -> list[str]:
 class Machine:
     """One booted container. `run()` executes a command inside it."""
 
-    def __init__(self, work: Path, checkout: Path, dest: str = "/root/supd") -> None:
+    def __init__(self, work: Path, checkout: Path, dest: str = CHECKOUT) -> None:
         self.work = work
         self.checkout = checkout
         self.dest = dest
