@@ -1,4 +1,6 @@
-"""The systemd tier: one container with a real systemd, booted once for all its tests.
+"""The systemd tier: one container with a real systemd, booted once for all its tests
+(a package-scoped fixture: powered off as soon as the tier is done, not at the end of
+the whole run).
 
 Skipped, with the reason, where the machine cannot boot it (not root, no overlayfs, no
 systemd-nspawn); `make test-systemd` sets SUPD_REQUIRE_SYSTEMD=1, which turns that
@@ -34,7 +36,7 @@ def _skip_or_fail(reason: str) -> None:
     pytest.skip(f"no real systemd: {reason}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     reason = unavailable_reason()
     if reason:
@@ -52,7 +54,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
         box.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def installed(machine: Machine) -> Machine:
     """supd installed and started in the container exactly as the README says, run as a
     root shell would from the checkout."""
