@@ -102,7 +102,8 @@ def unavailable_reason() -> str | None:
     if missing:
         return (
             f"{', '.join(missing)} not installed "
-            "(Debian: apt-get install systemd-container; `make test` does it as root)"
+            "(Debian: systemd-container has systemd-nspawn, `make test` installs it as "
+            "root; util-linux has the others)"
         )
     try:
         filesystems = Path("/proc/filesystems").read_text()
