@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/supd.toml
 
-.PHONY: run test lint bench clean venv
+.PHONY: run test test-systemd systemd-nspawn lint bench clean venv
 
 # Debian's python3 needs python3-venv for this; as root we install it when missing.
 $(BIN)/python:
@@ -42,8 +42,24 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check supervisor tests benchmarks
 	$(BIN)/mypy supervisor
 
-test: lint
+test: lint systemd-nspawn
 	$(BIN)/python -m pytest
+
+# The systemd tier alone (tests/systemd: a real systemd booted with systemd-nspawn);
+# here a machine that cannot run it fails instead of skipping.
+test-systemd: $(VENV)/.installed-test systemd-nspawn
+	SUPD_REQUIRE_SYSTEMD=1 $(BIN)/python -m pytest tests/systemd
+
+# The systemd tier needs systemd-nspawn: as root with apt-get, install it when missing
+# (a no-op when present). Where that fails the tier is skipped, with the reason.
+systemd-nspawn:
+	@command -v systemd-nspawn >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing systemd-container (systemd-nspawn) for tests/systemd" >&2; \
+	    { apt-get update -qq && apt-get install -y -qq systemd-container >/dev/null; } \
+	      || echo "could not install systemd-container: tests/systemd will be skipped" >&2; \
+	  else echo "no systemd-nspawn (apt-get install systemd-container): tests/systemd will be skipped" >&2; \
+	  fi; }
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks

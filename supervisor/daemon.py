@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__, activation, daemonlog, linux, notify, spawn
+from . import __version__, activation, daemonlog, instancelock, linux, notify, spawn
 from .commands import Commands
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import AlreadyRunning, ControlServer
@@ -748,15 +748,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # In the journal (ExecReload's --check too), errors must be errors: "<3>".
+    error = "<3>" if daemonlog.stderr_is_journal(sys.stderr, os.environ) else ""
     try:
         config = load(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            print(f"{error}{problem}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
         print(summary(config))
         return EXIT_OK
+    try:
+        lock = instancelock.InstanceLock.acquire(args.config)  # held until supd exits
+    except instancelock.AlreadyLocked as exc:
+        print(f"{error}supd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     daemonlog.configure(config.supervisor.log_format, config.supervisor.log_level)
     reset_inherited_signals()
     systemd = notify.take_systemd_environment(os.environ)  # ours, never a child's
@@ -768,10 +775,11 @@ def main(argv: list[str] | None = None) -> int:
         daemon.setup(listen_fd)
         return daemon.run()
     except AlreadyRunning as exc:
-        print(f"supd: {exc}", file=sys.stderr)
+        print(f"{error}supd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
         daemon.close()
+        lock.release()
 
 
 if __name__ == "__main__":

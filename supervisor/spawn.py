@@ -64,8 +64,11 @@ from . import clonespawn, linux
 # Standard signals a child gets back at their default disposition.
 _RESETTABLE_SIGNALS = tuple(s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP))
 
-# Variables that belong to supd (systemd's notify, watchdog and socket activation):
-# a child that inherited them could talk to systemd in supd's name.
+# Variables systemd sets for supd itself. A child that inherited the notify, watchdog
+# and socket-activation ones could talk to systemd in supd's name; the rest describe
+# supd's service (its invocation, journal stream, MAINPID for ExecReload, its
+# RuntimeDirectory= and friends, its credentials), not the program's: a program that is
+# itself a supd would otherwise find its parent's socket through $RUNTIME_DIRECTORY.
 PRIVATE_ENVIRONMENT = (
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -73,6 +76,15 @@ PRIVATE_ENVIRONMENT = (
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
+    "INVOCATION_ID",
+    "JOURNAL_STREAM",
+    "RUNTIME_DIRECTORY",
+    "STATE_DIRECTORY",
+    "LOGS_DIRECTORY",
+    "CACHE_DIRECTORY",
+    "CONFIGURATION_DIRECTORY",
+    "CREDENTIALS_DIRECTORY",
+    "MAINPID",
 )
 
 _EXIT_EXEC_FAILED = 127

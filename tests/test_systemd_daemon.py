@@ -302,9 +302,29 @@ def _try_status(d: Supd) -> dict[str, dict[str, object]]:
 # -- hygiene (holds with or without the wiring) ------------------------------------------
 
 
+# What systemd sets for a service (besides NOTIFY_SOCKET): meant for supd, not for the
+# programs it runs. RUNTIME_DIRECTORY is the test's folder, where the socket is anyway.
+SYSTEMD_FOR_SUPD = {
+    "WATCHDOG_USEC": "30000000",
+    "WATCHDOG_PID": "1",
+    "LISTEN_FDS": "1",
+    "LISTEN_PID": "1",
+    "LISTEN_FDNAMES": "x",
+    "INVOCATION_ID": "0123456789abcdef0123456789abcdef",
+    "JOURNAL_STREAM": "8:12345",
+    "STATE_DIRECTORY": "/var/lib/supd",
+    "LOGS_DIRECTORY": "/var/log/supd",
+    "CACHE_DIRECTORY": "/var/cache/supd",
+    "CONFIGURATION_DIRECTORY": "/etc/supd",
+    "CREDENTIALS_DIRECTORY": "/run/credentials/supd.service",
+    "MAINPID": "1",
+}
+
+
 def test_programs_never_see_systemd_variables(
     supd: Factory, listener: NotifyListener, tmp_path: Path
 ) -> None:
+    variables = {**SYSTEMD_FOR_SUPD, "RUNTIME_DIRECTORY": str(tmp_path)}
     env_file = tmp_path / "env.json"
     partial = tmp_path / "env.json.partial"
     dump = toml_list(
@@ -322,25 +342,13 @@ def test_programs_never_see_systemd_variables(
         startsecs = 0
         autorestart = "never"
         """,
-        env=systemd_env(
-            listener,
-            WATCHDOG_USEC="30000000",
-            WATCHDOG_PID="1",
-            LISTEN_FDS="1",
-            LISTEN_PID="1",
-            LISTEN_FDNAMES="x",
-        ),
+        env=systemd_env(listener, **variables),
     )
     wait_until(env_file.exists, describe=f"{env_file} written by the program")
-    leaked = set(json.loads(env_file.read_text())) & {
-        "NOTIFY_SOCKET",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-    }
-    assert leaked == set()
+    seen = json.loads(env_file.read_text())
+    assert set(seen) & set(variables) == set()
+    assert "NOTIFY_SOCKET" not in seen
+    assert seen["SUPD_PROCESS_NAME"] == "dump"  # the dump did run under supd
 
 
 def test_a_notify_socket_nobody_listens_on_does_not_hurt(supd: Factory, tmp_path: Path) -> None:

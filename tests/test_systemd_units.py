@@ -18,6 +18,7 @@ import pytest
 
 from supd.config import load
 from tests.helpers import PY, REPO
+from tests.systemd.readme import install_script
 
 SERVICE = REPO / "systemd" / "supd.service"
 SOCKET = REPO / "systemd" / "supd.socket"
@@ -115,8 +116,37 @@ def test_hardening_leaves_programs_their_privileges(service: Unit) -> None:
     for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "User"):
         assert key not in settings, f"{key}= gets in the way of supervised programs"
     assert settings.get("ProtectSystem") in (None, "yes")
-    for key in ("ProtectKernelModules", "ProtectControlGroups", "LockPersonality"):
-        assert settings.get(key) == "yes"
+    for key in (
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectControlGroups",
+        "RestrictRealtime",
+        "LockPersonality",
+        "RestrictSUIDSGID",
+    ):
+        assert settings.get(key) == "yes", key
+    assert settings.get("SystemCallArchitectures") == "native"
+    # A deny list only ("~"), and denied calls fail instead of killing the program.
+    assert settings.get("SystemCallFilter", "").startswith("~")
+    assert settings.get("SystemCallErrorNumber") == "EPERM"
+    # cgroups are systemd's: ProtectControlGroups=yes only holds without delegation.
+    assert settings.get("Delegate", "no") == "no"
+
+
+def test_a_failing_start_drops_the_waiting_connection(socket_unit: Unit) -> None:
+    """FlushPending=yes: a supd that cannot start (bad config) is not retriggered by the
+    same waiting connection until systemd's start limit fails supd.socket."""
+    assert value(socket_unit, "Socket", "FlushPending") == "yes"
+
+
+def test_the_units_install_steps_are_the_readmes() -> None:
+    """The install commands in supd.service's header are the README's, line for line."""
+    readme = install_script().splitlines()
+    header = SERVICE.read_text().split("[Unit]", 1)[0]
+    commands = [line.removeprefix("#").strip() for line in header.splitlines()]
+    for line in readme:
+        assert line in commands, f"supd.service's install comment lacks: {line}"
+    assert "/opt/supd/venv" not in SERVICE.read_text()
 
 
 def test_every_service_setting_is_explained() -> None:
