@@ -44,6 +44,7 @@ from supd.protocol import (
     OutputParams,
     PidParams,
     PidResult,
+    ProcessPid,
     ProcessInfo,
     ReloadParams,
     ReloadResult,
@@ -176,16 +177,22 @@ class FakeDaemon:
                     )
                 else:
                     responder.result(ReloadResult(added=["new"], changed=[], removed=["old"]))
-            case TailParams(name=name, stream=stream, bytes=size, follow=follow):
+            case TailParams(name=name, stream=stream, bytes=size, lines=lines, follow=follow):
                 data = self.output.get((name, stream), "")
-                responder.result(TailResult(name=name, stream=stream, data=data[-size:]))
+                if lines is not None:
+                    data = "".join(data.splitlines(keepends=True)[-lines:] if lines else [])
+                elif size is not None:
+                    data = data[-size:] if size else ""
+                responder.result(TailResult(name=name, stream=stream, data=data))
                 if follow:
                     self.followers.append(responder)
             case PidParams(name=None):
                 responder.result(PidResult(pid=os.getpid()))
             case PidParams(name=name):
-                info = self.processes.get(name or "")
-                responder.result(PidResult(pid=info.pid if info else None))
+                selected = self.expand([name or ""]) or []
+                found = [ProcessPid(name=n, pid=self.processes[n].pid) for n in selected]
+                one = found[0].pid if len(found) == 1 else None
+                responder.result(PidResult(pid=one, processes=found))
             case VersionParams():
                 responder.result(VersionResult(version="0.1.0", pid=os.getpid(), config=None))
             case ShutdownParams():
