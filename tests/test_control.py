@@ -44,8 +44,8 @@ from supd.protocol import (
     OutputParams,
     PidParams,
     PidResult,
-    ProcessPid,
     ProcessInfo,
+    ProcessPid,
     ReloadParams,
     ReloadResult,
     Request,
@@ -452,7 +452,7 @@ def test_string_ids_and_crlf_line_endings_are_accepted(served: ServerLoop) -> No
 def test_blank_lines_are_ignored(served: ServerLoop) -> None:
     with RpcClient(served.path) as client:
         client.send(b"\n\n  \n")
-        assert client.call("pid")["result"] == {"pid": os.getpid()}
+        assert client.call("pid")["result"] == {"pid": os.getpid(), "processes": []}
 
 
 # =========================================================================== protocol errors
@@ -561,7 +561,11 @@ def test_half_written_request_completes_later(served: ServerLoop) -> None:
         wait_until(lambda: served.call(lambda: served.seen["Connection"]) >= 1)
         assert served.call(lambda: len(served.handler.requests)) == 0
         client.send(b'"method":"pid"}\n')
-        assert client.read() == {"jsonrpc": "2.0", "id": 3, "result": {"pid": os.getpid()}}
+        assert client.read() == {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "result": {"pid": os.getpid(), "processes": []},
+        }
 
 
 def test_handler_exception_becomes_internal_error(served: ServerLoop) -> None:
@@ -666,7 +670,7 @@ def test_answering_twice_is_a_logged_no_op(served: ServerLoop) -> None:
             responder.error(ErrorCode.BAD_STATE, "second answer")
 
         served.call(answer_twice)
-        assert client.read()["result"] == {"pid": 1}
+        assert client.read()["result"] == {"pid": 1, "processes": []}
         served.call(lambda: setattr(served.handler, "hold", False))
         assert client.call("pid")["id"] == 2  # nothing else came in between
     assert served.events("answered_twice")
@@ -713,7 +717,11 @@ def test_200_concurrent_connections(served: ServerLoop) -> None:
         for index, client in enumerate(clients):
             client.request("pid", request_id=index)
         for index, client in enumerate(clients):
-            assert client.read() == {"jsonrpc": "2.0", "id": index, "result": {"pid": os.getpid()}}
+            assert client.read() == {
+                "jsonrpc": "2.0",
+                "id": index,
+                "result": {"pid": os.getpid(), "processes": []},
+            }
         assert served.call(lambda: served.server.connection_count if served.server else 0) == 200
     finally:
         for client in clients:
@@ -862,7 +870,7 @@ def test_random_input_never_crashes_the_server(served: ServerLoop, garbage: list
     with RpcClient(served.path) as client:
         client.send(b"\n".join(garbage) + b"\n")
         answer = client.response(client.request("pid", request_id="probe-after-garbage"))
-    assert answer["result"] == {"pid": os.getpid()}
+    assert answer["result"] == {"pid": os.getpid(), "processes": []}
     assert served.error is None
 
 
@@ -1019,5 +1027,7 @@ def test_group_members_are_served() -> None:
         path = folder / "supd.sock"
         with ServerLoop(path, mode=0o660, group="nogroup") as loop:
             messages = run_as_nobody(path)
-        assert messages == [{"jsonrpc": "2.0", "id": 1, "result": {"pid": os.getpid()}}]
+        assert messages == [
+            {"jsonrpc": "2.0", "id": 1, "result": {"pid": os.getpid(), "processes": []}}
+        ]
         assert loop.error is None
