@@ -16,12 +16,19 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # The stamp files reinstall only when pyproject.toml changes.
+# The import name supd maps to the folder supervisor/ (package-dir), which setuptools
+# can only install editable through an import hook, and it says so with an
+# "Editable installation ... folders with the same name as your package may take
+# precedence" notice on every install. No folder here is named supd, so the notice
+# never applies: it is filtered out (that one message only; other warnings still show).
+PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@ $(VENV)/.installed
 
 venv: $(VENV)/.installed
