@@ -219,7 +219,8 @@ class Client:
 
     `timeout_s` bounds each wait on an unresponsive daemon (connecting, or a probe's
     answer). A call waits for its answer as long as supd keeps answering probes, or
-    until `limit_s` (--timeout); `on_wait(seconds)` is told after each good probe.
+    until `limit_s` (--timeout); `progress` is updated after each good probe and
+    cleared when the call ends.
     """
 
     def __init__(
@@ -228,12 +229,12 @@ class Client:
         timeout_s: float | None,
         *,
         limit_s: float | None = None,
-        on_wait: Callable[[float], None] | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.path = path
         self.timeout_s = timeout_s
         self.limit_s = limit_s
-        self.on_wait = on_wait
+        self.progress = progress
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
         self._next_id = 1
@@ -278,6 +279,15 @@ class Client:
         if not probe:
             limit = None if self.timeout_s is None else started + self.timeout_s
         self._send(json.dumps(request).encode() + b"\n")
+        try:
+            return self._await_answer(method, request_id, started, limit, probe)
+        finally:
+            if self.progress is not None:
+                self.progress.clear()
+
+    def _await_answer(
+        self, method: str, request_id: int, started: float, limit: float | None, probe: bool
+    ) -> Any:
         while True:
             deadline = time.monotonic() + PROBE_INTERVAL_S if probe else None
             if limit is not None:
@@ -291,8 +301,8 @@ class Client:
                 if limit is not None and now >= limit:
                     raise TimedOut(method, self.limit_s or 0.0) from None
                 self._probe()
-                if self.on_wait is not None:
-                    self.on_wait(time.monotonic() - started)
+                if self.progress is not None:
+                    self.progress.update(time.monotonic() - started)
                 continue
             if "method" in message:
                 continue  # a notification from an earlier follow: not our answer
@@ -759,32 +769,26 @@ class Session:
         if args.handler is None:
             return self.help(getattr(args, "topic", None))
         connect_s = min(PROBE_TIMEOUT_S, self.timeout_s or PROBE_TIMEOUT_S)
-        progress = Progress(self.err, _describe_command(args))
-        on_wait = progress.update if _isatty(self.err) else None
+        progress = Progress(self.err, _describe_command(args)) if _isatty(self.err) else None
         try:
             with Client(
-                self.socket_path, connect_s, limit_s=self.timeout_s, on_wait=on_wait
+                self.socket_path, connect_s, limit_s=self.timeout_s, progress=progress
             ) as client:
                 status: int = args.handler(client, args, output)
                 return status
         except UsageError as exc:
-            progress.clear()
             output.failure("usage", str(exc))
             return EXIT_USAGE
         except Unreachable as exc:
-            progress.clear()
             output.failure("unreachable", str(exc))
             return EXIT_UNREACHABLE
         except TimedOut as exc:
-            progress.clear()
             output.failure("timed_out", str(exc))
             return EXIT_TIMED_OUT
         except RpcError as exc:
-            progress.clear()
             output.failure(exc.code, exc.message, exc.data)
             return EXIT_USAGE if exc.code == INVALID_PARAMS else EXIT_FAILED
         finally:
-            progress.clear()
             self.out.flush()
 
     def help(self, topic: str | None) -> int:

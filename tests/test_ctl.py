@@ -527,34 +527,30 @@ def test_a_daemon_that_stops_answering_probes_exits_4(
 
 
 def test_an_answering_daemon_is_waited_for_with_progress_on_a_terminal(
-    fake: ServerLoop, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fake: ServerLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A long stop is not "unreachable" while supd answers the probes."""
     monkeypatch.setattr(ctl, "PROBE_INTERVAL_S", 0.05)
     monkeypatch.setattr(ctl, "PROBE_TIMEOUT_S", 0.2)
     waited: list[float] = []
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    def release_after_some_probes(elapsed: float) -> None:
-        progress.update(elapsed)
-        waited.append(elapsed)
-        if len(waited) == 5:  # well past PROBE_TIMEOUT_S: the old fixed deadline
-            fake.call(lambda: fake.handler.release())
+    class ReleasingProgress(ctl.Progress):
+        def update(self, elapsed_s: float) -> None:
+            super().update(elapsed_s)
+            waited.append(elapsed_s)
+            if len(waited) == 5:  # well past PROBE_TIMEOUT_S: the old fixed deadline
+                fake.call(lambda: fake.handler.release())
 
     fake.call(lambda: setattr(fake.handler, "hold", True))
     answer_only_probes(fake)
-    err = Terminal()
-    progress = ctl.Progress(err, "stop web")
-    with ctl.Client(str(fake.path), 0.2, on_wait=release_after_some_probes) as client:
+    err = io.StringIO()
+    progress = ReleasingProgress(err, "stop web")
+    with ctl.Client(str(fake.path), 0.2, progress=progress) as client:
         result = client.call("stop", {"names": ["web"]})
     assert [item["name"] for item in result] == ["web:0", "web:1"]
     assert waited == sorted(waited) and waited[-1] > 0.2
     assert err.getvalue().startswith("\rsupctl: stop web: supd is working on it (0 s)")
-    progress.clear()
-    assert err.getvalue().endswith("\r\x1b[K")
+    assert err.getvalue().endswith("\r\x1b[K")  # cleared before the result is printed
 
 
 def answer_only_probes(loop: ServerLoop) -> None:
