@@ -530,25 +530,26 @@ def test_an_answering_daemon_is_waited_for_with_progress_on_a_terminal(
     fake: ServerLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A long stop is not "unreachable" while supd answers the probes."""
-    monkeypatch.setattr(ctl, "PROBE_INTERVAL_S", 0.05)
-    monkeypatch.setattr(ctl, "PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ctl, "PROBE_INTERVAL_S", 0.1)
+    monkeypatch.setattr(ctl, "PROBE_TIMEOUT_S", 1.0)
     waited: list[float] = []
 
     class ReleasingProgress(ctl.Progress):
         def update(self, elapsed_s: float) -> None:
             super().update(elapsed_s)
             waited.append(elapsed_s)
-            if len(waited) == 5:  # well past PROBE_TIMEOUT_S: the old fixed deadline
-                fake.call(lambda: fake.handler.release())
+            # Past PROBE_TIMEOUT_S (where a fixed deadline would have given up): answer.
+            if elapsed_s > 1.2:
+                fake.call(lambda: fake.handler.release())  # a second release finds none
 
     fake.call(lambda: setattr(fake.handler, "hold", True))
     answer_only_probes(fake)
     err = io.StringIO()
     progress = ReleasingProgress(err, "stop web")
-    with ctl.Client(str(fake.path), 0.2, progress=progress) as client:
+    with ctl.Client(str(fake.path), 1.0, progress=progress) as client:
         result = client.call("stop", {"names": ["web"]})
     assert [item["name"] for item in result] == ["web:0", "web:1"]
-    assert waited == sorted(waited) and waited[-1] > 0.2
+    assert waited == sorted(waited) and waited[-1] > 1.2 and len(waited) > 5
     assert err.getvalue().startswith("\rsupctl: stop web: supd is working on it (0 s)")
     assert err.getvalue().endswith("\r\x1b[K")  # cleared before the result is printed
 
