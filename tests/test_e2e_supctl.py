@@ -259,6 +259,11 @@ def test_a_program_run_as_nobody_gets_nobodys_home_user_logname_and_shell(
         startsecs = 0
         autorestart = "never"
         environment = { HOME = "/srv/told", SHELL = "/bin/sh" }
+        [programs.grouped]
+        command = ["/usr/bin/env"]
+        group = "nogroup"
+        startsecs = 0
+        autorestart = "never"
     """)
 
     def environment(name: str) -> dict[str, str]:
@@ -280,3 +285,7 @@ def test_a_program_run_as_nobody_gets_nobodys_home_user_logname_and_shell(
         "nobody",
         "/bin/sh",
     )
+    # A group alone switches no user: the account variables stay supd's.
+    grouped = environment("grouped")
+    assert grouped.get("HOME") == os.environ.get("HOME")
+    assert grouped.get("USER") == os.environ.get("USER")
