@@ -21,15 +21,22 @@ CC_CHECK = command -v cc >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-g
 	  && { apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null; } \
 	  || echo "no C compiler: supd will use its pure-Python spawn method" >&2; }
 
+# The import name supd maps to the folder supervisor/ (package-dir), which setuptools
+# can only install editable through an import hook, and it says so with an
+# "Editable installation ... folders with the same name as your package may take
+# precedence" notice on every install. No folder here is named supd, so the notice
+# never applies: it is filtered out (that one message only; other warnings still show).
+PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet
+
 # The stamp files reinstall only when pyproject.toml or the C spawner changes.
 $(VENV)/.installed: pyproject.toml supervisor/_spawn.c | $(BIN)/python
 	@$(CC_CHECK)
-	$(BIN)/python -m pip install --quiet -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml supervisor/_spawn.c | $(BIN)/python
 	@$(CC_CHECK)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@ $(VENV)/.installed
 
 venv: $(VENV)/.installed
@@ -65,4 +72,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) .bench-venv .pytest_cache .mypy_cache .ruff_cache logs run
+	rm -rf $(VENV) .bench-venv .pytest_cache .mypy_cache .ruff_cache logs run build supervisor/*.so

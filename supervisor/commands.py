@@ -18,13 +18,17 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import ConfigError
 from .control import Responder
+from .names import select as select_names
 from .process import DOWN_STATES, Start, State, Stop, Want, describe
 from .protocol import (
+    DEFAULT_TAIL_BYTES,
+    MAX_TAIL_BYTES,
     ActionResult,
     ErrorCode,
     OutputParams,
     PidParams,
     PidResult,
+    ProcessPid,
     ReloadParams,
     ReloadResult,
     Request,
@@ -44,8 +48,6 @@ from .signals import name as signal_name
 
 if TYPE_CHECKING:
     from .daemon import Daemon
-
-ALL = "all"
 
 
 class UnknownNames(Exception):
@@ -83,7 +85,7 @@ class Commands:
             case TailParams() as params:
                 self._tail(params, responder)
             case PidParams(name=name):
-                responder.result(PidResult(pid=self._pid(name)))
+                responder.result(self._pid(name))
             case VersionParams():
                 config = str(self.daemon.config.path)
                 responder.result(VersionResult(version=__version__, pid=os.getpid(), config=config))
@@ -94,22 +96,15 @@ class Commands:
     # -- names ------------------------------------------------------------------------
 
     def resolve(self, names: list[str] | None) -> list[str]:
-        """Process names for `names`: processes, programs (all their processes) or "all"."""
+        """Process names for `names`: processes, programs, `prog:*`, globs or "all" (names.py)."""
         daemon = self.daemon
-        if not names or ALL in names:
+        if not names:
             return list(daemon.slots)
-        found: list[str] = []
-        unknown: list[str] = []
-        for name in names:
-            if name in daemon.programs:
-                found += [n for n in daemon.programs[name] if n in daemon.slots]
-            elif name in daemon.slots:
-                found.append(name)
-            else:
-                unknown.append(name)
+        programs = {p: [n for n in ns if n in daemon.slots] for p, ns in daemon.programs.items()}
+        found, unknown = select_names(names, programs)
         if unknown:
             raise UnknownNames(unknown)
-        return list(dict.fromkeys(found))
+        return found
 
     # -- status -----------------------------------------------------------------------
 
@@ -240,19 +235,22 @@ class Commands:
         slot = self.daemon.slots.get(params.name)
         if slot is None:
             raise UnknownNames([params.name])
-        data = slot.sink(params.stream).tail(params.bytes)
+        nbytes = (
+            DEFAULT_TAIL_BYTES if params.bytes is None and params.lines is None else params.bytes
+        )
+        sink = slot.sink(params.stream)
+        data = sink.read_back(nbytes=nbytes, nlines=params.lines, limit=MAX_TAIL_BYTES)
         text = data.decode(errors="replace")
         responder.result(TailResult(name=params.name, stream=params.stream, data=text))
         if params.follow:
             self.daemon.add_output_listener(_follower(params, responder))
 
-    def _pid(self, name: str | None) -> int | None:
+    def _pid(self, name: str | None) -> PidResult:
         if name is None:
-            return os.getpid()
-        slot = self.daemon.slots.get(name)
-        if slot is None:
-            raise UnknownNames([name])
-        return slot.process.pid
+            return PidResult(pid=os.getpid())
+        slots = self.daemon.slots
+        found = [ProcessPid(name=n, pid=slots[n].process.pid) for n in self.resolve([name])]
+        return PidResult(pid=found[0].pid if len(found) == 1 else None, processes=found)
 
 
 def _follower(params: TailParams, responder: Responder) -> Callable[[str, str, bytes], bool]:

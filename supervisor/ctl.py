@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from . import __version__
 
@@ -30,6 +30,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 EXIT_UNREACHABLE = 4
+EXIT_TIMED_OUT = 5  # --timeout expired; supd may still finish the work
 EXIT_INTERRUPTED = 130  # Ctrl-C outside of `tail -f`, as shells report it
 
 # Mirrors of protocol.ErrorCode (only those supctl treats specially).
@@ -42,9 +43,43 @@ DEFAULT_SOCKET = "/run/supd/supd.sock"
 SOCKET_ENV = "SUPD_SOCKET"
 HISTORY_FILE = "~/.supctl_history"
 
-# start/stop/restart may wait for startsecs / stopwaitsecs; everything else is quick.
-WAITING_TIMEOUT_S = 30.0
-DEFAULT_TIMEOUT_S = 10.0
+# No answer has a fixed deadline: a `stop` may rightly take stopwaitsecs (and a `start`
+# startsecs and its retries). While an answer is awaited, supd is probed with a
+# `version` call on a second connection every PROBE_INTERVAL_S; it is "unreachable"
+# only when a connect or a probe gets no answer within PROBE_TIMEOUT_S.
+PROBE_INTERVAL_S = 2.0
+PROBE_TIMEOUT_S = 10.0
+
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    an operation failed (a start ended FATAL, an unknown name, ...)
+  {EXIT_USAGE}    usage error (command line or config file)
+  {EXIT_NOT_RUNNING}    status: a process is not RUNNING
+  {EXIT_UNREACHABLE}    no daemon: cannot connect, or it stopped answering
+  {EXIT_TIMED_OUT}    --timeout expired before the answer came (supd may still finish)
+  {EXIT_INTERRUPTED}  interrupted with Ctrl-C (outside tail -f)"""
+
+# supervisorctl commands supd has no method for: what to do instead.
+NOT_IN_SUPD = {
+    "reread": "use `supctl reload`: it re-reads the config and applies the changes"
+    " (supervisorctl's reread and update in one step)",
+    "update": "use `supctl reload`: it re-reads the config and applies the changes"
+    " (added programs start, removed ones stop, changed ones restart)",
+    "add": "programs come from the config: add the [programs.NAME] table, then `supctl reload`",
+    "remove": "programs come from the config: delete the [programs.NAME] table, then"
+    " `supctl reload`",
+    "avail": "not yet (it is being built); today `supctl status` lists every configured"
+    " process (autostart = false ones as STOPPED), and `supd -c CONFIG --check` checks"
+    " an edited config before `supctl reload`",
+    "maintail": "not yet (it is being built); today read the daemon's own log where its"
+    " stderr goes: `journalctl -u supd` under systemd, else the terminal or file you"
+    " started supd with",
+    "clear": "not yet (it is being built); today truncate the log file yourself"
+    " (`truncate -s 0 FILE`; supd appends, so it keeps writing at the new end)",
+    "fg": "not yet (it is being built); today `supctl tail -f NAME [stderr]` follows a"
+    " process's output (programs get no terminal: their stdin is /dev/null)",
+}
 
 COMMANDS = (
     "status",
@@ -60,10 +95,29 @@ COMMANDS = (
     "help",
 )
 SHELL_ONLY = ("quit", "exit")
+NAMES_HELP = "process, program, PROGRAM:*, glob, or 'all'"
+DEFAULT_TAIL_LINES = 10
 
 
 class UsageError(Exception):
     """Bad command line or config file: exit 2."""
+
+
+class ArgumentsError(UsageError):
+    """argparse found the command line wrong (its usage line goes with the message)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises ArgumentsError instead of printing and exiting, so
+    that `--json` can report usage errors as JSON and the shell can carry on."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentsError(self, message)
 
 
 class Unreachable(Exception):
@@ -73,6 +127,20 @@ class Unreachable(Exception):
         super().__init__(f"cannot reach supd at {path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class TimedOut(Exception):
+    """--timeout expired before the answer came: exit 5."""
+
+    def __init__(self, method: str, timeout_s: float) -> None:
+        super().__init__(
+            f"no answer to {method} within --timeout {timeout_s:g} s; supd may still"
+            " carry it out (see supctl status)"
+        )
+
+
+class _Silence(Exception):
+    """No answer yet by the deadline of one read (internal to Client)."""
 
 
 class RpcError(Exception):
@@ -147,11 +215,26 @@ def _connect_reason(exc: OSError) -> str:
 
 
 class Client:
-    """A blocking JSON-RPC client on one connection; every wait has a deadline."""
+    """A blocking JSON-RPC client on one connection.
 
-    def __init__(self, path: str, timeout_s: float | None) -> None:
+    `timeout_s` bounds each wait on an unresponsive daemon (connecting, or a probe's
+    answer). A call waits for its answer as long as supd keeps answering probes, or
+    until `limit_s` (--timeout); `progress` is updated after each good probe and
+    cleared when the call ends.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        timeout_s: float | None,
+        *,
+        limit_s: float | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.path = path
         self.timeout_s = timeout_s
+        self.limit_s = limit_s
+        self.progress = progress
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
         self._next_id = 1
@@ -178,21 +261,63 @@ class Client:
             raise Unreachable(self.path, _connect_reason(exc)) from None
         self._sock = sock
 
-    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Send one request and return its result; RpcError for an error answer."""
+    def call(self, method: str, params: dict[str, Any] | None = None, probe: bool = True) -> Any:
+        """Send one request and return its result; RpcError for an error answer.
+
+        Once supd has the request there is no fixed deadline: every PROBE_INTERVAL_S
+        without an answer, a `version` call on a second connection checks that supd
+        still answers (Unreachable if not), until `limit_s` (TimedOut). With `probe`
+        False, the answer must come within `timeout_s` (Unreachable if not).
+        """
         if self._sock is None:
             self.connect()
         request_id = self._next_id
         self._next_id += 1
         request = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        started = time.monotonic()
+        limit = None if self.limit_s is None else started + self.limit_s
+        if not probe:
+            limit = None if self.timeout_s is None else started + self.timeout_s
         self._send(json.dumps(request).encode() + b"\n")
+        try:
+            return self._await_answer(method, request_id, started, limit, probe)
+        finally:
+            if self.progress is not None:
+                self.progress.clear()
+
+    def _await_answer(
+        self, method: str, request_id: int, started: float, limit: float | None, probe: bool
+    ) -> Any:
         while True:
-            message = self._read_message(deadline)
+            deadline = time.monotonic() + PROBE_INTERVAL_S if probe else None
+            if limit is not None:
+                deadline = limit if deadline is None else min(deadline, limit)
+            try:
+                message = self._read_message(deadline)
+            except _Silence:
+                now = time.monotonic()
+                if not probe:
+                    raise Unreachable(self.path, self._timeout_reason()) from None
+                if limit is not None and now >= limit:
+                    raise TimedOut(method, self.limit_s or 0.0) from None
+                self._probe()
+                if self.progress is not None:
+                    self.progress.update(time.monotonic() - started)
+                continue
             if "method" in message:
                 continue  # a notification from an earlier follow: not our answer
             if message.get("id") in (request_id, None):
                 return self._unwrap(message)
+
+    def _probe(self) -> None:
+        """Unreachable unless supd answers a `version` call within PROBE_TIMEOUT_S."""
+        try:
+            with Client(self.path, PROBE_TIMEOUT_S) as prober:
+                prober.call("version", probe=False)
+        except Unreachable as exc:
+            raise Unreachable(self.path, f"supd stopped answering ({exc.reason})") from None
+        except RpcError:
+            pass  # an error answer is an answer
 
     def notifications(self) -> Iterator[dict[str, Any]]:
         """Server notifications, forever (no deadline): `tail -f`."""
@@ -227,7 +352,7 @@ class Client:
     def _raise_refusal(self) -> None:
         try:
             message = self._read_message(time.monotonic() + 1.0)
-        except Unreachable:
+        except (Unreachable, _Silence):
             return
         self._unwrap(message)
 
@@ -247,12 +372,12 @@ class Client:
         else:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Unreachable(self.path, self._timeout_reason())
+                raise _Silence()
             self._sock.settimeout(remaining)
         try:
             chunk = self._sock.recv(1 << 16)
         except TimeoutError:
-            raise Unreachable(self.path, self._timeout_reason()) from None
+            raise _Silence() from None
         except OSError as exc:
             raise Unreachable(self.path, f"connection lost ({exc.strerror})") from None
         if not chunk:
@@ -260,7 +385,7 @@ class Client:
         return chunk
 
     def _timeout_reason(self) -> str:
-        return f"no answer within {self.timeout_s:g} s (see --timeout)"
+        return f"no answer within {self.timeout_s:g} s"
 
     def _decode(self, line: bytes) -> dict[str, Any]:
         try:
@@ -331,6 +456,40 @@ class Output:
         self.err.write(f"supctl: {text}\n")
         self.err.flush()
 
+    def failure(self, code: int | str, message: str, data: Any = None) -> None:
+        """An error that ends the command: text on stderr, or with --json the object
+        {"error": {"code", "message"[, "data"]}} on stdout. `code` is the daemon's
+        JSON-RPC code, or supctl's own: "usage", "unreachable", "timed_out"."""
+        if not self.as_json:
+            self.error(message)
+            for item in data if isinstance(data, list) and code == CONFIG_INVALID else []:
+                self.err.write(f"  {item}\n")
+            return
+        error: dict[str, Any] = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self.json({"error": error})
+
+
+class Progress:
+    """A one-line "still waiting" note on a terminal's stderr, while supd works."""
+
+    def __init__(self, err: TextIO, what: str) -> None:
+        self.err = err
+        self.what = what
+        self.shown = False
+
+    def update(self, elapsed_s: float) -> None:
+        self.err.write(f"\rsupctl: {self.what}: supd is working on it ({elapsed_s:.0f} s)")
+        self.err.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+            self.shown = False
+
 
 # --------------------------------------------------------------------------- commands
 
@@ -384,9 +543,7 @@ def cmd_reload(client: Client, args: argparse.Namespace, out: Output) -> int:
     except RpcError as exc:
         if exc.code != CONFIG_INVALID:
             raise
-        out.error(f"reload refused, nothing changed: {exc.message}")
-        for problem in exc.data if isinstance(exc.data, list) else []:
-            out.err.write(f"  {problem}\n")
+        out.failure(exc.code, f"reload refused, nothing changed: {exc.message}", exc.data)
         return EXIT_FAILED
     if out.as_json:
         out.json(result)
@@ -404,6 +561,8 @@ def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
     params = {"name": args.name, "stream": args.stream, "follow": args.follow}
     if args.bytes is not None:
         params["bytes"] = args.bytes
+    else:
+        params["lines"] = DEFAULT_TAIL_LINES if args.lines is None else args.lines
     result = client.call("tail", params)
     if not args.follow:
         _write_output(result, out)
@@ -427,16 +586,30 @@ def _write_output(chunk: dict[str, Any], out: Output) -> None:
 
 
 def cmd_pid(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """One pid alone (scripts: `kill $(supctl pid web)`); several as `NAME PID` lines."""
     result = client.call("pid", {"name": args.name} if args.name else {})
     if out.as_json:
         out.json(result)
-    elif result.get("pid") is not None:
-        out.line(str(result["pid"]))
-    if result.get("pid") is None:
-        if not out.as_json:
-            out.error(f"{args.name} is not running")
-        return EXIT_FAILED
-    return EXIT_OK
+    # A daemon older than `processes` sends only `pid`.
+    processes = result.get("processes") or [{"name": args.name, "pid": result.get("pid")}]
+    if args.name is None:
+        processes = [{"name": "supd", "pid": result.get("pid")}]
+    down = [str(p.get("name")) for p in processes if p.get("pid") is None]
+    if not out.as_json:
+        if len(processes) == 1 and not down:
+            out.line(str(processes[0]["pid"]))
+        else:
+            width = max(len(str(p.get("name"))) for p in processes)
+            for process in processes:
+                if process.get("pid") is not None:
+                    out.line(f"{str(process.get('name')).ljust(width)}  {process['pid']}")
+        for name in down:
+            out.error(f"{name} is not running")
+    return EXIT_FAILED if down else EXIT_OK
+
+
+def cmd_not_in_supd(client: Client, args: argparse.Namespace, out: Output) -> int:
+    raise UsageError(f"supd has no {args.command} command: {NOT_IN_SUPD[args.command]}")
 
 
 def cmd_version(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -476,9 +649,11 @@ def _timeout(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="supctl",
         description="Control a running supd. Without a command: an interactive shell.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-s", "--socket", help=f"control socket (default: ${SOCKET_ENV}, ...)")
     parser.add_argument("-c", "--config", help="supd config file: use its socket")
@@ -487,8 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_timeout,
         metavar="S",
-        help=f"seconds to wait for an answer (default {DEFAULT_TIMEOUT_S:g}, "
-        f"{WAITING_TIMEOUT_S:g} for start/stop/restart; 0: forever)",
+        help="give up (exit 5) after S seconds without an answer (0: never); by default "
+        "supctl waits as long as supd is working on the request and answering probes",
     )
     parser.add_argument("--version", action="version", version=f"supctl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -503,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("status", cmd_status, "show processes (exit 3 if any is not RUNNING)")
     sub.add_argument("names", nargs="*", metavar="NAME")
     for name in ("start", "stop", "restart"):
-        sub = command(name, cmd_control, f"{name} processes (NAME, program, or 'all')")
+        sub = command(name, cmd_control, f"{name} processes ({NAMES_HELP})")
         sub.add_argument("names", nargs="+", metavar="NAME")
         sub.add_argument(
             "--no-wait", dest="wait", action="store_false", help="answer without waiting"
@@ -512,24 +687,59 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("signal", metavar="SIG")
     sub.add_argument("names", nargs="+", metavar="NAME")
     command("reload", cmd_reload, "re-read the config file and apply the changes")
-    sub = command("tail", cmd_tail, "show the end of a process's output")
+    sub = command(
+        "tail",
+        cmd_tail,
+        f"show the end of a process's output (default: {DEFAULT_TAIL_LINES} lines), "
+        "from its log file and backups",
+    )
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
-    sub.add_argument("-n", "--bytes", type=_non_negative_int, metavar="BYTES")
+    size = sub.add_mutually_exclusive_group()
+    size.add_argument(
+        "-n", "--lines", type=_non_negative_int, metavar="N", help="the last N lines (also -N)"
+    )
+    size.add_argument("-c", "--bytes", type=_non_negative_int, metavar="N", help="the last N bytes")
     sub.add_argument("name", metavar="NAME")
     sub.add_argument("stream", nargs="?", default="stdout", choices=("stdout", "stderr"))
-    sub = command("pid", cmd_pid, "print supd's pid, or a process's")
+    sub = command("pid", cmd_pid, "print supd's pid, or the processes' (NAME PID if several)")
     sub.add_argument("name", nargs="?", metavar="NAME")
     command("version", cmd_version, "show the daemon's version, pid and config")
     command("shutdown", cmd_shutdown, "stop all processes and the daemon")
     sub = command("help", None, "show help for a command")
     sub.add_argument("topic", nargs="?", metavar="COMMAND")
+    for name, hint in NOT_IN_SUPD.items():
+        # Not listed in the help: supervisorctl's commands, answered with what to do.
+        sub = commands.add_parser(name, description=f"supd has no {name} command: {hint}")
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.set_defaults(handler=cmd_not_in_supd)
     return parser
 
 
-def default_timeout(args: argparse.Namespace) -> float:
-    if args.command in ("start", "stop", "restart") and getattr(args, "wait", False):
-        return WAITING_TIMEOUT_S
-    return DEFAULT_TIMEOUT_S
+def supervisorctl_syntax(argv: Sequence[str]) -> list[str]:
+    """`tail -100 web` (supervisorctl, tail(1)) is `tail -n 100 web`."""
+    words = list(argv)
+    command = _command_index(words)
+    if command is None or words[command] != "tail":
+        return words
+    return words[: command + 1] + [
+        part
+        for word in words[command + 1 :]
+        for part in (("-n", word[1:]) if word[:1] == "-" and word[1:].isdigit() else (word,))
+    ]
+
+
+def _command_index(words: list[str]) -> int | None:
+    """Where the command is in `words`, skipping the global options and their values."""
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word in ("-s", "--socket", "-c", "--config", "--timeout"):
+            index += 2
+        elif word.startswith("-"):
+            index += 1
+        else:
+            return index
+    return None
 
 
 # --------------------------------------------------------------------------- running
@@ -548,7 +758,7 @@ class Session:
     ) -> None:
         self.parser = parser
         self.socket_path = socket_path
-        self.timeout_s: float | None = args.timeout
+        self.timeout_s: float | None = args.timeout or None  # 0: no bound either
         self.out = out
         self.err = err
         self.colour = wants_colour(out, os.environ)
@@ -558,16 +768,25 @@ class Session:
         output = Output(self.out, self.err, as_json=args.json, colour=self.colour)
         if args.handler is None:
             return self.help(getattr(args, "topic", None))
-        timeout = default_timeout(args) if self.timeout_s is None else self.timeout_s
+        connect_s = min(PROBE_TIMEOUT_S, self.timeout_s or PROBE_TIMEOUT_S)
+        progress = Progress(self.err, _describe_command(args)) if _isatty(self.err) else None
         try:
-            with Client(self.socket_path, timeout or None) as client:
+            with Client(
+                self.socket_path, connect_s, limit_s=self.timeout_s, progress=progress
+            ) as client:
                 status: int = args.handler(client, args, output)
                 return status
+        except UsageError as exc:
+            output.failure("usage", str(exc))
+            return EXIT_USAGE
         except Unreachable as exc:
-            output.error(str(exc))
+            output.failure("unreachable", str(exc))
             return EXIT_UNREACHABLE
+        except TimedOut as exc:
+            output.failure("timed_out", str(exc))
+            return EXIT_TIMED_OUT
         except RpcError as exc:
-            output.error(exc.message)
+            output.failure(exc.code, exc.message, exc.data)
             return EXIT_USAGE if exc.code == INVALID_PARAMS else EXIT_FAILED
         finally:
             self.out.flush()
@@ -584,6 +803,17 @@ class Session:
         return EXIT_OK
 
 
+def _describe_command(args: argparse.Namespace) -> str:
+    """`stop web:*`: the command as typed, for the progress line."""
+    names = getattr(args, "names", None) or [getattr(args, "name", None) or ""]
+    return " ".join([args.command, *names]).strip()
+
+
+def _isatty(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -594,13 +824,14 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    words = supervisorctl_syntax(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
         socket_path = resolve_socket(args.socket, args.config, os.environ)
-    except SystemExit as exc:  # argparse: --help, --version, or a usage error
+    except SystemExit as exc:  # argparse: --help or --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except UsageError as exc:
-        sys.stderr.write(f"supctl: {exc}\n")
+        report_usage_error(exc, sys.stdout, sys.stderr, "--json" in words)
         return EXIT_USAGE
     session = Session(parser, socket_path, args, sys.stdout, sys.stderr)
     try:
@@ -614,6 +845,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `supctl tail -f web | head`: the reader left; stop quietly, no traceback.
         _silence_stdout()
         return EXIT_OK
+
+
+def report_usage_error(exc: UsageError, out: TextIO, err: TextIO, as_json: bool) -> None:
+    """Like argparse (usage line, then the message) on stderr, or JSON on stdout."""
+    if as_json:
+        Output(out, err, as_json=True, colour=False).failure("usage", str(exc))
+        return
+    if isinstance(exc, ArgumentsError):
+        exc.parser.print_usage(err)
+        err.write(f"{exc.parser.prog}: error: {exc.message}\n")
+    else:
+        err.write(f"supctl: {exc}\n")
 
 
 def _silence_stdout() -> None:
@@ -671,10 +914,14 @@ def run_shell(session: Session, defaults: argparse.Namespace) -> int:
 def run_shell_command(session: Session, defaults: argparse.Namespace, words: list[str]) -> int:
     """One shell line. Usage errors print argparse's message but never leave the shell."""
     namespace = argparse.Namespace(**vars(defaults))
+    words = supervisorctl_syntax(words)
     try:
         args = session.parser.parse_args(words, namespace)
-    except SystemExit as exc:
+    except SystemExit as exc:  # help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except UsageError as exc:
+        report_usage_error(exc, session.out, session.err, defaults.json or "--json" in words)
+        return EXIT_USAGE
     if args.command is None:
         return EXIT_OK
     try:
@@ -723,7 +970,7 @@ class Completer:
         """Processes and their programs, asked from the daemon (nothing if it is away)."""
         try:
             with Client(self.session.socket_path, 2.0) as client:
-                rows = client.call("status")
+                rows = client.call("status", probe=False)
         except (Unreachable, RpcError):
             return []
         names = [str(row.get("name")) for row in rows]

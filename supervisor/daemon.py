@@ -353,6 +353,7 @@ class Daemon:
             group=program.group,
             umask=program.umask,
             redirect_stderr=program.redirect_stderr,
+            configured_environment=frozenset(program.environment),
         )
         now = self.clock()
         try:

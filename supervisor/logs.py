@@ -260,6 +260,23 @@ class LogSink:
         """The last `nbytes` bytes of output (at most `tail_size`)."""
         return self._tail.last(nbytes)
 
+    def read_back(
+        self, *, nbytes: int | None = None, nlines: int | None = None, limit: int
+    ) -> bytes:
+        """The last `nbytes` bytes or `nlines` lines of output, at most `limit` bytes.
+
+        From the log file and its backups (`read_log_tail`), so a tail can reach further
+        back than the memory tail; from memory when there is no file, it cannot be read,
+        or writing to it is failing (the memory tail then holds what the file lacks).
+        """
+        if self.path is not None and self.last_error is None:
+            data = read_log_tail(self.path, self.backups, nbytes=nbytes, nlines=nlines, limit=limit)
+            if data is not None:
+                return data
+        if nlines is None:
+            return self._tail.last(limit if nbytes is None else min(nbytes, limit))
+        return _last_lines(self._tail.last(limit), nlines)
+
     @property
     def tail_size(self) -> int:
         return self._tail.size
@@ -419,6 +436,81 @@ class LogSink:
 
 def _backup_path(path: Path, number: int) -> Path:
     return path.with_name(f"{path.name}.{number}")
+
+
+# --- Reading a log back ------------------------------------------------------------------
+
+_READ_BLOCK = 64 * 1024
+
+
+def read_log_tail(
+    path: Path,
+    backups: int,
+    *,
+    nbytes: int | None = None,
+    nlines: int | None = None,
+    limit: int,
+) -> bytes | None:
+    """The end of the log at `path`: its last `nbytes` bytes or `nlines` lines.
+
+    When the current file is shorter than asked, reading goes on back into the rotated
+    backups `path.1` ... `path.N` (N = `backups`), newest first. A bounded backwards
+    read: blocks from the end of each file, at most `limit` bytes in all, whatever the
+    files' sizes. None when `path` cannot be read or is not a regular file (a FIFO,
+    /dev/stdout): the caller then has only the in-memory tail.
+    """
+    want = limit if nbytes is None else min(nbytes, limit)
+    if nlines == 0 or want == 0:
+        return b""
+    chunks: list[bytes] = []  # newest first
+    total = 0
+    newlines = 0
+    for number in range(backups + 1):
+        file_path = path if number == 0 else _backup_path(path, number)
+        try:
+            fd = os.open(file_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            if number == 0:
+                return None
+            break  # fewer backups exist (yet)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None if number == 0 else b"".join(reversed(chunks))
+            end = st.st_size
+            while end > 0 and total < want:
+                size = min(_READ_BLOCK, end, want - total)
+                block = os.pread(fd, size, end - size)
+                if not block:  # the file shrank under us (truncated): stop here
+                    break
+                end -= len(block)
+                chunks.append(block)
+                total += len(block)
+                if nlines is not None:
+                    newlines += block.count(b"\n")
+                    # One newline more than asked: the start of the first wanted line.
+                    if newlines > nlines:
+                        return _last_lines(b"".join(reversed(chunks)), nlines)
+        except OSError:
+            if number == 0 and not chunks:
+                return None
+            break
+        finally:
+            os.close(fd)
+        if total >= want:
+            break
+    data = b"".join(reversed(chunks))
+    return data if nlines is None else _last_lines(data, nlines)
+
+
+def _last_lines(data: bytes, count: int) -> bytes:
+    """The last `count` lines of `data`; a final line without its newline counts."""
+    position = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(count):
+        position = data.rfind(b"\n", 0, position)
+        if position < 0:
+            return data
+    return data[position + 1 :]
 
 
 # --- Pipe reader -------------------------------------------------------------------------

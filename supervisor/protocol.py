@@ -40,6 +40,7 @@ from pydantic import (
     StrictStr,
     TypeAdapter,
     ValidationError,
+    model_validator,
 )
 
 from . import signals
@@ -49,6 +50,8 @@ JSONRPC_VERSION: Final = "2.0"
 #: Largest tail a client may ask for, so that one answer stays well below the control
 #: server's per-client output limit.
 MAX_TAIL_BYTES: Final = 1 << 20
+#: A tail without `bytes` or `lines` (supervisorctl's default).
+DEFAULT_TAIL_BYTES: Final = 1600
 
 RequestId = int | str
 
@@ -77,7 +80,8 @@ class ExitStatus(IntEnum):
     FAILED = 1  # an operation failed (start ended FATAL, unknown name, ...)
     USAGE = 2  # bad command line or config file
     NOT_RUNNING = 3  # `status` found a named process (or any process) not RUNNING
-    UNREACHABLE = 4  # no daemon answered on the socket
+    UNREACHABLE = 4  # no daemon answered on the socket (or it stopped answering)
+    TIMED_OUT = 5  # --timeout expired while supd was still working on the request
 
 
 EXIT_OK: Final = ExitStatus.OK
@@ -85,6 +89,7 @@ EXIT_FAILED: Final = ExitStatus.FAILED
 EXIT_USAGE: Final = ExitStatus.USAGE
 EXIT_NOT_RUNNING: Final = ExitStatus.NOT_RUNNING
 EXIT_UNREACHABLE: Final = ExitStatus.UNREACHABLE
+EXIT_TIMED_OUT: Final = ExitStatus.TIMED_OUT
 
 
 class ProcessState(StrEnum):
@@ -163,10 +168,20 @@ class ReloadParams(_Params):
 
 
 class TailParams(_Params):
+    """`bytes` or `lines` (not both; neither means DEFAULT_TAIL_BYTES bytes). Either way
+    the answer holds at most MAX_TAIL_BYTES bytes."""
+
     name: StrictStr
     stream: Stream = "stdout"
-    bytes: int = Field(default=1600, ge=0, le=MAX_TAIL_BYTES)
+    bytes: int | None = Field(default=None, ge=0, le=MAX_TAIL_BYTES)
+    lines: int | None = Field(default=None, ge=0, le=MAX_TAIL_BYTES)
     follow: bool = False
+
+    @model_validator(mode="after")
+    def _bytes_or_lines(self) -> TailParams:
+        if self.bytes is not None and self.lines is not None:
+            raise ValueError("give bytes or lines, not both")
+        return self
 
 
 class PidParams(_Params):
@@ -253,8 +268,18 @@ class OutputParams(_Result):
     data: str
 
 
+class ProcessPid(_Result):
+    name: str
+    pid: int | None  # None when the process is not running
+
+
 class PidResult(_Result):
+    """`pid`: supd's own, or the one process's the name matched (None when it is not
+    running, or when the name matched several processes); `processes`: every process
+    the name matched (empty for supd's own pid)."""
+
     pid: int | None
+    processes: list[ProcessPid] = []
 
 
 class VersionResult(_Result):

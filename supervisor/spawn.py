@@ -133,6 +133,8 @@ class SpawnSpec:
     group: str | None = None
     umask: int | None = None
     redirect_stderr: bool = False
+    # Variables the program's config sets: a user switch does not override them.
+    configured_environment: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -170,6 +172,7 @@ class Credentials:
     groups: tuple[int, ...]
     home: str
     name: str
+    shell: str
 
 
 def resolve_credentials(user: str | None, group: str | None) -> Credentials | None:
@@ -191,7 +194,9 @@ def resolve_credentials(user: str | None, group: str | None) -> Credentials | No
         except KeyError:
             raise SpawnError(f"unknown group {group!r}") from None
     groups = tuple(sorted({gid} | {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}))
-    creds = Credentials(entry.pw_uid, gid, groups, entry.pw_dir, entry.pw_name)
+    # An empty login shell means /bin/sh (passwd(5)).
+    shell = entry.pw_shell or "/bin/sh"
+    creds = Credentials(entry.pw_uid, gid, groups, entry.pw_dir, entry.pw_name, shell)
     if os.geteuid() != 0 and (creds.uid != os.geteuid() or creds.gid != os.getegid()):
         raise SpawnError(f"cannot switch to user {user!r} / group {group!r}: supd is not root")
     return creds
@@ -205,10 +210,15 @@ def child_environment(base: Mapping[str, str], *extra: Mapping[str, str]) -> dic
     return env
 
 
-def _with_credentials(env: Mapping[str, str], creds: Credentials | None) -> Mapping[str, str]:
-    if creds is None:
-        return env
-    return {"HOME": creds.home, **env, "USER": creds.name, "LOGNAME": creds.name}
+def _with_credentials(spec: SpawnSpec, creds: Credentials | None) -> Mapping[str, str]:
+    """A program switching users gets its HOME, USER, LOGNAME and SHELL from the passwd
+    entry, as login(1) and supervisord do (not supd's HOME=/root), unless its config
+    sets them. A group alone switches no user, and changes none of them."""
+    if creds is None or spec.user is None:
+        return spec.environment
+    account = {"HOME": creds.home, "USER": creds.name, "LOGNAME": creds.name, "SHELL": creds.shell}
+    keep = spec.configured_environment
+    return {**spec.environment, **{k: v for k, v in account.items() if k not in keep}}
 
 
 # argv[0] -> path found in PATH; re-checked with one access() per use, so a program
@@ -257,7 +267,7 @@ def spawn(spec: SpawnSpec) -> Child:
     if not spec.argv:
         raise SpawnError("empty command")
     creds = resolve_credentials(spec.user, spec.group)
-    env = _with_credentials(spec.environment, creds)
+    env = _with_credentials(spec, creds)
     if spec.directory is not None and not os.path.isdir(spec.directory):
         raise SpawnError(f"No such directory: {spec.directory}")
     executable = resolve_executable(spec.argv[0], env, spec.directory)

@@ -45,6 +45,7 @@ from supd.protocol import (
     PidParams,
     PidResult,
     ProcessInfo,
+    ProcessPid,
     ReloadParams,
     ReloadResult,
     Request,
@@ -176,16 +177,22 @@ class FakeDaemon:
                     )
                 else:
                     responder.result(ReloadResult(added=["new"], changed=[], removed=["old"]))
-            case TailParams(name=name, stream=stream, bytes=size, follow=follow):
+            case TailParams(name=name, stream=stream, bytes=size, lines=lines, follow=follow):
                 data = self.output.get((name, stream), "")
-                responder.result(TailResult(name=name, stream=stream, data=data[-size:]))
+                if lines is not None:
+                    data = "".join(data.splitlines(keepends=True)[-lines:] if lines else [])
+                elif size is not None:
+                    data = data[-size:] if size else ""
+                responder.result(TailResult(name=name, stream=stream, data=data))
                 if follow:
                     self.followers.append(responder)
             case PidParams(name=None):
                 responder.result(PidResult(pid=os.getpid()))
             case PidParams(name=name):
-                info = self.processes.get(name or "")
-                responder.result(PidResult(pid=info.pid if info else None))
+                selected = self.expand([name or ""]) or []
+                found = [ProcessPid(name=n, pid=self.processes[n].pid) for n in selected]
+                one = found[0].pid if len(found) == 1 else None
+                responder.result(PidResult(pid=one, processes=found))
             case VersionParams():
                 responder.result(VersionResult(version="0.1.0", pid=os.getpid(), config=None))
             case ShutdownParams():
@@ -448,7 +455,7 @@ def test_string_ids_and_crlf_line_endings_are_accepted(served: ServerLoop) -> No
 def test_blank_lines_are_ignored(served: ServerLoop) -> None:
     with RpcClient(served.path) as client:
         client.send(b"\n\n  \n")
-        assert client.call("pid")["result"] == {"pid": os.getpid()}
+        assert client.call("pid")["result"] == {"pid": os.getpid(), "processes": []}
 
 
 # =========================================================================== protocol errors
@@ -557,7 +564,11 @@ def test_half_written_request_completes_later(served: ServerLoop) -> None:
         wait_until(lambda: served.call(lambda: served.seen["Connection"]) >= 1)
         assert served.call(lambda: len(served.handler.requests)) == 0
         client.send(b'"method":"pid"}\n')
-        assert client.read() == {"jsonrpc": "2.0", "id": 3, "result": {"pid": os.getpid()}}
+        assert client.read() == {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "result": {"pid": os.getpid(), "processes": []},
+        }
 
 
 def test_handler_exception_becomes_internal_error(served: ServerLoop) -> None:
@@ -662,7 +673,7 @@ def test_answering_twice_is_a_logged_no_op(served: ServerLoop) -> None:
             responder.error(ErrorCode.BAD_STATE, "second answer")
 
         served.call(answer_twice)
-        assert client.read()["result"] == {"pid": 1}
+        assert client.read()["result"] == {"pid": 1, "processes": []}
         served.call(lambda: setattr(served.handler, "hold", False))
         assert client.call("pid")["id"] == 2  # nothing else came in between
     assert served.events("answered_twice")
@@ -709,7 +720,11 @@ def test_200_concurrent_connections(served: ServerLoop) -> None:
         for index, client in enumerate(clients):
             client.request("pid", request_id=index)
         for index, client in enumerate(clients):
-            assert client.read() == {"jsonrpc": "2.0", "id": index, "result": {"pid": os.getpid()}}
+            assert client.read() == {
+                "jsonrpc": "2.0",
+                "id": index,
+                "result": {"pid": os.getpid(), "processes": []},
+            }
         assert served.call(lambda: served.server.connection_count if served.server else 0) == 200
     finally:
         for client in clients:
@@ -858,7 +873,7 @@ def test_random_input_never_crashes_the_server(served: ServerLoop, garbage: list
     with RpcClient(served.path) as client:
         client.send(b"\n".join(garbage) + b"\n")
         answer = client.response(client.request("pid", request_id="probe-after-garbage"))
-    assert answer["result"] == {"pid": os.getpid()}
+    assert answer["result"] == {"pid": os.getpid(), "processes": []}
     assert served.error is None
 
 
@@ -1015,5 +1030,7 @@ def test_group_members_are_served() -> None:
         path = folder / "supd.sock"
         with ServerLoop(path, mode=0o660, group="nogroup") as loop:
             messages = run_as_nobody(path)
-        assert messages == [{"jsonrpc": "2.0", "id": 1, "result": {"pid": os.getpid()}}]
+        assert messages == [
+            {"jsonrpc": "2.0", "id": 1, "result": {"pid": os.getpid(), "processes": []}}
+        ]
         assert loop.error is None

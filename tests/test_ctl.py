@@ -6,6 +6,7 @@ it, so these tests also cover supctl and the server speaking to each other.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -99,6 +100,7 @@ def test_mirrored_constants_match_protocol() -> None:
     assert ctl.EXIT_USAGE == protocol.EXIT_USAGE
     assert ctl.EXIT_NOT_RUNNING == protocol.EXIT_NOT_RUNNING
     assert ctl.EXIT_UNREACHABLE == protocol.EXIT_UNREACHABLE
+    assert ctl.EXIT_TIMED_OUT == protocol.EXIT_TIMED_OUT
     assert ctl.INVALID_PARAMS == protocol.ErrorCode.INVALID_PARAMS
     assert ctl.PERMISSION_DENIED == protocol.ErrorCode.PERMISSION_DENIED
     assert ctl.CONFIG_INVALID == protocol.ErrorCode.CONFIG_INVALID
@@ -140,9 +142,10 @@ def test_parse_control_commands() -> None:
     )
     assert parse("stop", "all", "--no-wait").wait is False
     args = parse("tail", "-f", "-n", "100", "web:0", "stderr")
-    assert (args.follow, args.bytes, args.name, args.stream) == (True, 100, "web:0", "stderr")
+    assert (args.follow, args.lines, args.name, args.stream) == (True, 100, "web:0", "stderr")
+    assert parse("tail", "-c", "100", "web").bytes == 100
     assert parse("tail", "web").stream == "stdout"
-    assert parse("tail", "web").bytes is None
+    assert (parse("tail", "web").bytes, parse("tail", "web").lines) == (None, None)
     args = parse("signal", "HUP", "web")
     assert (args.signal, args.names) == ("HUP", ["web"])
 
@@ -153,11 +156,40 @@ def test_json_is_accepted_globally_and_per_command() -> None:
     assert parse("status").json is False
 
 
-def test_timeouts() -> None:
-    assert ctl.default_timeout(parse("start", "web")) == ctl.WAITING_TIMEOUT_S
-    assert ctl.default_timeout(parse("start", "web", "--no-wait")) == ctl.DEFAULT_TIMEOUT_S
-    assert ctl.default_timeout(parse("status")) == ctl.DEFAULT_TIMEOUT_S
+def test_timeout_option() -> None:
     assert parse("--timeout", "2.5", "status").timeout == 2.5
+    assert parse("status").timeout is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["tail", "-100", "web"], ["tail", "-n", "100", "web"]),
+        (["tail", "-f", "-5", "web", "stderr"], ["tail", "-f", "-n", "5", "web", "stderr"]),
+        (
+            ["-s", "x.sock", "--json", "tail", "-3", "web"],
+            ["-s", "x.sock", "--json", "tail", "-n", "3", "web"],
+        ),
+        (["--timeout", "5", "tail", "-1", "w"], ["--timeout", "5", "tail", "-n", "1", "w"]),
+        (["status", "-100"], ["status", "-100"]),  # only tail has the short form
+        (["-s", "tail", "status"], ["-s", "tail", "status"]),
+    ],
+)
+def test_supervisorctl_tail_syntax(argv: list[str], expected: list[str]) -> None:
+    assert ctl.supervisorctl_syntax(argv) == expected
+
+
+def test_tail_counts_lines_or_bytes() -> None:
+    assert parse(*ctl.supervisorctl_syntax(["tail", "-100", "web"])).lines == 100
+    with pytest.raises(ctl.UsageError, match="not allowed with"):
+        parse("tail", "-n", "1", "-c", "2", "web")
+
+
+def test_help_lists_the_exit_codes(supctl: Any) -> None:
+    ran = supctl("--help")
+    assert ran.code == 0
+    for line in ("4    no daemon", "5    --timeout expired", "3    status"):
+        assert line in ran.out
 
 
 @pytest.mark.parametrize(
@@ -169,6 +201,7 @@ def test_timeouts() -> None:
         ["tail", "-n", "-5", "web"],
         ["tail", "web", "both"],
         ["frobnicate"],
+        ["tail", "-n", "1", "-c", "1", "web"],
         ["--timeout", "-1", "status"],
         ["status", "--bogus"],
     ],
@@ -406,9 +439,14 @@ def test_reload_refused_lists_the_problems(supctl: Any, fake: ServerLoop) -> Non
 
 def test_tail(supctl: Any, fake: ServerLoop) -> None:
     fake.call(lambda: fake.handler.output.update({("web:0", "stderr"): "one\ntwo\n"}))
-    ran = supctl("-s", str(fake.path), "tail", "-n", "4", "web:0", "stderr")
+    ran = supctl("-s", str(fake.path), "tail", "-c", "4", "web:0", "stderr")
     assert (ran.code, ran.out) == (0, "two\n")
-    assert last_params(fake).bytes == 4
+    assert (last_params(fake).bytes, last_params(fake).lines) == (4, None)
+    ran = supctl("-s", str(fake.path), "tail", "-1", "web:0", "stderr")
+    assert (ran.code, ran.out) == (0, "two\n")
+    assert (last_params(fake).bytes, last_params(fake).lines) == (None, 1)
+    supctl("-s", str(fake.path), "tail", "web:0")
+    assert last_params(fake).lines == ctl.DEFAULT_TAIL_LINES == 10
 
 
 def test_pid(supctl: Any, fake: ServerLoop) -> None:
@@ -422,6 +460,15 @@ def test_pid(supctl: Any, fake: ServerLoop) -> None:
     ran = supctl("-s", str(fake.path), "pid", "db")
     assert (ran.code, ran.out) == (1, "")
     assert "db is not running" in ran.err
+
+
+def test_pid_of_several_processes_prints_names(supctl: Any, fake: ServerLoop) -> None:
+    ran = supctl("-s", str(fake.path), "pid", "web")
+    assert (ran.code, ran.out) == (0, "web:0  4242\nweb:1  4243\n")
+    assert supctl("-s", str(fake.path), "--json", "pid", "web").json() == {
+        "pid": None,
+        "processes": [{"name": "web:0", "pid": 4242}, {"name": "web:1", "pid": 4243}],
+    }
 
 
 def test_version_and_shutdown(supctl: Any, fake: ServerLoop) -> None:
@@ -452,11 +499,74 @@ def test_refused_connection_exits_4(supctl: Any, tmp_path: Path) -> None:
     assert f"cannot reach supd at {path}: connection refused" in ran.err
 
 
-def test_unanswered_request_times_out_with_exit_4(supctl: Any, fake: ServerLoop) -> None:
+def test_timeout_option_expiry_exits_5(supctl: Any, fake: ServerLoop) -> None:
     fake.call(lambda: setattr(fake.handler, "hold", True))
     ran = supctl("-s", str(fake.path), "--timeout", "0.3", "pid")
-    assert ran.code == 4
-    assert "no answer within 0.3 s" in ran.err
+    assert ran.code == ctl.EXIT_TIMED_OUT == 5
+    assert ran.err == (
+        "supctl: no answer to pid within --timeout 0.3 s; supd may still carry it out"
+        " (see supctl status)\n"
+    )
+
+
+def test_a_daemon_that_stops_answering_probes_exits_4(
+    supctl: Any, fake: ServerLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hold keeps every answer back, the probes' too: no daemon worth the name.
+    monkeypatch.setattr(ctl, "PROBE_INTERVAL_S", 0.05)
+    monkeypatch.setattr(ctl, "PROBE_TIMEOUT_S", 0.2)
+    fake.call(lambda: setattr(fake.handler, "hold", True))
+    ran = supctl("-s", str(fake.path), "stop", "web")
+    assert ran.code == ctl.EXIT_UNREACHABLE == 4
+    assert ran.err == (
+        f"supctl: cannot reach supd at {fake.path}: supd stopped answering"
+        " (no answer within 0.2 s)\n"
+    )
+    methods = fake.call(lambda: [request.method for request in fake.handler.requests])
+    assert methods == ["stop", "version"]
+
+
+def test_an_answering_daemon_is_waited_for_with_progress_on_a_terminal(
+    fake: ServerLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long stop is not "unreachable" while supd answers the probes."""
+    monkeypatch.setattr(ctl, "PROBE_INTERVAL_S", 0.1)
+    monkeypatch.setattr(ctl, "PROBE_TIMEOUT_S", 1.0)
+    waited: list[float] = []
+
+    class ReleasingProgress(ctl.Progress):
+        def update(self, elapsed_s: float) -> None:
+            super().update(elapsed_s)
+            waited.append(elapsed_s)
+            # Past PROBE_TIMEOUT_S (where a fixed deadline would have given up): answer.
+            if elapsed_s > 1.2:
+                fake.call(lambda: fake.handler.release())  # a second release finds none
+
+    fake.call(lambda: setattr(fake.handler, "hold", True))
+    answer_only_probes(fake)
+    err = io.StringIO()
+    progress = ReleasingProgress(err, "stop web")
+    with ctl.Client(str(fake.path), 1.0, progress=progress) as client:
+        result = client.call("stop", {"names": ["web"]})
+    assert [item["name"] for item in result] == ["web:0", "web:1"]
+    assert waited == sorted(waited) and waited[-1] > 1.2 and len(waited) > 5
+    assert err.getvalue().startswith("\rsupctl: stop web: supd is working on it (0 s)")
+    assert err.getvalue().endswith("\r\x1b[K")  # cleared before the result is printed
+
+
+def answer_only_probes(loop: ServerLoop) -> None:
+    """Make the fake daemon hold every request except `version` (the probe)."""
+    handler = loop.handler
+    original = handler.handle_command
+
+    def handle(request: Any, responder: Any) -> None:
+        if request.method == "version":
+            handler.requests.append(request)
+            handler.answer(request, responder)
+        else:
+            original(request, responder)
+
+    loop.call(lambda: setattr(handler, "handle_command", handle))
 
 
 def test_daemon_closing_the_connection_exits_4(supctl: Any, fake: ServerLoop) -> None:
@@ -570,11 +680,13 @@ def test_shell_runs_commands_until_quit(fake: ServerLoop, tmp_path: Path) -> Non
     env_home = tmp_path / "home"
     env_home.mkdir()
     proc = supctl_process("-s", str(fake.path), stdin=subprocess.PIPE, cwd=tmp_path, home=env_home)
-    out, err = proc.communicate("status\nstart nope\nbogus\nhelp stop\nquit\n", timeout=20)
+    lines = "status\nstart nope\nbogus\nreread\nhelp stop\nquit\n"
+    out, err = proc.communicate(lines, timeout=20)
     assert proc.returncode == 0, err
     assert "web:0   RUNNING   pid 4242" in out
     assert "nope: ERROR (no such process)" in out
     assert "invalid choice: 'bogus'" in err  # a usage error does not leave the shell
+    assert "supctl: supd has no reread command: use `supctl reload`" in err
     assert "--no-wait" in out
     # Lines read without a terminal bypass readline, so the history is written but empty.
     assert (env_home / ".supctl_history").exists()
@@ -603,3 +715,82 @@ def test_completion_without_a_daemon_offers_no_names(tmp_path: Path) -> None:
     path = str(tmp_path / "none.sock")
     session = ctl.Session(ctl.build_parser(), path, parse(), sys.stdout, sys.stderr)
     assert ctl.Completer(session).candidates(["start"]) == ["all"]
+
+
+# --------------------------------------------------------------------------- --json errors
+
+
+def test_json_errors_are_json_on_stdout_with_the_same_exit_code(
+    supctl: Any, fake: ServerLoop, tmp_path: Path
+) -> None:
+    ran = supctl("-s", str(fake.path), "--json", "status", "nope")
+    assert (ran.code, ran.err) == (1, "")
+    assert ran.json() == {"error": {"code": 1, "message": "no such process: ['nope']"}}
+    ran = supctl("-s", str(fake.path), "signal", "NOPE", "web", "--json")
+    assert ran.code == 2
+    assert ran.json()["error"]["code"] == ctl.INVALID_PARAMS
+    missing = tmp_path / "nope.sock"
+    ran = supctl("-s", str(missing), "--json", "pid")
+    assert (ran.code, ran.err) == (4, "")
+    assert ran.json() == {
+        "error": {
+            "code": "unreachable",
+            "message": f"cannot reach supd at {missing}: no such file (is supd running?)",
+        }
+    }
+    ran = supctl("--json", "frobnicate")
+    assert (ran.code, ran.err) == (2, "")
+    assert ran.json()["error"]["code"] == "usage"
+    assert "invalid choice: 'frobnicate'" in ran.json()["error"]["message"]
+    ran = supctl("--json", "-c", str(tmp_path / "nope.toml"), "status")
+    assert (ran.code, ran.json()["error"]["code"]) == (2, "usage")
+
+
+def test_json_error_of_a_timeout_and_of_a_refused_reload(supctl: Any, fake: ServerLoop) -> None:
+    fake.call(lambda: fake.handler.reload_problems.extend(["programs.web.command: required"]))
+    ran = supctl("-s", str(fake.path), "--json", "reload")
+    assert ran.code == 1
+    assert ran.json()["error"]["code"] == ctl.CONFIG_INVALID
+    assert ran.json()["error"]["data"] == ["programs.web.command: required"]
+    fake.call(lambda: setattr(fake.handler, "hold", True))
+    ran = supctl("-s", str(fake.path), "--json", "--timeout", "0.2", "version")
+    assert (ran.code, ran.json()["error"]["code"]) == (5, "timed_out")
+
+
+# --------------------------------------------------------------------------- supervisorctl
+
+
+@pytest.mark.parametrize(
+    ("command", "advice"),
+    [
+        ("reread", "use `supctl reload`"),
+        ("update", "use `supctl reload`"),
+        ("add", "add the [programs.NAME] table, then `supctl reload`"),
+        ("remove", "delete the [programs.NAME] table, then `supctl reload`"),
+        ("avail", "today `supctl status` lists every configured process"),
+        ("maintail", "journalctl -u supd"),
+        ("clear", "truncate -s 0 FILE"),
+        ("fg", "supctl tail -f NAME"),
+    ],
+)
+def test_supervisorctl_commands_say_what_to_do(
+    supctl: Any, tmp_path: Path, command: str, advice: str
+) -> None:
+    # No daemon needed: the advice comes without connecting.
+    ran = supctl("-s", str(tmp_path / "none.sock"), command, "web", "extra")
+    assert (ran.code, ran.out) == (2, "")
+    assert ran.err.startswith(f"supctl: supd has no {command} command: ")
+    assert advice in ran.err
+    assert "invalid choice" not in ran.err
+    ran = supctl("-s", str(tmp_path / "none.sock"), "--json", command)
+    assert ran.code == 2
+    assert advice in ran.json()["error"]["message"]
+    assert command not in listed_commands(supctl("--help").out)
+
+
+def listed_commands(help_text: str) -> set[str]:
+    """The command names `supctl --help` lists (indented under "positional arguments")."""
+    section = help_text.split("positional arguments:")[1].split("options:")[0]
+    listed = {line.split()[0] for line in section.splitlines() if line.startswith("    ")}
+    assert {"status", "tail", "reload"} <= listed
+    return listed

@@ -145,7 +145,7 @@ def test_signal_reaches_the_process(daemon: Supd) -> None:
 
 
 def test_pid_and_version(daemon: Supd) -> None:
-    assert daemon.rpc("pid") == {"pid": daemon.pid}
+    assert daemon.rpc("pid") == {"pid": daemon.pid, "processes": []}
     assert daemon.rpc("pid", {"name": "ticker"})["pid"] == daemon.status()["ticker"]["pid"]
     version = daemon.rpc("version")
     assert version["pid"] == daemon.pid and version["config"] == str(daemon.config_path)

@@ -620,3 +620,88 @@ def test_set_pipe_size_enlarges_and_ignores_a_busy_pipe(pipe: tuple[int, int]) -
 def test_set_pipe_size_on_a_regular_file_raises(tmp_path: Path) -> None:
     with open(tmp_path / "f", "wb") as f, pytest.raises(OSError):
         set_pipe_size(f.fileno(), 1 << 20)
+
+
+# --- reading a log back ------------------------------------------------------------------
+
+
+def last_lines(data: bytes, count: int) -> bytes:
+    """The reference: the last `count` lines, as tail(1) prints them."""
+    if count == 0:
+        return b""
+    return b"".join(data.splitlines(keepends=True)[-count:])
+
+
+def test_read_back_reaches_past_the_memory_tail(tmp_path: Path) -> None:
+    sink = LogSink(tmp_path / "web.out.log", maxbytes=0, backups=0, tail_size=1024)
+    lines = [f"line {n}\n".encode() for n in range(10_000)]
+    for line in lines:
+        sink.write(line)
+    sink.close()
+    assert sink.read_back(nlines=3, limit=1 << 20) == b"".join(lines[-3:])
+    assert sink.read_back(nlines=5000, limit=1 << 20) == b"".join(lines[-5000:])
+    assert len(sink.read_back(nlines=5000, limit=1 << 20)) > sink.tail_size
+    assert sink.read_back(nbytes=7, limit=1 << 20) == b"".join(lines)[-7:]
+    assert sink.read_back(nlines=10_000, limit=100) == b"".join(lines)[-100:]  # bounded
+    assert sink.read_back(nlines=0, limit=100) == b""
+
+
+def test_read_back_continues_into_the_backups(tmp_path: Path) -> None:
+    path = tmp_path / "web.out.log"
+    sink = LogSink(path, maxbytes=100, backups=3)
+    written = b"".join(f"{n:04d} abcdefgh\n".encode() for n in range(30))  # 15 B lines
+    sink.write(written)
+    sink.close()
+    assert os.path.exists(f"{path}.3")  # 450 B over files of at most 100 B
+    kept = b"".join(Path(f"{path}{s}").read_bytes() for s in (".3", ".2", ".1", ""))
+    assert written.endswith(kept)
+    assert logs.read_log_tail(path, 3, nlines=12, limit=1 << 20) == last_lines(written, 12)
+    assert logs.read_log_tail(path, 3, nbytes=250, limit=1 << 20) == written[-250:]
+    # Asked for more than the files hold: all they hold, oldest first.
+    assert logs.read_log_tail(path, 3, nlines=1000, limit=1 << 20) == kept
+    assert logs.read_log_tail(path, 1, nlines=1000, limit=1 << 20) == (
+        Path(f"{path}.1").read_bytes() + path.read_bytes()
+    )
+
+
+def test_read_back_counts_a_last_line_without_newline(tmp_path: Path) -> None:
+    path = tmp_path / "x.log"
+    path.write_bytes(b"a\nb\nc")
+    assert logs.read_log_tail(path, 0, nlines=2, limit=100) == b"b\nc"
+    assert logs.read_log_tail(path, 0, nlines=9, limit=100) == b"a\nb\nc"
+    path.write_bytes(b"")
+    assert logs.read_log_tail(path, 0, nlines=2, limit=100) == b""
+
+
+def test_read_back_without_a_readable_file_uses_the_memory_tail(tmp_path: Path) -> None:
+    sink = LogSink(None, maxbytes=0, backups=0)
+    sink.write(b"one\ntwo\nthree\n")
+    assert sink.read_back(nlines=2, limit=100) == b"two\nthree\n"
+    assert sink.read_back(nbytes=6, limit=100) == b"three\n"
+    assert logs.read_log_tail(tmp_path / "missing.log", 2, nlines=2, limit=100) is None
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert logs.read_log_tail(fifo, 0, nlines=2, limit=100) is None  # never blocks
+    gone = LogSink(tmp_path / "gone" / "x.log", maxbytes=0, backups=0)
+    gone.write(b"kept in memory\n")
+    (tmp_path / "gone" / "x.log").unlink()
+    assert gone.read_back(nlines=1, limit=100) == b"kept in memory\n"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(
+        st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"\n")), min_size=1, max_size=40
+    ),
+    count=st.integers(min_value=0, max_value=80),
+    maxbytes=st.sampled_from([0, 64, 200]),
+)
+def test_read_back_agrees_with_tail_1(chunks: list[bytes], count: int, maxbytes: int) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        sink = LogSink(Path(folder) / "p.log", maxbytes=maxbytes, backups=100)
+        for chunk in chunks:
+            sink.write(chunk)
+        sink.close()
+        written = b"".join(chunks)
+        assert sink.read_back(nlines=count, limit=1 << 20) == last_lines(written, count)
+        assert sink.read_back(nbytes=count, limit=1 << 20) == (written[-count:] if count else b"")

@@ -68,7 +68,8 @@ def rejected(raw: bytes) -> ErrorResponse:
         ("restart", {"names": ["web"]}, RestartParams(names=["web"])),
         ("signal", {"signal": "HUP", "names": ["w"]}, SignalParams(signal="SIGHUP", names=["w"])),
         ("reload", {}, ReloadParams()),
-        ("tail", {"name": "web:0"}, TailParams(name="web:0", stream="stdout", bytes=1600)),
+        ("tail", {"name": "web:0"}, TailParams(name="web:0", stream="stdout", bytes=None)),
+        ("tail", {"name": "w", "lines": 100}, TailParams(name="w", lines=100)),
         ("tail", {"name": "w", "stream": "stderr", "bytes": 10, "follow": True},
          TailParams(name="w", stream="stderr", bytes=10, follow=True)),
         ("pid", None, PidParams()),
@@ -198,6 +199,8 @@ def test_unknown_method_lists_the_known_ones() -> None:
             "bytes: Input should be less",
         ),
         ("tail", {"name": "w", "stream": "both"}, "stream: Input should be 'stdout' or 'stderr'"),
+        ("tail", {"name": "w", "lines": -1}, "lines: Input should be greater than or equal to 0"),
+        ("tail", {"name": "w", "lines": 1, "bytes": 1}, "give bytes or lines, not both"),
         ("signal", {"signal": "NOPE", "names": ["w"]}, "signal: unknown signal 'NOPE'"),
         ("signal", {"signal": 999, "names": ["w"]}, "signal: unknown signal number 999"),
         ("status", [], "Input should be an object"),
@@ -313,7 +316,7 @@ def test_results_are_lax_for_the_daemon() -> None:
 
 
 def test_exit_statuses_are_fixed() -> None:
-    assert [int(status) for status in ExitStatus] == [0, 1, 2, 3, 4]
+    assert [int(status) for status in ExitStatus] == [0, 1, 2, 3, 4, 5]
     assert (
         protocol.EXIT_OK,
         protocol.EXIT_FAILED,
