@@ -728,14 +728,16 @@ class ProgramConfig(BaseModel):
             if unknown:
                 names_text = ", ".join("{" + name + "}" for name in sorted(unknown))
                 return [("process_name", f"unknown placeholder {names_text}; {_NAME_HINT}")]
-            names = [name for name, _ in self.processes()]
+            bases = [
+                template.format(program=self.name, process_num=number, group=self.group_name)
+                for number in range(self.numprocs_start, self.numprocs_start + self.numprocs)
+            ]
         except (ValueError, TypeError, KeyError, IndexError) as error:
             return [("process_name", f"bad placeholder ({error}); {_NAME_HINT}")]
         if self.numprocs > 1 and "process_num" not in fields:
             message = f"numprocs = {self.numprocs} but the template has no {{process_num}}"
             return [("process_name", message)]
-        for name in names:
-            base = name.rpartition(":")[2]
+        for base in bases:
             if not _PROGRAM_NAME.fullmatch(base):
                 message = (
                     f"gives {base!r}; a process name may use only letters, digits, "
@@ -798,7 +800,7 @@ class GroupConfig(BaseModel):
     model_config = _MODEL_CONFIG
 
     name: str
-    programs: tuple[NonEmptyStr, ...] = Field(min_length=1)
+    programs: tuple[NonEmptyStr, ...]
     priority: int = 999  # orders groups against each other, like supervisord's
 
     @field_validator("name")
@@ -816,6 +818,8 @@ class GroupConfig(BaseModel):
     @field_validator("programs")
     @classmethod
     def _each_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("should list at least one program")
         repeated = sorted({name for name in value if value.count(name) > 1})
         if repeated:
             raise ValueError(f"lists {', '.join(repeated)} more than once")
@@ -1133,6 +1137,7 @@ class _Loader:
     groups: dict[str, GroupConfig] = field(default_factory=dict)
     group_documents: dict[str, _Document] = field(default_factory=dict)
     group_of: dict[str, GroupConfig] = field(default_factory=dict)  # program -> its group
+    clashing: set[str] = field(default_factory=set)  # programs whose names clash
 
     def add_groups_from(self, document: _Document) -> None:
         for name, table in _tables(document, "groups").items():
@@ -1201,12 +1206,15 @@ class _Loader:
                 if clash is not None:
                     message = f"process name {name} is also used by {clash}; names must be unique"
                     self.problems.append(document.problem(key, message))
+                    self.clashing.add(program.name)
                     break
                 owners[name] = program.name
 
     def check_log_files_unshared(self) -> None:
         writers: dict[Path, str] = {}
         for program in self.programs.values():
+            if program.name in self.clashing:
+                continue  # its log files clash too; one problem is enough
             for process_name in program.process_names():
                 for stream in ("stdout", "stderr"):
                     path = program.log_path(process_name, stream)
