@@ -807,7 +807,16 @@ class _Import:
             table.set("directory", directory)
         user = plain("user") or self.server_user
         if user is not None:
-            table.set("user", user)
+            table.set(
+                "user",
+                user,
+                c.note(
+                    section,
+                    "user" if plain("user") else "",
+                    "supd also sets USER, LOGNAME and (unless environment does) HOME to the "
+                    "user's; supervisord kept its own",
+                ),
+            )
         umask = plain("umask")
         if umask is None and self.server_umask is not None and not self.nodaemon:
             umask = self.server_umask
@@ -816,10 +825,9 @@ class _Import:
         priority = plain("priority")
         if priority is not None:
             table.set("priority", _integer(priority, section, "priority"))
-        for key in ("autostart", "redirect_stderr"):
-            value = plain(key)
-            if value is not None:
-                table.set(key, _is_true(value, section, key))
+        autostart = plain("autostart")
+        if autostart is not None:
+            table.set("autostart", _is_true(autostart, section, "autostart"))
         autorestart = plain("autorestart")
         if autorestart is not None:
             text = autorestart.strip().lower()
@@ -849,7 +857,12 @@ class _Import:
             text = stopsignal.strip().upper()
             table.set("stopsignal", int(text) if text.isdigit() else text.removeprefix("SIG"))
         self.process_groups(table, section, plain)
-        self.logs(table, section, plain, expanded)
+        per_process = None
+        if split_name is not None:
+            per_process = str(scope.process_num)
+        elif numprocs > 1:
+            per_process = "{process_num}"
+        self.logs(table, section, plain, expanded, per_process)
         serverurl = plain("serverurl")
         if serverurl is not None:
             table.comment(
@@ -897,12 +910,41 @@ class _Import:
                 )
             )
 
-    def logs(self, table: _Table, section: str, plain: _Get, expanded: _Expand) -> None:
+    def logs(
+        self,
+        table: _Table,
+        section: str,
+        plain: _Get,
+        expanded: _Expand,
+        per_process: str | None,
+    ) -> None:
+        """The log options. per_process: what tells this program's processes apart in a
+        file name, when supervisord ran several ({process_num}, or the number itself)."""
         redirect = plain("redirect_stderr")
         redirected = redirect is not None and _is_true(redirect, section, "redirect_stderr")
+        stdout_path = expanded("stdout_logfile", True)
+        stderr_path = expanded("stderr_logfile", True)
+        same = stdout_path is not None and stdout_path.strip() == (stderr_path or "").strip()
+        special = ("none", "off", "auto", *_STREAM_LOGS)
+        if same and not redirected and (stdout_path or "").strip().lower() not in special:
+            redirected = True
+            stderr_path = None  # said here, not again below
+            table.set(
+                "redirect_stderr",
+                True,
+                self.c.note(
+                    section,
+                    "stderr_logfile",
+                    "the same file as stdout_logfile: supd has one writer per file, so "
+                    "stderr joins the stdout pipe (redirect_stderr = true)",
+                ),
+            )
+        elif redirect is not None:
+            table.set("redirect_stderr", redirected)
         for stream in ("stdout", "stderr"):
             key = f"{stream}_logfile"
-            path = expanded(key, True)
+            path = stdout_path if stream == "stdout" else stderr_path
+            raw = self.parser.get(section, key, fallback="")
             if path is not None:
                 lowered = path.strip().lower()
                 if stream == "stderr" and redirected:
@@ -933,7 +975,22 @@ class _Import:
                                 "stdout, shared by every program that names it)",
                             )
                         )
-                    table.set(key, path.strip(), *comments)
+                    path = path.strip()
+                    shared = path not in _STREAM_LOGS and "%(process_num)" not in raw
+                    if per_process is not None and shared:
+                        stem, dot, suffix = path.rpartition(".")
+                        if not dot or "/" in suffix:
+                            stem, dot, suffix = path, "", ""
+                        path = f"{stem}_{per_process}{dot}{suffix}"
+                        comments.append(
+                            self.c.lost(
+                                section,
+                                key,
+                                "supervisord's processes all appended to this one file; supd "
+                                f"gives each process its own (one writer per file): {path}",
+                            )
+                        )
+                    table.set(key, path, *comments)
             for option in ("maxbytes", "backups"):
                 name = f"{stream}_logfile_{option}"
                 value = plain(name)
