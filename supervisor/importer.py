@@ -813,8 +813,8 @@ class _Import:
                 c.note(
                     section,
                     "user" if plain("user") else "",
-                    "supd also sets USER, LOGNAME and (unless environment does) HOME to the "
-                    "user's; supervisord kept its own",
+                    "supd also sets USER and LOGNAME to the user's (and HOME where its own "
+                    "environment has none); supervisord left them as they were",
                 ),
             )
         umask = plain("umask")
