@@ -4,11 +4,13 @@ process_name templates, numprocs_start, groups, and hints for supervisord syntax
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from supd.config import Config, ConfigError, expand_variables, load
+from tests.helpers import Supd, cmd, wait_until
 
 ENV = {"HOME": "/home/app", "EMPTY": "", "PORT": "8000", "ARGS": "-a -b"}
 
@@ -455,3 +457,47 @@ def test_dev_stdout_may_be_shared_by_processes_and_programs(tmp_path: Path) -> N
 
     assert config.programs["a"].log_path("a:1", "stdout") == Path("/dev/stdout")
     assert config.programs["b"].log_path("b", "stderr") == Path("/dev/stderr")
+
+
+# -- in a running daemon ------------------------------------------------------------------------
+
+
+def test_a_daemon_runs_templated_grouped_processes_and_reloads_the_global_environment(
+    supd: Callable[..., Supd], tmp_path: Path
+) -> None:
+    """Names from templates and groups reach the daemon; a reload that changes the
+    global environment restarts the programs with the new value."""
+    seen = tmp_path / "seen"
+    record = cmd(
+        f"""
+        import os, time
+        with open({str(seen)!r}, "a") as out:
+            out.write(os.environ["SUPD_PROCESS_NAME"] + " " + os.environ["GREETING"] + "\\n")
+        time.sleep(1000)
+        """
+    )
+
+    def config(greeting: str) -> str:
+        return (
+            f'[supervisor]\nenvironment = {{ GREETING = "{greeting}" }}\n'
+            f'[groups.site]\nprograms = ["worker"]\n'
+            f"[programs.worker]\ncommand = {record}\nnumprocs = 2\nnumprocs_start = 1\n"
+            f'process_name = "{{program}}_{{process_num:02d}}"\nstartsecs = 0\n'
+        )
+
+    daemon = supd(config("hello"))
+    for name in ("site:worker_01", "site:worker_02"):
+        daemon.wait_state(name, "RUNNING")
+    wait_until(lambda: seen.exists() and seen.read_text().count(" hello\n") == 2)
+    daemon.write_config(config("bye"))
+
+    result = daemon.rpc("reload")
+
+    assert result["changed"] == ["worker"]
+    wait_until(lambda: seen.read_text().count(" bye\n") == 2, describe=seen.read_text)
+    assert sorted(seen.read_text().splitlines()) == [
+        "site:worker_01 bye",
+        "site:worker_01 hello",
+        "site:worker_02 bye",
+        "site:worker_02 hello",
+    ]
