@@ -270,6 +270,7 @@ class _Converter:
         if name == "here":
             return literal(scope.here)
         if name == "host_node_name":
+            self.note(section, key, f"{match[0]} resolved at import to {platform.node()!r}")
             return literal(platform.node())
         if name == "numprocs":
             return literal(scope.numprocs)
@@ -680,6 +681,12 @@ class _Import:
             self.c.plain(section, "numprocs_start", base) or "0", section, "numprocs_start"
         )
         base.numprocs = numprocs
+        process_name = self.parser.get(section, "process_name", fallback="")
+        if numprocs > 1 and "%(process_num)" not in process_name:
+            raise ImportFailed(
+                f"{self.c._file(section)}:{self.c._line(section, 'numprocs')}: [{section}] "
+                "numprocs > 1 needs %(process_num) in process_name; supervisord refuses it"
+            )
         try:
             table = self.program_table(program.name, program, base, numprocs, start, None)
             program.tables.append(table)

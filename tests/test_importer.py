@@ -521,6 +521,7 @@ def test_what_supervisord_rejects_is_an_error(tmp_path: Path) -> None:
         ("[program:a]\ncommand=x\nautostart=maybe\n", "not a boolean"),
         ("[program:a]\nprocess_name=x\n", "has no command"),
         ("[group:g]\nprograms=ghost\n", "names unknown program ghost"),
+        ("[program:a]\ncommand=x\nnumprocs=2\n", "needs %(process_num) in process_name"),
     ]:
         path = tmp_path / "supervisord.conf"
         path.write_text("[supervisord]\n" + body)
