@@ -262,9 +262,15 @@ def recorded_pids(records: Path) -> list[int]:
 
 
 def run_until_recorded(
-    argv: list[str], copy: Copy, expected: set[str], pidfile: Path | None = None
+    argv: list[str],
+    copy: Copy,
+    expected: set[str],
+    pidfile: Path | None = None,
+    graceful: bool = True,
 ) -> dict[str, Process]:
-    """Start a daemon; once `expected` have all recorded themselves, SIGTERM it and wait.
+    """Start a daemon; once `expected` have all recorded themselves, SIGTERM it and wait
+    (graceful), or just kill it and every process it started (the reference run: its
+    shutdown is not under test, and supervisord's takes two seconds).
 
     pidfile: the daemon forks into the background and writes its pid there.
     """
@@ -287,8 +293,9 @@ def run_until_recorded(
             daemon_pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 20))
         wait_until(lambda: set(read_records(copy.records)) >= expected, 20, describe)
         found = read_records(copy.records)
-        os.kill(daemon_pid, signal.SIGTERM)
-        wait_until(lambda: not pid_alive(daemon_pid), 30, describe)
+        if graceful:
+            os.kill(daemon_pid, signal.SIGTERM)
+            wait_until(lambda: not pid_alive(daemon_pid), 30, describe)
         return found
     finally:
         leftovers = children_of(daemon_pid) + recorded_pids(copy.records)
@@ -412,7 +419,7 @@ def run_supervisord(copy: Copy, supervisord: Path, case: str) -> dict[str, Proce
     pidfile = copy.work / "supervisord-test.pid"
     expected = set(run_supd_names(copy)) | SUPERVISORD_ONLY.get(case, set())
     argv = [str(supervisord), "-c", str(config), "-j", str(pidfile)]
-    return run_until_recorded(argv, copy, expected, None if nodaemon else pidfile)
+    return run_until_recorded(argv, copy, expected, None if nodaemon else pidfile, graceful=False)
 
 
 def run_supd_names(copy: Copy) -> list[str]:
