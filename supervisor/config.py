@@ -56,6 +56,7 @@ Rules worth knowing:
 from __future__ import annotations
 
 import difflib
+import functools
 import glob
 import json
 import os
@@ -63,6 +64,7 @@ import re
 import shlex
 import signal
 import string
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -572,12 +574,10 @@ class ProgramConfig(BaseModel):
         "web:0", "site:web", "celery:worker_00". BASE is the process_name template.
         """
         template = self.process_name or self.default_process_name()
-        group = self.group_name
-        result = []
-        for number in range(self.numprocs_start, self.numprocs_start + self.numprocs):
-            base = template.format(program=self.name, process_num=number, group=group)
-            result.append((base if base == group else f"{group}:{base}", number))
-        return result
+        table = _process_table(
+            self.name, self.group_name, template, self.numprocs_start, self.numprocs
+        )
+        return list(table.items())
 
     def process_names(self) -> list[str]:
         """["web"] for numprocs = 1, else ["web:0", "web:1", ...] (see processes())."""
@@ -612,10 +612,14 @@ class ProgramConfig(BaseModel):
         return self.stdout_logfile_backups if stream == "stdout" else self.stderr_logfile_backups
 
     def _process_num(self, process_name: str) -> int:
-        for name, number in self.processes():
-            if name == process_name:
-                return number
-        raise ValueError(f"{process_name!r} is not a process of {self.name!r}")
+        template = self.process_name or self.default_process_name()
+        table = _process_table(
+            self.name, self.group_name, template, self.numprocs_start, self.numprocs
+        )
+        number = table.get(process_name)
+        if number is None:
+            raise ValueError(f"{process_name!r} is not a process of {self.name!r}")
+        return number
 
     # -- normalisation of raw TOML values ------------------------------------
 
@@ -776,6 +780,18 @@ _SHARED_BY_STREAMS = (
 
 
 _NAME_HINT = "use {program}, {group} or {process_num}, and {{ }} for literal braces"
+
+
+@functools.lru_cache(maxsize=4096)
+def _process_table(
+    program: str, group: str, template: str, start: int, count: int
+) -> Mapping[str, int]:
+    """Process name -> process_num; cached, as the daemon asks once per process."""
+    table: dict[str, int] = {}
+    for number in range(start, start + count):
+        base = template.format(program=program, process_num=number, group=group)
+        table[base if base == group else f"{group}:{base}"] = number
+    return types.MappingProxyType(table)
 
 
 def _is_stream_path(path: str | Path | None) -> bool:
@@ -1239,8 +1255,15 @@ class _Loader:
 def _without_duplicates_of(hints: list[Problem], problems: list[Problem]) -> list[Problem]:
     """A hint for supervisord syntax says more than pydantic's view of the same value."""
     hinted = {(hint.file, hint.key) for hint in hints}
-    rest = [p for p in problems if not any(p.file == f and p.key.startswith(k) for f, k in hinted)]
-    return hints + rest
+
+    def covered(problem: Problem) -> bool:
+        return any(
+            problem.file == file
+            and (problem.key == key or problem.key.startswith((key + ".", key + "[")))
+            for file, key in hinted
+        )
+
+    return hints + [problem for problem in problems if not covered(problem)]
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
