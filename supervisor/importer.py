@@ -1074,12 +1074,27 @@ def convert(path: str | Path, environ: Mapping[str, str] | None = None) -> Resul
     converter = _Converter(parser, main, environ)
     work = _Import(converter)
     _nested_includes(includes, converter)
-    work.supervisord()
-    work.unix_http_server()
-    work.other_sections()
-    work.read_groups()
-    work.read_programs()
+    try:
+        work.supervisord()
+        work.unix_http_server()
+        work.other_sections()
+        work.read_groups()
+        work.read_programs()
+    except ImportFailed as error:
+        raise _located(error, converter) from None
     return Result(work.render(includes), converter.findings)
+
+
+def _located(error: ImportFailed, converter: _Converter) -> ImportFailed:
+    """ "[section] key: ..." -> "FILE:LINE: [section] key: ..."."""
+    message = str(error)
+    match = re.match(r"\[([^]]+)\](?: ([\w-]+):)?", message)
+    if match is None:
+        return error
+    section, key = match[1], match[2] or ""
+    line = converter._line(section, key)
+    where = f"{converter._file(section)}:{line}" if line else str(converter._file(section))
+    return ImportFailed(f"{where}: {message}")
 
 
 def _nested_includes(includes: list[Path], converter: _Converter) -> None:

@@ -532,8 +532,9 @@ def test_what_supervisord_rejects_is_an_error(tmp_path: Path) -> None:
     ]:
         path = tmp_path / "supervisord.conf"
         path.write_text("[supervisord]\n" + body)
-        with pytest.raises(ImportFailed, match=re.escape(message)):
+        with pytest.raises(ImportFailed, match=re.escape(message)) as caught:
             convert(path, environ={})
+        assert str(caught.value).startswith(f"{path}:"), caught.value
 
 
 def test_the_command_line(tmp_path: Path) -> None:
