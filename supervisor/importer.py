@@ -1,10 +1,6 @@
 """`supd import FILE [-o supd.toml]`: a supervisord configuration as a supd TOML.
 
-The file is read as supervisord 4.3.0 reads it (supervisor/options.py): configparser
-with `;` and `#` inline comments after whitespace, duplicate sections merged,
-`[include] files` globbed relative to the main file and read once (an [include] in an
-included file is ignored, as supervisord ignores it), `%(here)s` meaning the folder of
-the file a value was written in, `%%` a literal percent sign.
+The file is read as supervisord 4.3.0 reads it (supervisord_syntax.read).
 
 Every value is translated to what supervisord would have run, in supd's spelling:
 
@@ -22,14 +18,13 @@ Everything it cannot carry over is reported as a Finding (FILE:LINE, the section
 key, and why) on stderr and as a comment in the output; the exit status is 1 if any
 setting was lost, 0 otherwise (notes alone do not count).
 
-Imports the standard library, config.py (to check the result) and signals.py.
+Imports the standard library, supervisord_syntax.py, config.py (to check the result)
+and signals.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import configparser
-import glob
 import json
 import os
 import platform
@@ -98,50 +93,6 @@ class Result:
 # ---------------------------------------------------------------------------
 
 
-class _Parser(configparser.RawConfigParser):
-    def __init__(self) -> None:
-        super().__init__(inline_comment_prefixes=(";", "#"), strict=False)
-        self.section_to_file: dict[str, Path] = {}
-
-    def read_one(self, path: Path) -> None:
-        before = set(self._sections)  # type: ignore[attr-defined]
-        try:
-            with path.open(encoding="utf-8") as stream:
-                self.read_file(stream, str(path))
-        except (OSError, UnicodeDecodeError) as error:
-            raise ImportFailed(f"{path}: cannot read: {error}") from None
-        except configparser.Error as error:
-            raise ImportFailed(f"{path}: not a supervisord config: {error}") from None
-        for section in set(self._sections) - before:  # type: ignore[attr-defined]
-            self.section_to_file[section] = path
-
-    def expand_here(self, here: Path) -> None:
-        for section in self.sections():
-            for key, value in self.items(section):
-                if "%(here)s" in value:
-                    self.set(section, key, value.replace("%(here)s", str(here)))
-
-
-def _line_numbers(path: Path) -> dict[tuple[str, str], int]:
-    """(section, key) -> line, and (section, "") -> the header's line."""
-    lines: dict[tuple[str, str], int] = {}
-    section = ""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return lines
-    for number, line in enumerate(text.splitlines(), 1):
-        header = re.match(r"\[([^]]+)\]", line)
-        if header:
-            section = header[1].strip()
-            lines.setdefault((section, ""), number)
-            continue
-        key = re.match(r"([^\s;#=:][^=:]*?)\s*[=:]", line)
-        if key and section:
-            lines.setdefault((section, key[1].strip().lower()), number)
-    return lines
-
-
 # ---------------------------------------------------------------------------
 # Expansions
 # ---------------------------------------------------------------------------
@@ -189,7 +140,7 @@ class _Scope:
 
 @dataclass
 class _Converter:
-    parser: _Parser
+    parser: supervisord_syntax.Parser
     main: Path
     environ: Mapping[str, str]
     findings: list[Finding] = field(default_factory=list)
@@ -203,7 +154,7 @@ class _Converter:
     def _line(self, section: str, key: str) -> int | None:
         path = self._file(section)
         if path not in self.lines:
-            self.lines[path] = _line_numbers(path)
+            self.lines[path] = supervisord_syntax.line_numbers(path)
         table = self.lines[path]
         return table.get((section, key)) or table.get((section, ""))
 
@@ -1043,26 +994,6 @@ class _Import:
         return "\n\n".join(blocks) + "\n"
 
 
-def _read(path: Path, environ: Mapping[str, str]) -> tuple[_Parser, list[Path]]:
-    parser = _Parser()
-    parser.read_one(path)
-    includes: list[Path] = []
-    if parser.has_section("include"):
-        parser.expand_here(path.parent)
-        if not parser.has_option("include", "files"):
-            raise ImportFailed(f"{path}: [include] has no files setting; supervisord refuses it")
-        raw = parser.get("include", "files")
-        converter = _Converter(parser, path, environ)
-        text = converter.translate(raw, _Scope(here=path.parent), "include", "files")
-        for pattern in text.final(dollars=False, braces=False).split():
-            for match in sorted(glob.glob(os.path.join(path.parent, pattern))):
-                included = Path(match)
-                includes.append(included)
-                parser.read_one(included)
-                parser.expand_here(included.parent.absolute())
-    return parser, includes
-
-
 def convert(path: str | Path, environ: Mapping[str, str] | None = None) -> Result:
     """Read the supervisord config at path; the supd TOML and what did not carry over.
 
@@ -1070,7 +1001,10 @@ def convert(path: str | Path, environ: Mapping[str, str] | None = None) -> Resul
     """
     main = Path(os.path.abspath(path))
     environ = os.environ if environ is None else environ
-    parser, includes = _read(main, environ)
+    try:
+        parser, includes = supervisord_syntax.read(main, environ)
+    except ValueError as error:
+        raise ImportFailed(str(error)) from None
     converter = _Converter(parser, main, environ)
     work = _Import(converter)
     _nested_includes(includes, converter)
@@ -1101,7 +1035,7 @@ def _nested_includes(includes: list[Path], converter: _Converter) -> None:
     """supervisord reads [include] once, from the main file; one in an included file is
     ignored. The import does the same and says so."""
     for path in includes:
-        lines = _line_numbers(path)
+        lines = supervisord_syntax.line_numbers(path)
         if ("include", "") in lines:
             converter.findings.append(
                 Finding(

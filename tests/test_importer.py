@@ -587,3 +587,18 @@ def test_an_include_in_an_included_file_is_ignored_as_supervisord_does(tmp_path:
     assert lost.file == tmp_path / "conf.d" / "a.conf"
     assert lost.line == 1
     assert "supervisord ignores it" in lost.message
+
+
+def test_include_files_expand_here_and_environment(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "a.conf").write_text("[program:a]\ncommand=run %(here)s\n")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "b.conf").write_text("[program:b]\ncommand=run\n")
+    path = tmp_path / "supervisord.conf"
+    path.write_text("[supervisord]\n[include]\nfiles=%(here)s/conf.d/*.conf %(ENV_EXTRA)s/*.conf\n")
+
+    result = convert(path, environ={"EXTRA": str(tmp_path / "extra")})
+
+    assert f'[programs.a]\ncommand = "run {tmp_path}/conf.d"' in result.toml
+    assert "[programs.b]" in result.toml
+    assert f"#   {tmp_path}/conf.d/a.conf\n#   {tmp_path}/extra/b.conf" in result.toml
