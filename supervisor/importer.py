@@ -589,12 +589,15 @@ class _Import:
             scope = _Scope(here=self.here(section))
             programs = self.c.plain(section, "programs", scope) or ""
             members = [p.strip() for p in programs.split(",") if p.strip()]
+            fcgi = [m for m in members if self.parser.has_section(f"fcgi-program:{m}")]
+            members = [m for m in members if m not in fcgi]  # reported with their sections
             for member in members:
                 if not self.parser.has_section(f"program:{member}"):
-                    if self.parser.has_section(f"fcgi-program:{member}"):
-                        continue  # reported with the fcgi-program section
                     raise ImportFailed(f"[{section}] names unknown program {member}")
                 self.group_of[member] = name
+            if not members:
+                self.c.lost(section, "", "lists only fcgi-programs, which supd does not run")
+                continue
             table = _Table(f"groups.{name}")
             table.comment(f"from {self.c._file(section)}")
             table.set("programs", members)
@@ -752,8 +755,6 @@ class _Import:
             )
             if template != "{program}":
                 table.set("process_name", template)
-        elif split_name is not None and program.group is not None:
-            table.set("process_name", split_name)
         env = self.environment(section, scope, literal=False)
         if env:
             table.set("environment", env)
