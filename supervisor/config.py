@@ -12,13 +12,17 @@ The file format (option names follow supervisord)::
     log_dir = "logs"              # default folder for program logs
     log_format = "auto"           # auto | console | json (the daemon's own log)
     log_level = "info"            # debug | info | warning | error
-    include = ["conf.d/*.toml"]   # globs; included files may hold only [programs.*] tables
+    include = ["conf.d/*.toml"]   # globs; included files hold [programs.*] and [groups.*]
     subreaper = false             # become a child subreaper (automatic when PID 1)
+    environment = { TZ = "UTC" }  # every program inherits it; a program's own wins
 
     [programs.web]
     command = "python3 -m http.server"  # split like a shell would (no shell runs), or a list
     numprocs = 1                  # > 1 gives processes web:0 ... web:N-1
     ...                           # see ProgramConfig for every option and its default
+
+    [groups.site]
+    programs = ["web", "worker"]  # processes become site:web, site:worker
 
 Rules worth knowing:
 
@@ -33,6 +37,16 @@ Rules worth knowing:
   ``{process_num}`` or ``{process_name}``: two processes cannot share one log file.
   The defaults are ``{log_dir}/{process_name}.out.log`` and ``.err.log``. The value
   ``"none"`` (any case) discards the stream.
+* ``${VAR}`` and ``${VAR:-default}`` in ``command``, ``environment`` values (global
+  and per program), ``directory`` and log paths are replaced at load from supd's own
+  environment; an unset variable without a default is an error. ``$$`` is a literal
+  ``$``; a ``$`` followed by anything else is kept as written.
+* Process names: every process belongs to a group, the ``[groups.NAME]`` that lists its
+  program or else a group named after the program, and is called ``GROUP:BASE``, or
+  just ``BASE`` when the two are equal (supervisord's rule). BASE comes from the
+  ``process_name`` template; by default ``{program}`` for one process, ``{process_num}``
+  for several (``web:0``), ``{program}_{process_num}`` for several in a named group.
+  Every name is unique across the whole configuration.
 * Sizes are bytes, or strings with a KB/MB/GB suffix (1024-based, like supervisord).
 * ``load`` reports every problem it finds, in every file, as a ``ConfigError`` whose
   lines read ``FILE:LINE: programs.web.startsecs: what is wrong``. tomllib gives no
@@ -42,6 +56,7 @@ Rules worth knowing:
 from __future__ import annotations
 
 import difflib
+import functools
 import glob
 import json
 import os
@@ -49,7 +64,8 @@ import re
 import shlex
 import signal
 import string
-from collections.abc import Iterable, Mapping
+import types
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeGuard
@@ -66,7 +82,7 @@ from pydantic import (
     model_validator,
 )
 
-from . import signals
+from . import signals, supervisord_syntax
 from .tomlkeys import KeyLocator, KeyPath
 
 try:
@@ -77,10 +93,12 @@ except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
 __all__ = [
     "Config",
     "ConfigError",
+    "GroupConfig",
     "Problem",
     "ProgramConfig",
     "Stream",
     "SupervisorConfig",
+    "expand_variables",
     "load",
     "summary",
 ]
@@ -96,7 +114,12 @@ DEFAULT_LOG_BACKUPS = 10
 MAX_SOCKET_PATH_BYTES = 107
 
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num"})
+_LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group"})
+_NAME_PLACEHOLDERS = frozenset({"program", "process_num", "group"})
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Where log output goes to a stream rather than a file: any number of writers may
+# share it, and it is never rotated.
+_STREAM_PATHS = re.compile(r"/dev/(stdout|stderr|null|fd/\d+)|/proc/self/fd/\d+")
 _PER_PROCESS_PLACEHOLDERS = frozenset({"process_name", "process_num"})
 _SIZE = re.compile(r"(\d+)\s*(KB|MB|GB|B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -229,6 +252,49 @@ def _stringify_env_value(value: object) -> object:
     return value
 
 
+def _environment_input(value: object, info: ValidationInfo) -> object:
+    """A table of variables: values stringified and ${VAR}-expanded. supervisord's
+    KEY="value",... string gets a hint with the same variables written as a table."""
+    if isinstance(value, str):
+        raise ValueError(_environment_string_hint(value))
+    if not isinstance(value, dict):
+        return value
+    environ = _context(info).environ
+    result: dict[object, object] = {}
+    for key, item in value.items():
+        item = _stringify_env_value(item)
+        if isinstance(item, str):
+            try:
+                item = expand_variables(item, environ)
+            except ValueError as error:
+                raise ValueError(f"{key}: {error}") from None
+        result[key] = item
+    return result
+
+
+def _environment_string_hint(text: str) -> str:
+    try:
+        pairs = supervisord_syntax.environment_pairs(text)
+    except ValueError:
+        pairs = {}
+    table = ", ".join(f"{_toml_key(key)} = {json.dumps(value)}" for key, value in pairs.items())
+    example = f"{{ {table} }}" if pairs else '{ KEY = "value" }'
+    return f"should be a table; supervisord's KEY=value list is written in supd as {example}"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _check_environment(value: dict[str, str]) -> dict[str, str]:
+    for key, item in value.items():
+        if "=" in key or "\0" in key:
+            raise ValueError(f"variable name {key!r} must not contain '=' or NUL")
+        if "\0" in item:
+            raise ValueError(f"value of {key} must not contain a NUL character")
+    return value
+
+
 def _reject_nul(text: str) -> str:
     if "\0" in text:
         raise ValueError("must not contain a NUL character")
@@ -238,6 +304,50 @@ def _reject_nul(text: str) -> str:
 def _normalised(base_dir: Path, path: str | Path) -> Path:
     """Absolute and lexically normalised, like supervisord's normpath(abspath())."""
     return Path(os.path.normpath(base_dir / path))
+
+
+def expand_variables(
+    text: str, environ: Mapping[str, str], quote: Callable[[str], str] = str
+) -> str:
+    """Replace ${VAR} and ${VAR:-default} from environ; $$ is a literal $.
+
+    As in a shell, the default applies when VAR is unset or empty. quote() is applied to
+    each substituted value (log paths escape their braces). A '$' followed by anything
+    else stays as written. Raises ValueError naming the variable when it is unset and
+    has no default, or when a ${ is malformed.
+    """
+    parts: list[str] = []
+    index = 0
+    while (dollar := text.find("$", index)) >= 0:
+        parts.append(text[index:dollar])
+        following = text[dollar + 1 : dollar + 2]
+        if following != "{":
+            parts.append("$")
+            index = dollar + (2 if following == "$" else 1)
+            continue
+        end = text.find("}", dollar + 2)
+        if end < 0:
+            raise ValueError(f"unclosed ${{ in {text!r}; write $$ for a literal $")
+        name, has_default, default = text[dollar + 2 : end].partition(":-")
+        if not _VARIABLE_NAME.fullmatch(name):
+            raise ValueError(
+                f"{text[dollar : end + 1]!r} is not ${{VAR}} or ${{VAR:-default}}; "
+                "write $$ for a literal $"
+            )
+        value = environ.get(name, "")
+        if not value and name not in environ and not has_default:
+            raise ValueError(
+                f"${{{name}}} is not set in supd's environment; set it, or give a "
+                f"default: ${{{name}:-default}}"
+            )
+        parts.append(quote(value if value or not has_default else default))
+        index = end + 1
+    parts.append(text[index:])
+    return "".join(parts)
+
+
+def _escape_braces(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _template_fields(template: str) -> set[str]:
@@ -250,7 +360,7 @@ def _check_log_template(template: str) -> None:
         names = _template_fields(template)
         unknown = names - _LOG_PLACEHOLDERS
         if not unknown:
-            template.format(process_name="x:0", program="x", process_num=0)
+            template.format(process_name="x:0", program="x", process_num=0, group="x")
     except (ValueError, TypeError, KeyError, IndexError) as error:
         raise ValueError(f"bad placeholder in log file path ({error}); {_BRACES_HINT}") from None
     if unknown:
@@ -258,7 +368,9 @@ def _check_log_template(template: str) -> None:
         raise ValueError(f"unknown placeholder {names_text} in log file path; {_BRACES_HINT}")
 
 
-_BRACES_HINT = "use {process_name}, {program} or {process_num}, and {{ }} for literal braces"
+_BRACES_HINT = (
+    "use {process_name}, {program}, {group} or {process_num}, and {{ }} for literal braces"
+)
 
 
 # ---------------------------------------------------------------------------
@@ -317,6 +429,18 @@ class SupervisorConfig(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     include: tuple[NonEmptyStr, ...] = ()  # glob patterns as written, relative to the file
     subreaper: bool = False
+    # Every program inherits it; the loader merges it into each ProgramConfig.environment.
+    environment: dict[NonEmptyStr, str] = Field(default_factory=dict)
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _read_environment(cls, value: Any, info: ValidationInfo) -> Any:
+        return _environment_input(value, info)
+
+    @field_validator("environment")
+    @classmethod
+    def _valid_environment(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_environment(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -389,6 +513,11 @@ class ProgramConfig(BaseModel):
     name: str
     command: tuple[str, ...]
     numprocs: int = Field(default=1, ge=1)
+    numprocs_start: int = Field(default=0, ge=0)
+    process_name: NonEmptyStr | None = None  # template; None: see default_process_name()
+    # Set by the loader from [groups.NAME], never written in a [programs.NAME] table.
+    process_group: NonEmptyStr | None = None
+    group_priority: int = 999
     directory: Path | None = None
     environment: dict[NonEmptyStr, str] = Field(default_factory=dict)
     user: NonEmptyStr | None = None
@@ -421,11 +550,38 @@ class ProgramConfig(BaseModel):
     def __hash__(self) -> int:
         return hash((self.name, self.command))
 
-    def process_names(self) -> list[str]:
-        """["web"] for numprocs = 1, else ["web:0", "web:1", ...]."""
+    @property
+    def group_name(self) -> str:
+        """The [groups.NAME] this program is in, else its own name (supervisord's rule)."""
+        return self.process_group or self.name
+
+    @property
+    def start_order(self) -> tuple[int, int]:
+        """supervisord's order: groups by group priority (an ungrouped program is a group
+        of its own with its own priority), then by the program's priority within."""
+        group = self.priority if self.process_group is None else self.group_priority
+        return (group, self.priority)
+
+    def default_process_name(self) -> str:
         if self.numprocs == 1:
-            return [self.name]
-        return [f"{self.name}:{index}" for index in range(self.numprocs)]
+            return "{program}"
+        return "{process_num}" if self.process_group is None else "{program}_{process_num}"
+
+    def processes(self) -> list[tuple[str, int]]:
+        """(name, process_num) of each process, in process_num order.
+
+        A name is GROUP:BASE, or BASE alone when it equals the group's name: "web",
+        "web:0", "site:web", "celery:worker_00". BASE is the process_name template.
+        """
+        template = self.process_name or self.default_process_name()
+        table = _process_table(
+            self.name, self.group_name, template, self.numprocs_start, self.numprocs
+        )
+        return list(table.items())
+
+    def process_names(self) -> list[str]:
+        """["web"] for numprocs = 1, else ["web:0", "web:1", ...] (see processes())."""
+        return [name for name, _ in self.processes()]
 
     def log_path(self, process_name: str, stream: Stream) -> Path | None:
         """Absolute log file of one process's stream; None means discard it (or, for
@@ -437,7 +593,12 @@ class ProgramConfig(BaseModel):
             return None
         process_num = self._process_num(process_name)
         return Path(
-            template.format(process_name=process_name, program=self.name, process_num=process_num)
+            template.format(
+                process_name=process_name,
+                program=self.name,
+                process_num=process_num,
+                group=self.group_name,
+            )
         )
 
     def log_maxbytes(self, stream: Stream) -> int:
@@ -451,13 +612,14 @@ class ProgramConfig(BaseModel):
         return self.stdout_logfile_backups if stream == "stdout" else self.stderr_logfile_backups
 
     def _process_num(self, process_name: str) -> int:
-        if self.numprocs == 1 and process_name == self.name:
-            return 0
-        program, _, number = process_name.rpartition(":")
-        valid = program == self.name and number.isdigit() and str(int(number)) == number
-        if valid and int(number) < self.numprocs:
-            return int(number)
-        raise ValueError(f"{process_name!r} is not a process of {self.name!r}")
+        template = self.process_name or self.default_process_name()
+        table = _process_table(
+            self.name, self.group_name, template, self.numprocs_start, self.numprocs
+        )
+        number = table.get(process_name)
+        if number is None:
+            raise ValueError(f"{process_name!r} is not a process of {self.name!r}")
+        return number
 
     # -- normalisation of raw TOML values ------------------------------------
 
@@ -473,7 +635,12 @@ class ProgramConfig(BaseModel):
 
     @field_validator("command", mode="before")
     @classmethod
-    def _split_command(cls, value: Any) -> Any:
+    def _split_command(cls, value: Any, info: ValidationInfo) -> Any:
+        environ = _context(info).environ
+        if isinstance(value, str):
+            value = expand_variables(value, environ)
+        elif isinstance(value, list):
+            value = [expand_variables(a, environ) if isinstance(a, str) else a for a in value]
         return _parse_command(value)
 
     @field_validator("command")
@@ -488,24 +655,19 @@ class ProgramConfig(BaseModel):
     @field_validator("directory", mode="before")
     @classmethod
     def _resolve_directory(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = expand_variables(value, _context(info).environ)
         return _path_input(value, info)
 
     @field_validator("environment", mode="before")
     @classmethod
-    def _stringify_environment(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {key: _stringify_env_value(item) for key, item in value.items()}
-        return value
+    def _read_environment(cls, value: Any, info: ValidationInfo) -> Any:
+        return _environment_input(value, info)
 
     @field_validator("environment")
     @classmethod
     def _valid_environment(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, item in value.items():
-            if "=" in key or "\0" in key:
-                raise ValueError(f"variable name {key!r} must not contain '=' or NUL")
-            if "\0" in item:
-                raise ValueError(f"value of {key} must not contain a NUL character")
-        return value
+        return _check_environment(value)
 
     @field_validator("umask", mode="before")
     @classmethod
@@ -537,6 +699,7 @@ class ProgramConfig(BaseModel):
     def _resolve_logfile(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, str):
             return value
+        value = expand_variables(value, _context(info).environ, _escape_braces)
         if value.strip().lower() == "none":
             return None
         path = _path_input(value, info)
@@ -553,10 +716,39 @@ class ProgramConfig(BaseModel):
         if not isinstance(data, dict):
             return handler(data)
         program = handler({**_default_logfiles(_context(info).log_dir), **data})
-        problems = program._shared_log_problems(explicit_stderr="stderr_logfile" in data)
+        problems = program._process_name_problems()
+        problems += program._shared_log_problems(explicit_stderr="stderr_logfile" in data)
         if problems:
             raise _OptionProblems(problems)
         return program
+
+    def _process_name_problems(self) -> list[tuple[str, str]]:
+        template = self.process_name
+        if template is None:
+            return []
+        try:
+            fields = _template_fields(template)
+            unknown = fields - _NAME_PLACEHOLDERS
+            if unknown:
+                names_text = ", ".join("{" + name + "}" for name in sorted(unknown))
+                return [("process_name", f"unknown placeholder {names_text}; {_NAME_HINT}")]
+            bases = [
+                template.format(program=self.name, process_num=number, group=self.group_name)
+                for number in range(self.numprocs_start, self.numprocs_start + self.numprocs)
+            ]
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            return [("process_name", f"bad placeholder ({error}); {_NAME_HINT}")]
+        if self.numprocs > 1 and "process_num" not in fields:
+            message = f"numprocs = {self.numprocs} but the template has no {{process_num}}"
+            return [("process_name", message)]
+        for base in bases:
+            if not _PROGRAM_NAME.fullmatch(base):
+                message = (
+                    f"gives {base!r}; a process name may use only letters, digits, "
+                    "'_', '-' and '.' (':' separates the group)"
+                )
+                return [("process_name", message)]
+        return []
 
     def _shared_log_problems(self, explicit_stderr: bool) -> list[tuple[str, str]]:
         """Each log file must have exactly one writer, and no option may be dead."""
@@ -566,11 +758,12 @@ class ProgramConfig(BaseModel):
         streams = ["stdout"] if self.redirect_stderr else ["stdout", "stderr"]
         for stream in streams:
             template = getattr(self, f"{stream}_logfile")
-            if self.numprocs > 1 and template is not None and not _per_process(template):
+            shared = template is not None and not _per_process(template)
+            if self.numprocs > 1 and shared and not _is_stream_path(template):
                 message = f"numprocs = {self.numprocs} but {_SHARED_BY_PROCESSES}"
                 problems.append((f"{stream}_logfile", message))
         same_file = self.stdout_logfile is not None and self.stdout_logfile == self.stderr_logfile
-        if same_file and not self.redirect_stderr:
+        if same_file and not self.redirect_stderr and not _is_stream_path(self.stdout_logfile):
             problems.append(("stderr_logfile", _SHARED_BY_STREAMS))
         return problems
 
@@ -586,6 +779,25 @@ _SHARED_BY_STREAMS = (
 )
 
 
+_NAME_HINT = "use {program}, {group} or {process_num}, and {{ }} for literal braces"
+
+
+@functools.lru_cache(maxsize=4096)
+def _process_table(
+    program: str, group: str, template: str, start: int, count: int
+) -> Mapping[str, int]:
+    """Process name -> process_num; cached, as the daemon asks once per process."""
+    table: dict[str, int] = {}
+    for number in range(start, start + count):
+        base = template.format(program=program, process_num=number, group=group)
+        table[base if base == group else f"{group}:{base}"] = number
+    return types.MappingProxyType(table)
+
+
+def _is_stream_path(path: str | Path | None) -> bool:
+    return path is not None and _STREAM_PATHS.fullmatch(str(path)) is not None
+
+
 def _per_process(template: str) -> bool:
     return bool(_template_fields(template) & _PER_PROCESS_PLACEHOLDERS)
 
@@ -598,6 +810,38 @@ def _default_logfiles(log_dir: Path) -> dict[str, str]:
     }
 
 
+class GroupConfig(BaseModel):
+    """One [groups.NAME] table: supervisord's heterogeneous [group:NAME]."""
+
+    model_config = _MODEL_CONFIG
+
+    name: str
+    programs: tuple[NonEmptyStr, ...]
+    priority: int = 999  # orders groups against each other, like supervisord's
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _PROGRAM_NAME.fullmatch(value):
+            raise ValueError("a group name may use only letters, digits, '_', '-' and '.'")
+        return value
+
+    @field_validator("programs", mode="before")
+    @classmethod
+    def _program_list(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("programs")
+    @classmethod
+    def _each_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("should list at least one program")
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once")
+        return value
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole validated configuration."""
@@ -606,6 +850,7 @@ class Config:
     supervisor: SupervisorConfig
     programs: dict[str, ProgramConfig]  # in definition order: main file, then includes
     sources: dict[str, Path] = field(default_factory=dict)  # program name -> its file
+    groups: dict[str, GroupConfig] = field(default_factory=dict)  # [groups.NAME] tables
 
 
 # ---------------------------------------------------------------------------
@@ -679,6 +924,8 @@ def _syntax_problem(path: Path, text: str, error: tomllib.TOMLDecodeError) -> Pr
         message = message[: match.start()] + " (at end of file)"
     if line is not None and _SUPERVISORD_SECTION.match(text.split("\n")[line - 1]):
         message += "; supd's tables are [programs.NAME], not supervisord's [program:NAME]"
+    if _SUPERVISORD_TABLES.search(text):
+        message += f"; {_IMPORT_HINT}"
     return Problem(path, line, column, "", f"invalid TOML: {message}")
 
 
@@ -746,23 +993,69 @@ def _validate_supervisor(
         return None
 
 
+_LOADER_SET = {
+    "name": "unknown option (a program is named by its table, [programs.NAME])",
+    "process_group": "unknown option (a program joins a group in [groups.NAME] programs = [...])",
+    "group_priority": "unknown option (a group's priority is set in [groups.NAME])",
+}
+
+
 def _validate_program(
-    document: _Document, name: str, table: object, log_dir: Path, problems: list[Problem]
+    document: _Document,
+    name: str,
+    table: object,
+    context: _Context,
+    group: GroupConfig | None,
+    problems: list[Problem],
 ) -> ProgramConfig | None:
     path = ("programs", name)
     if not isinstance(table, dict):
         problems.append(document.problem(path, "should be a table: [programs.NAME]"))
         return None
-    if "name" in table:
-        message = "unknown option (a program is named by its table, [programs.NAME])"
-        problems.append(document.problem((*path, "name"), message))
-        table = {key: value for key, value in table.items() if key != "name"}
-    context = _Context(base_dir=document.path.parent, log_dir=log_dir, environ={})
+    for key, message in _LOADER_SET.items():
+        if key in table:
+            problems.append(document.problem((*path, key), message))
+    data = {key: value for key, value in table.items() if key not in _LOADER_SET}
+    data["name"] = name
+    if group is not None:
+        data.update(process_group=group.name, group_priority=group.priority)
     try:
-        return ProgramConfig.model_validate({**table, "name": name}, context=context)
+        return ProgramConfig.model_validate(data, context=context)
     except ValidationError as error:
         problems.extend(_problems_from(error, document, path, ProgramConfig))
         return None
+
+
+def _validate_group(
+    document: _Document, name: str, table: object, problems: list[Problem]
+) -> GroupConfig | None:
+    path = ("groups", name)
+    if not isinstance(table, dict):
+        problems.append(document.problem(path, "should be a table: [groups.NAME]"))
+        return None
+    if "name" in table:
+        message = "unknown option (a group is named by its table, [groups.NAME])"
+        problems.append(document.problem((*path, "name"), message))
+        table = {key: value for key, value in table.items() if key != "name"}
+    try:
+        return GroupConfig.model_validate({**table, "name": name})
+    except ValidationError as error:
+        problems.extend(_problems_from(error, document, path, GroupConfig))
+        return None
+
+
+# Sections of a supervisord config: seeing one means someone gave supd an INI file.
+_SUPERVISORD_TABLES = re.compile(
+    r"^\s*\[(supervisord|supervisorctl|unix_http_server|inet_http_server|include"
+    r"|rpcinterface:[^]]*|program:[^]]*|group:[^]]*|eventlistener:[^]]*|fcgi-program:[^]]*)\]",
+    re.M,
+)
+_IMPORT_HINT = (
+    "this looks like a supervisord config (INI); convert it with `supd import FILE -o supd.toml`"
+)
+_INI_TABLE_NAMES = frozenset(
+    {"supervisord", "supervisorctl", "unix_http_server", "inet_http_server", "include"}
+)
 
 
 def _check_top_level(
@@ -773,18 +1066,55 @@ def _check_top_level(
             if not isinstance(value, dict):
                 problems.append(document.problem((key,), f"should be a table: [{key}]"))
             continue
-        if len(allowed) == 1:
-            message = "an included file may contain only [programs.NAME] tables"
+        if key in _INI_TABLE_NAMES or key.startswith("rpcinterface:"):
+            message = f"unknown table; {_IMPORT_HINT}"
+        elif "supervisor" not in allowed:
+            message = "an included file may contain only [programs.NAME] and [groups.NAME] tables"
         else:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean [{close[0]}]?)" if close else ""
-            message = f"unknown table; supd reads [supervisor] and [programs.NAME]{hint}"
+            message = (
+                f"unknown table; supd reads [supervisor], [programs.NAME] and [groups.NAME]{hint}"
+            )
         problems.append(document.problem((key,), message))
 
 
-def _program_tables(document: _Document) -> dict[str, object]:
-    programs = document.data.get("programs", {})
-    return programs if isinstance(programs, dict) else {}
+def _tables(document: _Document, kind: str) -> dict[str, object]:
+    tables = document.data.get(kind, {})
+    return tables if isinstance(tables, dict) else {}
+
+
+# Options whose values are supd name templates ({program}, {process_num}, {group}).
+_TEMPLATE_OPTIONS = frozenset({"process_name", "stdout_logfile", "stderr_logfile"})
+
+
+def _supervisord_syntax_problems(document: _Document) -> list[Problem]:
+    """%(program_name)s, %(ENV_X)s, ... pasted from a supervisord config, with the supd
+    spelling. Only supervisord's own names count: %(h)s in a gunicorn log format is text."""
+    found: list[Problem] = []
+
+    def visit(key: KeyPath, value: object) -> None:
+        if isinstance(value, dict):
+            for child, item in value.items():
+                visit((*key, child), item)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                visit((*key, index), item)
+        elif isinstance(value, str):
+            option = next((part for part in reversed(key) if isinstance(part, str)), "")
+            template = option in _TEMPLATE_OPTIONS
+            for match in supervisord_syntax.EXPANSION.finditer(value):
+                name = match["name"]
+                if supervisord_syntax.is_supervisord_expansion(name):
+                    spelling = supervisord_syntax.expansion_hint(
+                        name, match["spec"], match["conv"], template
+                    )
+                    message = f"{match[0]} is supervisord's syntax; supd writes {spelling}"
+                    found.append(document.problem(key, message))
+
+    for kind in ("supervisor", "programs", "groups"):
+        visit((kind,), document.data.get(kind))
+    return found
 
 
 def _include_patterns(document: _Document) -> list[str]:
@@ -812,16 +1142,42 @@ def _included_files(main: Path, patterns: list[str]) -> list[Path]:
 
 @dataclass
 class _Loader:
-    """Collects programs and problems across the main file and its includes."""
+    """Collects groups, programs and problems across the main file and its includes."""
 
     log_dir: Path
+    environ: Mapping[str, str]
     problems: list[Problem] = field(default_factory=list)
     programs: dict[str, ProgramConfig] = field(default_factory=dict)
     sources: dict[str, Path] = field(default_factory=dict)
     documents: dict[str, _Document] = field(default_factory=dict)  # where each name was defined
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
+    group_documents: dict[str, _Document] = field(default_factory=dict)
+    group_of: dict[str, GroupConfig] = field(default_factory=dict)  # program -> its group
+    clashing: set[str] = field(default_factory=set)  # programs whose names clash
+
+    def add_groups_from(self, document: _Document) -> None:
+        for name, table in _tables(document, "groups").items():
+            first = self.group_documents.get(name)
+            if first is not None:
+                where = f"{first.path}:{first.locator.line_of(('groups', name)) or '?'}"
+                message = f"group defined more than once (first in {where})"
+                self.problems.append(document.problem(("groups", name), message))
+                continue
+            self.group_documents[name] = document
+            group = _validate_group(document, name, table, self.problems)
+            if group is None:
+                continue
+            self.groups[name] = group
+            for program in group.programs:
+                other = self.group_of.get(program)
+                if other is not None:
+                    message = f"{program} is already in group {other.name}; a program has one group"
+                    self.problems.append(document.problem(("groups", name, "programs"), message))
+                else:
+                    self.group_of[program] = group
 
     def add_programs_from(self, document: _Document) -> None:
-        for name, table in _program_tables(document).items():
+        for name, table in _tables(document, "programs").items():
             first = self.documents.get(name)
             if first is not None:
                 where = f"{first.path}:{first.locator.line_of(('programs', name)) or '?'}"
@@ -829,18 +1185,56 @@ class _Loader:
                 self.problems.append(document.problem(("programs", name), message))
                 continue
             self.documents[name] = document
-            program = _validate_program(document, name, table, self.log_dir, self.problems)
+            context = _Context(document.path.parent, self.log_dir, self.environ)
+            group = self.group_of.get(name)
+            program = _validate_program(document, name, table, context, group, self.problems)
             if program is not None:
                 self.programs[name] = program
                 self.sources[name] = document.path
 
+    def check_groups(self) -> None:
+        """Every member exists; a group's name is free, or one of its own programs'."""
+        for group in self.groups.values():
+            document = self.group_documents[group.name]
+            unknown = [name for name in group.programs if name not in self.documents]
+            if unknown:
+                message = f"names unknown program {', '.join(unknown)}"
+                self.problems.append(document.problem(("groups", group.name, "programs"), message))
+            if group.name in self.documents and group.name not in group.programs:
+                message = (
+                    f"is also the name of program {group.name}, which is not in this group; "
+                    "supctl could not tell the two apart"
+                )
+                self.problems.append(document.problem(("groups", group.name), message))
+
+    def check_names_unique(self) -> None:
+        """A process name means one process, and never another program or group."""
+        owners: dict[str, str] = {}  # process name -> program
+        for program in self.programs.values():
+            document = self.documents[program.name]
+            key = ("programs", program.name, "process_name")
+            for name in program.process_names():
+                clash = owners.get(name)
+                if clash is None and name != program.name and name in self.documents:
+                    clash = name
+                if clash is None and name != program.group_name and name in self.groups:
+                    clash = f"group {name}"
+                if clash is not None:
+                    message = f"process name {name} is also used by {clash}; names must be unique"
+                    self.problems.append(document.problem(key, message))
+                    self.clashing.add(program.name)
+                    break
+                owners[name] = program.name
+
     def check_log_files_unshared(self) -> None:
         writers: dict[Path, str] = {}
         for program in self.programs.values():
+            if program.name in self.clashing:
+                continue  # its log files clash too; one problem is enough
             for process_name in program.process_names():
                 for stream in ("stdout", "stderr"):
                     path = program.log_path(process_name, stream)
-                    if path is None:
+                    if path is None or _is_stream_path(path):
                         continue
                     key = ("programs", program.name, f"{stream}_logfile")
                     if path in writers and writers[path] != _format_key(key):
@@ -848,32 +1242,67 @@ class _Loader:
                         self.problems.append(self.documents[program.name].problem(key, message))
                     writers.setdefault(path, _format_key(key))
 
+    def inherit_environment(self, environment: Mapping[str, str]) -> None:
+        """[supervisor] environment under each program's own (a reload that changes it
+        changes every program that sees the difference)."""
+        if not environment:
+            return
+        for name, program in self.programs.items():
+            merged = {**environment, **program.environment}
+            self.programs[name] = program.model_copy(update={"environment": merged})
+
+
+def _without_duplicates_of(hints: list[Problem], problems: list[Problem]) -> list[Problem]:
+    """A hint for supervisord syntax says more than pydantic's view of the same value."""
+    hinted = {(hint.file, hint.key) for hint in hints}
+
+    def covered(problem: Problem) -> bool:
+        return any(
+            problem.file == file
+            and (problem.key == key or problem.key.startswith((key + ".", key + "[")))
+            for file, key in hinted
+        )
+
+    return hints + [problem for problem in problems if not covered(problem)]
+
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, validate and resolve the config file at path and every file it includes.
 
-    environ supplies $RUNTIME_DIRECTORY for the default socket (default: os.environ).
-    Raises ConfigError listing every problem found, in every file.
+    environ (default: os.environ) is supd's environment: it gives ${VAR} expansions and
+    $RUNTIME_DIRECTORY for the default socket. Raises ConfigError listing every problem
+    found, in every file.
     """
+    environ = os.environ if environ is None else environ
     main_path = _normalised(Path.cwd(), path)
     problems: list[Problem] = []
     main = _read_document(main_path, problems)
     if main is None:
         raise ConfigError(problems)
-    _check_top_level(main, ("supervisor", "programs"), problems)
-    supervisor = _validate_supervisor(main, os.environ if environ is None else environ, problems)
-    loader = _Loader(log_dir=supervisor.log_dir if supervisor else main_path.parent / "logs")
-    loader.add_programs_from(main)
+    _check_top_level(main, ("supervisor", "programs", "groups"), problems)
+    supervisor = _validate_supervisor(main, environ, problems)
+    log_dir = supervisor.log_dir if supervisor else main_path.parent / "logs"
+    loader = _Loader(log_dir=log_dir, environ=environ)
+    documents = [main]
     for include_path in _included_files(main_path, _include_patterns(main)):
         included = _read_document(include_path, loader.problems)
         if included is not None:
-            _check_top_level(included, ("programs",), loader.problems)
-            loader.add_programs_from(included)
+            _check_top_level(included, ("programs", "groups"), loader.problems)
+            documents.append(included)
+    hints = [hint for document in documents for hint in _supervisord_syntax_problems(document)]
+    for document in documents:
+        loader.add_groups_from(document)
+    for document in documents:
+        loader.add_programs_from(document)
+    loader.check_groups()
+    loader.check_names_unique()
     loader.check_log_files_unshared()
     problems.extend(loader.problems)
+    problems = _without_duplicates_of(hints, problems)
     if problems or supervisor is None:
         raise ConfigError(_in_reading_order(problems, main_path))
-    return Config(main_path, supervisor, loader.programs, loader.sources)
+    loader.inherit_environment(supervisor.environment)
+    return Config(main_path, supervisor, loader.programs, loader.sources, loader.groups)
 
 
 def _in_reading_order(problems: list[Problem], main_path: Path) -> list[Problem]:

@@ -17,9 +17,14 @@ _UNUSED_EXTENSIONS = ("_ssl", "_hashlib")
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["import"]:  # `supd import FILE`: a converter, not the daemon
+        from . import importer
+
+        return importer.main(args[1:])
     for name in _UNUSED_EXTENSIONS:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # "not importable"
     from . import daemon
 
-    return daemon.main(argv)
+    return daemon.main(args)

@@ -496,14 +496,14 @@ def test_a_program_defined_twice_names_both_files(tmp_path: Path) -> None:
     ]
 
 
-def test_an_included_file_may_hold_only_programs(tmp_path: Path) -> None:
+def test_an_included_file_may_hold_only_programs_and_groups(tmp_path: Path) -> None:
     write(tmp_path, '[supervisor]\nsubreaper = true\n[programs.a]\ncommand = "a"\n', "inc.toml")
 
     found = problems(tmp_path, '[supervisor]\ninclude = ["inc.toml"]\n')
 
     assert found == [
         f"{tmp_path}/inc.toml:1: supervisor: an included file may contain only "
-        "[programs.NAME] tables"
+        "[programs.NAME] and [groups.NAME] tables"
     ]
 
 
@@ -575,7 +575,10 @@ def test_supervisord_section_syntax_gets_a_hint(tmp_path: Path) -> None:
 
     assert len(found) == 1
     assert found[0].startswith(f"{tmp_path}/supd.toml:1:")
-    assert found[0].endswith("supd's tables are [programs.NAME], not supervisord's [program:NAME]")
+    assert found[0].endswith(
+        "supd's tables are [programs.NAME], not supervisord's [program:NAME]; this looks like "
+        "a supervisord config (INI); convert it with `supd import FILE -o supd.toml`"
+    )
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
@@ -719,9 +722,9 @@ def test_unknown_tables_and_top_level_keys(tmp_path: Path) -> None:
 
     assert found == [
         f"{tmp_path}/supd.toml:1: command: unknown table; "
-        "supd reads [supervisor] and [programs.NAME]",
+        "supd reads [supervisor], [programs.NAME] and [groups.NAME]",
         f"{tmp_path}/supd.toml:2: program: unknown table; "
-        "supd reads [supervisor] and [programs.NAME] (did you mean [programs]?)",
+        "supd reads [supervisor], [programs.NAME] and [groups.NAME] (did you mean [programs]?)",
     ]
 
 
