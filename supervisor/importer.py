@@ -772,8 +772,8 @@ class _Import:
                 c.note(
                     section,
                     "user" if plain("user") else "",
-                    "supd also sets USER and LOGNAME to the user's (and HOME where its own "
-                    "environment has none); supervisord left them as they were",
+                    "supd also sets HOME, USER, LOGNAME and SHELL to the user's (unless the "
+                    "program's environment sets them); supervisord left them as they were",
                 ),
             )
         umask = plain("umask")

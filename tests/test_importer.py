@@ -395,13 +395,15 @@ def test_import_passes_check_and_runs_what_supervisord_runs(
         if switched:  # supd's documented difference: the user's own names
             entry = pwd.getpwnam(str(users[name].user))
             assert process.env["USER"] == process.env["LOGNAME"] == entry.pw_name
+            assert process.env["SHELL"] == entry.pw_shell
+            assert process.env["HOME"] == entry.pw_dir
 
 
 def _comparable(env: dict[str, str], switched: bool) -> dict[str, str]:
     """Without each daemon's own markers; for a program run as a user, without the
     names supd sets for that user (checked on their own)."""
     markers = ("SUPERVISOR_", "SUPD_")
-    dropped = {"USER", "LOGNAME"} if switched else set()
+    dropped = {"HOME", "USER", "LOGNAME", "SHELL"} if switched else set()
     return {
         key: value
         for key, value in env.items()
