@@ -49,20 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import linux
+from .facts import SYSTEMD_ENVIRONMENT
 
 # Standard signals a child gets back at their default disposition.
 _RESETTABLE_SIGNALS = tuple(s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP))
 
-# Variables that belong to supd (systemd's notify, watchdog and socket activation):
-# a child that inherited them could talk to systemd in supd's name.
-PRIVATE_ENVIRONMENT = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-)
+# Variables that belong to supd (systemd's notify, watchdog and socket activation).
+PRIVATE_ENVIRONMENT = SYSTEMD_ENVIRONMENT
 
 _EXIT_EXEC_FAILED = 127
 _ORIGINAL_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -404,6 +397,21 @@ def reap(pid: int) -> tuple[int | None, int | None]:
     if os.WIFSIGNALED(status):
         return None, os.WTERMSIG(status)
     return os.waitstatus_to_exitcode(status), None
+
+
+def stopped_by(pid: int) -> int | None:
+    """The signal that stopped child `pid` (SIGSTOP, SIGTSTP...) while it stays stopped.
+
+    waitid(WSTOPPED | WNOWAIT) reports a stopped child without consuming the report,
+    and reports nothing once it is continued (or has exited: WEXITED is not asked).
+    """
+    try:
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None or info.si_code != os.CLD_STOPPED:
+        return None
+    return info.si_status
 
 
 def raise_fd_limit() -> None:
