@@ -37,7 +37,7 @@ from . import __version__, activation, daemonlog, linux, notify, spawn
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import AlreadyRunning, ControlServer
-from .facts import EXIT_CONFIG, EXIT_OK, State
+from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
 from .fleet import (
     Action,
     Answer,
@@ -327,7 +327,22 @@ class Daemon:
         """Hand every queued event to the fleet and carry out what it decides."""
         while self.queue:
             event = self.queue.popleft()
-            self._perform(self.fleet.handle(event, self.clock()))
+            try:
+                effects = self.fleet.handle(event, self.clock())
+            except Exception as exc:
+                self._event_failed(event, exc)
+                continue
+            self._perform(effects)
+
+    def _event_failed(self, event: FleetEvent, exc: Exception) -> None:
+        """A bug in the fleet: log it, answer the request that met it, go on."""
+        with contextlib.suppress(Exception):
+            self.log.exception("event_failed", fleet_event=repr(event))
+        if isinstance(event, Submit):
+            reply = self.replies.pop(event.request, None)
+            if reply is not None:
+                error, code = f"internal error: {exc}", ErrorCode.INTERNAL_ERROR
+                reply(tuple(Outcome(name, False, None, error, code) for name in event.names))
 
     def _perform(self, effects: list[FleetEffect]) -> None:
         """The only place where the fleet's decisions become side effects."""
