@@ -352,7 +352,13 @@ class Fleet:
     def _settle(self, name: str, changes: list[State]) -> None:
         """After a process moved: answer what it settled, drop it if it was retiring."""
         process = self.processes[name]
-        for request in list(self._claims.get(name, ())):
+        claims = list(self._claims.get(name, ()))
+        # A restart still to bring it up: a start waiting meanwhile sees it go down on
+        # the way, and is answered by where the restart takes it, not by the stop.
+        restarting = any(
+            r.parts[name].phase is _Phase.STOP_FIRST for r in claims if name in r.parts
+        )
+        for request in claims:
             part = request.parts.get(name)
             if part is None:
                 continue
@@ -360,7 +366,7 @@ class Fleet:
                 if any(s in DOWN_STATES for s in changes):
                     part.down = True
                 continue
-            outcome = _judge(process, part.up, changes)
+            outcome = _judge(process, part.up, changes, restarting)
             if outcome is not None:
                 self._resolve(request, name, outcome)
         if name in self.retiring and process.state in DOWN_STATES:
@@ -615,7 +621,9 @@ def _has_stop_phase(request: _Request) -> bool:
     return any(p.phase is _Phase.STOP_FIRST for p in request.parts.values())
 
 
-def _judge(process: Process, up: bool, changes: list[State]) -> Outcome | None:
+def _judge(
+    process: Process, up: bool, changes: list[State], restarting: bool = False
+) -> Outcome | None:
     """A part's outcome after the process moved (or was asked), or None: still waiting."""
     state = process.state
     if not up:
@@ -624,6 +632,8 @@ def _judge(process: Process, up: bool, changes: list[State]) -> Outcome | None:
         return None
     if state is State.RUNNING or State.RUNNING in changes:
         return Outcome(process.name, True, state)
+    if restarting:
+        return None
     if state is State.FATAL or (state in DOWN_STATES and process.want is Want.DOWN):
         return _failed(process)
     return None

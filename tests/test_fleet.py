@@ -478,3 +478,15 @@ def test_timers_of_dropped_and_stopped_processes_do_not_pile_up() -> None:
         sim.exit("web", 1)
         sim.advance(0)
     assert len(sim.fleet._heap) < 200
+
+
+def test_a_start_waiting_while_a_restart_stops_it_is_answered_by_the_restart() -> None:
+    sim = Sim(program("web", startsecs=0, stopwaitsecs=2))
+    sim.ignore_term.add("web")
+    stop = sim.submit(Action.STOP, "web")
+    start = sim.submit(Action.START, "web")  # supersedes the stop; back up after it
+    restart = sim.submit(Action.RESTART, "web")  # same target as the start
+    assert sim.answer(stop)[0].code == ErrorCode.SUPERSEDED
+    sim.advance(2)  # SIGKILL; then the restart starts it
+    assert sim.answer(start) == (Outcome("web", True, State.RUNNING),)
+    assert sim.answer(restart) == (Outcome("web", True, State.RUNNING),)
