@@ -345,40 +345,47 @@ class Daemon:
                 reply(tuple(Outcome(name, False, None, error, code) for name in event.names))
 
     def _perform(self, effects: list[FleetEffect]) -> None:
-        """The only place where the fleet's decisions become side effects."""
         for effect in effects:
-            match effect:
-                case Spawn(name=name, program=program):
-                    self._spawn(name, program)
-                case Kill(name=name, signum=signum, group=group):
-                    self._signal(name, signum, group)
-                case Transitioned():
-                    self._log_transition(effect)
-                case Ignored(name=name, state=state, event=event):
-                    self.log.debug(
-                        "event_ignored", process=name, state=state.value, ignored=repr(event)
-                    )
-                case CreateSlot(name=name, program=program):
-                    self.slots[name] = Slot(
-                        name,
-                        self._sink(program, name, "stdout"),
-                        self._sink(program, name, "stderr"),
-                    )
-                case DropSlot(name=name):
-                    slot = self.slots.get(name)
-                    if slot is not None:
-                        self._drop_slot(slot)
-                case Answer(request=request, outcomes=outcomes):
-                    reply = self.replies.pop(request, None)
-                    if reply is not None:
-                        reply(outcomes)
-                case Ready():
-                    self.notifier.ready(self.status_line())
-                    self.log.info("ready", status=self.status_line())
-                case Exit():
-                    self.running = False
-                case _:
-                    assert_never(effect)
+            try:
+                self._perform_one(effect)
+            except Exception:  # one failed effect must not cost the others
+                with contextlib.suppress(Exception):
+                    self.log.exception("effect_failed", effect=repr(effect))
+
+    def _perform_one(self, effect: FleetEffect) -> None:
+        """The only place where the fleet's decisions become side effects."""
+        match effect:
+            case Spawn(name=name, program=program):
+                self._spawn(name, program)
+            case Kill(name=name, signum=signum, group=group):
+                self._signal(name, signum, group)
+            case Transitioned():
+                self._log_transition(effect)
+            case Ignored(name=name, state=state, event=event):
+                self.log.debug(
+                    "event_ignored", process=name, state=state.value, ignored=repr(event)
+                )
+            case CreateSlot(name=name, program=program):
+                self.slots[name] = Slot(
+                    name,
+                    self._sink(program, name, "stdout"),
+                    self._sink(program, name, "stderr"),
+                )
+            case DropSlot(name=name):
+                slot = self.slots.get(name)
+                if slot is not None:
+                    self._drop_slot(slot)
+            case Answer(request=request, outcomes=outcomes):
+                reply = self.replies.pop(request, None)
+                if reply is not None:
+                    reply(outcomes)
+            case Ready():
+                self.notifier.ready(self.status_line())
+                self.log.info("ready", status=self.status_line())
+            case Exit():
+                self.running = False
+            case _:
+                assert_never(effect)
 
     def _spawn(self, name: str, program: ProgramConfig) -> None:
         slot = self.slots[name]
@@ -399,7 +406,7 @@ class Daemon:
         )
         try:
             child = spawn.spawn(spec)
-        except spawn.SpawnError as exc:
+        except (spawn.SpawnError, OSError) as exc:
             self.log.error("spawn_failed", process=name, error=str(exc))
             self.queue.append(ChildEvent(name, SpawnFailed(str(exc))))
             return

@@ -95,17 +95,16 @@ def test_out_of_fds_a_stop_still_kills_a_start_still_settles_and_sigterm_exits(
         for request in requests:
             first.sendall(json.dumps({"jsonrpc": "2.0", **request}).encode() + b"\n")
         answers = read_answers(first, 2)
+        [stopped] = answers[1]["result"]
+        assert stopped["ok"] and stopped["state"] == "STOPPED", answers
+        [started] = answers[2]["result"]
+        # With no fd for its pipes, sleeper cannot start: it ends FATAL, it does not hang.
+        assert started["state"] in ("RUNNING", "FATAL"), answers
+        d.signal(signal.SIGTERM)  # still without a free fd
+        assert d.wait_exit() == 0
     finally:
-        for sock in held:
+        for sock in [first, *held]:
             sock.close()
-    [stopped] = answers[1]["result"]
-    assert stopped["ok"] and stopped["state"] == "STOPPED", answers
-    [started] = answers[2]["result"]
-    # With no fd for its pipes, sleeper cannot start: it ends FATAL, it does not hang.
-    assert started["state"] in ("RUNNING", "FATAL"), answers
-    first.close()
-    d.signal(signal.SIGTERM)
-    assert d.wait_exit() == 0
     kills = [e for e in d.events("signal_sent") if e["signal"] == "SIGKILL"]
     assert [e["process"] for e in kills] == ["stopper"]
 
