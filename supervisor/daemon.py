@@ -13,7 +13,8 @@ the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2 (and, as a subreaper, 
 SIGCHLD) through the signalfd, and the control socket with its eventfd doorbell. There
 is no polling and no sleep: with nothing to do the loop blocks in epoll_wait(-1).
 
-The queue is drained after every ready key, by the loop and only by the loop: nothing
+The queue is drained by the loop after every ready key (and after each control command,
+so pipelined commands see each other's effects), never from inside a drain: nothing
 here calls back into itself. Deciding is the fleet's job (fleet.py); this module owns
 the fds: children, pipes, log files, the control server, the timer.
 """
@@ -36,7 +37,7 @@ from typing import Any, assert_never
 from . import __version__, activation, daemonlog, linux, notify, spawn
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
-from .control import AlreadyRunning, ControlServer
+from .control import AlreadyRunning, ControlServer, Responder
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
 from .fleet import (
     Action,
@@ -64,6 +65,7 @@ from .fleet import (
 from .follow import Followers, Listener
 from .logs import LogSink, PipeReader
 from .process import Exited, Spawned, SpawnFailed
+from .protocol import Request
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
 
@@ -148,6 +150,7 @@ class Daemon:
         self.replies: dict[int, Callable[[tuple[Outcome, ...]], None]] = {}
         self._request_ids = 0
         self.followers = Followers(self._refresh_hooks)
+        self.commands = Commands(self)
         self.control: ControlServer | None = None
         # supd's environment as every child starts from it (minus systemd's variables)
         self.base_environment = spawn.child_environment(os.environ)
@@ -167,7 +170,7 @@ class Daemon:
         settings = self.config.supervisor
         self.control = ControlServer(
             self.selector,
-            Commands(self),
+            self,
             path=settings.socket,
             mode=settings.socket_mode,
             group=settings.socket_group,
@@ -530,6 +533,12 @@ class Daemon:
         return notify.status_line(self.fleet.status_counts())
 
     # -- the core commands.py talks to (commands.Core) ------------------------------------
+
+    def handle_command(self, request: Request, responder: Responder) -> None:
+        """The control server's handler: run the command, then settle what it queued, so
+        the next command (pipelined on a connection, say) sees its effect."""
+        self.commands.handle_command(request, responder)
+        self._drain()
 
     @property
     def shutting_down(self) -> bool:
