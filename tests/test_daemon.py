@@ -230,6 +230,30 @@ def test_stop_escalates_to_sigkill_after_stopwaitsecs(supd: Factory, tmp_path: P
     assert not pid_alive(pid)
 
 
+def test_stopwaitsecs_zero_kills_at_once_without_the_stop_signal(
+    supd: Factory, tmp_path: Path
+) -> None:
+    got_term, ready = tmp_path / "got_term", tmp_path / "ready"
+    program = cmd(f"""
+        import signal, time
+        signal.signal(signal.SIGTERM, lambda *_: open({str(got_term)!r}, "w").close())
+        open({str(ready)!r}, "w").close()
+        time.sleep(1000)
+    """)
+    d = supd(f"""
+        [programs.web]
+        command = {program}
+        startsecs = 0
+        stopwaitsecs = 0
+    """)
+    d.wait_state("web", "RUNNING")
+    wait_until(ready.exists)
+    [result] = d.rpc("stop", {"names": ["web"]})
+    assert result["ok"] and result["state"] == "STOPPED"
+    assert d.status()["web"]["exit_signal"] == "SIGKILL"
+    assert not got_term.exists()
+
+
 def test_killasgroup_reaches_a_grandchild(supd: Factory, tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild"
     d = supd(f"""
