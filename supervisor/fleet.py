@@ -328,9 +328,7 @@ class Fleet:
                 case proc.Kill(signum=signum, group=group):
                     self._out.append(Kill(name, signum, group))
                 case proc.ArmTimer(timer=timer, delay_s=delay_s):
-                    serial = next(self._serials)
-                    self._timers[(name, timer)] = serial
-                    heapq.heappush(self._heap, (now + delay_s, serial, name, timer))
+                    self._arm(name, timer, now + delay_s)
                 case proc.CancelTimer(timer=timer):
                     self._timers.pop((name, timer), None)
                 case proc.Transitioned(old=old, new=new, reason=reason):
@@ -394,18 +392,24 @@ class Fleet:
     # -- timers ------------------------------------------------------------------------
 
     def _fire_due_timers(self, now: float) -> None:
-        due: list[tuple[str, Timer]] = []
+        """Fire what is due now; timers armed meanwhile wait for the next Tick, so even
+        a 0 s timer goes back through the daemon's loop."""
+        due: list[tuple[float, int, str, Timer]] = []
         heap, timers = self._heap, self._timers
         while heap and heap[0][0] <= now:
-            _, serial, name, timer = heapq.heappop(heap)
-            if timers.get((name, timer)) == serial:
+            due.append(heapq.heappop(heap))
+        for _, serial, name, timer in due:
+            if timers.get((name, timer)) == serial:  # not cancelled, even by this Tick
                 del timers[(name, timer)]
-                due.append((name, timer))
-        for name, timer in due:
-            if name in self.processes:
                 self._send(name, proc.TimerFired(timer), now)
-        if len(heap) > 2 * len(timers) + 64:  # many cancelled timers: compact
-            self._heap = [e for e in heap if timers.get((e[2], e[3])) == e[1]]
+
+    def _arm(self, name: str, timer: Timer, deadline: float) -> None:
+        serial = next(self._serials)
+        self._timers[(name, timer)] = serial
+        heap = self._heap
+        heapq.heappush(heap, (deadline, serial, name, timer))
+        if len(heap) > 2 * len(self._timers) + 64:  # mostly cancelled entries: compact
+            self._heap = [e for e in heap if self._timers.get((e[2], e[3])) == e[1]]
             heapq.heapify(self._heap)
 
     # -- requests ----------------------------------------------------------------------
