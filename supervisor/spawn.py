@@ -414,6 +414,15 @@ def stopped_by(pid: int) -> int | None:
     return info.si_status
 
 
+def any_stopped() -> bool:
+    """Whether any child is stopped now: one syscall, so `stopped_by` is asked only then."""
+    try:
+        info = os.waitid(os.P_ALL, 0, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return info is not None and info.si_code == os.CLD_STOPPED
+
+
 def raise_fd_limit() -> None:
     """Lift supd's soft fd limit to the hard one: each program holds two pipes."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
