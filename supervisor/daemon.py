@@ -199,7 +199,7 @@ class Daemon:
     def run(self) -> int:
         """The loop: block until something happens, turn it into events, drain the queue."""
         while self.running:
-            self._arm_clock()
+            self._guarded(self._arm_clock)
             for key in self.selector.select(-1):
                 self._guarded(self._dispatch, key)
                 self._guarded(self._drain)
