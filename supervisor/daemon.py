@@ -464,12 +464,12 @@ class Daemon:
         deadline = self.fleet.next_deadline()
         if deadline == self._armed_for or self._clock_fd is None:
             return
-        self._armed_for = deadline
         if deadline is None:
             linux.timerfd_settime_ns(self._clock_fd, initial=0)  # disarm: idle means idle
-            return
-        delay_ms = max(0, math.ceil((deadline - self.clock()) * 1000))
-        self.selector.rearm_timer(self._clock_fd, delay_ms, True)
+        else:
+            delay_ms = max(0, math.ceil((deadline - self.clock()) * 1000))
+            self.selector.rearm_timer(self._clock_fd, delay_ms, True)
+        self._armed_for = deadline
 
     # -- output -----------------------------------------------------------------------
 
