@@ -448,7 +448,7 @@ class Daemon:
             to_state=change.new.value,
             reason=change.reason,
         )
-        if change.new is State.BACKOFF and change.delay_s is not None:
+        if change.new is State.BACKOFF and change.delay_s:  # (none for an immediate retry)
             delay = round(change.delay_s, 3)
             self.log.info("backoff", process=name, pid=pid, delay_s=delay, failures=change.failures)
         elif change.new is State.FATAL:

@@ -110,8 +110,7 @@ def test_zero_backoff_restarts_within_milliseconds(supd: Factory, tmp_path: Path
     """)
     wait_until(lambda: len(d.events("spawned")) >= 6, describe=d.describe)
     assert d.status()["blip"]["restarts"] >= 5
-    # Each retry goes back through the loop (a 0 s timer), never synchronously.
-    assert {e["delay_s"] for e in d.events("backoff")} == {0.0}
+    assert not d.events("backoff")  # no delay to announce between an exit and a spawn
     exits = [datetime.fromisoformat(e["timestamp"]) for e in d.events("exited")]
     spawns = [datetime.fromisoformat(e["timestamp"]) for e in d.events("spawned")]
     gaps = [(spawn - exit).total_seconds() for exit, spawn in zip(exits, spawns[1:], strict=False)]
