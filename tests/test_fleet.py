@@ -255,7 +255,9 @@ def test_random_conflicting_requests_from_many_clients_are_each_answered_once(
     seed: int,
 ) -> None:
     rng = random.Random(seed)
-    sim = Sim(program("web", startsecs=0.2, stopwaitsecs=1), program("db", **FAST))
+    failing = ("db",) if seed % 3 == 0 else ()  # db cannot even be spawned
+    db = program("db", backoff_initial=0.2, **FAST)
+    sim = Sim(program("web", startsecs=0.2, stopwaitsecs=1), db, fail_spawn=failing)
     if seed % 2:
         sim.ignore_term.add("web")  # every stop of web ends in SIGKILL
     requests = []
