@@ -159,6 +159,7 @@ class Daemon:
         self.exit_code = EXIT_OK
         self._clock_fd: int | None = None
         self._armed_for: float | None = None
+        self._due_now = False  # a deadline is due already: poll, then tick
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -199,9 +200,15 @@ class Daemon:
     def run(self) -> int:
         """The loop: block until something happens, turn it into events, drain the queue."""
         while self.running:
+            self._due_now = False
             self._guarded(self._arm_clock)
-            for key in self.selector.select(-1):
+            # A deadline already due (a 0 s retry): look at what else is ready first,
+            # without waiting, then tick; the timerfd is for deadlines still ahead.
+            for key in self.selector.select(0 if self._due_now else -1):
                 self._guarded(self._dispatch, key)
+                self._guarded(self._drain)
+            if self._due_now:
+                self.queue.append(Tick())
                 self._guarded(self._drain)
         return self.exit_code
 
@@ -459,9 +466,11 @@ class Daemon:
             self.notifier.status(self.status_line())
 
     def _arm_clock(self) -> None:
-        """Point the one timer at the fleet's next deadline (0 ms: as soon as possible,
-        after the fds that are ready already)."""
+        """Point the one timer at the fleet's next deadline, or note that it is due now."""
         deadline = self.fleet.next_deadline()
+        if deadline is not None and deadline <= self.clock():
+            self._due_now = True
+            return
         if deadline == self._armed_for or self._clock_fd is None:
             return
         if deadline is None:
