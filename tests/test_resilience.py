@@ -62,7 +62,7 @@ def test_out_of_fds_a_stop_still_kills_a_start_still_settles_and_sigterm_exits(
         ''')
         }
         startsecs = 0
-        stopwaitsecs = 1
+        stopwaitsecs = 0.3
         [programs.sleeper]
         command = {SLEEP}
         autostart = false
@@ -165,6 +165,7 @@ def test_a_failing_handler_is_logged_and_the_loop_goes_on(supd: Factory, tmp_pat
         [programs.web]
         command = {SLEEP}
         startsecs = 0
+        backoff_initial = 0
         """,
         launcher=[PY, str(launcher)],
     )
