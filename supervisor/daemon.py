@@ -272,8 +272,11 @@ class Daemon:
             self.log.warning("unknown_child_exited", process=name, pid=pid, status=spawn.reap(pid))
             return
         child, slot.child = slot.child, None
-        self._take_exec_report(slot, child)
-        self._drain_output(slot)  # nothing the child wrote is lost to its exit
+        try:
+            self._take_exec_report(slot, child)
+            self._drain_output(slot)  # nothing the child wrote is lost to its exit
+        except Exception:  # whatever happens, the exit is reaped and reported
+            self.log.exception("output_drain_failed", process=name, pid=pid)
         exit_code, exit_signal = spawn.reap(pid)
         if slot.exec_error is not None:
             self.queue.append(ChildEvent(name, SpawnFailed(slot.exec_error)))
