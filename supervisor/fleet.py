@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -212,8 +213,9 @@ class _Request:
     parts: dict[str, _Part] = field(default_factory=dict)  # not answered yet
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     replied: bool = False  # wait=false: answered at once, the plan still runs
+    planning: bool = False  # restart: its stops and starts are not all sent yet
     stop_groups: list[list[str]] = field(default_factory=list)  # restart, next first
-    stopping: list[str] = field(default_factory=list)  # restart: the group going down
+    stopping: deque[str] = field(default_factory=deque)  # restart: the group going down
 
 
 # -- the fleet ----------------------------------------------------------------------------
@@ -233,7 +235,7 @@ class Fleet:
         self.ready = False
         self._requests: dict[int, _Request] = {}
         self._claims: dict[str, list[_Request]] = {}  # process -> requests waiting on it
-        self._shutdown_group: list[str] = []
+        self._shutdown_group: deque[str] = deque()  # the priority group going down
         # Timers: a heap of (deadline, serial, process, timer); the live serial of each
         # (process, timer) is in _timers, and entries it no longer names are stale.
         self._heap: list[tuple[float, int, str, Timer]] = []
@@ -445,6 +447,7 @@ class Fleet:
                     priority = self.processes[name].config.priority
                     by_priority.setdefault(priority, []).append(name)
                 request.stop_groups = [by_priority[p] for p in sorted(by_priority, reverse=True)]
+                request.planning = True
         if not submit.wait:
             self._reply_accepted(request)
         self._finish_if_done(request)
@@ -504,28 +507,31 @@ class Fleet:
             self._out.append(Answer(request.id, outcomes))
 
     def _advance_restart(self, request: _Request, now: float) -> None:
-        while request.parts:
-            parts = request.parts
-            if any(n in parts and not parts[n].down for n in request.stopping):
+        """Stop the next group once the current one has been down; then start them all.
+        Amortised O(1) per event: a name leaves `stopping` once, from the front."""
+        parts, stopping = request.parts, request.stopping
+        while request.planning and parts:
+            while stopping and (stopping[0] not in parts or parts[stopping[0]].down):
+                stopping.popleft()
+            if stopping:
                 return  # the current group is still going down
             if request.stop_groups:
-                request.stopping = [n for n in request.stop_groups.pop(0) if n in parts]
-                for name in request.stopping:
+                stopping.extend(n for n in request.stop_groups.pop(0) if n in parts)
+                for name in list(stopping):
+                    if name not in parts:
+                        continue  # superseded by what stopping another one caused
                     if self.processes[name].state in DOWN_STATES:
                         parts[name].down = True
                     else:
                         self._send(name, proc.Stop(), now)
                 continue
+            request.planning = False
             waiting = [n for n, p in parts.items() if p.phase is _Phase.STOP_FIRST]
-            if not waiting:
-                return
-            request.stopping = []
             for name in waiting:
                 parts[name].phase = _Phase.WAIT
             for name in sorted(waiting, key=lambda n: self.processes[n].config.priority):
                 if name in parts:
                     self._send(name, proc.Start(), now)
-            return
 
     # -- reload ------------------------------------------------------------------------
 
@@ -579,16 +585,15 @@ class Fleet:
                     self._resolve(request, name, self._superseded(name, "supd is shutting down"))
 
     def _shutdown_step(self, now: float) -> None:
-        """Stop the next priority group once the previous one is down; exit when all are."""
+        """Stop the next priority group once the previous one is down; exit when all are.
+        Amortised O(1) per event until a group is down (a name leaves the group once)."""
+        group, processes = self._shutdown_group, self.processes
         while not self.exited:
-            self._shutdown_group = [
-                n
-                for n in self._shutdown_group
-                if n in self.processes and self.processes[n].state not in DOWN_STATES
-            ]
-            if self._shutdown_group:
+            while group and (group[0] not in processes or processes[group[0]].is_down()):
+                group.popleft()
+            if group:
                 return
-            live = [p for p in self.processes.values() if p.state not in DOWN_STATES]
+            live = [p for p in processes.values() if not p.is_down()]
             if not live:
                 self.exited = True
                 for request in list(self._requests.values()):
@@ -597,8 +602,8 @@ class Fleet:
                 self._out.append(Exit())
                 return
             top = max(p.config.priority for p in live)
-            self._shutdown_group = [p.name for p in live if p.config.priority == top]
-            for name in self._shutdown_group:
+            group.extend(p.name for p in live if p.config.priority == top)
+            for name in list(group):
                 self._send(name, proc.Stop(), now)
 
     def _now_outcome(self, name: str) -> Outcome:
@@ -611,7 +616,7 @@ class Fleet:
 
     def _follow_up(self, now: float) -> None:
         for request in list(self._requests.values()):
-            if request.stop_groups or request.stopping or _has_stop_phase(request):
+            if request.planning:
                 self._advance_restart(request, now)
                 self._finish_if_done(request)
         if self.shutting_down:
@@ -619,10 +624,6 @@ class Fleet:
         if self.booted and not self.ready and not self.state_counts[State.STARTING]:
             self.ready = True
             self._out.append(Ready())
-
-
-def _has_stop_phase(request: _Request) -> bool:
-    return any(p.phase is _Phase.STOP_FIRST for p in request.parts.values())
 
 
 def _judge(

@@ -290,6 +290,9 @@ class Process:
         self.exit_code = event.exit_code
         self.exit_signal = event.exit_signal
 
+    def is_down(self) -> bool:
+        return self.state in DOWN_STATES
+
     def uptime(self, now: float) -> float:
         return now - self.started_at if self.started_at is not None else 0.0
 
