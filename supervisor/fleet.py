@@ -30,6 +30,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import assert_never
 
 from . import process as proc
 from .config import ProgramConfig
@@ -269,6 +270,8 @@ class Fleet:
                 self._reload(programs, now)
             case Shutdown():
                 self._shutdown(now)
+            case _:
+                assert_never(event)
         self._follow_up(now)
         self._out = []
         return out
