@@ -82,7 +82,7 @@ from pydantic import (
     model_validator,
 )
 
-from . import signals, supervisord_syntax
+from . import facts, signals, supervisord_syntax
 from .tomlkeys import KeyLocator, KeyPath
 
 try:
@@ -493,11 +493,7 @@ class SupervisorConfig(BaseModel):
 
 
 def _default_socket(context: _Context) -> Path:
-    # systemd joins several RuntimeDirectory= entries with ':'; the first is ours.
-    runtime_dir = context.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime_dir:
-        return _normalised(context.base_dir, runtime_dir) / "supd.sock"
-    return context.base_dir / "supd.sock"
+    return Path(facts.socket_path(str(context.base_dir), None, context.environ))
 
 
 class ProgramConfig(BaseModel):

@@ -53,6 +53,7 @@ import socket
 import stat
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -154,6 +155,13 @@ class Responder:
     def answered(self) -> bool:
         return self._answered
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the connection closes (at once if it is closed)."""
+        if self._conn.closed:
+            callback()
+        else:
+            self._conn.on_close.append(callback)
+
     def result(self, value: Any) -> None:
         """Answer with a result: a pydantic model, a list of them, a dict, None..."""
         if self._begin_answer():
@@ -220,6 +228,7 @@ class _Client:
         "fd",
         "inbuf",
         "interest",
+        "on_close",
         "outbuf",
         "outstanding",
         "peer_pid",
@@ -243,6 +252,7 @@ class _Client:
         self.reading = True  # False after the peer's EOF, or when closing
         self.closing = False  # close as soon as the output is written
         self.closed = False
+        self.on_close: list[Callable[[], None]] = []  # e.g. stop following output
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -786,6 +796,12 @@ class ControlServer:
         conn.sock.close()
         conn.inbuf.clear()
         conn.outbuf.clear()
+        callbacks, conn.on_close = conn.on_close, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                self._log.exception("close_callback_failed", conn=conn.conn_id)
         if problem is None:
             self._log.debug("client_disconnected", conn=conn.conn_id)
         else:

@@ -6,8 +6,8 @@
 supctl must start fast (a whole `supctl status` well under 200 ms, interpreter
 included), so this module imports only light stdlib modules at import time: no
 pydantic, no `supervisor.protocol`, no selector or ctypes. It speaks the protocol with
-plain `json` and mirrors the few constants it needs from `protocol` (tests/test_ctl.py
-checks the mirrors). tomllib is imported only with -c, readline only in the shell.
+plain `json` and takes the few constants it needs from `facts`, which is stdlib-only.
+tomllib is imported only with -c, readline only in the shell.
 """
 
 from __future__ import annotations
@@ -22,22 +22,25 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
-from . import __version__
+from . import __version__, facts
+from .facts import (
+    EXIT_FAILED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_TIMED_OUT,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    ErrorCode,
+)
 
-# Mirrors of protocol.ExitStatus: scripts depend on these numbers.
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-EXIT_UNREACHABLE = 4
-EXIT_TIMED_OUT = 5  # --timeout expired; supd may still finish the work
 EXIT_INTERRUPTED = 130  # Ctrl-C outside of `tail -f`, as shells report it
 
-# Mirrors of protocol.ErrorCode (only those supctl treats specially).
-INVALID_PARAMS = -32602
-PERMISSION_DENIED = 3
-CONFIG_INVALID = 4
-TOO_MANY_CONNECTIONS = 6
+# The error codes supctl treats specially.
+INVALID_PARAMS = ErrorCode.INVALID_PARAMS
+PERMISSION_DENIED = ErrorCode.PERMISSION_DENIED
+CONFIG_INVALID = ErrorCode.CONFIG_INVALID
+TOO_MANY_CONNECTIONS = ErrorCode.TOO_MANY_CONNECTIONS
+SUPERSEDED = ErrorCode.SUPERSEDED
 
 DEFAULT_SOCKET = "/run/supd/supd.sock"
 SOCKET_ENV = "SUPD_SOCKET"
@@ -187,16 +190,9 @@ def socket_from_config(config_path: str, environ: Mapping[str, str]) -> str:
         raise UsageError(f"config {config_path} is not valid TOML: {exc}") from None
     section = document.get("supervisor", {})
     value = section.get("socket") if isinstance(section, dict) else None
-    folder = os.path.dirname(os.path.abspath(config_path))
-    if value is not None:
-        if not isinstance(value, str) or not value:
-            raise UsageError(f"config {config_path}: supervisor.socket must be a path")
-        return os.path.join(folder, value)  # no "~" expansion: the daemon does none
-    runtime = environ.get("RUNTIME_DIRECTORY", "")
-    if runtime:
-        # systemd joins several RuntimeDirectory= entries with ":"; ours is the first.
-        return os.path.join(folder, runtime.split(":")[0], "supd.sock")
-    return os.path.join(folder, "supd.sock")
+    if value is not None and (not isinstance(value, str) or not value):
+        raise UsageError(f"config {config_path}: supervisor.socket must be a path")
+    return facts.socket_path(os.path.dirname(os.path.abspath(config_path)), value, environ)
 
 
 # --------------------------------------------------------------------------- the client
@@ -521,6 +517,8 @@ def _report_actions(method: str, results: list[dict[str, Any]], out: Output, wai
             if item.get("ok"):
                 done = _DONE[method] if waited else f"{method} requested"
                 out.line(f"{name}: {done}")
+            elif item.get("code") == SUPERSEDED:
+                out.line(f"{name}: SUPERSEDED ({item.get('error') or item.get('state')})")
             else:
                 out.line(f"{name}: ERROR ({item.get('error') or item.get('state')})")
     return EXIT_OK if all(item.get("ok") for item in results) else EXIT_FAILED

@@ -1,16 +1,22 @@
-"""supd, the daemon: ties the selector, the process state machines, the log capture and
-the control server together. This is the only module with side effects on programs.
+"""supd, the daemon: the loop and the effects. The only module with side effects on programs.
 
 Data flow, one direction only:
 
     kernel fd -> Selector.select() -> ReadyKey(data=tag) -> Daemon._dispatch (one match)
-      -> Process.handle(event, now) -> [effects] -> Daemon._apply (spawn, kill, timers, logs)
+      -> FleetEvent on the queue -> Fleet.handle(event, now) -> [effects]
+      -> Daemon._perform (one match: spawn, kill, log sinks, answers)
+      -> events the effects cause (a spawn that worked or failed) back on the queue
 
 Everything the daemon waits for is an event from the one selector: child exits
-(signalfd + waitid sweep), output pipes, timerfd timers (startsecs, backoff, stop
-timeout), SIGTERM/SIGINT/SIGHUP/SIGUSR2 (and, as a subreaper, every SIGCHLD) through the
-signalfd, and the control socket with its eventfd doorbell. There is no polling and no
-sleep: with nothing to do the loop blocks in epoll_wait(-1).
+(signalfd + waitid sweep), output pipes, one timerfd for every process timer (armed for
+the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2 (and, as a subreaper, every
+SIGCHLD) through the signalfd, and the control socket with its eventfd doorbell. There
+is no polling and no sleep: with nothing to do the loop blocks in epoll_wait(-1).
+
+The queue is drained by the loop after every ready key (and after each control command,
+so pipelined commands see each other's effects), never from inside a drain: nothing
+here calls back into itself. Deciding is the fleet's job (fleet.py); this module owns
+the fds: children, pipes, log files, the control server, the timer.
 """
 
 from __future__ import annotations
@@ -18,45 +24,50 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from . import __version__, activation, daemonlog, instancelock, linux, notify, spawn
-from .commands import Commands
+from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
-from .control import AlreadyRunning, ControlServer
-from .logs import LogSink, PipeReader
-from .process import (
-    DOWN_STATES,
-    ArmTimer,
-    CancelTimer,
-    Effect,
-    Exited,
-    ForceKill,
+from .control import AlreadyRunning, ControlServer, Responder
+from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
+from .fleet import (
+    Action,
+    Answer,
+    Boot,
+    ChildEvent,
+    CreateSlot,
+    DropSlot,
+    Exit,
+    Fleet,
+    FleetEffect,
+    FleetEvent,
     Ignored,
     Kill,
-    Process,
-    ProcessEvent,
+    Outcome,
+    Ready,
+    Reload,
+    Shutdown,
     Spawn,
-    Spawned,
-    SpawnFailed,
-    Start,
-    State,
-    Stop,
-    Timer,
-    TimerFired,
+    Submit,
+    Tick,
     Transitioned,
+    reload_diff,
 )
+from .follow import Followers, Listener
+from .logs import LogSink, PipeReader
+from .process import Exited, Spawned, SpawnFailed
+from .protocol import MAX_TAIL_BYTES, Request
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
-
-EXIT_OK = 0
-EXIT_CONFIG = 2  # a bad config, or another supd already serves the socket
 
 # Signals the daemon reads through the signalfd.
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -85,10 +96,8 @@ class ChildTag:
 
 
 @dataclass(frozen=True, slots=True)
-class TimerTag:
-    name: str
-    timer: Timer
-    serial: int  # tells a stale expiry from the timer that replaced it
+class ClockTag:
+    """The one timer: the fleet's next deadline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,45 +117,22 @@ class OutputTag:
     stream: str
 
 
-# -- runtime state of one process ------------------------------------------------------
+# -- what the daemon holds for one process ------------------------------------------------
 
 
-@dataclass(slots=True, eq=False)  # compared and hashed by identity
+@dataclass(slots=True, eq=False)
 class Slot:
-    """A process and everything the daemon holds for it: child, pipes, logs, timers."""
+    """A process's fds: its child, output pipes and log files."""
 
-    process: Process
-    program: str
+    name: str
     stdout: LogSink
     stderr: LogSink
     child: spawn.Child | None = None
-    timers: dict[Timer, tuple[int, int]] = field(default_factory=dict)  # timer -> (fd, serial)
     readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
-    retiring: bool = False  # removed or changed by a reload: dropped once down
     exec_error: str | None = None  # the child's report that its exec failed
-
-    @property
-    def name(self) -> str:
-        return self.process.name
-
-    @property
-    def config(self) -> ProgramConfig:
-        return self.process.config
-
-    def is_down(self) -> bool:
-        return self.process.state in DOWN_STATES and self.child is None
 
     def sink(self, stream: str) -> LogSink:
         return self.stdout if stream == "stdout" else self.stderr
-
-
-@dataclass
-class Waiter:
-    """A control request waiting for processes to settle (start/stop/restart, wait=true)."""
-
-    names: set[str]
-    done: Callable[[str], bool]  # is this process settled?
-    finish: Callable[[], None]
 
 
 class Daemon:
@@ -159,27 +145,25 @@ class Daemon:
     ) -> None:
         self.config = config
         self.notifier = notifier or notify.Notifier.disabled()
-        self.ready_sent = False
-        self.state_counts: dict[State, int] = dict.fromkeys(State, 0)
         self.clock = clock
         self.log = daemonlog.get_logger()
         self.selector: Selector[Any] = Selector()
+        self.fleet = Fleet()
+        self.queue: deque[FleetEvent] = deque()
         self.slots: dict[str, Slot] = {}
-        self.programs: dict[str, list[str]] = {}  # program -> its process names, in order
-        self.replacements: dict[str, ProgramConfig] = {}  # changed programs awaiting their stop
-        self.waiters: list[Waiter] = []
-        self.output_listeners: list[Callable[[str, str, bytes], bool]] = []
+        self.replies: dict[int, Callable[[tuple[Outcome, ...]], None]] = {}
+        self._request_ids = 0
+        self.followers = Followers(self._refresh_hooks)
+        self.commands = Commands(self)
         self.control: ControlServer | None = None
         # supd's environment as every child starts from it (minus systemd's variables)
         self.base_environment = spawn.child_environment(os.environ)
         self.subreaper = False
-        self.shutting_down = False
         self.running = False
         self.exit_code = EXIT_OK
-        self._timer_serial = 0
-        self._stepping = False
-        self._step_again = False
-        self._stopping_group: dict[Slot, None] = {}  # shutdown: the group being stopped
+        self._clock_fd: int | None = None
+        self._armed_for: float | None = None
+        self._due_now = False  # a deadline is due already: poll, then tick
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -191,7 +175,7 @@ class Daemon:
         settings = self.config.supervisor
         self.control = ControlServer(
             self.selector,
-            Commands(self),
+            self,
             path=settings.socket,
             mode=settings.socket_mode,
             group=settings.socket_group,
@@ -206,27 +190,137 @@ class Daemon:
             self.selector.register_signal(signal.SIGCHLD, SignalTag(signal.SIGCHLD))
         for signum in DAEMON_SIGNALS:
             self.selector.register_signal(signum, SignalTag(signum))
+        # Made now, once: every process timer runs on it, so no stop, restart or
+        # shutdown ever needs a new fd (at EMFILE there would be none).
+        self._clock_fd = self.selector.register_timer(1, True, ClockTag())
         interval = self.notifier.watchdog_interval_ms()
         if interval is not None:
             self.selector.register_timer(interval, False, WatchdogTag())
-        for program in self.config.programs.values():
-            self._add_program(program)
-        self._autostart(self.config.programs.values())
         self.running = True
-        self._maybe_ready()
+        self.queue.append(Boot(tuple(self.config.programs.values())))
+        self._drain()
         self._release_memory()
 
     def run(self) -> int:
-        """The loop: block in select until something happens, dispatch, repeat."""
+        """The loop: block until something happens, turn it into events, drain the queue."""
         while self.running:
-            for key in self.selector.select(-1):
-                try:
-                    self._dispatch(key)
-                except Exception:
-                    # A bug in handling one event must not take every program down with
-                    # the daemon: log it loudly and carry on with the next event.
-                    self.log.exception("event_failed", fd=key.fd, data=repr(key.data))
+            self._due_now = False
+            self._guarded(self._arm_clock)
+            # A deadline already due (a 0 s retry): look at what else is ready first,
+            # without waiting, then tick; the timerfd is for deadlines still ahead.
+            for key in self.selector.select(0 if self._due_now else -1):
+                self._guarded(self._dispatch, key)
+                self._guarded(self._drain)
+            if self._due_now:
+                self.queue.append(Tick())
+                self._guarded(self._drain)
         return self.exit_code
+
+    def _guarded(self, action: Callable[..., None], *args: Any) -> None:
+        """The last line of defence: a bug in handling one event must not take every
+        program down with the daemon. Log it loudly and go on with the next one."""
+        try:
+            action(*args)
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.log.exception("event_failed", action=action.__name__, args=repr(args))
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        for slot in list(self.slots.values()):
+            self._drop_slot(slot)
+        self.selector.close()
+        self.notifier.close()
+
+    # -- ready keys into fleet events ---------------------------------------------------
+
+    def _dispatch(self, key: ReadyKey[Any]) -> None:
+        match key.data:
+            case ChildTag(name=name, pid=pid):
+                self.selector.unregister(key.fd)
+                self._child_exited(name, pid)
+            case OutputTag(name=name):
+                self._output_ready(name, key)
+            case ExecReportTag(name=name, pid=pid):
+                self._exec_reported(name, pid)
+            case ClockTag():
+                self._armed_for = None
+                self.queue.append(Tick())
+            case SignalTag(signum=signum):
+                self._signal_received(signum)
+            case WatchdogTag():
+                self.notifier.watchdog()
+            case data if self.control is not None and self.control.owns(data):
+                self.control.on_ready(key)
+            case _:
+                self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
+
+    def _signal_received(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self._reap_orphans()
+            return
+        self.log.info("signal_received", signal=signal_name(signum))
+        if signum in SHUTDOWN_SIGNALS:
+            self.shutdown()
+        elif signum == signal.SIGHUP:
+            with contextlib.suppress(ConfigError):  # logged by reload(); nothing changed
+                self.reload()
+        elif signum == signal.SIGUSR2:
+            self.reopen_logs()
+
+    def _child_exited(self, name: str, pid: int) -> None:
+        slot = self.slots.get(name)
+        if slot is None or slot.child is None or slot.child.pid != pid:
+            # Cannot happen by design; if it does, at least leave no zombie behind.
+            self.log.warning("unknown_child_exited", process=name, pid=pid, status=spawn.reap(pid))
+            return
+        child, slot.child = slot.child, None
+        try:
+            self._take_exec_report(slot, child)
+            self._drain_output(slot)  # nothing the child wrote is lost to its exit
+        except Exception:  # whatever happens, the exit is reaped and reported
+            self.log.exception("output_drain_failed", process=name, pid=pid)
+        exit_code, exit_signal = spawn.reap(pid)
+        if slot.exec_error is None:
+            process = self.fleet.processes.get(name)
+            redirected = process is not None and process.config.redirect_stderr
+            stream = "stdout" if redirected else "stderr"
+            slot.exec_error = spawn.setpriv_exec_failure(
+                child, exit_code, slot.sink(stream).tail(SETPRIV_MESSAGE_BYTES)
+            )
+            if slot.exec_error is not None:
+                self.log.error("spawn_failed", process=name, pid=pid, error=slot.exec_error)
+        if slot.exec_error is not None:
+            self.queue.append(ChildEvent(name, SpawnFailed(slot.exec_error)))
+        else:
+            self.log.info(
+                "exited",
+                process=name,
+                pid=pid,
+                exit_code=exit_code,
+                signal=signal_name(exit_signal) if exit_signal is not None else None,
+            )
+            self.queue.append(ChildEvent(name, Exited(exit_code, exit_signal)))
+        if self.subreaper:
+            # Orphans that died with this child (a killed process group) were hidden
+            # behind its zombie from _reap_orphans' peek; with it reaped, look again.
+            self._reap_orphans()
+
+    def _exec_reported(self, name: str, pid: int) -> None:
+        """The child's exec report: end of file if exec worked, else why it failed."""
+        slot = self.slots.get(name)
+        if slot is not None and slot.child is not None and slot.child.pid == pid:
+            self._take_exec_report(slot, slot.child)
+
+    def _take_exec_report(self, slot: Slot, child: spawn.Child) -> None:
+        if child.exec_error_fd is None:
+            return
+        self.selector.unregister(child.exec_error_fd)
+        error = child.read_exec_error()
+        if error is not None:
+            slot.exec_error = error
+            self.log.error("spawn_failed", process=slot.name, pid=child.pid, error=error)
 
     def _reap_orphans(self) -> None:
         """Reap adopted orphans (we are a subreaper or PID 1) without touching our own.
@@ -253,97 +347,79 @@ class Daemon:
                 os.waitpid(info.si_pid, 0)
             self.log.debug("orphan_reaped", pid=info.si_pid, status=info.si_status)
 
-    def close(self) -> None:
-        if self.control is not None:
-            self.control.close()
-        for slot in list(self.slots.values()):
-            self._drop_slot(slot)
-        self.selector.close()
-        self.notifier.close()
+    # -- the fleet and its effects ------------------------------------------------------
 
-    def _autostart(self, programs: Iterable[ProgramConfig]) -> None:
-        if self.shutting_down:
-            return
-        for program in sorted(programs, key=lambda p: p.priority):
-            if program.autostart:
-                for name in self.programs[program.name]:
-                    self.send(name, Start())
+    def _drain(self) -> None:
+        """Hand every queued event to the fleet and carry out what it decides."""
+        while self.queue:
+            event = self.queue.popleft()
+            try:
+                effects = self.fleet.handle(event, self.clock())
+            except Exception as exc:
+                self._event_failed(event, exc)
+                continue
+            self._perform(effects)
 
-    # -- the one dispatch -------------------------------------------------------------
+    def _event_failed(self, event: FleetEvent, exc: Exception) -> None:
+        """A bug in the fleet: log it, answer the request that met it, go on."""
+        with contextlib.suppress(Exception):
+            self.log.exception("event_failed", fleet_event=repr(event))
+        if isinstance(event, Submit):
+            reply = self.replies.pop(event.request, None)
+            if reply is not None:
+                error, code = f"internal error: {exc}", ErrorCode.INTERNAL_ERROR
+                reply(tuple(Outcome(name, False, None, error, code) for name in event.names))
 
-    def _dispatch(self, key: ReadyKey[Any]) -> None:
-        match key.data:
-            case ChildTag(name=name, pid=pid):
-                self.selector.unregister(key.fd)
-                self._child_exited(name, pid)
-            case OutputTag(name=name):
-                self._output_ready(name, key)
-            case ExecReportTag(name=name, pid=pid):
-                self._exec_reported(name, pid)
-            case TimerTag(name=name, timer=timer, serial=serial):
-                self._timer_fired(name, timer, serial, key.fd)
-            case SignalTag(signum=signum):
-                self._signal_received(signum)
-            case WatchdogTag():
-                self.notifier.watchdog()
+    def _perform(self, effects: list[FleetEffect]) -> None:
+        for effect in effects:
+            try:
+                self._perform_one(effect)
+            except Exception:  # one failed effect must not cost the others
+                with contextlib.suppress(Exception):
+                    self.log.exception("effect_failed", effect=repr(effect))
+
+    def _perform_one(self, effect: FleetEffect) -> None:
+        """The only place where the fleet's decisions become side effects."""
+        match effect:
+            case Spawn(name=name, program=program):
+                self._spawn(name, program)
+            case Kill(name=name, signum=signum, group=group):
+                self._signal(name, signum, group)
+            case Transitioned():
+                self._log_transition(effect)
+            case Ignored(name=name, state=state, event=event):
+                self.log.debug(
+                    "event_ignored", process=name, state=state.value, ignored=repr(event)
+                )
+            case CreateSlot(name=name, program=program):
+                self.slots[name] = Slot(
+                    name,
+                    self._sink(program, name, "stdout"),
+                    self._sink(program, name, "stderr"),
+                )
+            case DropSlot(name=name):
+                slot = self.slots.get(name)
+                if slot is not None:
+                    self._drop_slot(slot)
+            case Answer(request=request, outcomes=outcomes):
+                reply = self.replies.pop(request, None)
+                if reply is not None:
+                    reply(outcomes)
+            case Ready():
+                self.notifier.ready(self.status_line())
+                self.log.info("ready", status=self.status_line())
+            case Exit():
+                self.running = False
             case _:
-                self.dispatch_other(key)
+                assert_never(effect)
 
-    def dispatch_other(self, key: ReadyKey[Any]) -> None:
-        """Keys registered by the control server (and other extensions)."""
-        if self.control is not None and self.control.owns(key.data):
-            self.control.on_ready(key)
-        else:
-            self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
-
-    def _signal_received(self, signum: int) -> None:
-        if signum == signal.SIGCHLD:
-            self._reap_orphans()
-            return
-        self.log.info("signal_received", signal=signal_name(signum))
-        if signum in SHUTDOWN_SIGNALS:
-            self.shutdown()
-        elif signum == signal.SIGHUP:
-            with contextlib.suppress(ConfigError):  # logged by reload(); nothing changed
-                self.reload()
-        elif signum == signal.SIGUSR2:
-            self.reopen_logs()
-
-    # -- events into the state machines -----------------------------------------------
-
-    def send(self, name: str, event: ProcessEvent) -> None:
-        slot = self.slots.get(name)
-        if slot is not None:
-            self._apply(slot, slot.process.handle(event, self.clock()))
-
-    def _apply(self, slot: Slot, effects: list[Effect]) -> None:
-        """The only place where state-machine decisions become side effects."""
-        pending = list(effects)
-        while pending:
-            effect = pending.pop(0)
-            match effect:
-                case Spawn():
-                    pending[:0] = self._spawn(slot)
-                case Kill(signum=signum, group=group):
-                    self.signal_process(slot, signum, group)
-                case ArmTimer(timer=timer, delay_s=delay_s):
-                    self._arm_timer(slot, timer, delay_s)
-                case CancelTimer(timer=timer):
-                    self._cancel_timer(slot, timer)
-                case Transitioned():
-                    self._transitioned(slot, effect)
-                case Ignored(state=state, event=event):
-                    self.log.debug(
-                        "event_ignored", process=slot.name, state=state.value, ignored=repr(event)
-                    )
-
-    def _spawn(self, slot: Slot) -> list[Effect]:
-        program = slot.config
+    def _spawn(self, name: str, program: ProgramConfig) -> None:
+        slot = self.slots[name]
         env = {
             **self.base_environment,
             **program.environment,
-            "SUPD_PROCESS_NAME": slot.name,
-            "SUPD_PROGRAM": slot.program,
+            "SUPD_PROCESS_NAME": name,
+            "SUPD_PROGRAM": program.name,
         }
         spec = spawn.SpawnSpec(
             argv=program.command,
@@ -355,136 +431,71 @@ class Daemon:
             redirect_stderr=program.redirect_stderr,
             configured_environment=frozenset(program.environment),
         )
-        now = self.clock()
         try:
             child = spawn.spawn(spec)
-        except spawn.SpawnError as exc:
-            self.log.error("spawn_failed", process=slot.name, error=str(exc))
-            return slot.process.handle(SpawnFailed(str(exc)), now)
+        except (spawn.SpawnError, OSError) as exc:
+            self.log.error("spawn_failed", process=name, error=str(exc))
+            self.queue.append(ChildEvent(name, SpawnFailed(str(exc))))
+            return
         slot.child = child
         slot.exec_error = None
-        self.selector.register_process(child.pid, ChildTag(slot.name, child.pid))
+        self.selector.register_process(child.pid, ChildTag(name, child.pid))
         if child.exec_error_fd is not None:
-            tag = ExecReportTag(slot.name, child.pid)
+            tag = ExecReportTag(name, child.pid)
             self.selector.register_handle(child.exec_error_fd, Event.READ, tag)
         for stream, fd in (("stdout", child.stdout_fd), ("stderr", child.stderr_fd)):
             if fd is not None:
-                slot.readers[fd] = PipeReader(
-                    fd, slot.sink(stream), self._output_hook(slot, stream)
-                )
-                self.selector.register_handle(fd, Event.READ, OutputTag(slot.name, stream))
-        self.log.info("spawned", process=slot.name, pid=child.pid)
-        return slot.process.handle(Spawned(child.pid), now)
+                hook = self.followers.hook(name, stream)
+                slot.readers[fd] = PipeReader(fd, slot.sink(stream), hook)
+                self.selector.register_handle(fd, Event.READ, OutputTag(name, stream))
+        self.log.info("spawned", process=name, pid=child.pid)
+        self.queue.append(ChildEvent(name, Spawned(child.pid)))
 
-    def _exec_reported(self, name: str, pid: int) -> None:
-        """The child's exec report: end of file if exec worked, else why it failed."""
-        slot = self.slots.get(name)
-        if slot is None or slot.child is None or slot.child.pid != pid:
-            return
-        self._take_exec_report(slot, slot.child)
-
-    def _take_exec_report(self, slot: Slot, child: spawn.Child) -> None:
-        if child.exec_error_fd is None:
-            return
-        self.selector.unregister(child.exec_error_fd)
-        error = child.read_exec_error()
-        if error is not None:
-            slot.exec_error = error
-            self.log.error("spawn_failed", process=slot.name, pid=child.pid, error=error)
-
-    def _output_hook(self, slot: Slot, stream: str) -> Callable[[bytes], None] | None:
-        """A reader's hook for `tail -f` followers; None keeps the hot path copy-free."""
-        if not self.output_listeners:
-            return None
-        name = slot.name
-
-        def forward(data: bytes) -> None:
-            listeners = self.output_listeners
-            listeners[:] = [listen for listen in listeners if listen(name, stream, data)]
-            if not listeners:
-                self._refresh_output_hooks()
-
-        return forward
-
-    def add_output_listener(self, listener: Callable[[str, str, bytes], bool]) -> None:
-        """`listener(name, stream, data)` sees all output until it returns False."""
-        self.output_listeners.append(listener)
-        if len(self.output_listeners) == 1:
-            self._refresh_output_hooks()
-
-    def _refresh_output_hooks(self) -> None:
-        for slot in self.slots.values():
-            for reader in slot.readers.values():
-                stream = "stdout" if reader.sink is slot.stdout else "stderr"
-                reader.on_data = self._output_hook(slot, stream)
-
-    def signal_process(self, slot: Slot, signum: int, group: bool) -> bool:
+    def _signal(self, name: str, signum: int, group: bool) -> bool:
         """Send `signum` to a process (or its group); False if it is not running."""
-        if slot.child is None:
+        slot = self.slots.get(name)
+        if slot is None or slot.child is None:
             return False
         sent = spawn.send_signal(slot.child.pid, signum, group)
         self.log.info(
-            "signal_sent",
-            process=slot.name,
-            pid=slot.child.pid,
-            signal=signal_name(signum),
-            sent=sent,
+            "signal_sent", process=name, pid=slot.child.pid, signal=signal_name(signum), sent=sent
         )
         return sent
 
-    def _arm_timer(self, slot: Slot, timer: Timer, delay_s: float) -> None:
-        self._cancel_timer(slot, timer)
-        self._timer_serial += 1
-        delay_ms = max(1, round(delay_s * 1000))  # 0 would disarm a timerfd
-        tag = TimerTag(slot.name, timer, self._timer_serial)
-        fd = self.selector.register_timer(delay_ms, True, tag)
-        slot.timers[timer] = (fd, self._timer_serial)
-
-    def _cancel_timer(self, slot: Slot, timer: Timer) -> None:
-        entry = slot.timers.pop(timer, None)
-        if entry is not None:
-            self.selector.unregister(entry[0])
-
-    def _timer_fired(self, name: str, timer: Timer, serial: int, fd: int) -> None:
-        slot = self.slots.get(name)
-        if slot is None or slot.timers.get(timer) != (fd, serial):
-            return  # cancelled after it expired, in the same batch
-        self._cancel_timer(slot, timer)
-        self._apply(slot, slot.process.handle(TimerFired(timer), self.clock()))
-
-    def _child_exited(self, name: str, pid: int) -> None:
-        slot = self.slots.get(name)
-        if slot is None or slot.child is None or slot.child.pid != pid:
-            # Cannot happen by design; if it does, at least leave no zombie behind.
-            self.log.warning("unknown_child_exited", process=name, pid=pid, status=spawn.reap(pid))
-            return
-        child, slot.child = slot.child, None
-        self._take_exec_report(slot, child)
-        self._drain_output(slot)  # nothing the child wrote is lost to its exit
-        exit_code, exit_signal = spawn.reap(pid)
-        now = self.clock()
-        if slot.exec_error is None:
-            stream = "stdout" if slot.config.redirect_stderr else "stderr"
-            slot.exec_error = spawn.setpriv_exec_failure(
-                child, exit_code, slot.sink(stream).tail(SETPRIV_MESSAGE_BYTES)
-            )
-            if slot.exec_error is not None:
-                self.log.error("spawn_failed", process=name, pid=pid, error=slot.exec_error)
-        if slot.exec_error is not None:
-            self._apply(slot, slot.process.handle(SpawnFailed(slot.exec_error), now))
-            return
+    def _log_transition(self, change: Transitioned) -> None:
+        name, pid = change.name, change.pid
         self.log.info(
-            "exited",
+            "state_changed",
             process=name,
             pid=pid,
-            exit_code=exit_code,
-            signal=signal_name(exit_signal) if exit_signal is not None else None,
+            from_state=change.old.value,
+            to_state=change.new.value,
+            reason=change.reason,
         )
-        self._apply(slot, slot.process.handle(Exited(exit_code, exit_signal), now))
-        if self.subreaper:
-            # Orphans that died with this child (a killed process group) were hidden
-            # behind its zombie from _reap_orphans' peek; with it reaped, look again.
-            self._reap_orphans()
+        if change.new is State.BACKOFF and change.delay_s:  # (none for an immediate retry)
+            delay = round(change.delay_s, 3)
+            self.log.info("backoff", process=name, pid=pid, delay_s=delay, failures=change.failures)
+        elif change.new is State.FATAL:
+            self.log.error("fatal", process=name, pid=pid, reason=change.reason)
+        elif change.new is State.STOPPED and change.old is State.STOPPING:
+            self.log.info("stopped", process=name, pid=pid, reason=change.reason)
+        if self.notifier.enabled:
+            self.notifier.status(self.status_line())
+
+    def _arm_clock(self) -> None:
+        """Point the one timer at the fleet's next deadline, or note that it is due now."""
+        deadline = self.fleet.next_deadline()
+        if deadline is not None and deadline <= self.clock():
+            self._due_now = True
+            return
+        if deadline == self._armed_for or self._clock_fd is None:
+            return
+        if deadline is None:
+            linux.timerfd_settime_ns(self._clock_fd, initial=0)  # disarm: idle means idle
+        else:
+            delay_ms = max(0, math.ceil((deadline - self.clock()) * 1000))
+            self.selector.rearm_timer(self._clock_fd, delay_ms, True)
+        self._armed_for = deadline
 
     # -- output -----------------------------------------------------------------------
 
@@ -506,95 +517,15 @@ class Daemon:
         self.selector.unregister(fd)
         os.close(fd)
 
-    def reopen_logs(self) -> None:
-        for slot in self.slots.values():
-            slot.stdout.reopen()
-            slot.stderr.reopen()
-        self.log.info("logs_reopened", count=len(self.slots))
-
-    # -- transitions ------------------------------------------------------------------
-
-    def _transitioned(self, slot: Slot, change: Transitioned) -> None:
-        process = slot.process
-        self.state_counts[change.old] -= 1
-        self.state_counts[change.new] += 1
-        self.log.info(
-            "state_changed",
-            process=slot.name,
-            pid=process.pid,
-            from_state=change.old.value,
-            to_state=change.new.value,
-            reason=change.reason,
-        )
-        pid = process.last_pid
-        if change.new is State.BACKOFF and process.backoff_until is not None:
-            delay = round(process.backoff_until - self.clock(), 3)
-            self.log.info(
-                "backoff", process=slot.name, pid=pid, delay_s=delay, failures=process.failures
-            )
-        elif change.new is State.FATAL:
-            self.log.error("fatal", process=slot.name, pid=pid, reason=change.reason)
-        elif change.new is State.STOPPED and change.old is State.STOPPING:
-            self.log.info("stopped", process=slot.name, pid=pid, reason=change.reason)
-        self._settle(slot)
-        if self.notifier.enabled:
-            self._maybe_ready()
-            self.notifier.status(self.status_line())
-
-    def _settle(self, slot: Slot) -> None:
-        """Follow-ups of a transition: waiters, reload replacements, shutdown progress."""
-        for waiter in list(self.waiters):
-            if slot.name in waiter.names and waiter.done(slot.name):
-                waiter.names.discard(slot.name)
-                if not waiter.names:
-                    self.waiters.remove(waiter)
-                    waiter.finish()
-        if slot.retiring and slot.is_down():
-            self._retire(slot)
-        if self.shutting_down:
-            self._shutdown_step()
-
-    @staticmethod
-    def _release_memory() -> None:
-        """After a (re)load: free the parser's garbage and hand the pages back."""
-        gc.collect()
-        linux.malloc_trim()
-
-    def status_line(self) -> str:
-        return notify.status_line({state.value: n for state, n in self.state_counts.items()})
-
-    def _maybe_ready(self) -> None:
-        """READY=1 once the initial start has settled: nothing is STARTING any more.
-
-        (Every autostart program is then RUNNING, in BACKOFF or FATAL, or has exited.)
-        """
-        if not self.ready_sent and self.running and not self.state_counts[State.STARTING]:
-            self.ready_sent = True
-            self.notifier.ready(self.status_line())
-            self.log.info("ready", status=self.status_line())
-
-    def wait_for(
-        self, names: Iterable[str], done: Callable[[str], bool], finish: Callable[[], None]
-    ) -> None:
-        pending = {n for n in names if not done(n)}
-        if not pending:
-            finish()
+    def _refresh_hooks(self, name: str, stream: str) -> None:
+        """A stream gained its first follower or lost its last: (un)hook its reader."""
+        slot = self.slots.get(name)
+        if slot is None:
             return
-        self.waiters.append(Waiter(pending, done, finish))
-
-    # -- programs ---------------------------------------------------------------------
-
-    def _add_program(self, program: ProgramConfig) -> None:
-        names = program.process_names()
-        self.programs[program.name] = names
-        for name in names:
-            self.state_counts[State.STOPPED] += 1
-            self.slots[name] = Slot(
-                process=Process(name, program),
-                program=program.name,
-                stdout=self._sink(program, name, "stdout"),
-                stderr=self._sink(program, name, "stderr"),
-            )
+        sink = slot.sink(stream)
+        for reader in slot.readers.values():
+            if reader.sink is sink:
+                reader.on_data = self.followers.hook(name, stream)
 
     @staticmethod
     def _sink(program: ProgramConfig, name: str, stream: Stream) -> LogSink:
@@ -605,46 +536,71 @@ class Daemon:
         )
 
     def _drop_slot(self, slot: Slot) -> None:
-        for timer in list(slot.timers):
-            self._cancel_timer(slot, timer)
         self._drain_output(slot)
         for fd in list(slot.readers):
             self._close_reader(slot, fd)
         slot.stdout.close()
         slot.stderr.close()
-        if self.slots.pop(slot.name, None) is not None:
-            self.state_counts[slot.process.state] -= 1
+        self.slots.pop(slot.name, None)
 
-    def _retire_program(self, name: str) -> None:
-        """Stop a program's processes; each is dropped once down (then its replacement)."""
-        slots = [self.slots[n] for n in self.programs.get(name, []) if n in self.slots]
-        for slot in slots:
-            slot.retiring = True
-            self.send(slot.name, Stop())
-            if self.slots.get(slot.name) is slot and slot.is_down():
-                self._retire(slot)
+    def reopen_logs(self) -> None:
+        for slot in self.slots.values():
+            slot.stdout.reopen()
+            slot.stderr.reopen()
+        self.log.info("logs_reopened", count=len(self.slots))
 
-    def _retire(self, slot: Slot) -> None:
-        program = slot.program
-        self._drop_slot(slot)
-        names = self.programs.get(program, [])
-        if any(n in self.slots for n in names):
-            return
-        self.programs.pop(program, None)
-        replacement = self.replacements.pop(program, None)
-        if replacement is not None and not self.shutting_down:
-            self._add_program(replacement)
-            self._autostart([replacement])
+    @staticmethod
+    def _release_memory() -> None:
+        """After a (re)load: free the parser's garbage and hand the pages back."""
+        gc.collect()
+        linux.malloc_trim()
 
-    # -- reload -----------------------------------------------------------------------
+    def status_line(self) -> str:
+        return notify.status_line(self.fleet.status_counts())
+
+    # -- the core commands.py talks to (commands.Core) ------------------------------------
+
+    def handle_command(self, request: Request, responder: Responder) -> None:
+        """The control server's handler: run the command, then settle what it queued, so
+        the next command (pipelined on a connection, say) sees its effect."""
+        self.commands.handle_command(request, responder)
+        self._drain()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.fleet.shutting_down
+
+    @property
+    def config_path(self) -> str:
+        return str(self.config.path)
+
+    def resolve(self, names: list[str] | None) -> list[str]:
+        return self.fleet.resolve(names)
+
+    def snapshot(self, names: list[str]) -> Snapshot:
+        processes = self.fleet.processes
+        check = spawn.any_stopped()  # almost never: then no syscall per process
+        entries = []
+        for name in names:
+            process = processes[name]
+            pid = process.pid
+            entries.append((process, spawn.stopped_by(pid) if check and pid else None))
+        return Snapshot(self.clock(), time.time(), entries)
+
+    def submit(
+        self,
+        action: Action,
+        names: list[str],
+        wait: bool,
+        reply: Callable[[tuple[Outcome, ...]], None],
+    ) -> None:
+        self._request_ids += 1
+        self.replies[self._request_ids] = reply
+        self.queue.append(Submit(self._request_ids, action, tuple(names), wait))
 
     def reload(self) -> tuple[list[str], list[str], list[str]]:
-        """SIGHUP: apply the config file's changes; raises ConfigError (nothing changed).
-
-        A program whose old processes are still stopping (changed or removed by an
-        earlier reload) is parked in `replacements` and created once they are gone.
-        """
-        if self.shutting_down:
+        """SIGHUP: apply the config file's changes; raises ConfigError (nothing changed)."""
+        if self.fleet.shutting_down:
             self.log.warning("reload_ignored", reason="shutting down")
             return [], [], []
         self.notifier.reloading(self.status_line())
@@ -654,77 +610,32 @@ class Daemon:
             self.log.error("reload_failed", problems=[str(p) for p in exc.problems])
             self.notifier.ready(self.status_line())  # still running, on the old config
             raise
-        old = self.config.programs
-        added = [n for n in new.programs if n not in old]
-        removed = [n for n in old if n not in new.programs]
-        changed = [n for n in new.programs if n in old and new.programs[n] != old[n]]
+        added, changed, removed = reload_diff(self.fleet.configs, new.programs)
         self.config = new
-        for name in removed:
-            self.replacements.pop(name, None)  # an earlier reload's pending version
-        for name in changed:
-            self.replacements[name] = new.programs[name]
-        for name in removed + changed:
-            self._retire_program(name)
-        for name in added:
-            if name in self.programs:  # removed earlier, still stopping: add it after
-                self.replacements[name] = new.programs[name]
-            else:
-                self._add_program(new.programs[name])
-        self._autostart(new.programs[n] for n in added if n not in self.replacements)
+        self.queue.append(Reload(tuple(new.programs.values())))
         self._release_memory()
         self.log.info("config_reloaded", added=added, changed=changed, removed=removed)
         self.notifier.ready(self.status_line())
         return added, changed, removed
 
-    # -- shutdown ---------------------------------------------------------------------
-
     def shutdown(self) -> None:
         """Stop everything, highest priority number first; a second call kills."""
-        if self.shutting_down:
+        if self.fleet.shutting_down:
             self.log.warning("shutdown_forced")
-            for name in list(self.slots):
-                self.send(name, Stop())  # BACKOFF and STARTING processes too
-                self.send(name, ForceKill())
-            return
-        self.shutting_down = True
-        self.notifier.stopping(self.status_line())
-        self.log.info("shutdown_started")
-        self._shutdown_step()
+        else:
+            self.notifier.stopping(self.status_line())
+            self.log.info("shutdown_started")
+        self.queue.append(Shutdown())
 
-    def _shutdown_step(self) -> None:
-        """Stop the next priority group once the previous one is down; exit when all are.
+    def signal(self, name: str, signum: int) -> bool:
+        return self._signal(name, signum, group=False)
 
-        Called after every transition during shutdown, so it does O(1) work until the
-        current group is down. Stopping a process in BACKOFF settles at once and calls
-        back here: a re-entrant call only asks the outer one to look again.
-        """
-        if self._stepping:
-            self._step_again = True
-            return
-        self._stepping = True
-        try:
-            self._step_again = True
-            while self._step_again:
-                self._step_again = False
-                self._stop_next_group()
-        finally:
-            self._stepping = False
+    def tail(self, name: str, stream: str, nbytes: int | None, nlines: int | None) -> bytes:
+        sink = self.slots[name].sink(stream)
+        return sink.read_back(nbytes=nbytes, nlines=nlines, limit=MAX_TAIL_BYTES)
 
-    def _stop_next_group(self) -> None:
-        group = self._stopping_group
-        while group:  # the group's processes still alive, checked oldest first
-            slot = next(iter(group))
-            if self.slots.get(slot.name) is slot and not slot.is_down():
-                return
-            del group[slot]
-        live = [s for s in self.slots.values() if not s.is_down()]
-        if not live:
-            self.running = False
-            return
-        top = max(s.config.priority for s in live)
-        group.update(dict.fromkeys(s for s in live if s.config.priority == top))
-        for slot in list(group):
-            self.send(slot.name, Stop())
+    def follow(self, name: str, stream: str, listener: Listener) -> Callable[[], None]:
+        return self.followers.add(name, stream, listener)
 
 
 def reset_inherited_signals() -> None:

@@ -33,6 +33,8 @@ from typing import Any
 
 import structlog
 
+from .facts import SYSTEMD_ENVIRONMENT
+
 __all__ = [
     "SYSTEMD_ENVIRONMENT",
     "Notifier",
@@ -40,15 +42,6 @@ __all__ = [
     "take_systemd_environment",
 ]
 
-# Variables systemd sets for the service's main process only.
-SYSTEMD_ENVIRONMENT = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-)
 
 # systemd ignores a notification longer than PIPE_BUF (4096) bytes altogether:
 # 1000 characters of UTF-8 (at most 4000 bytes) plus "READY=1\nSTATUS=" always fit.

@@ -1,40 +1,33 @@
 """The process state machine: pure, no I/O.
 
-One `Process` per supervised process (``web`` or ``web:0``). The daemon feeds it events
+One `Process` per supervised process (``web`` or ``web:0``). The fleet feeds it events
 (`Start`, `Stop`, `Spawned`, `Exited`, `TimerFired`, ...) with the current monotonic time,
-and it answers with a list of effects (`Spawn`, `Kill`, `ArmTimer`, ...) that the daemon
-carries out. Nothing here touches the OS, the selector or the logger, so every transition
-is tested as plain data (tests/test_process.py).
+and it answers with a list of effects (`Spawn`, `Kill`, `ArmTimer`, ...) that the fleet
+and the daemon carry out. Nothing here touches the OS, the selector or the logger, so
+every transition is tested as plain data (tests/test_process.py).
 
 Desired state (`want`) is kept apart from actual state (`state`), as s6 and runit do: a
 `Stop` while STOPPING is a no-op, a `Start` while STOPPING means "come back up once the old
 one is gone", and autorestart is simply "want is UP and the policy says restart".
 
-This module imports nothing from supd but the config model.
+Rules said once, here: `stopwaitsecs = 0` means no grace period: a stop is SIGKILL at
+once (the stop signal is not sent). A restart delay of 0 is still a timer: every retry
+goes back through the daemon's loop, so a crash loop cannot starve anything else.
+
+This module imports nothing from supd but the config model, the state names (facts)
+and the signal names; it reads no clock (`now` comes with every event).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import signal
-import time  # for display only (describe); the state machine never reads a clock
 from dataclasses import dataclass, field
 
 from .config import ProgramConfig
+from .facts import State as State  # re-exported: the state machine's states
 from .signals import name as signal_name
-
-
-class State(enum.Enum):
-    """supervisord's state names and meanings."""
-
-    STOPPED = "STOPPED"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    BACKOFF = "BACKOFF"
-    STOPPING = "STOPPING"
-    EXITED = "EXITED"
-    FATAL = "FATAL"
-
 
 # A process is "down" in these: none runs, and none will without a command.
 DOWN_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
@@ -139,14 +132,19 @@ Effect = Spawn | Kill | ArmTimer | CancelTimer | Transitioned | Ignored
 
 
 def backoff_delay(failures: int, config: ProgramConfig) -> float:
-    """Delay before the restart that follows the n-th consecutive failure (n >= 1)."""
+    """Delay before the restart that follows the n-th consecutive failure (n >= 1):
+    min(backoff_max, backoff_initial * backoff_factor ** (n - 1)), computed without
+    ever forming a power that could overflow (a program crash-looping for days)."""
     if failures < 1:
         return 0.0
-    try:
-        delay = config.backoff_initial * config.backoff_factor ** (failures - 1)
-    except OverflowError:  # a program crash-looping for days: the ceiling holds
-        return float(config.backoff_max)
-    return float(min(config.backoff_max, delay))
+    initial, factor, ceiling = config.backoff_initial, config.backoff_factor, config.backoff_max
+    if initial <= 0 or initial >= ceiling or factor <= 1:
+        return float(min(initial, ceiling))
+    steps = failures - 1
+    # initial * factor**steps >= ceiling  <=>  steps >= log(ceiling / initial, factor)
+    if steps >= math.log(ceiling / initial) / math.log(factor):
+        return float(ceiling)
+    return float(min(ceiling, initial * factor**steps))
 
 
 def gives_up(start_failures: int, config: ProgramConfig) -> bool:
@@ -201,6 +199,11 @@ class Process:
                 return []
             case State.STARTING, Spawned(pid=pid):
                 return self._spawned(pid, now)
+            case State.STOPPING, Spawned(pid=pid):
+                # Stopped before the spawn was reported: the kill already went out.
+                self.pid = self.last_pid = pid
+                self.started_at = now
+                return []
             case ((State.STARTING | State.RUNNING), SpawnFailed(error=error)):
                 # RUNNING too: with startsecs = 0 a failed exec is reported after the fact
                 self.pid = None
@@ -245,7 +248,7 @@ class Process:
             case State.STOPPING, SpawnFailed(error=error):
                 # A failed exec reported while stopping: the process is gone all the same.
                 self.spawn_error = error
-                return self._stopped(Exited(None, None), now)
+                return self._stopped(Exited(None, None), now, f"spawn failed: {error}")
             case _:
                 return [Ignored(self.state, event)]
 
@@ -287,6 +290,9 @@ class Process:
         self.exit_code = event.exit_code
         self.exit_signal = event.exit_signal
 
+    def is_down(self) -> bool:
+        return self.state in DOWN_STATES
+
     def uptime(self, now: float) -> float:
         return now - self.started_at if self.started_at is not None else 0.0
 
@@ -300,9 +306,6 @@ class Process:
 
     def _backoff(self, now: float, reason: str) -> list[Effect]:
         delay = backoff_delay(self.failures, self.config)
-        if delay <= 0:  # a timerfd armed with 0 is disarmed: restart right away instead
-            self.restarts += 1
-            return [self._enter(State.BACKOFF, reason), *self._spawn(now, "restarting")]
         self.backoff_until = now + delay
         return [self._enter(State.BACKOFF, reason), ArmTimer(Timer.BACKOFF, delay)]
 
@@ -327,6 +330,8 @@ class Process:
         if self.state is State.STARTING:
             effects.append(CancelTimer(Timer.STARTSECS))
         effects.append(self._enter(State.STOPPING, "stop requested"))
+        if self.config.stopwaitsecs <= 0:  # no grace period: SIGKILL at once
+            return [*effects, *self._kill()]
         effects.append(Kill(self.config.stopsignal, group=self.config.killasgroup))
         effects.append(ArmTimer(Timer.STOP_TIMEOUT, self.config.stopwaitsecs))
         return effects
@@ -337,11 +342,11 @@ class Process:
         self.killed = True
         return [Kill(signal.SIGKILL, group=self.config.killasgroup)]
 
-    def _stopped(self, event: Exited, now: float) -> list[Effect]:
+    def _stopped(self, event: Exited, now: float, reason: str | None = None) -> list[Effect]:
         self._record_exit(event, now)
         effects: list[Effect] = [
             CancelTimer(Timer.STOP_TIMEOUT),
-            self._enter(State.STOPPED, describe_exit(event)),
+            self._enter(State.STOPPED, reason or describe_exit(event)),
         ]
         if self.want is Want.UP:  # a restart, or a start that arrived while stopping
             effects += self._start(now, "restart requested", reset=True)
@@ -352,39 +357,3 @@ def describe_exit(event: Exited) -> str:
     if event.exit_signal is not None:
         return f"killed by {signal_name(event.exit_signal)}"
     return f"exited with status {event.exit_code}"
-
-
-def format_uptime(seconds: float) -> str:
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    clock = f"{hours}:{minutes:02d}:{secs:02d}"
-    return f"{days} day{'s' if days != 1 else ''}, {clock}" if days else clock
-
-
-def describe(process: Process, now: float, wall_now: float) -> str:
-    """The one-line summary `status` shows, supervisorctl style.
-
-    `now` is monotonic; `wall_now` is only used to print the wall-clock time of an exit.
-    """
-    state = process.state
-    if state in (State.RUNNING, State.STARTING, State.STOPPING) and process.pid is not None:
-        return f"pid {process.pid}, uptime {format_uptime(process.uptime(now))}"
-    if state is State.BACKOFF and process.backoff_until is not None:
-        wait = max(0.0, process.backoff_until - now)
-        return f"restarting in {wait:.1f} s"
-    if state is State.FATAL and process.spawn_error:
-        return process.spawn_error
-    if process.stopped_at is None:
-        return "not started"
-    at = time.strftime("%H:%M:%S", time.localtime(wall_now - (now - process.stopped_at)))
-    if process.spawn_error:
-        return f"{process.spawn_error} at {at}"
-    if process.exit_signal is not None:
-        what = f"killed by {signal_name(process.exit_signal)}"
-    else:
-        what = f"exited {process.exit_code}"
-    if state is State.FATAL:
-        return f"{what} at {at}, exited too quickly"
-    return f"{what} at {at}"

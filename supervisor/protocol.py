@@ -1,11 +1,11 @@
 """The control protocol: JSON-RPC 2.0, one JSON object per line.
 
 This module is the wire format only: pydantic models for every method's params and
-result, the error and exit code tables, and the helpers that turn bytes into a
+result, and the helpers that turn bytes into a
 `Request` and answers into bytes. It does no I/O, and it must not import `selector`,
 `linux`, `daemon` or ctypes: the daemon's control server (`control.py`) and the tests
-use it, and it stays cheap enough to import anywhere. (`ctl.py` avoids even pydantic
-and mirrors the few constants it needs; `tests/test_ctl.py` keeps the mirrors honest.)
+use it, and it stays cheap enough to import anywhere. (`ctl.py` avoids even pydantic; the
+error codes and state names it shares with this module live in `facts.py`.)
 
 Framing: every message is one UTF-8 JSON object followed by b"\\n". JSON never needs a
 raw newline inside a value, so a line is a message. docs/protocol.md is the reference
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Final, Literal
 
 import pydantic_core
@@ -44,6 +43,8 @@ from pydantic import (
 )
 
 from . import signals
+from .facts import ErrorCode as ErrorCode  # re-exported: the codes on the wire
+from .facts import State
 
 JSONRPC_VERSION: Final = "2.0"
 
@@ -56,52 +57,8 @@ DEFAULT_TAIL_BYTES: Final = 1600
 RequestId = int | str
 
 
-class ErrorCode(IntEnum):
-    """`error.code` values. Negative ones are JSON-RPC's own; positive ones are supd's."""
-
-    PARSE_ERROR = -32700  # not JSON / not UTF-8
-    INVALID_REQUEST = -32600  # JSON, but not a JSON-RPC 2.0 request object
-    METHOD_NOT_FOUND = -32601
-    INVALID_PARAMS = -32602  # error.data: list of "field: problem" strings
-    INTERNAL_ERROR = -32603  # a bug in supd; the daemon keeps running
-    NO_SUCH_PROCESS = 1  # a name matched no process or program
-    BAD_STATE = 2  # the process can't do that now (e.g. signal a stopped process)
-    PERMISSION_DENIED = 3  # the peer's uid/gid may not use the socket
-    CONFIG_INVALID = 4  # reload refused; error.data: list of config problems
-    SHUTTING_DOWN = 5  # the daemon is stopping and accepts no new work
-    TOO_MANY_CONNECTIONS = 6  # the server is at max_connections
-    REQUEST_TOO_LARGE = 7  # a line over the server's max_line; connection closed
-
-
-class ExitStatus(IntEnum):
-    """supctl's exit status. Scripts depend on these: never renumber."""
-
-    OK = 0
-    FAILED = 1  # an operation failed (start ended FATAL, unknown name, ...)
-    USAGE = 2  # bad command line or config file
-    NOT_RUNNING = 3  # `status` found a named process (or any process) not RUNNING
-    UNREACHABLE = 4  # no daemon answered on the socket (or it stopped answering)
-    TIMED_OUT = 5  # --timeout expired while supd was still working on the request
-
-
-EXIT_OK: Final = ExitStatus.OK
-EXIT_FAILED: Final = ExitStatus.FAILED
-EXIT_USAGE: Final = ExitStatus.USAGE
-EXIT_NOT_RUNNING: Final = ExitStatus.NOT_RUNNING
-EXIT_UNREACHABLE: Final = ExitStatus.UNREACHABLE
-EXIT_TIMED_OUT: Final = ExitStatus.TIMED_OUT
-
-
-class ProcessState(StrEnum):
-    """Process states on the wire (Supervisor's names, which operators know)."""
-
-    STOPPED = "STOPPED"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    BACKOFF = "BACKOFF"
-    STOPPING = "STOPPING"
-    EXITED = "EXITED"
-    FATAL = "FATAL"
+# The codes and state names are shared with supctl (facts.py); re-exported here.
+ProcessState = State
 
 
 Stream = Literal["stdout", "stderr"]
@@ -125,9 +82,6 @@ def _non_empty_names(names: list[str]) -> list[str]:
 
 
 Names = Annotated[list[StrictStr], AfterValidator(_non_empty_names)]
-
-
-parse_signal = signals.parse  # "TERM", "SIGTERM", "term", "15" or 15 -> 15
 
 
 def _canonical_signal(value: str | int) -> str:
@@ -246,6 +200,9 @@ class ActionResult(_Result):
     ok: bool
     state: ProcessState | None = None  # None when the name matched nothing
     error: str | None = None
+    # Why not ok: BAD_STATE (it did not reach its target: FATAL, a spawn error, it
+    # exited) or SUPERSEDED (a later conflicting command, a reload or shutdown took over).
+    code: int | None = None
 
 
 class ReloadResult(_Result):

@@ -60,32 +60,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import clonespawn, linux
+from .facts import CHILD_PRIVATE_ENVIRONMENT
 
 # Standard signals a child gets back at their default disposition.
 _RESETTABLE_SIGNALS = tuple(s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP))
 
-# Variables systemd sets for supd itself. A child that inherited the notify, watchdog
-# and socket-activation ones could talk to systemd in supd's name; the rest describe
-# supd's service (its invocation, journal stream, MAINPID for ExecReload, its
-# RuntimeDirectory= and friends, its credentials), not the program's: a program that is
-# itself a supd would otherwise find its parent's socket through $RUNTIME_DIRECTORY.
-PRIVATE_ENVIRONMENT = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "INVOCATION_ID",
-    "JOURNAL_STREAM",
-    "RUNTIME_DIRECTORY",
-    "STATE_DIRECTORY",
-    "LOGS_DIRECTORY",
-    "CACHE_DIRECTORY",
-    "CONFIGURATION_DIRECTORY",
-    "CREDENTIALS_DIRECTORY",
-    "MAINPID",
-)
+# Variables that belong to supd, never to a child (see facts).
+PRIVATE_ENVIRONMENT = CHILD_PRIVATE_ENVIRONMENT
 
 _EXIT_EXEC_FAILED = 127
 _ORIGINAL_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -543,6 +524,30 @@ def reap(pid: int) -> tuple[int | None, int | None]:
     if os.WIFSIGNALED(status):
         return None, os.WTERMSIG(status)
     return os.waitstatus_to_exitcode(status), None
+
+
+def stopped_by(pid: int) -> int | None:
+    """The signal that stopped child `pid` (SIGSTOP, SIGTSTP...) while it stays stopped.
+
+    waitid(WSTOPPED | WNOWAIT) reports a stopped child without consuming the report,
+    and reports nothing once it is continued (or has exited: WEXITED is not asked).
+    """
+    try:
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None or info.si_code != os.CLD_STOPPED:
+        return None
+    return info.si_status
+
+
+def any_stopped() -> bool:
+    """Whether any child is stopped now: one syscall, so `stopped_by` is asked only then."""
+    try:
+        info = os.waitid(os.P_ALL, 0, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return info is not None and info.si_code == os.CLD_STOPPED
 
 
 def raise_fd_limit() -> None:

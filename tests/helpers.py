@@ -129,8 +129,16 @@ def rpc(
 class Supd:
     """A real supd daemon on a config in tmp_path, killed (with its children) at teardown."""
 
-    def __init__(self, tmp_path: Path, config: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: str,
+        env: dict[str, str] | None = None,
+        launcher: list[str] | None = None,
+    ) -> None:
         self.dir = tmp_path
+        # What runs supd; a test may wrap it (prlimit) or run its own module instead.
+        self.launcher = launcher or [PY, "-m", "supd"]
         self.config_path = tmp_path / "supd.toml"
         self.log_path = tmp_path / "supd.log"
         self.socket = tmp_path / "supd.sock"
@@ -147,7 +155,7 @@ class Supd:
         env.setdefault("PYTHONPATH", source_pythonpath())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [PY, "-m", "supd", "-c", str(self.config_path), *extra],
+                [*self.launcher, "-c", str(self.config_path), *extra],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -110,7 +110,7 @@ def test_zero_backoff_restarts_within_milliseconds(supd: Factory, tmp_path: Path
     """)
     wait_until(lambda: len(d.events("spawned")) >= 6, describe=d.describe)
     assert d.status()["blip"]["restarts"] >= 5
-    assert not d.events("backoff")  # no timer between an exit and the next spawn
+    assert not d.events("backoff")  # no delay to announce between an exit and a spawn
     exits = [datetime.fromisoformat(e["timestamp"]) for e in d.events("exited")]
     spawns = [datetime.fromisoformat(e["timestamp"]) for e in d.events("spawned")]
     gaps = [(spawn - exit).total_seconds() for exit, spawn in zip(exits, spawns[1:], strict=False)]
@@ -264,6 +264,30 @@ def test_stop_escalates_to_sigkill_after_stopwaitsecs(supd: Factory, tmp_path: P
     entry = d.status()["stubborn"]
     assert entry["exit_signal"] == "SIGKILL"
     assert not pid_alive(pid)
+
+
+def test_stopwaitsecs_zero_kills_at_once_without_the_stop_signal(
+    supd: Factory, tmp_path: Path
+) -> None:
+    got_term, ready = tmp_path / "got_term", tmp_path / "ready"
+    program = cmd(f"""
+        import signal, time
+        signal.signal(signal.SIGTERM, lambda *_: open({str(got_term)!r}, "w").close())
+        open({str(ready)!r}, "w").close()
+        time.sleep(1000)
+    """)
+    d = supd(f"""
+        [programs.web]
+        command = {program}
+        startsecs = 0
+        stopwaitsecs = 0
+    """)
+    d.wait_state("web", "RUNNING")
+    wait_until(ready.exists)
+    [result] = d.rpc("stop", {"names": ["web"]})
+    assert result["ok"] and result["state"] == "STOPPED"
+    assert d.status()["web"]["exit_signal"] == "SIGKILL"
+    assert not got_term.exists()
 
 
 def test_killasgroup_reaches_a_grandchild(supd: Factory, tmp_path: Path) -> None:

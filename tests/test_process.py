@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
@@ -17,6 +17,7 @@ from supd.process import (
     Ignored,
     Kill,
     Process,
+    ProcessEvent,
     Spawn,
     Spawned,
     SpawnFailed,
@@ -28,9 +29,9 @@ from supd.process import (
     Transitioned,
     Want,
     backoff_delay,
-    describe,
     gives_up,
 )
+from supd.status import describe
 
 
 def program(**options: Any) -> ProgramConfig:
@@ -61,6 +62,7 @@ def running(config: ProgramConfig, now: float = 0.0) -> Process:
         (5, 0.5, 1.0, 60.0, 0.5),  # factor 1: a flat delay
         (0, 1.0, 2.0, 60.0, 0.0),
         (5000, 1.0, 2.0, 60.0, 60.0),  # float overflow must not escape
+        (5000, 0.0, 2.0, 60.0, 0.0),  # 0 stays 0, however many failures
     ],
 )
 def test_backoff_delay_ladder(
@@ -115,12 +117,31 @@ def test_spawn_failure_counts_as_failed_start() -> None:
     assert "No such file" in describe(p, 1.0, 1000.0)
 
 
-def test_zero_backoff_restarts_immediately_without_a_timer() -> None:
+def test_zero_backoff_is_a_zero_timer_not_a_synchronous_restart() -> None:
+    """Every retry goes back through the loop, so a crash loop never blocks it."""
     p = running(program(backoff_initial=0, autorestart="always"))
     effects = p.handle(Exited(0, None), 5.0)
-    assert states(effects) == [State.BACKOFF, State.STARTING]
-    assert Spawn() in effects and not any(isinstance(e, ArmTimer) for e in effects)
+    assert states(effects) == [State.BACKOFF]
+    assert ArmTimer(Timer.BACKOFF, 0.0) in effects and Spawn() not in effects
+    assert states(p.handle(TimerFired(Timer.BACKOFF), 5.0)) == [State.STARTING]
     assert p.restarts == 1
+
+
+def test_backoff_never_overflows_and_zero_stays_zero() -> None:
+    """backoff_initial = 0 with factor 2 once jumped to backoff_max after 1,024 failures."""
+    zero = program(backoff_initial=0, backoff_factor=2, backoff_max=60)
+    assert [backoff_delay(n, zero) for n in (1, 1024, 1025, 10**9)] == [0.0] * 4
+    steep = program(backoff_initial=0.001, backoff_factor=1000, backoff_max=3600)
+    assert [backoff_delay(n, steep) for n in (1, 2, 3, 4, 10**9)] == [0.001, 1, 1000, 3600, 3600]
+
+
+def test_stopwaitsecs_zero_means_sigkill_at_once() -> None:
+    p = running(program(stopwaitsecs=0, killasgroup=False))
+    effects = p.handle(Stop(), 1.0)
+    assert effects == [
+        Transitioned(State.RUNNING, State.STOPPING, "stop requested"),
+        Kill(signal.SIGKILL, group=False),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -240,3 +261,162 @@ def test_sigkill_escalation_follows_killasgroup(group: bool) -> None:
     p = running(program(killasgroup=group))
     p.handle(Stop(), 1.0)
     assert p.handle(TimerFired(Timer.STOP_TIMEOUT), 20.0) == [Kill(signal.SIGKILL, group=group)]
+
+
+# --------------------------------------------------------------------------- the table
+#
+# Every state against every event: the exact next state and effects, or Ignored. The
+# process is brought into each state by real events, with this one config.
+
+TABLE_CONFIG = {
+    "startsecs": 1,
+    "startretries": 1,
+    "backoff_initial": 1,
+    "backoff_factor": 2,
+    "stopwaitsecs": 5,
+    "autorestart": "on-failure",
+    "killasgroup": True,
+}
+TERM, KILL = Kill(signal.SIGTERM, group=True), Kill(signal.SIGKILL, group=True)
+
+
+def in_state(state: State) -> Process:
+    config = program(**TABLE_CONFIG)
+    p = Process("web", config)
+    if state is State.STOPPED:
+        return p
+    p.handle(Start(), 0.0)
+    p.handle(Spawned(100), 0.0)
+    if state is State.STARTING:
+        return p
+    if state is State.FATAL:
+        p.handle(Exited(1, None), 0.1)
+        p.handle(TimerFired(Timer.BACKOFF), 1.1)
+        p.handle(Spawned(101), 1.1)
+        p.handle(Exited(1, None), 1.2)
+        return p
+    p.handle(TimerFired(Timer.STARTSECS), 1.0)
+    if state is State.BACKOFF:
+        p.handle(Exited(1, None), 10.0)
+    elif state is State.STOPPING:
+        p.handle(Stop(), 10.0)
+    elif state is State.EXITED:
+        p.handle(Exited(0, None), 10.0)
+    return p
+
+
+EVENTS: dict[str, ProcessEvent] = {
+    "start": Start(),
+    "stop": Stop(),
+    "force_kill": ForceKill(),
+    "spawned": Spawned(200),
+    "spawn_failed": SpawnFailed("boom"),
+    "exited": Exited(1, None),
+    "startsecs": TimerFired(Timer.STARTSECS),
+    "backoff": TimerFired(Timer.BACKOFF),
+    "stop_timeout": TimerFired(Timer.STOP_TIMEOUT),
+}
+
+IGNORED = "ignored"
+
+
+def t(old: State, new: State, reason: str) -> Transitioned:
+    return Transitioned(old, new, reason)
+
+
+S = State
+DOWN_START = {
+    old: (S.STARTING, [t(old, S.STARTING, "start requested"), Spawn()])
+    for old in (S.STOPPED, S.EXITED, S.FATAL)
+}
+STOP_FROM = {
+    old: [t(old, S.STOPPING, "stop requested"), TERM, ArmTimer(Timer.STOP_TIMEOUT, 5.0)]
+    for old in (S.STARTING, S.RUNNING)
+}
+STOP_FROM[S.STARTING].insert(0, CancelTimer(Timer.STARTSECS))
+
+TABLE: dict[tuple[State, str], tuple[State, list[Effect]] | str] = {
+    **{(down, "start"): DOWN_START[down] for down in DOWN_START},
+    **{(down, "stop"): (down, []) for down in DOWN_START},
+    (S.STARTING, "start"): (S.STARTING, []),
+    (S.STARTING, "stop"): (S.STOPPING, STOP_FROM[S.STARTING]),
+    (S.STARTING, "force_kill"): (S.STOPPING, [*STOP_FROM[S.STARTING], KILL]),
+    (S.STARTING, "spawned"): (S.STARTING, [ArmTimer(Timer.STARTSECS, 1.0)]),
+    (S.STARTING, "spawn_failed"): (
+        S.BACKOFF,
+        [
+            CancelTimer(Timer.STARTSECS),
+            t(S.STARTING, S.BACKOFF, "spawn failed: boom"),
+            ArmTimer(Timer.BACKOFF, 1.0),
+        ],
+    ),
+    (S.STARTING, "exited"): (
+        S.BACKOFF,
+        [
+            CancelTimer(Timer.STARTSECS),
+            t(S.STARTING, S.BACKOFF, "exited too quickly"),
+            ArmTimer(Timer.BACKOFF, 1.0),
+        ],
+    ),
+    (S.STARTING, "startsecs"): (S.RUNNING, [t(S.STARTING, S.RUNNING, "stayed up 1s")]),
+    (S.RUNNING, "start"): (S.RUNNING, []),
+    (S.RUNNING, "stop"): (S.STOPPING, STOP_FROM[S.RUNNING]),
+    (S.RUNNING, "force_kill"): (S.STOPPING, [*STOP_FROM[S.RUNNING], KILL]),
+    (S.RUNNING, "spawn_failed"): (
+        S.BACKOFF,
+        [
+            CancelTimer(Timer.STARTSECS),
+            t(S.RUNNING, S.BACKOFF, "spawn failed: boom"),
+            ArmTimer(Timer.BACKOFF, 1.0),
+        ],
+    ),
+    (S.RUNNING, "exited"): (
+        S.BACKOFF,
+        [t(S.RUNNING, S.BACKOFF, "exited with status 1"), ArmTimer(Timer.BACKOFF, 1.0)],
+    ),
+    (S.BACKOFF, "start"): (
+        S.STARTING,
+        [CancelTimer(Timer.BACKOFF), t(S.BACKOFF, S.STARTING, "start requested"), Spawn()],
+    ),
+    (S.BACKOFF, "stop"): (
+        S.STOPPED,
+        [CancelTimer(Timer.BACKOFF), t(S.BACKOFF, S.STOPPED, "stop requested")],
+    ),
+    (S.BACKOFF, "backoff"): (S.STARTING, [t(S.BACKOFF, S.STARTING, "backoff elapsed"), Spawn()]),
+    (S.STOPPING, "start"): (S.STOPPING, []),
+    (S.STOPPING, "stop"): (S.STOPPING, []),
+    (S.STOPPING, "force_kill"): (S.STOPPING, [KILL]),
+    (S.STOPPING, "spawned"): (S.STOPPING, []),
+    (S.STOPPING, "spawn_failed"): (
+        S.STOPPED,
+        [CancelTimer(Timer.STOP_TIMEOUT), t(S.STOPPING, S.STOPPED, "spawn failed: boom")],
+    ),
+    (S.STOPPING, "exited"): (
+        S.STOPPED,
+        [CancelTimer(Timer.STOP_TIMEOUT), t(S.STOPPING, S.STOPPED, "exited with status 1")],
+    ),
+    (S.STOPPING, "stop_timeout"): (S.STOPPING, [KILL]),
+}
+
+
+def test_the_table_covers_every_state_and_every_event_type() -> None:
+    assert {type(e) for e in EVENTS.values()} == set(get_args(ProcessEvent))
+    assert {e.timer for e in EVENTS.values() if isinstance(e, TimerFired)} == set(Timer)
+    for state in State:
+        assert in_state(state).state is state
+    assert {state for state, _ in TABLE} <= set(State)
+    assert {event for _, event in TABLE} <= set(EVENTS)
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+@pytest.mark.parametrize("event", list(EVENTS))
+def test_transition_table(state: State, event: str) -> None:
+    p = in_state(state)
+    effects = p.handle(EVENTS[event], 20.0)
+    expected = TABLE.get((state, event), IGNORED)
+    if expected == IGNORED:
+        assert effects == [Ignored(state, EVENTS[event])]
+        assert p.state is state
+    else:
+        assert not isinstance(expected, str)
+        assert (p.state, effects) == expected

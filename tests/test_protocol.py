@@ -12,12 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supd import protocol
+from supd import facts, protocol
 from supd.protocol import (
     ActionResult,
     ErrorCode,
     ErrorResponse,
-    ExitStatus,
     OutputParams,
     PidParams,
     ProcessInfo,
@@ -121,7 +120,6 @@ def test_line_without_newline_and_with_crlf_parse_alike() -> None:
      ("9", signal.SIGKILL), (15, signal.SIGTERM), ("usr1", signal.SIGUSR1)],
 )  # fmt: skip
 def test_signal_names_and_numbers(value: str | int, expected: signal.Signals) -> None:
-    assert protocol.parse_signal(value) == expected
     request = parsed(id=1, method="signal", params={"signal": value, "names": ["a"]})
     assert isinstance(request.params, SignalParams)
     assert request.params.signum == expected
@@ -315,15 +313,18 @@ def test_results_are_lax_for_the_daemon() -> None:
 # --------------------------------------------------------------------------- constants
 
 
-def test_exit_statuses_are_fixed() -> None:
-    assert [int(status) for status in ExitStatus] == [0, 1, 2, 3, 4, 5]
+def test_exit_statuses_and_error_codes_are_fixed() -> None:
+    """Scripts depend on these numbers (facts.py holds them for supd and supctl)."""
     assert (
-        protocol.EXIT_OK,
-        protocol.EXIT_FAILED,
-        protocol.EXIT_USAGE,
-        protocol.EXIT_NOT_RUNNING,
-        protocol.EXIT_UNREACHABLE,
-    ) == (0, 1, 2, 3, 4)
+        facts.EXIT_OK,
+        facts.EXIT_FAILED,
+        facts.EXIT_USAGE,
+        facts.EXIT_NOT_RUNNING,
+        facts.EXIT_UNREACHABLE,
+        facts.EXIT_TIMED_OUT,
+    ) == (0, 1, 2, 3, 4, 5)
+    assert [int(code) for code in ErrorCode if code > 0] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert ErrorCode.SUPERSEDED == 8
 
 
 def test_error_codes_are_fixed() -> None:
@@ -340,6 +341,7 @@ def test_error_codes_are_fixed() -> None:
         "SHUTTING_DOWN": 5,
         "TOO_MANY_CONNECTIONS": 6,
         "REQUEST_TOO_LARGE": 7,
+        "SUPERSEDED": 8,
     }
 
 

@@ -1,0 +1,661 @@
+"""The fleet: every supervised process as one pure state machine. No I/O, no clock.
+
+One level above `process.py`. The fleet owns the `Process` of every program, the
+reload plan (what to add, stop, replace, keep), the shutdown plan (priority groups, in
+order), the pending requests of clients, and every process timer (a deadline heap).
+Its whole interface is `handle(event, now) -> effects`: the daemon turns what happened
+(a child exited, the clock reached `next_deadline()`, a client asked for something)
+into one `FleetEvent`, and carries out the effects, each tagged with the process it
+concerns. Nothing here spawns, signals, logs or reads a clock, so every scenario is
+tested as data with a fake clock (tests/test_fleet.py).
+
+Requests are answered by the transitions they cause. Each start, stop or restart ends
+in exactly one `Outcome` per process:
+
+- it reached its target (RUNNING for start and restart; down for stop);
+- or it failed: FATAL, a spawn error, or it exited and will not come back (BAD_STATE);
+- or a later conflicting command took it over (SUPERSEDED): a stop after a start, a
+  start or restart after a stop, a reload that replaces or removes the program, or
+  shutdown, which answers every request that wants a process up.
+
+A request never waits on a state it can no longer reach: what it waits for is a
+transition, seen as it happens, not a state looked at later.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import assert_never
+
+from . import process as proc
+from .config import ProgramConfig
+from .facts import ErrorCode, State
+from .names import select as select_names
+from .process import DOWN_STATES, Process, Timer, Want
+
+# -- events: what happened ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Boot:
+    """The daemon is up: create every program of the config and autostart them."""
+
+    programs: tuple[ProgramConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChildEvent:
+    """Something happened to a process's child: spawned, failed to spawn, exited."""
+
+    name: str
+    event: proc.Spawned | proc.SpawnFailed | proc.Exited
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """The clock reached `next_deadline()`: fire the timers that are due."""
+
+
+class Action(enum.Enum):
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """A client's start, stop or restart of `names` (process names, resolved)."""
+
+    request: int
+    action: Action
+    names: tuple[str, ...]
+    wait: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """The config's new programs (already loaded and valid)."""
+
+    programs: tuple[ProgramConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Stop everything by priority, then exit; a second one SIGKILLs what is left."""
+
+
+FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown
+
+
+# -- effects: what the daemon must do ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSlot:
+    """A new process: open its log sinks."""
+
+    name: str
+    program: ProgramConfig
+
+
+@dataclass(frozen=True, slots=True)
+class DropSlot:
+    """A process removed by a reload is down: close its logs and forget it."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    name: str
+    program: ProgramConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    name: str
+    signum: int
+    group: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Transitioned:
+    name: str
+    old: State
+    new: State
+    reason: str
+    pid: int | None  # the process's latest pid (kept after it ends, for the logs)
+    failures: int
+    delay_s: float | None  # BACKOFF: seconds until the restart
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    name: str
+    state: State
+    event: proc.ProcessEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One process's answer to a start, stop or restart."""
+
+    name: str
+    ok: bool
+    state: State | None
+    error: str | None = None
+    code: ErrorCode | None = None  # BAD_STATE or SUPERSEDED when not ok
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    request: int
+    outcomes: tuple[Outcome, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Every autostart process has settled (none is STARTING) for the first time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """Shutdown is complete: every process is down."""
+
+
+FleetEffect = CreateSlot | DropSlot | Spawn | Kill | Transitioned | Ignored | Answer | Ready | Exit
+
+
+class UnknownNames(Exception):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"no such process: {', '.join(names)}")
+        self.names = names
+
+
+ALL = "all"
+
+
+def reload_diff(
+    old: Mapping[str, ProgramConfig], new: Mapping[str, ProgramConfig]
+) -> tuple[list[str], list[str], list[str]]:
+    """(added, changed, removed) program names, from the old config to the new."""
+    added = [n for n in new if n not in old]
+    changed = [n for n in new if n in old and new[n] != old[n]]
+    removed = [n for n in old if n not in new]
+    return added, changed, removed
+
+
+# -- pending requests -------------------------------------------------------------------
+
+
+class _Phase(enum.Enum):
+    STOP_FIRST = "stop first"  # restart: waiting to be down before the start
+    WAIT = "wait"  # waiting for the target
+
+
+@dataclass(slots=True)
+class _Part:
+    """One process's share of a request."""
+
+    up: bool  # the target: RUNNING (True) or down (False)
+    phase: _Phase = _Phase.WAIT
+    down: bool = False  # restart: it has been down since the request
+
+
+@dataclass(slots=True)
+class _Request:
+    id: int
+    action: Action
+    names: tuple[str, ...]
+    parts: dict[str, _Part] = field(default_factory=dict)  # not answered yet
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    replied: bool = False  # wait=false: answered at once, the plan still runs
+    planning: bool = False  # restart: its stops and starts are not all sent yet
+    stop_groups: list[list[str]] = field(default_factory=list)  # restart, next first
+    stopping: deque[str] = field(default_factory=deque)  # restart: the group going down
+
+
+# -- the fleet ----------------------------------------------------------------------------
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self.processes: dict[str, Process] = {}
+        self.programs: dict[str, list[str]] = {}  # program -> its live process names
+        self.configs: dict[str, ProgramConfig] = {}  # the config's programs, as desired
+        self.retiring: set[str] = set()  # stopping for a reload; dropped once down
+        self.replacements: dict[str, ProgramConfig] = {}  # waiting for the old to go
+        self.state_counts: dict[State, int] = dict.fromkeys(State, 0)
+        self.shutting_down = False
+        self.exited = False
+        self.booted = False
+        self.ready = False
+        self._requests: dict[int, _Request] = {}
+        self._claims: dict[str, list[_Request]] = {}  # process -> requests waiting on it
+        self._shutdown_group: deque[str] = deque()  # the priority group going down
+        # Timers: a heap of (deadline, serial, process, timer); the live serial of each
+        # (process, timer) is in _timers, and entries it no longer names are stale.
+        self._heap: list[tuple[float, int, str, Timer]] = []
+        self._timers: dict[tuple[str, Timer], int] = {}
+        self._serials = itertools.count()
+        self._out: list[FleetEffect] = []
+        self._now = 0.0  # the `now` of the event being handled
+
+    # -- the interface -----------------------------------------------------------------
+
+    def handle(self, event: FleetEvent, now: float) -> list[FleetEffect]:
+        """Feed one event; returns what the daemon must do, in order."""
+        out: list[FleetEffect] = []
+        self._out = out
+        self._now = now
+        match event:
+            case Boot(programs=programs):
+                self.booted = True
+                for program in programs:
+                    self.configs[program.name] = program
+                    self._add(program)
+                self._autostart(programs, now)
+            case ChildEvent(name=name, event=child_event):
+                if name in self.processes:
+                    self._send(name, child_event, now)
+            case Tick():
+                self._fire_due_timers(now)
+            case Submit():
+                self._submit(event, now)
+            case Reload(programs=programs):
+                self._reload(programs, now)
+            case Shutdown():
+                self._shutdown(now)
+            case _:
+                assert_never(event)
+        self._follow_up(now)
+        self._out = []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When the daemon must send the next `Tick` (monotonic seconds), or None."""
+        heap, timers = self._heap, self._timers
+        while heap and timers.get((heap[0][2], heap[0][3])) != heap[0][1]:
+            heapq.heappop(heap)  # cancelled or re-armed since
+        return heap[0][0] if heap else None
+
+    def resolve(self, names: Iterable[str] | None) -> list[str]:
+        """Process names for `names`: processes, programs, groups, `NAME:*`, `NAME:`,
+        shell-style patterns or "all" (names.py says how each is read)."""
+        names = list(names or ())
+        if not names:
+            return list(self.processes)
+        found, unknown = select_names(names, self._named_sets())
+        if unknown:
+            raise UnknownNames(unknown)
+        return found
+
+    def _named_sets(self) -> dict[str, list[str]]:
+        """Every name that stands for several processes: programs, then groups."""
+        named = dict(self.programs)
+        for program, processes in self.programs.items():
+            config = self.configs.get(program)
+            group = config.group_name if config is not None else program
+            if group != program and group not in self.programs:
+                named.setdefault(group, []).extend(processes)
+        return named
+
+    def status_counts(self) -> dict[str, int]:
+        return {state.value: n for state, n in self.state_counts.items()}
+
+    # -- processes ---------------------------------------------------------------------
+
+    def _add(self, program: ProgramConfig) -> None:
+        names = program.process_names()
+        self.programs[program.name] = names
+        for name in names:
+            self.processes[name] = Process(name, program)
+            self.state_counts[State.STOPPED] += 1
+            self._out.append(CreateSlot(name, program))
+
+    def _autostart(self, programs: Iterable[ProgramConfig], now: float) -> None:
+        if self.shutting_down:
+            return
+        for program in sorted(programs, key=lambda p: p.start_order):
+            if program.autostart:
+                for name in self.programs.get(program.name, []):
+                    self._send(name, proc.Start(), now)
+
+    def _send(self, name: str, event: proc.ProcessEvent, now: float) -> None:
+        """Feed one process; turn its effects into fleet effects and settle requests."""
+        process = self.processes[name]
+        changes: list[State] = []
+        for effect in process.handle(event, now):
+            match effect:
+                case proc.Spawn():
+                    self._out.append(Spawn(name, process.config))
+                case proc.Kill(signum=signum, group=group):
+                    self._out.append(Kill(name, signum, group))
+                case proc.ArmTimer(timer=timer, delay_s=delay_s):
+                    self._arm(name, timer, now + delay_s)
+                case proc.CancelTimer(timer=timer):
+                    self._timers.pop((name, timer), None)
+                case proc.Transitioned(old=old, new=new, reason=reason):
+                    self.state_counts[old] -= 1
+                    self.state_counts[new] += 1
+                    changes.append(new)
+                    delay = None
+                    if new is State.BACKOFF and process.backoff_until is not None:
+                        delay = process.backoff_until - now
+                    self._out.append(
+                        Transitioned(
+                            name, old, new, reason, process.last_pid, process.failures, delay
+                        )
+                    )
+                case proc.Ignored(state=state, event=ignored):
+                    self._out.append(Ignored(name, state, ignored))
+        self._settle(name, changes)
+
+    def _settle(self, name: str, changes: list[State]) -> None:
+        """After a process moved: answer what it settled, drop it if it was retiring."""
+        process = self.processes[name]
+        claims = list(self._claims.get(name, ()))
+        # A restart still to bring it up: a start waiting meanwhile sees it go down on
+        # the way, and is answered by where the restart takes it, not by the stop.
+        restarting = any(
+            r.parts[name].phase is _Phase.STOP_FIRST for r in claims if name in r.parts
+        )
+        for request in claims:
+            part = request.parts.get(name)
+            if part is None:
+                continue
+            if part.phase is _Phase.STOP_FIRST:
+                if any(s in DOWN_STATES for s in changes):
+                    part.down = True
+                continue
+            outcome = _judge(process, part.up, changes, restarting)
+            if outcome is not None:
+                self._resolve(request, name, outcome)
+        if name in self.retiring and process.state in DOWN_STATES:
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        process = self.processes.pop(name)
+        self.retiring.discard(name)
+        self.state_counts[process.state] -= 1
+        for timer in Timer:
+            self._timers.pop((name, timer), None)
+        self._out.append(DropSlot(name))
+        program = process.config.name
+        names = self.programs.get(program, [])
+        if name in names:
+            names.remove(name)
+        if names:
+            return
+        self.programs.pop(program, None)
+        replacement = self.replacements.pop(program, None)
+        if replacement is not None and not self.shutting_down:
+            self._add(replacement)
+            self._autostart([replacement], self._now)
+
+    # -- timers ------------------------------------------------------------------------
+
+    def _fire_due_timers(self, now: float) -> None:
+        """Fire what is due now; timers armed meanwhile wait for the next Tick, so even
+        a 0 s timer goes back through the daemon's loop."""
+        due: list[tuple[float, int, str, Timer]] = []
+        heap, timers = self._heap, self._timers
+        while heap and heap[0][0] <= now:
+            due.append(heapq.heappop(heap))
+        for _, serial, name, timer in due:
+            if timers.get((name, timer)) == serial:  # not cancelled, even by this Tick
+                del timers[(name, timer)]
+                self._send(name, proc.TimerFired(timer), now)
+
+    def _arm(self, name: str, timer: Timer, deadline: float) -> None:
+        serial = next(self._serials)
+        self._timers[(name, timer)] = serial
+        heap = self._heap
+        heapq.heappush(heap, (deadline, serial, name, timer))
+        if len(heap) > 2 * len(self._timers) + 64:  # mostly cancelled entries: compact
+            self._heap = [e for e in heap if self._timers.get((e[2], e[3])) == e[1]]
+            heapq.heapify(self._heap)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _submit(self, submit: Submit, now: float) -> None:
+        up = submit.action is not Action.STOP
+        request = _Request(submit.request, submit.action, submit.names)
+        self._requests[request.id] = request
+        for name in submit.names:
+            self._claims.setdefault(name, []).append(request)
+            request.parts[name] = _Part(
+                up, _Phase.STOP_FIRST if submit.action is Action.RESTART else _Phase.WAIT
+            )
+        for name in submit.names:
+            if name not in self.processes or name in self.retiring:
+                why = "being replaced or removed by a reload"
+                self._resolve(request, name, self._superseded(name, why))
+            elif up and self.shutting_down:
+                self._resolve(request, name, self._superseded(name, "supd is shutting down"))
+            else:
+                self._supersede_conflicts(name, up, request)
+        request.replied = not submit.wait  # wait=false: the answer below, at once
+        match submit.action:
+            case Action.START | Action.STOP:
+                event = proc.Start() if up else proc.Stop()
+                for name in list(request.parts):
+                    self._send(name, event, now)
+            case Action.RESTART:
+                # Stop by priority groups, highest number first, each one down before
+                # the next; then start them all, lowest first (as boot and shutdown do).
+                by_priority: dict[tuple[int, int], list[str]] = {}
+                for name in request.parts:
+                    priority = self.processes[name].config.start_order
+                    by_priority.setdefault(priority, []).append(name)
+                request.stop_groups = [by_priority[p] for p in sorted(by_priority, reverse=True)]
+                request.planning = True
+        if not submit.wait:
+            self._reply_accepted(request)
+        self._finish_if_done(request)
+
+    def _supersede_conflicts(self, name: str, up: bool, newer: _Request) -> None:
+        for request in list(self._claims.get(name, ())):
+            part = request.parts.get(name)
+            if request is newer or part is None or part.up == up:
+                continue
+            by = "start" if up else "stop"
+            by = "restart" if newer.action is Action.RESTART else by
+            self._resolve(request, name, self._superseded(name, f"superseded by a later {by}"))
+
+    def _superseded(self, name: str, why: str) -> Outcome:
+        process = self.processes.get(name)
+        state = process.state if process is not None else None
+        return Outcome(name, False, state, why, ErrorCode.SUPERSEDED)
+
+    def _reply_accepted(self, request: _Request) -> None:
+        """wait=false: ok means "under way" (or the state it is already in)."""
+        outcomes = []
+        for name in request.names:
+            done = request.outcomes.get(name)
+            if done is not None:
+                outcomes.append(done)
+                continue
+            process = self.processes[name]
+            fatal = process.state is State.FATAL and request.action is not Action.STOP
+            outcomes.append(_failed(process) if fatal else Outcome(name, True, process.state))
+        self._out.append(Answer(request.id, tuple(outcomes)))
+        if request.action is not Action.RESTART:  # nothing more to follow
+            for name in list(request.parts):
+                self._release(request, name)
+
+    def _resolve(self, request: _Request, name: str, outcome: Outcome) -> None:
+        if name not in request.parts:
+            return
+        request.outcomes[name] = outcome
+        self._release(request, name)
+        self._finish_if_done(request)
+
+    def _release(self, request: _Request, name: str) -> None:
+        request.parts.pop(name, None)
+        claims = self._claims.get(name)
+        if claims is not None and request in claims:
+            claims.remove(request)
+            if not claims:
+                del self._claims[name]
+
+    def _finish_if_done(self, request: _Request) -> None:
+        if request.parts or request.id not in self._requests:
+            return
+        del self._requests[request.id]
+        if not request.replied:
+            request.replied = True
+            outcomes = tuple(request.outcomes[n] for n in request.names)
+            self._out.append(Answer(request.id, outcomes))
+
+    def _advance_restart(self, request: _Request, now: float) -> None:
+        """Stop the next group once the current one has been down; then start them all.
+        Amortised O(1) per event: a name leaves `stopping` once, from the front."""
+        parts, stopping = request.parts, request.stopping
+        while request.planning and parts:
+            while stopping and (stopping[0] not in parts or parts[stopping[0]].down):
+                stopping.popleft()
+            if stopping:
+                return  # the current group is still going down
+            if request.stop_groups:
+                stopping.extend(n for n in request.stop_groups.pop(0) if n in parts)
+                for name in list(stopping):
+                    if name not in parts:
+                        continue  # superseded by what stopping another one caused
+                    if self.processes[name].state in DOWN_STATES:
+                        parts[name].down = True
+                    else:
+                        self._send(name, proc.Stop(), now)
+                continue
+            request.planning = False
+            waiting = [n for n, p in parts.items() if p.phase is _Phase.STOP_FIRST]
+            for name in waiting:
+                parts[name].phase = _Phase.WAIT
+            for name in sorted(waiting, key=lambda n: self.processes[n].config.start_order):
+                if name in parts:
+                    self._send(name, proc.Start(), now)
+
+    # -- reload ------------------------------------------------------------------------
+
+    def _reload(self, programs: tuple[ProgramConfig, ...], now: float) -> None:
+        if self.shutting_down:
+            return  # the daemon refuses it; a late one changes nothing
+        new = {p.name: p for p in programs}
+        added, changed, removed = reload_diff(self.configs, new)
+        self.configs = new
+        for name in removed:
+            self.replacements.pop(name, None)  # an earlier reload's pending version
+        for name in changed:
+            self.replacements[name] = new[name]
+        for name in removed + changed:
+            self._retire_program(name, now)
+        fresh = []
+        for name in added:
+            if name in self.programs:  # removed earlier, still stopping: add it after
+                self.replacements[name] = new[name]
+            else:
+                self._add(new[name])
+                fresh.append(new[name])
+        self._autostart(fresh, now)
+
+    def _retire_program(self, program: str, now: float) -> None:
+        """Stop a program's processes; each is dropped once down (then its replacement)."""
+        for name in list(self.programs.get(program, [])):
+            if name not in self.processes:
+                continue
+            self.retiring.add(name)
+            for request in list(self._claims.get(name, ())):
+                why = "being replaced or removed by a reload"
+                self._resolve(request, name, self._superseded(name, why))
+            self._send(name, proc.Stop(), now)
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def _shutdown(self, now: float) -> None:
+        if self.shutting_down:  # the second one: SIGKILL whatever is left
+            for name in list(self.processes):
+                if name in self.processes:
+                    self._send(name, proc.Stop(), now)  # BACKOFF and STARTING ones too
+                if name in self.processes:
+                    self._send(name, proc.ForceKill(), now)
+            return
+        self.shutting_down = True
+        self.replacements.clear()
+        for request in list(self._requests.values()):
+            for name, part in list(request.parts.items()):
+                if part.up:
+                    self._resolve(request, name, self._superseded(name, "supd is shutting down"))
+
+    def _shutdown_step(self, now: float) -> None:
+        """Stop the next priority group once the previous one is down; exit when all are.
+        Amortised O(1) per event until a group is down (a name leaves the group once)."""
+        group, processes = self._shutdown_group, self.processes
+        while not self.exited:
+            while group and (group[0] not in processes or processes[group[0]].is_down()):
+                group.popleft()
+            if group:
+                return
+            live = [p for p in processes.values() if not p.is_down()]
+            if not live:
+                self.exited = True
+                for request in list(self._requests.values()):
+                    for name in list(request.parts):
+                        self._resolve(request, name, self._now_outcome(name))
+                self._out.append(Exit())
+                return
+            top = max(p.config.start_order for p in live)
+            group.extend(p.name for p in live if p.config.start_order == top)
+            for name in list(group):
+                self._send(name, proc.Stop(), now)
+
+    def _now_outcome(self, name: str) -> Outcome:
+        process = self.processes.get(name)
+        if process is None:
+            return self._superseded(name, "removed")
+        return Outcome(name, process.state in DOWN_STATES, process.state)
+
+    # -- after every event -------------------------------------------------------------
+
+    def _follow_up(self, now: float) -> None:
+        for request in list(self._requests.values()):
+            if request.planning:
+                self._advance_restart(request, now)
+                self._finish_if_done(request)
+        if self.shutting_down:
+            self._shutdown_step(now)
+        if self.booted and not self.ready and not self.state_counts[State.STARTING]:
+            self.ready = True
+            self._out.append(Ready())
+
+
+def _judge(
+    process: Process, up: bool, changes: list[State], restarting: bool = False
+) -> Outcome | None:
+    """A part's outcome after the process moved (or was asked), or None: still waiting."""
+    state = process.state
+    if not up:
+        if state in DOWN_STATES or any(s in DOWN_STATES for s in changes):
+            return Outcome(process.name, True, state)
+        return None
+    if state is State.RUNNING or State.RUNNING in changes:
+        return Outcome(process.name, True, state)
+    if restarting:
+        return None
+    if state is State.FATAL or (state in DOWN_STATES and process.want is Want.DOWN):
+        return _failed(process)
+    return None
+
+
+def _failed(process: Process) -> Outcome:
+    if process.spawn_error:
+        error = f"spawn error: {process.spawn_error}"
+    elif process.state is State.FATAL:
+        error = "exited too quickly (gave up)"
+    else:
+        error = f"not running ({process.state.value})"
+    return Outcome(process.name, False, process.state, error, ErrorCode.BAD_STATE)

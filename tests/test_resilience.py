@@ -1,0 +1,197 @@
+"""The daemon never dies or stalls for a reason outside it: no fds left, a tight retry
+loop, a bug in one handler. Each test reproduces what once froze or killed it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import PY, SLEEP, Supd, cmd, wait_until
+
+Factory = Callable[..., Supd]
+
+
+def read_answers(sock: socket.socket, count: int) -> dict[Any, dict[str, Any]]:
+    buffer = b""
+    answers: dict[Any, dict[str, Any]] = {}
+    while len(answers) < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed; answers so far: {answers}"
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            message = json.loads(line)
+            answers[message.get("id")] = message
+    return answers
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
+def test_out_of_fds_a_stop_still_kills_a_start_still_settles_and_sigterm_exits(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """The reproduction: at EMFILE, timerfd_create failed after the state had changed:
+    the stop was never escalated to SIGKILL, the start sat in BACKOFF forever, and
+    SIGTERM no longer shut supd down."""
+    ready = tmp_path / "ready"
+    d = supd(
+        f"""
+        [programs.stopper]
+        command = {
+            cmd(f'''
+            import signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            open({str(ready)!r}, "w").close()
+            time.sleep(1000)
+        ''')
+        }
+        startsecs = 0
+        stopwaitsecs = 0.3
+        [programs.sleeper]
+        command = {SLEEP}
+        autostart = false
+        startsecs = 0
+        startretries = 1
+        backoff_initial = 0.1
+        """,
+        launcher=["prlimit", "--nofile=64:64", PY, "-m", "supd"],
+    )
+    d.wait_state("stopper", "RUNNING")
+    wait_until(ready.exists)
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    first.settimeout(20)
+    first.connect(str(d.socket))
+    first.sendall(b'{"jsonrpc":"2.0","id":0,"method":"version"}\n')
+    assert read_answers(first, 1)[0]["result"]["pid"] == d.pid  # accepted: it holds an fd
+    held: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            held.append(sock)
+            with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+                sock.connect(str(d.socket))
+        wait_until(lambda: fd_count(d.pid) >= 62, describe=lambda: f"{fd_count(d.pid)} fds")
+        requests = [
+            {"id": 1, "method": "stop", "params": {"names": ["stopper"]}},
+            {"id": 2, "method": "start", "params": {"names": ["sleeper"]}},
+        ]
+        for request in requests:
+            first.sendall(json.dumps({"jsonrpc": "2.0", **request}).encode() + b"\n")
+        answers = read_answers(first, 2)
+        [stopped] = answers[1]["result"]
+        assert stopped["ok"] and stopped["state"] == "STOPPED", answers
+        [started] = answers[2]["result"]
+        # With no fd for its pipes, sleeper cannot start: it ends FATAL, it does not hang.
+        assert started["state"] in ("RUNNING", "FATAL"), answers
+        d.signal(signal.SIGTERM)  # still without a free fd
+        assert d.wait_exit() == 0
+    finally:
+        for sock in [first, *held]:
+            sock.close()
+    kills = [e for e in d.events("signal_sent") if e["signal"] == "SIGKILL"]
+    assert [e["process"] for e in kills] == ["stopper"]
+
+
+def test_a_zero_backoff_retry_loop_leaves_the_daemon_responsive(supd: Factory) -> None:
+    """backoff_initial = 0, factor 1 and 100,000 retries of a missing binary once blocked
+    the loop for seconds: the whole retry storm ran inside one `start`."""
+    d = supd("""
+        [programs.missing]
+        command = "/nonexistent/supd-test-binary"
+        autostart = false
+        startsecs = 0
+        startretries = 100000
+        backoff_initial = 0
+        backoff_factor = 1
+        [programs.other]
+        command = "/bin/sleep 1000"
+        autostart = false
+        startsecs = 0
+    """)
+    [accepted] = d.rpc("start", {"names": ["missing"], "wait": False})
+    assert accepted["ok"]
+    first = d.status()["missing"]
+    assert first["state"] in ("STARTING", "BACKOFF")  # answered amid the retries
+    wait_until(lambda: d.status()["missing"]["restarts"] >= first["restarts"] + 20)
+    [other] = d.rpc("start", {"names": ["other"]})  # other work is served meanwhile
+    assert other["ok"] and other["state"] == "RUNNING"
+    during = d.status()["missing"]
+    assert during["state"] in ("STARTING", "BACKOFF") and during["restarts"] < 100000
+    [stopped] = d.rpc("stop", {"names": ["missing"]})
+    assert stopped["ok"] and stopped["state"] == "STOPPED"
+
+
+def test_a_failing_handler_is_logged_and_the_loop_goes_on(supd: Factory, tmp_path: Path) -> None:
+    """The last line of defence, with a bug injected into the fleet for one program."""
+    launcher = tmp_path / "buggy_supd.py"
+    launcher.write_text(
+        textwrap.dedent("""
+        import sys
+        from supd import daemon, fleet
+
+        handle = fleet.Fleet.handle
+
+        def buggy(self, event, now):
+            if isinstance(event, fleet.Submit) and "boom" in event.names:
+                raise RuntimeError("injected failure")
+            return handle(self, event, now)
+
+        fleet.Fleet.handle = buggy
+        sys.exit(daemon.main(sys.argv[1:]))
+        """)
+    )
+    d = supd(
+        f"""
+        [programs.boom]
+        command = {SLEEP}
+        autostart = false
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        backoff_initial = 0
+        """,
+        launcher=[PY, str(launcher)],
+    )
+    pid = d.wait_state("web", "RUNNING")["pid"]
+    [failed] = d.rpc("start", {"names": ["boom"]})
+    assert not failed["ok"] and failed["code"] == -32603
+    assert "injected failure" in failed["error"]
+    [logged] = d.events("event_failed")
+    assert "injected failure" in logged["exception"]
+    os.kill(pid, signal.SIGKILL)  # the fleet still supervises
+    wait_until(lambda: d.status()["web"]["pid"] not in (None, pid), describe=d.describe)
+    assert d.state("web") == "RUNNING" and d.state("boom") == "STOPPED"
+
+
+def test_a_self_stopped_child_says_so_in_its_description(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    pid = d.wait_state("web", "RUNNING")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(
+        lambda: d.status()["web"]["description"].endswith(", stopped (SIGSTOP)"),
+        describe=lambda: str(d.status()["web"]),
+    )
+    os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: "stopped" not in d.status()["web"]["description"])
+    assert d.state("web") == "RUNNING"
