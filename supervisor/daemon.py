@@ -105,6 +105,11 @@ class OutputTag:
     stream: str
 
 
+@dataclass(frozen=True, slots=True)
+class OwnLogTag:
+    """supd's own log fd is writable again while lines wait for it (see daemonlog)."""
+
+
 # -- runtime state of one process ------------------------------------------------------
 
 
@@ -203,6 +208,7 @@ class Daemon:
             self.selector.register_signal(signal.SIGCHLD, SignalTag(signal.SIGCHLD))
         for signum in DAEMON_SIGNALS:
             self.selector.register_signal(signum, SignalTag(signum))
+        self._watch_own_log()
         interval = self.notifier.watchdog_interval_ms()
         if interval is not None:
             self.selector.register_timer(interval, False, WatchdogTag())
@@ -224,6 +230,16 @@ class Daemon:
                     # the daemon: log it loudly and carry on with the next event.
                     self.log.exception("event_failed", fd=key.fd, data=repr(key.data))
         return self.exit_code
+
+    def _watch_own_log(self) -> None:
+        """Flush supd's own buffered log lines when its stderr becomes writable."""
+        fd = daemonlog.pollable_fd()
+        if fd is None:
+            return
+        self.selector.register_handle(fd, Event(0), OwnLogTag())  # paused until needed
+        daemonlog.watch(
+            lambda waiting: self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
+        )
 
     def _reap_orphans(self) -> None:
         """Reap adopted orphans (we are a subreaper or PID 1) without touching our own.
@@ -283,6 +299,8 @@ class Daemon:
                 self._signal_received(signum)
             case WatchdogTag():
                 self.notifier.watchdog()
+            case OwnLogTag():
+                daemonlog.flush()
             case _:
                 self.dispatch_other(key)
 
