@@ -185,7 +185,7 @@ def _parse_byte_size(value: object) -> object:
 
 def _parse_signal(value: object) -> object:
     """'TERM', 'SIGTERM', 'term', '15' or 15 -> 15; other types pass through."""
-    if isinstance(value, str) and not value.strip().isdigit():
+    if isinstance(value, str) and not (value.strip().isascii() and value.strip().isdigit()):
         try:
             return signals.parse(value)
         except ValueError:

@@ -30,6 +30,13 @@ Rules that keep one client from hurting the loop or the others:
 - Out of fds (EMFILE/ENFILE on accept), the listener is paused and a short oneshot
   timer resumes it, instead of spinning on a listener that stays readable.
 - Idle connections cost nothing per loop iteration: nothing iterates over them.
+- A connection must send a complete valid request within `request_timeout` (10 s) of
+  connecting, and finish any later line within as long; one that doesn't is closed, so
+  slowloris clients cannot hold the slots. A connection with nothing unfinished (a
+  `tail -f` after its request) may stay as long as it likes. All deadlines share one
+  timerfd, set for the earliest.
+- Of `max_connections` (512), one unprivileged uid may hold a quarter; the last 16
+  slots are for root and supd's own user only, so they always get in.
 
 Disconnects and half-closes. A peer that closes its socket is dropped at once: its
 responders become `closed`, pending operations go on (a `start` still starts), and
@@ -52,7 +59,8 @@ import select
 import socket
 import stat
 import struct
-from collections import deque
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -68,6 +76,11 @@ ACCEPTS_PER_WAKEUP: Final = 64
 COMMANDS_PER_RING: Final = 64  # the rest ring the doorbell again
 ACCEPT_RETRY_MS: Final = 100
 PROBE_TIMEOUT_S: Final = 1.0  # asking a live daemon on our path for its pid
+REQUEST_TIMEOUT_S: Final = 10.0  # to send a first complete request, or finish a line
+# Of the connection cap: what one unprivileged uid may hold, and what only root and
+# supd's own user may use (so they always get in, whoever floods the socket).
+UID_SHARE: Final = 4  # one uid: at most 1/4 of the cap
+PRIVILEGED_RESERVE: Final = 16  # at most this many, and at most 1/8 of the cap
 
 # accept() errors that mean "no resources now": pause rather than spin.
 _RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -106,6 +119,11 @@ class Doorbell(ControlTag):
 @dataclass(frozen=True, slots=True)
 class AcceptRetry(ControlTag):
     """The pause after EMFILE/ENFILE is over: accept again."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimeout(ControlTag):
+    """The earliest request deadline has passed: close the connections that missed it."""
 
 
 # --------------------------------------------------------------------------- API
@@ -217,6 +235,7 @@ class _Client:
         "closed",
         "closing",
         "conn_id",
+        "deadline",
         "fd",
         "inbuf",
         "interest",
@@ -226,6 +245,7 @@ class _Client:
         "peer_uid",
         "reading",
         "scan_from",
+        "served",
         "sock",
     )
 
@@ -243,6 +263,8 @@ class _Client:
         self.reading = True  # False after the peer's EOF, or when closing
         self.closing = False  # close as soon as the output is written
         self.closed = False
+        self.served = False  # a valid request came in: the connection earned its slot
+        self.deadline: float | None = None  # close unless a request completes by then
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -318,6 +340,7 @@ class ControlServer:
         max_connections: int = 512,
         max_line: int = 1 << 20,
         max_output: int = 4 << 20,
+        request_timeout: float = REQUEST_TIMEOUT_S,
         log: Any = None,
     ) -> None:
         self.path = Path(path)
@@ -329,6 +352,14 @@ class ControlServer:
         self._max_connections = max_connections
         self._max_line = max_line
         self._max_output = max_output
+        self._request_timeout = request_timeout
+        self._uid_limit = max(1, max_connections // UID_SHARE)
+        self._reserve = min(PRIVILEGED_RESERVE, max_connections // 8)
+        self._per_uid: Counter[int] = Counter()
+        # (deadline, conn_id) in deadline order: every deadline is now + one constant.
+        self._deadlines: deque[tuple[float, int]] = deque()
+        self._deadline_timer: int | None = None
+        self._deadline_armed: float | None = None  # what the timer is set for
         base_log = log if log is not None else structlog.get_logger("supd")
         self._log: Any = base_log.bind(component="control")
         self._listener: socket.socket | None = None
@@ -376,6 +407,9 @@ class ControlServer:
         # Made now, not when needed: at EMFILE there is no fd left for a timerfd. It
         # fires once shortly after start (ignored) and is re-armed on each pause.
         self._retry_timer = self._selector.register_timer(ACCEPT_RETRY_MS, True, AcceptRetry())
+        self._deadline_timer = self._selector.register_timer(
+            ACCEPT_RETRY_MS, True, RequestTimeout()
+        )
 
     def close(self) -> None:
         """Close the listener and every connection; unlink the socket if we made it.
@@ -388,6 +422,10 @@ class ControlServer:
         if self._retry_timer is not None:
             self._unregister(self._retry_timer)  # closes the timerfd
             self._retry_timer = None
+        if self._deadline_timer is not None:
+            self._unregister(self._deadline_timer)
+            self._deadline_timer = None
+        self._deadlines.clear()
         if self._doorbell is not None:
             self._unregister(self._doorbell)
             self._doorbell.close()
@@ -505,6 +543,8 @@ class ControlServer:
                 self.run_queued()
             case AcceptRetry():
                 self._resume_accepting()
+            case RequestTimeout():
+                self._deadline_passed()
             case _:
                 self._log.warning("unknown_control_key", data=repr(key.data))
 
@@ -575,15 +615,10 @@ class ControlServer:
             self._log.warning("client_refused", reason="permission denied", uid=uid, pid=pid)
             self._refuse(sock, ErrorCode.PERMISSION_DENIED, "permission denied")
             return
-        if len(self._connections) >= self._max_connections:
-            self._log.warning(
-                "client_refused",
-                reason="too many connections",
-                uid=uid,
-                pid=pid,
-                limit=self._max_connections,
-            )
-            self._refuse(sock, ErrorCode.TOO_MANY_CONNECTIONS, "too many connections")
+        crowded = self._crowded(uid)
+        if crowded is not None:
+            self._log.warning("client_refused", reason=crowded, uid=uid, pid=pid)
+            self._refuse(sock, ErrorCode.TOO_MANY_CONNECTIONS, crowded)
             return
         conn = _Client(self._next_conn_id, sock, pid, uid)
         self._next_conn_id += 1
@@ -594,7 +629,25 @@ class ControlServer:
             sock.close()
             return
         self._connections[conn.conn_id] = conn
+        self._per_uid[uid] += 1
+        self._set_deadline(conn)
         self._log.debug("client_connected", conn=conn.conn_id, uid=uid, pid=pid)
+
+    def _crowded(self, uid: int) -> str | None:
+        """Why a client of `uid` can't have a connection now, or None if it can.
+
+        An unprivileged uid gets at most 1/UID_SHARE of the cap, and the last few slots
+        are kept for root and supd's own user: a flood from one user locks out neither
+        the other users nor the administrator.
+        """
+        total = len(self._connections)
+        if uid == 0 or uid == os.geteuid():
+            return "too many connections" if total >= self._max_connections else None
+        if total >= self._max_connections - self._reserve:
+            return "too many connections"
+        if self._per_uid[uid] >= self._uid_limit:
+            return f"too many connections from uid {uid} (at most {self._uid_limit})"
+        return None
 
     def _authorized(self, uid: int, gid: int) -> bool:
         """root, our own euid, and members of the socket's group (if one is set)."""
@@ -619,6 +672,37 @@ class ControlServer:
         with contextlib.suppress(OSError):
             sock.send(protocol.encode_error(None, code, message), socket.MSG_NOSIGNAL)
         sock.close()
+
+    # -- request deadlines --------------------------------------------------------
+
+    def _set_deadline(self, conn: _Client) -> None:
+        """Close `conn` unless a request completes within the timeout.
+
+        One timerfd for all connections: the deadlines queue up in order (each is now
+        plus the same timeout), and the timer is set for the earliest one.
+        """
+        conn.deadline = time.monotonic() + self._request_timeout
+        self._deadlines.append((conn.deadline, conn.conn_id))
+        if self._deadline_armed is None:
+            self._arm_deadline_timer()
+
+    def _arm_deadline_timer(self) -> None:
+        if not self._deadlines or self._deadline_timer is None:
+            self._deadline_armed = None
+            return
+        due = self._deadlines[0][0]
+        delay_ms = max(1, int((due - time.monotonic()) * 1000) + 1)
+        self._selector.rearm_timer(self._deadline_timer, delay_ms, True)
+        self._deadline_armed = due
+
+    def _deadline_passed(self) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            due, conn_id = self._deadlines.popleft()
+            conn = self._connections.get(conn_id)
+            if conn is not None and conn.deadline == due:  # else: met, or re-set later
+                self._close(conn, f"no complete request within {self._request_timeout:g} s")
+        self._arm_deadline_timer()
 
     # -- reading ------------------------------------------------------------------
 
@@ -666,6 +750,10 @@ class ControlServer:
             self._too_large(conn)  # no newline in sight: don't buffer more
             return
         conn.scan_from = len(buf)
+        if conn.served and not buf:
+            conn.deadline = None  # nothing unfinished: it may stay, e.g. for tail -f
+        elif conn.deadline is None:
+            self._set_deadline(conn)  # a new line started: it has a while to finish it
 
     def _take_line(self, conn: _Client, line: bytes) -> None:
         if not line.strip():
@@ -679,6 +767,7 @@ class ControlServer:
                 self._send(conn, parsed.encode())
             return
         conn.outstanding += 1
+        conn.served = True
         self._queue.append((parsed, Responder(self, conn, parsed)))
         self._ring()
 
@@ -780,7 +869,11 @@ class ControlServer:
             return
         conn.closed = True
         conn.reading = False
+        conn.deadline = None
         del self._connections[conn.conn_id]
+        self._per_uid[conn.peer_uid] -= 1
+        if not self._per_uid[conn.peer_uid]:
+            del self._per_uid[conn.peer_uid]
         with contextlib.suppress(KeyError):
             self._selector.unregister(conn.fd)
         conn.sock.close()

@@ -245,6 +245,11 @@ def test_stopsignal_becomes_a_signal_number(tmp_path: Path, written: str, expect
     assert type(web.stopsignal) is int
 
 
+def test_stopsignal_numbers_are_ascii_digits_only(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[programs.web]\ncommand = "x"\nstopsignal = "\u0661\u0665"\n')
+    assert len(found) == 1 and "stopsignal" in found[0] and "unknown signal" in found[0]
+
+
 @pytest.mark.parametrize(
     ("written", "expected"),
     [

@@ -1014,3 +1014,131 @@ def test_group_members_are_served() -> None:
             messages = run_as_nobody(path)
         assert messages == [{"jsonrpc": "2.0", "id": 1, "result": {"pid": os.getpid()}}]
         assert loop.error is None
+
+
+# =========================================================================== abuse
+
+
+def test_a_connection_without_a_request_is_closed_after_the_timeout(sock_path: Path) -> None:
+    with ServerLoop(sock_path, request_timeout=0.3) as loop:
+        silent = RpcClient(sock_path)
+        slow = RpcClient(sock_path)
+        garbage = RpcClient(sock_path)
+        try:
+            slow.send(b'{"jsonrpc":"2.0","id":1,')  # slowloris: never finishes the line
+            garbage.send(b"nonsense\n")  # answered, but it is not a request
+            assert garbage.read()["error"]["code"] == ErrorCode.PARSE_ERROR
+            for client in (silent, slow, garbage):
+                assert client.read_until_eof() == []  # closed by the server
+            dropped = wait_until(lambda: (d := loop.events("client_dropped")) and len(d) == 3 and d)
+            assert {e["reason"] for e in dropped} == {"no complete request within 0.3 s"}
+        finally:
+            for client in (silent, slow, garbage):
+                client.close()
+    assert loop.error is None
+
+
+def test_a_served_connection_may_stay_idle_and_a_new_line_gets_the_timeout(
+    sock_path: Path,
+) -> None:
+    with ServerLoop(sock_path, request_timeout=0.3) as loop:
+        with RpcClient(sock_path) as follower, RpcClient(sock_path) as stalled:
+            tail = follower.request("tail", {"name": "web:0", "stream": "stdout", "follow": True})
+            assert "result" in follower.response(tail)
+            assert stalled.call("pid")["result"]
+            stalled.send(b'{"jsonrpc"')  # a second request, never finished
+            assert stalled.read_until_eof() == []
+            # The follower outlived several timeouts and still streams.
+            wait_until(lambda: loop.call(lambda: loop.handler.push_output("web:0", "stdout", "hi")))
+            assert follower.read()["params"]["data"] == "hi"
+            assert follower.call("pid")["result"]
+        wait_until(lambda: loop.events("client_dropped"))
+        assert [e["conn"] for e in loop.events("client_dropped")] == [2]
+    assert loop.error is None
+
+
+NOBODY_HOLDER = """
+import json, socket, sys
+held, answers = [], []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"pid"}\\n')
+    except BrokenPipeError:
+        pass
+    answers.append(json.loads(s.makefile("rb").readline()))
+    held.append(s)
+print(json.dumps(answers), flush=True)
+sys.stdin.read()  # hold the connections until the test closes our stdin
+"""
+
+
+@needs_root
+def test_one_uid_gets_a_share_of_the_cap_and_root_always_a_slot() -> None:
+    with traversable_socket_dir() as folder:
+        path = folder / "supd.sock"
+        with ServerLoop(path, mode=0o660, group="nogroup", max_connections=16) as loop:
+            holder = subprocess.Popen(
+                [os.fspath(SYSTEM_PYTHON), "-I", "-c", NOBODY_HOLDER, os.fspath(path), "5"],
+                user="nobody",
+                group="nogroup",
+                extra_groups=[],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert holder.stdout is not None
+                answers = json.loads(holder.stdout.readline())
+                assert [a.get("result") for a in answers[:4]] == [{"pid": os.getpid()}] * 4
+                assert answers[4]["error"] == {
+                    "code": ErrorCode.TOO_MANY_CONNECTIONS,
+                    "message": "too many connections from uid 65534 (at most 4)",
+                }
+                # Root fills every slot left, down to the last one.
+                clients = [RpcClient(path) for _ in range(12)]
+                try:
+                    for client in clients:
+                        assert client.call("pid")["result"]
+                    with RpcClient(path) as extra:
+                        refused = extra.read_until_eof()
+                    assert refused[0]["error"]["message"] == "too many connections"
+                finally:
+                    for client in clients:
+                        client.close()
+            finally:
+                holder.kill()
+                holder.wait()
+        assert loop.error is None
+
+
+@needs_root
+def test_the_last_slots_are_kept_for_root() -> None:
+    with traversable_socket_dir() as folder:
+        path = folder / "supd.sock"
+        # A cap of 16 keeps 2 slots for root; two users of the group take the rest.
+        with ServerLoop(path, mode=0o666, max_connections=16) as loop:
+            loop.call(lambda: setattr(loop.server, "_uid_limit", 16))  # one uid, many slots
+            loop.call(lambda: setattr(loop.server, "_group_gid", 65534))
+            holder = subprocess.Popen(
+                [os.fspath(SYSTEM_PYTHON), "-I", "-c", NOBODY_HOLDER, os.fspath(path), "15"],
+                user="nobody",
+                group="nogroup",
+                extra_groups=[],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert holder.stdout is not None
+                answers = json.loads(holder.stdout.readline())
+                served = [a for a in answers if "result" in a]
+                assert len(served) == 14  # 16 minus the 2 kept for root
+                with RpcClient(path) as root1, RpcClient(path) as root2:
+                    assert root1.call("pid")["result"] and root2.call("pid")["result"]
+            finally:
+                holder.kill()
+                holder.wait()
+        assert loop.error is None
