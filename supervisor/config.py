@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import difflib
 import glob
+import grp
 import json
 import os
 import re
 import shlex
 import signal
+import stat
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -94,6 +96,9 @@ DEFAULT_LOG_MAXBYTES = 50 * 1024 * 1024
 DEFAULT_LOG_BACKUPS = 10
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
+# numprocs bounds: 200,000 processes froze the loop for 2.5 s and made a 40 MB status.
+MAX_NUMPROCS = 1000  # per program
+MAX_PROCESSES = 10000  # in all programs together
 
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num"})
@@ -347,6 +352,24 @@ class SupervisorConfig(BaseModel):
             )
         return value
 
+    @field_validator("socket")
+    @classmethod
+    def _socket_path_usable(cls, value: Path) -> Path:
+        problem = _socket_path_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("socket_group")
+    @classmethod
+    def _socket_group_exists(cls, value: str | None) -> str | None:
+        if value is not None and not (value.isascii() and value.isdigit()):
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ValueError(f"unknown group {value!r}") from None
+        return value
+
     @field_validator("socket_mode", mode="before")
     @classmethod
     def _parse_mode(cls, value: Any) -> Any:
@@ -366,6 +389,35 @@ class SupervisorConfig(BaseModel):
         if isinstance(value, str):
             return (value,)
         return tuple(value) if isinstance(value, list) else value
+
+
+def _socket_path_problem(path: Path) -> str | None:
+    """What the file system already says against binding a socket at `path` (the rest,
+    such as permissions or a folder that can't be created, shows only at start-up)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        return f"cannot use {path}: {exc.strerror}"
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            return f"{path} is a folder, not a socket"
+        if not stat.S_ISSOCK(st.st_mode):
+            return f"{path} exists and is not a socket"
+        return None
+    folder = path.parent
+    while True:  # the nearest existing ancestor must be a folder
+        try:
+            st = os.stat(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            folder = folder.parent
+            continue
+        except OSError as exc:
+            return f"cannot use {folder}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{folder} is not a folder"
+        return None
 
 
 def _default_socket(context: _Context) -> Path:
@@ -388,7 +440,7 @@ class ProgramConfig(BaseModel):
 
     name: str
     command: tuple[str, ...]
-    numprocs: int = Field(default=1, ge=1)
+    numprocs: int = Field(default=1, ge=1, le=MAX_NUMPROCS)
     directory: Path | None = None
     environment: dict[NonEmptyStr, str] = Field(default_factory=dict)
     user: NonEmptyStr | None = None
@@ -834,6 +886,21 @@ class _Loader:
                 self.programs[name] = program
                 self.sources[name] = document.path
 
+    def check_process_total(self) -> None:
+        """At most MAX_PROCESSES in all; named at the program that goes over."""
+        total = 0
+        for program in self.programs.values():
+            total += program.numprocs
+            if total > MAX_PROCESSES:
+                key = ("programs", program.name, "numprocs")
+                message = (
+                    f"the programs make {sum(p.numprocs for p in self.programs.values())} "
+                    f"processes in all, more than the limit of {MAX_PROCESSES} (this one "
+                    f"takes it over)"
+                )
+                self.problems.append(self.documents[program.name].problem(key, message))
+                return
+
     def check_log_files_unshared(self) -> None:
         writers: dict[Path, str] = {}
         for program in self.programs.values():
@@ -870,6 +937,7 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
             _check_top_level(included, ("programs",), loader.problems)
             loader.add_programs_from(included)
     loader.check_log_files_unshared()
+    loader.check_process_total()
     problems.extend(loader.problems)
     if problems or supervisor is None:
         raise ConfigError(_in_reading_order(problems, main_path))

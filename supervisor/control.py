@@ -129,14 +129,31 @@ class RequestTimeout(ControlTag):
 # --------------------------------------------------------------------------- API
 
 
-class AlreadyRunning(Exception):
-    """A live daemon answers on the socket path; `pid` is its pid if it said."""
+class SocketUnusable(Exception):
+    """The control socket cannot be set up at its path; the message says why, for a user."""
 
-    def __init__(self, path: Path, pid: int | None) -> None:
+
+class AlreadyRunning(SocketUnusable):
+    """A live process listens on the socket path: `pid` and `uid` from SO_PEERCRED.
+
+    `is_supd` tells whether it answered `pid` like a supd (with its own pid).
+    """
+
+    def __init__(
+        self, path: Path, pid: int | None, uid: int | None = None, is_supd: bool = True
+    ) -> None:
         who = f"pid {pid}" if pid is not None else "pid unknown"
-        super().__init__(f"supd is already running on {path} ({who})")
+        if uid is not None:
+            who += f", uid {uid}"
+        if is_supd:
+            message = f"supd is already running on {path} ({who})"
+        else:
+            message = f"{path} is held by another program ({who}), which does not answer as supd"
+        super().__init__(message)
         self.path = path
         self.pid = pid
+        self.uid = uid
+        self.is_supd = is_supd
 
 
 class CommandHandler(Protocol):
@@ -285,41 +302,79 @@ def peer_has_closed(sock: socket.socket) -> bool:
 
 
 def _make_parents(folder: Path) -> None:
-    """Create the missing folders of `folder`, each with mode 0700."""
+    """Create the missing folders of `folder`, each with mode 0700.
+
+    The umask, not a chmod after mkdir, gives the mode: a chmod by path could follow a
+    symlink put there in between.
+    """
     missing = []
     while not folder.exists():
         missing.append(folder)
         if folder.parent == folder:
             break
         folder = folder.parent
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-            os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+    old_umask = os.umask(0o077)
+    try:
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+    finally:
+        os.umask(old_umask)
 
 
-def _probe(path: Path) -> tuple[bool, int | None]:
-    """Is a daemon listening on `path`, and what is its pid? Blocking, bounded."""
+def untrusted_folder_problem(folder: Path) -> str | None:
+    """Why `folder` can't hold our socket, or None: someone else could replace it there.
+
+    Fine: owned by root or by us, and writable by nobody else (others, or a group other
+    than root's and ours); or sticky (like /tmp), where others can't rename our file.
+    """
+    st = os.stat(folder)  # a symlinked folder (/var/run -> /run) is judged by its target
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{folder} is not a folder"
+    if st.st_mode & stat.S_ISVTX:
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (0, os.geteuid()):
+        return f"the folder {folder} belongs to uid {st.st_uid} (mode {mode:04o})"
+    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid())):
+        return f"the folder {folder} is writable by others (mode {mode:04o}) and not sticky"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _ProbeResult:
+    alive: bool
+    pid: int | None = None  # SO_PEERCRED: who holds the socket
+    uid: int | None = None
+    is_supd: bool = False  # it answered `pid` with its own pid
+
+
+def _probe(path: Path) -> _ProbeResult:
+    """Does a process listen on `path`: who (SO_PEERCRED), and is it a supd? Bounded."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(PROBE_TIMEOUT_S)
         try:
             sock.connect(os.fspath(path))
         except (ConnectionRefusedError, FileNotFoundError):
-            return False, None  # stale: nobody listens
+            return _ProbeResult(alive=False)  # stale: nobody listens
         except OSError:
-            return True, None  # e.g. a full accept backlog: someone is there
+            return _ProbeResult(alive=True)  # e.g. a full accept backlog: someone is there
+        try:
+            pid, uid, _gid = peer_credentials(sock)
+        except OSError:
+            return _ProbeResult(alive=True)
         try:
             sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"pid","params":{}}\n')
             answer = b""
-            while b"\n" not in answer:
+            while b"\n" not in answer and len(answer) < 4096:
                 chunk = sock.recv(4096)
                 if not chunk:
                     break
                 answer += chunk
-            pid = json.loads(answer.split(b"\n", 1)[0])["result"]["pid"]
+            claimed = json.loads(answer.split(b"\n", 1)[0])["result"]["pid"]
         except (OSError, ValueError, KeyError, TypeError):
-            return True, None
-        return True, pid if isinstance(pid, int) else None
+            claimed = None
+        return _ProbeResult(True, pid, uid, is_supd=claimed == pid)
 
 
 # --------------------------------------------------------------------------- server
@@ -378,8 +433,9 @@ class ControlServer:
     def open(self) -> None:
         """Create (or adopt) the listening socket and register everything.
 
-        Raises AlreadyRunning if a live daemon answers on `path`, LookupError for an
-        unknown group, OSError for the rest.
+        Raises AlreadyRunning if a live process listens on `path`, SocketUnusable with a
+        message for the user if the socket can't be made there (unknown group, a file
+        in the way, an untrusted folder, an OS error).
         """
         if self._listener is not None:
             raise RuntimeError("the control server is already open")
@@ -389,7 +445,15 @@ class ControlServer:
             listener = socket.socket(fileno=self._listen_fd)
             os.set_inheritable(listener.fileno(), False)
         else:
-            listener = self._bind()
+            try:
+                listener = self._bind()
+            except SocketUnusable:
+                raise
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise SocketUnusable(
+                    f"cannot create the control socket at {self.path}: {reason}"
+                ) from exc
         listener.setblocking(False)
         self._listener = listener
         try:
@@ -461,17 +525,24 @@ class ControlServer:
 
     # -- creating the socket ------------------------------------------------------
 
-    @staticmethod
-    def _resolve_group(group: str) -> int:
+    def _resolve_group(self, group: str) -> int:
         try:
             return grp.getgrnam(group).gr_gid
         except KeyError:
-            if group.isdigit():
+            if group.isascii() and group.isdigit():
                 return int(group)
-            raise LookupError(f"unknown group {group!r} for the control socket") from None
+            raise SocketUnusable(
+                f"cannot create the control socket at {self.path}: unknown group {group!r}"
+            ) from None
 
     def _bind(self) -> socket.socket:
         _make_parents(self.path.parent)
+        problem = untrusted_folder_problem(self.path.parent)
+        if problem is not None:
+            raise SocketUnusable(
+                f"cannot create the control socket at {self.path}: {problem}; "
+                "use a folder only root or supd's user can write to"
+            )
         for attempt in (1, 2):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
@@ -493,10 +564,10 @@ class ControlServer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _bind_restricted(self, sock: socket.socket) -> None:
-        # The socket file is born with mode 0000, so nobody can connect before the
-        # chown/chmod below: there is no window with looser permissions. (The umask is
-        # process-wide; the daemon is single-threaded.)
-        old_umask = os.umask(0o777)
+        # The umask gives the socket file its final mode as bind creates it: no chmod
+        # by path afterwards, which could follow a symlink swapped in meanwhile. (The
+        # umask is process-wide; the daemon is single-threaded.)
+        old_umask = os.umask(0o777 & ~self._mode)
         try:
             sock.bind(os.fspath(self.path))
         finally:
@@ -506,8 +577,7 @@ class ControlServer:
 
     def _set_owner_and_mode(self) -> None:
         if self._group_gid is not None:
-            os.chown(self.path, -1, self._group_gid)
-        os.chmod(self.path, self._mode)
+            os.chown(self.path, -1, self._group_gid, follow_symlinks=False)
 
     def _remove_stale_socket(self) -> None:
         try:
@@ -515,10 +585,13 @@ class ControlServer:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket", str(self.path))
-        alive, pid = _probe(self.path)
-        if alive:
-            raise AlreadyRunning(self.path, pid)
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a socket"
+            raise SocketUnusable(
+                f"cannot create the control socket at {self.path}: it exists and is {kind}"
+            )
+        found = _probe(self.path)
+        if found.alive:
+            raise AlreadyRunning(self.path, found.pid, found.uid, found.is_supd)
         self._log.info("stale_socket_removed", path=str(self.path))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

@@ -29,7 +29,7 @@ from typing import Any
 from . import __version__, activation, daemonlog, linux, notify, spawn
 from .commands import Commands
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
-from .control import AlreadyRunning, ControlServer
+from .control import ControlServer, SocketUnusable
 from .logs import LogSink, PipeReader
 from .process import (
     DOWN_STATES,
@@ -188,7 +188,7 @@ class Daemon:
     def setup(self, listen_fd: int | None = None) -> None:
         """Open the control socket, take over the signals, start the autostart programs.
 
-        Raises AlreadyRunning when another supd serves the socket.
+        Raises SocketUnusable (AlreadyRunning when another supd serves the socket).
         """
         settings = self.config.supervisor
         self.control = ControlServer(
@@ -774,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.setup(listen_fd)
         return daemon.run()
-    except AlreadyRunning as exc:
+    except SocketUnusable as exc:  # another supd on the path, a file in the way...
         print(f"supd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     finally:

@@ -37,6 +37,7 @@ from supd.control import (
     ControlServer,
     ControlTag,
     Responder,
+    SocketUnusable,
 )
 from supd.protocol import (
     ActionResult,
@@ -881,7 +882,7 @@ def test_socket_mode_and_group_are_applied(sock_path: Path) -> None:
 
 
 def test_unknown_group_fails_open(sock_path: Path) -> None:
-    with pytest.raises(LookupError, match="no-such-group-here"):
+    with pytest.raises(SocketUnusable, match="unknown group 'no-such-group-here'"):
         ServerLoop(sock_path, group="no-such-group-here").start()
 
 
@@ -911,7 +912,7 @@ def test_live_socket_is_refused_with_already_running(served: ServerLoop) -> None
 
 def test_a_file_that_is_not_a_socket_is_left_alone(sock_path: Path) -> None:
     sock_path.write_text("precious")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SocketUnusable, match="it exists and is not a socket"):
         ServerLoop(sock_path).start()
     assert sock_path.read_text() == "precious"
 
