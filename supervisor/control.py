@@ -396,6 +396,8 @@ class ControlServer:
         max_line: int = 1 << 20,
         max_output: int = 4 << 20,
         request_timeout: float = REQUEST_TIMEOUT_S,
+        max_per_uid: int | None = None,
+        reserved: int | None = None,
         log: Any = None,
     ) -> None:
         self.path = Path(path)
@@ -408,8 +410,10 @@ class ControlServer:
         self._max_line = max_line
         self._max_output = max_output
         self._request_timeout = request_timeout
-        self._uid_limit = max(1, max_connections // UID_SHARE)
-        self._reserve = min(PRIVILEGED_RESERVE, max_connections // 8)
+        # Defaults: a quarter of the cap per uid; 16 (at most an eighth) kept for root.
+        self._uid_limit = max_per_uid or max(1, max_connections // UID_SHARE)
+        default_reserve = min(PRIVILEGED_RESERVE, max_connections // 8)
+        self._reserve = default_reserve if reserved is None else reserved
         self._per_uid: Counter[int] = Counter()
         # (deadline, conn_id) in deadline order: every deadline is now + one constant.
         self._deadlines: deque[tuple[float, int]] = deque()
@@ -860,6 +864,8 @@ class ControlServer:
     def _end_of_input(self, conn: _Client) -> None:
         conn.reading = False
         conn.inbuf.clear()  # an unfinished last line can't be a request any more
+        if conn.served:
+            conn.deadline = None  # nothing more can come: it only waits for its answers
         if peer_has_closed(conn.sock):
             self._close(conn)
             return

@@ -1119,10 +1119,9 @@ def test_one_uid_gets_a_share_of_the_cap_and_root_always_a_slot() -> None:
 def test_the_last_slots_are_kept_for_root() -> None:
     with traversable_socket_dir() as folder:
         path = folder / "supd.sock"
-        # A cap of 16 keeps 2 slots for root; two users of the group take the rest.
-        with ServerLoop(path, mode=0o666, max_connections=16) as loop:
-            loop.call(lambda: setattr(loop.server, "_uid_limit", 16))  # one uid, many slots
-            loop.call(lambda: setattr(loop.server, "_group_gid", 65534))
+        # A cap of 16 keeps 2 slots for root (the default); nobody may take all the rest.
+        options = {"max_connections": 16, "max_per_uid": 16}
+        with ServerLoop(path, mode=0o660, group="nogroup", **options) as loop:
             holder = subprocess.Popen(
                 [os.fspath(SYSTEM_PYTHON), "-I", "-c", NOBODY_HOLDER, os.fspath(path), "15"],
                 user="nobody",
@@ -1143,3 +1142,24 @@ def test_the_last_slots_are_kept_for_root() -> None:
                 holder.kill()
                 holder.wait()
         assert loop.error is None
+
+
+def test_a_half_closed_client_waiting_for_an_answer_outlives_the_timeout(
+    sock_path: Path,
+) -> None:
+    with ServerLoop(sock_path, request_timeout=0.2) as loop:
+        loop.call(lambda: setattr(loop.handler, "hold", True))
+        with RpcClient(sock_path) as client:
+            client.request("pid", request_id=7)
+            client.send(b'{"jsonrpc": "2.0", "id": 8')  # never finished...
+            client.sock.shutdown(socket.SHUT_WR)  # ...because the client is done sending
+            wait_until(lambda: held_count(loop) == 1)
+            with RpcClient(sock_path) as silent:  # connected later, so its deadline is too
+                assert silent.read_until_eof() == []  # the timeout closed it
+            assert loop.call(loop.handler.release) == 1
+            assert client.read_until_eof() == [
+                {"jsonrpc": "2.0", "id": 7, "result": {"pid": os.getpid()}}
+            ]
+        dropped = wait_until(lambda: loop.events("client_dropped"))
+        assert [e["conn"] for e in dropped] == [2]  # the silent one only
+    assert loop.error is None
