@@ -50,7 +50,7 @@ _SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical":
 
 MAX_PENDING: Final = 1 << 20  # bytes waiting for a slow reader of supd's stderr
 EXIT_FLUSH_S: Final = 1.0  # at exit, how long the pending lines may wait for the reader
-BURST: Final = 10  # identical events written per window...
+BURST: Final = 20  # identical events written per window...
 WINDOW_S: Final = 1.0  # ...the rest of the window's are counted, not written
 
 # Errors that mean "no room right now": drop the event, count it, try again next time.

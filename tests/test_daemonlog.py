@@ -151,23 +151,42 @@ def test_rate_limiter_lets_a_burst_through_then_counts() -> None:
     assert reported == [("client_refused", None, 3)]
 
 
-def test_json_timestamps_are_utc_with_z(capsys: pytest.CaptureFixture[str]) -> None:
-    class Stream:
-        lines: list[str] = []
+class ListStream:
+    """A text stream without a file descriptor, keeping what is written."""
 
-        def write(self, text: str) -> None:
-            self.lines.append(text)
+    def __init__(self) -> None:
+        self.lines: list[str] = []
 
-        def flush(self) -> None:
-            pass
+    def write(self, text: str) -> None:
+        self.lines.append(text)
 
-        def isatty(self) -> bool:
-            return False
+    def flush(self) -> None:
+        pass
 
-        def fileno(self) -> int:
-            raise OSError("no fd")
+    def isatty(self) -> bool:
+        return False
 
-    stream = Stream()
+    def fileno(self) -> int:
+        raise OSError("no fd")
+
+
+def test_a_log_call_never_raises_into_the_caller() -> None:
+    class Unprintable:
+        def __repr__(self) -> str:
+            raise RuntimeError("a bug in a __repr__")
+
+    stream = ListStream()
+    try:
+        daemonlog.configure("json", "info", stream=stream, environ={})  # type: ignore[arg-type]
+        daemonlog.get_logger().info("weird", value=Unprintable())  # must not raise
+        daemonlog.get_logger().info("fine")
+        assert [json.loads(line)["event"] for line in stream.lines] == ["fine"]
+    finally:
+        structlog.reset_defaults()
+
+
+def test_json_timestamps_are_utc_with_z() -> None:
+    stream = ListStream()
     try:
         daemonlog.configure("json", "info", stream=stream, environ={})  # type: ignore[arg-type]
         daemonlog.get_logger().info("hello")
