@@ -133,27 +133,37 @@ class SocketUnusable(Exception):
     """The control socket cannot be set up at its path; the message says why, for a user."""
 
 
-class AlreadyRunning(SocketUnusable):
-    """A live process listens on the socket path: `pid` and `uid` from SO_PEERCRED.
+NOT_ASKED: Final = -1  # a probe that could not ask the listener for its pid
 
-    `is_supd` tells whether it answered `pid` like a supd (with its own pid).
+
+class AlreadyRunning(SocketUnusable):
+    """A live process listens on the socket path: `pid` and `uid` as the kernel reports
+    them (SO_PEERCRED), `claimed` the pid it gave when asked like a supd (None: it did
+    not answer as one; NOT_ASKED: we could not ask). Only the kernel's word is trusted;
+    a claim is quoted.
     """
 
     def __init__(
-        self, path: Path, pid: int | None, uid: int | None = None, is_supd: bool = True
+        self,
+        path: Path,
+        pid: int | None,
+        uid: int | None = None,
+        claimed: int | None = NOT_ASKED,
     ) -> None:
         who = f"pid {pid}" if pid is not None else "pid unknown"
         if uid is not None:
             who += f", uid {uid}"
-        if is_supd:
+        if claimed == NOT_ASKED or (claimed is not None and claimed == pid):
             message = f"supd is already running on {path} ({who})"
-        else:
+        elif claimed is None:
             message = f"{path} is held by another program ({who}), which does not answer as supd"
+        else:
+            message = f"{path} is held by {who}, which claims to be supd with pid {claimed}"
         super().__init__(message)
         self.path = path
         self.pid = pid
         self.uid = uid
-        self.is_supd = is_supd
+        self.claimed = claimed
 
 
 class CommandHandler(Protocol):
@@ -346,7 +356,7 @@ class _ProbeResult:
     alive: bool
     pid: int | None = None  # SO_PEERCRED: who holds the socket
     uid: int | None = None
-    is_supd: bool = False  # it answered `pid` with its own pid
+    claimed: int | None = NOT_ASKED  # the pid it gave when asked like a supd
 
 
 def _probe(path: Path) -> _ProbeResult:
@@ -374,7 +384,7 @@ def _probe(path: Path) -> _ProbeResult:
             claimed = json.loads(answer.split(b"\n", 1)[0])["result"]["pid"]
         except (OSError, ValueError, KeyError, TypeError):
             claimed = None
-        return _ProbeResult(True, pid, uid, is_supd=claimed == pid)
+        return _ProbeResult(True, pid, uid, claimed if isinstance(claimed, int) else None)
 
 
 # --------------------------------------------------------------------------- server
@@ -595,7 +605,7 @@ class ControlServer:
             )
         found = _probe(self.path)
         if found.alive:
-            raise AlreadyRunning(self.path, found.pid, found.uid, found.is_supd)
+            raise AlreadyRunning(self.path, found.pid, found.uid, found.claimed)
         self._log.info("stale_socket_removed", path=str(self.path))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

@@ -194,8 +194,8 @@ def test_an_impostor_on_the_socket_path(tmp_path: Path) -> None:
         done = supd_run(config)
         assert done.returncode == 2
         assert done.stderr.strip() == (
-            f"supd: {path} is held by another program (pid {impostor.pid}, uid 65534), "
-            "which does not answer as supd"
+            f"supd: {path} is held by pid {impostor.pid}, uid 65534, "
+            "which claims to be supd with pid 1"
         )
         # supctl, as root, does not talk to it...
         ctl = run("-m", "supd.ctl", "-s", str(path), "status", cwd=tmp_path)
