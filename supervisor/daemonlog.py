@@ -315,7 +315,8 @@ class RateLimiter:
         self._windows: dict[tuple[Any, ...], _Window] = {}
         self._next_report = float("inf")  # earliest end of a window with suppressed events
         self._reporting = False
-        self.report: Callable[[str, Any, int], None] | None = None  # logs the leftovers
+        # Logs the leftovers: (event, process, count, the fields that made them identical).
+        self.report: Callable[[str, Any, int, dict[str, Any]], None] | None = None
 
     def __call__(
         self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]
@@ -366,8 +367,9 @@ class RateLimiter:
             return
         self._reporting = True
         try:
-            for (_method, event, process, *_fields), count in leftovers:
-                self.report(str(event), process, count)
+            for (_method, event, process, *fields), count in leftovers:
+                like = {k: v for k, v in fields if k not in ("process", "level")}
+                self.report(str(event), process, count, like)
         finally:
             self._reporting = False
 
@@ -454,8 +456,8 @@ def configure(
     )
     if isinstance(writer, LogWriter):
         writer.announce = lambda count: get_logger().warning("log_events_dropped", count=count)
-    limiter.report = lambda event, process, count: get_logger().warning(
-        "log_events_suppressed", suppressed_event=event, process=process, count=count
+    limiter.report = lambda event, process, count, like: get_logger().warning(
+        "log_events_suppressed", suppressed_event=event, process=process, count=count, like=like
     )
     _limiter = limiter
     _writer = writer

@@ -129,8 +129,8 @@ def test_writer_counts_enospc_and_keeps_trying() -> None:
 def test_rate_limiter_lets_a_burst_through_then_counts() -> None:
     now = [100.0]
     limiter = daemonlog.RateLimiter(burst=3, window_s=1.0, clock=lambda: now[0])
-    reported: list[tuple[str, Any, int]] = []
-    limiter.report = lambda event, process, count: reported.append((event, process, count))
+    reported: list[tuple[str, Any, int, dict[str, Any]]] = []
+    limiter.report = lambda *args: reported.append(args)
 
     def passes(event: str, **kw: Any) -> dict[str, Any] | None:
         try:
@@ -138,17 +138,18 @@ def test_rate_limiter_lets_a_burst_through_then_counts() -> None:
         except structlog.DropEvent:
             return None
 
-    written = [passes("client_refused", pid=n) for n in range(10)]
+    written = [passes("client_refused", pid=n, uid=65534) for n in range(10)]
     assert sum(w is not None for w in written) == 3
     assert passes("other") is not None  # another event is not limited by this one
     now[0] += 1.5
-    again = passes("client_refused", pid=99)
+    again = passes("client_refused", pid=99, uid=65534)
     assert again is not None and again["suppressed"] == 7
     for n in range(5):
-        passes("client_refused", pid=n)
+        passes("client_refused", pid=n, uid=65534)
+    assert passes("client_refused", pid=1, uid=1000) is not None  # another uid: not identical
     now[0] += 1.5
     passes("unrelated")  # any event reports what a finished window suppressed
-    assert reported == [("client_refused", None, 3)]
+    assert reported == [("client_refused", None, 3, {"uid": 65534})]
 
 
 class ListStream:
