@@ -58,11 +58,13 @@ from __future__ import annotations
 import difflib
 import functools
 import glob
+import grp
 import json
 import os
 import re
 import shlex
 import signal
+import stat
 import string
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -112,6 +114,9 @@ DEFAULT_LOG_MAXBYTES = 50 * 1024 * 1024
 DEFAULT_LOG_BACKUPS = 10
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
+# numprocs bounds: 200,000 processes froze the loop for 2.5 s and made a 40 MB status.
+MAX_NUMPROCS = 1000  # per program
+MAX_PROCESSES = 10000  # in all programs together
 
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group"})
@@ -208,7 +213,7 @@ def _parse_byte_size(value: object) -> object:
 
 def _parse_signal(value: object) -> object:
     """'TERM', 'SIGTERM', 'term', '15' or 15 -> 15; other types pass through."""
-    if isinstance(value, str) and not value.strip().isdigit():
+    if isinstance(value, str) and not (value.strip().isascii() and value.strip().isdigit()):
         try:
             return signals.parse(value)
         except ValueError:
@@ -471,6 +476,24 @@ class SupervisorConfig(BaseModel):
             )
         return value
 
+    @field_validator("socket")
+    @classmethod
+    def _socket_path_usable(cls, value: Path) -> Path:
+        problem = _socket_path_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("socket_group")
+    @classmethod
+    def _socket_group_exists(cls, value: str | None) -> str | None:
+        if value is not None and not (value.isascii() and value.isdigit()):
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ValueError(f"unknown group {value!r}") from None
+        return value
+
     @field_validator("socket_mode", mode="before")
     @classmethod
     def _parse_mode(cls, value: Any) -> Any:
@@ -492,6 +515,35 @@ class SupervisorConfig(BaseModel):
         return tuple(value) if isinstance(value, list) else value
 
 
+def _socket_path_problem(path: Path) -> str | None:
+    """What the file system already says against binding a socket at `path` (the rest,
+    such as permissions or a folder that can't be created, shows only at start-up)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        return f"cannot use {path}: {exc.strerror}"
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            return f"{path} is a folder, not a socket"
+        if not stat.S_ISSOCK(st.st_mode):
+            return f"{path} exists and is not a socket"
+        return None
+    folder = path.parent
+    while True:  # the nearest existing ancestor must be a folder
+        try:
+            st = os.stat(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            folder = folder.parent
+            continue
+        except OSError as exc:
+            return f"cannot use {folder}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{folder} is not a folder"
+        return None
+
+
 def _default_socket(context: _Context) -> Path:
     return Path(facts.socket_path(str(context.base_dir), None, context.environ))
 
@@ -508,7 +560,7 @@ class ProgramConfig(BaseModel):
 
     name: str
     command: tuple[str, ...]
-    numprocs: int = Field(default=1, ge=1)
+    numprocs: int = Field(default=1, ge=1, le=MAX_NUMPROCS)
     numprocs_start: int = Field(default=0, ge=0)
     process_name: NonEmptyStr | None = None  # template; None: see default_process_name()
     # Set by the loader from [groups.NAME], never written in a [programs.NAME] table.
@@ -1222,6 +1274,21 @@ class _Loader:
                     break
                 owners[name] = program.name
 
+    def check_process_total(self) -> None:
+        """At most MAX_PROCESSES in all; named at the program that goes over."""
+        total = 0
+        for program in self.programs.values():
+            total += program.numprocs
+            if total > MAX_PROCESSES:
+                key = ("programs", program.name, "numprocs")
+                message = (
+                    f"the programs make {sum(p.numprocs for p in self.programs.values())} "
+                    f"processes in all, more than the limit of {MAX_PROCESSES} (this one "
+                    f"takes it over)"
+                )
+                self.problems.append(self.documents[program.name].problem(key, message))
+                return
+
     def check_log_files_unshared(self) -> None:
         writers: dict[Path, str] = {}
         for program in self.programs.values():
@@ -1293,6 +1360,7 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     loader.check_groups()
     loader.check_names_unique()
     loader.check_log_files_unshared()
+    loader.check_process_total()
     problems.extend(loader.problems)
     problems = _without_duplicates_of(hints, problems)
     if problems or supervisor is None:

@@ -30,6 +30,13 @@ Rules that keep one client from hurting the loop or the others:
 - Out of fds (EMFILE/ENFILE on accept), the listener is paused and a short oneshot
   timer resumes it, instead of spinning on a listener that stays readable.
 - Idle connections cost nothing per loop iteration: nothing iterates over them.
+- A connection must send a complete valid request within `request_timeout` (10 s) of
+  connecting, and finish any later line within as long; one that doesn't is closed, so
+  slowloris clients cannot hold the slots. A connection with nothing unfinished (a
+  `tail -f` after its request) may stay as long as it likes. All deadlines share one
+  timerfd, set for the earliest.
+- Of `max_connections` (512), one unprivileged uid may hold a quarter; the last 16
+  slots are for root and supd's own user only, so they always get in.
 
 Disconnects and half-closes. A peer that closes its socket is dropped at once: its
 responders become `closed`, pending operations go on (a `start` still starts), and
@@ -52,7 +59,8 @@ import select
 import socket
 import stat
 import struct
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +77,11 @@ ACCEPTS_PER_WAKEUP: Final = 64
 COMMANDS_PER_RING: Final = 64  # the rest ring the doorbell again
 ACCEPT_RETRY_MS: Final = 100
 PROBE_TIMEOUT_S: Final = 1.0  # asking a live daemon on our path for its pid
+REQUEST_TIMEOUT_S: Final = 10.0  # to send a first complete request, or finish a line
+# Of the connection cap: what one unprivileged uid may hold, and what only root and
+# supd's own user may use (so they always get in, whoever floods the socket).
+UID_SHARE: Final = 4  # one uid: at most 1/4 of the cap
+PRIVILEGED_RESERVE: Final = 16  # at most this many, and at most 1/8 of the cap
 
 # accept() errors that mean "no resources now": pause rather than spin.
 _RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -109,17 +122,49 @@ class AcceptRetry(ControlTag):
     """The pause after EMFILE/ENFILE is over: accept again."""
 
 
+@dataclass(frozen=True, slots=True)
+class RequestTimeout(ControlTag):
+    """The earliest request deadline has passed: close the connections that missed it."""
+
+
 # --------------------------------------------------------------------------- API
 
 
-class AlreadyRunning(Exception):
-    """A live daemon answers on the socket path; `pid` is its pid if it said."""
+class SocketUnusable(Exception):
+    """The control socket cannot be set up at its path; the message says why, for a user."""
 
-    def __init__(self, path: Path, pid: int | None) -> None:
+
+NOT_ASKED: Final = -1  # a probe that could not ask the listener for its pid
+
+
+class AlreadyRunning(SocketUnusable):
+    """A live process listens on the socket path: `pid` and `uid` as the kernel reports
+    them (SO_PEERCRED), `claimed` the pid it gave when asked like a supd (None: it did
+    not answer as one; NOT_ASKED: we could not ask). Only the kernel's word is trusted;
+    a claim is quoted.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        pid: int | None,
+        uid: int | None = None,
+        claimed: int | None = NOT_ASKED,
+    ) -> None:
         who = f"pid {pid}" if pid is not None else "pid unknown"
-        super().__init__(f"supd is already running on {path} ({who})")
+        if uid is not None:
+            who += f", uid {uid}"
+        if claimed == NOT_ASKED or (claimed is not None and claimed == pid):
+            message = f"supd is already running on {path} ({who})"
+        elif claimed is None:
+            message = f"{path} is held by another program ({who}), which does not answer as supd"
+        else:
+            message = f"{path} is held by {who}, which claims to be supd with pid {claimed}"
+        super().__init__(message)
         self.path = path
         self.pid = pid
+        self.uid = uid
+        self.claimed = claimed
 
 
 class CommandHandler(Protocol):
@@ -225,6 +270,7 @@ class _Client:
         "closed",
         "closing",
         "conn_id",
+        "deadline",
         "fd",
         "inbuf",
         "interest",
@@ -235,6 +281,7 @@ class _Client:
         "peer_uid",
         "reading",
         "scan_from",
+        "served",
         "sock",
     )
 
@@ -253,6 +300,8 @@ class _Client:
         self.closing = False  # close as soon as the output is written
         self.closed = False
         self.on_close: list[Callable[[], None]] = []  # e.g. stop following output
+        self.served = False  # a valid request came in: the connection earned its slot
+        self.deadline: float | None = None  # close unless a request completes by then
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -273,41 +322,79 @@ def peer_has_closed(sock: socket.socket) -> bool:
 
 
 def _make_parents(folder: Path) -> None:
-    """Create the missing folders of `folder`, each with mode 0700."""
+    """Create the missing folders of `folder`, each with mode 0700.
+
+    The umask, not a chmod after mkdir, gives the mode: a chmod by path could follow a
+    symlink put there in between.
+    """
     missing = []
     while not folder.exists():
         missing.append(folder)
         if folder.parent == folder:
             break
         folder = folder.parent
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-            os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+    old_umask = os.umask(0o077)
+    try:
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+    finally:
+        os.umask(old_umask)
 
 
-def _probe(path: Path) -> tuple[bool, int | None]:
-    """Is a daemon listening on `path`, and what is its pid? Blocking, bounded."""
+def untrusted_folder_problem(folder: Path) -> str | None:
+    """Why `folder` can't hold our socket, or None: someone else could replace it there.
+
+    Fine: owned by root or by us, and writable by nobody else (others, or a group other
+    than root's and ours); or sticky (like /tmp), where others can't rename our file.
+    """
+    st = os.stat(folder)  # a symlinked folder (/var/run -> /run) is judged by its target
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{folder} is not a folder"
+    if st.st_mode & stat.S_ISVTX:
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (0, os.geteuid()):
+        return f"the folder {folder} belongs to uid {st.st_uid} (mode {mode:04o})"
+    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid())):
+        return f"the folder {folder} is writable by others (mode {mode:04o}) and not sticky"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _ProbeResult:
+    alive: bool
+    pid: int | None = None  # SO_PEERCRED: who holds the socket
+    uid: int | None = None
+    claimed: int | None = NOT_ASKED  # the pid it gave when asked like a supd
+
+
+def _probe(path: Path) -> _ProbeResult:
+    """Does a process listen on `path`: who (SO_PEERCRED), and is it a supd? Bounded."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(PROBE_TIMEOUT_S)
         try:
             sock.connect(os.fspath(path))
         except (ConnectionRefusedError, FileNotFoundError):
-            return False, None  # stale: nobody listens
+            return _ProbeResult(alive=False)  # stale: nobody listens
         except OSError:
-            return True, None  # e.g. a full accept backlog: someone is there
+            return _ProbeResult(alive=True)  # e.g. a full accept backlog: someone is there
+        try:
+            pid, uid, _gid = peer_credentials(sock)
+        except OSError:
+            return _ProbeResult(alive=True)
         try:
             sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"pid","params":{}}\n')
             answer = b""
-            while b"\n" not in answer:
+            while b"\n" not in answer and len(answer) < 4096:
                 chunk = sock.recv(4096)
                 if not chunk:
                     break
                 answer += chunk
-            pid = json.loads(answer.split(b"\n", 1)[0])["result"]["pid"]
+            claimed = json.loads(answer.split(b"\n", 1)[0])["result"]["pid"]
         except (OSError, ValueError, KeyError, TypeError):
-            return True, None
-        return True, pid if isinstance(pid, int) else None
+            claimed = None
+        return _ProbeResult(True, pid, uid, claimed if isinstance(claimed, int) else None)
 
 
 # --------------------------------------------------------------------------- server
@@ -328,6 +415,9 @@ class ControlServer:
         max_connections: int = 512,
         max_line: int = 1 << 20,
         max_output: int = 4 << 20,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        max_per_uid: int | None = None,
+        reserved: int | None = None,
         log: Any = None,
     ) -> None:
         self.path = Path(path)
@@ -339,6 +429,16 @@ class ControlServer:
         self._max_connections = max_connections
         self._max_line = max_line
         self._max_output = max_output
+        self._request_timeout = request_timeout
+        # Defaults: a quarter of the cap per uid; 16 (at most an eighth) kept for root.
+        self._uid_limit = max_per_uid or max(1, max_connections // UID_SHARE)
+        default_reserve = min(PRIVILEGED_RESERVE, max_connections // 8)
+        self._reserve = default_reserve if reserved is None else reserved
+        self._per_uid: Counter[int] = Counter()
+        # (deadline, conn_id) in deadline order: every deadline is now + one constant.
+        self._deadlines: deque[tuple[float, int]] = deque()
+        self._deadline_timer: int | None = None
+        self._deadline_armed: float | None = None  # what the timer is set for
         base_log = log if log is not None else structlog.get_logger("supd")
         self._log: Any = base_log.bind(component="control")
         self._listener: socket.socket | None = None
@@ -357,8 +457,9 @@ class ControlServer:
     def open(self) -> None:
         """Create (or adopt) the listening socket and register everything.
 
-        Raises AlreadyRunning if a live daemon answers on `path`, LookupError for an
-        unknown group, OSError for the rest.
+        Raises AlreadyRunning if a live process listens on `path`, SocketUnusable with a
+        message for the user if the socket can't be made there (unknown group, a file
+        in the way, an untrusted folder, an OS error).
         """
         if self._listener is not None:
             raise RuntimeError("the control server is already open")
@@ -368,7 +469,15 @@ class ControlServer:
             listener = socket.socket(fileno=self._listen_fd)
             os.set_inheritable(listener.fileno(), False)
         else:
-            listener = self._bind()
+            try:
+                listener = self._bind()
+            except SocketUnusable:
+                raise
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise SocketUnusable(
+                    f"cannot create the control socket at {self.path}: {reason}"
+                ) from exc
         listener.setblocking(False)
         self._listener = listener
         try:
@@ -386,6 +495,9 @@ class ControlServer:
         # Made now, not when needed: at EMFILE there is no fd left for a timerfd. It
         # fires once shortly after start (ignored) and is re-armed on each pause.
         self._retry_timer = self._selector.register_timer(ACCEPT_RETRY_MS, True, AcceptRetry())
+        self._deadline_timer = self._selector.register_timer(
+            ACCEPT_RETRY_MS, True, RequestTimeout()
+        )
 
     def close(self) -> None:
         """Close the listener and every connection; unlink the socket if we made it.
@@ -398,6 +510,10 @@ class ControlServer:
         if self._retry_timer is not None:
             self._unregister(self._retry_timer)  # closes the timerfd
             self._retry_timer = None
+        if self._deadline_timer is not None:
+            self._unregister(self._deadline_timer)
+            self._deadline_timer = None
+        self._deadlines.clear()
         if self._doorbell is not None:
             self._unregister(self._doorbell)
             self._doorbell.close()
@@ -433,17 +549,24 @@ class ControlServer:
 
     # -- creating the socket ------------------------------------------------------
 
-    @staticmethod
-    def _resolve_group(group: str) -> int:
+    def _resolve_group(self, group: str) -> int:
         try:
             return grp.getgrnam(group).gr_gid
         except KeyError:
-            if group.isdigit():
+            if group.isascii() and group.isdigit():
                 return int(group)
-            raise LookupError(f"unknown group {group!r} for the control socket") from None
+            raise SocketUnusable(
+                f"cannot create the control socket at {self.path}: unknown group {group!r}"
+            ) from None
 
     def _bind(self) -> socket.socket:
         _make_parents(self.path.parent)
+        problem = untrusted_folder_problem(self.path.parent)
+        if problem is not None:
+            raise SocketUnusable(
+                f"cannot create the control socket at {self.path}: {problem}; "
+                "use a folder only root or supd's user can write to"
+            )
         for attempt in (1, 2):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
@@ -465,10 +588,10 @@ class ControlServer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _bind_restricted(self, sock: socket.socket) -> None:
-        # The socket file is born with mode 0000, so nobody can connect before the
-        # chown/chmod below: there is no window with looser permissions. (The umask is
-        # process-wide; the daemon is single-threaded.)
-        old_umask = os.umask(0o777)
+        # The umask gives the socket file its final mode as bind creates it: no chmod
+        # by path afterwards, which could follow a symlink swapped in meanwhile. (The
+        # umask is process-wide; the daemon is single-threaded.)
+        old_umask = os.umask(0o777 & ~self._mode)
         try:
             sock.bind(os.fspath(self.path))
         finally:
@@ -478,8 +601,7 @@ class ControlServer:
 
     def _set_owner_and_mode(self) -> None:
         if self._group_gid is not None:
-            os.chown(self.path, -1, self._group_gid)
-        os.chmod(self.path, self._mode)
+            os.chown(self.path, -1, self._group_gid, follow_symlinks=False)
 
     def _remove_stale_socket(self) -> None:
         try:
@@ -487,10 +609,13 @@ class ControlServer:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket", str(self.path))
-        alive, pid = _probe(self.path)
-        if alive:
-            raise AlreadyRunning(self.path, pid)
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a socket"
+            raise SocketUnusable(
+                f"cannot create the control socket at {self.path}: it exists and is {kind}"
+            )
+        found = _probe(self.path)
+        if found.alive:
+            raise AlreadyRunning(self.path, found.pid, found.uid, found.claimed)
         self._log.info("stale_socket_removed", path=str(self.path))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -515,6 +640,8 @@ class ControlServer:
                 self.run_queued()
             case AcceptRetry():
                 self._resume_accepting()
+            case RequestTimeout():
+                self._deadline_passed()
             case _:
                 self._log.warning("unknown_control_key", data=repr(key.data))
 
@@ -585,15 +712,10 @@ class ControlServer:
             self._log.warning("client_refused", reason="permission denied", uid=uid, pid=pid)
             self._refuse(sock, ErrorCode.PERMISSION_DENIED, "permission denied")
             return
-        if len(self._connections) >= self._max_connections:
-            self._log.warning(
-                "client_refused",
-                reason="too many connections",
-                uid=uid,
-                pid=pid,
-                limit=self._max_connections,
-            )
-            self._refuse(sock, ErrorCode.TOO_MANY_CONNECTIONS, "too many connections")
+        crowded = self._crowded(uid)
+        if crowded is not None:
+            self._log.warning("client_refused", reason=crowded, uid=uid, pid=pid)
+            self._refuse(sock, ErrorCode.TOO_MANY_CONNECTIONS, crowded)
             return
         conn = _Client(self._next_conn_id, sock, pid, uid)
         self._next_conn_id += 1
@@ -604,7 +726,25 @@ class ControlServer:
             sock.close()
             return
         self._connections[conn.conn_id] = conn
+        self._per_uid[uid] += 1
+        self._set_deadline(conn)
         self._log.debug("client_connected", conn=conn.conn_id, uid=uid, pid=pid)
+
+    def _crowded(self, uid: int) -> str | None:
+        """Why a client of `uid` can't have a connection now, or None if it can.
+
+        An unprivileged uid gets at most 1/UID_SHARE of the cap, and the last few slots
+        are kept for root and supd's own user: a flood from one user locks out neither
+        the other users nor the administrator.
+        """
+        total = len(self._connections)
+        if uid == 0 or uid == os.geteuid():
+            return "too many connections" if total >= self._max_connections else None
+        if total >= self._max_connections - self._reserve:
+            return "too many connections"
+        if self._per_uid[uid] >= self._uid_limit:
+            return f"too many connections from uid {uid} (at most {self._uid_limit})"
+        return None
 
     def _authorized(self, uid: int, gid: int) -> bool:
         """root, our own euid, and members of the socket's group (if one is set)."""
@@ -629,6 +769,37 @@ class ControlServer:
         with contextlib.suppress(OSError):
             sock.send(protocol.encode_error(None, code, message), socket.MSG_NOSIGNAL)
         sock.close()
+
+    # -- request deadlines --------------------------------------------------------
+
+    def _set_deadline(self, conn: _Client) -> None:
+        """Close `conn` unless a request completes within the timeout.
+
+        One timerfd for all connections: the deadlines queue up in order (each is now
+        plus the same timeout), and the timer is set for the earliest one.
+        """
+        conn.deadline = time.monotonic() + self._request_timeout
+        self._deadlines.append((conn.deadline, conn.conn_id))
+        if self._deadline_armed is None:
+            self._arm_deadline_timer()
+
+    def _arm_deadline_timer(self) -> None:
+        if not self._deadlines or self._deadline_timer is None:
+            self._deadline_armed = None
+            return
+        due = self._deadlines[0][0]
+        delay_ms = max(1, int((due - time.monotonic()) * 1000) + 1)
+        self._selector.rearm_timer(self._deadline_timer, delay_ms, True)
+        self._deadline_armed = due
+
+    def _deadline_passed(self) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            due, conn_id = self._deadlines.popleft()
+            conn = self._connections.get(conn_id)
+            if conn is not None and conn.deadline == due:  # else: met, or re-set later
+                self._close(conn, f"no complete request within {self._request_timeout:g} s")
+        self._arm_deadline_timer()
 
     # -- reading ------------------------------------------------------------------
 
@@ -676,6 +847,10 @@ class ControlServer:
             self._too_large(conn)  # no newline in sight: don't buffer more
             return
         conn.scan_from = len(buf)
+        if conn.served and not buf:
+            conn.deadline = None  # nothing unfinished: it may stay, e.g. for tail -f
+        elif conn.deadline is None:
+            self._set_deadline(conn)  # a new line started: it has a while to finish it
 
     def _take_line(self, conn: _Client, line: bytes) -> None:
         if not line.strip():
@@ -689,6 +864,7 @@ class ControlServer:
                 self._send(conn, parsed.encode())
             return
         conn.outstanding += 1
+        conn.served = True
         self._queue.append((parsed, Responder(self, conn, parsed)))
         self._ring()
 
@@ -708,6 +884,8 @@ class ControlServer:
     def _end_of_input(self, conn: _Client) -> None:
         conn.reading = False
         conn.inbuf.clear()  # an unfinished last line can't be a request any more
+        if conn.served:
+            conn.deadline = None  # nothing more can come: it only waits for its answers
         if peer_has_closed(conn.sock):
             self._close(conn)
             return
@@ -790,7 +968,11 @@ class ControlServer:
             return
         conn.closed = True
         conn.reading = False
+        conn.deadline = None
         del self._connections[conn.conn_id]
+        self._per_uid[conn.peer_uid] -= 1
+        if not self._per_uid[conn.peer_uid]:
+            del self._per_uid[conn.peer_uid]
         with contextlib.suppress(KeyError):
             self._selector.unregister(conn.fd)
         conn.sock.close()

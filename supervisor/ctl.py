@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -198,6 +199,34 @@ def socket_from_config(config_path: str, environ: Mapping[str, str]) -> str:
 # --------------------------------------------------------------------------- the client
 
 
+# What each method's result must look like before supctl uses it: a list of objects
+# with these keys, or an object with these keys (protocol.RESULT_ADAPTERS, in short).
+_RESULT_SHAPES: dict[str, tuple[type, tuple[str, ...]]] = {
+    "status": (list, ("name", "state")),
+    "start": (list, ("name", "ok")),
+    "stop": (list, ("name", "ok")),
+    "restart": (list, ("name", "ok")),
+    "signal": (list, ("name", "ok")),
+    "reload": (dict, ()),
+    "tail": (dict, ("name", "stream", "data")),
+    "pid": (dict, ("pid",)),
+    "version": (dict, ("version", "pid")),
+    "shutdown": (dict, ()),
+}
+
+
+def result_shape_problem(method: str, result: Any) -> str | None:
+    """Why `result` is not a valid answer to `method`, or None."""
+    kind, keys = _RESULT_SHAPES.get(method, (object, ()))
+    if not isinstance(result, kind):
+        return f"the result of {method} should be a JSON {kind.__name__}"
+    items = result if isinstance(result, list) else [result]
+    for item in items:
+        if not isinstance(item, dict) or any(key not in item for key in keys):
+            return f"the result of {method} lacks {', '.join(keys)}"
+    return None
+
+
 def _connect_reason(exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return "no such file (is supd running?)"
@@ -210,13 +239,30 @@ def _connect_reason(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
+def peer_uid_problem(sock: socket.socket, trusted: Sequence[int] = ()) -> str | None:
+    """Why not to talk to the process behind `sock`, or None (SO_PEERCRED).
+
+    root and our own user are trusted; anyone else could have put a socket at the path
+    (an impostor) unless `--trust-uid` names them.
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", raw)
+    if uid in (0, os.geteuid()) or uid in trusted:
+        return None
+    return (
+        f"it is served by uid {uid} (pid {pid}), neither root nor you: "
+        f"if that is supd, pass --trust-uid {uid}"
+    )
+
+
 class Client:
     """A blocking JSON-RPC client on one connection.
 
     `timeout_s` bounds each wait on an unresponsive daemon (connecting, or a probe's
     answer). A call waits for its answer as long as supd keeps answering probes, or
     until `limit_s` (--timeout); `progress` is updated after each good probe and
-    cleared when the call ends.
+    cleared when the call ends. `trusted_uids`: besides root and the caller, the
+    uids a daemon may run as (--trust-uid).
     """
 
     def __init__(
@@ -226,11 +272,13 @@ class Client:
         *,
         limit_s: float | None = None,
         progress: Progress | None = None,
+        trusted_uids: Sequence[int] = (),
     ) -> None:
         self.path = path
         self.timeout_s = timeout_s
         self.limit_s = limit_s
         self.progress = progress
+        self.trusted_uids = tuple(trusted_uids)
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
         self._next_id = 1
@@ -255,6 +303,13 @@ class Client:
         except OSError as exc:
             sock.close()
             raise Unreachable(self.path, _connect_reason(exc)) from None
+        try:
+            distrust = peer_uid_problem(sock, self.trusted_uids)
+        except OSError as exc:
+            distrust = f"cannot tell who serves it ({exc.strerror})"
+        if distrust is not None:
+            sock.close()
+            raise Unreachable(self.path, distrust)
         self._sock = sock
 
     def call(self, method: str, params: dict[str, Any] | None = None, probe: bool = True) -> Any:
@@ -303,12 +358,16 @@ class Client:
             if "method" in message:
                 continue  # a notification from an earlier follow: not our answer
             if message.get("id") in (request_id, None):
-                return self._unwrap(message)
+                result = self._unwrap(message)
+                problem = result_shape_problem(method, result)
+                if problem is not None:
+                    raise Unreachable(self.path, f"invalid answer ({problem})")
+                return result
 
     def _probe(self) -> None:
         """Unreachable unless supd answers a `version` call within PROBE_TIMEOUT_S."""
         try:
-            with Client(self.path, PROBE_TIMEOUT_S) as prober:
+            with Client(self.path, PROBE_TIMEOUT_S, trusted_uids=self.trusted_uids) as prober:
                 prober.call("version", probe=False)
         except Unreachable as exc:
             raise Unreachable(self.path, f"supd stopped answering ({exc.reason})") from None
@@ -663,6 +722,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up (exit 5) after S seconds without an answer (0: never); by default "
         "supctl waits as long as supd is working on the request and answering probes",
     )
+    parser.add_argument(
+        "--trust-uid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="also talk to a daemon running as this uid (default: only root or you)",
+    )
     parser.add_argument("--version", action="version", version=f"supctl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -757,6 +824,7 @@ class Session:
         self.parser = parser
         self.socket_path = socket_path
         self.timeout_s: float | None = args.timeout or None  # 0: no bound either
+        self.trusted_uids: list[int] = list(getattr(args, "trust_uid", []) or [])
         self.out = out
         self.err = err
         self.colour = wants_colour(out, os.environ)
@@ -770,7 +838,11 @@ class Session:
         progress = Progress(self.err, _describe_command(args)) if _isatty(self.err) else None
         try:
             with Client(
-                self.socket_path, connect_s, limit_s=self.timeout_s, progress=progress
+                self.socket_path,
+                connect_s,
+                limit_s=self.timeout_s,
+                progress=progress,
+                trusted_uids=self.trusted_uids,
             ) as client:
                 status: int = args.handler(client, args, output)
                 return status
@@ -783,6 +855,14 @@ class Session:
         except TimedOut as exc:
             output.failure("timed_out", str(exc))
             return EXIT_TIMED_OUT
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            # An answer of the wrong shape (an impostor, a different program on the
+            # socket): a message, never a traceback.
+            output.failure(
+                "unreachable",
+                f"invalid answer from {self.socket_path}: {type(exc).__name__}: {exc}",
+            )
+            return EXIT_UNREACHABLE
         except RpcError as exc:
             output.failure(exc.code, exc.message, exc.data)
             return EXIT_USAGE if exc.code == INVALID_PARAMS else EXIT_FAILED
@@ -967,7 +1047,9 @@ class Completer:
     def process_names(self) -> list[str]:
         """Processes and their programs, asked from the daemon (nothing if it is away)."""
         try:
-            with Client(self.session.socket_path, 2.0) as client:
+            with Client(
+                self.session.socket_path, 2.0, trusted_uids=self.session.trusted_uids
+            ) as client:
                 rows = client.call("status", probe=False)
         except (Unreachable, RpcError):
             return []

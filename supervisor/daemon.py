@@ -37,7 +37,7 @@ from typing import Any, assert_never
 from . import __version__, activation, daemonlog, instancelock, linux, notify, spawn
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
-from .control import AlreadyRunning, ControlServer, Responder
+from .control import ControlServer, Responder, SocketUnusable
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
 from .fleet import (
     Action,
@@ -117,6 +117,11 @@ class OutputTag:
     stream: str
 
 
+@dataclass(frozen=True, slots=True)
+class OwnLogTag:
+    """supd's own log fd is writable again while lines wait for it (see daemonlog)."""
+
+
 # -- what the daemon holds for one process ------------------------------------------------
 
 
@@ -170,7 +175,7 @@ class Daemon:
     def setup(self, listen_fd: int | None = None) -> None:
         """Open the control socket, take over the signals, start the autostart programs.
 
-        Raises AlreadyRunning when another supd serves the socket.
+        Raises SocketUnusable (AlreadyRunning when another supd serves the socket).
         """
         settings = self.config.supervisor
         self.control = ControlServer(
@@ -193,6 +198,7 @@ class Daemon:
         # Made now, once: every process timer runs on it, so no stop, restart or
         # shutdown ever needs a new fd (at EMFILE there would be none).
         self._clock_fd = self.selector.register_timer(1, True, ClockTag())
+        self._watch_own_log()
         interval = self.notifier.watchdog_interval_ms()
         if interval is not None:
             self.selector.register_timer(interval, False, WatchdogTag())
@@ -251,6 +257,8 @@ class Daemon:
                 self._signal_received(signum)
             case WatchdogTag():
                 self.notifier.watchdog()
+            case OwnLogTag():
+                daemonlog.flush()
             case data if self.control is not None and self.control.owns(data):
                 self.control.on_ready(key)
             case _:
@@ -321,6 +329,16 @@ class Daemon:
         if error is not None:
             slot.exec_error = error
             self.log.error("spawn_failed", process=slot.name, pid=child.pid, error=error)
+
+    def _watch_own_log(self) -> None:
+        """Flush supd's own buffered log lines when its stderr becomes writable."""
+        fd = daemonlog.pollable_fd()
+        if fd is None:
+            return
+        self.selector.register_handle(fd, Event(0), OwnLogTag())  # paused until needed
+        daemonlog.watch(
+            lambda waiting: self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
+        )
 
     def _reap_orphans(self) -> None:
         """Reap adopted orphans (we are a subreaper or PID 1) without touching our own.
@@ -686,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.setup(listen_fd)
         return daemon.run()
-    except AlreadyRunning as exc:
+    except SocketUnusable as exc:  # another supd on the path, a file in the way...
         print(f"{error}supd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     finally:

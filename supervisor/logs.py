@@ -36,6 +36,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,7 +57,15 @@ DEFAULT_PIPE_CAPACITY = 64 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FIONREAD = 0x541B  # termios.FIONREAD on Linux; not worth importing termios for
 
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO without a reader would block the loop forever (it fails
+# with ENXIO instead), and writing to a full one would too (EAGAIN: dropped, counted).
+# Regular files ignore the flag.
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
+# How often a sink asks whether its file was deleted under it (one fstat).
+LINK_CHECK_S = 1.0
+# A deleted file's bytes written since the last check are copied into the new file;
+# at most this many (a flood writes fast), the rest counts as dropped.
+MAX_RECOVERED = 4 << 20
 _FILE_MODE = 0o644
 _FOLDER_MODE = 0o755
 
@@ -77,6 +86,23 @@ def _open_log_file(path: Path, truncate: bool) -> tuple[int, os.stat_result]:
     except OSError:
         os.close(fd)
         raise
+
+
+def _copy_range(source_fd: int, target_fd: int, start: int, end: int) -> int:
+    """Copy bytes [start, end) of the (possibly deleted) file open as `source_fd` to
+    `target_fd`; returns how many. Reads through /proc: ours is write-only."""
+    reader = os.open(f"/proc/self/fd/{source_fd}", os.O_RDONLY | os.O_CLOEXEC)
+    copied = 0
+    try:
+        while start + copied < end:
+            chunk = os.pread(reader, min(READ_BUFFER_SIZE, end - start - copied), start + copied)
+            if not chunk:
+                break
+            _write_all(target_fd, memoryview(chunk))
+            copied += len(chunk)
+    finally:
+        os.close(reader)
+    return copied
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -204,8 +230,11 @@ class LogSink:
     """
 
     __slots__ = (
+        "_checked_size",
         "_ends_line",
         "_fd",
+        "_next_link_check",
+        "_regular",
         "_rotate_failing",
         "_rotates",
         "_size",
@@ -237,6 +266,9 @@ class LogSink:
         self._fd: int | None = None
         self._size = 0
         self._rotates = False  # whether the open file is regular and maxbytes > 0
+        self._regular = False  # whether the open file is a regular file
+        self._next_link_check = 0.0  # monotonic time of the next "was it deleted?" check
+        self._checked_size = 0  # the file's size at the last check
         self._ends_line = True  # whether the open file's last byte is a newline
         self._truncate_on_open = False
         self._write_failing = False
@@ -304,6 +336,11 @@ class LogSink:
     # -- writing --
 
     def _write_file(self, chunk: memoryview) -> None:
+        if self._regular and self._fd is not None:
+            now = time.monotonic()
+            if now >= self._next_link_check:
+                self._next_link_check = now + LINK_CHECK_S
+                self._check_still_linked()
         while chunk:
             if self._fd is None and not self._open():
                 self._write_failed(None, len(chunk))
@@ -364,12 +401,50 @@ class LogSink:
             return False
         self._fd = fd
         self._size = st.st_size
+        self._checked_size = st.st_size
+        self._regular = stat.S_ISREG(st.st_mode)
+        self._next_link_check = time.monotonic() + LINK_CHECK_S
         # /dev/stdout, a FIFO or /dev/null: never rename those.
-        self._rotates = self.maxbytes > 0 and stat.S_ISREG(st.st_mode)
+        self._rotates = self.maxbytes > 0 and self._regular
         # We cannot read an O_WRONLY file's last byte; a new run starts on a new line.
         self._ends_line = True
         self._truncate_on_open = False
         return True
+
+    # -- a file deleted under us --
+
+    def _open_fd(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def _check_still_linked(self) -> None:
+        """If our file was deleted (or its folder removed), write to a new one from now
+        on, with what went into the deleted one since the last check copied over."""
+        assert self._fd is not None and self.path is not None
+        try:
+            if os.fstat(self._fd).st_nlink > 0:
+                self._checked_size = self._size
+                return
+        except OSError:
+            return  # the write that follows finds out what is wrong
+        old_fd, self._fd = self._fd, None
+        start, end = self._checked_size, self._size
+        if not self._open():
+            os.close(old_fd)
+            return
+        new_fd = self._open_fd()
+        recovered = 0
+        try:
+            first = max(start, end - MAX_RECOVERED)
+            self.dropped_bytes += first - start
+            recovered = _copy_range(old_fd, new_fd, first, end)
+            self._size += recovered
+        except OSError as exc:
+            log.warning("log_recovery_failed", path=str(self.path), error=str(exc))
+        finally:
+            os.close(old_fd)
+        self._checked_size = self._size
+        log.warning("log_file_deleted", path=str(self.path), reopened=True, recovered=recovered)
 
     # -- rotation --
 

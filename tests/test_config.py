@@ -104,7 +104,7 @@ def test_every_option_is_read(tmp_path: Path) -> None:
         [supervisor]
         socket = "run/ctl.sock"
         socket_mode = "0640"
-        socket_group = "admin"
+        socket_group = "root"
         log_dir = "/var/log/supd"
         log_format = "JSON"
         log_level = "warn"
@@ -144,7 +144,7 @@ def test_every_option_is_read(tmp_path: Path) -> None:
     assert config.supervisor == SupervisorConfig(
         socket=tmp_path / "run" / "ctl.sock",
         socket_mode=0o640,
-        socket_group="admin",
+        socket_group="root",
         log_dir=Path("/var/log/supd"),
         log_format="json",
         log_level="warning",
@@ -243,6 +243,11 @@ def test_stopsignal_becomes_a_signal_number(tmp_path: Path, written: str, expect
 
     assert web.stopsignal == expected
     assert type(web.stopsignal) is int
+
+
+def test_stopsignal_numbers_are_ascii_digits_only(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[programs.web]\ncommand = "x"\nstopsignal = "\u0661\u0665"\n')
+    assert len(found) == 1 and "stopsignal" in found[0] and "unknown signal" in found[0]
 
 
 @pytest.mark.parametrize(
@@ -394,7 +399,7 @@ def test_explicit_socket_beats_runtime_directory(tmp_path: Path) -> None:
 
 
 def test_socket_group_makes_the_socket_group_writable(tmp_path: Path) -> None:
-    config = load_text(tmp_path, '[supervisor]\nsocket_group = "admin"\n')
+    config = load_text(tmp_path, '[supervisor]\nsocket_group = "root"\n')
 
     assert config.supervisor.socket_mode == 0o660
 
@@ -927,3 +932,47 @@ def test_any_option_values_give_a_config_or_located_problems(
             prog.log_path(name, "stdout")
             prog.log_path(name, "stderr")
         assert os.fspath(config.path) == os.fspath(path)
+
+
+# -- limits and the socket path (issue 10, 11) -------------------------------------------
+
+
+def test_numprocs_has_an_upper_bound_per_program(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[programs.web]\ncommand = "x"\nnumprocs = 1001\n')
+    assert len(found) == 1
+    assert found[0].startswith(f"{tmp_path / 'supd.toml'}:3: programs.web.numprocs: ")
+    assert "1000" in found[0]
+
+
+def test_numprocs_has_an_upper_bound_in_total(tmp_path: Path) -> None:
+    tables = "".join(
+        f'[programs.p{n:02}]\ncommand = "x"\nnumprocs = 1000\nstdout_logfile = "none"\n'
+        f'stderr_logfile = "none"\n\n'
+        for n in range(11)
+    )
+    found = problems(tmp_path, tables)
+    assert len(found) == 1
+    # The eleventh program (lines 61-65) takes the total over 10,000.
+    assert found[0].startswith(f"{tmp_path / 'supd.toml'}:63: programs.p10.numprocs: ")
+    assert "11000 processes in all, more than the limit of 10000" in found[0]
+
+
+def test_socket_group_must_exist(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[supervisor]\nsocket_group = "nosuchgroup"\n')
+    assert found == [
+        f"{tmp_path / 'supd.toml'}:2: supervisor.socket_group: unknown group 'nosuchgroup'"
+        ' (got "nosuchgroup")'
+    ]
+    assert load_text(tmp_path, '[supervisor]\nsocket_group = "4242"\n')  # a gid will do
+
+
+def test_socket_path_must_not_be_a_file_or_folder_or_under_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    for socket, message in (
+        ("file", "exists and is not a socket"),
+        ("dir", "is a folder, not a socket"),
+        ("file/a/b.sock", f"{tmp_path / 'file'} is not a folder"),
+    ):
+        found = problems(tmp_path, f'[supervisor]\nsocket = "{socket}"\n')
+        assert len(found) == 1 and message in found[0], found

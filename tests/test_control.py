@@ -37,6 +37,7 @@ from supd.control import (
     ControlServer,
     ControlTag,
     Responder,
+    SocketUnusable,
 )
 from supd.protocol import (
     ActionResult,
@@ -899,7 +900,7 @@ def test_socket_mode_and_group_are_applied(sock_path: Path) -> None:
 
 
 def test_unknown_group_fails_open(sock_path: Path) -> None:
-    with pytest.raises(LookupError, match="no-such-group-here"):
+    with pytest.raises(SocketUnusable, match="unknown group 'no-such-group-here'"):
         ServerLoop(sock_path, group="no-such-group-here").start()
 
 
@@ -929,7 +930,7 @@ def test_live_socket_is_refused_with_already_running(served: ServerLoop) -> None
 
 def test_a_file_that_is_not_a_socket_is_left_alone(sock_path: Path) -> None:
     sock_path.write_text("precious")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SocketUnusable, match="it exists and is not a socket"):
         ServerLoop(sock_path).start()
     assert sock_path.read_text() == "precious"
 
@@ -1034,3 +1035,153 @@ def test_group_members_are_served() -> None:
             {"jsonrpc": "2.0", "id": 1, "result": {"pid": os.getpid(), "processes": []}}
         ]
         assert loop.error is None
+
+
+# =========================================================================== abuse
+
+
+def test_a_connection_without_a_request_is_closed_after_the_timeout(sock_path: Path) -> None:
+    with ServerLoop(sock_path, request_timeout=0.3) as loop:
+        silent = RpcClient(sock_path)
+        slow = RpcClient(sock_path)
+        garbage = RpcClient(sock_path)
+        try:
+            slow.send(b'{"jsonrpc":"2.0","id":1,')  # slowloris: never finishes the line
+            garbage.send(b"nonsense\n")  # answered, but it is not a request
+            assert garbage.read()["error"]["code"] == ErrorCode.PARSE_ERROR
+            for client in (silent, slow, garbage):
+                assert client.read_until_eof() == []  # closed by the server
+            dropped = wait_until(lambda: (d := loop.events("client_dropped")) and len(d) == 3 and d)
+            assert {e["reason"] for e in dropped} == {"no complete request within 0.3 s"}
+        finally:
+            for client in (silent, slow, garbage):
+                client.close()
+    assert loop.error is None
+
+
+def test_a_served_connection_may_stay_idle_and_a_new_line_gets_the_timeout(
+    sock_path: Path,
+) -> None:
+    with ServerLoop(sock_path, request_timeout=0.3) as loop:
+        with RpcClient(sock_path) as follower, RpcClient(sock_path) as stalled:
+            tail = follower.request("tail", {"name": "web:0", "stream": "stdout", "follow": True})
+            assert "result" in follower.response(tail)
+            assert stalled.call("pid")["result"]
+            stalled.send(b'{"jsonrpc"')  # a second request, never finished
+            assert stalled.read_until_eof() == []
+            # The follower outlived several timeouts and still streams.
+            wait_until(lambda: loop.call(lambda: loop.handler.push_output("web:0", "stdout", "hi")))
+            assert follower.read()["params"]["data"] == "hi"
+            assert follower.call("pid")["result"]
+        wait_until(lambda: loop.events("client_dropped"))
+        assert [e["conn"] for e in loop.events("client_dropped")] == [2]
+    assert loop.error is None
+
+
+NOBODY_HOLDER = """
+import json, socket, sys
+held, answers = [], []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"pid"}\\n')
+    except BrokenPipeError:
+        pass
+    answers.append(json.loads(s.makefile("rb").readline()))
+    held.append(s)
+print(json.dumps(answers), flush=True)
+sys.stdin.read()  # hold the connections until the test closes our stdin
+"""
+
+
+@needs_root
+def test_one_uid_gets_a_share_of_the_cap_and_root_always_a_slot() -> None:
+    with traversable_socket_dir() as folder:
+        path = folder / "supd.sock"
+        with ServerLoop(path, mode=0o660, group="nogroup", max_connections=16) as loop:
+            holder = subprocess.Popen(
+                [os.fspath(SYSTEM_PYTHON), "-I", "-c", NOBODY_HOLDER, os.fspath(path), "5"],
+                user="nobody",
+                group="nogroup",
+                extra_groups=[],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert holder.stdout is not None
+                answers = json.loads(holder.stdout.readline())
+                assert [a.get("result") for a in answers[:4]] == [
+                    {"pid": os.getpid(), "processes": []}
+                ] * 4
+                assert answers[4]["error"] == {
+                    "code": ErrorCode.TOO_MANY_CONNECTIONS,
+                    "message": "too many connections from uid 65534 (at most 4)",
+                }
+                # Root fills every slot left, down to the last one.
+                clients = [RpcClient(path) for _ in range(12)]
+                try:
+                    for client in clients:
+                        assert client.call("pid")["result"]
+                    with RpcClient(path) as extra:
+                        refused = extra.read_until_eof()
+                    assert refused[0]["error"]["message"] == "too many connections"
+                finally:
+                    for client in clients:
+                        client.close()
+            finally:
+                holder.kill()
+                holder.wait()
+        assert loop.error is None
+
+
+@needs_root
+def test_the_last_slots_are_kept_for_root() -> None:
+    with traversable_socket_dir() as folder:
+        path = folder / "supd.sock"
+        # A cap of 16 keeps 2 slots for root (the default); nobody may take all the rest.
+        options = {"max_connections": 16, "max_per_uid": 16}
+        with ServerLoop(path, mode=0o660, group="nogroup", **options) as loop:
+            holder = subprocess.Popen(
+                [os.fspath(SYSTEM_PYTHON), "-I", "-c", NOBODY_HOLDER, os.fspath(path), "15"],
+                user="nobody",
+                group="nogroup",
+                extra_groups=[],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert holder.stdout is not None
+                answers = json.loads(holder.stdout.readline())
+                served = [a for a in answers if "result" in a]
+                assert len(served) == 14  # 16 minus the 2 kept for root
+                with RpcClient(path) as root1, RpcClient(path) as root2:
+                    assert root1.call("pid")["result"] and root2.call("pid")["result"]
+            finally:
+                holder.kill()
+                holder.wait()
+        assert loop.error is None
+
+
+def test_a_half_closed_client_waiting_for_an_answer_outlives_the_timeout(
+    sock_path: Path,
+) -> None:
+    with ServerLoop(sock_path, request_timeout=0.2) as loop:
+        loop.call(lambda: setattr(loop.handler, "hold", True))
+        with RpcClient(sock_path) as client:
+            client.request("pid", request_id=7)
+            client.send(b'{"jsonrpc": "2.0", "id": 8')  # never finished...
+            client.sock.shutdown(socket.SHUT_WR)  # ...because the client is done sending
+            wait_until(lambda: held_count(loop) == 1)
+            with RpcClient(sock_path) as silent:  # connected later, so its deadline is too
+                assert silent.read_until_eof() == []  # the timeout closed it
+            assert loop.call(loop.handler.release) == 1
+            assert client.read_until_eof() == [
+                {"jsonrpc": "2.0", "id": 7, "result": {"pid": os.getpid(), "processes": []}}
+            ]
+        dropped = wait_until(lambda: loop.events("client_dropped"))
+        assert [e["conn"] for e in dropped] == [2]  # the silent one only
+    assert loop.error is None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import random
 import select
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -705,3 +707,62 @@ def test_read_back_agrees_with_tail_1(chunks: list[bytes], count: int, maxbytes:
         written = b"".join(chunks)
         assert sink.read_back(nlines=count, limit=1 << 20) == last_lines(written, count)
         assert sink.read_back(nbytes=count, limit=1 << 20) == (written[-count:] if count else b"")
+
+
+# --- things outside supd that must not stall or fool it (issue 10) -------------------------
+
+
+def test_a_fifo_without_reader_never_blocks_and_is_written_once_read(tmp_path: Path) -> None:
+    path = tmp_path / "out.fifo"
+    os.mkfifo(path)
+    sink = LogSink(path, maxbytes=1024, backups=2)
+    with capture_logs() as events:
+        started = time.monotonic()
+        sink.write(b"nobody reads this\n")  # open() would block forever without O_NONBLOCK
+        assert time.monotonic() - started < 1.0
+    assert sink.dropped_bytes == len(b"nobody reads this\n")
+    assert sink.last_error is not None and sink.last_error.errno == errno.ENXIO
+    assert [e["event"] for e in events] == ["log_write_failed"]
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        sink.write(b"now someone does\n")
+        assert os.read(reader, 100) == b"now someone does\n"
+        assert healthy(sink)
+        sink.close()
+    finally:
+        os.close(reader)
+
+
+@pytest.mark.parametrize("remove", ["file", "folder"])
+def test_a_deleted_log_file_is_noticed_reopened_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, remove: str
+) -> None:
+    monkeypatch.setattr(logs, "LINK_CHECK_S", 0.0)  # check at every write
+    folder = tmp_path / "logs"
+    path = folder / "web.out.log"
+    sink = LogSink(path, maxbytes=1 << 20, backups=2)
+    sink.write(b"before\n")
+    sink.write(b"written since the last check\n")
+    if remove == "file":
+        path.unlink()
+    else:
+        shutil.rmtree(folder)
+    with capture_logs() as events:
+        sink.write(b"after\n")
+        sink.write(b"and more\n")
+    # The deleted file's bytes since the last check come first: nothing is lost.
+    assert path.read_bytes() == b"written since the last check\nafter\nand more\n"
+    deleted = [e for e in events if e["event"] == "log_file_deleted"]
+    assert len(deleted) == 1 and deleted[0]["recovered"] == len(b"written since the last check\n")
+    assert healthy(sink)
+    sink.close()
+
+
+def test_the_deleted_file_check_runs_at_most_once_a_second(tmp_path: Path) -> None:
+    path = tmp_path / "web.out.log"
+    sink = LogSink(path, maxbytes=0, backups=0)
+    sink.write(b"one\n")
+    path.unlink()
+    sink.write(b"two\n")  # within a second of the open: not checked yet
+    assert not path.exists()
+    sink.close()

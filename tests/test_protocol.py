@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supd import facts, protocol
+from supd import facts, protocol, signals
 from supd.protocol import (
     ActionResult,
     ErrorCode,
@@ -133,6 +133,18 @@ def test_realtime_signals_are_accepted_as_numbers_and_names() -> None:
         request = parsed(id=1, method="signal", params={"signal": value, "names": ["a"]})
         assert isinstance(request.params, SignalParams)
         assert (request.params.signum, request.params.signal) == (rt, "SIGRTMIN+2")
+
+
+@pytest.mark.parametrize("value", ["\u0661\u0665", "\uff11\uff15", "RTMIN+\u0662", "1\u0665"])
+def test_signal_numbers_are_ascii_digits_only(value: str) -> None:
+    """int() reads "\\u0661\\u0665" (Arabic-Indic digits) as 15: the protocol must not."""
+    with pytest.raises(ValueError, match="unknown signal"):
+        signals.parse(value)
+    error = rejected(
+        json.dumps({"jsonrpc": "2.0", "id": 1, "method": "signal",
+                    "params": {"signal": value, "names": ["a"]}}).encode()
+    )  # fmt: skip
+    assert error.code == ErrorCode.INVALID_PARAMS
 
 
 # --------------------------------------------------------------------------- errors
