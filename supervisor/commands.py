@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from . import __version__
 from .config import ConfigError
-from .control import Responder
+from .control import Responder, SocketUnusable
 from .facts import ErrorCode
 from .fleet import Action, Outcome, UnknownNames
 from .process import Process
@@ -44,6 +44,7 @@ from .protocol import (
     VersionParams,
     VersionResult,
 )
+from .reloadplan import ReloadReport, report_data
 from .status import info
 
 
@@ -81,8 +82,9 @@ class Core(Protocol):
         """Start, stop or restart; `reply` gets one outcome per process, exactly once."""
         ...
 
-    def reload(self) -> tuple[list[str], list[str], list[str]]:
-        """(added, changed, removed); raises ConfigError and changes nothing."""
+    def reload(self, dry_run: bool = False) -> ReloadReport:
+        """The plan, applied (or only made, dry); raises ConfigError or SocketUnusable
+        and changes nothing."""
         ...
 
     def shutdown(self) -> None: ...
@@ -133,8 +135,8 @@ class Commands:
                 self._change(ACTIONS[type(request.params)], names, wait, responder)
             case SignalParams(names=names) as params:
                 responder.result(self._signal(int(params.signum), names))
-            case ReloadParams():
-                self._reload(responder)
+            case ReloadParams(dry_run=dry_run):
+                self._reload(responder, dry_run)
             case TailParams() as params:
                 self._tail(params, responder)
             case PidParams(name=name):
@@ -175,17 +177,20 @@ class Commands:
 
     # -- reload -----------------------------------------------------------------------
 
-    def _reload(self, responder: Responder) -> None:
+    def _reload(self, responder: Responder, dry_run: bool = False) -> None:
         if self.core.shutting_down:
             responder.error(ErrorCode.SHUTTING_DOWN, "supd is shutting down")
             return
         try:
-            added, changed, removed = self.core.reload()
+            report = self.core.reload(dry_run)
         except ConfigError as exc:
             problems = [str(p) for p in exc.problems]
             responder.error(ErrorCode.CONFIG_INVALID, "invalid config; nothing changed", problems)
             return
-        responder.result(ReloadResult(added=added, changed=changed, removed=removed))
+        except SocketUnusable as exc:
+            responder.error(ErrorCode.CONFIG_INVALID, f"{exc}; nothing changed", [str(exc)])
+            return
+        responder.result(ReloadResult.model_validate(report_data(report)))
 
     # -- tail and pid -----------------------------------------------------------------
 

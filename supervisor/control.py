@@ -524,6 +524,72 @@ class ControlServer:
             self._listener = None
             self._unlink_our_socket()
 
+    # -- reload: a new path, mode or group ------------------------------------------
+
+    def reconfigure(self, path: Path, mode: int, group: str | None) -> list[str]:
+        """Apply a reloaded `socket`, `socket_mode` and `socket_group`; returns what
+        changed, by key. A new path is bound first and the old listener closed only
+        then (connections stay); a socket systemd passed us cannot move. Raises
+        SocketUnusable when the new socket cannot be made: then nothing changed."""
+        changed: list[str] = []
+        gid = self._resolve_group(group) if group is not None else None
+        path = Path(path)
+        if path != self.path:
+            if self._bound_inode is None:
+                raise SocketUnusable(
+                    f"cannot move the control socket to {path}: systemd passed it to supd"
+                )
+            self._move(path, mode, gid)
+            return ["socket", *(["socket_mode"] if mode != self._mode else [])]
+        if gid != self._group_gid and gid is not None and self._bound_inode is not None:
+            os.chown(self.path, -1, gid, follow_symlinks=False)  # lchown: no symlink
+            changed.append("socket_group")
+        self._group, self._group_gid = group, gid
+        if mode != self._mode and self._bound_inode is not None:
+            self._chmod_our_socket(mode)
+            changed.append("socket_mode")
+        self._mode = mode
+        return changed
+
+    def _chmod_our_socket(self, mode: int) -> None:
+        """chmod without following a symlink: through an O_PATH fd of the very inode we
+        bound (Linux has no lchmod)."""
+        fd = os.open(self.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != self._bound_inode:
+                raise SocketUnusable(f"{self.path} is no longer supd's socket")
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+
+    def _move(self, path: Path, mode: int, gid: int | None) -> None:
+        old_path, old_mode, old_gid, old_inode = self.path, self._mode, self._group_gid, None
+        old_inode = self._bound_inode
+        self.path, self._mode, self._group_gid = path, mode, gid
+        try:
+            listener = self._bind()
+        except BaseException as exc:
+            self.path, self._mode, self._group_gid = old_path, old_mode, old_gid
+            self._bound_inode = old_inode
+            if isinstance(exc, SocketUnusable) or not isinstance(exc, OSError):
+                raise
+            reason = exc.strerror or str(exc)
+            raise SocketUnusable(f"cannot create the control socket at {path}: {reason}") from exc
+        listener.setblocking(False)
+        new_inode = self._bound_inode
+        old = self._listener
+        if old is not None:
+            self._unregister(old.fileno())
+            old.close()
+        self._listener = listener
+        self._selector.register_handle(listener.fileno(), Event.READ, Listener())
+        # Unlink the old path only if it is still the socket we made there.
+        self.path, self._bound_inode = old_path, old_inode
+        self._unlink_our_socket()
+        self.path, self._bound_inode = path, new_inode
+        self._log.info("control_moved", old=str(old_path), path=str(path))
+
     def _unregister(self, target: int | SelectEvent) -> None:
         with contextlib.suppress(KeyError):  # never registered (open() failed half-way)
             self._selector.unregister(target)

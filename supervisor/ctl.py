@@ -595,8 +595,9 @@ def cmd_signal(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_reload(client: Client, args: argparse.Namespace, out: Output) -> int:
+    dry_run = bool(getattr(args, "dry_run", False))
     try:
-        result = client.call("reload")
+        result = client.call("reload", {"dry_run": True} if dry_run else {})
     except RpcError as exc:
         if exc.code != CONFIG_INVALID:
             raise
@@ -605,13 +606,48 @@ def cmd_reload(client: Client, args: argparse.Namespace, out: Output) -> int:
     if out.as_json:
         out.json(result)
         return EXIT_OK
-    changes = [(what, result.get(what) or []) for what in ("added", "changed", "removed")]
-    for what, names in changes:
-        if names:
-            out.line(f"{what}: {', '.join(names)}")
-    if not any(names for _, names in changes):
-        out.line("no changes")
+    for line in reload_lines(result):
+        out.line(line)
     return EXIT_OK
+
+
+def reload_lines(result: dict[str, Any]) -> list[str]:
+    """The reload report as the operator reads it: one line per process that changes
+    (`web:0  restart  command: "a" → "b"`), a count of the unchanged, then the
+    [supervisor] keys applied and those that need a re-exec."""
+    plan = [e for e in result.get("plan") or [] if isinstance(e, dict)]
+    if not plan:  # an older supd (programs only), or no process before or after
+        lines = [
+            f"{what}: {', '.join(map(str, result[what]))}"
+            for what in ("added", "changed", "removed")
+            if result.get(what)
+        ]
+        return lines or ["no changes"]
+    changing = [e for e in plan if e.get("step") != "unchanged"]
+    width = max((len(str(e.get("name"))) for e in changing), default=0)
+    lines = []
+    for entry in changing:
+        changes = [
+            f"{c.get('key')}: {c.get('old')} → {c.get('new')}"
+            for c in entry.get("changes") or []
+            if isinstance(c, dict)
+        ]
+        text = f"{entry.get('name')!s:<{width}}  {entry.get('step')}"
+        lines.append(f"{text}  {'; '.join(changes)}" if changes else text)
+    unchanged = len(plan) - len(changing)
+    if unchanged:
+        lines.append(f"unchanged: {unchanged} process{'es' if unchanged != 1 else ''}")
+    for change in result.get("supervisor") or []:
+        if isinstance(change, dict):
+            key, old, new = change.get("key"), change.get("old"), change.get("new")
+            lines.append(f"[supervisor] {key}: {old} → {new}")
+    for problem in result.get("not_applied") or []:
+        lines.append(f"[supervisor] not applied: {problem}")
+    if not changing and not result.get("supervisor") and not result.get("not_applied"):
+        lines.append("no changes")
+    if result.get("dry_run"):
+        lines.append("(dry run: nothing changed)")
+    return lines
 
 
 def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -751,7 +787,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("signal", cmd_signal, "send a signal (TERM, SIGHUP, 15...) to processes")
     sub.add_argument("signal", metavar="SIG")
     sub.add_argument("names", nargs="+", metavar="NAME")
-    command("reload", cmd_reload, "re-read the config file and apply the changes")
+    sub = command("reload", cmd_reload, "re-read the config file and apply the changes")
+    sub.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and print what a reload would do; change nothing",
+    )
     sub = command(
         "tail",
         cmd_tail,

@@ -55,17 +55,20 @@ from .fleet import (
     Outcome,
     Ready,
     Reload,
+    ReloadPlanned,
     Shutdown,
     Spawn,
     Submit,
     Tick,
     Transitioned,
+    UpdateSlot,
     reload_diff,
 )
 from .follow import Followers, Listener
 from .logs import LogSink, PipeReader
 from .process import Exited, Spawned, SpawnFailed
 from .protocol import MAX_TAIL_BYTES, Request
+from .reloadplan import ReloadPlan, ReloadReport, reload_event, supervisor_changes
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
 
@@ -164,6 +167,7 @@ class Daemon:
         # supd's environment as every child starts from it (minus systemd's variables)
         self.base_environment = spawn.child_environment(os.environ)
         self.subreaper = False
+        self._sigchld_key: int | None = None  # as a subreaper: every SIGCHLD
         self.running = False
         self.exit_code = EXIT_OK
         self._clock_fd: int | None = None
@@ -192,7 +196,9 @@ class Daemon:
             linux.set_child_subreaper(True)
             self.subreaper = True
             # Every SIGCHLD, also for orphans no PROCESS key will ever name.
-            self.selector.register_signal(signal.SIGCHLD, SignalTag(signal.SIGCHLD))
+            self._sigchld_key = self.selector.register_signal(
+                signal.SIGCHLD, SignalTag(signal.SIGCHLD)
+            )
         for signum in DAEMON_SIGNALS:
             self.selector.register_signal(signum, SignalTag(signum))
         # Made now, once: every process timer runs on it, so no stop, restart or
@@ -428,6 +434,10 @@ class Daemon:
                 self.log.info("ready", status=self.status_line())
             case Exit():
                 self.running = False
+            case UpdateSlot(name=name, program=program):
+                self._update_slot(name, program)
+            case ReloadPlanned():
+                pass  # reported by reload(), which made it
             case _:
                 assert_never(effect)
 
@@ -561,6 +571,21 @@ class Daemon:
         slot.stderr.close()
         self.slots.pop(slot.name, None)
 
+    def _update_slot(self, name: str, program: ProgramConfig) -> None:
+        """A reload changed a process's log settings: new sinks, the pipes kept."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return
+        old = {"stdout": slot.stdout, "stderr": slot.stderr}
+        slot.stdout = self._sink(program, name, "stdout")
+        slot.stderr = self._sink(program, name, "stderr")
+        for reader in slot.readers.values():
+            for stream, sink in old.items():
+                if reader.sink is sink:
+                    reader.sink = slot.sink(stream)
+        for sink in old.values():
+            sink.close()
+
     def reopen_logs(self) -> None:
         for slot in self.slots.values():
             slot.stdout.reopen()
@@ -616,25 +641,71 @@ class Daemon:
         self.replies[self._request_ids] = reply
         self.queue.append(Submit(self._request_ids, action, tuple(names), wait))
 
-    def reload(self) -> tuple[list[str], list[str], list[str]]:
-        """SIGHUP: apply the config file's changes; raises ConfigError (nothing changed)."""
+    def reload(self, dry_run: bool = False) -> ReloadReport:
+        """SIGHUP / `supctl reload`: apply the config file's changes, exactly as planned;
+        raises ConfigError or SocketUnusable, and then nothing changed. A dry run only
+        says what a reload would do now."""
         if self.fleet.shutting_down:
             self.log.warning("reload_ignored", reason="shutting down")
-            return [], [], []
-        self.notifier.reloading(self.status_line())
+            empty = ReloadPlan(())
+            return ReloadReport(empty, [], [], [], [], [], dry_run)
+        if not dry_run:
+            self.notifier.reloading(self.status_line())
         try:
             new = load(self.config.path)
         except ConfigError as exc:
             self.log.error("reload_failed", problems=[str(p) for p in exc.problems])
-            self.notifier.ready(self.status_line())  # still running, on the old config
+            if not dry_run:
+                self.notifier.ready(self.status_line())  # still running, on the old config
             raise
+        self._drain()  # the plan is made and applied on the same fleet state
+        live, not_live = supervisor_changes(self.config.supervisor, new.supervisor)
         added, changed, removed = reload_diff(self.fleet.configs, new.programs)
-        self.config = new
-        self.queue.append(Reload(tuple(new.programs.values())))
+        programs = tuple(new.programs.values())
+        if dry_run:
+            plan = self.fleet.plan_reload(programs)
+            return ReloadReport(plan, added, changed, removed, live, not_live, True)
+        try:
+            self._apply_supervisor(new)  # the socket first: it is all that can fail
+        except (SocketUnusable, OSError) as exc:
+            self.log.error("reload_failed", problems=[str(exc)])
+            self.notifier.ready(self.status_line())
+            if isinstance(exc, SocketUnusable):
+                raise
+            raise SocketUnusable(f"cannot apply the control socket settings: {exc}") from exc
+        old_settings, self.config = self.config.supervisor, new
+        effects = self.fleet.handle(Reload(programs), self.clock())
+        plans = [e.plan for e in effects if isinstance(e, ReloadPlanned)]
+        plan = plans[0] if plans else ReloadPlan(())
+        self._perform(effects)
+        if (old_settings.log_format, old_settings.log_level) != (
+            new.supervisor.log_format,
+            new.supervisor.log_level,
+        ):
+            daemonlog.configure(new.supervisor.log_format, new.supervisor.log_level)
+            self.log = daemonlog.get_logger()
         self._release_memory()
-        self.log.info("config_reloaded", added=added, changed=changed, removed=removed)
+        report = ReloadReport(plan, added, changed, removed, live, not_live)
+        self.log.info("config_reloaded", **reload_event(report))
         self.notifier.ready(self.status_line())
-        return added, changed, removed
+        return report
+
+    def _apply_supervisor(self, new: Config) -> None:
+        """The [supervisor] keys a reload applies live, the socket first."""
+        settings = new.supervisor
+        if self.control is not None:
+            self.control.reconfigure(settings.socket, settings.socket_mode, settings.socket_group)
+        want_subreaper = settings.subreaper or os.getpid() == 1
+        if want_subreaper != self.subreaper:
+            linux.set_child_subreaper(want_subreaper)
+            if want_subreaper:
+                self._sigchld_key = self.selector.register_signal(
+                    signal.SIGCHLD, SignalTag(signal.SIGCHLD)
+                )
+            elif self._sigchld_key is not None:
+                self.selector.unregister(self._sigchld_key)
+                self._sigchld_key = None
+            self.subreaper = want_subreaper
 
     def shutdown(self) -> None:
         """Stop everything, highest priority number first; a second call kills."""

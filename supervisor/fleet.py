@@ -37,6 +37,17 @@ from .config import ProgramConfig
 from .facts import ErrorCode, State
 from .names import select as select_names
 from .process import DOWN_STATES, Process, Timer, Want
+from .reloadplan import (
+    KeyChange,
+    PlanEntry,
+    ReloadPlan,
+    Step,
+    changed_keys,
+    logs_changed,
+    show,
+    step_for_change,
+    visible_changes,
+)
 
 # -- events: what happened ---------------------------------------------------------------
 
@@ -168,7 +179,34 @@ class Exit:
     """Shutdown is complete: every process is down."""
 
 
-FleetEffect = CreateSlot | DropSlot | Spawn | Kill | Transitioned | Ignored | Answer | Ready | Exit
+@dataclass(frozen=True, slots=True)
+class UpdateSlot:
+    """A reload changed a live process's log settings: reopen its log sinks."""
+
+    name: str
+    program: ProgramConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlanned:
+    """What a reload does to each process; the fleet applies exactly this plan."""
+
+    plan: ReloadPlan
+
+
+FleetEffect = (
+    CreateSlot
+    | DropSlot
+    | Spawn
+    | Kill
+    | Transitioned
+    | Ignored
+    | Answer
+    | Ready
+    | Exit
+    | UpdateSlot
+    | ReloadPlanned
+)
 
 
 class UnknownNames(Exception):
@@ -229,7 +267,11 @@ class Fleet:
         self.programs: dict[str, list[str]] = {}  # program -> its live process names
         self.configs: dict[str, ProgramConfig] = {}  # the config's programs, as desired
         self.retiring: set[str] = set()  # stopping for a reload; dropped once down
-        self.replacements: dict[str, ProgramConfig] = {}  # waiting for the old to go
+        # Restarting for a reload: once down, the process takes this config and starts.
+        self.swaps: dict[str, ProgramConfig] = {}
+        # New processes whose names a stopping process still holds: (program, names),
+        # created together once every one of those names is free.
+        self.parked: list[tuple[ProgramConfig, list[str]]] = []
         self.state_counts: dict[State, int] = dict.fromkeys(State, 0)
         self.shutting_down = False
         self.exited = False
@@ -378,6 +420,8 @@ class Fleet:
                 self._resolve(request, name, outcome)
         if name in self.retiring and process.state in DOWN_STATES:
             self._drop(name)
+        elif name in self.swaps and process.state in DOWN_STATES:
+            self._swap(name)
 
     def _drop(self, name: str) -> None:
         process = self.processes.pop(name)
@@ -386,17 +430,8 @@ class Fleet:
         for timer in Timer:
             self._timers.pop((name, timer), None)
         self._out.append(DropSlot(name))
-        program = process.config.name
-        names = self.programs.get(program, [])
-        if name in names:
-            names.remove(name)
-        if names:
-            return
-        self.programs.pop(program, None)
-        replacement = self.replacements.pop(program, None)
-        if replacement is not None and not self.shutting_down:
-            self._add(replacement)
-            self._autostart([replacement], self._now)
+        self._unlist(name, process.config.name)
+        self._unpark()
 
     # -- timers ------------------------------------------------------------------------
 
@@ -433,7 +468,7 @@ class Fleet:
                 up, _Phase.STOP_FIRST if submit.action is Action.RESTART else _Phase.WAIT
             )
         for name in submit.names:
-            if name not in self.processes or name in self.retiring:
+            if name not in self.processes or name in self.retiring or name in self.swaps:
                 why = "being replaced or removed by a reload"
                 self._resolve(request, name, self._superseded(name, why))
             elif up and self.shutting_down:
@@ -542,37 +577,148 @@ class Fleet:
 
     # -- reload ------------------------------------------------------------------------
 
+    def plan_reload(self, programs: Iterable[ProgramConfig]) -> ReloadPlan:
+        """What `Reload(programs)` would do now, changing nothing (a dry run)."""
+        return self._plan({p.name: p for p in programs})
+
+    def _plan(self, new: Mapping[str, ProgramConfig]) -> ReloadPlan:
+        desired: dict[str, ProgramConfig] = {}  # process name -> its new program
+        for program in new.values():
+            for name in program.process_names():
+                desired[name] = program
+        entries: list[PlanEntry] = []
+        stops: list[PlanEntry] = []
+        for name, process in self.processes.items():
+            if name in self.retiring:
+                continue
+            current = self.swaps.get(name, process.config)
+            target = desired.get(name)
+            if target is None:
+                stops.append(PlanEntry(name, current.name, Step.STOP))
+            elif target.name != current.name:  # the name passes to another program
+                moved = KeyChange("program", show(current.name), show(target.name))
+                shown = (moved, *visible_changes(changed_keys(current, target)))
+                step = Step.RESTART if process.want is Want.UP else _new_step(target)
+                entries.append(PlanEntry(name, target.name, step, shown))
+            elif target == current:
+                entries.append(PlanEntry(name, target.name, Step.UNCHANGED))
+            else:
+                changes = changed_keys(current, target)
+                step = step_for_change(changes)
+                if step is Step.RESTART and process.want is Want.DOWN and name not in self.swaps:
+                    step = Step.UPDATE  # not meant to run: the new config is for its next start
+                entries.append(PlanEntry(name, target.name, step, visible_changes(changes)))
+        for name, target in desired.items():
+            if name not in self.processes or name in self.retiring:
+                entries.append(PlanEntry(name, target.name, _new_step(target)))
+        # numprocs down and removed programs: the highest process numbers go first
+        stops.reverse()
+        return ReloadPlan((*stops, *entries))
+
     def _reload(self, programs: tuple[ProgramConfig, ...], now: float) -> None:
         if self.shutting_down:
             return  # the daemon refuses it; a late one changes nothing
         new = {p.name: p for p in programs}
-        added, changed, removed = reload_diff(self.configs, new)
+        plan = self._plan(new)
+        self._out.append(ReloadPlanned(plan))
         self.configs = new
-        for name in removed:
-            self.replacements.pop(name, None)  # an earlier reload's pending version
-        for name in changed:
-            self.replacements[name] = new[name]
-        for name in removed + changed:
-            self._retire_program(name, now)
-        fresh = []
-        for name in added:
-            if name in self.programs:  # removed earlier, still stopping: add it after
-                self.replacements[name] = new[name]
-            else:
-                self._add(new[name])
-                fresh.append(new[name])
-        self._autostart(fresh, now)
+        self.parked = []  # re-planned below from the newest config
+        desired = {name: p for p in programs for name in p.process_names()}
+        fresh: dict[str, list[str]] = {}
+        for entry in plan.entries:
+            name = entry.name
+            match entry.step:
+                case Step.STOP:
+                    self.swaps.pop(name, None)
+                    self._retire(name, now)
+                case Step.START | Step.ADD if name in self.processes and name not in self.retiring:
+                    self._retire(name, now)  # down, its name moves to another program
+                    fresh.setdefault(entry.program, []).append(name)
+                case Step.START | Step.ADD:
+                    fresh.setdefault(entry.program, []).append(name)
+                case Step.RESTART:
+                    self._restart_for_reload(name, desired[name], now)
+                case Step.UPDATE | Step.UNCHANGED:
+                    self._update_in_place(name, desired[name])
+        for program, names in fresh.items():
+            self.parked.append((new[program], names))
+        self._unpark()
 
-    def _retire_program(self, program: str, now: float) -> None:
-        """Stop a program's processes; each is dropped once down (then its replacement)."""
-        for name in list(self.programs.get(program, [])):
-            if name not in self.processes:
-                continue
-            self.retiring.add(name)
-            for request in list(self._claims.get(name, ())):
-                why = "being replaced or removed by a reload"
-                self._resolve(request, name, self._superseded(name, why))
+    def _retire(self, name: str, now: float) -> None:
+        """Stop a process for good; it is dropped once down."""
+        self.retiring.add(name)
+        self._supersede_for_reload(name)
+        self._send(name, proc.Stop(), now)
+
+    def _restart_for_reload(self, name: str, target: ProgramConfig, now: float) -> None:
+        """Stop it; once down it takes `target` and starts again (see _swap)."""
+        first = name not in self.swaps
+        self.swaps[name] = target
+        if first:
+            self._supersede_for_reload(name)
             self._send(name, proc.Stop(), now)
+
+    def _supersede_for_reload(self, name: str) -> None:
+        for request in list(self._claims.get(name, ())):
+            why = "being replaced or removed by a reload"
+            self._resolve(request, name, self._superseded(name, why))
+
+    def _update_in_place(self, name: str, target: ProgramConfig) -> None:
+        if name in self.swaps:  # still restarting: it comes back with the newest config
+            self.swaps[name] = target
+            return
+        process = self.processes[name]
+        old, process.config = process.config, target
+        if old != target and logs_changed(old, target):
+            self._out.append(UpdateSlot(name, target))
+
+    def _swap(self, name: str) -> None:
+        """A process restarted by a reload is down: give it its new config and start it
+        again (a fresh Process: the new version's failure counters start from zero)."""
+        target = self.swaps.pop(name)
+        old = self.processes[name]
+        if old.config.name != target.name:
+            self._unlist(name, old.config.name)
+            self.programs.setdefault(target.name, []).append(name)
+        fresh = Process(name, target)
+        self.state_counts[old.state] -= 1
+        self.state_counts[fresh.state] += 1
+        self.processes[name] = fresh
+        for timer in Timer:
+            self._timers.pop((name, timer), None)
+        if logs_changed(old.config, target):
+            self._out.append(UpdateSlot(name, target))
+        if not self.shutting_down:  # only what was meant to be up is restarted
+            self._send(name, proc.Start(), self._now)
+
+    def _unlist(self, name: str, program: str) -> None:
+        names = self.programs.get(program, [])
+        if name in names:
+            names.remove(name)
+        if not names:
+            self.programs.pop(program, None)
+
+    def _unpark(self) -> None:
+        """Create the parked processes whose names are all free now, and start them."""
+        if self.shutting_down or not self.parked:
+            return
+        ready = [
+            (p, names) for p, names in self.parked if not any(n in self.processes for n in names)
+        ]
+        if not ready:
+            return
+        self.parked = [entry for entry in self.parked if entry not in ready]
+        for program, names in ready:
+            listed = self.programs.setdefault(program.name, [])
+            for name in names:
+                listed.append(name)
+                self.processes[name] = Process(name, program)
+                self.state_counts[State.STOPPED] += 1
+                self._out.append(CreateSlot(name, program))
+        for program, names in sorted(ready, key=lambda entry: entry[0].start_order):
+            if program.autostart:
+                for name in names:
+                    self._send(name, proc.Start(), self._now)
 
     # -- shutdown ----------------------------------------------------------------------
 
@@ -585,7 +731,7 @@ class Fleet:
                     self._send(name, proc.ForceKill(), now)
             return
         self.shutting_down = True
-        self.replacements.clear()
+        self.parked.clear()
         for request in list(self._requests.values()):
             for name, part in list(request.parts.items()):
                 if part.up:
@@ -649,6 +795,10 @@ def _judge(
     if state is State.FATAL or (state in DOWN_STATES and process.want is Want.DOWN):
         return _failed(process)
     return None
+
+
+def _new_step(program: ProgramConfig) -> Step:
+    return Step.START if program.autostart else Step.ADD
 
 
 def _failed(process: Process) -> Outcome:

@@ -118,7 +118,7 @@ class SignalParams(_Params):
 
 
 class ReloadParams(_Params):
-    pass
+    dry_run: bool = False  # only say what the reload would do
 
 
 class TailParams(_Params):
@@ -205,10 +205,29 @@ class ActionResult(_Result):
     code: int | None = None
 
 
+class KeyChangeResult(_Result):
+    key: str
+    old: str  # JSON text of the value
+    new: str
+
+
+class PlanStepResult(_Result):
+    """One process's step: start, add, stop, restart, update in place, unchanged."""
+
+    name: str
+    program: str
+    step: str
+    changes: list[KeyChangeResult] = []
+
+
 class ReloadResult(_Result):
-    added: list[str] = []
+    added: list[str] = []  # programs
     changed: list[str] = []
     removed: list[str] = []
+    plan: list[PlanStepResult] = []  # one per process
+    supervisor: list[KeyChangeResult] = []  # [supervisor] keys applied
+    not_applied: list[str] = []  # "KEY: why", what needs `supctl reexec`
+    dry_run: bool = False
 
 
 class TailResult(_Result):

@@ -531,7 +531,10 @@ def test_reload_adds_removes_and_changes_while_unchanged_keep_their_pid(
         startsecs = 0
     """)
     result = d.rpc("reload")
-    assert result == {"added": ["add"], "changed": ["change"], "removed": ["remove"]}
+    programs = {k: result[k] for k in ("added", "changed", "removed")}
+    assert programs == {"added": ["add"], "changed": ["change"], "removed": ["remove"]}
+    steps = {e["name"]: e["step"] for e in result["plan"]}
+    assert steps == {"keep": "unchanged", "change": "restart", "remove": "stop", "add": "start"}
     d.wait_state("add", "RUNNING")
     new_change = d.wait_state("change", "RUNNING")["pid"]
     assert new_change != change
@@ -882,9 +885,10 @@ def test_reloads_while_a_changed_program_is_still_stopping(supd: Factory, tmp_pa
     d.write_config(f"""
         [programs.x]
         command = {stubborn}
-        numprocs = 3
+        numprocs = 2
         startsecs = 0
         stopwaitsecs = 5
+        environment = {{ V = "2" }}
     """)
     assert d.rpc("reload")["changed"] == ["x"]
     [restart] = d.rpc("restart", {"names": ["x:0"]})
@@ -894,7 +898,9 @@ def test_reloads_while_a_changed_program_is_still_stopping(supd: Factory, tmp_pa
         command = {SLEEP}
         startsecs = 0
     """)  # x removed before its new version ever ran
-    assert d.rpc("reload") == {"added": ["other"], "changed": [], "removed": ["x"]}
+    result = d.rpc("reload")
+    programs = {k: result[k] for k in ("added", "changed", "removed")}
+    assert programs == {"added": ["other"], "changed": [], "removed": ["x"]}
     d.wait_state("other", "RUNNING")
     wait_until(lambda: set(d.status()) == {"other"}, describe=lambda: str(d.status()))
 

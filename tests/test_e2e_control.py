@@ -209,8 +209,12 @@ def test_reload_over_the_socket_reports_added_changed_removed(daemon: Supd) -> N
     startsecs = 0
     """
     )
-    result = supctl(daemon, "--json", "reload")
-    assert json.loads(result.stdout) == {"added": ["extra"], "changed": ["web"], "removed": []}
+    result = json.loads(supctl(daemon, "--json", "reload").stdout)
+    programs = {k: result[k] for k in ("added", "changed", "removed")}
+    assert programs == {"added": ["extra"], "changed": ["web"], "removed": []}
+    steps = {e["name"]: e["step"] for e in result["plan"]}
+    assert steps["web:0"] == steps["web:1"] == "unchanged"
+    assert steps["web:2"] == steps["extra"] == "start"
     daemon.wait_state("web:2", "RUNNING")
     daemon.wait_state("extra", "RUNNING")
 

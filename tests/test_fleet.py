@@ -411,7 +411,7 @@ def test_removed_and_added_back_while_still_stopping() -> None:
 def test_a_pending_request_on_a_replaced_program_is_answered() -> None:
     sim = Sim(program("web", autostart=False, **FAST))
     start = sim.submit(Action.START, "web")
-    sim.post(Reload((program("web", autostart=False, startsecs=3),)))
+    sim.post(Reload((program("web", autostart=False, command=["v2"], **FAST),)))
     [outcome] = sim.answer(start)
     assert outcome.code == ErrorCode.SUPERSEDED and "reload" in (outcome.error or "")
 
