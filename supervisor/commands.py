@@ -29,6 +29,8 @@ from .protocol import (
     PidParams,
     PidResult,
     ProcessPid,
+    ReexecParams,
+    ReexecResult,
     ReloadParams,
     ReloadResult,
     Request,
@@ -89,6 +91,14 @@ class Core(Protocol):
 
     def shutdown(self) -> None: ...
 
+    def request_reexec(self, done: Callable[[str | None], None] | None = None) -> None:
+        """Re-exec supd after this command; `done(None)` just before the execve,
+        `done(problem)` if it cannot happen (then nothing changed)."""
+        ...
+
+    @property
+    def generation(self) -> int: ...
+
     def signal(self, name: str, signum: int) -> bool:
         """False when the process is not running."""
         ...
@@ -143,8 +153,15 @@ class Commands:
                 responder.result(self._pid(name))
             case VersionParams():
                 responder.result(
-                    VersionResult(version=__version__, pid=os.getpid(), config=core.config_path)
+                    VersionResult(
+                        version=__version__,
+                        pid=os.getpid(),
+                        config=core.config_path,
+                        generation=core.generation,
+                    )
                 )
+            case ReexecParams():
+                self._reexec(responder)
             case ShutdownParams():
                 responder.result(ShutdownResult(ok=True))
                 core.shutdown()
@@ -191,6 +208,22 @@ class Commands:
             responder.error(ErrorCode.CONFIG_INVALID, f"{exc}; nothing changed", [str(exc)])
             return
         responder.result(ReloadResult.model_validate(report_data(report)))
+
+    # -- reexec -----------------------------------------------------------------------
+
+    def _reexec(self, responder: Responder) -> None:
+        if self.core.shutting_down:
+            responder.error(ErrorCode.SHUTTING_DOWN, "supd is shutting down")
+            return
+        generation = self.core.generation + 1
+
+        def done(problem: str | None) -> None:
+            if problem is None:
+                responder.result(ReexecResult(pid=os.getpid(), generation=generation))
+            else:
+                responder.error(ErrorCode.REEXEC_FAILED, problem)
+
+        self.core.request_reexec(done)
 
     # -- tail and pid -----------------------------------------------------------------
 

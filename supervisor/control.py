@@ -524,6 +524,18 @@ class ControlServer:
             self._listener = None
             self._unlink_our_socket()
 
+    # -- re-exec: the listener crosses an execve ------------------------------------
+
+    def listening(self) -> tuple[int | None, tuple[int, int] | None]:
+        """(the listening fd, the inode of the socket file we bound, if we did)."""
+        fd = self._listener.fileno() if self._listener is not None else None
+        return fd, self._bound_inode
+
+    def adopt(self, inode: tuple[int, int] | None) -> None:
+        """Before open() with `listen_fd` from a re-exec: the socket file at `path` is
+        ours (we bound that inode), so we may still unlink or move it."""
+        self._bound_inode = tuple(inode) if inode is not None else None  # type: ignore[assignment]
+
     # -- reload: a new path, mode or group ------------------------------------------
 
     def reconfigure(self, path: Path, mode: int, group: str | None) -> list[str]:

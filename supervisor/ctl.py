@@ -42,6 +42,13 @@ PERMISSION_DENIED = ErrorCode.PERMISSION_DENIED
 CONFIG_INVALID = ErrorCode.CONFIG_INVALID
 TOO_MANY_CONNECTIONS = ErrorCode.TOO_MANY_CONNECTIONS
 SUPERSEDED = ErrorCode.SUPERSEDED
+REEXEC_FAILED = ErrorCode.REEXEC_FAILED
+
+# Calls that may be sent again when the connection drops before the answer (a re-exec
+# disconnects every client): they change nothing.
+IDEMPOTENT = frozenset({"status", "tail", "why", "pid", "version"})
+REEXEC_WAIT_S = 30.0  # how long `supctl reexec` waits for the new supd to answer
+LOST = "connection lost"
 
 DEFAULT_SOCKET = "/run/supd/supd.sock"
 SOCKET_ENV = "SUPD_SOCKET"
@@ -96,6 +103,7 @@ COMMANDS = (
     "pid",
     "version",
     "shutdown",
+    "reexec",
     "help",
 )
 SHELL_ONLY = ("quit", "exit")
@@ -212,6 +220,7 @@ _RESULT_SHAPES: dict[str, tuple[type, tuple[str, ...]]] = {
     "pid": (dict, ("pid",)),
     "version": (dict, ("version", "pid")),
     "shutdown": (dict, ()),
+    "reexec": (dict, ("pid", "generation")),
 }
 
 
@@ -329,9 +338,20 @@ class Client:
         limit = None if self.limit_s is None else started + self.limit_s
         if not probe:
             limit = None if self.timeout_s is None else started + self.timeout_s
-        self._send(json.dumps(request).encode() + b"\n")
+        line = json.dumps(request).encode() + b"\n"
+        self._send(line)
         try:
             return self._await_answer(method, request_id, started, limit, probe)
+        except Unreachable as exc:
+            if method not in IDEMPOTENT or not exc.reason.startswith(LOST):
+                raise
+            # The connection dropped before the answer (supd re-exec'd, say): once more,
+            # on a fresh connection; a re-exec'd supd answers from the same socket.
+            self.close()
+            self._buffer.clear()
+            self.connect()
+            self._send(line)
+            return self._await_answer(method, request_id, time.monotonic(), limit, probe)
         finally:
             if self.progress is not None:
                 self.progress.clear()
@@ -434,9 +454,9 @@ class Client:
         except TimeoutError:
             raise _Silence() from None
         except OSError as exc:
-            raise Unreachable(self.path, f"connection lost ({exc.strerror})") from None
+            raise Unreachable(self.path, f"{LOST} ({exc.strerror})") from None
         if not chunk:
-            raise Unreachable(self.path, "supd closed the connection")
+            raise Unreachable(self.path, f"{LOST}: supd closed the connection")
         return chunk
 
     def _timeout_reason(self) -> str:
@@ -660,14 +680,79 @@ def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
     if not args.follow:
         _write_output(result, out)
         return EXIT_OK
+    seen = _Seen()
     try:
         _write_output(result, out)
-        for message in client.notifications():
-            if message.get("method") == "output" and isinstance(message.get("params"), dict):
-                _write_output(message["params"], out)
+        seen.add(str(result.get("data", "")))
+        while True:
+            try:
+                for message in client.notifications():
+                    chunk = message.get("params")
+                    if message.get("method") == "output" and isinstance(chunk, dict):
+                        _write_output(chunk, out)
+                        seen.add(str(chunk.get("data", "")))
+            except Unreachable as exc:
+                if not exc.reason.startswith(LOST):
+                    raise
+                # supd re-exec'd (or restarts): follow again, and print only what
+                # comes after the last text already printed.
+                client.close()
+                again = _follow_again(client, params_for_resume(params), exc)
+                _write_output({**again, "data": seen.after(str(again.get("data", "")))}, out)
+                seen.add(str(again.get("data", "")))
     except KeyboardInterrupt:
         return EXIT_OK  # the normal way to stop following
-    return EXIT_OK  # pragma: no cover (notifications() ends only by exception)
+
+
+TAIL_RESUME_BYTES = 64 * 1024  # what a reconnecting `tail -f` reads back to find its place
+TAIL_RESUME_WAIT_S = 30.0
+
+
+def params_for_resume(params: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": params["name"],
+        "stream": params["stream"],
+        "follow": True,
+        "bytes": TAIL_RESUME_BYTES,
+    }
+
+
+def _follow_again(client: Client, params: dict[str, Any], lost: Unreachable) -> dict[str, Any]:
+    deadline = time.monotonic() + TAIL_RESUME_WAIT_S
+    while True:
+        try:
+            client.connect()
+            result: dict[str, Any] = client.call("tail", params)
+            return result
+        except Unreachable:
+            client.close()
+            if time.monotonic() >= deadline:
+                raise lost from None
+            time.sleep(0.05)
+
+
+class _Seen:
+    """The end of what `tail -f` printed, to resume after a reconnection without
+    printing a line twice."""
+
+    KEEP = 4096
+
+    def __init__(self) -> None:
+        self.tail = ""
+
+    def add(self, text: str) -> None:
+        self.tail = (self.tail + text)[-self.KEEP :]
+
+    def after(self, text: str) -> str:
+        """The part of `text` (the stream's end, read back) that follows what was seen."""
+        if not self.tail:
+            return text
+        for size in (len(self.tail), 256, 64):
+            marker = self.tail[-size:]
+            at = text.rfind(marker)
+            if at >= 0:
+                return text[at + len(marker) :]
+        return text  # no overlap found: print it all rather than lose any
 
 
 def _write_output(chunk: dict[str, Any], out: Output) -> None:
@@ -721,6 +806,44 @@ def cmd_shutdown(client: Client, args: argparse.Namespace, out: Output) -> int:
         out.json(result)
     else:
         out.line("supd is shutting down")
+    return EXIT_OK
+
+
+def cmd_reexec(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Ask supd to re-exec itself, then wait until the new one answers (same pid)."""
+    started = time.monotonic()
+    try:
+        result = client.call("reexec")
+    except RpcError as exc:
+        if exc.code != REEXEC_FAILED:
+            raise
+        out.failure(exc.code, f"reexec refused, supd carries on: {exc.message}", exc.data)
+        return EXIT_FAILED
+    client.close()
+    generation = int(result.get("generation", 0))
+    deadline = started + REEXEC_WAIT_S
+    version: dict[str, Any] = {}
+    while True:
+        try:
+            with Client(client.path, PROBE_TIMEOUT_S, trusted_uids=client.trusted_uids) as fresh:
+                version = fresh.call("version", probe=False)
+            if int(version.get("generation", 0)) >= generation:
+                break
+        except (Unreachable, RpcError):
+            pass
+        if time.monotonic() >= deadline:
+            raise Unreachable(
+                client.path, f"the re-exec'd supd did not answer in {REEXEC_WAIT_S:g} s"
+            )
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    if out.as_json:
+        out.json({**version, "seconds": round(took, 3)})
+    else:
+        out.line(
+            f"supd re-executed: pid {version.get('pid')}, generation {generation}, "
+            f"version {version.get('version')} ({took:.2f} s)"
+        )
     return EXIT_OK
 
 
@@ -811,6 +934,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name", nargs="?", metavar="NAME")
     command("version", cmd_version, "show the daemon's version, pid and config")
     command("shutdown", cmd_shutdown, "stop all processes and the daemon")
+    command(
+        "reexec",
+        cmd_reexec,
+        "replace the daemon with a freshly exec'd supd (an upgrade), keeping every process",
+    )
     sub = command("help", None, "show help for a command")
     sub.add_argument("topic", nargs="?", metavar="COMMAND")
     for name, hint in NOT_IN_SUPD.items():

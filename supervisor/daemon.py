@@ -27,20 +27,23 @@ import gc
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, assert_never
 
-from . import __version__, activation, daemonlog, instancelock, linux, notify, spawn
+from . import __version__, activation, daemonlog, instancelock, linux, notify, reexec, spawn
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
 from .fleet import (
     Action,
+    Adopt,
     Answer,
     Boot,
     ChildEvent,
@@ -66,15 +69,18 @@ from .fleet import (
 )
 from .follow import Followers, Listener
 from .logs import LogSink, PipeReader
-from .process import Exited, Spawned, SpawnFailed
+from .process import Exited, Process, Spawned, SpawnFailed, Timer
 from .protocol import MAX_TAIL_BYTES, Request
 from .reloadplan import ReloadPlan, ReloadReport, reload_event, supervisor_changes
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
 
+# `supd --reexec-probe`: the new code cannot adopt the state (the old supd carries on).
+EXIT_REEXEC_PROBE = 3
+
 # Signals the daemon reads through the signalfd.
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-DAEMON_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, signal.SIGUSR2)
+DAEMON_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, signal.SIGUSR2, signal.SIGUSR1)
 
 
 # How much of a child's stderr to look at for setpriv's own exec failure message.
@@ -173,6 +179,11 @@ class Daemon:
         self._clock_fd: int | None = None
         self._armed_for: float | None = None
         self._due_now = False  # a deadline is due already: poll, then tick
+        # Re-exec (reexec.py): asked for, and what to tell whoever asked once it failed.
+        self._reexec_wanted: list[Callable[[str | None], None]] = []
+        self._generation = 1  # 1 + how many re-execs this daemon has been through
+        self.systemd: dict[str, str] = {}  # systemd's variables for supd (NOTIFY_SOCKET...)
+        self.lock: instancelock.InstanceLock | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -192,6 +203,15 @@ class Daemon:
             log=self.log,
         )
         self.control.open()
+        self._open_loop_sources()
+        self.running = True
+        self.queue.append(Boot(tuple(self.config.programs.values())))
+        self._drain()
+        self._release_memory()
+
+    def _open_loop_sources(self) -> None:
+        """Signals, the subreaper, the one timer, supd's own log, the watchdog."""
+        settings = self.config.supervisor
         if settings.subreaper or os.getpid() == 1:
             linux.set_child_subreaper(True)
             self.subreaper = True
@@ -208,10 +228,6 @@ class Daemon:
         interval = self.notifier.watchdog_interval_ms()
         if interval is not None:
             self.selector.register_timer(interval, False, WatchdogTag())
-        self.running = True
-        self.queue.append(Boot(tuple(self.config.programs.values())))
-        self._drain()
-        self._release_memory()
 
     def run(self) -> int:
         """The loop: block until something happens, turn it into events, drain the queue."""
@@ -226,6 +242,8 @@ class Daemon:
             if self._due_now:
                 self.queue.append(Tick())
                 self._guarded(self._drain)
+            if self._reexec_wanted:
+                self._guarded(self._reexec)
         return self.exit_code
 
     def _guarded(self, action: Callable[..., None], *args: Any) -> None:
@@ -282,6 +300,8 @@ class Daemon:
                 self.reload()
         elif signum == signal.SIGUSR2:
             self.reopen_logs()
+        elif signum == signal.SIGUSR1:
+            self.request_reexec()
 
     def _child_exited(self, name: str, pid: int) -> None:
         slot = self.slots.get(name)
@@ -614,6 +634,10 @@ class Daemon:
         return self.fleet.shutting_down
 
     @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
     def config_path(self) -> str:
         return str(self.config.path)
 
@@ -726,6 +750,225 @@ class Daemon:
     def follow(self, name: str, stream: str, listener: Listener) -> Callable[[], None]:
         return self.followers.add(name, stream, listener)
 
+    # -- re-exec (see reexec.py) -------------------------------------------------------
+
+    def request_reexec(self, done: Callable[[str | None], None] | None = None) -> None:
+        """Replace this daemon with a freshly exec'd one at the end of this loop iteration
+        (after the answer that asked for it is sent). `done(problem)` is called only if it
+        does not happen."""
+        self._reexec_wanted.append(done or (lambda problem: None))
+
+    def _reexec(self) -> None:
+        waiting, self._reexec_wanted = self._reexec_wanted, []
+        problem = self._try_reexec(waiting)
+        self.log.error("reexec_failed", problem=problem)
+        for done in waiting:
+            done(problem)
+
+    def _try_reexec(self, waiting: list[Callable[[str | None], None]]) -> str:
+        """Serialise, probe the new code, exec. Returns only on failure, with the
+        reason; then nothing has changed."""
+        if self.fleet.shutting_down:
+            return "supd is shutting down"
+        self._drain()
+        state, fds = self._export_state()
+        data = reexec.encode(state)
+        problem = _probe_new_code(data)
+        if problem is not None:
+            return f"the new supd failed its check, so this one carries on: {problem}"
+        self.log.info(
+            "reexec", generation=state.generation, processes=len(state.processes), fds=len(fds)
+        )
+        self.notifier.reloading(self.status_line())
+        memfd = reexec.write_memfd(data)
+        os.environ[reexec.ENV_STATE_FD] = str(memfd)
+        os.environ[spawn.ENV_ORIGINAL_NOFILE] = ",".join(map(str, spawn.original_fd_limit()))
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        for done in waiting:
+            with contextlib.suppress(Exception):
+                done(None)  # the answer goes out now; the connection closes at exec
+        daemonlog.flush()
+        try:
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        except OSError as exc:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
+            os.close(memfd)
+            os.environ.pop(reexec.ENV_STATE_FD, None)
+            os.environ.pop(spawn.ENV_ORIGINAL_NOFILE, None)
+            self.notifier.ready(self.status_line())
+            waiting.clear()  # already answered
+            return f"cannot exec {sys.executable}: {exc.strerror or exc}"
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _export_state(self) -> tuple[reexec.DaemonState, list[int]]:
+        """The state the new supd adopts, and exactly the fds it must inherit."""
+        now = self.clock()
+        fleet = self.fleet
+        armed = fleet.armed_timers()
+        fds: list[int] = []
+        program_index: dict[int, int] = {}
+        process_programs: list[dict[str, Any]] = []
+        processes = []
+        for name, process in fleet.processes.items():
+            key = id(process.config)
+            if key not in program_index:
+                program_index[key] = len(process_programs)
+                process_programs.append(reexec.program_data(process.config))
+            slot = self.slots.get(name)
+            saved = reexec.ProcessState(
+                name=name,
+                program=process.config.name,
+                config=program_index[key],
+                fields=reexec.process_fields(process, now),
+                timers=reexec.timers_data(armed.get(name, ()), now),
+            )
+            if slot is not None:
+                for fd, reader in slot.readers.items():
+                    if reader.sink is slot.stdout:
+                        saved.stdout_fd = fd
+                    else:
+                        saved.stderr_fd = fd
+                    fds.append(fd)
+                if slot.child is not None:
+                    saved.child_pid = slot.child.pid
+                    saved.via_setpriv = slot.child.via_setpriv
+                    if slot.child.exec_error_fd is not None:
+                        saved.exec_error_fd = slot.child.exec_error_fd
+                        fds.append(slot.child.exec_error_fd)
+            processes.append(saved)
+        listen_fd, inode = None, None
+        if self.control is not None:
+            listen_fd, inode = self.control.listening()
+            if listen_fd is not None:
+                fds.append(listen_fd)
+        lock_fd, lock_path = None, None
+        if self.lock is not None:
+            lock_fd, lock_path = self.lock.fd_and_path()
+            if lock_fd is not None:
+                fds.append(lock_fd)
+        state = reexec.DaemonState(
+            version=reexec.STATE_VERSION,
+            generation=self._generation + 1,
+            config_path=str(self.config.path),
+            supervisor=self.config.supervisor.model_dump(mode="json"),
+            programs=[reexec.program_data(p) for p in fleet.configs.values()],
+            process_programs=process_programs,
+            sources={k: str(v) for k, v in self.config.sources.items()},
+            processes=processes,
+            retiring=sorted(fleet.retiring),
+            swaps={n: reexec.program_data(p) for n, p in fleet.swaps.items()},
+            listen_fd=listen_fd,
+            socket_inode=inode,
+            lock_fd=lock_fd,
+            lock_path=lock_path,
+            systemd=self.systemd,
+            subreaper=self.subreaper,
+            fd_limit=spawn.original_fd_limit(),
+        )
+        return state, fds
+
+    def adopt(self, state: reexec.DaemonState) -> None:
+        """The new supd's setup: take over the socket, the children, their pipes and the
+        timers, then reload the config file (a changed program is handled like a reload)."""
+        settings = self.config.supervisor
+        self._generation = state.generation
+        self.control = ControlServer(
+            self.selector,
+            self,
+            path=settings.socket,
+            mode=settings.socket_mode,
+            group=settings.socket_group,
+            listen_fd=state.listen_fd,
+            log=self.log,
+        )
+        self.control.adopt(state.socket_inode)
+        self.control.open()
+        self._open_loop_sources()
+        self.running = True
+        now = self.clock()
+        configs = [reexec.program_from(d) for d in state.process_programs]
+        processes: list[Process] = []
+        timers: list[tuple[str, Timer, float]] = []
+        for saved in state.processes:
+            if not 0 <= saved.config < len(configs):
+                self.log.error("adopt_failed", process=saved.name, problem="no program saved")
+                continue
+            processes.append(
+                reexec.restore_process(saved.name, configs[saved.config], saved.fields, now)
+            )
+            for kind, left in saved.timers.items():
+                with contextlib.suppress(ValueError):
+                    timers.append((saved.name, Timer(kind), now + left))
+        swaps = tuple((n, reexec.program_from(d)) for n, d in state.swaps.items())
+        adopt = Adopt(
+            tuple(self.config.programs.values()),
+            tuple(processes),
+            tuple(timers),
+            tuple(state.retiring),
+            swaps,
+        )
+        self._perform(self.fleet.handle(adopt, now))
+        for saved in state.processes:
+            self._adopt_fds(saved)
+        self.log.info("adopted", generation=self._generation, processes=len(processes))
+        self._drain()
+        with contextlib.suppress(ConfigError, SocketUnusable):  # logged; the old config stays
+            self.reload()
+        self.notifier.ready(self.status_line())
+        self._release_memory()
+
+    def _adopt_fds(self, saved: reexec.ProcessState) -> None:
+        slot = self.slots.get(saved.name)
+        if slot is None:
+            for fd in (saved.stdout_fd, saved.stderr_fd, saved.exec_error_fd):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            return
+        name = saved.name
+        if saved.child_pid is not None:
+            child = spawn.Child(
+                saved.child_pid, saved.stdout_fd, saved.stderr_fd, saved.exec_error_fd
+            )
+            child.via_setpriv = saved.via_setpriv
+            slot.child = child
+            # Registration looks once: a child that exited during the exec is reported now,
+            # and reaped with its real status.
+            self.selector.register_process(child.pid, ChildTag(name, child.pid))
+            if child.exec_error_fd is not None:
+                tag = ExecReportTag(name, child.pid)
+                self.selector.register_handle(child.exec_error_fd, Event.READ, tag)
+        for stream, fd in (("stdout", saved.stdout_fd), ("stderr", saved.stderr_fd)):
+            if fd is not None:
+                os.set_blocking(fd, False)
+                hook = self.followers.hook(name, stream)
+                slot.readers[fd] = PipeReader(fd, slot.sink(stream), hook)
+                self.selector.register_handle(fd, Event.READ, OutputTag(name, stream))
+
+
+def _probe_new_code(data: bytes) -> str | None:
+    """Run the new code on this state in a child first: None if it can adopt it."""
+    argv = [sys.executable, *sys.orig_argv[1:], reexec.PROBE_ARG]
+    try:
+        ran = subprocess.run(
+            argv,
+            input=data,
+            capture_output=True,
+            timeout=reexec.PROBE_TIMEOUT_S,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+    except subprocess.TimeoutExpired:
+        return f"no answer within {reexec.PROBE_TIMEOUT_S:g} s"
+    except OSError as exc:
+        return f"cannot run {sys.executable}: {exc.strerror or exc}"
+    if ran.returncode == 0 and ran.stdout.strip() == reexec.PROBE_ANSWER.encode():
+        return None
+    lines = (ran.stderr or ran.stdout).decode(errors="replace").strip().splitlines()
+    return f"exit status {ran.returncode}: {lines[-1] if lines else 'no message'}"
+
 
 def reset_inherited_signals() -> None:
     """Start from known signal state whatever the launcher left us.
@@ -742,13 +985,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="supd", description="supervise processes")
     parser.add_argument("-c", "--config", default="/etc/supd/supd.toml", help="config file")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    # The new code's check before a re-exec: reads the state on stdin (reexec.py).
+    parser.add_argument(reexec.PROBE_ARG, action="store_true", help=argparse.SUPPRESS)
     version = f"supd {__version__} (spawn method: {spawn.method()})"
     parser.add_argument("--version", action="version", version=version)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    state_fd = reexec.take_state_fd(os.environ)  # set by the supd we replace
     args = parse_args(argv)
+    if args.reexec_probe:
+        return probe_main()
+    if state_fd is not None:
+        return adopt_main(state_fd)
     # In the journal (ExecReload's --check too), errors must be errors: "<3>".
     error = "<3>" if daemonlog.stderr_is_journal(sys.stderr, os.environ) else ""
     try:
@@ -772,6 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
     spawn.mark_inherited_fds_cloexec()
     spawn.raise_fd_limit()
     daemon = Daemon(config, notifier=notify.Notifier.from_environ(systemd))
+    daemon.systemd, daemon.lock = systemd, lock
     try:
         daemon.setup(listen_fd)
         return daemon.run()
@@ -781,6 +1032,58 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         daemon.close()
         lock.release()
+
+
+def probe_main() -> int:
+    """`supd --reexec-probe`: can this code adopt the state on stdin? Exit 0 and print
+    PROBE_ANSWER if so; exit 3 with the reason otherwise (then nothing is exec'd)."""
+    try:
+        state = reexec.decode(sys.stdin.buffer.read())
+        config = reexec.config_from(state)
+        programs = [reexec.program_from(d) for d in state.process_programs]
+        for saved in state.processes:
+            reexec.restore_process(saved.name, programs[saved.config], saved.fields, 0.0)
+        Daemon(config)  # everything the daemon imports, imported
+    except Exception as exc:
+        print(f"supd: cannot adopt the running state: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_REEXEC_PROBE
+    print(reexec.PROBE_ANSWER)
+    return EXIT_OK
+
+
+def adopt_main(state_fd: int) -> int:
+    """The new supd after a re-exec: same pid, the old one's children, fds and timers."""
+    try:
+        state = reexec.decode(reexec.read_fd(state_fd))
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(state_fd)
+    config = reexec.config_from(state)
+    daemonlog.configure(config.supervisor.log_format, config.supervisor.log_level)
+    keep_daemon_signals_blocked()
+    spawn.mark_inherited_fds_cloexec()  # the adopted fds too: no child may inherit them
+    spawn.raise_fd_limit()
+    lock = None
+    if state.lock_fd is not None and state.lock_path is not None:
+        lock = instancelock.InstanceLock(state.lock_fd, Path(state.lock_path))
+    daemon = Daemon(config, notifier=notify.Notifier.from_environ(state.systemd))
+    daemon.systemd, daemon.lock = state.systemd, lock
+    try:
+        daemon.adopt(state)
+        return daemon.run()
+    finally:
+        daemon.close()
+        if lock is not None:
+            lock.release()
+
+
+def keep_daemon_signals_blocked() -> None:
+    """After a re-exec: default dispositions, but the daemon's signals stay blocked
+    (as the old image left them), so one sent during the exec waits in the signalfd
+    instead of killing the new supd with its default action."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, (*DAEMON_SIGNALS, signal.SIGCHLD))
+    for signum in (*DAEMON_SIGNALS, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class ErrorCode(enum.IntEnum):
     TOO_MANY_CONNECTIONS = 6  # the server is at max_connections
     REQUEST_TOO_LARGE = 7  # a line over the server's max_line; connection closed
     SUPERSEDED = 8  # a later conflicting command (or a reload, or shutdown) took over
+    REEXEC_FAILED = 9  # the new supd could not take over; the running one carries on
 
 
 # supctl's exit status. Scripts depend on these: never renumber.

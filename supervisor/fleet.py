@@ -100,7 +100,19 @@ class Shutdown:
     """Stop everything by priority, then exit; a second one SIGKILLs what is left."""
 
 
-FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """A re-exec'd daemon takes over what the old one ran: processes already in their
+    states (with their children), timers at their deadlines, reload work under way."""
+
+    programs: tuple[ProgramConfig, ...]
+    processes: tuple[Process, ...]
+    timers: tuple[tuple[str, Timer, float], ...] = ()  # (process, timer, deadline)
+    retiring: tuple[str, ...] = ()
+    swaps: tuple[tuple[str, ProgramConfig], ...] = ()
+
+
+FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown | Adopt
 
 
 # -- effects: what the daemon must do ------------------------------------------------------
@@ -313,6 +325,8 @@ class Fleet:
                 self._reload(programs, now)
             case Shutdown():
                 self._shutdown(now)
+            case Adopt():
+                self._adopt(event)
             case _:
                 assert_never(event)
         self._follow_up(now)
@@ -346,6 +360,28 @@ class Fleet:
             if group != program and group not in self.programs:
                 named.setdefault(group, []).extend(processes)
         return named
+
+    def armed_timers(self) -> dict[str, list[tuple[Timer, float]]]:
+        """Every armed timer and its deadline, by process (for a re-exec)."""
+        out: dict[str, list[tuple[Timer, float]]] = {}
+        for deadline, serial, name, timer in self._heap:
+            if self._timers.get((name, timer)) == serial:
+                out.setdefault(name, []).append((timer, deadline))
+        return out
+
+    def _adopt(self, adopt: Adopt) -> None:
+        self.booted = self.ready = True  # the old daemon was; Ready is not said twice
+        self.configs = {p.name: p for p in adopt.programs}
+        for process in adopt.processes:
+            self.processes[process.name] = process
+            self.programs.setdefault(process.config.name, []).append(process.name)
+            self.state_counts[process.state] += 1
+            self._out.append(CreateSlot(process.name, process.config))
+        for name, timer, deadline in adopt.timers:
+            if name in self.processes:
+                self._arm(name, timer, deadline)
+        self.retiring = {n for n in adopt.retiring if n in self.processes}
+        self.swaps = {n: p for n, p in adopt.swaps if n in self.processes}
 
     def status_counts(self) -> dict[str, int]:
         return {state.value: n for state, n in self.state_counts.items()}

@@ -57,6 +57,11 @@ class InstanceLock:
         self._fd: int | None = fd
         self.path = path
 
+    def fd_and_path(self) -> tuple[int | None, str]:
+        """For a re-exec: the fd (the flock lives on it, across execve) and the path;
+        `InstanceLock(fd, Path(path))` takes it back on the other side."""
+        return self._fd, str(self.path)
+
     @classmethod
     def acquire(cls, config: Path | str) -> InstanceLock:
         """Lock `config` for this process, or raise AlreadyLocked (OSError if neither the

@@ -146,6 +146,10 @@ class VersionParams(_Params):
     pass
 
 
+class ReexecParams(_Params):
+    pass
+
+
 class ShutdownParams(_Params):
     pass
 
@@ -161,10 +165,21 @@ Params = (
     | PidParams
     | VersionParams
     | ShutdownParams
+    | ReexecParams
 )
 
 Method = Literal[
-    "status", "start", "stop", "restart", "signal", "reload", "tail", "pid", "version", "shutdown"
+    "status",
+    "start",
+    "stop",
+    "restart",
+    "signal",
+    "reload",
+    "tail",
+    "pid",
+    "version",
+    "shutdown",
+    "reexec",
 ]
 
 
@@ -262,6 +277,14 @@ class VersionResult(_Result):
     version: str
     pid: int
     config: str | None = None  # path of the config file in use
+    generation: int = 1  # 1 + the re-execs this daemon has been through
+
+
+class ReexecResult(_Result):
+    """Sent just before the execve; the connection then closes."""
+
+    pid: int
+    generation: int  # the new daemon's: `version` answers it once it has adopted
 
 
 class ShutdownResult(_Result):
@@ -281,6 +304,7 @@ RESULT_TYPES: Final[dict[str, Any]] = {
     "pid": PidResult,
     "version": VersionResult,
     "shutdown": ShutdownResult,
+    "reexec": ReexecResult,
 }
 RESULT_ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
     method: TypeAdapter(result_type) for method, result_type in RESULT_TYPES.items()
@@ -353,8 +377,23 @@ class _Shutdown(_Envelope):
     params: ShutdownParams = ShutdownParams()
 
 
+class _Reexec(_Envelope):
+    method: Literal["reexec"]
+    params: ReexecParams = ReexecParams()
+
+
 _AnyEnvelope = Annotated[
-    _Status | _Start | _Stop | _Restart | _Signal | _Reload | _Tail | _Pid | _Version | _Shutdown,
+    _Status
+    | _Start
+    | _Stop
+    | _Restart
+    | _Signal
+    | _Reload
+    | _Tail
+    | _Pid
+    | _Version
+    | _Shutdown
+    | _Reexec,
     Field(discriminator="method"),
 ]
 _ENVELOPE: Final[TypeAdapter[_AnyEnvelope]] = TypeAdapter(_AnyEnvelope)

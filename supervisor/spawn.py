@@ -69,7 +69,19 @@ _RESETTABLE_SIGNALS = tuple(s for s in range(1, 32) if s not in (signal.SIGKILL,
 PRIVATE_ENVIRONMENT = CHILD_PRIVATE_ENVIRONMENT
 
 _EXIT_EXEC_FAILED = 127
-_ORIGINAL_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
+# A re-exec'd supd (reexec.py) has the raised limit already: the first one's is passed.
+ENV_ORIGINAL_NOFILE = "SUPD_ORIGINAL_NOFILE"
+
+
+def _original_nofile() -> tuple[int, int]:
+    passed = os.environ.pop(ENV_ORIGINAL_NOFILE, "")
+    with contextlib.suppress(ValueError):
+        soft, hard = (int(x) for x in passed.split(","))
+        return soft, hard
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+_ORIGINAL_NOFILE = _original_nofile()
 
 METHODS = ("clone", "python")
 
@@ -548,6 +560,11 @@ def any_stopped() -> bool:
     except ChildProcessError:
         return False
     return info is not None and info.si_code == os.CLD_STOPPED
+
+
+def original_fd_limit() -> tuple[int, int]:
+    """The fd limit supd was started with, which every child gets."""
+    return _ORIGINAL_NOFILE
 
 
 def raise_fd_limit() -> None:

@@ -335,7 +335,7 @@ def test_exit_statuses_and_error_codes_are_fixed() -> None:
         facts.EXIT_UNREACHABLE,
         facts.EXIT_TIMED_OUT,
     ) == (0, 1, 2, 3, 4, 5)
-    assert [int(code) for code in ErrorCode if code > 0] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [int(code) for code in ErrorCode if code > 0] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert ErrorCode.SUPERSEDED == 8
 
 
@@ -354,6 +354,7 @@ def test_error_codes_are_fixed() -> None:
         "TOO_MANY_CONNECTIONS": 6,
         "REQUEST_TOO_LARGE": 7,
         "SUPERSEDED": 8,
+        "REEXEC_FAILED": 9,
     }
 
 

@@ -1,0 +1,240 @@
+"""Re-exec: the daemon's state across an `execve` of a new supd in the same process.
+
+`supctl reexec` (or SIGUSR1) replaces the running daemon with a freshly exec'd one that
+keeps every child. The pid does not change, so the children stay its children
+(`waitid` works, PDEATHSIG is tied to the thread, which exec keeps) and systemd sees the
+same MAINPID. What must cross the exec is written here as JSON to a memfd that the new
+supd inherits (its number in $SUPD_REEXEC_STATE):
+
+- the config in force (the [supervisor] table and every program, as data: the new supd
+  adopts with exactly what the children were started with, then reloads the file);
+- every process: its name and program, and every field of its `Process` (the state,
+  why, pid, failure counters, what the operator asked for...). Monotonic times
+  (`*_at`, `*_until`) and armed timers are stored as seconds relative to the moment
+  of the exec and re-based on the other side. Fields are taken generically from the
+  dataclass, so a field added to `Process` later crosses too, and one the new version
+  does not know is ignored (a missing one keeps its default);
+- each child's pipe fds (stdout, stderr, the fork path's exec report);
+- the control socket's listening fd (and the inode supd bound, so it can still unlink
+  or move it), the instance lock's fd, systemd's variables for supd (NOTIFY_SOCKET,
+  WATCHDOG_*: they were taken out of the environment at start), and a generation count.
+
+Exactly those fds are made inheritable; everything else supd holds is close-on-exec and
+goes away with the old image (the epoll fd, signalfd, timerfds, log files, client
+connections: clients are disconnected; supctl retries idempotent calls once).
+
+A failing new binary must not take the children with it, and after `execve` there is no
+old process to fall back to. So the new code is tried first, in a child: `supd
+--reexec-probe` with the same interpreter and argv reads this very state on stdin and
+must import everything, parse the state and rebuild the config, then print "adoptable"
+within PROBE_TIMEOUT_S. Only then does the daemon exec; if the probe fails (a syntax
+error in an upgraded module, a state it cannot read, a hang), the reexec is refused and
+the old daemon carries on untouched. docs/reexec.md has the whole argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .config import Config, ProgramConfig, SupervisorConfig
+from .facts import State
+from .process import Process, Timer, Want
+
+STATE_VERSION = 1
+ENV_STATE_FD = "SUPD_REEXEC_STATE"
+PROBE_ARG = "--reexec-probe"
+PROBE_ANSWER = "adoptable"
+PROBE_TIMEOUT_S = 10.0
+
+# Process fields that hold monotonic times: stored relative to the exec.
+_TIME_SUFFIXES = ("_at", "_until")
+
+
+class _Tolerant(BaseModel):
+    """Unknown fields (from a newer or older supd) are ignored; missing ones default."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ProcessState(_Tolerant):
+    name: str
+    program: str
+    config: int = -1  # its program's config: an index into DaemonState.process_programs
+    child_pid: int | None = None  # the live (or exited, not yet reaped) child
+    fields: dict[str, Any] = {}  # the Process dataclass's own fields (times relative)
+    timers: dict[str, float] = {}  # timer kind -> seconds left
+    stdout_fd: int | None = None
+    stderr_fd: int | None = None
+    exec_error_fd: int | None = None
+    via_setpriv: bool = False
+
+
+class DaemonState(_Tolerant):
+    version: int
+    generation: int = 1  # how many re-execs this daemon has been through
+    config_path: str
+    supervisor: dict[str, Any]
+    programs: list[dict[str, Any]]  # the config in force
+    process_programs: list[dict[str, Any]] = []  # the programs the processes run with
+    sources: dict[str, str] = {}
+    processes: list[ProcessState] = []
+    retiring: list[str] = []
+    swaps: dict[str, dict[str, Any]] = {}  # process -> the program it restarts into
+    listen_fd: int | None = None
+    socket_inode: tuple[int, int] | None = None
+    lock_fd: int | None = None
+    lock_path: str | None = None
+    systemd: dict[str, str] = {}
+    subreaper: bool = False
+    fd_limit: tuple[int, int] | None = None  # what supd started with (children get it)
+
+
+class StateError(Exception):
+    pass
+
+
+# -- processes ------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple, set, frozenset)) or (
+        hasattr(value, "__iter__") and not (isinstance(value, (str, bytes, dict)))
+    ):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def process_fields(process: Process, now: float) -> dict[str, Any]:
+    """Every field of the dataclass but the config; times relative to `now`."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(process):
+        if field.name in ("name", "config"):
+            continue
+        value = getattr(process, field.name)
+        if isinstance(value, float) and field.name.endswith(_TIME_SUFFIXES):
+            value = value - now
+        out[field.name] = _plain(value)
+    return out
+
+
+def restore_process(name: str, config: ProgramConfig, saved: dict[str, Any], now: float) -> Process:
+    """A Process with the saved fields this version knows (others keep defaults)."""
+    process = Process(name, config)
+    known = {f.name: f for f in dataclasses.fields(process)}
+    for key, value in saved.items():
+        field = known.get(key)
+        if field is None or key in ("name", "config"):
+            continue
+        current = getattr(process, key)
+        if key == "state":
+            value = State(value)
+        elif key == "want":
+            value = Want(value)
+        elif isinstance(value, float) and key.endswith(_TIME_SUFFIXES):
+            value = now + value
+        elif isinstance(current, enum.Enum):
+            value = type(current)(value)
+        elif isinstance(value, list) and not isinstance(current, list):
+            try:
+                value = type(current)(value)  # a deque, a tuple...
+            except TypeError:
+                continue
+        setattr(process, key, value)
+    return process
+
+
+# -- the whole state ---------------------------------------------------------------------
+
+
+def program_data(program: ProgramConfig) -> dict[str, Any]:
+    data: dict[str, Any] = program.model_dump(mode="json")
+    return data
+
+
+def program_from(data: dict[str, Any]) -> ProgramConfig:
+    """A program as saved; keys this version does not know are dropped."""
+    try:
+        return ProgramConfig.model_validate(data)
+    except ValidationError:
+        known = {k: v for k, v in data.items() if k in ProgramConfig.model_fields}
+        return ProgramConfig.model_validate(known)
+
+
+def config_from(state: DaemonState) -> Config:
+    from pathlib import Path
+
+    try:
+        supervisor = SupervisorConfig.model_validate(state.supervisor)
+    except ValidationError:
+        known = {k: v for k, v in state.supervisor.items() if k in SupervisorConfig.model_fields}
+        supervisor = SupervisorConfig.model_validate(known)
+    programs = {p.name: p for p in (program_from(d) for d in state.programs)}
+    sources = {k: Path(v) for k, v in state.sources.items()}
+    return Config(Path(state.config_path), supervisor, programs, sources)
+
+
+def encode(state: DaemonState) -> bytes:
+    return state.model_dump_json().encode()
+
+
+def decode(data: bytes) -> DaemonState:
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
+        raise StateError(f"the saved state is not JSON: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("version"), int):
+        raise StateError("the saved state has no version")
+    if raw["version"] > STATE_VERSION:
+        raise StateError(f"state version {raw['version']} is newer than {STATE_VERSION}")
+    try:
+        return DaemonState.model_validate(raw)
+    except ValidationError as exc:
+        raise StateError(f"the saved state is invalid: {exc}") from None
+
+
+def write_memfd(data: bytes) -> int:
+    """An inheritable memfd holding `data`, read from offset 0."""
+    fd = os.memfd_create("supd-reexec-state", 0)  # no MFD_CLOEXEC: the new supd reads it
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_fd(fd: int) -> bytes:
+    chunks = []
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def take_state_fd(environ: dict[str, str] | Any) -> int | None:
+    """The inherited state's fd, removed from the environment (no child sees it)."""
+    value = environ.pop(ENV_STATE_FD, None)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def timers_data(timers: Iterable[tuple[Timer, float]], now: float) -> dict[str, float]:
+    return {timer.value: deadline - now for timer, deadline in timers}
