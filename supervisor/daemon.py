@@ -867,6 +867,7 @@ class Daemon:
             systemd=self.systemd,
             subreaper=self.subreaper,
             fd_limit=spawn.original_fd_limit(),
+            clock_at=now,
         )
         return state, fds
 
@@ -889,6 +890,7 @@ class Daemon:
         self._open_loop_sources()
         self.running = True
         now = self.clock()
+        base = reexec.time_base(state, now)
         configs = [reexec.program_from(d) for d in state.process_programs]
         processes: list[Process] = []
         timers: list[tuple[str, Timer, float]] = []
@@ -897,11 +899,11 @@ class Daemon:
                 self.log.error("adopt_failed", process=saved.name, problem="no program saved")
                 continue
             processes.append(
-                reexec.restore_process(saved.name, configs[saved.config], saved.fields, now)
+                reexec.restore_process(saved.name, configs[saved.config], saved.fields, base)
             )
             for kind, left in saved.timers.items():
                 with contextlib.suppress(ValueError):
-                    timers.append((saved.name, Timer(kind), now + left))
+                    timers.append((saved.name, Timer(kind), base + left))
         swaps = tuple((n, reexec.program_from(d)) for n, d in state.swaps.items())
         adopt = Adopt(
             tuple(self.config.programs.values()),

@@ -94,6 +94,10 @@ class DaemonState(_Tolerant):
     systemd: dict[str, str] = {}
     subreaper: bool = False
     fd_limit: tuple[int, int] | None = None  # what supd started with (children get it)
+    # The daemon's monotonic clock when the times above were taken. CLOCK_MONOTONIC is
+    # the same across execve (same boot), so the new supd re-bases on it and the exec's
+    # own duration does not delay a single timer.
+    clock_at: float | None = None
 
 
 class StateError(Exception):
@@ -234,6 +238,13 @@ def take_state_fd(environ: dict[str, str] | Any) -> int | None:
         return int(value)
     except ValueError:
         return None
+
+
+def time_base(state: DaemonState, now: float) -> float:
+    """What the saved relative times are relative to, on the adopting side."""
+    if state.clock_at is not None and state.clock_at <= now:
+        return state.clock_at
+    return now  # another clock (it cannot go back): count from now
 
 
 def timers_data(timers: Iterable[tuple[Timer, float]], now: float) -> dict[str, float]:

@@ -1,0 +1,306 @@
+"""Re-exec with a real daemon: `supctl reexec` and SIGUSR1 replace supd with a freshly
+exec'd one that keeps every child, pipe and timer; a failing new binary changes nothing.
+Plus the saved state as data (reexec.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supd import reexec
+from supd.config import ProgramConfig
+from supd.facts import State
+from supd.process import Process, Want
+from tests.helpers import PY, REPO, SLEEP, Supd, cmd, kill_quietly, wait_until
+
+Factory = Callable[..., Supd]
+
+TICKER = cmd("import time\nfor i in range(10**7):\n    print(i, flush=True)\n    time.sleep(0.005)")
+
+# Exits 7 while supd checks its new code (the probe is supd's child then), that is,
+# during the re-exec: its exit is seen by the new daemon, not the old.
+EXITS_DURING_REEXEC = cmd(
+    "import os, sys, time\n"
+    "parent = os.getppid()\n"
+    "while True:\n"
+    "    try:\n"
+    "        kids = open(f'/proc/{parent}/task/{parent}/children').read().split()\n"
+    "    except OSError:\n"
+    "        kids = []\n"
+    "    for kid in kids:\n"
+    "        try:\n"
+    "            # (spelt in two halves: this very command line must not match)\n"
+    "            if b'--reexec-' + b'probe' in open(f'/proc/{kid}/cmdline', 'rb').read():\n"
+    "                sys.exit(7)\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "    time.sleep(0.002)\n"
+)
+
+
+def supctl(
+    d: Supd, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "supd.ctl", "-s", str(d.socket), *args],
+        capture_output=True,
+        text=True,
+        env=env or dict(os.environ, PYTHONPATH=str(REPO), NO_COLOR="1"),
+        timeout=60,
+    )
+
+
+def reexec_by_supctl(d: Supd) -> None:
+    ran = supctl(d, "reexec")
+    assert ran.returncode == 0, ran.stderr + d.describe()
+    assert f"pid {d.pid}" in ran.stdout
+
+
+def reexec_by_signal(d: Supd) -> None:
+    before = d.rpc("version")["generation"]
+    d.signal(signal.SIGUSR1)
+    wait_until(lambda: generation(d) > before, timeout=30, describe=d.describe)
+
+
+def generation(d: Supd) -> int:
+    try:
+        return int(d.rpc("version", timeout=5)["generation"])
+    except (OSError, ConnectionError, ValueError):
+        return 0
+
+
+def numbers(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().splitlines()[:-1]]
+
+
+def stamp(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def test_ten_reexecs_in_a_row_keep_every_pid_and_every_line(supd: Factory, tmp_path: Path) -> None:
+    d = supd(f"""
+        [programs.ticker]
+        command = {TICKER}
+        startsecs = 0
+        [programs.idle]
+        command = {SLEEP}
+        startsecs = 0
+        numprocs = 2
+    """)
+    before = {name: d.wait_state(name, "RUNNING")["pid"] for name in ("ticker", "idle:0", "idle:1")}
+    log = tmp_path / "logs" / "ticker.out.log"
+    for i in range(10):
+        (reexec_by_supctl if i % 2 == 0 else reexec_by_signal)(d)
+    assert d.proc is not None and d.proc.poll() is None
+    version = d.rpc("version")
+    assert (version["pid"], version["generation"]) == (d.pid, 11)
+    status = d.status()
+    assert {name: status[name]["pid"] for name in before} == before
+    assert all(status[name]["state"] == "RUNNING" for name in before)
+    reached = numbers(log)[-1]
+    wait_until(lambda: numbers(log)[-1] > reached + 20, describe=d.describe)
+    seen = numbers(log)
+    assert seen == list(range(len(seen)))  # every line exactly once, in order
+    assert len(d.events("adopted")) == 10 and not d.events("reexec_failed")
+
+
+def test_a_backoff_restart_keeps_its_schedule_across_a_reexec(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.crashy]
+        command = {cmd("raise SystemExit(1)")}
+        startsecs = 0
+        backoff_initial = 3
+        backoff_max = 3
+        startretries = 100
+    """)
+    wait_until(lambda: d.events("backoff"), describe=d.describe)
+    [backoff] = d.events("backoff")[:1]
+    reexec_by_supctl(d)
+
+    def respawn() -> dict[str, Any] | None:
+        later = [e for e in d.events("spawned") if stamp(e) > stamp(backoff)]
+        return later[0] if later else None
+
+    spawned = wait_until(respawn, describe=d.describe)
+    [adopted] = d.events("adopted")
+    assert stamp(backoff) < stamp(adopted) < stamp(spawned)  # the re-exec was in between
+    assert abs(stamp(spawned) - stamp(backoff) - 3.0) <= 0.1
+
+
+def test_a_child_that_exits_during_the_exec_is_reported_with_its_code(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.leaver]
+        command = {EXITS_DURING_REEXEC}
+        startsecs = 0
+        autorestart = "never"
+        [programs.stayer]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    pid = d.wait_state("leaver", "RUNNING")["pid"]
+    stayer = d.wait_state("stayer", "RUNNING")["pid"]
+    reexec_by_supctl(d)
+    entry = d.wait_state("leaver", "EXITED")
+    assert (entry["exit_code"], entry["pid"]) == (7, None)
+    [exited] = [e for e in d.events("exited") if e["process"] == "leaver"]
+    assert (exited["pid"], exited["exit_code"]) == (pid, 7)
+    [adopted] = d.events("adopted")
+    assert stamp(exited) >= stamp(adopted)  # the new daemon reaped it
+    assert d.status()["stayer"]["pid"] == stayer
+    assert not Path(f"/proc/{pid}").exists()  # reaped: no zombie left
+
+
+def test_tail_follow_continues_across_a_reexec(supd: Factory, tmp_path: Path) -> None:
+    d = supd(f"""
+        [programs.ticker]
+        command = {TICKER}
+        startsecs = 0
+    """)
+    d.wait_state("ticker", "RUNNING")
+    log = tmp_path / "logs" / "ticker.out.log"
+    wait_until(lambda: log.exists() and len(numbers(log)) > 20)
+    shown = tmp_path / "shown.txt"
+    env = dict(os.environ, PYTHONPATH=str(REPO), NO_COLOR="1")
+    with open(shown, "wb") as out:
+        follower = subprocess.Popen(
+            [PY, "-m", "supd.ctl", "-s", str(d.socket), "tail", "-f", "ticker"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    try:
+        wait_until(lambda: len(numbers(shown)) > 10)
+        reexec_by_supctl(d)
+        reached = numbers(log)[-1]
+        wait_until(
+            lambda: numbers(shown) and numbers(shown)[-1] > reached + 50, describe=d.describe
+        )
+        assert follower.poll() is None
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(timeout=10)
+        kill_quietly(follower.pid)
+    seen = numbers(shown)
+    assert seen == list(range(seen[0], seen[0] + len(seen)))  # nothing twice, none lost
+
+
+def test_a_failing_new_binary_leaves_the_old_daemon_running(supd: Factory, tmp_path: Path) -> None:
+    # supd runs from a copy of its code, which is then "upgraded" with a broken module.
+    code = tmp_path / "pythonpath" / "supd"
+    shutil.copytree(REPO / "supervisor", code, ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(code.parent), PYTHONDONTWRITEBYTECODE="1")
+    d = supd(
+        f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+    """,
+        env=env,
+    )
+    pid = d.wait_state("web", "RUNNING")["pid"]
+    fleet = code / "fleet.py"
+    good = fleet.read_text()
+    fleet.write_text(good + "\nthis is not python (\n")
+    ran = supctl(d, "reexec", env={**env, "NO_COLOR": "1"})
+    assert ran.returncode == 1
+    assert "failed its check" in ran.stderr and "SyntaxError" in ran.stderr, ran.stderr
+    assert d.proc is not None and d.proc.poll() is None
+    assert d.rpc("version")["generation"] == 1
+    assert d.status()["web"]["pid"] == pid and d.state("web") == "RUNNING"
+    [failed] = d.events("reexec_failed")
+    assert "SyntaxError" in failed["problem"]
+    fleet.write_text(good)  # the fixed upgrade goes through
+    ran = supctl(d, "reexec", env={**env, "NO_COLOR": "1"})
+    assert ran.returncode == 0, ran.stderr
+    assert d.rpc("version")["generation"] == 2 and d.status()["web"]["pid"] == pid
+
+
+def test_a_program_changed_in_the_file_is_reloaded_by_the_new_daemon(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        [programs.db]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    web = d.wait_state("web", "RUNNING")["pid"]
+    db = d.wait_state("db", "RUNNING")["pid"]
+    d.write_config(f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        stopsignal = "INT"
+        [programs.db]
+        command = {SLEEP}
+        startsecs = 0
+        environment = {{ V = "2" }}
+    """)
+    reexec_by_supctl(d)
+    wait_until(lambda: d.status()["db"]["pid"] not in (None, db), describe=d.describe)
+    assert d.status()["web"]["pid"] == web
+    [event] = d.events("config_reloaded")
+    assert {e["name"]: e["step"] for e in event["plan"]} == {
+        "web": "update in place",
+        "db": "restart",
+    }
+
+
+# -- the saved state as data -------------------------------------------------------------
+
+
+def test_a_process_crosses_with_its_fields_and_its_times_relative() -> None:
+    config = ProgramConfig.model_validate({"name": "web", "command": ["x"]})
+    process = Process("web", config, state=State.BACKOFF, want=Want.UP, failures=3)
+    process.backoff_until, process.started_at, process.last_pid = 105.0, 90.0, 1234
+    saved = reexec.process_fields(process, now=100.0)
+    assert saved["backoff_until"] == 5.0 and saved["started_at"] == -10.0
+    data = json.loads(json.dumps(saved))
+    back = reexec.restore_process("web", config, {**data, "from_a_newer_supd": 1}, now=500.0)
+    assert (back.state, back.want, back.failures, back.last_pid) == (
+        State.BACKOFF,
+        Want.UP,
+        3,
+        1234,
+    )
+    assert (back.backoff_until, back.started_at) == (505.0, 490.0)
+
+
+def test_the_state_is_versioned_and_tolerant() -> None:
+    state = reexec.DaemonState(
+        version=reexec.STATE_VERSION, config_path="/x.toml", supervisor={}, programs=[]
+    )
+    raw = json.loads(reexec.encode(state))
+    raw["added_by_a_later_supd"] = {"x": 1}
+    assert reexec.decode(json.dumps(raw).encode()).config_path == "/x.toml"
+    raw["version"] = reexec.STATE_VERSION + 1
+    with pytest.raises(reexec.StateError, match="newer"):
+        reexec.decode(json.dumps(raw).encode())
+    with pytest.raises(reexec.StateError):
+        reexec.decode(b"not json")
+
+
+def test_a_program_saved_with_a_key_this_version_lacks_is_still_read() -> None:
+    data = reexec.program_data(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
+    data["readiness_of_a_later_version"] = {"tcp": 80}
+    assert reexec.program_from(data).name == "web"
+
+
+def test_the_state_crosses_in_an_inheritable_memfd() -> None:
+    fd = reexec.write_memfd(b'{"version": 1}')
+    try:
+        assert os.get_inheritable(fd)
+        assert reexec.read_fd(fd) == b'{"version": 1}'
+    finally:
+        os.close(fd)
+    environ = {reexec.ENV_STATE_FD: "7", "OTHER": "1"}
+    assert reexec.take_state_fd(environ) == 7 and environ == {"OTHER": "1"}
