@@ -304,3 +304,144 @@ def test_the_state_crosses_in_an_inheritable_memfd() -> None:
         os.close(fd)
     environ = {reexec.ENV_STATE_FD: "7", "OTHER": "1"}
     assert reexec.take_state_fd(environ) == 7 and environ == {"OTHER": "1"}
+
+
+# -- under systemd, as a subreaper, as PID 1 ----------------------------------------------
+
+
+def test_under_systemd_reloading_then_ready_and_no_child_sees_the_state(
+    supd: Factory, tmp_path: Path
+) -> None:
+    from tests.test_systemd_daemon import NotifyListener, systemd_env
+
+    listener = NotifyListener(tmp_path / "notify.sock")
+    try:
+        env_file = tmp_path / "env.json"
+        dump = cmd(
+            "import json, os\n"
+            f"json.dump(dict(os.environ), open({str(env_file) + '.part'!r}, 'w'))\n"
+            f"os.rename({str(env_file) + '.part'!r}, {str(env_file)!r})\n"
+            "import time; time.sleep(1000)\n"
+        )
+        d = supd(
+            f"""
+            [programs.up]
+            command = {SLEEP}
+            startsecs = 0
+            [programs.dump]
+            command = {dump}
+            startsecs = 0
+            autostart = false
+            """,
+            env=systemd_env(listener, WATCHDOG_USEC="2000000"),
+        )
+        listener.wait_for("READY", "1")
+        pid = d.wait_state("up", "RUNNING")["pid"]
+        reexec_by_supctl(d)
+        reloading = listener.wait_for("RELOADING", "1")
+        ready = listener.wait_for("READY", "1")
+        assert ready > reloading
+        listener.wait_for("WATCHDOG", "1")  # the new supd pings too
+        assert d.status()["up"]["pid"] == pid
+        # A program started by the new supd sees none of supd's own variables.
+        d.rpc("start", {"names": ["dump"]})
+        wait_until(env_file.exists)
+        seen = json.loads(env_file.read_text())
+        private = {"NOTIFY_SOCKET", "WATCHDOG_USEC", reexec.ENV_STATE_FD}
+        assert private & set(seen) == set() and "SUPD_ORIGINAL_NOFILE" not in seen
+    finally:
+        listener.close()
+
+
+DAEMONIZER = """
+import os, time
+if os.fork() == 0:
+    if os.fork() == 0:
+        open({marker!r}, "w").write(str(os.getpid()))
+        while not os.path.exists({go!r}):
+            time.sleep(0.01)
+        os._exit(0)
+    os._exit(0)
+time.sleep(1000)
+"""
+
+
+def test_as_a_subreaper_orphans_are_still_reaped_after_a_reexec(
+    supd: Factory, tmp_path: Path
+) -> None:
+    marker, go = tmp_path / "orphan", tmp_path / "go"
+    d = supd(f"""
+        [supervisor]
+        subreaper = true
+        [programs.app]
+        command = {cmd(DAEMONIZER.format(marker=str(marker), go=str(go)))}
+        startsecs = 0
+    """)
+    app = d.wait_state("app", "RUNNING")["pid"]
+    wait_until(lambda: marker.exists() and marker.read_text())
+    orphan = int(marker.read_text())
+    reexec_by_supctl(d)
+    go.write_text("")  # the orphan exits now: the new supd must reap it
+    wait_until(lambda: not Path(f"/proc/{orphan}").exists(), describe=d.describe)
+    assert d.status()["app"]["pid"] == app
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)"
+)
+def test_as_pid_1_a_reexec_keeps_the_children_and_reaps_orphans(tmp_path: Path) -> None:
+    from tests.helpers import source_pythonpath
+
+    marker, go = tmp_path / "orphan", tmp_path / "go"
+    config = tmp_path / "supd.toml"
+    config.write_text(
+        f"[programs.app]\ncommand = {cmd(DAEMONIZER.format(marker=str(marker), go=str(go)))}\n"
+        "startsecs = 0\n"
+    )
+    env = dict(os.environ, PYTHONPATH=source_pythonpath())
+    argv = ["unshare", "--pid", "--fork", "--kill-child", PY, "-m", "supd", "-c", str(config)]
+    log_path = tmp_path / "supd.log"
+    with open(log_path, "wb") as log:
+        outer = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
+    try:
+        sock = tmp_path / "supd.sock"
+        wait_until(sock.exists, describe=log_path.read_text)
+        children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children")
+        [supd_pid] = [int(pid) for pid in wait_until(lambda: children.read_text().split())]
+        wait_until(lambda: marker.exists() and marker.read_text())
+        ctl = dict(os.environ, PYTHONPATH=str(REPO), NO_COLOR="1")
+
+        def app_pid() -> int:
+            ran = subprocess.run(
+                [PY, "-m", "supd.ctl", "-s", str(sock), "pid", "app"],
+                capture_output=True,
+                text=True,
+                env=ctl,
+                timeout=30,
+            )
+            return int(ran.stdout)
+
+        app = app_pid()
+        ran = subprocess.run(
+            [PY, "-m", "supd.ctl", "-s", str(sock), "reexec"],
+            capture_output=True,
+            text=True,
+            env=ctl,
+            timeout=60,
+        )
+        assert ran.returncode == 0, ran.stderr + log_path.read_text()
+        assert app_pid() == app
+        assert [int(p) for p in children.read_text().split()] == [supd_pid]  # same supd
+        supd_children = Path(f"/proc/{supd_pid}/task/{supd_pid}/children")
+        wait_until(lambda: len(supd_children.read_text().split()) == 2)  # app + adopted orphan
+        go.write_text("")  # the orphan exits now: the new PID 1 must reap it
+        wait_until(
+            lambda: len(supd_children.read_text().split()) == 1,
+            describe="the orphan reaped by the new PID 1",
+        )
+        os.kill(supd_pid, signal.SIGTERM)
+        assert outer.wait(timeout=20) == 0
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
