@@ -139,6 +139,16 @@ class Supd:
     def start(self, name: str) -> None:
         self._result(self._call("start", {"names": [name], "wait": False}))
 
+    def pids(self) -> dict[str, int | None]:
+        return {row["name"]: row["pid"] for row in self._result(self.status_round_trip())}
+
+    def reexec(self) -> None:
+        """Ask for a re-exec; the answer comes just before the execve."""
+        self._result(self._call("reexec", {}))
+
+    def generation(self) -> int:
+        return int(self._result(self._call("version", {}))["generation"])
+
     def ctl_status_argv(self) -> list[str]:
         supctl = Path(sys.executable).with_name("supctl")
         command = [str(supctl)] if supctl.exists() else [sys.executable, "-m", "supd.ctl"]

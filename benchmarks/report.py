@@ -96,7 +96,8 @@ def _ratio_target(
 
 def build_rows(results: Results, sizes: Sizes) -> list[Row]:
     rows: list[Row] = []
-    for builder in (_respawn, _idle, _memory, _control, _startup, _log, _storm, _selector):
+    builders = (_respawn, _idle, _memory, _control, _startup, _log, _storm, _selector, _reexec)
+    for builder in builders:
         rows += builder(_Figures(results), sizes)
     return rows
 
@@ -332,6 +333,24 @@ def _selector(f: _Figures, sizes: Sizes) -> list[Row]:
             target,
             passed,
             3,
+        )
+    ]
+
+
+def _reexec(f: _Figures, sizes: Sizes) -> list[Row]:
+    n = sizes.fleet_programs
+    supd = f.get(f"reexec{n}.s", SUPD)
+    if supd is None:
+        return []
+    return [
+        Row(
+            f"re-exec ({n} programs kept)",
+            "request to all RUNNING, same pids, median (s)",
+            supd,
+            None,
+            "supervisord: kills every child",
+            "< 2 s",
+            supd < 2,
         )
     ]
 

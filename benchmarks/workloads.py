@@ -448,6 +448,46 @@ def _verify(session: Session, size: int, workdir: Path, name: str) -> str:
     return verdict.stdout.strip() or verdict.stderr.strip()
 
 
+# -- 8. re-exec with a fleet: every child kept ---------------------------------------------
+
+
+def reexec(session: Session, subject: str) -> str:
+    """supd only: `fleet_programs` sleepers RUNNING; then from the `reexec` request until a
+    status shows every one RUNNING with the pid it had (supervisord cannot: its restart
+    kills every child)."""
+    programs = session.sizes.fleet_programs
+    workdir = session.workdir(f"reexec{programs}-{subject}")
+    stamps = workdir / "stamps"
+    daemon = Supd(workdir)
+    daemon.write_config(sleepers(session.helper, programs))
+    process = daemon.launch(session.processes, session.stamps_env(stamps))
+    try:
+        deadline_s = 60 + programs * 0.1
+        procs.wait_for(
+            lambda: count_starts(stamps) >= programs, deadline_s, f"{subject}: all started", 0.01
+        )
+        wait_until_all_running(daemon, programs, deadline_s, 0.02)
+        time.sleep(SETTLE_S)  # let the start-up's stragglers (exec reports, logs) pass
+        before = daemon.pids()
+        requested = time.monotonic()
+        daemon.reexec()
+
+        def all_kept() -> bool:
+            try:
+                return daemon.generation() == 2 and daemon.pids() == before
+            except (OSError, ConnectionError, RuntimeError, ValueError):
+                return False
+
+        procs.wait_for(all_kept, 60, f"{subject}: re-exec with every pid kept", 0.005)
+        took = time.monotonic() - requested
+        if process.poll() is not None:
+            raise RuntimeError("supd is gone after the re-exec")
+    finally:
+        session.processes.kill(process)
+    session.results.add(f"reexec{programs}.s", subject, [took])
+    return f"re-exec to all {programs} RUNNING with the same pids: {took:.2f} s"
+
+
 # -- 7. restart storm ---------------------------------------------------------------------
 
 

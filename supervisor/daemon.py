@@ -665,7 +665,7 @@ class Daemon:
         self.replies[self._request_ids] = reply
         self.queue.append(Submit(self._request_ids, action, tuple(names), wait))
 
-    def reload(self, dry_run: bool = False) -> ReloadReport:
+    def reload(self, dry_run: bool = False, preloaded: Config | None = None) -> ReloadReport:
         """SIGHUP / `supctl reload`: apply the config file's changes, exactly as planned;
         raises ConfigError or SocketUnusable, and then nothing changed. A dry run only
         says what a reload would do now."""
@@ -676,7 +676,7 @@ class Daemon:
         if not dry_run:
             self.notifier.reloading(self.status_line())
         try:
-            new = load(self.config.path)
+            new = preloaded or load(self.config.path)
         except ConfigError as exc:
             self.log.error("reload_failed", problems=[str(p) for p in exc.problems])
             if not dry_run:
@@ -773,11 +773,17 @@ class Daemon:
         self._drain()
         state, fds = self._export_state()
         data = reexec.encode(state)
+        probing = time.monotonic()
         problem = _probe_new_code(data)
         if problem is not None:
             return f"the new supd failed its check, so this one carries on: {problem}"
         self.log.info(
-            "reexec", generation=state.generation, processes=len(state.processes), fds=len(fds)
+            "reexec",
+            generation=state.generation,
+            processes=len(state.processes),
+            fds=len(fds),
+            state_bytes=len(data),
+            probe_s=round(time.monotonic() - probing, 3),
         )
         self.notifier.reloading(self.status_line())
         memfd = reexec.write_memfd(data)
@@ -809,13 +815,15 @@ class Daemon:
         fleet = self.fleet
         armed = fleet.armed_timers()
         fds: list[int] = []
-        program_index: dict[int, int] = {}
+        # Programs by index: the config's first (state.programs), then any other a
+        # process still runs with (state.process_programs).
+        program_index = {id(p): i for i, p in enumerate(fleet.configs.values())}
         process_programs: list[dict[str, Any]] = []
         processes = []
         for name, process in fleet.processes.items():
             key = id(process.config)
             if key not in program_index:
-                program_index[key] = len(process_programs)
+                program_index[key] = len(fleet.configs) + len(process_programs)
                 process_programs.append(reexec.program_data(process.config))
             slot = self.slots.get(name)
             saved = reexec.ProcessState(
@@ -871,7 +879,12 @@ class Daemon:
         )
         return state, fds
 
-    def adopt(self, state: reexec.DaemonState) -> None:
+    def adopt(
+        self,
+        state: reexec.DaemonState,
+        configs: list[ProgramConfig],
+        current: Config | None = None,
+    ) -> None:
         """The new supd's setup: take over the socket, the children, their pipes and the
         timers, then reload the config file (a changed program is handled like a reload)."""
         settings = self.config.supervisor
@@ -891,7 +904,6 @@ class Daemon:
         self.running = True
         now = self.clock()
         base = reexec.time_base(state, now)
-        configs = [reexec.program_from(d) for d in state.process_programs]
         processes: list[Process] = []
         timers: list[tuple[str, Timer, float]] = []
         for saved in state.processes:
@@ -918,9 +930,8 @@ class Daemon:
         self.log.info("adopted", generation=self._generation, processes=len(processes))
         self._drain()
         with contextlib.suppress(ConfigError, SocketUnusable):  # logged; the old config stays
-            self.reload()
+            self.reload(preloaded=current)  # (which also releases the parser's memory)
         self.notifier.ready(self.status_line())
-        self._release_memory()
 
     def _adopt_fds(self, saved: reexec.ProcessState) -> None:
         slot = self.slots.get(saved.name)
@@ -1041,8 +1052,7 @@ def probe_main() -> int:
     PROBE_ANSWER if so; exit 3 with the reason otherwise (then nothing is exec'd)."""
     try:
         state = reexec.decode(sys.stdin.buffer.read())
-        config = reexec.config_from(state)
-        programs = [reexec.program_from(d) for d in state.process_programs]
+        config, programs = reexec.rebuild(state, _current_config(state.config_path))
         for saved in state.processes:
             reexec.restore_process(saved.name, programs[saved.config], saved.fields, 0.0)
         Daemon(config)  # everything the daemon imports, imported
@@ -1060,7 +1070,8 @@ def adopt_main(state_fd: int) -> int:
     finally:
         with contextlib.suppress(OSError):
             os.close(state_fd)
-    config = reexec.config_from(state)
+    current = _current_config(state.config_path)
+    config, programs = reexec.rebuild(state, current)
     daemonlog.configure(config.supervisor.log_format, config.supervisor.log_level)
     keep_daemon_signals_blocked()
     spawn.mark_inherited_fds_cloexec()  # the adopted fds too: no child may inherit them
@@ -1071,12 +1082,21 @@ def adopt_main(state_fd: int) -> int:
     daemon = Daemon(config, notifier=notify.Notifier.from_environ(state.systemd))
     daemon.systemd, daemon.lock = state.systemd, lock
     try:
-        daemon.adopt(state)
+        daemon.adopt(state, programs, current)
         return daemon.run()
     finally:
         daemon.close()
         if lock is not None:
             lock.release()
+
+
+def _current_config(path: str) -> Config | None:
+    """The config file as it is now; None if it is invalid (the reload after adopting
+    then reports why, and the config in force stays)."""
+    try:
+        return load(path)
+    except ConfigError:
+        return None
 
 
 def keep_daemon_signals_blocked() -> None:

@@ -39,6 +39,7 @@ import enum
 import json
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -66,7 +67,8 @@ class _Tolerant(BaseModel):
 class ProcessState(_Tolerant):
     name: str
     program: str
-    config: int = -1  # its program's config: an index into DaemonState.process_programs
+    # Its program's config: an index into DaemonState.programs + process_programs.
+    config: int = -1
     child_pid: int | None = None  # the live (or exited, not yet reaped) child
     fields: dict[str, Any] = {}  # the Process dataclass's own fields (times relative)
     timers: dict[str, float] = {}  # timer kind -> seconds left
@@ -82,7 +84,9 @@ class DaemonState(_Tolerant):
     config_path: str
     supervisor: dict[str, Any]
     programs: list[dict[str, Any]]  # the config in force
-    process_programs: list[dict[str, Any]] = []  # the programs the processes run with
+    # Programs processes run with that are not in the config any more (a removed
+    # program still stopping); indexed after `programs`.
+    process_programs: list[dict[str, Any]] = []
     sources: dict[str, str] = {}
     processes: list[ProcessState] = []
     retiring: list[str] = []
@@ -175,17 +179,37 @@ def program_from(data: dict[str, Any]) -> ProgramConfig:
         return ProgramConfig.model_validate(known)
 
 
-def config_from(state: DaemonState) -> Config:
-    from pathlib import Path
+def rebuild(state: DaemonState, current: Config | None) -> tuple[Config, list[ProgramConfig]]:
+    """The config in force before the exec, and every process's program by index.
 
-    try:
-        supervisor = SupervisorConfig.model_validate(state.supervisor)
-    except ValidationError:
-        known = {k: v for k, v in state.supervisor.items() if k in SupervisorConfig.model_fields}
-        supervisor = SupervisorConfig.model_validate(known)
-    programs = {p.name: p for p in (program_from(d) for d in state.programs)}
+    Validating a thousand programs costs a quarter of a second; the config file, which
+    the new supd loads anyway (to reload it), usually holds the very same programs. So a
+    saved program equal, as data, to the file's is that object; only the others are
+    validated."""
+    by_name: dict[str, tuple[ProgramConfig, dict[str, Any]]] = {}
+    if current is not None:
+        by_name = {p.name: (p, program_data(p)) for p in current.programs.values()}
+
+    def revive(data: dict[str, Any]) -> ProgramConfig:
+        known = by_name.get(str(data.get("name")))
+        if known is not None and known[1] == data:
+            return known[0]
+        return program_from(data)
+
+    programs = [revive(d) for d in state.programs]
+    extras = [revive(d) for d in state.process_programs]
+    if current is not None and current.supervisor.model_dump(mode="json") == state.supervisor:
+        supervisor = current.supervisor
+    else:
+        try:
+            supervisor = SupervisorConfig.model_validate(state.supervisor)
+        except ValidationError:
+            fields = SupervisorConfig.model_fields
+            known = {k: v for k, v in state.supervisor.items() if k in fields}
+            supervisor = SupervisorConfig.model_validate(known)
     sources = {k: Path(v) for k, v in state.sources.items()}
-    return Config(Path(state.config_path), supervisor, programs, sources)
+    config = Config(Path(state.config_path), supervisor, {p.name: p for p in programs}, sources)
+    return config, programs + extras
 
 
 def encode(state: DaemonState) -> bytes:
