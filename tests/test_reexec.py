@@ -20,7 +20,7 @@ from supd import reexec
 from supd.config import ProgramConfig
 from supd.facts import State
 from supd.process import Process, Want
-from tests.helpers import PY, REPO, SLEEP, Supd, cmd, kill_quietly, wait_until
+from tests.helpers import PY, REPO, SLEEP, Supd, cmd, kill_quietly, pid_alive, wait_until
 
 Factory = Callable[..., Supd]
 
@@ -445,3 +445,58 @@ def test_as_pid_1_a_reexec_keeps_the_children_and_reaps_orphans(tmp_path: Path) 
         if outer.poll() is None:
             outer.kill()
             outer.wait()
+
+
+def test_parent_death_signal_survives_the_exec_with_either_spawn_method(
+    supd: Factory, spawn_env: dict[str, str]
+) -> None:
+    """PDEATHSIG belongs to the thread that started the child: execve keeps it (same pid,
+    same thread), so the children live through a re-exec, and still die with supd."""
+    d = supd(
+        f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        """,
+        env=spawn_env,
+    )
+    pid = d.wait_state("web", "RUNNING")["pid"]
+    reexec_by_supctl(d)
+    assert d.status()["web"]["pid"] == pid and pid_alive(pid)
+    os.kill(d.pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid), describe=f"{pid} to get its parent-death signal")
+
+
+def test_a_socket_systemd_passed_is_kept_across_the_exec(tmp_path: Path) -> None:
+    import socket as socketlib
+
+    from tests.test_systemd_daemon import activated_supd
+
+    activated_path = tmp_path / "activated.sock"
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as listening:
+        listening.bind(str(activated_path))
+        listening.listen()
+        config = f"""
+            [supervisor]
+            log_format = "json"
+            [programs.up]
+            command = {SLEEP}
+            startsecs = 0
+        """
+        with activated_supd(tmp_path, config, listening) as d:
+            d.socket = activated_path
+            pid = wait_until(lambda: _try_pid(d, "up"), describe=d.describe, timeout=15)
+            reexec_by_supctl(d)
+            assert _try_pid(d, "up") == pid and d.rpc("version")["generation"] == 2
+            assert not (tmp_path / "supd.sock").exists()
+            d.signal(signal.SIGTERM)
+            assert d.wait_exit() == 0
+        assert activated_path.exists()  # systemd's socket: never unlinked by supd
+
+
+def _try_pid(d: Supd, name: str) -> int | None:
+    try:
+        pid = d.status()[name]["pid"]
+    except (OSError, KeyError):
+        return None
+    return int(pid) if pid else None
