@@ -26,6 +26,7 @@ from pathlib import Path
 
 from benchmarks import floor, procs
 from benchmarks.daemons import Daemon, Program, Supd, Supervisord
+from supd.config import FD_RESERVE
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -495,16 +496,16 @@ def ideal_storm_restarts(sizes: Sizes) -> float:
 # -- M8: as many programs as the fd limit allows -------------------------------------------
 
 SCALE_MAX_PROGRAMS = 10_000
-SCALE_FD_RESERVE = 512  # the control socket, its clients, the selector's own fds, logs
 SCALE_KILLS = 20
 
 
 def scale_programs(quick: bool) -> int:
-    """Each program holds two pipe fds in supd: as many as the hard fd limit allows."""
+    """Each program holds two pipe fds in supd: as many as the hard fd limit allows
+    beside supd's own (what `supd --check` counts)."""
     import resource
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fitting = (hard - SCALE_FD_RESERVE) // 2 if hard != resource.RLIM_INFINITY else 10**6
+    fitting = (hard - FD_RESERVE) // 2 if hard != resource.RLIM_INFINITY else 10**6
     return min(SCALE_MAX_PROGRAMS if not quick else 2_000, fitting)
 
 
