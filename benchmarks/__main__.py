@@ -43,6 +43,7 @@ WORKLOADS = (
     "log",
     "storm",
     "selector",
+    "scale",
     "reexec",
 )
 
@@ -130,6 +131,10 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
         steps.append(Step("storm", (SUPD, SUPERVISORD, FLOOR), sizes.storm_rounds, workloads.storm))
     if "selector" in wanted:
         steps.append(Step("selector", (SUPD,), 1, workloads.selector))
+    if "scale" in wanted:
+        quick = sizes is workloads.QUICK
+        run = functools.partial(workloads.scale, quick=quick)
+        steps.append(Step("scale (M8)", (SUPD,), 1, run))
     if "reexec" in wanted:
         name = f"reexec of {sizes.fleet_programs}"
         steps.append(Step(name, (SUPD,), sizes.fleet_rounds, workloads.reexec))
