@@ -539,25 +539,27 @@ class ControlServer:
     # -- reload: a new path, mode or group ------------------------------------------
 
     def reconfigure(self, path: Path, mode: int, group: str | None) -> list[str]:
-        """Apply a reloaded `socket`, `socket_mode` and `socket_group`; returns what
-        changed, by key. A new path is bound first and the old listener closed only
-        then (connections stay); a socket systemd passed us cannot move. Raises
+        """Apply a reloaded `socket`, `socket_mode` and `socket_group`; returns the keys
+        applied. A new path is bound first and the old listener closed only then
+        (connections stay); a socket systemd passed us is left alone. Raises
         SocketUnusable when the new socket cannot be made: then nothing changed."""
         changed: list[str] = []
         gid = self._resolve_group(group) if group is not None else None
         path = Path(path)
+        if self._bound_inode is None:
+            return []  # systemd passed the socket: its path, mode and group are systemd's
         if path != self.path:
-            if self._bound_inode is None:
-                raise SocketUnusable(
-                    f"cannot move the control socket to {path}: systemd passed it to supd"
-                )
+            changed = ["socket"]
+            changed += ["socket_mode"] if mode != self._mode else []
+            changed += ["socket_group"] if gid != self._group_gid else []
             self._move(path, mode, gid)
-            return ["socket", *(["socket_mode"] if mode != self._mode else [])]
-        if gid != self._group_gid and gid is not None and self._bound_inode is not None:
+            self._group = group
+            return changed
+        if gid != self._group_gid and gid is not None:
             os.chown(self.path, -1, gid, follow_symlinks=False)  # lchown: no symlink
             changed.append("socket_group")
         self._group, self._group_gid = group, gid
-        if mode != self._mode and self._bound_inode is not None:
+        if mode != self._mode:
             self._chmod_our_socket(mode)
             changed.append("socket_mode")
         self._mode = mode

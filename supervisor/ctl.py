@@ -634,36 +634,37 @@ def cmd_reload(client: Client, args: argparse.Namespace, out: Output) -> int:
 def reload_lines(result: dict[str, Any]) -> list[str]:
     """The reload report as the operator reads it: one line per process that changes
     (`web:0  restart  command: "a" → "b"`), a count of the unchanged, then the
-    [supervisor] keys applied and those that need a re-exec."""
+    [supervisor] keys applied and those that need a re-exec. "no changes" only when
+    nothing at all changed."""
     plan = [e for e in result.get("plan") or [] if isinstance(e, dict)]
-    if not plan:  # an older supd (programs only), or no process before or after
-        lines = [
+    changing = [e for e in plan if e.get("step") != "unchanged"]
+    lines = []
+    if plan:
+        width = max((len(str(e.get("name"))) for e in changing), default=0)
+        for entry in changing:
+            changes = [
+                f"{c.get('key')}: {c.get('old')} → {c.get('new')}"
+                for c in entry.get("changes") or []
+                if isinstance(c, dict)
+            ]
+            text = f"{entry.get('name')!s:<{width}}  {entry.get('step')}"
+            lines.append(f"{text}  {'; '.join(changes)}" if changes else text)
+        unchanged = len(plan) - len(changing)
+        if unchanged:
+            lines.append(f"unchanged: {unchanged} process{'es' if unchanged != 1 else ''}")
+    else:  # an older supd (programs only), or no process before or after
+        lines += [
             f"{what}: {', '.join(map(str, result[what]))}"
             for what in ("added", "changed", "removed")
             if result.get(what)
         ]
-        return lines or ["no changes"]
-    changing = [e for e in plan if e.get("step") != "unchanged"]
-    width = max((len(str(e.get("name"))) for e in changing), default=0)
-    lines = []
-    for entry in changing:
-        changes = [
-            f"{c.get('key')}: {c.get('old')} → {c.get('new')}"
-            for c in entry.get("changes") or []
-            if isinstance(c, dict)
-        ]
-        text = f"{entry.get('name')!s:<{width}}  {entry.get('step')}"
-        lines.append(f"{text}  {'; '.join(changes)}" if changes else text)
-    unchanged = len(plan) - len(changing)
-    if unchanged:
-        lines.append(f"unchanged: {unchanged} process{'es' if unchanged != 1 else ''}")
     for change in result.get("supervisor") or []:
         if isinstance(change, dict):
             key, old, new = change.get("key"), change.get("old"), change.get("new")
             lines.append(f"[supervisor] {key}: {old} → {new}")
     for problem in result.get("not_applied") or []:
         lines.append(f"[supervisor] not applied: {problem}")
-    if not changing and not result.get("supervisor") and not result.get("not_applied"):
+    if not [line for line in lines if not line.startswith("unchanged:")]:
         lines.append("no changes")
     if result.get("dry_run"):
         lines.append("(dry run: nothing changed)")

@@ -75,6 +75,9 @@ from .reloadplan import ReloadPlan, ReloadReport, reload_event, supervisor_chang
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
 
+# [supervisor] keys the control server applies (or, for systemd's socket, cannot).
+SOCKET_KEYS = frozenset({"socket", "socket_mode", "socket_group"})
+
 # `supd --reexec-probe`: the new code cannot adopt the state (the old supd carries on).
 EXIT_REEXEC_PROBE = 3
 
@@ -690,13 +693,16 @@ class Daemon:
             plan = self.fleet.plan_reload(programs)
             return ReloadReport(plan, added, changed, removed, live, not_live, True)
         try:
-            self._apply_supervisor(new)  # the socket first: it is all that can fail
+            applied = self._apply_supervisor(new)  # the socket first: all that can fail
         except (SocketUnusable, OSError) as exc:
             self.log.error("reload_failed", problems=[str(exc)])
             self.notifier.ready(self.status_line())
             if isinstance(exc, SocketUnusable):
                 raise
             raise SocketUnusable(f"cannot apply the control socket settings: {exc}") from exc
+        for change in [c for c in live if c.key in SOCKET_KEYS and c.key not in applied]:
+            live.remove(change)  # a socket systemd passed: its settings are systemd's
+            not_live.append(f"{change}: the socket is systemd's (socket activation)")
         old_settings, self.config = self.config.supervisor, new
         effects = self.fleet.handle(Reload(programs), self.clock())
         plans = [e.plan for e in effects if isinstance(e, ReloadPlanned)]
@@ -714,11 +720,15 @@ class Daemon:
         self.notifier.ready(self.status_line())
         return report
 
-    def _apply_supervisor(self, new: Config) -> None:
-        """The [supervisor] keys a reload applies live, the socket first."""
+    def _apply_supervisor(self, new: Config) -> list[str]:
+        """The [supervisor] keys a reload applies live, the socket first; returns the
+        socket keys applied."""
         settings = new.supervisor
+        applied: list[str] = []
         if self.control is not None:
-            self.control.reconfigure(settings.socket, settings.socket_mode, settings.socket_group)
+            applied = self.control.reconfigure(
+                settings.socket, settings.socket_mode, settings.socket_group
+            )
         want_subreaper = settings.subreaper or os.getpid() == 1
         if want_subreaper != self.subreaper:
             linux.set_child_subreaper(want_subreaper)
@@ -730,6 +740,7 @@ class Daemon:
                 self.selector.unregister(self._sigchld_key)
                 self._sigchld_key = None
             self.subreaper = want_subreaper
+        return applied
 
     def shutdown(self) -> None:
         """Stop everything, highest priority number first; a second call kills."""

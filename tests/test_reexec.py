@@ -500,3 +500,30 @@ def _try_pid(d: Supd, name: str) -> int | None:
     except (OSError, KeyError):
         return None
     return int(pid) if pid else None
+
+
+def test_reload_reports_socket_settings_of_systemds_socket_as_not_applied(tmp_path: Path) -> None:
+    import socket as socketlib
+
+    from tests.test_systemd_daemon import activated_supd
+
+    activated_path = tmp_path / "activated.sock"
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as listening:
+        listening.bind(str(activated_path))
+        listening.listen()
+        config = f"""
+            [supervisor]
+            log_format = "json"
+            [programs.up]
+            command = {SLEEP}
+            startsecs = 0
+        """
+        with activated_supd(tmp_path, config, listening) as d:
+            d.socket = activated_path
+            wait_until(lambda: _try_pid(d, "up"), describe=d.describe, timeout=15)
+            d.write_config(config.replace('"json"', f'"json"\nsocket = "{tmp_path / "x.sock"}"'))
+            result = d.rpc("reload")
+            assert result["supervisor"] == []
+            [problem] = result["not_applied"]
+            assert problem.startswith("socket:") and "systemd" in problem
+            assert not (tmp_path / "x.sock").exists() and _try_pid(d, "up")

@@ -182,3 +182,16 @@ def test_supervisor_keys_that_cannot_change_live_are_named() -> None:
     live, not_live = supervisor_changes(old, new)
     assert [c.key for c in live] == ["socket", "log_level"]
     assert not_live == []
+
+
+def test_supctl_never_says_no_changes_when_something_changed() -> None:
+    from supd.ctl import reload_lines
+
+    socket_only = {"plan": [], "supervisor": [{"key": "socket", "old": '"/a"', "new": '"/b"'}]}
+    assert reload_lines(socket_only) == ['[supervisor] socket: "/a" → "/b"']
+    older_daemon = {"added": ["new"], "changed": [], "removed": ["old"]}
+    assert reload_lines(older_daemon) == ["added: new", "removed: old"]
+    unchanged = {"plan": [{"name": "web", "program": "web", "step": "unchanged"}]}
+    assert reload_lines(unchanged) == ["unchanged: 1 process", "no changes"]
+    not_live = {"plan": [], "not_applied": ["pidfile: needs `supctl reexec`"]}
+    assert "no changes" not in reload_lines(not_live)
