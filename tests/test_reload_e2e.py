@@ -217,3 +217,42 @@ def test_a_socket_that_cannot_be_made_changes_nothing(supd: Factory, tmp_path: P
     ran = supctl(d, "reload")
     assert ran.returncode == 1 and "nothing changed" in ran.stderr
     assert d.status()["web"]["pid"] == pid and d.answers()
+
+
+def test_a_new_log_dir_moves_the_logs_that_derive_from_it_in_place(
+    supd: Factory, tmp_path: Path
+) -> None:
+    d = supd(f"""
+        [programs.ticker]
+        command = {TICKER}
+        startsecs = 0
+        [programs.fixed]
+        command = {SLEEP}
+        startsecs = 0
+        stdout_logfile = "{tmp_path / "fixed.log"}"
+    """)
+    pid = d.wait_state("ticker", "RUNNING")["pid"]
+    fixed = d.wait_state("fixed", "RUNNING")["pid"]
+    d.write_config(f"""
+        [supervisor]
+        log_dir = "{tmp_path / "newlogs"}"
+        [programs.ticker]
+        command = {TICKER}
+        startsecs = 0
+        [programs.fixed]
+        command = {SLEEP}
+        startsecs = 0
+        stdout_logfile = "{tmp_path / "fixed.log"}"
+    """)
+    result = d.rpc("reload")
+    steps = {e["name"]: e for e in result["plan"]}
+    assert steps["ticker"]["step"] == "update in place"
+    assert {c["key"] for c in steps["ticker"]["changes"]} == {"stdout_logfile", "stderr_logfile"}
+    # Its own stdout file is its own; only its stderr file derives from log_dir.
+    assert steps["fixed"]["step"] == "update in place"
+    assert {c["key"] for c in steps["fixed"]["changes"]} == {"stderr_logfile"}
+    assert [c["key"] for c in result["supervisor"]] == ["log_dir"]
+    new_log = tmp_path / "newlogs" / "ticker.out.log"
+    wait_until(lambda: new_log.exists() and len(numbers(new_log)) > 3, describe=d.describe)
+    status = d.status()
+    assert (status["ticker"]["pid"], status["fixed"]["pid"]) == (pid, fixed)
