@@ -118,9 +118,11 @@ MAX_SOCKET_PATH_BYTES = 107
 # numprocs bounds: 200,000 processes froze the loop for 2.5 s and made a 40 MB status.
 MAX_NUMPROCS = 1000  # per program
 MAX_PROCESSES = 10000  # in all programs together
-# File descriptors supd keeps for itself: the control socket's 512 clients, its
-# listener, the selector's epoll, signalfd, timerfd and eventfd, its log, stdio.
-FD_RESERVE = 544
+# File descriptors supd needs for itself besides the programs' pipes: stdio, its log,
+# the selector's epoll, signalfd, timerfd and eventfd, the control socket and a few of
+# its clients, the instance lock, /dev/null. Clients beyond those take what is left
+# (accept() at EMFILE pauses the listener; it never stalls the loop).
+FD_RESERVE = 32
 
 
 def hard_fd_limit() -> int | None:
@@ -1285,7 +1287,7 @@ class _Loader:
                     break
                 owners[name] = program.name
 
-    def check_process_total(self) -> None:
+    def check_process_total(self) -> bool:
         """At most MAX_PROCESSES in all; named at the program that goes over."""
         total = 0
         for program in self.programs.values():
@@ -1298,7 +1300,8 @@ class _Loader:
                     f"takes it over)"
                 )
                 self.problems.append(self.documents[program.name].problem(key, message))
-                return
+                return False
+        return True
 
     def check_fd_budget(self) -> None:
         """The output pipes of every process must fit under the hard fd limit.
@@ -1400,8 +1403,8 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     loader.check_groups()
     loader.check_names_unique()
     loader.check_log_files_unshared()
-    loader.check_process_total()
-    loader.check_fd_budget()
+    if loader.check_process_total():  # (over the total, the fd count says nothing new)
+        loader.check_fd_budget()
     problems.extend(loader.problems)
     problems = _without_duplicates_of(hints, problems)
     if problems or supervisor is None:
