@@ -244,7 +244,7 @@ def test_describe_lines() -> None:
     p = running(program(startsecs=1), now=0.0)
     assert describe(p, 3 * 3600 + 190.0, 0.0) == "pid 100, uptime 3:03:10"
     p.handle(Exited(1, None), 5000.0)
-    assert describe(p, 5000.0, 0.0).startswith("restarting in ")
+    assert describe(p, 5000.0, 0.0) == "restart 1 of 5 in 1.0 s (exited 1)"
 
 
 def test_failed_exec_reported_while_stopping_ends_the_stop() -> None:
