@@ -247,7 +247,7 @@ class Process:
             case State.BACKOFF, TimerFired(timer=Timer.BACKOFF):
                 self.restarts += 1
                 return self._spawn(now, "backoff elapsed")
-            case State.FATAL, TimerFired(timer=Timer.REVIVE):
+            case State.FATAL, TimerFired(timer=Timer.REVIVE) if self.revive_at is not None:
                 return self._revive(now)
             case State.FATAL, Stop() if self.revive_at is not None:
                 self.want = Want.DOWN  # the operator's stop wins over revive_after
