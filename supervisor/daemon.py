@@ -141,6 +141,7 @@ class Slot:
     exec_error: str | None = None  # the child's report that its exec failed
     operator_signals: set[int] = field(default_factory=set)  # supctl signal, this child
     oom_kills_at_spawn: int | None = None  # the cgroup's oom_kill counter then
+    written_at_spawn: int = 0  # the death's stream's byte count then: its tail is this run's
 
     def sink(self, stream: str) -> LogSink:
         return self.stdout if stream == "stdout" else self.stderr
@@ -324,7 +325,8 @@ class Daemon:
         """What the death record needs besides the exit status."""
         process = self.fleet.processes.get(slot.name)
         redirected = process is not None and process.config.redirect_stderr
-        tail = slot.sink("stdout" if redirected else "stderr").tail(TAIL_BYTES)
+        sink = slot.sink("stdout" if redirected else "stderr")
+        tail = sink.tail(min(TAIL_BYTES, max(0, sink.bytes_written - slot.written_at_spawn)))
         oom = None
         if slot.oom_kills_at_spawn is not None:
             now = self.oom_kills(slot.name)
@@ -492,6 +494,9 @@ class Daemon:
         slot.exec_error = None
         slot.operator_signals.clear()
         slot.oom_kills_at_spawn = self.oom_kills(name)
+        slot.written_at_spawn = slot.sink(
+            "stdout" if program.redirect_stderr else "stderr"
+        ).bytes_written
         self.selector.register_process(child.pid, ChildTag(name, child.pid))
         if child.exec_error_fd is not None:
             tag = ExecReportTag(name, child.pid)

@@ -42,6 +42,8 @@ def describe(process: Process, now: float, wall_now: float, stopped_by: int | No
         return f"{process.restart_count()} in {wait:.1f} s{last}"
     if state is State.FATAL and process.revive_at is not None:
         return f"{process.reason}; revive in {format_clock(process.revive_at - now)}"
+    if state is State.FATAL and (process.reason or "").startswith("crash loop"):
+        return process.reason or ""
     if state is State.FATAL and process.spawn_error:
         return process.spawn_error
     if process.stopped_at is None:
