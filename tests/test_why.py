@@ -210,7 +210,7 @@ def test_spawn_errors_and_env_files(supd: Factory, tmp_path: Path) -> None:
     local = tmp_path / "app.env.local"
     out = tmp_path / "seen"
     show = cmd(
-        f"import os; open({str(out)!r}, 'w').write(os.environ['GREETING'] + ':' + os.environ['PORT'])"
+        f"import os; e = os.environ; open({str(out)!r}, 'w').write(e['GREETING'] + ':' + e['PORT'])"
     )
     d = supd(f"""
         [programs.missing]
