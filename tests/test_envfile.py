@@ -97,3 +97,49 @@ def test_an_unreadable_required_file_names_the_file(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(EnvFileError, match=f"env file {folder}: "):
         load([str(folder)])
+
+
+# --------------------------------------------------------------------------- the options
+
+
+def test_crash_loop_and_env_file_options_in_the_config(tmp_path: Path) -> None:
+    from tests.test_config import problems, program
+
+    web = program(
+        tmp_path,
+        """
+        command = "sleep 10"
+        env_files = ["app.env", "-/etc/app/env.local", "-conf.d/*.env"]
+        backoff_jitter = 0.25
+        max_restarts = 7
+        restart_window = 120
+        revive_after = 600
+        """,
+    )
+    assert web.env_files == (
+        str(tmp_path / "app.env"),
+        "-/etc/app/env.local",
+        f"-{tmp_path / 'conf.d' / '*.env'}",
+    )
+    assert (web.backoff_jitter, web.max_restarts, web.restart_window, web.revive_after) == (
+        0.25,
+        7,
+        120.0,
+        600.0,
+    )
+    defaults = program(tmp_path, 'command = "sleep 10"')
+    assert (defaults.backoff_jitter, defaults.max_restarts, defaults.revive_after) == (
+        0.1,
+        None,
+        None,
+    )
+    found = problems(
+        tmp_path,
+        """
+        [programs.web]
+        command = ["/bin/true"]
+        backoff_jitter = 1.5
+        max_restarts = 0
+        """,
+    )
+    assert any("backoff_jitter" in p for p in found) and any("max_restarts" in p for p in found)
