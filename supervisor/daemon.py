@@ -39,7 +39,7 @@ from . import __version__, activation, daemonlog, envfile, instancelock, linux, 
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
-from .deaths import TAIL_BYTES, Death, Ending
+from .deaths import TAIL_BYTES, Cause, Death, Ending
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
 from .fleet import (
     Action,
@@ -542,7 +542,7 @@ class Daemon:
 
     def _log_death(self, name: str, death: Death) -> None:
         """The `exited` event, with the cause supd found (a spawn error has its own)."""
-        if death.pid is None:
+        if death.pid is None or death.cause is Cause.SPAWN_ERROR:
             return
         self.log.info(
             "exited",

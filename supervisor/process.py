@@ -306,6 +306,7 @@ class Process:
         self.killed = False
         self.timed_out = False
         self.blamed = None
+        self.stop_by = self.stop_asked_at = None  # a new run: no stop asked of it yet
         return [self._enter(State.STARTING, reason), Spawn()]
 
     def _spawned(self, pid: int, now: float) -> list[Effect]:

@@ -411,3 +411,17 @@ def test_deaths_info_is_newest_first_and_says_what_comes_next() -> None:
     p.handle(Stop(), 4.0)
     result = deaths_info(p, 4.0, 1000.0, 20)
     assert result["next"].startswith("nothing: stopped by operator at ")
+
+
+def test_a_stop_is_forgotten_once_the_process_is_started_again() -> None:
+    p = running(program(startsecs=0, autorestart="never"))
+    p.handle(Stop(), 1.0)
+    p.handle(Exited(None, signal.SIGTERM), 1.1)
+    assert deaths_info(p, 2.0, 100.0, 20)["next"].startswith("nothing: stopped by operator")
+    p.handle(Start(), 3.0)
+    p.handle(Spawned(5), 3.0)
+    p.handle(Exited(0, None), 4.0)
+    assert p.state is State.EXITED
+    result = deaths_info(p, 5.0, 100.0, 20)
+    assert result["next"] == "nothing: it exited and autorestart says not to restart it"
+    assert result["deaths"][0]["then"] == "stays down (autorestart = never)"
