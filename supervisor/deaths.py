@@ -28,6 +28,9 @@ from .signals import name as signal_name
 
 DEATHS_KEPT = 20  # per process
 TAIL_BYTES = 2048  # of stderr (stdout with redirect_stderr) kept with each death
+# ... with the newest TAILS_KEPT deaths only: 10,000 crash-looping programs would
+# otherwise hold 400 MB of old output. Older records keep everything else.
+TAILS_KEPT = 5
 DEFAULT_MAX_RESTARTS = 5  # within restart_window, unless startretries is higher
 
 

@@ -438,6 +438,8 @@ class Process:
                 then="stays down" if self.want is Want.DOWN else "",
             )
         )
+        if len(self.history) > deaths.TAILS_KEPT:
+            self.history[-deaths.TAILS_KEPT - 1].tail = ""
         self.blamed = None
 
     def _record_spawn_error(self, event: SpawnFailed, now: float) -> None:

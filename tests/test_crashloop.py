@@ -343,6 +343,9 @@ def test_the_ring_keeps_the_last_twenty_and_clear_empties_it() -> None:
     for n in range(25):
         crash_and_respawn(p, float(n + 1), 200 + n, code=n)
     assert len(p.history) == 20 and p.history[0].exit_code == 5
+    p.handle(Exited(9, None, Ending(tail="the latest\n")), 30.0)
+    kept = [d.tail for d in p.history]
+    assert kept[-1] == "the latest\n" and kept[:-5] == [""] * 15  # tails of the newest 5
     assert p.history[-1].then.startswith("restart ")
     p.clear_history()
     assert (len(p.history), p.failures, len(p.window)) == (0, 0, 0)
