@@ -273,3 +273,33 @@ def test_oom_kill_inside_a_memory_limited_cgroup() -> None:
         " Daemon.oom_kills; the classification of a confirmed OOM kill is tested as data"
         " (tests/test_crashloop.py::test_every_cause_the_machine_can_tell)"
     )
+
+
+def test_why_of_a_process_that_never_died_and_of_an_unknown_name(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.calm]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    d.wait_state("calm", "RUNNING")
+    ran = supctl(d, "why", "calm")
+    assert ran.returncode == 0
+    assert ran.stdout.splitlines()[1:] == ["next: keep it running", "no deaths recorded"]
+    ran = supctl(d, "why", "nope")
+    assert ran.returncode == 1 and "no such process: nope" in ran.stderr
+    ran = supctl(d, "why", "calm", "-n", "21")
+    assert ran.returncode == 2
+
+
+def test_deaths_and_clear_params_are_checked() -> None:
+    from supd.protocol import ClearParams, DeathsParams, ErrorResponse, parse_request
+
+    for params in ({"name": "web", "limit": 0}, {"name": "web", "limit": 21}, {}, {"limit": 3}):
+        line = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "deaths", "params": params})
+        assert isinstance(parse_request(line.encode()), ErrorResponse), params
+    line = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "clear", "params": {"names": []}})
+    assert isinstance(parse_request(line.encode()), ErrorResponse)
+    ok = parse_request(b'{"jsonrpc":"2.0","id":1,"method":"deaths","params":{"name":"web"}}')
+    assert not isinstance(ok, ErrorResponse) and ok.params == DeathsParams(name="web", limit=20)
+    ok = parse_request(b'{"jsonrpc":"2.0","id":1,"method":"clear","params":{"names":["all"]}}')
+    assert not isinstance(ok, ErrorResponse) and ok.params == ClearParams(names=["all"])
