@@ -303,3 +303,28 @@ def test_deaths_and_clear_params_are_checked() -> None:
     assert not isinstance(ok, ErrorResponse) and ok.params == DeathsParams(name="web", limit=20)
     ok = parse_request(b'{"jsonrpc":"2.0","id":1,"method":"clear","params":{"names":["all"]}}')
     assert not isinstance(ok, ErrorResponse) and ok.params == ClearParams(names=["all"])
+
+
+def test_the_oom_hook_confirms_an_oom_kill_only_when_the_counter_rose(tmp_path: Path) -> None:
+    """Daemon.oom_kills is the cgroup code's hook (memory.events oom_kill): a rise
+    between spawn and exit makes the SIGKILL an OOM kill; no counter, no claim."""
+    from supd.config import load
+    from supd.daemon import Daemon, Slot
+    from supd.logs import LogSink
+
+    (tmp_path / "supd.toml").write_text(f"[programs.web]\ncommand = {SLEEP}\n")
+    daemon = Daemon(load(tmp_path / "supd.toml"))
+    try:
+        slot = Slot("web", LogSink(None, 0, 0), LogSink(None, 0, 0))
+        slot.stderr.write(b"old run\n")
+        slot.written_at_spawn = slot.stderr.bytes_written
+        slot.stderr.write(b"allocating 4 GiB\n")
+        assert daemon._ending(slot, False).oom_killed is None  # no counter to ask
+        slot.oom_kills_at_spawn = 3
+        daemon.oom_kills = lambda name: 3
+        assert daemon._ending(slot, False).oom_killed is False
+        daemon.oom_kills = lambda name: 4
+        ending = daemon._ending(slot, False)
+        assert ending.oom_killed is True and ending.tail == "allocating 4 GiB\n"
+    finally:
+        daemon.selector.close()
