@@ -594,6 +594,14 @@ class ProgramConfig(BaseModel):
     backoff_factor: float = Field(default=2.0, ge=1, le=1000, allow_inf_nan=False)
     backoff_max: Seconds = 60.0
     backoff_reset: Seconds = 60.0
+    # Crash loops (docs in README): jitter, the sliding window of restarts, revival.
+    backoff_jitter: float = Field(default=0.1, ge=0, le=1, allow_inf_nan=False)
+    # None: max(5, startretries), so failed starts meet startretries first, as before
+    max_restarts: int | None = Field(default=None, ge=1)
+    restart_window: Seconds = 60.0  # 0: no window
+    revive_after: Seconds | None = None  # None: a FATAL process stays FATAL
+    # systemd EnvironmentFile= files, read at each start; "-/path" is optional.
+    env_files: tuple[str, ...] = ()
     stopsignal: int = int(signal.SIGTERM)
     stopwaitsecs: Seconds = 10.0
     killasgroup: bool = True
@@ -729,6 +737,22 @@ class ProgramConfig(BaseModel):
     @classmethod
     def _valid_environment(cls, value: dict[str, str]) -> dict[str, str]:
         return _check_environment(value)
+
+    @field_validator("env_files", mode="before")
+    @classmethod
+    def _resolve_env_files(cls, value: Any, info: ValidationInfo) -> Any:
+        """Each path absolute (relative ones from the config's folder), its "-" kept."""
+        if not isinstance(value, list | tuple):
+            return value
+        resolved: list[Any] = []
+        for entry in value:
+            if not isinstance(entry, str):
+                resolved.append(entry)
+                continue
+            optional = entry.startswith("-")
+            path = _path_input(entry[1:] if optional else entry, info)
+            resolved.append(("-" if optional else "") + str(path))
+        return tuple(resolved)
 
     @field_validator("umask", mode="before")
     @classmethod

@@ -88,6 +88,7 @@ def test_backoff_delays_follow_the_ladder(supd: Factory, tmp_path: Path) -> None
         backoff_initial = 0.2
         backoff_factor = 2.0
         backoff_max = 0.5
+        backoff_jitter = 0  # the ladder itself (tests/test_crashloop.py tests the jitter)
     """)
     d.wait_state("crash", "FATAL", timeout=15)
     times = [float(t) for t in read_lines(starts)]
