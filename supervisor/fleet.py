@@ -28,12 +28,13 @@ import enum
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
 
 from . import process as proc
 from .config import ProgramConfig
+from .deaths import Death, no_jitter
 from .facts import ErrorCode, State
 from .names import select as select_names
 from .process import DOWN_STATES, Process, Timer, Want
@@ -101,6 +102,13 @@ class Shutdown:
 
 
 @dataclass(frozen=True, slots=True)
+class ClearHistory:
+    """`supctl clear`: forget these processes' deaths and failure counters."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Adopt:
     """A re-exec'd daemon takes over what the old one ran: processes already in their
     states (with their children), timers at their deadlines, reload work under way."""
@@ -112,7 +120,7 @@ class Adopt:
     swaps: tuple[tuple[str, ProgramConfig], ...] = ()
 
 
-FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown | Adopt
+FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown | ClearHistory | Adopt
 
 
 # -- effects: what the daemon must do ------------------------------------------------------
@@ -192,6 +200,14 @@ class Exit:
 
 
 @dataclass(frozen=True, slots=True)
+class Died:
+    """A process's run ended (or never began): its death record, classified."""
+
+    name: str
+    death: Death
+
+
+@dataclass(frozen=True, slots=True)
 class UpdateSlot:
     """A reload changed a live process's log settings: reopen its log sinks."""
 
@@ -218,6 +234,7 @@ FleetEffect = (
     | Exit
     | UpdateSlot
     | ReloadPlanned
+    | Died
 )
 
 
@@ -274,7 +291,11 @@ class _Request:
 
 
 class Fleet:
-    def __init__(self) -> None:
+    def __init__(self, draw: Callable[[], float] = no_jitter) -> None:
+        """`draw`: backoff jitter's randomness, in [0, 1] (the daemon's is random.random;
+        the default gives every delay its upper bound)."""
+        self.draw = draw
+        self.kept_deaths: dict[str, deque[Death]] = {}  # a replaced program's, by process
         self.processes: dict[str, Process] = {}
         self.programs: dict[str, list[str]] = {}  # program -> its live process names
         self.configs: dict[str, ProgramConfig] = {}  # the config's programs, as desired
@@ -325,6 +346,10 @@ class Fleet:
                 self._reload(programs, now)
             case Shutdown():
                 self._shutdown(now)
+            case ClearHistory(names=names):
+                for name in names:
+                    if name in self.processes:
+                        self.processes[name].clear_history()
             case Adopt():
                 self._adopt(event)
             case _:
@@ -392,7 +417,10 @@ class Fleet:
         names = program.process_names()
         self.programs[program.name] = names
         for name in names:
-            self.processes[name] = Process(name, program)
+            self.processes[name] = Process(name, program, draw=self.draw)
+            kept = self.kept_deaths.pop(name, None)
+            if kept is not None:  # deaths survive a reload that keeps the program
+                self.processes[name].history.extend(kept)
             self.state_counts[State.STOPPED] += 1
             self._out.append(CreateSlot(name, program))
 
@@ -408,7 +436,11 @@ class Fleet:
         """Feed one process; turn its effects into fleet effects and settle requests."""
         process = self.processes[name]
         changes: list[State] = []
-        for effect in process.handle(event, now):
+        last_death = process.history[-1] if process.history else None
+        effects = process.handle(event, now)
+        if process.history and process.history[-1] is not last_death:
+            self._out.append(Died(name, process.history[-1]))
+        for effect in effects:
             match effect:
                 case proc.Spawn():
                     self._out.append(Spawn(name, process.config))
@@ -466,6 +498,8 @@ class Fleet:
         for timer in Timer:
             self._timers.pop((name, timer), None)
         self._out.append(DropSlot(name))
+        if any(name in names for _, names in self.parked) and process.history:
+            self.kept_deaths[name] = process.history  # it comes back: its deaths too
         self._unlist(name, process.config.name)
         self._unpark()
 
@@ -678,13 +712,15 @@ class Fleet:
                     self._update_in_place(name, desired[name])
         for program, names in fresh.items():
             self.parked.append((new[program], names))
+        parked = {n for _, names in self.parked for n in names}
+        self.kept_deaths = {n: h for n, h in self.kept_deaths.items() if n in parked}
         self._unpark()
 
     def _retire(self, name: str, now: float) -> None:
         """Stop a process for good; it is dropped once down."""
         self.retiring.add(name)
         self._supersede_for_reload(name)
-        self._send(name, proc.Stop(), now)
+        self._send(name, proc.Stop(by="reload"), now)
 
     def _restart_for_reload(self, name: str, target: ProgramConfig, now: float) -> None:
         """Stop it; once down it takes `target` and starts again (see _swap)."""
@@ -692,7 +728,7 @@ class Fleet:
         self.swaps[name] = target
         if first:
             self._supersede_for_reload(name)
-            self._send(name, proc.Stop(), now)
+            self._send(name, proc.Stop(by="reload"), now)
 
     def _supersede_for_reload(self, name: str) -> None:
         for request in list(self._claims.get(name, ())):
@@ -716,7 +752,8 @@ class Fleet:
         if old.config.name != target.name:
             self._unlist(name, old.config.name)
             self.programs.setdefault(target.name, []).append(name)
-        fresh = Process(name, target)
+        fresh = Process(name, target, draw=self.draw)
+        fresh.history.extend(old.history)  # its deaths stay with its name
         self.state_counts[old.state] -= 1
         self.state_counts[fresh.state] += 1
         self.processes[name] = fresh
@@ -748,7 +785,10 @@ class Fleet:
             listed = self.programs.setdefault(program.name, [])
             for name in names:
                 listed.append(name)
-                self.processes[name] = Process(name, program)
+                self.processes[name] = Process(name, program, draw=self.draw)
+                kept = self.kept_deaths.pop(name, None)
+                if kept is not None:  # removed and added back while stopping
+                    self.processes[name].history.extend(kept)
                 self.state_counts[State.STOPPED] += 1
                 self._out.append(CreateSlot(name, program))
         for program, names in sorted(ready, key=lambda entry: entry[0].start_order):
@@ -762,7 +802,7 @@ class Fleet:
         if self.shutting_down:  # the second one: SIGKILL whatever is left
             for name in list(self.processes):
                 if name in self.processes:
-                    self._send(name, proc.Stop(), now)  # BACKOFF and STARTING ones too
+                    self._send(name, proc.Stop(by="shutdown"), now)  # BACKOFF, STARTING too
                 if name in self.processes:
                     self._send(name, proc.ForceKill(), now)
             return
@@ -793,7 +833,7 @@ class Fleet:
             top = max(p.config.start_order for p in live)
             group.extend(p.name for p in live if p.config.start_order == top)
             for name in list(group):
-                self._send(name, proc.Stop(), now)
+                self._send(name, proc.Stop(by="shutdown"), now)
 
     def _now_outcome(self, name: str) -> Outcome:
         process = self.processes.get(name)

@@ -38,15 +38,18 @@ import dataclasses
 import enum
 import json
 import os
-from collections.abc import Iterable
+import types
+import typing
+from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .config import Config, ProgramConfig, SupervisorConfig
-from .facts import State
-from .process import Process, Timer, Want
+from .deaths import RestartWindow
+from .process import Process, Timer
 
 STATE_VERSION = 1
 ENV_STATE_FD = "SUPD_REEXEC_STATE"
@@ -111,54 +114,130 @@ class StateError(Exception):
 # -- processes ------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
+def _is_time(key: str) -> bool:
+    return key == "at" or key.endswith(_TIME_SUFFIXES)
+
+
+def _save(value: Any, now: float, key: str = "") -> Any:
+    """JSON data for a field's value: dataclasses field by field, enums by value,
+    containers as lists, monotonic times (by name) relative to `now`."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _save(getattr(value, f.name), now, f.name)
+            for f in dataclasses.fields(value)
+            if not callable(getattr(value, f.name))
+        }
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, (list, tuple, set, frozenset)) or (
-        hasattr(value, "__iter__") and not (isinstance(value, (str, bytes, dict)))
-    ):
-        return [_plain(v) for v in value]
+    if isinstance(value, (list, tuple, set, frozenset, deque)):
+        return [_save(v, now) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _save(v, now) for k, v in value.items()}
+    if isinstance(value, float) and _is_time(key):
+        return value - now
     return value
 
 
+def _revive(hint: Any, value: Any, base: float, key: str = "") -> Any:
+    """The inverse of _save, guided by the type hint; raises on what does not fit."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _revive(arg, value, base, key)
+            except (TypeError, ValueError, KeyError):
+                continue
+        raise ValueError(f"{value!r} fits none of {hint}")
+    if origin is typing.Literal or hint is Any:
+        return value
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        hints = _hints(hint)
+        kwargs = {
+            f.name: _revive(hints[f.name], value[f.name], base, f.name)
+            for f in dataclasses.fields(hint)
+            if f.name in value
+        }
+        return hint(**kwargs)
+    if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[Cause, str]
+        return tuple(_revive(a, v, base) for a, v in zip(args, value, strict=True))
+    if origin in (list, tuple, set, frozenset, deque):
+        element = args[0] if args else Any
+        return origin(_revive(element, v, base) for v in value)
+    if hint is float and _is_time(key) and isinstance(value, int | float):
+        return base + value
+    if hint is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _save_window(window: RestartWindow, now: float) -> Any:
+    return [t - now for t in window.times]
+
+
+def _load_window(data: Any, base: float) -> RestartWindow:
+    window = RestartWindow()
+    window.times.extend(base + float(t) for t in data)
+    return window
+
+
+# Fields the generic rules cannot handle: (save, load).
+_CODECS: dict[str, tuple[Callable[[Any, float], Any], Callable[[Any, float], Any]]] = {
+    "window": (_save_window, _load_window),
+}
+
+
 def process_fields(process: Process, now: float) -> dict[str, Any]:
-    """Every field of the dataclass but the config; times relative to `now`."""
+    """Every field of the dataclass but the config (and functions, such as the jitter's
+    randomness); monotonic times relative to `now`."""
     out: dict[str, Any] = {}
     for field in dataclasses.fields(process):
         if field.name in ("name", "config"):
             continue
         value = getattr(process, field.name)
-        if isinstance(value, float) and field.name.endswith(_TIME_SUFFIXES):
-            value = value - now
-        out[field.name] = _plain(value)
+        if callable(value) and not dataclasses.is_dataclass(value):
+            continue
+        codec = _CODECS.get(field.name)
+        out[field.name] = codec[0](value, now) if codec else _save(value, now, field.name)
     return out
 
 
-def restore_process(name: str, config: ProgramConfig, saved: dict[str, Any], now: float) -> Process:
-    """A Process with the saved fields this version knows (others keep defaults)."""
-    process = Process(name, config)
-    known = {f.name: f for f in dataclasses.fields(process)}
+def restore_process(
+    name: str, config: ProgramConfig, saved: dict[str, Any], base: float, **init: Any
+) -> Process:
+    """A Process with the saved fields this version knows (others keep their defaults;
+    a value that no longer fits its field is dropped, not guessed). `init`: what the
+    constructor needs besides (the jitter's `draw`)."""
+    process = Process(name, config, **init)
+    hints = _hints(Process)
+    known = {f.name for f in dataclasses.fields(process)}
     for key, value in saved.items():
-        field = known.get(key)
-        if field is None or key in ("name", "config"):
+        if key not in known or key in ("name", "config", *init):
+            continue
+        try:
+            codec = _CODECS.get(key)
+            revived = codec[1](value, base) if codec else _revive(hints[key], value, base, key)
+        except (TypeError, ValueError, KeyError):
             continue
         current = getattr(process, key)
-        if key == "state":
-            value = State(value)
-        elif key == "want":
-            value = Want(value)
-        elif isinstance(value, float) and key.endswith(_TIME_SUFFIXES):
-            value = now + value
-        elif isinstance(current, enum.Enum):
-            value = type(current)(value)
-        elif isinstance(value, list) and not isinstance(current, list):
-            try:
-                value = type(current)(value)  # a deque, a tuple...
-            except TypeError:
-                continue
-        setattr(process, key, value)
+        if isinstance(current, deque) and isinstance(revived, deque):
+            current.extend(revived)  # keeps the default's maxlen
+        else:
+            setattr(process, key, revived)
     return process
 
 

@@ -65,6 +65,11 @@ KEY_EFFECTS: dict[str, KeyEffect] = {
     "backoff_factor": KeyEffect.IN_PLACE,
     "backoff_max": KeyEffect.IN_PLACE,
     "backoff_reset": KeyEffect.IN_PLACE,
+    "backoff_jitter": KeyEffect.IN_PLACE,
+    # crash loops (docs: deaths.py): read at the next death
+    "max_restarts": KeyEffect.IN_PLACE,
+    "restart_window": KeyEffect.IN_PLACE,
+    "revive_after": KeyEffect.IN_PLACE,
     "stopsignal": KeyEffect.IN_PLACE,
     "stopwaitsecs": KeyEffect.IN_PLACE,
     "killasgroup": KeyEffect.IN_PLACE,

@@ -265,7 +265,7 @@ def test_a_process_crosses_with_its_fields_and_its_times_relative() -> None:
     saved = reexec.process_fields(process, now=100.0)
     assert saved["backoff_until"] == 5.0 and saved["started_at"] == -10.0
     data = json.loads(json.dumps(saved))
-    back = reexec.restore_process("web", config, {**data, "from_a_newer_supd": 1}, now=500.0)
+    back = reexec.restore_process("web", config, {**data, "from_a_newer_supd": 1}, base=500.0)
     assert (back.state, back.want, back.failures, back.last_pid) == (
         State.BACKOFF,
         Want.UP,
@@ -273,6 +273,25 @@ def test_a_process_crosses_with_its_fields_and_its_times_relative() -> None:
         1234,
     )
     assert (back.backoff_until, back.started_at) == (505.0, 490.0)
+
+
+def test_the_death_ring_and_the_restart_window_cross_with_their_times() -> None:
+    from supd.deaths import Cause, Death
+
+    config = ProgramConfig.model_validate({"name": "web", "command": ["x"]})
+    process = Process("web", config)
+    died = Death(at=95.0, wall=1.7e9, pid=7, uptime=2.0, cause=next(iter(Cause)), summary="x")
+    process.history.append(died)
+    process.window.times.extend([90.0, 99.0])
+    process.blamed = (next(iter(Cause)), "health check failed")
+    data = json.loads(json.dumps(reexec.process_fields(process, now=100.0)))
+    assert "draw" not in data  # a function: the new supd brings its own
+    back = reexec.restore_process("web", config, data, base=1000.0)
+    [death] = back.history
+    assert death.at == 995.0 and death.wall == 1.7e9 and death.cause is died.cause
+    assert back.history.maxlen == process.history.maxlen
+    assert list(back.window.times) == [990.0, 999.0]
+    assert back.blamed == process.blamed
 
 
 def test_the_state_is_versioned_and_tolerant() -> None:

@@ -42,6 +42,7 @@ def test_every_restart_key_of_the_issue_restarts_and_the_in_place_ones_do_not() 
     in_place = {"backoff_initial", "backoff_factor", "backoff_max", "backoff_reset"}
     in_place |= {"startretries", "startsecs", "stopsignal", "stopwaitsecs", "killasgroup"}
     in_place |= {"priority", "autorestart", "exitcodes", "autostart"}
+    in_place |= {"backoff_jitter", "max_restarts", "restart_window", "revive_after"}
     assert {k for k in restart if key_effect(k) is not KeyEffect.RESTART} == set()
     assert {k for k in in_place if key_effect(k) is not KeyEffect.IN_PLACE} == set()
     logs = {k for k in ProgramConfig.model_fields if "logfile" in k}
@@ -128,11 +129,16 @@ def test_numprocs_4_to_2_to_6_touches_only_the_extra_processes() -> None:
 def test_a_dry_run_changes_nothing() -> None:
     sim = Sim(program("web", numprocs=2, **FAST), program("gone", **FAST))
     sim.advance(1)
-    before = copy.deepcopy((sim.fleet.processes, sim.fleet.configs, sim.fleet.programs))
+
+    def snapshot() -> object:
+        processes = {n: (p.state, p.want, p.pid, p.config) for n, p in sim.fleet.processes.items()}
+        return copy.deepcopy((processes, sim.fleet.configs, sim.fleet.programs))
+
+    before = snapshot()
     effects = len(sim.effects)
     plan = sim.fleet.plan_reload((program("web", numprocs=3, command=["v2"], **FAST),))
     assert steps(plan) == {"gone": "stop", "web:0": "restart", "web:1": "restart", "web:2": "start"}
-    assert (sim.fleet.processes, sim.fleet.configs, sim.fleet.programs) == before
+    assert snapshot() == before
     assert len(sim.effects) == effects
 
 
