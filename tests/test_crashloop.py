@@ -359,7 +359,8 @@ def test_the_fleet_reports_each_death_and_keeps_it_across_a_reload() -> None:
     died = [e for e in sim.effects if isinstance(e, Died)]
     assert [(e.name, e.death.exit_code) for e in died] == [("web", 2)]
     sim.advance(5)
-    changed = fleet_program("web", startsecs=0, autorestart="always", stopwaitsecs=3)
+    # A key that shapes the process (issue 16: only those restart it on reload).
+    changed = fleet_program("web", startsecs=0, autorestart="always", environment={"V": "2"})
     sim.post(Reload((changed,)))
     sim.deliver_exits()
     history = list(sim.fleet.processes["web"].history)
