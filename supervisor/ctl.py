@@ -46,7 +46,7 @@ REEXEC_FAILED = ErrorCode.REEXEC_FAILED
 
 # Calls that may be sent again when the connection drops before the answer (a re-exec
 # disconnects every client): they change nothing.
-IDEMPOTENT = frozenset({"status", "tail", "why", "pid", "version"})
+IDEMPOTENT = frozenset({"status", "tail", "deaths", "pid", "version"})  # deaths: `why`
 REEXEC_WAIT_S = 30.0  # how long `supctl reexec` waits for the new supd to answer
 LOST = "connection lost"
 
