@@ -21,10 +21,13 @@ from .config import ConfigError
 from .control import Responder
 from .facts import ErrorCode
 from .fleet import Action, Outcome, UnknownNames
+from .metrics import CONTENT_TYPE
 from .process import Process
 from .protocol import (
     DEFAULT_TAIL_BYTES,
     ActionResult,
+    AvailParams,
+    MetricsParams,
     OutputParams,
     PidParams,
     PidResult,
@@ -41,6 +44,7 @@ from .protocol import (
     StopParams,
     TailParams,
     TailResult,
+    UsageParams,
     VersionParams,
     VersionResult,
 )
@@ -102,6 +106,18 @@ class Core(Protocol):
         """Call `listener` with new output until it returns False; returns unfollow."""
         ...
 
+    def metrics_text(self) -> str:
+        """The OpenMetrics exposition (metrics.py)."""
+        ...
+
+    def usage(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each process tree's CPU and memory (protocol.ProcessUsage rows)."""
+        ...
+
+    def avail(self) -> list[dict[str, Any]]:
+        """The running config's programs (protocol.ProgramAvail rows)."""
+        ...
+
 
 ACTIONS = {StartParams: Action.START, StopParams: Action.STOP, RestartParams: Action.RESTART}
 
@@ -146,6 +162,12 @@ class Commands:
             case ShutdownParams():
                 responder.result(ShutdownResult(ok=True))
                 core.shutdown()
+            case MetricsParams():
+                responder.result({"text": core.metrics_text(), "content_type": CONTENT_TYPE})
+            case UsageParams(names=names):
+                responder.result(core.usage(core.resolve(names)))
+            case AvailParams():
+                responder.result(core.avail())
 
     # -- start / stop / restart -------------------------------------------------------
 

@@ -59,6 +59,7 @@ import difflib
 import functools
 import glob
 import grp
+import ipaddress
 import json
 import os
 import re
@@ -408,6 +409,35 @@ def _path_input(value: object, info: ValidationInfo) -> object:
     return value
 
 
+def _metrics_address(value: str, info: ValidationInfo) -> str:
+    """ "HOST:PORT" checked, or a socket path made absolute (relative to the file)."""
+    if "/" in value:
+        path = _path_input(value, info)
+        assert isinstance(path, Path)
+        length = len(os.fsencode(path))
+        if length > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(
+                f"path is {length} bytes long; a UNIX socket path can have at most "
+                f"{MAX_SOCKET_PATH_BYTES}"
+            )
+        return str(path)
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f'{value!r}: should be "HOST:PORT" (e.g. "127.0.0.1:9129") or a UNIX socket path'
+            ' (with a "/", e.g. "./metrics.sock")'
+        )
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if address != "localhost":
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(
+                f"{value!r}: the host should be an IP address or localhost, not {host!r}"
+            ) from None
+    return value
+
+
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
@@ -436,11 +466,20 @@ class SupervisorConfig(BaseModel):
     subreaper: bool = False
     # Every program inherits it; the loader merges it into each ProgramConfig.environment.
     environment: dict[NonEmptyStr, str] = Field(default_factory=dict)
+    # Serve GET /metrics: "HOST:PORT" (an IP address, or localhost) or a UNIX socket path.
+    metrics: str | None = None
 
     @field_validator("environment", mode="before")
     @classmethod
     def _read_environment(cls, value: Any, info: ValidationInfo) -> Any:
         return _environment_input(value, info)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics_address(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value  # fails as "should be a string"
+        return _metrics_address(value, info)
 
     @field_validator("environment")
     @classmethod

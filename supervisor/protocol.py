@@ -150,6 +150,18 @@ class ShutdownParams(_Params):
     pass
 
 
+class MetricsParams(_Params):
+    pass
+
+
+class UsageParams(_Params):
+    names: Names | None = None
+
+
+class AvailParams(_Params):
+    pass
+
+
 Params = (
     StatusParams
     | StartParams
@@ -161,10 +173,25 @@ Params = (
     | PidParams
     | VersionParams
     | ShutdownParams
+    | MetricsParams
+    | UsageParams
+    | AvailParams
 )
 
 Method = Literal[
-    "status", "start", "stop", "restart", "signal", "reload", "tail", "pid", "version", "shutdown"
+    "status",
+    "start",
+    "stop",
+    "restart",
+    "signal",
+    "reload",
+    "tail",
+    "pid",
+    "version",
+    "shutdown",
+    "metrics",
+    "usage",
+    "avail",
 ]
 
 
@@ -249,6 +276,35 @@ class ShutdownResult(_Result):
     ok: bool = True
 
 
+class MetricsResult(_Result):
+    """`metrics`: the OpenMetrics exposition, as `GET /metrics` serves it."""
+
+    text: str
+    content_type: str
+
+
+class ProcessUsage(_Result):
+    """One row of `usage`: a process and its descendants, sampled from /proc."""
+
+    name: str
+    pid: int | None
+    cpu_seconds: float  # the current run's tree
+    cpu_percent: float | None  # since the previous sample, or the run's average
+    rss_bytes: int | None
+    processes: int  # in the tree
+
+
+class ProgramAvail(_Result):
+    """One row of `avail`: a program of the running config."""
+
+    program: str
+    group: str
+    autostart: bool
+    processes: list[str]
+    running: int  # processes RUNNING
+    active: bool  # any process not down (STOPPED, EXITED, FATAL)
+
+
 #: The Python type of each method's result; `RESULT_ADAPTERS[m].validate_json(...)`
 #: checks an answer (tests, and clients that want models).
 RESULT_TYPES: Final[dict[str, Any]] = {
@@ -262,6 +318,9 @@ RESULT_TYPES: Final[dict[str, Any]] = {
     "pid": PidResult,
     "version": VersionResult,
     "shutdown": ShutdownResult,
+    "metrics": MetricsResult,
+    "usage": list[ProcessUsage],
+    "avail": list[ProgramAvail],
 }
 RESULT_ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
     method: TypeAdapter(result_type) for method, result_type in RESULT_TYPES.items()
@@ -334,8 +393,35 @@ class _Shutdown(_Envelope):
     params: ShutdownParams = ShutdownParams()
 
 
+class _Metrics(_Envelope):
+    method: Literal["metrics"]
+    params: MetricsParams = MetricsParams()
+
+
+class _Usage(_Envelope):
+    method: Literal["usage"]
+    params: UsageParams = UsageParams()
+
+
+class _Avail(_Envelope):
+    method: Literal["avail"]
+    params: AvailParams = AvailParams()
+
+
 _AnyEnvelope = Annotated[
-    _Status | _Start | _Stop | _Restart | _Signal | _Reload | _Tail | _Pid | _Version | _Shutdown,
+    _Status
+    | _Start
+    | _Stop
+    | _Restart
+    | _Signal
+    | _Reload
+    | _Tail
+    | _Pid
+    | _Version
+    | _Shutdown
+    | _Metrics
+    | _Usage
+    | _Avail,
     Field(discriminator="method"),
 ]
 _ENVELOPE: Final[TypeAdapter[_AnyEnvelope]] = TypeAdapter(_AnyEnvelope)
