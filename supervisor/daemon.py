@@ -309,6 +309,7 @@ class Daemon:
             self.log.exception("output_drain_failed", process=name, pid=pid)
         self.metrics.child_exiting(name, pid)  # the run's last CPU figure, from the zombie
         exit_code, exit_signal = spawn.reap(pid)
+        self.metrics.exited(name, exit_code, exit_signal)
         if slot.exec_error is None:
             process = self.fleet.processes.get(name)
             redirected = process is not None and process.config.redirect_stderr

@@ -223,6 +223,7 @@ class ProcessCounters:
     cpu_high: float = 0.0
     log_bytes: Counter[str] = field(default_factory=Counter)  # of slots dropped earlier
     log_dropped: Counter[str] = field(default_factory=Counter)
+    last_exit: int | None = None  # of the latest exit, kept while the next run runs
 
     def cpu_seen(self, pid: int, seconds: float) -> None:
         if pid != self.cpu_pid:
@@ -299,6 +300,12 @@ class Metrics:
         if seconds is not None:
             self.counters(name).cpu_seen(pid, seconds)
         self.sampler.forget(pid)
+
+    def exited(self, name: str, exit_code: int | None, exit_signal: int | None) -> None:
+        """A run ended: its exit status, 128 + N for signal N (as shells report it)."""
+        status = 128 + exit_signal if exit_signal is not None else exit_code
+        if status is not None:
+            self.counters(name).last_exit = status
 
     def slot_dropped(self, name: str, stdout: LogCounts, stderr: LogCounts) -> None:
         """A process's log sinks are closed (reload, removal): keep their counts."""
@@ -390,12 +397,9 @@ class Metrics:
             "gauge",
             "Exit status of the latest run (128 + N when killed by signal N)",
         )
-        for label, view in zip(labels, views, strict=True):
-            process = view.process
-            if process.exit_signal is not None:
-                add(f"supd_process_last_exit_code{{{label}}} {128 + process.exit_signal}")
-            elif process.exit_code is not None:
-                add(f"supd_process_last_exit_code{{{label}}} {process.exit_code}")
+        for label, count in zip(labels, counters, strict=True):
+            if count.last_exit is not None:
+                add(f"supd_process_last_exit_code{{{label}}} {count.last_exit}")
         _family(
             out,
             "supd_process_backoff_seconds",
