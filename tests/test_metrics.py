@@ -573,3 +573,43 @@ def test_bad_requests_are_refused(
     with server.connect() as sock:
         sock.sendall(request_line)
         assert _read_all(sock).startswith(b"HTTP/1.1 " + status)
+
+
+def test_bytes_that_cannot_be_written_are_counted_as_dropped(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.busy]
+        command = {BUSY}
+        startsecs = 0
+        stdout_logfile = "/dev/full"
+    """)
+    d.wait_state("busy", "RUNNING")
+
+    def dropped() -> float:
+        samples = scrape(d)
+        return value(samples, "supd_process_log_dropped_bytes_total", **LABELS, stream="stdout")
+
+    wait_until(lambda: dropped() == 6, describe=d.describe)
+    samples = scrape(d)
+    assert value(samples, "supd_process_log_bytes_total", **LABELS, stream="stdout") == 6
+    assert value(samples, "supd_process_log_dropped_bytes_total", **LABELS, stream="stderr") == 0
+
+
+def test_without_children_files_one_pass_over_proc_finds_the_tree(
+    tree: subprocess.Popen[bytes],
+) -> None:
+    wait_until(lambda: len(_children(tree.pid)) == 2)
+    sampler = ProcSampler()
+    sampler._children_files = False  # as on a kernel without CONFIG_PROC_CHILDREN
+    assert sampler.sample([tree.pid])[tree.pid].processes == 3
+
+
+def test_a_reload_that_moves_the_metrics_address_says_it_needs_a_restart(
+    supd: Factory,
+) -> None:
+    d = supd(config())
+    port = metrics_port(d)
+    d.write_config(config().replace('"127.0.0.1:0"', '"127.0.0.1:1"'))
+    d.rpc("reload")
+    [warning] = d.events("metrics_address_unchanged")
+    assert warning["running"] == "127.0.0.1:0" and warning["configured"] == "127.0.0.1:1"
+    assert http_get(port).status == 200  # still served where it was
