@@ -47,6 +47,7 @@ STREAMS: Final = ("stdout", "stderr")
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 _STATES: Final = tuple(State)
+_CHUNK: Final = 4096
 
 
 # --------------------------------------------------------------------------- /proc
@@ -68,7 +69,13 @@ def _read(path: str) -> bytes | None:
     except OSError:
         return None
     try:
-        return os.read(fd, 4096)
+        chunk = data = os.read(fd, _CHUNK)
+        # A read ends at a record's end (a pid in a children list: at most 8 bytes), so
+        # only a nearly full read can have more behind it: read on then, to the end.
+        while len(chunk) > _CHUNK - 16:
+            chunk = os.read(fd, _CHUNK)
+            data += chunk
+        return data
     except OSError:
         return None
     finally:

@@ -613,3 +613,17 @@ def test_a_reload_that_moves_the_metrics_address_says_it_needs_a_restart(
     [warning] = d.events("metrics_address_unchanged")
     assert warning["running"] == "127.0.0.1:0" and warning["configured"] == "127.0.0.1:1"
     assert http_get(port).status == 200  # still served where it was
+
+
+def test_a_children_list_longer_than_one_read_is_read_whole() -> None:
+    # 800 children: their pids fill more than the 4 KiB of one read of the children file.
+    proc = subprocess.Popen(["sh", "-c", "for i in $(seq 800); do sleep 60 & done; wait"])
+    try:
+        wait_until(lambda: len(_children(proc.pid)) == 800, timeout=30)
+        assert sum(len(str(pid)) + 1 for pid in _children(proc.pid)) > 4096
+        assert ProcSampler().sample([proc.pid])[proc.pid].processes == 801
+    finally:
+        for child in _children(proc.pid):
+            kill_quietly(child)
+        proc.kill()
+        proc.wait()
