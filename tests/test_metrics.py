@@ -627,3 +627,18 @@ def test_a_children_list_longer_than_one_read_is_read_whole() -> None:
             kill_quietly(child)
         proc.kill()
         proc.wait()
+
+
+def test_the_fd_budget_counts_the_metrics_server(tmp_path: Path) -> None:
+    from tests.test_daemon import run_supd
+
+    # 28 processes with one pipe each: 28 + 544 fit under 600, 28 + 611 do not.
+    config = tmp_path / "supd.toml"
+    program = '[programs.few]\ncommand = "true"\nnumprocs = 28\nredirect_stderr = true\n'
+    limited = ("prlimit", "--nofile=600:600", "--")
+    config.write_text(program)
+    assert run_supd("-c", str(config), "--check", cwd=tmp_path, prefix=limited).returncode == 0
+    config.write_text('[supervisor]\nmetrics = "127.0.0.1:0"\n' + program)
+    refused = run_supd("-c", str(config), "--check", cwd=tmp_path, prefix=limited)
+    assert refused.returncode == 2
+    assert "supd's own 611, more than the hard limit of 600" in refused.stderr
