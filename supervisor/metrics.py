@@ -110,8 +110,9 @@ class ProcSampler:
         self._previous: dict[int, TreeSample] = {}  # for CPU%: the sample before
         self._children_files: bool | None = None  # does the kernel have them?
 
-    def sample(self, pids: Iterable[int]) -> dict[int, TreeSample]:
-        """The trees rooted at `pids` (roots that are gone are left out)."""
+    def sample(self, pids: Iterable[int], *, prune: bool = False) -> dict[int, TreeSample]:
+        """The trees rooted at `pids` (roots that are gone are left out). With `prune`,
+        `pids` are every root there is: forget the samples of any other."""
         now = self.clock()
         wanted = list(pids)
         stale = [
@@ -130,10 +131,11 @@ class ProcSampler:
                 if old is not None:
                     self._previous[pid] = old
                 self._latest[pid] = tree
-        keep = set(wanted)
-        for cache in (self._latest, self._previous):
-            for pid in [p for p in cache if p not in keep]:
-                del cache[pid]
+        if prune:
+            keep = set(wanted)
+            for cache in (self._latest, self._previous):
+                for pid in [p for p in cache if p not in keep]:
+                    del cache[pid]
         return {pid: self._latest[pid] for pid in wanted if pid in self._latest}
 
     def previous(self, pid: int) -> TreeSample | None:
@@ -323,9 +325,9 @@ class Metrics:
 
     # -- sampling -----------------------------------------------------------------------
 
-    def _sample(self, processes: Iterable[Process]) -> dict[int, TreeSample]:
+    def _sample(self, processes: Iterable[Process], *, every: bool) -> dict[int, TreeSample]:
         running = [(p.name, p.pid) for p in processes if p.pid is not None]
-        trees = self.sampler.sample(pid for _, pid in running)
+        trees = self.sampler.sample((pid for _, pid in running), prune=every)
         for name, pid in running:
             tree = trees.get(pid)
             if tree is not None:
@@ -333,7 +335,7 @@ class Metrics:
         return trees
 
     def usage(self, processes: list[Process], now: float) -> list[Usage]:
-        trees = self._sample(processes)
+        trees = self._sample(processes, every=False)
         rows = []
         for process in processes:
             pid = process.pid
@@ -356,7 +358,7 @@ class Metrics:
 
     def render(self, views: list[ProcessView], now: float, wall: float) -> str:
         """The OpenMetrics exposition of every process and of supd itself."""
-        trees = self._sample(v.process for v in views)
+        trees = self._sample((v.process for v in views), every=True)
         out: list[str] = []
         add = out.append
         labels = [

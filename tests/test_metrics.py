@@ -642,3 +642,21 @@ def test_the_fd_budget_counts_the_metrics_server(tmp_path: Path) -> None:
     refused = run_supd("-c", str(config), "--check", cwd=tmp_path, prefix=limited)
     assert refused.returncode == 2
     assert "supd's own 611, more than the hard limit of 600" in refused.stderr
+
+
+def test_sampling_some_trees_keeps_the_others_samples(tree: subprocess.Popen[bytes]) -> None:
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        now = [0.0]
+        sampler = ProcSampler(interval=1.0, clock=lambda: now[0])
+        sampler.sample([tree.pid, other.pid], prune=True)
+        now[0] = 5.0
+        sampler.sample([other.pid])  # `status -l other`
+        assert tree.pid in sampler.sample([tree.pid])  # still known, and sampled afresh
+        assert sampler.previous(tree.pid) is not None  # CPU% has its earlier sample
+        now[0] = 10.0
+        sampler.sample([other.pid], prune=True)  # a scrape: tree's root is gone
+        assert sampler.previous(tree.pid) is None
+    finally:
+        other.kill()
+        other.wait()
