@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from supd import __version__ as supd_version
 from supd.config import ConfigError, load
 from supd.facts import State
 from supd.fleet import Transitioned
 from supd.httpmetrics import MetricsServer
 from supd.metrics import Metrics, ProcSampler
 from supd.selector import Selector
-from tests.helpers import SLEEP, Supd, cmd, kill_quietly, wait_until
+from tests.helpers import SLEEP, Supd, cmd, kill_quietly, python_command, wait_until
 
 Factory = Callable[..., Supd]
 
@@ -124,7 +125,7 @@ def test_the_text_parses_and_has_every_metric_of_the_issue(supd: Factory) -> Non
     assert value(samples, "supd_process_log_bytes_total", **LABELS, stream="stderr") == 5
     assert value(samples, "supd_process_resident_memory_bytes", **LABELS) > 1 << 20
     assert value(samples, "supd_up") == 1
-    assert value(samples, "supd_info", version=__import__("supd").__version__) == 1
+    assert value(samples, "supd_info", version=supd_version) == 1
     assert value(samples, "supd_control_requests_total", method="metrics") >= 1
     assert value(samples, "supd_resident_memory_bytes") > 1 << 20
 
@@ -320,7 +321,7 @@ def test_fg_follows_both_streams_and_says_input_is_not_forwarded(supd: Factory) 
 # --------------------------------------------------------------------------- completion
 
 
-def test_completion_scripts_are_valid_shell(supd: Factory, tmp_path: Path) -> None:
+def test_completion_scripts_are_valid_shell(tmp_path: Path) -> None:
     from supd import completion, ctl
 
     bash = tmp_path / "supctl.bash"
@@ -616,17 +617,29 @@ def test_a_reload_that_moves_the_metrics_address_says_it_needs_a_restart(
 
 
 def test_a_children_list_longer_than_one_read_is_read_whole() -> None:
-    # 800 children: their pids fill more than the 4 KiB of one read of the children file.
-    proc = subprocess.Popen(["sh", "-c", "for i in $(seq 800); do sleep 60 & done; wait"])
+    # A root with children until their pids fill more than one 4 KiB read.
+    root = subprocess.Popen(
+        python_command("""
+            import os, subprocess, time
+            me = os.getpid()
+            kids = []
+            while len(open(f"/proc/{me}/task/{me}/children").read()) <= 4200:
+                kids.append(subprocess.Popen(["sleep", "60"]))
+            print(len(kids), flush=True)
+            time.sleep(60)
+        """),
+        stdout=subprocess.PIPE,
+    )
     try:
-        wait_until(lambda: len(_children(proc.pid)) == 800, timeout=30)
-        assert sum(len(str(pid)) + 1 for pid in _children(proc.pid)) > 4096
-        assert ProcSampler().sample([proc.pid])[proc.pid].processes == 801
+        assert root.stdout is not None
+        count = int(root.stdout.readline())
+        assert len(_children(root.pid)) == count
+        assert ProcSampler().sample([root.pid])[root.pid].processes == count + 1
     finally:
-        for child in _children(proc.pid):
+        for child in _children(root.pid):
             kill_quietly(child)
-        proc.kill()
-        proc.wait()
+        root.kill()
+        root.wait()
 
 
 def test_the_fd_budget_counts_the_metrics_server(tmp_path: Path) -> None:
