@@ -21,12 +21,15 @@ from .config import ConfigError
 from .control import Responder
 from .facts import ErrorCode
 from .fleet import Action, Outcome, UnknownNames
+from .metrics import CONTENT_TYPE
 from .process import Process
 from .protocol import (
     DEFAULT_TAIL_BYTES,
     ActionResult,
+    AvailParams,
     ClearParams,
     DeathsParams,
+    MetricsParams,
     OutputParams,
     PidParams,
     PidResult,
@@ -43,6 +46,7 @@ from .protocol import (
     StopParams,
     TailParams,
     TailResult,
+    UsageParams,
     VersionParams,
     VersionResult,
 )
@@ -108,6 +112,18 @@ class Core(Protocol):
         """Forget the processes' deaths and failure counters."""
         ...
 
+    def metrics_text(self) -> str:
+        """The OpenMetrics exposition (metrics.py)."""
+        ...
+
+    def usage(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each process tree's CPU and memory (protocol.ProcessUsage rows)."""
+        ...
+
+    def avail(self) -> list[dict[str, Any]]:
+        """The running config's programs (protocol.ProgramAvail rows)."""
+        ...
+
 
 ACTIONS = {StartParams: Action.START, StopParams: Action.STOP, RestartParams: Action.RESTART}
 
@@ -164,6 +180,12 @@ class Commands:
                 responder.result(
                     [ActionResult(name=p.name, ok=True, state=p.state) for p, _ in entries]
                 )
+            case MetricsParams():
+                responder.result({"text": core.metrics_text(), "content_type": CONTENT_TYPE})
+            case UsageParams(names=names):
+                responder.result(core.usage(core.resolve(names)))
+            case AvailParams():
+                responder.result(core.avail())
 
     # -- start / stop / restart -------------------------------------------------------
 

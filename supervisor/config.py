@@ -59,6 +59,7 @@ import difflib
 import functools
 import glob
 import grp
+import ipaddress
 import json
 import os
 import re
@@ -123,6 +124,9 @@ MAX_PROCESSES = 10000  # in all programs together
 # its clients, the instance lock, /dev/null. Clients beyond those take what is left
 # (accept() at EMFILE pauses the listener; it never stalls the loop).
 FD_RESERVE = 32
+# With `metrics` set: its listener, its timer and its 64 clients (httpmetrics.py), and
+# the one /proc file a sample has open at a time.
+METRICS_FD_RESERVE = 67
 
 
 def hard_fd_limit() -> int | None:
@@ -421,6 +425,35 @@ def _path_input(value: object, info: ValidationInfo) -> object:
     return value
 
 
+def _metrics_address(value: str, info: ValidationInfo) -> str:
+    """ "HOST:PORT" checked, or a socket path made absolute (relative to the file)."""
+    if "/" in value:
+        path = _path_input(value, info)
+        assert isinstance(path, Path)
+        length = len(os.fsencode(path))
+        if length > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(
+                f"path is {length} bytes long; a UNIX socket path can have at most "
+                f"{MAX_SOCKET_PATH_BYTES}"
+            )
+        return str(path)
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f'{value!r}: should be "HOST:PORT" (e.g. "127.0.0.1:9129") or a UNIX socket path'
+            ' (with a "/", e.g. "./metrics.sock")'
+        )
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if address != "localhost":
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(
+                f"{value!r}: the host should be an IP address or localhost, not {host!r}"
+            ) from None
+    return value
+
+
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
@@ -449,11 +482,20 @@ class SupervisorConfig(BaseModel):
     subreaper: bool = False
     # Every program inherits it; the loader merges it into each ProgramConfig.environment.
     environment: dict[NonEmptyStr, str] = Field(default_factory=dict)
+    # Serve GET /metrics: "HOST:PORT" (an IP address, or localhost) or a UNIX socket path.
+    metrics: str | None = None
 
     @field_validator("environment", mode="before")
     @classmethod
     def _read_environment(cls, value: Any, info: ValidationInfo) -> Any:
         return _environment_input(value, info)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics_address(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value  # fails as "should be a string"
+        return _metrics_address(value, info)
 
     @field_validator("environment")
     @classmethod
@@ -1327,7 +1369,7 @@ class _Loader:
                 return False
         return True
 
-    def check_fd_budget(self) -> None:
+    def check_fd_budget(self, reserve: int = FD_RESERVE) -> None:
         """The output pipes of every process must fit under the hard fd limit.
 
         supd raises its soft RLIMIT_NOFILE to the hard one at start; each process holds
@@ -1339,17 +1381,17 @@ class _Loader:
         limit = hard_fd_limit()
         if limit is None:
             return
-        needed = FD_RESERVE
+        needed = reserve
         for program in self.programs.values():
             needed += program.numprocs * (1 if program.redirect_stderr else 2)
             if needed > limit:
                 key = ("programs", program.name, "numprocs")
-                total = FD_RESERVE + sum(
+                total = reserve + sum(
                     p.numprocs * (1 if p.redirect_stderr else 2) for p in self.programs.values()
                 )
                 message = (
                     f"the programs' output pipes need {total} file descriptors with supd's "
-                    f"own {FD_RESERVE}, more than the hard limit of {limit} (RLIMIT_NOFILE; "
+                    f"own {reserve}, more than the hard limit of {limit} (RLIMIT_NOFILE; "
                     f"this one takes it over): raise the limit (LimitNOFILE=, ulimit -Hn) "
                     f"or run fewer processes"
                 )
@@ -1428,7 +1470,8 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     loader.check_names_unique()
     loader.check_log_files_unshared()
     if loader.check_process_total():  # (over the total, the fd count says nothing new)
-        loader.check_fd_budget()
+        metrics = supervisor is not None and supervisor.metrics is not None
+        loader.check_fd_budget(FD_RESERVE + (METRICS_FD_RESERVE if metrics else 0))
     problems.extend(loader.problems)
     problems = _without_duplicates_of(hints, problems)
     if problems or supervisor is None:
