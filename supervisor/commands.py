@@ -139,6 +139,8 @@ class Commands:
             self._handle(request, responder)
         except UnknownNames as exc:
             responder.error(ErrorCode.NO_SUCH_PROCESS, str(exc), exc.names)
+        except SeveralProcesses as exc:
+            responder.error(ErrorCode.INVALID_PARAMS, str(exc), exc.processes)
 
     def _handle(self, request: Request, responder: Responder) -> None:
         core = self.core
@@ -238,7 +240,8 @@ class Commands:
         text = data.decode(errors="replace")
         responder.result(TailResult(name=name, stream=params.stream, data=text))
         if params.follow and not responder.closed:
-            unfollow = self.core.follow(name, params.stream, _follower(params, responder))
+            follower = _follower(name, params.stream, responder)
+            unfollow = self.core.follow(name, params.stream, follower)
             responder.on_close(unfollow)
 
     def _pid(self, name: str | None) -> PidResult:
@@ -249,11 +252,23 @@ class Commands:
         return PidResult(pid=found[0].pid if len(found) == 1 else None, processes=found)
 
     def _one(self, name: str) -> list[str]:
-        """A process by its own name (a program of one process by the program's)."""
+        """A process by its own name (a program of one process by the program's);
+        a name that means several processes is a usage error that lists them."""
         resolved = self.core.resolve([name])
-        if len(resolved) != 1 or name == "all":
+        if len(resolved) > 1:
+            raise SeveralProcesses(name, resolved)
+        if name == "all":
             raise UnknownNames([name])
         return resolved
+
+
+class SeveralProcesses(Exception):
+    """A method that takes one process was given a name that means several."""
+
+    def __init__(self, name: str, processes: list[str]) -> None:
+        shown = ", ".join(processes[:5]) + (", ..." if len(processes) > 5 else "")
+        super().__init__(f"{name} means {len(processes)} processes ({shown}): name one")
+        self.processes = processes
 
 
 def _action_result(outcome: Outcome) -> dict[str, Any]:
@@ -266,8 +281,9 @@ def _action_result(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def _follower(params: TailParams, responder: Responder) -> Callable[[bytes], bool]:
-    """An output listener for `tail -f`; returns False once the client has gone."""
+def _follower(name: str, stream: str, responder: Responder) -> Callable[[bytes], bool]:
+    """An output listener for `tail -f` of process `name` (resolved: the notifications
+    name the process, whatever the client typed); False once the client has gone."""
 
     # One decoder per follower: a UTF-8 character split across two reads stays whole.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -278,8 +294,6 @@ def _follower(params: TailParams, responder: Responder) -> Callable[[bytes], boo
         text = decoder.decode(data)
         if not text:
             return True
-        return responder.notify(
-            "output", OutputParams(name=params.name, stream=params.stream, data=text)
-        )
+        return responder.notify("output", OutputParams(name=name, stream=stream, data=text))
 
     return forward

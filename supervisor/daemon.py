@@ -393,7 +393,6 @@ class Daemon:
         naming it, the remaining orphans wait for the next loop iteration, which that
         queued event guarantees.
         """
-        ours: set[int] | None = None
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -401,9 +400,7 @@ class Daemon:
                 return
             if info is None:
                 return
-            if ours is None:
-                ours = {s.child.pid for s in self.slots.values() if s.child is not None}
-            if info.si_pid in ours:
+            if self.selector.watches_pid(info.si_pid):  # one of ours: O(1), not O(slots)
                 return
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, 0)
