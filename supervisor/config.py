@@ -69,7 +69,7 @@ import signal
 import stat
 import string
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeGuard
@@ -87,6 +87,7 @@ from pydantic import (
 )
 
 from . import facts, signals, supervisord_syntax
+from .facts import expand_variables
 from .tomlkeys import KeyLocator, KeyPath
 
 try:
@@ -138,7 +139,6 @@ def hard_fd_limit() -> int | None:
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group"})
 _NAME_PLACEHOLDERS = frozenset({"program", "process_num", "group"})
-_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Where log output goes to a stream rather than a file: any number of writers may
 # share it, and it is never rotated.
 _STREAM_PATHS = re.compile(r"/dev/(stdout|stderr|null|fd/\d+)|/proc/self/fd/\d+")
@@ -328,46 +328,6 @@ def _normalised(base_dir: Path, path: str | Path) -> Path:
     return Path(os.path.normpath(base_dir / path))
 
 
-def expand_variables(
-    text: str, environ: Mapping[str, str], quote: Callable[[str], str] = str
-) -> str:
-    """Replace ${VAR} and ${VAR:-default} from environ; $$ is a literal $.
-
-    As in a shell, the default applies when VAR is unset or empty. quote() is applied to
-    each substituted value (log paths escape their braces). A '$' followed by anything
-    else stays as written. Raises ValueError naming the variable when it is unset and
-    has no default, or when a ${ is malformed.
-    """
-    parts: list[str] = []
-    index = 0
-    while (dollar := text.find("$", index)) >= 0:
-        parts.append(text[index:dollar])
-        following = text[dollar + 1 : dollar + 2]
-        if following != "{":
-            parts.append("$")
-            index = dollar + (2 if following == "$" else 1)
-            continue
-        end = text.find("}", dollar + 2)
-        if end < 0:
-            raise ValueError(f"unclosed ${{ in {text!r}; write $$ for a literal $")
-        name, has_default, default = text[dollar + 2 : end].partition(":-")
-        if not _VARIABLE_NAME.fullmatch(name):
-            raise ValueError(
-                f"{text[dollar : end + 1]!r} is not ${{VAR}} or ${{VAR:-default}}; "
-                "write $$ for a literal $"
-            )
-        value = environ.get(name, "")
-        if not value and name not in environ and not has_default:
-            raise ValueError(
-                f"${{{name}}} is not set in supd's environment; set it, or give a "
-                f"default: ${{{name}:-default}}"
-            )
-        parts.append(quote(value if value or not has_default else default))
-        index = end + 1
-    parts.append(text[index:])
-    return "".join(parts)
-
-
 def _escape_braces(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
@@ -518,6 +478,8 @@ class SupervisorConfig(BaseModel):
     @field_validator("socket", "log_dir", mode="before")
     @classmethod
     def _resolve_path(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = expand_variables(value, _context(info).environ)
         return _path_input(value, info)
 
     @field_validator("socket")
@@ -930,7 +892,8 @@ def _per_process(template: str) -> bool:
 
 
 def _default_logfiles(log_dir: Path) -> dict[str, str]:
-    folder = str(log_dir).replace("{", "{{").replace("}", "}}")
+    # The folder is already expanded: its braces and dollars are literal.
+    folder = str(log_dir).replace("{", "{{").replace("}", "}}").replace("$", "$$")
     return {
         "stdout_logfile": f"{folder}/{{process_name}}.out.log",
         "stderr_logfile": f"{folder}/{{process_name}}.err.log",

@@ -191,6 +191,11 @@ def socket_from_config(config_path: str, environ: Mapping[str, str]) -> str:
     value = section.get("socket") if isinstance(section, dict) else None
     if value is not None and (not isinstance(value, str) or not value):
         raise UsageError(f"config {config_path}: supervisor.socket must be a path")
+    if value is not None:
+        try:
+            value = facts.expand_variables(value, environ)  # ${VAR}, as the daemon reads it
+        except ValueError as exc:
+            raise UsageError(f"config {config_path}: supervisor.socket: {exc}") from None
     return facts.socket_path(os.path.dirname(os.path.abspath(config_path)), value, environ)
 
 
