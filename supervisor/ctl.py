@@ -186,7 +186,10 @@ def socket_from_config(config_path: str, environ: Mapping[str, str]) -> str:
     except OSError as exc:
         raise UsageError(f"cannot read config {config_path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config {config_path} is not valid TOML: {exc}") from None
+        hint = ""
+        if _looks_like_supervisord(config_path):
+            hint = "; this looks like a supervisord config (INI): convert it with `supd import`"
+        raise UsageError(f"config {config_path} is not valid TOML: {exc}{hint}") from None
     section = document.get("supervisor", {})
     value = section.get("socket") if isinstance(section, dict) else None
     if value is not None and (not isinstance(value, str) or not value):
@@ -197,6 +200,19 @@ def socket_from_config(config_path: str, environ: Mapping[str, str]) -> str:
         except ValueError as exc:
             raise UsageError(f"config {config_path}: supervisor.socket: {exc}") from None
     return facts.socket_path(os.path.dirname(os.path.abspath(config_path)), value, environ)
+
+
+def _looks_like_supervisord(config_path: str) -> bool:
+    """An INI file with supervisord's sections (what `supd -c` recognises too)."""
+    try:
+        with open(config_path, errors="replace") as file:
+            text = file.read(1 << 16)
+    except OSError:
+        return False
+    return any(
+        line.strip().startswith(("[supervisord]", "[program:", "[group:", "[include]"))
+        for line in text.splitlines()
+    )
 
 
 # --------------------------------------------------------------------------- the client

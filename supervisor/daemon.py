@@ -8,8 +8,8 @@ Data flow, one direction only:
       -> events the effects cause (a spawn that worked or failed) back on the queue
 
 Everything the daemon waits for is an event from the one selector: child exits
-(signalfd + waitid sweep), output pipes, one timerfd for every process timer (armed for
-the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2 (and, as a subreaper, every
+(signalfd, then waitid: see the selector's notes), output pipes, one timerfd for every
+process timer (armed for the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2 (and, as a subreaper, every
 SIGCHLD) through the signalfd, and the control socket with its eventfd doorbell. There
 is no polling and no sleep: with nothing to do the loop blocks in epoll_wait(-1).
 
@@ -813,7 +813,12 @@ def reset_inherited_signals() -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="supd", description="supervise processes")
+    parser = argparse.ArgumentParser(
+        prog="supd",
+        description="supervise processes",
+        epilog="supd import FILE [-o OUT]: convert a supervisord config to supd's TOML "
+        "(supd import --help)",
+    )
     parser.add_argument("-c", "--config", default="/etc/supd/supd.toml", help="config file")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     version = f"supd {__version__} (spawn method: {spawn.method()})"
