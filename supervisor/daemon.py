@@ -9,9 +9,10 @@ Data flow, one direction only:
 
 Everything the daemon waits for is an event from the one selector: child exits
 (signalfd, then waitid: see the selector's notes), output pipes, one timerfd for every
-process timer (armed for the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2 (and, as a subreaper, every
-SIGCHLD) through the signalfd, and the control socket with its eventfd doorbell. There
-is no polling and no sleep: with nothing to do the loop blocks in epoll_wait(-1).
+process timer (armed for the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2
+(and, as a subreaper, every SIGCHLD) through the signalfd, and the control socket with
+its eventfd doorbell. There is no polling and no sleep: with nothing to do the loop
+blocks in epoll_wait(-1).
 
 The queue is drained by the loop after every ready key (and after each control command,
 so pipelined commands see each other's effects), never from inside a drain: nothing
