@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import heapq
+import itertools
 import math
 import os
 import signal
@@ -32,11 +34,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, assert_never
 
 from . import __version__, activation, daemonlog, instancelock, linux, notify, spawn
 from .commands import Commands, Snapshot
-from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
+from .config import JOURNAL, Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
 from .fleet import (
@@ -63,7 +66,15 @@ from .fleet import (
     reload_diff,
 )
 from .follow import Followers, Listener
-from .logs import LogSink, PipeReader
+from .logs import (
+    FLUSH_AFTER_S,
+    JournalTarget,
+    LineSink,
+    LogSink,
+    PipeReader,
+    StreamTarget,
+    journal_socket,
+)
 from .process import Exited, Spawned, SpawnFailed
 from .protocol import MAX_TAIL_BYTES, Request
 from .selector import Event, ReadyKey, Selector
@@ -122,6 +133,43 @@ class OwnLogTag:
     """supd's own log fd is writable again while lines wait for it (see daemonlog)."""
 
 
+@dataclass(frozen=True, slots=True)
+class StreamTag:
+    """supd's stdout (children's lines, when not the own log's stream) is writable."""
+
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlushTag:
+    """The timer of partial lines waiting for their end on a shared stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompressTag:
+    """A gzip helper: NAME.1 of `sink` (as it was after rotation number `rotation`)."""
+
+    pid: int
+    source: str
+    temporary: str
+    rotation: int
+
+
+Sink = LogSink | LineSink
+
+# The gzip helper, a short-lived child: stdlib only, lowest priority, the backup's mtime
+# kept (rotate_every reads the age of the last rotation from it).
+GZIP_SCRIPT = """
+import gzip, os, shutil, sys
+os.nice(19)
+source, target = sys.argv[1], sys.argv[2]
+with open(source, "rb") as plain, gzip.open(target, "wb", compresslevel=6) as packed:
+    shutil.copyfileobj(plain, packed, 1 << 20)
+st = os.stat(source)
+os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+"""
+
+
 # -- what the daemon holds for one process ------------------------------------------------
 
 
@@ -130,13 +178,13 @@ class Slot:
     """A process's fds: its child, output pipes and log files."""
 
     name: str
-    stdout: LogSink
-    stderr: LogSink
+    stdout: Sink
+    stderr: Sink
     child: spawn.Child | None = None
     readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
     exec_error: str | None = None  # the child's report that its exec failed
 
-    def sink(self, stream: str) -> LogSink:
+    def sink(self, stream: str) -> Sink:
         return self.stdout if stream == "stdout" else self.stderr
 
 
@@ -169,6 +217,14 @@ class Daemon:
         self._clock_fd: int | None = None
         self._armed_for: float | None = None
         self._due_now = False  # a deadline is due already: poll, then tick
+        # Partial lines held for a shared stream: (deadline, serial, sink, hold number).
+        self._partials: list[tuple[float, int, LineSink, int]] = []
+        self._partial_serial = itertools.count()
+        self._flush_fd: int | None = None
+        self._flush_armed_for = math.inf
+        self._watched_streams: set[int] = set()
+        self._journal_warned = False
+        self.compressing: dict[int, tuple[CompressTag, LogSink]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -198,6 +254,7 @@ class Daemon:
         # Made now, once: every process timer runs on it, so no stop, restart or
         # shutdown ever needs a new fd (at EMFILE there would be none).
         self._clock_fd = self.selector.register_timer(1, True, ClockTag())
+        self._flush_fd = self.selector.register_timer(1, True, FlushTag())
         self._watch_own_log()
         interval = self.notifier.watchdog_interval_ms()
         if interval is not None:
@@ -236,6 +293,12 @@ class Daemon:
             self.control.close()
         for slot in list(self.slots.values()):
             self._drop_slot(slot)
+        for pid, (job, _sink) in list(self.compressing.items()):
+            spawn.send_signal(pid, signal.SIGKILL, False)
+            spawn.reap(pid)
+            with contextlib.suppress(OSError):
+                os.unlink(job.temporary)
+        self.compressing.clear()
         self.selector.close()
         self.notifier.close()
 
@@ -259,6 +322,15 @@ class Daemon:
                 self.notifier.watchdog()
             case OwnLogTag():
                 daemonlog.flush()
+            case StreamTag(fd=fd):
+                for made in daemonlog.stream_writers():
+                    if made.fd == fd:
+                        made.flush()
+            case FlushTag():
+                self._flush_partials()
+            case CompressTag() as job:
+                self.selector.unregister(key.fd)
+                self._compressed(job)
             case data if self.control is not None and self.control.owns(data):
                 self.control.on_ready(key)
             case _:
@@ -287,6 +359,9 @@ class Daemon:
         try:
             self._take_exec_report(slot, child)
             self._drain_output(slot)  # nothing the child wrote is lost to its exit
+            for sink in (slot.stdout, slot.stderr):
+                if isinstance(sink, LineSink) and not slot.readers:
+                    sink.flush_partial()  # its last line, without a newline
         except Exception:  # whatever happens, the exit is reaped and reported
             self.log.exception("output_drain_failed", process=name, pid=pid)
         exit_code, exit_signal = spawn.reap(pid)
@@ -457,6 +532,9 @@ class Daemon:
             return
         slot.child = child
         slot.exec_error = None
+        for sink in (slot.stdout, slot.stderr):
+            if isinstance(sink, LineSink) and isinstance(sink.target, JournalTarget):
+                sink.target.pid = child.pid
         self.selector.register_process(child.pid, ChildTag(name, child.pid))
         if child.exec_error_fd is not None:
             tag = ExecReportTag(name, child.pid)
@@ -545,13 +623,141 @@ class Daemon:
             if reader.sink is sink:
                 reader.on_data = self.followers.hook(name, stream)
 
-    @staticmethod
-    def _sink(program: ProgramConfig, name: str, stream: Stream) -> LogSink:
-        return LogSink(
-            program.log_path(name, stream),
+    def _sink(self, program: ProgramConfig, name: str, stream: Stream) -> Sink:
+        destination = program.log_destination(name, stream)
+        if isinstance(destination, int):
+            writer = daemonlog.stream_writer(destination)
+            if writer is not None:
+                self._watch_stream(writer)
+                sink = LineSink(
+                    StreamTarget(writer),
+                    program.prefix(name, stream).encode(),
+                    f"/dev/{'stdout' if destination == 1 else 'stderr'}",
+                    timestamps=program.log_timestamps,
+                )
+                sink.on_partial = self._partial_held
+                return sink
+            self.log.warning("log_stream_unavailable", process=name, fd=destination)
+            destination = None
+        if destination == JOURNAL:
+            path = self.config.supervisor.journal_socket
+            sock = journal_socket(path)
+            if sock is not None:
+                priority = 6 if stream == "stdout" else 3
+                target = JournalTarget(sock, path, program.name, name, priority)
+                sink = LineSink(target, b"", "journal")
+                sink.on_partial = self._partial_held
+                return sink
+            if not self._journal_warned:
+                self._journal_warned = True
+                self.log.warning("journal_unavailable", socket=str(path), fallback="log files")
+            suffix = "out" if stream == "stdout" else "err"
+            destination = self.config.supervisor.log_dir / f"{name}.{suffix}.log"
+        assert destination is None or isinstance(destination, Path)
+        file_sink = LogSink(
+            destination,
             program.log_maxbytes(stream),
             program.log_backups(stream),
+            timestamps=program.log_timestamps,
+            rotate_every=program.rotate_every,
+            max_total_size=program.max_total_size,
+            compress=program.compress,
         )
+        file_sink.on_rotated = self._compress
+        return file_sink
+
+    def _watch_stream(self, writer: daemonlog.LogWriter) -> None:
+        """Flush children's lines waiting for supd's stdout when it becomes writable."""
+        if writer is daemonlog.writer() or not writer.pollable:
+            return
+        fd = writer.fd
+        if fd in self._watched_streams:
+            return
+        self._watched_streams.add(fd)
+        self.selector.register_handle(fd, Event(0), StreamTag(fd))
+        writer.watch(
+            lambda waiting: self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
+        )
+
+    # -- partial lines on shared streams: flushed after FLUSH_AFTER_S ------------------
+
+    def _partial_held(self, sink: LineSink) -> None:
+        deadline = self.clock() + FLUSH_AFTER_S
+        heapq.heappush(self._partials, (deadline, next(self._partial_serial), sink, sink.holds))
+        self._arm_flush()
+
+    def _arm_flush(self) -> None:
+        if self._flush_fd is None:
+            return
+        deadline = self._partials[0][0] if self._partials else math.inf
+        if deadline == self._flush_armed_for:
+            return
+        self._flush_armed_for = deadline
+        if deadline == math.inf:
+            linux.timerfd_settime_ns(self._flush_fd, initial=0)
+            return
+        delay_ms = max(1, math.ceil((deadline - self.clock()) * 1000))
+        self.selector.rearm_timer(self._flush_fd, delay_ms, True)
+
+    def _flush_partials(self) -> None:
+        self._flush_armed_for = math.inf
+        now = self.clock()
+        while self._partials and self._partials[0][0] <= now:
+            _deadline, _serial, sink, holds = heapq.heappop(self._partials)
+            if sink.holds == holds:  # still the partial line it was armed for
+                sink.flush_partial()
+        self._arm_flush()
+
+    # -- compression of rotated backups, in a helper child ------------------------------
+
+    def _compress(self, sink: LogSink) -> None:
+        """gzip the NAME.1 `sink` just made, off the loop, in a low-priority child."""
+        assert sink.path is not None
+        source = sink.path.with_name(f"{sink.path.name}.1")
+        temporary = sink.path.with_name(f".{sink.path.name}.{sink.rotations}.gz-partial")
+        spec = spawn.SpawnSpec(
+            argv=(sys.executable, "-I", "-c", GZIP_SCRIPT, str(source), str(temporary)),
+            environment=self.base_environment,
+            redirect_stderr=True,
+        )
+        try:
+            child = spawn.spawn(spec)
+        except (spawn.SpawnError, OSError) as exc:
+            self.log.warning("log_compress_failed", path=str(source), error=str(exc))
+            return
+        for fd in (child.stdout_fd, child.stderr_fd, child.exec_error_fd):
+            if fd is not None:
+                os.close(fd)
+        job = CompressTag(child.pid, str(source), str(temporary), sink.rotations)
+        self.compressing[child.pid] = (job, sink)
+        self.selector.register_process(child.pid, job)
+        self.log.debug("log_compress_started", path=str(source), pid=child.pid)
+
+    def _compressed(self, job: CompressTag) -> None:
+        """The helper is done: put NAME.N.gz where NAME.N now is (later rotations moved it
+        on), then drop the plain copy. Renames only: cheap enough for the loop."""
+        _job, sink = self.compressing.pop(job.pid)
+        exit_code, exit_signal = spawn.reap(job.pid)
+        assert sink.path is not None
+        number = 1 + sink.rotations - job.rotation
+        source = sink.path.with_name(f"{sink.path.name}.{number}")
+        if exit_code != 0 or number > sink.backups or not source.exists():
+            with contextlib.suppress(OSError):
+                os.unlink(job.temporary)
+            if exit_code != 0:
+                self.log.warning(
+                    "log_compress_failed", path=job.source, exit_code=exit_code,
+                    signal=signal_name(exit_signal) if exit_signal is not None else None,
+                )  # fmt: skip
+            return
+        try:
+            os.rename(job.temporary, source.with_name(source.name + ".gz"))
+            os.unlink(source)
+        except OSError as exc:
+            self.log.warning("log_compress_failed", path=str(source), error=str(exc))
+            return
+        sink.enforce_total_size()
+        self.log.info("log_compressed", path=f"{source}.gz")
 
     def _drop_slot(self, slot: Slot) -> None:
         self._drain_output(slot)
@@ -560,6 +766,45 @@ class Daemon:
         slot.stdout.close()
         slot.stderr.close()
         self.slots.pop(slot.name, None)
+
+    def rotate_logs(self, names: list[str]) -> list[tuple[str, str, bool]]:
+        """Rotate the log files of these processes now: (process, stream, rotated)."""
+        done = []
+        for name in names:
+            slot = self.slots.get(name)
+            if slot is None:
+                continue
+            for stream in ("stdout", "stderr"):
+                rotated = slot.sink(stream).rotate_now()
+                done.append((name, stream, rotated))
+        self.log.info("logs_rotated", processes=names)
+        return done
+
+    def log_files(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each process's log destinations, files and their sizes (`supctl logs`)."""
+        entries: list[dict[str, Any]] = []
+        for name in names:
+            slot = self.slots.get(name)
+            if slot is None:
+                continue
+            for stream in ("stdout", "stderr"):
+                sink = slot.sink(stream)
+                where = (
+                    sink.description
+                    if isinstance(sink, LineSink)
+                    else (str(sink.path) if sink.path is not None else "none")
+                )
+                files = [{"path": str(path), "size": size} for path, size in sink.files()]
+                entries.append(
+                    {
+                        "name": name,
+                        "stream": stream,
+                        "destination": where,
+                        "files": files,
+                        "dropped_bytes": sink.dropped_bytes,
+                    }
+                )
+        return entries
 
     def reopen_logs(self) -> None:
         for slot in self.slots.values():
