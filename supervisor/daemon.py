@@ -223,6 +223,8 @@ class Daemon:
         self._flush_fd: int | None = None
         self._flush_armed_for = math.inf
         self._watched_streams: set[int] = set()
+        # Pipes not read while supd's stdout catches up: writer fd -> {(process, pipe fd)}.
+        self._paused: dict[int, set[tuple[str, int]]] = {}
         self._journal_warned = False
         self.compressing: dict[int, tuple[CompressTag, LogSink]] = {}
 
@@ -411,9 +413,7 @@ class Daemon:
         if fd is None:
             return
         self.selector.register_handle(fd, Event(0), OwnLogTag())  # paused until needed
-        daemonlog.watch(
-            lambda waiting: self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
-        )
+        daemonlog.watch(lambda waiting: self._writer_waiting(fd, fd, waiting))
 
     def _reap_orphans(self) -> None:
         """Reap adopted orphans (we are a subreaper or PID 1) without touching our own.
@@ -600,8 +600,31 @@ class Daemon:
         reader = slot.readers.get(key.fd) if slot is not None else None
         if slot is None or reader is None:
             return
-        if reader.pump(MAX_READS_PER_WAKEUP):
+        reads = MAX_READS_PER_WAKEUP
+        sink = reader.sink
+        if isinstance(sink, LineSink) and isinstance(sink.target, StreamTarget):
+            writer = sink.target.writer
+            if isinstance(writer, daemonlog.LogWriter) and writer.pending:
+                # supd's stdout is slower than its programs: leave their output in their
+                # pipes (they wait, as on a slow terminal) until it has taken what waits.
+                self.selector.update_handle(key.fd, Event(0))
+                self._paused.setdefault(writer.fd, set()).add((name, key.fd))
+                return
+            reads = 1  # one read's worth at a time, so what waits stays small
+        if reader.pump(reads):
             self._close_reader(slot, key.fd)
+
+    def _resume_readers(self, writer_fd: int) -> None:
+        """supd's stdout took what waited: read the pipes paused for it again."""
+        for name, fd in self._paused.pop(writer_fd, ()):
+            slot = self.slots.get(name)
+            if slot is not None and fd in slot.readers:
+                self.selector.update_handle(fd, Event.READ)
+
+    def _writer_waiting(self, fd: int, writer_fd: int, waiting: bool) -> None:
+        self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
+        if not waiting:
+            self._resume_readers(writer_fd)
 
     def _drain_output(self, slot: Slot) -> None:
         for fd, reader in list(slot.readers.items()):
@@ -609,6 +632,8 @@ class Daemon:
                 self._close_reader(slot, fd)
 
     def _close_reader(self, slot: Slot, fd: int) -> None:
+        for paused in self._paused.values():
+            paused.discard((slot.name, fd))
         del slot.readers[fd]
         self.selector.unregister(fd)
         os.close(fd)
@@ -675,9 +700,7 @@ class Daemon:
             return
         self._watched_streams.add(fd)
         self.selector.register_handle(fd, Event(0), StreamTag(fd))
-        writer.watch(
-            lambda waiting: self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
-        )
+        writer.watch(lambda waiting: self._writer_waiting(fd, fd, waiting))
 
     # -- partial lines on shared streams: flushed after FLUSH_AFTER_S ------------------
 

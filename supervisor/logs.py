@@ -640,11 +640,14 @@ class LogSink:
         return True
 
     def enforce_total_size(self) -> None:
-        """Delete the oldest backups while the log and its backups pass max_total_size."""
+        """Delete the oldest backups while the log and its backups could pass
+        max_total_size (counting the current file at its full maxbytes)."""
         if not self.max_total_size or self.path is None:
             return
         files = self.files()
-        total = sum(size for _, size in files)
+        # The current file will grow to maxbytes: keep room for it.
+        current = sum(size for path, size in files if path == self.path)
+        total = sum(size for _, size in files) - current + max(current, self.maxbytes)
         for path, size in reversed(files):
             if total <= self.max_total_size or path == self.path:
                 break
