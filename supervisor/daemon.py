@@ -147,26 +147,37 @@ class FlushTag:
 
 @dataclass(frozen=True, slots=True)
 class CompressTag:
-    """A gzip helper: NAME.1 of `sink` (as it was after rotation number `rotation`)."""
+    """A gzip helper: NAME.1 of `sink` (as it was after rotation number `rotation`),
+    open in supd as `source_fd` until the helper is done."""
 
     pid: int
     source: str
+    source_fd: int
     temporary: str
     rotation: int
 
 
 Sink = LogSink | LineSink
 
-# The gzip helper, a short-lived child: stdlib only, lowest priority, the backup's mtime
-# kept (rotate_every reads the age of the last rotation from it).
+# The gzip helper, a short-lived child: stdlib only, lowest priority. It reads the
+# backup through supd's own fd for it (opened right after the rename, so later
+# rotations that move the name cannot make it read another file), writes a temporary
+# file, keeps the backup's mtime (rotate_every reads the age of the last rotation from
+# it) and exits with the errno of what failed (its stdout and stderr are closed).
 GZIP_SCRIPT = """
 import gzip, os, shutil, sys
-os.nice(19)
-source, target = sys.argv[1], sys.argv[2]
-with open(source, "rb") as plain, gzip.open(target, "wb", compresslevel=6) as packed:
-    shutil.copyfileobj(plain, packed, 1 << 20)
-st = os.stat(source)
-os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+try:
+    os.nice(19)
+    source, target = sys.argv[1], sys.argv[2]
+    with open(source, "rb") as plain, gzip.open(target, "wb", compresslevel=6) as packed:
+        shutil.copyfileobj(plain, packed, 1 << 20)
+        st = os.fstat(plain.fileno())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+except OSError as exc:
+    os._exit(exc.errno or 1)
+except BaseException:
+    os._exit(1)
+os._exit(0)
 """
 
 
@@ -298,6 +309,7 @@ class Daemon:
         for pid, (job, _sink) in list(self.compressing.items()):
             spawn.send_signal(pid, signal.SIGKILL, False)
             spawn.reap(pid)
+            os.close(job.source_fd)
             with contextlib.suppress(OSError):
                 os.unlink(job.temporary)
         self.compressing.clear()
@@ -738,20 +750,29 @@ class Daemon:
         assert sink.path is not None
         source = sink.path.with_name(f"{sink.path.name}.1")
         temporary = sink.path.with_name(f".{sink.path.name}.{sink.rotations}.gz-partial")
+        try:
+            source_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            self.log.warning("log_compress_failed", path=str(source), error=str(exc))
+            return
         spec = spawn.SpawnSpec(
-            argv=(sys.executable, "-I", "-c", GZIP_SCRIPT, str(source), str(temporary)),
+            argv=(
+                sys.executable, "-I", "-c", GZIP_SCRIPT,
+                f"/proc/{os.getpid()}/fd/{source_fd}", str(temporary),
+            ),
             environment=self.base_environment,
             redirect_stderr=True,
-        )
+        )  # fmt: skip
         try:
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
+            os.close(source_fd)
             self.log.warning("log_compress_failed", path=str(source), error=str(exc))
             return
         for fd in (child.stdout_fd, child.stderr_fd, child.exec_error_fd):
             if fd is not None:
                 os.close(fd)
-        job = CompressTag(child.pid, str(source), str(temporary), sink.rotations)
+        job = CompressTag(child.pid, str(source), source_fd, str(temporary), sink.rotations)
         self.compressing[child.pid] = (job, sink)
         self.selector.register_process(child.pid, job)
         self.log.debug("log_compress_started", path=str(source), pid=child.pid)
@@ -764,12 +785,21 @@ class Daemon:
         assert sink.path is not None
         number = 1 + sink.rotations - job.rotation
         source = sink.path.with_name(f"{sink.path.name}.{number}")
-        if exit_code != 0 or number > sink.backups or not source.exists():
+        try:
+            compressed = os.fstat(job.source_fd)
+            current = os.stat(source)
+            same = (compressed.st_dev, compressed.st_ino) == (current.st_dev, current.st_ino)
+        except OSError:
+            same = False  # deleted since (retention): nothing to replace
+        finally:
+            os.close(job.source_fd)
+        if exit_code != 0 or not same:
             with contextlib.suppress(OSError):
                 os.unlink(job.temporary)
             if exit_code != 0:
+                error = os.strerror(exit_code) if exit_code else None
                 self.log.warning(
-                    "log_compress_failed", path=job.source, exit_code=exit_code,
+                    "log_compress_failed", path=str(source), exit_code=exit_code, error=error,
                     signal=signal_name(exit_signal) if exit_signal is not None else None,
                 )  # fmt: skip
             return
@@ -916,8 +946,17 @@ class Daemon:
     def signal(self, name: str, signum: int) -> bool:
         return self._signal(name, signum, group=False)
 
-    def tail(self, name: str, stream: str, nbytes: int | None, nlines: int | None) -> bytes:
+    def tail(
+        self,
+        name: str,
+        stream: str,
+        nbytes: int | None,
+        nlines: int | None,
+        since: float | None = None,
+    ) -> bytes:
         sink = self.slots[name].sink(stream)
+        if since is not None:
+            return sink.read_since(time.time() - since, limit=MAX_TAIL_BYTES)
         return sink.read_back(nbytes=nbytes, nlines=nlines, limit=MAX_TAIL_BYTES)
 
     def follow(self, name: str, stream: str, listener: Listener) -> Callable[[], None]:

@@ -441,6 +441,15 @@ class LogSink:
             return self._tail.last(limit if nbytes is None else min(nbytes, limit))
         return _last_lines(self._tail.last(limit), nlines)
 
+    def read_since(self, since: float, *, limit: int) -> bytes:
+        """What was written at or after wall time `since` (see read_log_since); from
+        memory when there is no readable file."""
+        if self.path is not None and self.last_error is None:
+            data = read_log_since(self.path, self.backups, since, limit=limit)
+            if data is not None:
+                return data
+        return lines_since(self._tail.last(limit), since)
+
     @property
     def tail_size(self) -> int:
         return self._tail.size
@@ -884,6 +893,9 @@ class LineSink:
             return self._tail.last(limit if nbytes is None else min(nbytes, limit))
         return _last_lines(self._tail.last(limit), nlines)
 
+    def read_since(self, since: float, *, limit: int) -> bytes:
+        return lines_since(self._tail.last(limit), since)
+
     def rotate_now(self) -> bool:
         return False  # a stream is never rotated
 
@@ -1106,7 +1118,13 @@ def read_log_since(path: Path, backups: int, since: float, *, limit: int) -> byt
         total += len(data)
         if total >= limit or not data:
             break
-    text = b"".join(reversed(pieces))
+    return lines_since(b"".join(reversed(pieces)), since, limit)
+
+
+def lines_since(text: bytes, since: float, limit: int | None = None) -> bytes:
+    """The lines of `text` from the first one stamped at or after `since` (all of them
+    when none carries a stamp), at most the last `limit` bytes, whole lines."""
+    limit = len(text) if limit is None else limit
     lines = text.splitlines(keepends=True)
     start = 0
     for index, line in enumerate(lines):

@@ -758,7 +758,6 @@ def test_json_error_of_a_timeout_and_of_a_refused_reload(supctl: Any, fake: Serv
         ("add", "add the [programs.NAME] table, then `supctl reload`"),
         ("remove", "delete the [programs.NAME] table, then `supctl reload`"),
         ("avail", "today `supctl status` lists every configured process"),
-        ("maintail", "journalctl -u supd"),
         ("clear", "truncate -s 0 FILE"),
         ("fg", "supctl tail -f NAME"),
     ],

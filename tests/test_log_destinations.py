@@ -493,3 +493,141 @@ def following(daemon: Supd, *args: str) -> Iterator[subprocess.Popen[str]]:
 
 def _json(text: str) -> object:
     return json.loads(text)
+
+
+def test_supctl_logs_lists_files_and_logs_rotate_cuts_them_now(tmp_path: Path) -> None:
+    talker = cmd("import time; print('before', flush=True); time.sleep(1000)")
+    daemon = Supd(
+        tmp_path,
+        f"""
+        [programs.web]
+        command = {talker}
+        startsecs = 0
+        [programs.side]
+        command = {talker}
+        stdout_logfile = "-"
+        startsecs = 0
+        """,
+    )
+    log = tmp_path / "logs" / "web.out.log"
+    try:
+        daemon.start()
+        wait_until(lambda: log.exists() and log.read_text() == "before\n", 10)
+        listed = supctl(daemon, "logs", "web")
+        assert listed.returncode == 0, listed.stderr
+        assert f"web stdout: {log}" in listed.stdout
+        assert f"7 B  {log}" in listed.stdout
+        rotated = supctl(daemon, "--json", "logs", "rotate", "web", "side")
+        assert rotated.returncode == 0, rotated.stderr
+        entries = {(e["name"], e["stream"]): e for e in json.loads(rotated.stdout)}
+        assert entries[("web", "stdout")]["rotated"] is True
+        assert entries[("side", "stdout")] | {"files": []} == {
+            "name": "side", "stream": "stdout", "destination": "/dev/stdout",
+            "files": [], "dropped_bytes": 0, "rotated": False,
+        }  # fmt: skip
+        assert log.with_name("web.out.log.1").read_text() == "before\n"
+    finally:
+        daemon.kill()
+
+
+def test_supctl_tail_follows_several_processes_merged_with_name_prefixes(tmp_path: Path) -> None:
+    ticker = cmd("""
+        import os, sys, time
+        me = os.environ["SUPD_PROCESS_NAME"]
+        for n in range(10000):
+            if os.path.exists("go"):
+                print(f"{me} says {n}", flush=True)
+            time.sleep(0.02)
+    """)
+    daemon = Supd(
+        tmp_path,
+        f"""
+        [programs.web]
+        command = {ticker}
+        directory = "{tmp_path}"
+        numprocs = 2
+        startsecs = 0
+        [programs.db]
+        command = {ticker}
+        directory = "{tmp_path}"
+        stdout_logfile = "/dev/stdout"
+        startsecs = 0
+        """,
+    )
+    try:
+        daemon.start()
+        with following(daemon, "tail", "-f", "all") as follower:
+            assert follower.stdout is not None
+            wait_until(lambda: supctl(daemon, "pid").returncode == 0, 10)
+            (tmp_path / "go").touch()
+            seen: set[str] = set()
+            while len(seen) < 3:
+                line = follower.stdout.readline()
+                match = re.fullmatch(r"(\S+)\s* \| (\S+) says \d+\n", line)
+                assert match is not None, line
+                assert match.group(1) == match.group(2)
+                seen.add(match.group(1))
+            assert seen == {"web:0", "web:1", "db"}
+    finally:
+        daemon.kill()
+
+
+def test_supctl_tail_since_reads_back_through_gzipped_backups(tmp_path: Path) -> None:
+    writer = cmd("""
+        import sys, time
+        for n in range(3000):
+            print(f"{n:05d}")
+        sys.stdout.flush()
+        time.sleep(1000)
+    """)
+    daemon = Supd(
+        tmp_path,
+        f"""
+        [programs.w]
+        command = {writer}
+        log_timestamps = "iso-utc"
+        stdout_logfile_maxbytes = 20000
+        stdout_logfile_backups = 20
+        compress = true
+        startsecs = 0
+        """,
+    )
+    log = tmp_path / "logs" / "w.out.log"
+    try:
+        daemon.start()
+        wait_until(lambda: log.exists() and log.read_bytes().endswith(b"02999\n"), 20)
+        wait_until(lambda: not list(log.parent.glob("w.out.log.[0-9]")), 20)  # all gzipped
+        assert list(log.parent.glob("w.out.log.*.gz"))
+        recent = supctl(daemon, "tail", "--since", "10m", "w")
+        assert recent.returncode == 0, recent.stderr
+        lines = recent.stdout.splitlines()
+        assert [line.split()[-1] for line in lines] == [f"{n:05d}" for n in range(3000)]
+        assert all(parse_stamp(line.encode()) for line in lines)
+        assert supctl(daemon, "tail", "--since", "0s", "w").stdout == ""
+    finally:
+        daemon.kill()
+
+
+def test_supctl_maintail_shows_and_follows_the_daemons_own_log(tmp_path: Path) -> None:
+    daemon = Supd(
+        tmp_path,
+        f"""
+        [programs.s]
+        command = {cmd("import time; time.sleep(1000)")}
+        startsecs = 0
+        autostart = false
+        """,
+    )
+    try:
+        daemon.start()
+        shown = supctl(daemon, "maintail", "-n", "50")
+        assert shown.returncode == 0, shown.stderr
+        assert '"event": "ready"' in shown.stdout
+        with following(daemon, "maintail", "-f", "-n", "1") as follower:
+            assert follower.stdout is not None
+            assert follower.stdout.readline()  # answered: it follows from now on
+            wait_until(lambda: supctl(daemon, "start", "s").returncode == 0, 10)
+            while '"event": "spawned"' not in (line := follower.stdout.readline()):
+                assert line
+    finally:
+        daemon.kill()
