@@ -91,6 +91,10 @@ SETPRIV_MESSAGE_BYTES = 4096
 # Output reads per pipe per wake-up: a flooding child cannot starve the others.
 MAX_READS_PER_WAKEUP = 8
 
+# How long programs writing to supd's stdout wait for a reader that takes nothing; then
+# their lines are dropped (counted) until it reads again.
+STREAM_STALL_S = 3.0
+
 
 # -- registration tags: what a ready key means ------------------------------------------
 
@@ -229,7 +233,12 @@ class Daemon:
         self._armed_for: float | None = None
         self._due_now = False  # a deadline is due already: poll, then tick
         # Partial lines held for a shared stream: (deadline, serial, sink, hold number).
-        self._partials: list[tuple[float, int, LineSink, int]] = []
+        # Deadlines of output work (partial-line flushes, stalled-stdout checks), on the
+        # flush timer: (deadline, serial, what to do then).
+        self._partials: list[tuple[float, int, Callable[[], None]]] = []
+        # supd's stdout/stderr writers that made no progress for STREAM_STALL_S: their
+        # programs are read again and lines that do not fit are dropped, counted.
+        self._overflowing: set[int] = set()
         self._partial_serial = itertools.count()
         self._flush_fd: int | None = None
         self._flush_armed_for = math.inf
@@ -616,15 +625,35 @@ class Daemon:
         sink = reader.sink
         if isinstance(sink, LineSink) and isinstance(sink.target, StreamTarget):
             writer = sink.target.writer
-            if isinstance(writer, daemonlog.LogWriter) and writer.pending:
+            stalled = isinstance(writer, daemonlog.LogWriter) and writer.fd in self._overflowing
+            if isinstance(writer, daemonlog.LogWriter) and writer.pending and not stalled:
                 # supd's stdout is slower than its programs: leave their output in their
                 # pipes (they wait, as on a slow terminal) until it has taken what waits.
                 self.selector.update_handle(key.fd, Event(0))
-                self._paused.setdefault(writer.fd, set()).add((name, key.fd))
+                paused = self._paused.setdefault(writer.fd, set())
+                if not paused:
+                    self._watch_for_stall(writer, writer.written)
+                paused.add((name, key.fd))
                 return
             reads = 1  # one read's worth at a time, so what waits stays small
         if reader.pump(reads):
             self._close_reader(slot, key.fd)
+
+    def _watch_for_stall(self, writer: daemonlog.LogWriter, mark: int) -> None:
+        """In STREAM_STALL_S, if supd's stdout took nothing meanwhile, stop waiting for
+        it: its programs must not hang on a reader that is gone for good."""
+
+        def check() -> None:
+            if writer.fd not in self._paused or writer.fd in self._overflowing:
+                return
+            if writer.written != mark:
+                self._watch_for_stall(writer, writer.written)  # slow, but moving
+                return
+            self._overflowing.add(writer.fd)
+            self.log.warning("log_stream_stalled", fd=writer.fd, waited_s=STREAM_STALL_S)
+            self._resume_readers(writer.fd)
+
+        self._after(STREAM_STALL_S, check)
 
     def _resume_readers(self, writer_fd: int) -> None:
         """supd's stdout took what waited: read the pipes paused for it again."""
@@ -636,6 +665,9 @@ class Daemon:
     def _writer_waiting(self, fd: int, writer_fd: int, waiting: bool) -> None:
         self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
         if not waiting:
+            if writer_fd in self._overflowing:
+                self._overflowing.discard(writer_fd)
+                self.log.info("log_stream_recovered", fd=writer_fd)
             self._resume_readers(writer_fd)
 
     def _drain_output(self, slot: Slot) -> None:
@@ -717,8 +749,17 @@ class Daemon:
     # -- partial lines on shared streams: flushed after FLUSH_AFTER_S ------------------
 
     def _partial_held(self, sink: LineSink) -> None:
-        deadline = self.clock() + FLUSH_AFTER_S
-        heapq.heappush(self._partials, (deadline, next(self._partial_serial), sink, sink.holds))
+        holds = sink.holds
+
+        def flush() -> None:
+            if sink.holds == holds:  # still the partial line it was armed for
+                sink.flush_partial()
+
+        self._after(FLUSH_AFTER_S, flush)
+
+    def _after(self, delay_s: float, action: Callable[[], None]) -> None:
+        deadline = self.clock() + delay_s
+        heapq.heappush(self._partials, (deadline, next(self._partial_serial), action))
         self._arm_flush()
 
     def _arm_flush(self) -> None:
@@ -738,9 +779,8 @@ class Daemon:
         self._flush_armed_for = math.inf
         now = self.clock()
         while self._partials and self._partials[0][0] <= now:
-            _deadline, _serial, sink, holds = heapq.heappop(self._partials)
-            if sink.holds == holds:  # still the partial line it was armed for
-                sink.flush_partial()
+            _deadline, _serial, action = heapq.heappop(self._partials)
+            action()
         self._arm_flush()
 
     # -- compression of rotated backups, in a helper child ------------------------------

@@ -105,6 +105,7 @@ class LogWriter:
         self._fd, self.pollable, self._restore_flags = _nonblocking_fd(fd)
         self.max_pending = max_pending
         self._pending = bytearray()
+        self.written = 0  # bytes written so far: tells a slow reader from a stalled one
         self.dropped = 0  # events lost since the last `log_events_dropped` line
         self.broken: OSError | None = None  # set for good on EPIPE, EIO...
         self.announce: Callable[[int], None] | None = None  # logs `log_events_dropped`
@@ -238,7 +239,7 @@ class LogWriter:
     def _write(self, data: bytes | bytearray | memoryview) -> int | None:
         """Bytes written; _FULL if the reader takes nothing now; None if lost."""
         try:
-            return os.write(self._fd, data)
+            written = os.write(self._fd, data)
         except (BlockingIOError, InterruptedError):
             return _FULL
         except OSError as exc:
@@ -247,6 +248,8 @@ class LogWriter:
             else:
                 self._break(exc)
             return None
+        self.written += written
+        return written
 
     def _buffer(self, data: bytes) -> None:
         if len(self._pending) + len(data) > self.max_pending:

@@ -631,3 +631,86 @@ def test_supctl_maintail_shows_and_follows_the_daemons_own_log(tmp_path: Path) -
                 assert line
     finally:
         daemon.kill()
+
+
+def test_a_stalled_stdout_never_stalls_supd_and_what_it_drops_is_counted(
+    piped: list[PipedSupd], tmp_path: Path
+) -> None:
+    flood = cmd("""
+        import itertools, sys
+        for n in itertools.count():
+            sys.stdout.write(f"line {n:09d}\\n")
+    """)
+    daemon = PipedSupd(
+        tmp_path,
+        f"""
+        [programs.flood]
+        command = {flood}
+        stdout_logfile = "-"
+        startsecs = 0
+        """,
+    )
+    piped.append(daemon)
+    daemon.start()
+    daemon.reading.clear()  # nobody reads supd's stdout any more
+    wait_until(lambda: daemon.events("log_stream_stalled"), 20, daemon.describe)
+    wait_until(lambda: daemon.events("log_output_dropped"), 20, daemon.describe)
+    started = time.monotonic()
+    assert daemon.state("flood") == "RUNNING"  # the loop answers meanwhile
+    assert time.monotonic() - started < 5
+    listed = json.loads(supctl(daemon, "--json", "logs", "flood").stdout)
+    assert listed[0]["dropped_bytes"] > 0
+    daemon.reading.set()
+    wait_until(lambda: daemon.events("log_stream_recovered"), 20, daemon.describe)
+    wait_until(lambda: len(daemon.out) > 0 and daemon.out.endswith(b"\n"), 20)
+    size = len(daemon.out)
+    wait_until(lambda: len(daemon.out) > size + 100_000, 20)  # flowing again
+    for line in daemon.lines():
+        assert re.fullmatch(rb"flood \| line \d{9}", line), line  # whole lines only
+
+
+def test_children_on_supds_stderr_and_its_own_log_never_split_each_other(
+    tmp_path: Path,
+) -> None:
+    """supd's stdout and stderr are the same file (as in the Supd helper): children's
+    lines and supd's own JSON events go through one writer, one whole line at a time."""
+    flood = cmd("""
+        import sys, time
+        for n in range(30000):
+            sys.stderr.write(f"err {n:06d}\\n")
+        sys.stderr.flush()
+        time.sleep(1000)
+    """)
+    daemon = Supd(
+        tmp_path,
+        f"""
+        [programs.noisy]
+        command = {flood}
+        stderr_logfile = "/dev/stderr"
+        stdout_logfile = "/dev/stdout"
+        startsecs = 0
+        [programs.churn]
+        command = {cmd("pass")}
+        startsecs = 0
+        autorestart = true
+        backoff_initial = 0
+        startretries = 1000
+        """,
+    )
+    try:
+        daemon.start()
+        wait_until(lambda: b"err 029999\n" in daemon.log_path.read_bytes(), 30, daemon.describe)
+    finally:
+        daemon.kill()
+    numbers = []
+    events = 0
+    for line in daemon.log_path.read_bytes().split(b"\n")[:-1]:
+        if line.startswith(b"{"):
+            json.loads(line)
+            events += 1
+            continue
+        match = re.fullmatch(rb"noisy \| err (\d{6})", line)
+        assert match is not None, line
+        numbers.append(int(match.group(1)))
+    assert numbers == list(range(30000))
+    assert events > 10
