@@ -185,11 +185,13 @@ def test_stdout_destination_when_supds_stdout_is_a_regular_file_is_never_rotated
 def test_partial_line_is_flushed_after_a_second_and_its_end_has_no_second_stamp(
     piped: list[PipedSupd], tmp_path: Path
 ) -> None:
-    prompt = cmd("""
-        import sys, time
+    answered = tmp_path / "answered"
+    prompt = cmd(f"""
+        import os, sys, time
         sys.stdout.write("Password: ")
         sys.stdout.flush()
-        time.sleep(1.6)
+        while not os.path.exists({str(answered)!r}):
+            time.sleep(0.01)
         sys.stdout.write("ok\\n")
         sys.stdout.flush()
         time.sleep(1000)
@@ -208,6 +210,7 @@ def test_partial_line_is_flushed_after_a_second_and_its_end_has_no_second_stamp(
     )
     wait_until(lambda: b"Password: " in daemon.out, 10, lambda: repr(daemon.out))
     assert re.fullmatch(rb"\[p\] " + STAMP_UTC + rb"Password: \n", bytes(daemon.out))
+    answered.touch()
     wait_until(lambda: b"ok" in daemon.out, 10, lambda: repr(daemon.out))
     assert daemon.lines()[1] == b"[p] ok"
 
