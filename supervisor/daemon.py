@@ -635,7 +635,8 @@ class Daemon:
                     self._watch_for_stall(writer, writer.written)
                 paused.add((name, key.fd))
                 return
-            reads = 1  # one read's worth at a time, so what waits stays small
+            if isinstance(writer, daemonlog.LogWriter) and writer.pollable:
+                reads = 1  # one read's worth at a time, so what waits stays small
         if reader.pump(reads):
             self._close_reader(slot, key.fd)
 

@@ -143,37 +143,56 @@ class LogWriter:
         """Count one event that could not even be rendered."""
         self.dropped += 1
 
-    def write_data(self, data: bytes) -> bool:
-        """Whole lines of a child's output (logs.LineSink), through the same buffer as
-        supd's own lines, so that neither splits the other. False if they were dropped
-        (the buffer is full, the disk too, or the stream is broken); the caller counts."""
+    def write_data(self, parts: tuple[bytes | memoryview, ...]) -> bool:
+        """Whole lines of a child's output (logs.LineSink; `parts` joined), through the
+        same buffer as supd's own lines, so that neither splits the other. False if they
+        were dropped (the buffer is full, the disk too, or the stream is broken); the
+        caller counts them. One writev when nothing waits: no join, no copy."""
         if self.broken is not None:
             return False
+        total = sum(len(part) for part in parts)
         if self._pending:
-            if len(self._pending) + len(data) > self.max_pending:
+            if len(self._pending) + total > self.max_pending:
                 return False
-            self._pending += data
+            for part in parts:
+                self._pending += part
             return True
         if self._mid_line:
-            data = b"\n" + data
-        view = memoryview(data)
-        while view:
-            written = self._write(view)
-            if written == _FULL and self.pollable:
-                self._pending += view
-                self._pending_changed(True)
-                return True
-            if written is None or written <= 0:
-                if written is None and self.broken is None:
-                    self.dropped -= 1  # _write counted an event: these lines are the caller's
-                self._mid_line = self._mid_line or len(view) < len(data)
-                return False
-            view = view[written:]
-            if view and self.pollable:
-                self._pending += view
-                self._pending_changed(True)
-                return True
+            parts = (b"\n", *parts)
+            total += 1
+        try:
+            written = os.writev(self._fd, parts)
+        except (BlockingIOError, InterruptedError):
+            written = 0 if self.pollable else -1
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                self._break(exc)
+            return False
+        if written < 0:
+            return False
+        self.written += written
         self._mid_line = False
+        if written == total:
+            return True
+        rest = b"".join(parts)[written:]
+        if self.pollable:
+            self._pending += rest
+            self._pending_changed(True)
+            return True
+        # A regular file took part of it (a full disk, say): the rest, the plain way.
+        while rest:
+            try:
+                count = os.write(self._fd, rest)
+            except OSError as exc:
+                if exc.errno not in _NO_ROOM:
+                    self._break(exc)
+                self._mid_line = True
+                return False
+            if count <= 0:
+                self._mid_line = True
+                return False
+            self.written += count
+            rest = rest[count:]
         return True
 
     def flush(self) -> None:

@@ -741,8 +741,9 @@ FLUSH_AFTER_S = 1.0
 class LineTarget(Protocol):
     """Where a `LineSink` sends whole lines."""
 
-    def send(self, lines: bytes, count: int, first_stamped: bool) -> bool:
-        """`lines`: `count` lines, each ending in a newline. False if they were dropped."""
+    def send(self, parts: tuple[bytes | memoryview, ...]) -> bool:
+        """`parts`, joined, are whole lines, each ending in a newline. False if they
+        were dropped."""
         ...
 
 
@@ -764,6 +765,7 @@ class LineSink:
         "_continued",
         "_held",
         "_held_at",
+        "_separator",
         "_stamper",
         "_tail",
         "bytes_written",
@@ -789,6 +791,7 @@ class LineSink:
     ) -> None:
         self.target = target
         self.prefix = prefix
+        self._separator = b"\n" + prefix
         self.description = description  # "/dev/stdout", "journal": for logs and `logs`
         self.path: Path | None = None  # no file: tails come from memory
         self.bytes_written = 0
@@ -818,38 +821,55 @@ class LineSink:
         self.bytes_written += len(chunk)
         last_newline = chunk.rfind(b"\n")
         if last_newline < 0:
+            self._tail.append(memoryview(chunk))
             self._hold(chunk)
             return
-        now = time.time()
-        complete, rest = chunk[: last_newline + 1], chunk[last_newline + 1 :]
-        stamp = self._stamper(now) if self._stamper is not None else b""
-        separator = b"\n" + self.prefix + stamp
-        body = complete[:-1].replace(b"\n", separator) + b"\n"
-        count = complete.count(b"\n")
-        if self._held:
-            first = self._line_start(self._held_at)
-            body = first + bytes(self._held) + body
-            self._held.clear()
+        complete = chunk[: last_newline + 1] if last_newline + 1 < len(chunk) else chunk
+        if self._stamper is not None:
+            stamp = self._stamper(time.time())
+            stamped = complete.replace(b"\n", b"\n" + stamp)
+            stamped = stamped[: len(stamped) - len(stamp)]
+            start = self._line_start(self._held_at if self._held else 0.0, stamp)
+            self._tail.append(memoryview(start[len(self.prefix) :] + stamped))
+            complete = stamped
         else:
-            body = self.prefix + self._line_start(now)[len(self.prefix) :] + body
+            start = self.prefix
+            self._tail.append(memoryview(complete))
+        # One pass of C code per chunk: the prefix after every newline, the last one's
+        # cut off again without a copy; the pieces go out in one writev.
+        lines = complete.replace(b"\n", self._separator)
+        body = memoryview(lines)[: len(lines) - len(self.prefix)]
+        if self._held:
+            held = bytes(self._held)
+            self._held.clear()
+            self._send((start, held, body))
+        else:
+            self._send((start, body))
         self._continued = False
-        self._send(body, count)
-        if rest:
+        if last_newline + 1 < len(chunk):
+            rest = chunk[last_newline + 1 :]
+            self._tail.append(memoryview(rest))
             self._hold(rest)
 
     def flush_partial(self) -> None:
         """Send the partial line now, as a line of its own (the timer, or the end)."""
         if not self._held:
             return
-        line = self._line_start(self._held_at) + bytes(self._held) + b"\n"
+        stamp = self._stamper(self._held_at) if self._stamper is not None else b""
+        line = self._line_start(self._held_at, stamp) + bytes(self._held) + b"\n"
         self._held.clear()
         self._continued = True
-        self._send(line, 1)
+        self._tail.append(memoryview(b"\n"))
+        self._send((line,))
 
-    def _line_start(self, wall: float) -> bytes:
+    def _line_start(self, held_at: float, stamp: bytes) -> bytes:
+        """The prefix (and stamp) of the chunk's first line: a held line's own stamp,
+        none for the continuation of a line flushed already."""
         if self._stamper is None or self._continued:
             return self.prefix
-        return self.prefix + self._stamper(wall)
+        if self._held:
+            return self.prefix + self._stamper(held_at)
+        return self.prefix + stamp
 
     def _hold(self, data: bytes) -> None:
         if not self._held:
@@ -861,11 +881,8 @@ class LineSink:
         if len(self._held) >= MAX_HELD_LINE:
             self.flush_partial()
 
-    def _send(self, body: bytes, count: int) -> None:
-        prefix = self.prefix
-        # The memory tail holds what `supctl tail` shows: lines without the prefix.
-        self._tail.append(memoryview(body.replace(b"\n" + prefix, b"\n")[len(prefix) :]))
-        if self.target.send(body, count, self._stamper is not None):
+    def _send(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        if self.target.send(parts):
             if self.dropped_lines and self.last_error is not None:
                 self.last_error = None
                 log.info(
@@ -875,8 +892,8 @@ class LineSink:
                     dropped_bytes=self.dropped_bytes,
                 )
             return
-        self.dropped_lines += count
-        self.dropped_bytes += len(body)
+        self.dropped_lines += sum(bytes(part).count(b"\n") for part in parts)
+        self.dropped_bytes += sum(len(part) for part in parts)
         if self.last_error is None:
             self.last_error = OSError(errno.EAGAIN, f"{self.description} is not keeping up")
             log.warning("log_output_dropped", destination=self.description)
@@ -913,7 +930,7 @@ class LineSink:
 
 
 class WriterLike(Protocol):
-    def write_data(self, data: bytes) -> bool: ...
+    def write_data(self, parts: tuple[bytes | memoryview, ...]) -> bool: ...
 
 
 class StreamTarget:
@@ -925,8 +942,8 @@ class StreamTarget:
     def __init__(self, writer: WriterLike) -> None:
         self.writer = writer
 
-    def send(self, lines: bytes, count: int, first_stamped: bool) -> bool:
-        return self.writer.write_data(lines)
+    def send(self, parts: tuple[bytes | memoryview, ...]) -> bool:
+        return self.writer.write_data(parts)
 
 
 # -- journald ------------------------------------------------------------------------------
@@ -988,9 +1005,9 @@ class JournalTarget:
         self.priority = priority
         self.pid = 0  # the running child's, set by the daemon at spawn
 
-    def send(self, lines: bytes, count: int, first_stamped: bool) -> bool:
+    def send(self, parts: tuple[bytes | memoryview, ...]) -> bool:
         ok = True
-        for line in lines.split(b"\n")[:-1]:
+        for line in b"".join(parts).split(b"\n")[:-1]:
             ok = self._send_line(line) and ok
         return ok
 
