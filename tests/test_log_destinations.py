@@ -717,3 +717,48 @@ def test_children_on_supds_stderr_and_its_own_log_never_split_each_other(
         numbers.append(int(match.group(1)))
     assert numbers == list(range(30000))
     assert events > 10
+
+
+# -- LineSink as data -----------------------------------------------------------------------
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, parts: tuple[bytes | memoryview, ...]) -> bool:
+        self.sent.append(b"".join(bytes(part) for part in parts))
+        return True
+
+
+def test_line_sink_sends_whole_prefixed_lines_and_flushes_a_partial_as_its_own_line() -> None:
+    from supd.logs import MAX_HELD_LINE, LineSink
+
+    target = Collected()
+    sink = LineSink(target, b"w | ", "test")
+    sink.write(b"one\ntw")
+    sink.write(b"o\nthree")
+    assert target.sent == [b"w | one\n", b"w | two\n"]
+    sink.flush_partial()  # the timer: "three" goes out alone
+    sink.write(b" and more\n")
+    assert target.sent[2:] == [b"w | three\n", b"w |  and more\n"]
+    assert sink.tail(100) == b"one\ntwo\nthree\n and more\n"  # without the prefix
+    sink.write(b"x" * MAX_HELD_LINE)  # a line too long to wait for goes out at the bound
+    assert target.sent[4] == b"w | " + b"x" * MAX_HELD_LINE + b"\n"
+
+
+def test_line_sink_stamps_a_line_once_with_the_time_its_first_byte_was_read() -> None:
+    from supd.logs import LineSink
+
+    target = Collected()
+    sink = LineSink(target, b"", "test", timestamps="epoch")
+    sink.write(b"a\nb")
+    sink.write(b"c\n")
+    [first, second] = target.sent
+    assert re.fullmatch(STAMP_EPOCH + rb"a\n", first), first
+    assert re.fullmatch(STAMP_EPOCH + rb"bc\n", second), second
+    sink.write(b"partial")
+    sink.flush_partial()
+    sink.write(b" end\n")
+    assert re.fullmatch(STAMP_EPOCH + rb"partial\n", target.sent[2])
+    assert target.sent[3] == b" end\n"  # a continuation: no second stamp
