@@ -221,7 +221,10 @@ class Commands:
         nbytes = DEFAULT_TAIL_BYTES if default else params.bytes
         parts = []
         for name in processes:
-            data = self.core.tail(name, params.stream, nbytes, params.lines, params.since)
+            if params.since is None:
+                data = self.core.tail(name, params.stream, nbytes, params.lines)
+            else:
+                data = self.core.tail(name, params.stream, None, None, since=params.since)
             text = data.decode(errors="replace")
             parts.append(TailPart(name=name, stream=params.stream, data=text))
         if names is not None:
