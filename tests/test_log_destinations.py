@@ -762,3 +762,60 @@ def test_line_sink_stamps_a_line_once_with_the_time_its_first_byte_was_read() ->
     sink.write(b" end\n")
     assert re.fullmatch(STAMP_EPOCH + rb"partial\n", target.sent[2])
     assert target.sent[3] == b" end\n"  # a continuation: no second stamp
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+def test_log_options_are_read_and_defaulted_from_the_supervisor_table(tmp_path: Path) -> None:
+    from tests.test_config import load_text
+
+    config = load_text(
+        tmp_path,
+        """
+        [supervisor]
+        log_timestamps = "iso"
+        [programs.a]
+        command = "x"
+        numprocs = 2
+        stdout_logfile = "-"
+        stderr_logfile = "journal"
+        rotate_every = "1d"
+        max_total_size = "1GB"
+        compress = true
+        log_prefix = "[{program}/{process_num}] "
+        [programs.b]
+        command = "x"
+        log_timestamps = "none"
+        rotate_every = 3600
+        """.replace("\n        ", "\n"),
+    )
+    a, b = config.programs["a"], config.programs["b"]
+    assert (a.log_destination("a:0", "stdout"), a.log_destination("a:1", "stderr")) == (
+        1,
+        "journal",
+    )
+    assert a.prefix("a:1", "stdout") == "[a/1] "
+    assert (a.rotate_every, a.max_total_size, a.compress) == (86400.0, 1 << 30, True)
+    assert (a.log_timestamps, b.log_timestamps, b.rotate_every) == ("iso", "none", 3600.0)
+    assert b.prefix("b", "stderr") == "b | "
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ('rotate_every = "soon"', 'should be a duration such as "1h", "1d" or "7d"'),
+        ('rotate_every = "0h"', "should be a positive duration"),
+        ('log_prefix = "{pid} | "', "unknown placeholder {pid}"),
+        ('log_timestamps = "rfc"', "'none', 'iso', 'iso-utc' or 'epoch'"),
+        ('max_total_size = "lots"', ""),
+    ],
+)
+def test_bad_log_options_name_file_line_and_key(tmp_path: Path, option: str, message: str) -> None:
+    from tests.test_config import problems
+
+    found = problems(tmp_path, f'[programs.web]\ncommand = "x"\n{option}\n')
+    key = option.split(" =")[0]
+    assert len(found) == 1
+    assert found[0].startswith(f"{tmp_path / 'supd.toml'}:3: programs.web.{key}: "), found
+    assert message in found[0]
