@@ -547,3 +547,30 @@ def test_reload_reports_socket_settings_of_systemds_socket_as_not_applied(tmp_pa
             [problem] = result["not_applied"]
             assert problem.startswith("socket:") and "systemd" in problem
             assert not (tmp_path / "x.sock").exists() and _try_pid(d, "up")
+
+
+def test_a_partial_line_for_supds_stdout_is_not_lost_to_the_exec(
+    supd: Factory, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    writer = cmd(
+        "import os, sys, time\n"
+        "sys.stdout.write('head-of-line-'); sys.stdout.flush()\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.01)\n"
+        "print('end-of-line', flush=True)\n"
+        "time.sleep(1000)\n"
+    )
+    d = supd(f"""
+        [programs.writer]
+        command = {writer}
+        startsecs = 0
+        stdout_logfile = "-"
+    """)
+    pid = d.wait_state("writer", "RUNNING")["pid"]
+    reexec_by_supctl(d)
+    go.write_text("")
+    wait_until(lambda: "end-of-line" in d.log_path.read_text(), describe=d.describe)
+    text = d.log_path.read_text()
+    assert text.count("head-of-line-") == 1 and text.count("end-of-line") == 1
+    assert d.status()["writer"]["pid"] == pid
