@@ -377,7 +377,12 @@ def test_bash_completes_commands_and_process_names(supd: Factory, tmp_path: Path
     script = tmp_path / "supctl.bash"
     script.write_text(completion.script("bash", ctl.COMMANDS))
     sock = str(d.socket)
-    assert sorted(complete(script, "supctl re", tmp_path)) == ["reexec", "reload", "reread", "restart"]
+    assert sorted(complete(script, "supctl re", tmp_path)) == [
+        "reexec",
+        "reload",
+        "reread",
+        "restart",
+    ]
     assert sorted(complete(script, f"supctl -s {sock} stop w", tmp_path)) == [
         "web",
         "web:*",
