@@ -122,7 +122,7 @@ def _write(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def _cgroup_name(process_name: str) -> str:
+def cgroup_name(process_name: str) -> str:
     # Process names are [A-Za-z0-9_.-] plus ':'; "." and ".." alone are not folders.
     return process_name if process_name not in (".", "..") else f"_{process_name}"
 
@@ -136,12 +136,20 @@ class ProcessCgroup:
 
     path: Path
     events_fd: int | None = None  # cgroup.events, watched for EPOLLPRI by the daemon
+    kill_fd: int | None = None  # cgroup.kill, held open: a kill must need no new fd
 
     def open_events(self) -> int:
         """cgroup.events, open for the selector (PRIORITY); reading it clears the event."""
         if self.events_fd is None:
             self.events_fd = os.open(self.path / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
         return self.events_fd
+
+    def hold_kill(self) -> None:
+        """Keep cgroup.kill open, so that `kill()` works even when supd is out of fds
+        (EMFILE must not stop a stop). Not on kernels before 5.14: then pid by pid."""
+        if self.kill_fd is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.kill_fd = os.open(self.path / "cgroup.kill", os.O_WRONLY | os.O_CLOEXEC)
 
     def open_procs(self) -> int:
         """cgroup.procs, open for writing: the spawner's child writes "0" to join."""
@@ -166,7 +174,10 @@ class ProcessCgroup:
     def kill(self) -> None:
         """SIGKILL everything in it (cgroup.kill; on kernels before 5.14, pid by pid)."""
         try:
-            _write(self.path / "cgroup.kill", "1")
+            if self.kill_fd is not None:
+                os.write(self.kill_fd, b"1")
+            else:
+                _write(self.path / "cgroup.kill", "1")
         except FileNotFoundError:
             if not self.path.exists():
                 return
@@ -215,6 +226,9 @@ class ProcessCgroup:
         if self.events_fd is not None:
             os.close(self.events_fd)
             self.events_fd = None
+        if self.kill_fd is not None:
+            os.close(self.kill_fd)
+            self.kill_fd = None
 
     def remove(self) -> bool:
         """Close and rmdir it; False while processes are still in it."""
@@ -256,10 +270,21 @@ class Leftover:
     command: str
 
 
+def tree_root(hierarchy: Hierarchy, instance: str) -> Path:
+    """ROOT: supd's own cgroup, or `supd-<hash of instance>` when supd is at the root."""
+    if not hierarchy.at_root:
+        return hierarchy.own
+    digest = hashlib.sha256(instance.encode()).hexdigest()[:12]
+    return hierarchy.own / f"supd-{digest}"
+
+
 @dataclass
 class CgroupTree:
     root: Path
     controllers: frozenset[str] = field(default_factory=frozenset)  # enabled for programs
+    # Where supd was before setup, when it made ROOT itself (supd at the hierarchy's
+    # root): it goes back there and removes the tree on a clean exit.
+    origin: Path | None = None
 
     @property
     def programs(self) -> Path:
@@ -272,11 +297,7 @@ class CgroupTree:
         `instance` names the tree when supd sits at the hierarchy's root (the config
         file's path: the same config finds the same tree after a crash).
         """
-        if hierarchy.at_root:
-            digest = hashlib.sha256(instance.encode()).hexdigest()[:12]
-            root = hierarchy.own / f"supd-{digest}"
-        else:
-            root = hierarchy.own
+        root = tree_root(hierarchy, instance)
         try:
             root.mkdir(exist_ok=True)
             (root / "daemon").mkdir(exist_ok=True)
@@ -285,7 +306,7 @@ class CgroupTree:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise CgroupUnavailable(f"cannot manage cgroups under {root}: {reason}") from None
-        tree = cls(root)
+        tree = cls(root, origin=hierarchy.own if hierarchy.at_root else None)
         tree.controllers = frozenset(tree._enable_controllers())
         return tree
 
@@ -303,7 +324,7 @@ class CgroupTree:
         return enabled
 
     def process(self, process_name: str) -> ProcessCgroup:
-        path = self.programs / _cgroup_name(process_name)
+        path = self.programs / cgroup_name(process_name)
         path.mkdir(exist_ok=True)
         return ProcessCgroup(path)
 
@@ -315,14 +336,17 @@ class CgroupTree:
                 found.append(Leftover(folder.name, pid, _command_line(pid)))
         return found
 
-    def kill_leftovers(self, timeout: float = 5.0) -> list[Leftover]:
+    def kill_leftovers(
+        self, timeout: float = 5.0, keep: frozenset[str] | set[str] = frozenset()
+    ) -> list[Leftover]:
         """Kill what `leftovers()` finds and wait (bounded) until they are gone.
 
         Start-up only, before the loop runs: the ports they hold must be free before the
-        programs start again. Returns what was killed.
+        programs start again. Returns what was killed. `keep`: cgroup names left alone
+        (processes whose program says leftovers = "keep").
         """
-        killed = self.leftovers()
-        folders = list(self._program_folders())
+        killed = [found for found in self.leftovers() if found.cgroup not in keep]
+        folders = [f for f in self._program_folders() if f.name not in keep]
         for folder in folders:
             ProcessCgroup(folder).kill()
         for folder in folders:
@@ -330,6 +354,19 @@ class CgroupTree:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         return killed
+
+    def teardown(self) -> None:
+        """On a clean exit: remove the empty program cgroups; if supd made ROOT, move
+        back to where it was and remove ROOT (kept while a kept leftover lives in it)."""
+        for folder in self._program_folders():
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if self.origin is None:
+            return
+        _write(self.origin / "cgroup.procs", str(os.getpid()))
+        for folder in (self.root / "daemon", self.programs, self.root):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def _program_folders(self) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):

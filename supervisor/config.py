@@ -14,6 +14,7 @@ The file format (option names follow supervisord)::
     log_level = "info"            # debug | info | warning | error
     include = ["conf.d/*.toml"]   # globs; included files hold [programs.*] and [groups.*]
     subreaper = false             # become a child subreaper (automatic when PID 1)
+    cgroups = "auto"              # auto: a cgroup per process where supd may; off: sessions
     environment = { TZ = "UTC" }  # every program inherits it; a program's own wins
 
     [programs.web]
@@ -414,6 +415,10 @@ Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 ByteCount = Annotated[int, Field(ge=0)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 ExitCode = Annotated[int, Field(ge=0, le=255)]
+# Limits as the cgroup files take them: "max", bytes, "QUOTA PERIOD" microseconds.
+MemoryLimit = Annotated[int, Field(ge=1)] | Literal["max"]
+CpuLimit = Annotated[str, Field(pattern=r"^(max|[1-9][0-9]*)( [1-9][0-9]*)?$")]
+PidsLimit = Annotated[int, Field(ge=1)] | Literal["max"]
 
 # ---------------------------------------------------------------------------
 # Models
@@ -434,6 +439,9 @@ class SupervisorConfig(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     include: tuple[NonEmptyStr, ...] = ()  # glob patterns as written, relative to the file
     subreaper: bool = False
+    # "auto": a cgroup v2 per process where supd can manage one (root, Delegate=yes, a
+    # container's own cgroup namespace); "off": the session fallback (sessions.py).
+    cgroups: Literal["auto", "off"] = "auto"
     # Every program inherits it; the loader merges it into each ProgramConfig.environment.
     environment: dict[NonEmptyStr, str] = Field(default_factory=dict)
 
@@ -584,6 +592,13 @@ class ProgramConfig(BaseModel):
     stopsignal: int = int(signal.SIGTERM)
     stopwaitsecs: Seconds = 10.0
     killasgroup: bool = True
+    # What the main process leaves behind when it exits or is stopped: "kill" (systemd's
+    # KillMode=control-group) or "keep" (KillMode=process).
+    leftovers: Literal["kill", "keep"] = "kill"
+    # cgroup v2 limits, written where the controller is enabled (else a warning).
+    memory_max: MemoryLimit | None = None
+    cpu_max: CpuLimit | None = None
+    pids_max: PidsLimit | None = None
     redirect_stderr: bool = False
     # The loader always fills these two in ({log_dir}/{process_name}.out.log, .err.log).
     stdout_logfile: str | None = None
@@ -741,6 +756,33 @@ class ProgramConfig(BaseModel):
     @classmethod
     def _parse_size(cls, value: Any) -> Any:
         return _parse_byte_size(value)
+
+    @field_validator("memory_max", mode="before")
+    @classmethod
+    def _parse_memory(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "max":
+            return "max"
+        return _parse_byte_size(value)
+
+    @field_validator("cpu_max", mode="before")
+    @classmethod
+    def _parse_cpu(cls, value: Any) -> Any:
+        """ "50%" (of one CPU) -> "50000 100000"; "max", "QUOTA" or "QUOTA PERIOD" as is."""
+        if isinstance(value, str) and value.strip().endswith("%"):
+            try:
+                percent = float(value.strip()[:-1])
+            except ValueError:
+                raise ValueError("should be a share like '50%' or 'QUOTA PERIOD'") from None
+            if not 0 < percent <= 100_000:
+                raise ValueError("should be a share above 0%, like '50%' or '200%'")
+            return f"{max(1000, round(percent * 1000))} 100000"
+        return value.strip() if isinstance(value, str) else value
+
+    def cgroup_limits(self) -> dict[str, str]:
+        """The limits set, as written to the cgroup (memory.max, cpu.max, pids.max)."""
+        limits = {"memory_max": self.memory_max, "cpu_max": self.cpu_max}
+        limits["pids_max"] = self.pids_max
+        return {option: str(value) for option, value in limits.items() if value is not None}
 
     @field_validator("stdout_logfile", "stderr_logfile", mode="before")
     @classmethod

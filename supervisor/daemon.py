@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -34,7 +35,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
-from . import __version__, activation, daemonlog, instancelock, linux, notify, spawn
+from . import (
+    __version__,
+    activation,
+    cgroups,
+    daemonlog,
+    instancelock,
+    linux,
+    notify,
+    sessions,
+    spawn,
+)
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
@@ -118,6 +129,13 @@ class OutputTag:
 
 
 @dataclass(frozen=True, slots=True)
+class CgroupTag:
+    """A process's cgroup.events changed (EPOLLPRI): is it empty now?"""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class OwnLogTag:
     """supd's own log fd is writable again while lines wait for it (see daemonlog)."""
 
@@ -135,6 +153,12 @@ class Slot:
     child: spawn.Child | None = None
     readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
     exec_error: str | None = None  # the child's report that its exec failed
+    leftovers: str = "kill"  # the program's `leftovers`
+    cgroup: cgroups.ProcessCgroup | None = None  # None: the session fallback
+    # The main process's end, held back until its cgroup is empty (leftovers = kill):
+    # the fleet only learns that a process is gone once all of it is.
+    pending_exit: SpawnFailed | Exited | None = None
+    cgroup_killed: bool = False  # cgroup.kill sent since the last spawn
 
     def sink(self, stream: str) -> LogSink:
         return self.stdout if stream == "stdout" else self.stderr
@@ -164,6 +188,8 @@ class Daemon:
         # supd's environment as every child starts from it (minus systemd's variables)
         self.base_environment = spawn.child_environment(os.environ)
         self.subreaper = False
+        self.cgroup_tree: cgroups.CgroupTree | None = None  # None: the session fallback
+        self.journal: sessions.SessionJournal | None = None  # the fallback's record
         self.running = False
         self.exit_code = EXIT_OK
         self._clock_fd: int | None = None
@@ -188,6 +214,8 @@ class Daemon:
             log=self.log,
         )
         self.control.open()
+        # After the socket is ours (no live supd uses it) and before anything starts.
+        self._contain()
         if settings.subreaper or os.getpid() == 1:
             linux.set_child_subreaper(True)
             self.subreaper = True
@@ -236,6 +264,11 @@ class Daemon:
             self.control.close()
         for slot in list(self.slots.values()):
             self._drop_slot(slot)
+        if self.cgroup_tree is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup_tree.teardown()
+        if self.journal is not None:
+            self.journal.close(remove=not self.journal.live)
         self.selector.close()
         self.notifier.close()
 
@@ -257,6 +290,8 @@ class Daemon:
                 self._signal_received(signum)
             case WatchdogTag():
                 self.notifier.watchdog()
+            case CgroupTag(name=name):
+                self._cgroup_changed(name)
             case OwnLogTag():
                 daemonlog.flush()
             case data if self.control is not None and self.control.owns(data):
@@ -289,6 +324,9 @@ class Daemon:
             self._drain_output(slot)  # nothing the child wrote is lost to its exit
         except Exception:  # whatever happens, the exit is reaped and reported
             self.log.exception("output_drain_failed", process=name, pid=pid)
+        if slot.cgroup is None and slot.leftovers == "kill":
+            # Before the reap: the zombie keeps the pid (and so the session) ours.
+            self._kill_session(slot, pid)
         exit_code, exit_signal = spawn.reap(pid)
         if slot.exec_error is None:
             process = self.fleet.processes.get(name)
@@ -300,7 +338,7 @@ class Daemon:
             if slot.exec_error is not None:
                 self.log.error("spawn_failed", process=name, pid=pid, error=slot.exec_error)
         if slot.exec_error is not None:
-            self.queue.append(ChildEvent(name, SpawnFailed(slot.exec_error)))
+            self._gone_when_empty(slot, SpawnFailed(slot.exec_error))
         else:
             self.log.info(
                 "exited",
@@ -309,11 +347,158 @@ class Daemon:
                 exit_code=exit_code,
                 signal=signal_name(exit_signal) if exit_signal is not None else None,
             )
-            self.queue.append(ChildEvent(name, Exited(exit_code, exit_signal)))
+            self._gone_when_empty(slot, Exited(exit_code, exit_signal))
         if self.subreaper:
             # Orphans that died with this child (a killed process group) were hidden
             # behind its zombie from _reap_orphans' peek; with it reaped, look again.
             self._reap_orphans()
+
+    # -- leaving nothing behind (cgroups.py; sessions.py without cgroups) ----------------
+
+    def _contain(self) -> None:
+        """Choose cgroups or the session fallback; kill what a dead supd left behind.
+
+        Start-up only, before any program starts: the ports the leftovers hold must be
+        free when the programs start again, so the waits here are bounded blocking ones.
+        """
+        settings = self.config.supervisor
+        keep = {
+            name
+            for program in self.config.programs.values()
+            if program.leftovers == "keep"
+            for name in program.process_names()
+        }
+        journal = sessions.SessionJournal(sessions.journal_path(settings.socket))
+        self._kill_journal_leftovers(journal)
+        reason = 'cgroups = "off"'
+        if settings.cgroups == "auto":
+            hierarchy = cgroups.detect()
+            reason = "no cgroup v2 hierarchy mounted"
+            if hierarchy is not None:
+                try:
+                    instance = os.path.realpath(
+                        self.config.path
+                    )  # one file, one tree (as the lock)
+                    self.cgroup_tree = cgroups.CgroupTree.setup(hierarchy, instance)
+                except cgroups.CgroupUnavailable as exc:
+                    reason = str(exc)
+        tree = self.cgroup_tree
+        if tree is None:
+            self.log.info("cgroups_unused", reason=reason, fallback="sessions")
+            journal.open()
+            self.journal = journal
+            return
+        self.log.info("cgroups_used", root=str(tree.root), controllers=sorted(tree.controllers))
+        for leftover in tree.kill_leftovers(keep={cgroups.cgroup_name(n) for n in keep}):
+            self.log.warning(
+                "leftover_killed",
+                cgroup=leftover.cgroup,
+                pid=leftover.pid,
+                command=leftover.command,
+            )
+
+    def _kill_journal_leftovers(self, journal: sessions.SessionJournal) -> None:
+        """The sessions a dead supd's journal lists: kill what still lives in them."""
+        killed: list[int] = []
+        for session, start in journal.load().items():
+            for member in sessions.kill_session(session, start):
+                killed.append(member.pid)
+                self.log.warning(
+                    "leftover_killed", session=session, pid=member.pid, command=member.command
+                )
+        if killed and not sessions.wait_gone(killed, timeout=5.0):
+            self.log.warning("leftovers_survive", pids=[p for p in killed if sessions.alive(p)])
+
+    def _kill_session(self, slot: Slot, pid: int) -> None:
+        """Without cgroups: the exited leader's process group, then its session's members
+        (one /proc scan). Escapes what called setsid() again; cgroups catch those."""
+        start = self.journal.live.get(pid) if self.journal is not None else None
+        if start is None:
+            stat = sessions.read_stat(pid)
+            start = stat.start_time if stat is not None else None
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        members = sessions.kill_session(pid, start)
+        if members:
+            pids = [m.pid for m in members]
+            self.log.info("leftovers_killed", process=slot.name, pid=pid, pids=pids)
+        if self.journal is not None:
+            self.journal.ended(pid)
+
+    def _gone_when_empty(self, slot: Slot, event: SpawnFailed | Exited) -> None:
+        """Report the main process's end once nothing of it is left in its cgroup."""
+        cgroup = slot.cgroup
+        if cgroup is None or slot.leftovers == "keep" or cgroup.events_fd is None:
+            self.queue.append(ChildEvent(slot.name, event))
+            return
+        if not cgroup.populated():
+            self.queue.append(ChildEvent(slot.name, event))
+            return
+        slot.pending_exit = event
+        self._kill_cgroup(slot, reason="main process exited")
+        self.selector.update_handle(cgroup.events_fd, Event.PRIORITY)
+        self._cgroup_changed(slot.name)  # emptied already? (the read re-arms the event)
+
+    def _cgroup_changed(self, name: str) -> None:
+        slot = self.slots.get(name)
+        cgroup = slot.cgroup if slot is not None else None
+        if slot is None or cgroup is None or cgroup.events_fd is None:
+            return
+        if cgroup.populated():
+            return  # wait for the next change
+        self.selector.update_handle(cgroup.events_fd, Event(0))
+        event, slot.pending_exit = slot.pending_exit, None
+        if event is not None:
+            self.log.info("cgroup_empty", process=name)
+            self.queue.append(ChildEvent(name, event))
+
+    @staticmethod
+    def _contained(slot: Slot) -> bool:
+        """Whether this process's end means its whole cgroup's (leftovers = kill)."""
+        return slot.cgroup is not None and slot.leftovers == "kill"
+
+    def _kill_cgroup(self, slot: Slot, reason: str) -> None:
+        assert slot.cgroup is not None
+        pids: list[int] | str = "?"
+        with contextlib.suppress(OSError):  # for the log only (at EMFILE, none)
+            pids = slot.cgroup.pids()
+        slot.cgroup.kill()
+        slot.cgroup_killed = True
+        self.log.info("cgroup_killed", process=slot.name, pids=pids, reason=reason)
+
+    def _open_cgroup(self, slot: Slot, program: ProgramConfig) -> None:
+        """The process's cgroup, its events fd (paused until a wait), and its limits."""
+        tree = self.cgroup_tree
+        if tree is None:
+            return
+        try:
+            cgroup = tree.process(slot.name)
+            fd = cgroup.open_events()
+            cgroup.hold_kill()
+        except OSError as exc:
+            self.log.error("cgroup_failed", process=slot.name, error=exc.strerror or str(exc))
+            return
+        self.selector.register_handle(fd, Event(0), CgroupTag(slot.name))
+        slot.cgroup = cgroup
+        for problem in cgroup.set_limits(program.cgroup_limits()):
+            self.log.warning("cgroup_limit_not_set", process=slot.name, problem=problem)
+
+    def _close_cgroup(self, slot: Slot) -> None:
+        cgroup, slot.cgroup = slot.cgroup, None
+        if cgroup is None:
+            return
+        if cgroup.events_fd is not None:
+            self.selector.unregister(cgroup.events_fd)
+        if not cgroup.remove():  # leftovers = keep: they stay, in it
+            self.log.info("cgroup_kept", process=slot.name, pids=cgroup.pids())
+
+    def survivors(self, name: str) -> list[sessions.ProcStat] | None:
+        """What SIGKILL did not end (D state...), for `status`; None: nothing was killed."""
+        slot = self.slots.get(name)
+        if slot is None or not slot.cgroup_killed or slot.cgroup is None:
+            return None
+        found = [sessions.read_stat(pid) for pid in slot.cgroup.pids()]
+        return [stat for stat in found if stat is not None]
 
     def _exec_reported(self, name: str, pid: int) -> None:
         """The child's exec report: end of file if exec worked, else why it failed."""
@@ -402,7 +587,7 @@ class Daemon:
             case Spawn(name=name, program=program):
                 self._spawn(name, program)
             case Kill(name=name, signum=signum, group=group):
-                self._signal(name, signum, group)
+                self._kill(name, signum, group)
             case Transitioned():
                 self._log_transition(effect)
             case Ignored(name=name, state=state, event=event):
@@ -414,7 +599,9 @@ class Daemon:
                     name,
                     self._sink(program, name, "stdout"),
                     self._sink(program, name, "stderr"),
+                    leftovers=program.leftovers,
                 )
+                self._open_cgroup(self.slots[name], program)
             case DropSlot(name=name):
                 slot = self.slots.get(name)
                 if slot is not None:
@@ -449,14 +636,24 @@ class Daemon:
             redirect_stderr=program.redirect_stderr,
             configured_environment=frozenset(program.environment),
         )
+        procs_fd: int | None = None
         try:
+            if slot.cgroup is not None:
+                procs_fd = slot.cgroup.open_procs()
+                spec = dataclasses.replace(spec, cgroup_procs_fd=procs_fd)
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
             self.log.error("spawn_failed", process=name, error=str(exc))
             self.queue.append(ChildEvent(name, SpawnFailed(str(exc))))
             return
+        finally:
+            if procs_fd is not None:
+                os.close(procs_fd)
         slot.child = child
         slot.exec_error = None
+        slot.cgroup_killed = False
+        if self.journal is not None and slot.leftovers == "kill":
+            self.journal.started(child.pid)
         self.selector.register_process(child.pid, ChildTag(name, child.pid))
         if child.exec_error_fd is not None:
             tag = ExecReportTag(name, child.pid)
@@ -468,6 +665,15 @@ class Daemon:
                 self.selector.register_handle(fd, Event.READ, OutputTag(name, stream))
         self.log.info("spawned", process=name, pid=child.pid)
         self.queue.append(ChildEvent(name, Spawned(child.pid)))
+
+    def _kill(self, name: str, signum: int, group: bool) -> None:
+        """The fleet's stop signal, or its SIGKILL escalation, which with a cgroup (and
+        leftovers = kill) reaches everything in it, whatever session it made."""
+        slot = self.slots.get(name)
+        if signum == signal.SIGKILL and slot is not None and self._contained(slot):
+            self._kill_cgroup(slot, reason="SIGKILL")
+            return
+        self._signal(name, signum, group)
 
     def _signal(self, name: str, signum: int, group: bool) -> bool:
         """Send `signum` to a process (or its group); False if it is not running."""
@@ -559,6 +765,7 @@ class Daemon:
             self._close_reader(slot, fd)
         slot.stdout.close()
         slot.stderr.close()
+        self._close_cgroup(slot)
         self.slots.pop(slot.name, None)
 
     def reopen_logs(self) -> None:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,47 @@ def session_members(session: int, leader_start: int | None = None) -> list[ProcS
         and p.state != "Z"
         and (leader_start is None or p.start_time >= leader_start)
     ]
+
+
+def alive(pid: int) -> bool:
+    stat = read_stat(pid)
+    return stat is not None and stat.state != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float) -> bool:
+    """Block (start-up only) until every pid has ended, or `timeout` passes.
+
+    pidfds (Linux 5.3+) become readable when the process ends, even one that is not
+    our child; a pid that is already gone needs no wait.
+    """
+    poller = select.poll()
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # gone already (ESRCH), or no pidfds: checked below
+                continue
+            fds.append(fd)
+            poller.register(fd, select.POLLIN)
+        waiting = len(fds)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for fd, _ in poller.poll(left * 1000):
+                poller.unregister(fd)
+                waiting -= 1
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return not any(alive(pid) for pid in pids)
+
+
+def journal_path(socket: Path) -> Path:
+    """The journal of the supd serving `socket`: beside it, in the runtime directory."""
+    return socket.with_name(socket.name + ".sessions")
 
 
 def kill_session(session: int, leader_start: int | None = None) -> list[ProcStat]:

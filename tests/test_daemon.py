@@ -763,6 +763,7 @@ def test_subreaper_reaps_orphans_when_no_program_is_running(supd: Factory, tmp_p
         command = {orphan_maker(pidfile, release, "sys.exit(0)")}
         startsecs = 0
         autorestart = "never"
+        leftovers = "keep"  # the orphan outlives its program
     """)
     d.wait_state("daemonizer", "EXITED")  # nothing is watched any more
     adopted_then_reaped(d, pidfile, release)
