@@ -94,6 +94,42 @@ def detect() -> Hierarchy | None:
     return find_hierarchy(mounts, proc_cgroup)
 
 
+def controllers_for_programs(hierarchy: Hierarchy) -> set[str]:
+    """The controllers supd could give its programs' cgroups (what `--check` warns by).
+
+    Under supd's own delegated cgroup, those listed in its cgroup.controllers; at the
+    hierarchy's root, those the root already enables for its children (supd never
+    changes the root's own subtree_control: that is the host's).
+    """
+    name = "cgroup.subtree_control" if hierarchy.at_root else "cgroup.controllers"
+    try:
+        return set((hierarchy.own / name).read_text().split())
+    except OSError:
+        return set()
+
+
+def limit_problems(
+    hierarchy: Hierarchy | None, limits: dict[str, str], enabled: bool = True
+) -> list[str]:
+    """Why some of `limits` (memory_max...) cannot be applied here: one line each."""
+    if not limits:
+        return []
+    if not enabled:
+        return [f'{option} is not applied: cgroups = "off"' for option in limits]
+    if hierarchy is None:
+        return [f"{option} is not applied: no cgroup v2 hierarchy" for option in limits]
+    if not os.access(hierarchy.own, os.W_OK):
+        why = f"supd may not manage cgroups under {hierarchy.own}"
+        return [f"{option} is not applied: {why}" for option in limits]
+    available = controllers_for_programs(hierarchy)
+    return [
+        f"{option} is not applied: the {LIMIT_CONTROLLERS[option]} controller is not "
+        f"enabled for cgroup v2 here (on cgroup v1, or not delegated)"
+        for option in limits
+        if LIMIT_CONTROLLERS[option] not in available
+    ]
+
+
 # -- files ------------------------------------------------------------------------------
 
 
@@ -203,18 +239,24 @@ class ProcessCgroup:
                 _write(target, value)
             except FileNotFoundError:
                 controller = LIMIT_CONTROLLERS[option]
-                problems.append(f"{option}: the {controller} controller is not enabled here")
+                why = f"the {controller} controller is not enabled for supd's cgroups here"
+                problems.append(f"{option} is not applied: {why}")
             except OSError as exc:
-                problems.append(f"{option} = {value!r}: {exc.strerror or exc}")
+                problems.append(f"{option} = {value!r} is not applied: {exc.strerror or exc}")
         return problems
 
-    def stats(self) -> CgroupStats:
-        """CPU and memory of everything in it (what the metrics and `why` show)."""
+    def stats(self, memory_controller: bool = True) -> CgroupStats:
+        """CPU and memory of everything in it (what the metrics and `why` show).
+
+        `memory_controller=False` skips the memory files (absent without it): a status
+        of many processes reads one file per process instead of three.
+        """
         cpu = _read_or_empty(self.path / "cpu.stat")
-        memory = _read_or_empty(self.path / "memory.events")
+        memory = _read_or_empty(self.path / "memory.events") if memory_controller else {}
         current: int | None = None
-        with contextlib.suppress(OSError, ValueError):
-            current = int((self.path / "memory.current").read_text())
+        if memory_controller:
+            with contextlib.suppress(OSError, ValueError):
+                current = int((self.path / "memory.current").read_text())
         usage = cpu.get("usage_usec")
         return CgroupStats(
             cpu_seconds=usage / 1e6 if usage is not None else None,

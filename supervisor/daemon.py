@@ -45,6 +45,7 @@ from . import (
     notify,
     sessions,
     spawn,
+    status,
 )
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
@@ -291,7 +292,7 @@ class Daemon:
             case WatchdogTag():
                 self.notifier.watchdog()
             case CgroupTag(name=name):
-                self._cgroup_changed(name)
+                self._cgroup_changed(name, woken=True)
             case OwnLogTag():
                 daemonlog.flush()
             case data if self.control is not None and self.control.owns(data):
@@ -385,6 +386,10 @@ class Daemon:
         tree = self.cgroup_tree
         if tree is None:
             self.log.info("cgroups_unused", reason=reason, fallback="sessions")
+            for program in self.config.programs.values():
+                for option in program.cgroup_limits():
+                    problem = f"{option} is not applied: {reason}"
+                    self.log.warning("cgroup_limit_not_set", program=program.name, problem=problem)
             journal.open()
             self.journal = journal
             return
@@ -439,17 +444,21 @@ class Daemon:
         self.selector.update_handle(cgroup.events_fd, Event.PRIORITY)
         self._cgroup_changed(slot.name)  # emptied already? (the read re-arms the event)
 
-    def _cgroup_changed(self, name: str) -> None:
+    def _cgroup_changed(self, name: str, woken: bool = False) -> None:
+        """Empty yet? Asked once right after the kill, then on each EPOLLPRI wake-up."""
         slot = self.slots.get(name)
         cgroup = slot.cgroup if slot is not None else None
         if slot is None or cgroup is None or cgroup.events_fd is None:
             return
-        if cgroup.populated():
+        populated = cgroup.populated()
+        if woken:
+            self.log.debug("cgroup_events", process=name, populated=populated)
+        if populated:
             return  # wait for the next change
         self.selector.update_handle(cgroup.events_fd, Event(0))
         event, slot.pending_exit = slot.pending_exit, None
         if event is not None:
-            self.log.info("cgroup_empty", process=name)
+            self.log.info("cgroup_empty", process=name, woken=woken)
             self.queue.append(ChildEvent(name, event))
 
     @staticmethod
@@ -810,7 +819,15 @@ class Daemon:
             process = processes[name]
             pid = process.pid
             entries.append((process, spawn.stopped_by(pid) if check and pid else None))
-        return Snapshot(self.clock(), time.time(), entries)
+        extra = {}
+        if self.cgroup_tree is not None:
+            memory = "memory" in self.cgroup_tree.controllers
+            for name in names:
+                slot = self.slots.get(name)
+                if slot is not None and slot.cgroup is not None:
+                    stats = slot.cgroup.stats(memory)
+                    extra[name] = status.cgroup_extra(stats, self.survivors(name))
+        return Snapshot(self.clock(), time.time(), entries, extra)
 
     def submit(
         self,
@@ -863,6 +880,18 @@ class Daemon:
         return self.followers.add(name, stream, listener)
 
 
+def limit_warnings(config: Config) -> list[str]:
+    """The limits (memory_max, cpu_max, pids_max) this machine will not apply, per
+    program: `--check` prints them; supd starts the programs all the same."""
+    enabled = config.supervisor.cgroups != "off"
+    hierarchy = cgroups.detect() if enabled else None
+    return [
+        f"programs.{program.name}: {problem}"
+        for program in config.programs.values()
+        for problem in cgroups.limit_problems(hierarchy, program.cgroup_limits(), enabled)
+    ]
+
+
 def reset_inherited_signals() -> None:
     """Start from known signal state whatever the launcher left us.
 
@@ -895,6 +924,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.check:
         print(summary(config))
+        warning = "<4>" if error else ""
+        for warned in limit_warnings(config):
+            print(f"{warning}warning: {warned}", file=sys.stderr)
         return EXIT_OK
     try:
         lock = instancelock.InstanceLock.acquire(args.config)  # held until supd exits

@@ -178,6 +178,15 @@ class _Result(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class Survivor(_Result):
+    """A process left in a cgroup after cgroup.kill: uninterruptible (D), usually."""
+
+    pid: int
+    state: str  # /proc/PID/stat's state letter: "D"
+    wchan: str  # where in the kernel it waits ("0" when unknown)
+    command: str
+
+
 class ProcessInfo(_Result):
     """One row of `status`."""
 
@@ -191,6 +200,12 @@ class ProcessInfo(_Result):
     restarts: int = 0  # automatic restarts only
     spawn_error: str | None = None
     description: str = ""  # "pid 4242, uptime 0:03:10"
+    # With cgroups (else absent): the whole cgroup's CPU time, memory and OOM kills
+    # (None where the memory controller is not enabled), and what survived SIGKILL.
+    cpu_seconds: float | None = None
+    memory_bytes: int | None = None
+    oom_kills: int | None = None
+    survivors: list[Survivor] | None = None
 
 
 class ActionResult(_Result):

@@ -21,6 +21,7 @@ gone, for members that started after it: a reused pid never makes supd kill a st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import signal
@@ -38,7 +39,7 @@ class ProcStat:
     session: int
     start_time: int  # clock ticks since boot
     state: str
-    command: str
+    command: str  # the short name (comm); kill_session gives the whole command line
 
 
 def parse_stat(text: str) -> ProcStat | None:
@@ -78,6 +79,15 @@ def session_members(session: int, leader_start: int | None = None) -> list[ProcS
         and p.state != "Z"
         and (leader_start is None or p.start_time >= leader_start)
     ]
+
+
+def wchan(pid: int) -> str:
+    """Where in the kernel `pid` waits (/proc/PID/wchan; "0" when running or hidden)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().strip() or "0"
+    except OSError:
+        return "?"
 
 
 def alive(pid: int) -> bool:
@@ -128,10 +138,23 @@ def kill_session(session: int, leader_start: int | None = None) -> list[ProcStat
         if leader is not None and leader.start_time != leader_start:
             return []  # the pid now leads another session: not ours
     members = session_members(session, leader_start)
+    found = []
     for member in members:
+        # Its whole command line, for the log, read while it is still there.
+        found.append(dataclasses.replace(member, command=command_line(member.pid, member.command)))
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(member.pid, signal.SIGKILL)
-    return members
+    return found
+
+
+def command_line(pid: int, default: str = "?") -> str:
+    """/proc/PID/cmdline with spaces; `default` (the short name) for a kernel thread."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return default
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or default
 
 
 class SessionJournal:

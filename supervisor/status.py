@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .cgroups import CgroupStats
 from .facts import State
 from .process import Process
+from .sessions import ProcStat, wchan
 from .signals import name as signal_name
 
 
@@ -55,7 +57,11 @@ def describe(process: Process, now: float, wall_now: float, stopped_by: int | No
 
 
 def info(
-    process: Process, now: float, wall_now: float, stopped_by: int | None = None
+    process: Process,
+    now: float,
+    wall_now: float,
+    stopped_by: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `ProcessInfo` (protocol.py) as a plain dict.
 
@@ -64,7 +70,7 @@ def info(
     against `protocol.ProcessInfo`.
     """
     started = process.started_at if process.pid is not None else None
-    return {
+    row: dict[str, Any] = {
         "name": process.name,
         "program": process.config.name,
         "state": process.state.value,
@@ -76,3 +82,25 @@ def info(
         "spawn_error": process.spawn_error,
         "description": describe(process, now, wall_now, stopped_by),
     }
+    if extra:
+        row.update(extra)
+        survivors = extra.get("survivors")
+        if survivors:
+            listed = ", ".join(f"pid {s['pid']} {s['state']} in {s['wchan']}" for s in survivors)
+            row["description"] = f"{row['description']}; survived SIGKILL: {listed}"
+    return row
+
+
+def cgroup_extra(stats: CgroupStats, survivors: list[ProcStat] | None) -> dict[str, Any]:
+    """What a process's cgroup adds to its `status` row (`ProcessInfo`'s last fields)."""
+    extra: dict[str, Any] = {
+        "cpu_seconds": stats.cpu_seconds,
+        "memory_bytes": stats.memory_bytes,
+        "oom_kills": stats.oom_kills,
+    }
+    if survivors:
+        extra["survivors"] = [
+            {"pid": s.pid, "state": s.state, "wchan": wchan(s.pid), "command": s.command}
+            for s in survivors
+        ]
+    return extra
