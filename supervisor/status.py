@@ -12,7 +12,7 @@ from typing import Any
 from .cgroups import CgroupStats
 from .facts import State
 from .process import Process
-from .sessions import ProcStat, wchan
+from .sessions import ProcStat, command_line, wchan
 from .signals import name as signal_name
 
 
@@ -100,7 +100,12 @@ def cgroup_extra(stats: CgroupStats, survivors: list[ProcStat] | None) -> dict[s
     }
     if survivors:
         extra["survivors"] = [
-            {"pid": s.pid, "state": s.state, "wchan": wchan(s.pid), "command": s.command}
+            {
+                "pid": s.pid,
+                "state": s.state,
+                "wchan": wchan(s.pid),
+                "command": command_line(s.pid, s.command),
+            }
             for s in survivors
         ]
     return extra

@@ -8,6 +8,7 @@ called setsid() escapes the fallback: those tests say so by checking it survives
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -414,3 +415,62 @@ def test_the_journal_lists_live_sessions_and_is_removed_on_a_clean_exit(
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     assert not journal.exists()
+
+
+FREEZER_V1 = Path("/sys/fs/cgroup/freezer")
+
+
+@needs_cgroups
+@pytest.mark.skipif(
+    not (FREEZER_V1 / "cgroup.procs").exists() or not os.access(FREEZER_V1, os.W_OK),
+    reason="needs the cgroup v1 freezer (writable) to hold a process in D state",
+)
+def test_survivors_of_sigkill_are_reported_while_supd_serves_everything_else(
+    supd: Factory, tmp_path: Path, strays: list[int]
+) -> None:
+    """A process frozen by the v1 freezer sleeps in D state and survives SIGKILL until
+    thawed: the stop waits for it, status names it, and supd goes on serving."""
+    pidfile = tmp_path / "leftover"
+    d = supd(f"""
+        {supervisor_table("cgroups")}
+        [programs.esc]
+        command = ["/bin/sh", "-c", "sleep 1000005 & echo $! > {pidfile}; exec sleep 1000"]
+        startsecs = 0
+        stopwaitsecs = 0.2
+        [programs.other]
+        command = "/bin/sleep 1000"
+        autostart = false
+        startsecs = 0
+    """)
+    d.wait_state("esc", "RUNNING")
+    leftover = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip()))
+    strays.append(leftover)
+    freezer = FREEZER_V1 / f"supd-test-{os.getpid()}-{leftover}"
+    freezer.mkdir()
+    try:
+        (freezer / "cgroup.procs").write_text(str(leftover))
+        (freezer / "freezer.state").write_text("FROZEN")
+        wait_until(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN")
+        [accepted] = d.rpc("stop", {"names": ["esc"], "wait": False})
+        assert accepted["ok"]
+
+        def survivors() -> list[dict[str, object]]:
+            entry = d.status()["esc"]
+            return list(entry.get("survivors") or []) if entry["state"] == "STOPPING" else []
+
+        [survivor] = wait_until(survivors, describe=lambda: f"{d.status()['esc']}")
+        assert survivor["pid"] == leftover and survivor["state"] == "D"
+        assert survivor["wchan"] not in ("", "?") and "sleep 1000005" in str(survivor["command"])
+        assert f"survived SIGKILL: pid {leftover} D" in d.status()["esc"]["description"]
+        [started] = d.rpc("start", {"names": ["other"]})  # everything else is served
+        assert started["ok"] and started["state"] == "RUNNING"
+        assert d.state("esc") == "STOPPING"  # not stopped while part of it lives
+        (freezer / "freezer.state").write_text("THAWED")
+        d.wait_state("esc", "STOPPED")
+        assert not pid_alive(leftover)
+    finally:
+        with contextlib.suppress(OSError):
+            (freezer / "freezer.state").write_text("THAWED")
+        kill_quietly(leftover)
+        wait_until(lambda: not (freezer / "cgroup.procs").read_text().split())
+        freezer.rmdir()
