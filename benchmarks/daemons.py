@@ -75,8 +75,9 @@ def _toml(value: object) -> str:
 class Supd:
     kind = "supd"
 
-    def __init__(self, workdir: Path, timeout_s: float = 30.0) -> None:
+    def __init__(self, workdir: Path, timeout_s: float = 30.0, cgroups: str = "auto") -> None:
         self.workdir = workdir
+        self.cgroups = cgroups
         self.config_path = workdir / "supd.toml"
         self.socket_path = workdir / "supd.sock"
         self.timeout_s = timeout_s
@@ -89,6 +90,7 @@ class Supd:
             f"log_dir = {_toml(str(self.workdir / 'logs'))}",
             'log_level = "warning"',
             'log_format = "json"',
+            f"cgroups = {_toml(self.cgroups)}",
         ]
         for program in programs:
             lines += [

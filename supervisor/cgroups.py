@@ -417,6 +417,30 @@ class CgroupTree:
                     yield Path(entry.path)
 
 
+def remove_tree(config_path: str) -> None:
+    """Kill and remove the tree a SIGKILLed supd on `config_path` left (test and
+    benchmark teardown; a new supd on that config would do the same at its start).
+
+    Only a tree supd made itself (`supd-<hash>`, supd at the hierarchy's root): a
+    delegated cgroup is its owner's (systemd's) to remove.
+    """
+    hierarchy = detect()
+    if hierarchy is None or not hierarchy.at_root:
+        return
+    root = tree_root(hierarchy, os.path.realpath(config_path))
+    if not root.is_dir():
+        return
+    for folder in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if folder.is_dir():
+            cgroup = ProcessCgroup(folder)
+            cgroup.kill()
+            wait_empty(cgroup, 5)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
+
+
 def wait_empty(cgroup: ProcessCgroup, timeout: float) -> bool:
     """Block (start-up only) until the cgroup is empty or `timeout` passes."""
     try:

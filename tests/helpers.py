@@ -248,24 +248,7 @@ class Supd:
 
 
 def remove_cgroup_tree(config_path: Path) -> None:
-    """What a SIGKILLed supd on `config_path` left in the cgroup hierarchy: killed, removed.
-
-    Only trees supd made itself (supd at the hierarchy's root, as root on this host).
-    """
+    """What a SIGKILLed supd on `config_path` left in the cgroup hierarchy: killed, removed."""
     from supd import cgroups
 
-    hierarchy = cgroups.detect()
-    if hierarchy is None or not hierarchy.at_root:
-        return
-    root = cgroups.tree_root(hierarchy, os.path.realpath(config_path))
-    if not root.is_dir():
-        return
-    for folder in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if folder.is_dir():
-            cgroup = cgroups.ProcessCgroup(folder)
-            cgroup.kill()
-            cgroups.wait_empty(cgroup, 5)
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-    with contextlib.suppress(OSError):
-        root.rmdir()
+    cgroups.remove_tree(str(config_path))
