@@ -415,10 +415,8 @@ Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 ByteCount = Annotated[int, Field(ge=0)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 ExitCode = Annotated[int, Field(ge=0, le=255)]
-# Limits as the cgroup files take them: "max", bytes, "QUOTA PERIOD" microseconds.
-MemoryLimit = Annotated[int, Field(ge=1)] | Literal["max"]
-CpuLimit = Annotated[str, Field(pattern=r"^(max|[1-9][0-9]*)( [1-9][0-9]*)?$")]
-PidsLimit = Annotated[int, Field(ge=1)] | Literal["max"]
+# Limits, stored as the cgroup files take them: "max", bytes, "QUOTA PERIOD" in µs.
+_CPU_MAX = re.compile(r"(max|[1-9][0-9]*)( [1-9][0-9]*)?")
 
 # ---------------------------------------------------------------------------
 # Models
@@ -596,9 +594,9 @@ class ProgramConfig(BaseModel):
     # KillMode=control-group) or "keep" (KillMode=process).
     leftovers: Literal["kill", "keep"] = "kill"
     # cgroup v2 limits, written where the controller is enabled (else a warning).
-    memory_max: MemoryLimit | None = None
-    cpu_max: CpuLimit | None = None
-    pids_max: PidsLimit | None = None
+    memory_max: str | None = None
+    cpu_max: str | None = None
+    pids_max: str | None = None
     redirect_stderr: bool = False
     # The loader always fills these two in ({log_dir}/{process_name}.out.log, .err.log).
     stdout_logfile: str | None = None
@@ -760,29 +758,54 @@ class ProgramConfig(BaseModel):
     @field_validator("memory_max", mode="before")
     @classmethod
     def _parse_memory(cls, value: Any) -> Any:
+        """A size ('512MB'), a number of bytes or 'max' -> memory.max's text."""
+        hint = "should be a size like '512MB', a number of bytes, or 'max'"
         if isinstance(value, str) and value.strip().lower() == "max":
             return "max"
-        return _parse_byte_size(value)
+        if not isinstance(value, str) and not _is_int(value):
+            raise ValueError(hint)
+        try:
+            size = _parse_byte_size(value)
+        except ValueError:
+            raise ValueError(hint) from None
+        if not _is_int(size) or size < 1:
+            raise ValueError(hint)
+        return str(size)
 
     @field_validator("cpu_max", mode="before")
     @classmethod
     def _parse_cpu(cls, value: Any) -> Any:
-        """ "50%" (of one CPU) -> "50000 100000"; "max", "QUOTA" or "QUOTA PERIOD" as is."""
-        if isinstance(value, str) and value.strip().endswith("%"):
+        """'50%' (of one CPU) -> '50000 100000'; 'max', 'QUOTA' or 'QUOTA PERIOD' as is."""
+        hint = "should be a share of one CPU like '50%' or '200%', 'QUOTA PERIOD' in µs, or 'max'"
+        if not isinstance(value, str):
+            raise ValueError(hint)
+        text = value.strip()
+        if text.endswith("%"):
             try:
-                percent = float(value.strip()[:-1])
+                percent = float(text[:-1])
             except ValueError:
-                raise ValueError("should be a share like '50%' or 'QUOTA PERIOD'") from None
+                raise ValueError(hint) from None
             if not 0 < percent <= 100_000:
-                raise ValueError("should be a share above 0%, like '50%' or '200%'")
+                raise ValueError(hint)
             return f"{max(1000, round(percent * 1000))} 100000"
-        return value.strip() if isinstance(value, str) else value
+        if _CPU_MAX.fullmatch(text) is None:
+            raise ValueError(hint)
+        return text
+
+    @field_validator("pids_max", mode="before")
+    @classmethod
+    def _parse_pids(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "max":
+            return "max"
+        if not _is_int(value) or value < 1:
+            raise ValueError("should be a number of processes (at least 1), or 'max'")
+        return str(value)
 
     def cgroup_limits(self) -> dict[str, str]:
         """The limits set, as written to the cgroup (memory.max, cpu.max, pids.max)."""
         limits = {"memory_max": self.memory_max, "cpu_max": self.cpu_max}
         limits["pids_max"] = self.pids_max
-        return {option: str(value) for option, value in limits.items() if value is not None}
+        return {option: value for option, value in limits.items() if value is not None}
 
     @field_validator("stdout_logfile", "stderr_logfile", mode="before")
     @classmethod
