@@ -34,7 +34,17 @@ BENCH_VENV = REPO / ".bench-venv"
 BUILD = HERE / "build"
 RESULTS_MD = HERE / "RESULTS.md"
 
-WORKLOADS = ("respawn", "idle", "memory", "control", "startup", "log", "storm", "selector")
+WORKLOADS = (
+    "respawn",
+    "idle",
+    "memory",
+    "control",
+    "startup",
+    "log",
+    "storm",
+    "selector",
+    "scale",
+)
 
 
 # -- set-up -------------------------------------------------------------------------------
@@ -125,6 +135,10 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
         steps.append(Step("storm", (SUPD, SUPERVISORD, FLOOR), sizes.storm_rounds, workloads.storm))
     if "selector" in wanted:
         steps.append(Step("selector", (SUPD,), 1, workloads.selector))
+    if "scale" in wanted:
+        quick = sizes is workloads.QUICK
+        run = functools.partial(workloads.scale, quick=quick)
+        steps.append(Step("scale (M8)", (SUPD,), 1, run))
     kept = [
         Step(s.name, tuple(x for x in s.subjects if x in subjects), s.rounds, s.run) for s in steps
     ]

@@ -245,6 +245,10 @@ class ProcessCgroup:
                 problems.append(f"{option} = {value!r} is not applied: {exc.strerror or exc}")
         return problems
 
+    def oom_kills(self) -> int | None:
+        """memory.events' oom_kill: None without the memory controller."""
+        return _read_or_empty(self.path / "memory.events").get("oom_kill")
+
     def stats(self, memory_controller: bool = True) -> CgroupStats:
         """CPU and memory of everything in it (what the metrics and `why` show).
 

@@ -25,6 +25,8 @@ from .process import Process
 from .protocol import (
     DEFAULT_TAIL_BYTES,
     ActionResult,
+    ClearParams,
+    DeathsParams,
     OutputParams,
     PidParams,
     PidResult,
@@ -44,7 +46,7 @@ from .protocol import (
     VersionParams,
     VersionResult,
 )
-from .status import info
+from .status import deaths_info, info
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,10 @@ class Core(Protocol):
         """Call `listener` with new output until it returns False; returns unfollow."""
         ...
 
+    def clear(self, names: list[str]) -> None:
+        """Forget the processes' deaths and failure counters."""
+        ...
+
 
 ACTIONS = {StartParams: Action.START, StopParams: Action.STOP, RestartParams: Action.RESTART}
 
@@ -153,6 +159,18 @@ class Commands:
             case ShutdownParams():
                 responder.result(ShutdownResult(ok=True))
                 core.shutdown()
+            case DeathsParams(name=name, limit=limit):
+                [name] = self._one(name)
+                snapshot = core.snapshot([name])
+                [(process, _)] = snapshot.entries
+                responder.result(deaths_info(process, snapshot.now, snapshot.wall, limit))
+            case ClearParams(names=names):
+                targets = core.resolve(names)
+                core.clear(targets)
+                entries = core.snapshot(targets).entries
+                responder.result(
+                    [ActionResult(name=p.name, ok=True, state=p.state) for p, _ in entries]
+                )
 
     # -- start / stop / restart -------------------------------------------------------
 

@@ -27,6 +27,7 @@ import dataclasses
 import gc
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -40,6 +41,7 @@ from . import (
     activation,
     cgroups,
     daemonlog,
+    envfile,
     instancelock,
     linux,
     notify,
@@ -50,13 +52,16 @@ from . import (
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
+from .deaths import TAIL_BYTES, Cause, Death, Ending
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
 from .fleet import (
     Action,
     Answer,
     Boot,
     ChildEvent,
+    ClearHistory,
     CreateSlot,
+    Died,
     DropSlot,
     Exit,
     Fleet,
@@ -154,6 +159,9 @@ class Slot:
     child: spawn.Child | None = None
     readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
     exec_error: str | None = None  # the child's report that its exec failed
+    operator_signals: set[int] = field(default_factory=set)  # supctl signal, this child
+    oom_kills_at_spawn: int | None = None  # the cgroup's oom_kill counter then
+    written_at_spawn: int = 0  # the death's stream's byte count then: its tail is this run's
     leftovers: str = "kill"  # the program's `leftovers`
     cgroup: cgroups.ProcessCgroup | None = None  # None: the session fallback
     # The main process's end, held back until its cgroup is empty (leftovers = kill):
@@ -178,7 +186,11 @@ class Daemon:
         self.clock = clock
         self.log = daemonlog.get_logger()
         self.selector: Selector[Any] = Selector()
-        self.fleet = Fleet()
+        self.fleet = Fleet(draw=random.random)  # backoff jitter
+        # The OOM hook: the oom_kill count of a process's cgroup (memory.events), or
+        # None where there is none to read. Cgroup support sets it; until then an
+        # unexplained SIGKILL is reported as "possibly OOM", never as a confirmed one.
+        self.oom_kills: Callable[[str], int | None] = lambda name: None
         self.queue: deque[FleetEvent] = deque()
         self.slots: dict[str, Slot] = {}
         self.replies: dict[int, Callable[[tuple[Outcome, ...]], None]] = {}
@@ -328,7 +340,7 @@ class Daemon:
         if slot.cgroup is None and slot.leftovers == "kill":
             # Before the reap: the zombie keeps the pid (and so the session) ours.
             self._kill_session(slot, pid)
-        exit_code, exit_signal = spawn.reap(pid)
+        exit_code, exit_signal, core_dumped = spawn.reap_status(pid)
         if slot.exec_error is None:
             process = self.fleet.processes.get(name)
             redirected = process is not None and process.config.redirect_stderr
@@ -339,16 +351,11 @@ class Daemon:
             if slot.exec_error is not None:
                 self.log.error("spawn_failed", process=name, pid=pid, error=slot.exec_error)
         if slot.exec_error is not None:
-            self._gone_when_empty(slot, SpawnFailed(slot.exec_error))
+            self._gone_when_empty(slot, SpawnFailed(slot.exec_error, time.time()))
         else:
-            self.log.info(
-                "exited",
-                process=name,
-                pid=pid,
-                exit_code=exit_code,
-                signal=signal_name(exit_signal) if exit_signal is not None else None,
-            )
-            self._gone_when_empty(slot, Exited(exit_code, exit_signal))
+            # The `exited` log event comes with the fleet's classification (Died).
+            ending = self._ending(slot, core_dumped)
+            self._gone_when_empty(slot, Exited(exit_code, exit_signal, ending))
         if self.subreaper:
             # Orphans that died with this child (a killed process group) were hidden
             # behind its zombie from _reap_orphans' peek; with it reaped, look again.
@@ -394,6 +401,8 @@ class Daemon:
             self.journal = journal
             return
         self.log.info("cgroups_used", root=str(tree.root), controllers=sorted(tree.controllers))
+        if "memory" in tree.controllers:  # an unexplained SIGKILL can be confirmed as OOM
+            self.oom_kills = self._cgroup_oom_kills
         for leftover in tree.kill_leftovers(keep={cgroups.cgroup_name(n) for n in keep}):
             self.log.warning(
                 "leftover_killed",
@@ -461,6 +470,10 @@ class Daemon:
             self.log.info("cgroup_empty", process=name, woken=woken)
             self.queue.append(ChildEvent(name, event))
 
+    def _cgroup_oom_kills(self, name: str) -> int | None:
+        slot = self.slots.get(name)
+        return slot.cgroup.oom_kills() if slot is not None and slot.cgroup is not None else None
+
     @staticmethod
     def _contained(slot: Slot) -> bool:
         """Whether this process's end means its whole cgroup's (leftovers = kill)."""
@@ -508,6 +521,24 @@ class Daemon:
             return None
         found = [sessions.read_stat(pid) for pid in slot.cgroup.pids()]
         return [stat for stat in found if stat is not None]
+
+    def _ending(self, slot: Slot, core_dumped: bool) -> Ending:
+        """What the death record needs besides the exit status."""
+        process = self.fleet.processes.get(slot.name)
+        redirected = process is not None and process.config.redirect_stderr
+        sink = slot.sink("stdout" if redirected else "stderr")
+        tail = sink.tail(min(TAIL_BYTES, max(0, sink.bytes_written - slot.written_at_spawn)))
+        oom = None
+        if slot.oom_kills_at_spawn is not None:
+            now = self.oom_kills(slot.name)
+            oom = now is not None and now > slot.oom_kills_at_spawn
+        return Ending(
+            wall=time.time(),
+            core_dumped=core_dumped,
+            operator_signals=frozenset(slot.operator_signals),
+            oom_killed=oom,
+            tail=tail.decode(errors="replace"),
+        )
 
     def _exec_reported(self, name: str, pid: int) -> None:
         """The child's exec report: end of file if exec worked, else why it failed."""
@@ -624,6 +655,8 @@ class Daemon:
                 self.log.info("ready", status=self.status_line())
             case Exit():
                 self.running = False
+            case Died(name=name, death=death):
+                self._log_death(name, death)
             case _:
                 assert_never(effect)
 
@@ -635,6 +668,15 @@ class Daemon:
             "SUPD_PROCESS_NAME": name,
             "SUPD_PROGRAM": program.name,
         }
+        if program.env_files:  # read at each start: a file changed since is seen now
+            try:
+                from_files = envfile.load(program.env_files)
+            except envfile.EnvFileError as exc:
+                self.log.error("spawn_failed", process=name, error=str(exc))
+                self.queue.append(ChildEvent(name, SpawnFailed(str(exc), time.time())))
+                return
+            # systemd's rule: the files override the configured environment.
+            env = {**env, **from_files, "SUPD_PROCESS_NAME": name, "SUPD_PROGRAM": program.name}
         spec = spawn.SpawnSpec(
             argv=program.command,
             environment=env,
@@ -653,13 +695,18 @@ class Daemon:
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
             self.log.error("spawn_failed", process=name, error=str(exc))
-            self.queue.append(ChildEvent(name, SpawnFailed(str(exc))))
+            self.queue.append(ChildEvent(name, SpawnFailed(str(exc), time.time())))
             return
         finally:
             if procs_fd is not None:
                 os.close(procs_fd)
         slot.child = child
         slot.exec_error = None
+        slot.operator_signals.clear()
+        slot.oom_kills_at_spawn = self.oom_kills(name)
+        slot.written_at_spawn = slot.sink(
+            "stdout" if program.redirect_stderr else "stderr"
+        ).bytes_written
         slot.cgroup_killed = False
         if self.journal is not None and slot.leftovers == "kill":
             self.journal.started(child.pid)
@@ -714,6 +761,23 @@ class Daemon:
             self.log.info("stopped", process=name, pid=pid, reason=change.reason)
         if self.notifier.enabled:
             self.notifier.status(self.status_line())
+
+    def _log_death(self, name: str, death: Death) -> None:
+        """The `exited` event, with the cause supd found (a spawn error has its own)."""
+        if death.pid is None or death.cause is Cause.SPAWN_ERROR:
+            return
+        self.log.info(
+            "exited",
+            process=name,
+            pid=death.pid,
+            exit_code=death.exit_code,
+            signal=signal_name(death.exit_signal) if death.exit_signal is not None else None,
+            core_dumped=death.core_dumped,
+            cause=death.cause.value,
+            why=death.summary,
+            sender=death.sender,
+            uptime_s=None if death.uptime is None else round(death.uptime, 3),
+        )
 
     def _arm_clock(self) -> None:
         """Point the one timer at the fleet's next deadline, or note that it is due now."""
@@ -870,7 +934,14 @@ class Daemon:
         self.queue.append(Shutdown())
 
     def signal(self, name: str, signum: int) -> bool:
-        return self._signal(name, signum, group=False)
+        sent = self._signal(name, signum, group=False)
+        slot = self.slots.get(name)
+        if sent and slot is not None:  # a death by it is the operator's, not unexplained
+            slot.operator_signals.add(signum)
+        return sent
+
+    def clear(self, names: list[str]) -> None:
+        self.queue.append(ClearHistory(tuple(names)))
 
     def tail(self, name: str, stream: str, nbytes: int | None, nlines: int | None) -> bytes:
         sink = self.slots[name].sink(stream)

@@ -28,12 +28,13 @@ import enum
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
 
 from . import process as proc
 from .config import ProgramConfig
+from .deaths import Death, no_jitter
 from .facts import ErrorCode, State
 from .names import select as select_names
 from .process import DOWN_STATES, Process, Timer, Want
@@ -89,7 +90,14 @@ class Shutdown:
     """Stop everything by priority, then exit; a second one SIGKILLs what is left."""
 
 
-FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown
+@dataclass(frozen=True, slots=True)
+class ClearHistory:
+    """`supctl clear`: forget these processes' deaths and failure counters."""
+
+    names: tuple[str, ...]
+
+
+FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown | ClearHistory
 
 
 # -- effects: what the daemon must do ------------------------------------------------------
@@ -168,7 +176,17 @@ class Exit:
     """Shutdown is complete: every process is down."""
 
 
-FleetEffect = CreateSlot | DropSlot | Spawn | Kill | Transitioned | Ignored | Answer | Ready | Exit
+@dataclass(frozen=True, slots=True)
+class Died:
+    """A process's run ended (or never began): its death record, classified."""
+
+    name: str
+    death: Death
+
+
+FleetEffect = (
+    CreateSlot | DropSlot | Spawn | Kill | Transitioned | Ignored | Answer | Ready | Exit | Died
+)
 
 
 class UnknownNames(Exception):
@@ -224,7 +242,11 @@ class _Request:
 
 
 class Fleet:
-    def __init__(self) -> None:
+    def __init__(self, draw: Callable[[], float] = no_jitter) -> None:
+        """`draw`: backoff jitter's randomness, in [0, 1] (the daemon's is random.random;
+        the default gives every delay its upper bound)."""
+        self.draw = draw
+        self.kept_deaths: dict[str, deque[Death]] = {}  # a replaced program's, by process
         self.processes: dict[str, Process] = {}
         self.programs: dict[str, list[str]] = {}  # program -> its live process names
         self.configs: dict[str, ProgramConfig] = {}  # the config's programs, as desired
@@ -271,6 +293,10 @@ class Fleet:
                 self._reload(programs, now)
             case Shutdown():
                 self._shutdown(now)
+            case ClearHistory(names=names):
+                for name in names:
+                    if name in self.processes:
+                        self.processes[name].clear_history()
             case _:
                 assert_never(event)
         self._follow_up(now)
@@ -314,7 +340,10 @@ class Fleet:
         names = program.process_names()
         self.programs[program.name] = names
         for name in names:
-            self.processes[name] = Process(name, program)
+            self.processes[name] = Process(name, program, draw=self.draw)
+            kept = self.kept_deaths.pop(name, None)
+            if kept is not None:  # deaths survive a reload that keeps the program
+                self.processes[name].history.extend(kept)
             self.state_counts[State.STOPPED] += 1
             self._out.append(CreateSlot(name, program))
 
@@ -330,7 +359,11 @@ class Fleet:
         """Feed one process; turn its effects into fleet effects and settle requests."""
         process = self.processes[name]
         changes: list[State] = []
-        for effect in process.handle(event, now):
+        last_death = process.history[-1] if process.history else None
+        effects = process.handle(event, now)
+        if process.history and process.history[-1] is not last_death:
+            self._out.append(Died(name, process.history[-1]))
+        for effect in effects:
             match effect:
                 case proc.Spawn():
                     self._out.append(Spawn(name, process.config))
@@ -387,6 +420,8 @@ class Fleet:
             self._timers.pop((name, timer), None)
         self._out.append(DropSlot(name))
         program = process.config.name
+        if program in self.replacements and process.history:
+            self.kept_deaths[name] = process.history
         names = self.programs.get(program, [])
         if name in names:
             names.remove(name)
@@ -572,7 +607,7 @@ class Fleet:
             for request in list(self._claims.get(name, ())):
                 why = "being replaced or removed by a reload"
                 self._resolve(request, name, self._superseded(name, why))
-            self._send(name, proc.Stop(), now)
+            self._send(name, proc.Stop(by="reload"), now)
 
     # -- shutdown ----------------------------------------------------------------------
 
@@ -580,7 +615,7 @@ class Fleet:
         if self.shutting_down:  # the second one: SIGKILL whatever is left
             for name in list(self.processes):
                 if name in self.processes:
-                    self._send(name, proc.Stop(), now)  # BACKOFF and STARTING ones too
+                    self._send(name, proc.Stop(by="shutdown"), now)  # BACKOFF, STARTING too
                 if name in self.processes:
                     self._send(name, proc.ForceKill(), now)
             return
@@ -611,7 +646,7 @@ class Fleet:
             top = max(p.config.start_order for p in live)
             group.extend(p.name for p in live if p.config.start_order == top)
             for name in list(group):
-                self._send(name, proc.Stop(), now)
+                self._send(name, proc.Stop(by="shutdown"), now)
 
     def _now_outcome(self, name: str) -> Outcome:
         process = self.processes.get(name)
