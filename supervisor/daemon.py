@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import gc
 import math
 import os
@@ -34,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, assert_never
+from typing import Any, TypeVar, assert_never
 
 from . import (
     __version__,
@@ -85,6 +86,8 @@ from .process import Exited, Spawned, SpawnFailed
 from .protocol import MAX_TAIL_BYTES, Request
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
+
+T = TypeVar("T")
 
 # Signals the daemon reads through the signalfd.
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -203,6 +206,7 @@ class Daemon:
         self.subreaper = False
         self.cgroup_tree: cgroups.CgroupTree | None = None  # None: the session fallback
         self.journal: sessions.SessionJournal | None = None  # the fallback's record
+        self._spare_fd: int | None = None  # see _with_spare_fd (with cgroups only)
         self.running = False
         self.exit_code = EXIT_OK
         self._clock_fd: int | None = None
@@ -282,6 +286,8 @@ class Daemon:
                 self.cgroup_tree.teardown()
         if self.journal is not None:
             self.journal.close(remove=not self.journal.live)
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
         self.selector.close()
         self.notifier.close()
 
@@ -401,6 +407,7 @@ class Daemon:
             self.journal = journal
             return
         self.log.info("cgroups_used", root=str(tree.root), controllers=sorted(tree.controllers))
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         if "memory" in tree.controllers:  # an unexplained SIGKILL can be confirmed as OOM
             self.oom_kills = self._cgroup_oom_kills
         for leftover in tree.kill_leftovers(keep={cgroups.cgroup_name(n) for n in keep}):
@@ -442,15 +449,21 @@ class Daemon:
     def _gone_when_empty(self, slot: Slot, event: SpawnFailed | Exited) -> None:
         """Report the main process's end once nothing of it is left in its cgroup."""
         cgroup = slot.cgroup
-        if cgroup is None or slot.leftovers == "keep" or cgroup.events_fd is None:
-            self.queue.append(ChildEvent(slot.name, event))
-            return
-        if not cgroup.populated():
+        try:
+            if not self._contained(slot) or cgroup is None or not cgroup.populated():
+                self.queue.append(ChildEvent(slot.name, event))
+                return
+            self._kill_cgroup(slot, reason="main process exited")
+            fd = self._with_spare_fd(cgroup.open_events)
+            self.selector.register_handle(fd, Event.PRIORITY, CgroupTag(slot.name))
+        except OSError as exc:
+            # No fd to watch with (EMFILE) or the cgroup is gone: what is left was sent
+            # SIGKILL (or could not be), and the process is reported gone now.
+            cgroup_close(cgroup, self.selector)
+            self.log.warning("cgroup_wait_failed", process=slot.name, error=exc.strerror)
             self.queue.append(ChildEvent(slot.name, event))
             return
         slot.pending_exit = event
-        self._kill_cgroup(slot, reason="main process exited")
-        self.selector.update_handle(cgroup.events_fd, Event.PRIORITY)
         self._cgroup_changed(slot.name)  # emptied already? (the read re-arms the event)
 
     def _cgroup_changed(self, name: str, woken: bool = False) -> None:
@@ -464,11 +477,27 @@ class Daemon:
             self.log.debug("cgroup_events", process=name, populated=populated)
         if populated:
             return  # wait for the next change
-        self.selector.update_handle(cgroup.events_fd, Event(0))
+        cgroup_close(cgroup, self.selector)
         event, slot.pending_exit = slot.pending_exit, None
         if event is not None:
             self.log.info("cgroup_empty", process=name, woken=woken)
             self.queue.append(ChildEvent(name, event))
+
+    def _with_spare_fd(self, opener: Callable[[], T]) -> T:
+        """Open something even at EMFILE: one fd is held in reserve for that (the kill of
+        a stop, the watch of its end), given up for the call and taken back after."""
+        try:
+            return opener()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or self._spare_fd is None:
+                raise
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            return opener()
+        finally:
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def _cgroup_oom_kills(self, name: str) -> int | None:
         slot = self.slots.get(name)
@@ -481,10 +510,12 @@ class Daemon:
 
     def _kill_cgroup(self, slot: Slot, reason: str) -> None:
         assert slot.cgroup is not None
+        cgroup = slot.cgroup
         pids: list[int] | str = "?"
         with contextlib.suppress(OSError):  # for the log only (at EMFILE, none)
-            pids = slot.cgroup.pids()
-        slot.cgroup.kill()
+            pids = cgroup.pids()
+
+        self._with_spare_fd(cgroup.kill)
         slot.cgroup_killed = True
         self.log.info("cgroup_killed", process=slot.name, pids=pids, reason=reason)
 
@@ -495,12 +526,9 @@ class Daemon:
             return
         try:
             cgroup = tree.process(slot.name)
-            fd = cgroup.open_events()
-            cgroup.hold_kill()
         except OSError as exc:
             self.log.error("cgroup_failed", process=slot.name, error=exc.strerror or str(exc))
             return
-        self.selector.register_handle(fd, Event(0), CgroupTag(slot.name))
         slot.cgroup = cgroup
         for problem in cgroup.set_limits(program.cgroup_limits()):
             self.log.warning("cgroup_limit_not_set", process=slot.name, problem=problem)
@@ -509,8 +537,7 @@ class Daemon:
         cgroup, slot.cgroup = slot.cgroup, None
         if cgroup is None:
             return
-        if cgroup.events_fd is not None:
-            self.selector.unregister(cgroup.events_fd)
+        cgroup_close(cgroup, self.selector)
         if not cgroup.remove():  # leftovers = keep: they stay, in it
             self.log.info("cgroup_kept", process=slot.name, pids=cgroup.pids())
 
@@ -727,8 +754,11 @@ class Daemon:
         leftovers = kill) reaches everything in it, whatever session it made."""
         slot = self.slots.get(name)
         if signum == signal.SIGKILL and slot is not None and self._contained(slot):
-            self._kill_cgroup(slot, reason="SIGKILL")
-            return
+            try:
+                self._kill_cgroup(slot, reason="SIGKILL")
+                return
+            except OSError as exc:  # the cgroup is gone, or no fd even with the spare
+                self.log.error("cgroup_kill_failed", process=name, error=exc.strerror)
         self._signal(name, signum, group)
 
     def _signal(self, name: str, signum: int, group: bool) -> bool:
@@ -949,6 +979,14 @@ class Daemon:
 
     def follow(self, name: str, stream: str, listener: Listener) -> Callable[[], None]:
         return self.followers.add(name, stream, listener)
+
+
+def cgroup_close(cgroup: cgroups.ProcessCgroup | None, selector: Selector[Any]) -> None:
+    """Stop watching a cgroup's events and close its fd (if it was being watched)."""
+    if cgroup is not None and cgroup.events_fd is not None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            selector.unregister(cgroup.events_fd)
+        cgroup.close()
 
 
 def limit_warnings(config: Config) -> list[str]:

@@ -29,7 +29,8 @@ spawn), chosen once per daemon (`method()`; `supd --version` prints it):
   `posix_spawn` through setpriv(1), which sets the parent-death signal (see
   `_posix_spawn`); `posix_spawn` of the program itself when supd is PID 1; else a
   plain `os.fork()` that sets everything up in Python and execs (`_fork`), for programs
-  that switch users and for systems without setpriv. On the fork path the child reports
+  that switch users, for systems without setpriv, and for a child that must join its
+  cgroup before exec (posix_spawn cannot). On the fork path the child reports
   a failed exec through a close-on-exec pipe (end of file means the exec succeeded),
   which the daemon reads when convenient: the parent never waits for the child. Running
   Python in a forked child is safe because the daemon is single-threaded. Through
@@ -117,8 +118,7 @@ class SpawnSpec:
     # Variables the program's config sets: a user switch does not override them.
     configured_environment: frozenset[str] = frozenset()
     # An open cgroup.procs of the process's cgroup (cgroups.py), or None: the child
-    # joins it before exec (clone and fork); through posix_spawn, the parent moves it
-    # right after the call (see `_join_after_spawn`).
+    # joins it before exec (clone and fork paths; posix_spawn cannot, see `spawn`).
     cgroup_procs_fd: int | None = None
 
 
@@ -260,8 +260,13 @@ def spawn(spec: SpawnSpec) -> Child:
         return _clone(spec, creds, executable, env)
     # As PID 1 (a container's init) the parent-death signal is moot: when PID 1 dies
     # the kernel kills everything in its namespace. Then exec the program directly.
-    direct = creds is None and os.getpid() == 1
-    setpriv = _setpriv() if creds is None and not direct else None
+    # posix_spawn runs no code of ours in the child, so it cannot join a cgroup before
+    # exec; the parent moving it right after the call loses a race under load (the
+    # program forks first, and its children stay in supd's cgroup: seen in the tests).
+    # A child that must join one goes the fork path, which joins before exec.
+    joins = spec.cgroup_procs_fd is not None
+    direct = creds is None and os.getpid() == 1 and not joins
+    setpriv = _setpriv() if creds is None and not direct and not joins else None
     parent_fds: list[int] = []
     child_fds: list[int] = []
     try:
@@ -277,7 +282,6 @@ def spawn(spec: SpawnSpec) -> Child:
         if direct or setpriv is not None:
             path, argv = (executable, list(spec.argv)) if direct else _through_setpriv(spec)
             pid = _posix_spawn(spec, path, argv, env, (_stdin(), out_w, err_w))
-            _join_after_spawn(spec, pid)
             return Child(pid, out_r, err_r, None, via_setpriv=not direct)
         report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         parent_fds.append(report_r)
@@ -438,21 +442,6 @@ def _posix_spawn(
             with contextlib.suppress(OSError):
                 os.fchdir(cwd)
             os.close(cwd)
-
-
-def _join_after_spawn(spec: SpawnSpec, pid: int) -> None:
-    """Move a posix_spawn'ed child into its cgroup, from the parent.
-
-    posix_spawn runs no code of ours in the child, so the parent writes its pid right
-    after the call. For that moment (the child's first microseconds: setpriv's own
-    start-up, before it execs the program) the child is in supd's cgroup; anything it
-    forked meanwhile would stay there. setpriv forks nothing, so nothing escapes, but
-    accounting misses those microseconds. The clone and fork paths have no such window.
-    A failed move is no reason to refuse the start: the session fallback still applies.
-    """
-    if spec.cgroup_procs_fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(spec.cgroup_procs_fd, str(pid).encode())
 
 
 # -- the general path: fork, set up in Python, exec ---------------------------------------
