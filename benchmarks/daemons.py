@@ -101,6 +101,7 @@ class Supd:
                 f'autorestart = "{"always" if program.restart else "never"}"',
                 "startsecs = 0",
                 "backoff_initial = 0",
+                "restart_window = 0",  # restart forever: no crash-loop FATAL (issue 15)
             ]
             if program.stdout_logfile is not None:
                 lines.append(f"stdout_logfile = {_toml(str(program.stdout_logfile))}")

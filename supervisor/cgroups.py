@@ -185,6 +185,10 @@ class ProcessCgroup:
         """cgroup.procs, open for writing: the spawner's child writes "0" to join."""
         return os.open(self.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
 
+    def open_dir(self) -> int:
+        """The cgroup's directory, for the spawner (clone3's CLONE_INTO_CGROUP)."""
+        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
 

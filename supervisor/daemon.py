@@ -714,19 +714,19 @@ class Daemon:
             redirect_stderr=program.redirect_stderr,
             configured_environment=frozenset(program.environment),
         )
-        procs_fd: int | None = None
+        cgroup_fd: int | None = None
         try:
             if slot.cgroup is not None:
-                procs_fd = slot.cgroup.open_procs()
-                spec = dataclasses.replace(spec, cgroup_procs_fd=procs_fd)
+                cgroup_fd = slot.cgroup.open_dir()
+                spec = dataclasses.replace(spec, cgroup_fd=cgroup_fd)
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
             self.log.error("spawn_failed", process=name, error=str(exc))
             self.queue.append(ChildEvent(name, SpawnFailed(str(exc), time.time())))
             return
         finally:
-            if procs_fd is not None:
-                os.close(procs_fd)
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
         slot.child = child
         slot.exec_error = None
         slot.operator_signals.clear()

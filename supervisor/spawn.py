@@ -117,9 +117,9 @@ class SpawnSpec:
     redirect_stderr: bool = False
     # Variables the program's config sets: a user switch does not override them.
     configured_environment: frozenset[str] = frozenset()
-    # An open cgroup.procs of the process's cgroup (cgroups.py), or None: the child
-    # joins it before exec (clone and fork paths; posix_spawn cannot, see `spawn`).
-    cgroup_procs_fd: int | None = None
+    # An open directory fd of the process's cgroup (cgroups.py), or None: the child is
+    # born in it (clone3) or joins it before exec (fork); posix_spawn cannot, see `spawn`.
+    cgroup_fd: int | None = None
 
 
 @dataclass
@@ -264,7 +264,7 @@ def spawn(spec: SpawnSpec) -> Child:
     # exec; the parent moving it right after the call loses a race under load (the
     # program forks first, and its children stay in supd's cgroup: seen in the tests).
     # A child that must join one goes the fork path, which joins before exec.
-    joins = spec.cgroup_procs_fd is not None
+    joins = spec.cgroup_fd is not None
     direct = creds is None and os.getpid() == 1 and not joins
     setpriv = _setpriv() if creds is None and not direct and not joins else None
     parent_fds: list[int] = []
@@ -317,7 +317,7 @@ def _clone(
             directory=os.fspath(spec.directory) if spec.directory is not None else None,
             umask=spec.umask,
             nofile=_ORIGINAL_NOFILE,
-            cgroup_procs_fd=spec.cgroup_procs_fd,
+            cgroup_fd=spec.cgroup_fd,
             credentials=(creds.uid, creds.gid, creds.groups) if creds is not None else None,
             # As PID 1 the parent-death signal is moot: the kernel kills the namespace.
             pdeathsig=0 if os.getpid() == 1 else signal.SIGTERM,
@@ -488,8 +488,9 @@ def _become_program(
         if spec.umask is not None:
             os.umask(spec.umask)
         resource.setrlimit(resource.RLIMIT_NOFILE, _ORIGINAL_NOFILE)
-        if spec.cgroup_procs_fd is not None:  # while still privileged
-            os.write(spec.cgroup_procs_fd, b"0")
+        if spec.cgroup_fd is not None:  # while still privileged
+            procs = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=spec.cgroup_fd)
+            os.write(procs, b"0")
         if creds is not None:
             os.setgroups(list(creds.groups))
             os.setgid(creds.gid)
