@@ -23,7 +23,8 @@ spawn), chosen once per daemon (`method()`; `supd --version` prints it):
 
 - ``clone``: supd's small C spawner (`_spawn.c`, bound in `clonespawn`), built at
   install time where a C compiler exists. clone(CLONE_VM | CLONE_VFORK) borrows the
-  daemon's memory instead of copying it, sets up everything above in C, and execs.
+  daemon's memory instead of copying it, sets up everything above in C, and execs;
+  with a cgroup, clone3 starts the child inside it (CLONE_INTO_CGROUP).
   A failed step (exec included) comes back as SpawnError at once, with its errno.
 - ``python``, where the C spawner was not built (or ``SUPD_SPAWN=python`` asks for it):
   `posix_spawn` through setpriv(1), which sets the parent-death signal (see
