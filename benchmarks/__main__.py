@@ -26,7 +26,16 @@ from pathlib import Path
 
 from benchmarks import procs, report, workloads
 from benchmarks.daemons import SUPERVISOR_VERSION
-from benchmarks.workloads import CAT, DAEMONS, FLOOR, SUPD, SUPD_SESSIONS, SUPERVISORD, Session
+from benchmarks.workloads import (
+    CAT,
+    DAEMONS,
+    FLOOR,
+    PYLOOP,
+    SUPD,
+    SUPD_SESSIONS,
+    SUPERVISORD,
+    Session,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -41,6 +50,7 @@ WORKLOADS = (
     "control",
     "startup",
     "log",
+    "stdout",
     "storm",
     "selector",
     "scale",
@@ -131,6 +141,8 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
         steps.append(
             Step("log", (CAT, SUPD, SUPERVISORD), sizes.log_rounds, workloads.log_throughput)
         )
+    if "stdout" in wanted:
+        steps.append(Step("stdout", (PYLOOP, SUPD), sizes.log_rounds, workloads.stdout_throughput))
     if "storm" in wanted:
         steps.append(Step("storm", (SUPD, SUPERVISORD, FLOOR), sizes.storm_rounds, workloads.storm))
     if "selector" in wanted:
@@ -233,7 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = workloads.QUICK if args.quick else workloads.FULL
-    subjects = {FLOOR, CAT, *([args.only] if args.only else DAEMONS)}
+    subjects = {FLOOR, CAT, PYLOOP, *([args.only] if args.only else DAEMONS)}
     if SUPD in subjects:  # supd once more, without cgroups (respawn only)
         subjects.add(SUPD_SESSIONS)
     steps = plan(args.workloads or list(WORKLOADS), sizes, subjects)

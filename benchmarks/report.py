@@ -16,6 +16,7 @@ from pathlib import Path
 from benchmarks.workloads import (
     CAT,
     FLOOR,
+    PYLOOP,
     SUPD,
     SUPD_SESSIONS,
     SUPERVISORD,
@@ -97,7 +98,9 @@ def _ratio_target(
 
 def build_rows(results: Results, sizes: Sizes) -> list[Row]:
     rows: list[Row] = []
-    builders = (_respawn, _idle, _memory, _control, _startup, _log, _storm, _selector, _scale)
+    builders = (
+        _respawn, _idle, _memory, _control, _startup, _log, _stdout, _storm, _selector, _scale,
+    )  # fmt: skip
     for builder in builders:
         rows += builder(_Figures(results), sizes)
     return rows
@@ -244,6 +247,21 @@ def _control(f: _Figures, sizes: Sizes) -> list[Row]:
             None if supd_ctl is None else supd_ctl < 200,
             0,
         ),
+        *_scrape_rows(f, n),
+    ]
+
+
+def _scrape_rows(f: _Figures, n: int) -> list[Row]:
+    """GET /metrics: cold (every /proc sample stale) and with fresh samples."""
+    cold, warm = f.get(f"scrape{n}.cold_ms", SUPD), f.get(f"scrape{n}.warm_ms", SUPD)
+    cpu = f.get(f"scrape{n}.cold_cpu_ms", SUPD)
+    if cold is None:
+        return []
+    name = f"metrics ({n} programs, GET /metrics)"
+    return [
+        Row(name, "scrape, every tree read, median (ms)", cold, None, "", "< 50 ms", cold < 50),
+        Row(name, "supd CPU per such scrape, median (ms)", cpu, None, "", "", None),
+        Row(name, "scrape, samples fresh, median (ms)", warm, None, "", "", None),
     ]
 
 
@@ -298,6 +316,40 @@ def _log(f: _Figures, sizes: Sizes) -> list[Row]:
             _ref("cat", sum(complete[CAT]), 0),
             f"all {len(complete[SUPD])}",
             None if not complete[SUPD] else all(complete[SUPD]),
+            0,
+        ),
+    ]
+
+
+def _stdout(f: _Figures, sizes: Sizes) -> list[Row]:
+    supd = f.get("stdout.mib_s", SUPD)
+    if supd is None:
+        return []
+    name = f"into supd's stdout ({sizes.log_bytes / (1 << 20):,.0f} MiB of lines, prefixed)"
+    loop = f.get("stdout.mib_s", PYLOOP)
+    cpu_supd = f.get("stdout.cpu_s_per_gib", SUPD)
+    cpu_loop = f.get("stdout.cpu_s_per_gib", PYLOOP)
+    cpu_target, cpu_passed = _ratio_target(cpu_supd, cpu_loop, 1.5, "<= 1.5x python loop")
+    complete = f.results.get("stdout.complete", SUPD)
+    return [
+        Row(name, "MiB/s, median", supd, None, _ref("python loop", loop, 0), "", None, 0),
+        Row(
+            name,
+            "daemon CPU (s per GiB), median",
+            cpu_supd,
+            None,
+            _ref("python loop", cpu_loop, 2),
+            cpu_target,
+            cpu_passed,
+        ),
+        Row(
+            name,
+            "runs with every line intact",
+            sum(complete),
+            None,
+            "",
+            f"all {len(complete)}",
+            None if not complete else all(complete),
             0,
         ),
     ]

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from benchmarks import floor, procs
 from benchmarks.daemons import Daemon, Program, Supd, Supervisord
+from benchmarks.helper import LINE_BYTES
 from supd.config import FD_RESERVE
+from supd.metrics import SAMPLE_INTERVAL_S
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -36,6 +38,7 @@ SUPD_SESSIONS = "supd-sessions"  # supd with cgroups = "off" (the session fallba
 SUPERVISORD = "supervisord"
 FLOOR = "floor"
 CAT = "cat"
+PYLOOP = "python loop"
 DAEMONS = (SUPD, SUPERVISORD)
 
 
@@ -107,6 +110,8 @@ CONTROL_BUDGET_S = 5.0
 MIN_CALLS = 3
 # A storm's first second is its ramp-up, not its steady state.
 STORM_WARMUP_S = 1.0
+# Scrapes after the /proc samples went stale (metrics.SAMPLE_INTERVAL_S apart).
+COLD_SCRAPES = 3
 
 
 class Results:
@@ -317,7 +322,7 @@ def fleet(
         if idle_window_s:
             summary += "; " + _idle(session, subject, process.pid, idle_window_s)
         if control:
-            summary += "; " + _control(session, daemon, programs)
+            summary += "; " + _control(session, daemon, programs, process.pid)
     finally:
         session.processes.kill(process)
     return summary
@@ -333,7 +338,7 @@ def _idle(session: Session, subject: str, pid: int, window_s: float) -> str:
     return f"{switches} wake-ups, {cpu_ms:.2f} ms CPU in {window_s:g} s idle"
 
 
-def _control(session: Session, daemon: Daemon, programs: int) -> str:
+def _control(session: Session, daemon: Daemon, programs: int, pid: int) -> str:
     raw_ms = _timed_calls(daemon.status_round_trip, session.sizes.status_calls)
 
     def ctl_status() -> None:
@@ -349,9 +354,38 @@ def _control(session: Session, daemon: Daemon, programs: int) -> str:
     ctl_ms = _timed_calls(ctl_status, session.sizes.ctl_runs)
     session.results.add(f"status{programs}.raw_ms", daemon.kind, raw_ms)
     session.results.add(f"status{programs}.ctl_ms", daemon.kind, ctl_ms)
-    return (
+    summary = (
         f"raw status {statistics.median(raw_ms):.1f} ms, "
         f"ctl status {statistics.median(ctl_ms):.0f} ms"
+    )
+    scrape = getattr(daemon, "scrape", None)  # supd only
+    if scrape is not None:
+        summary += ", " + _scrapes(session, daemon.kind, scrape, programs, pid)
+    return summary
+
+
+def _scrapes(
+    session: Session, kind: str, scrape: Callable[[], object], programs: int, pid: int
+) -> str:
+    """GET /metrics: cold scrapes, each after the /proc samples have gone stale (every
+    process tree is read again, as for Prometheus scraping every 15 s), with the
+    daemon's CPU time for each (schedstat: not inflated by a busy machine's waits);
+    then scrapes within the sampling interval."""
+    cold_ms: list[float] = []
+    cold_cpu_ms: list[float] = []
+    for _ in range(COLD_SCRAPES):
+        time.sleep(SAMPLE_INTERVAL_S + 0.1)
+        before = procs.on_cpu_ns(pid)
+        cold_ms += _timed_calls(scrape, 1)
+        cold_cpu_ms.append((procs.on_cpu_ns(pid) - before) / 1e6)
+    warm_ms = _timed_calls(scrape, session.sizes.status_calls)
+    session.results.add(f"scrape{programs}.cold_ms", kind, cold_ms)
+    session.results.add(f"scrape{programs}.cold_cpu_ms", kind, cold_cpu_ms)
+    session.results.add(f"scrape{programs}.warm_ms", kind, warm_ms)
+    return (
+        f"scrape {statistics.median(cold_ms):.1f} ms cold "
+        f"({statistics.median(cold_cpu_ms):.1f} ms of supd's CPU), "
+        f"{statistics.median(warm_ms):.1f} ms with fresh samples"
     )
 
 
@@ -459,6 +493,97 @@ def _verify(session: Session, size: int, workdir: Path, name: str) -> str:
         timeout=600,
     )
     return verdict.stdout.strip() or verdict.stderr.strip()
+
+
+# -- 6b. log throughput into supd's own stdout ---------------------------------------------
+
+# The reference: a bare Python loop moving the same bytes from a pipe to a file, the
+# least any Python supervisor must do. It reports its own CPU time on stderr.
+PYTHON_LOOP = """
+import os, resource, sys
+while data := os.read(0, 1 << 18):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(usage.ru_utime + usage.ru_stime, file=sys.stderr)
+"""
+
+
+def stdout_throughput(session: Session, subject: str) -> str:
+    """The writer's lines through supd into supd's own stdout (`stdout_logfile = "-"`,
+    each line after its `writer | ` prefix), against the bare Python loop."""
+    size = session.sizes.log_bytes
+    workdir = session.workdir(f"stdout-{subject}")
+    stamps = workdir / "stamps"
+    output = workdir / "stdout.log"
+    env = session.stamps_env(stamps)
+    writer = [*session.helper, "write", str(size), "0"]
+    try:
+        if subject == PYLOOP:
+            errors = workdir / "loop.cpu"
+            pipeline = (
+                f"{shlex.join(writer)} | {shlex.quote(sys.executable)} -c "
+                f"{shlex.quote(PYTHON_LOOP)} > {shlex.quote(str(output))} "
+                f"2> {shlex.quote(str(errors))}"
+            )
+            process = session.processes.start(["sh", "-c", pipeline], env=env)
+            if process.wait() != 0:
+                raise RuntimeError(f"`{pipeline}` failed")
+            finished = time.monotonic_ns()
+            session.processes.kill(process)
+            cpu_s = float(errors.read_text().split()[-1])
+            plain = output
+        else:
+            finished, cpu_s = _supd_to_stdout(session, workdir, writer, output, env)
+            plain = workdir / "stripped.log"
+            _strip_prefix(output, plain, b"writer | ")
+        elapsed_s = (finished - starts(read_stamps(stamps))[0]) / 1e9
+        check = _verify(session, size, workdir, plain.name)
+    finally:
+        for path in workdir.glob("*.log"):
+            path.unlink()
+    results = session.results
+    results.add("stdout.mib_s", subject, [size / MIB / elapsed_s])
+    results.add("stdout.complete", subject, [1.0 if check.startswith("ok") else 0.0])
+    results.add("stdout.cpu_s_per_gib", subject, [cpu_s / (size / GIB)])
+    return f"{size / MIB / elapsed_s:.0f} MiB/s, {check}, CPU {cpu_s:.2f} s"
+
+
+def _supd_to_stdout(
+    session: Session, workdir: Path, writer: list[str], output: Path, env: dict[str, str]
+) -> tuple[int, float]:
+    daemon = session.daemon(SUPD, workdir)
+    program = Program("writer", writer, autostart=False, restart=False, stdout_logfile=Path("-"))
+    daemon.write_config([program])
+    size = session.sizes.log_bytes
+    expected = size + (size // LINE_BYTES) * len(b"writer | ")
+    argv = [sys.executable, "-m", "supd", "-c", str(daemon.config_path)]
+    # supd's stdout (children's lines) and stderr (its own log, warnings only) to one file.
+    process = session.processes.start(argv, env=env, output=output, cwd=workdir)
+    try:
+        wait_until_answering(daemon, 30)
+        cpu_before = procs.cpu_seconds(process.pid)
+        daemon.start("writer")
+        procs.wait_for(
+            lambda: _size(output) >= expected, 30 + size / MIB, "supd: stdout complete", 0.005
+        )
+        finished = time.monotonic_ns()
+        procs.wait_for(
+            lambda: daemon.states().get("writer") == "EXITED", 30, "supd: writer EXITED", 0.02
+        )
+        cpu_s = procs.cpu_seconds(process.pid) - cpu_before
+    finally:
+        session.processes.kill(process)
+    return finished, cpu_s
+
+
+def _strip_prefix(source: Path, target: Path, prefix: bytes) -> None:
+    """The writer's own lines out of supd's stdout (its own log lines left out)."""
+    with source.open("rb") as lines, target.open("wb") as plain:
+        for line in lines:
+            if line.startswith(prefix):
+                plain.write(line[len(prefix) :])
 
 
 # -- 7. restart storm ---------------------------------------------------------------------

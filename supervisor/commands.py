@@ -16,17 +16,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import __version__
+from . import __version__, daemonlog
 from .config import ConfigError
 from .control import Responder
 from .facts import ErrorCode
 from .fleet import Action, Outcome, UnknownNames
+from .metrics import CONTENT_TYPE
 from .process import Process
 from .protocol import (
     DEFAULT_TAIL_BYTES,
     ActionResult,
+    AvailParams,
     ClearParams,
     DeathsParams,
+    LogsParams,
+    MaintailParams,
+    MaintailResult,
+    MetricsParams,
     OutputParams,
     PidParams,
     PidResult,
@@ -41,8 +47,11 @@ from .protocol import (
     StartParams,
     StatusParams,
     StopParams,
+    TailManyResult,
     TailParams,
+    TailPart,
     TailResult,
+    UsageParams,
     VersionParams,
     VersionResult,
 )
@@ -95,9 +104,25 @@ class Core(Protocol):
         """False when the process is not running."""
         ...
 
-    def tail(self, name: str, stream: str, nbytes: int | None, nlines: int | None) -> bytes:
-        """The end of a process's output: the last `nlines` lines or `nbytes` bytes,
-        read back from its log file (and backups) where there is one."""
+    def tail(
+        self,
+        name: str,
+        stream: str,
+        nbytes: int | None,
+        nlines: int | None,
+        since: float | None = None,
+    ) -> bytes:
+        """The end of a process's output: the last `nlines` lines or `nbytes` bytes, or
+        what it wrote in the last `since` seconds, read back from its log file (and
+        backups) where there is one."""
+        ...
+
+    def log_files(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each process's log destinations, files and sizes (`logs`)."""
+        ...
+
+    def rotate_logs(self, names: list[str]) -> list[tuple[str, str, bool]]:
+        """Cut these processes' log files now: (process, stream, rotated)."""
         ...
 
     def follow(
@@ -108,6 +133,18 @@ class Core(Protocol):
 
     def clear(self, names: list[str]) -> None:
         """Forget the processes' deaths and failure counters."""
+        ...
+
+    def metrics_text(self) -> str:
+        """The OpenMetrics exposition (metrics.py)."""
+        ...
+
+    def usage(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each process tree's CPU and memory (protocol.ProcessUsage rows)."""
+        ...
+
+    def avail(self) -> list[dict[str, Any]]:
+        """The running config's programs (protocol.ProgramAvail rows)."""
         ...
 
 
@@ -125,6 +162,8 @@ class Commands:
             self._handle(request, responder)
         except UnknownNames as exc:
             responder.error(ErrorCode.NO_SUCH_PROCESS, str(exc), exc.names)
+        except SeveralProcesses as exc:
+            responder.error(ErrorCode.INVALID_PARAMS, str(exc), exc.processes)
 
     def _handle(self, request: Request, responder: Responder) -> None:
         core = self.core
@@ -150,6 +189,10 @@ class Commands:
                 self._reload(responder)
             case TailParams() as params:
                 self._tail(params, responder)
+            case LogsParams(names=names, rotate=rotate):
+                self._logs(core.resolve(names), rotate, responder)
+            case MaintailParams() as params:
+                self._maintail(params, responder)
             case PidParams(name=name):
                 responder.result(self._pid(name))
             case VersionParams():
@@ -171,6 +214,12 @@ class Commands:
                 responder.result(
                     [ActionResult(name=p.name, ok=True, state=p.state) for p, _ in entries]
                 )
+            case MetricsParams():
+                responder.result({"text": core.metrics_text(), "content_type": CONTENT_TYPE})
+            case UsageParams(names=names):
+                responder.result(core.usage(core.resolve(names)))
+            case AvailParams():
+                responder.result(core.avail())
 
     # -- start / stop / restart -------------------------------------------------------
 
@@ -215,16 +264,51 @@ class Commands:
     # -- tail and pid -----------------------------------------------------------------
 
     def _tail(self, params: TailParams, responder: Responder) -> None:
-        [name] = self._one(params.name)
-        nbytes = (
-            DEFAULT_TAIL_BYTES if params.bytes is None and params.lines is None else params.bytes
-        )
-        data = self.core.tail(name, params.stream, nbytes, params.lines)
-        text = data.decode(errors="replace")
-        responder.result(TailResult(name=name, stream=params.stream, data=text))
+        names = self._one(params.name) if params.name is not None else None
+        processes = names or self.core.resolve(params.names)
+        default = params.bytes is None and params.lines is None and params.since is None
+        nbytes = DEFAULT_TAIL_BYTES if default else params.bytes
+        parts = []
+        for name in processes:
+            if params.since is None:
+                data = self.core.tail(name, params.stream, nbytes, params.lines)
+            else:
+                data = self.core.tail(name, params.stream, None, None, since=params.since)
+            text = data.decode(errors="replace")
+            parts.append(TailPart(name=name, stream=params.stream, data=text))
+        if names is not None:
+            responder.result(TailResult(name=names[0], stream=params.stream, data=parts[0].data))
+        else:
+            asked = params.names[0] if params.names else ""
+            responder.result(
+                TailManyResult(name=asked, stream=params.stream, data="", processes=parts)
+            )
         if params.follow and not responder.closed:
-            unfollow = self.core.follow(name, params.stream, _follower(params, responder))
-            responder.on_close(unfollow)
+            for name in processes:
+                listener = _follower(name, params.stream, responder)
+                responder.on_close(self.core.follow(name, params.stream, listener))
+
+    def _logs(self, names: list[str], rotate: bool, responder: Responder) -> None:
+        rotated: dict[tuple[str, str], bool] = {}
+        if rotate:
+            rotated = {(n, s): done for n, s, done in self.core.rotate_logs(names)}
+        entries = self.core.log_files(names)
+        for entry in entries:
+            if rotate:
+                entry["rotated"] = rotated.get((entry["name"], entry["stream"]), False)
+        responder.result(entries)
+
+    def _maintail(self, params: MaintailParams, responder: Responder) -> None:
+        lines = daemonlog.RECENT.last(params.lines)
+        responder.result(MaintailResult(data="".join(line + "\n" for line in lines)))
+        if params.follow and not responder.closed:
+
+            def forward(line: str) -> bool:
+                if responder.closed:
+                    return False
+                return responder.notify("daemon_log", {"data": line + "\n"})
+
+            responder.on_close(daemonlog.RECENT.follow(forward))
 
     def _pid(self, name: str | None) -> PidResult:
         if name is None:
@@ -234,11 +318,23 @@ class Commands:
         return PidResult(pid=found[0].pid if len(found) == 1 else None, processes=found)
 
     def _one(self, name: str) -> list[str]:
-        """A process by its own name (a program of one process by the program's)."""
+        """A process by its own name (a program of one process by the program's);
+        a name that means several processes is a usage error that lists them."""
         resolved = self.core.resolve([name])
-        if len(resolved) != 1 or name == "all":
+        if len(resolved) > 1:
+            raise SeveralProcesses(name, resolved)
+        if name == "all":
             raise UnknownNames([name])
         return resolved
+
+
+class SeveralProcesses(Exception):
+    """A method that takes one process was given a name that means several."""
+
+    def __init__(self, name: str, processes: list[str]) -> None:
+        shown = ", ".join(processes[:5]) + (", ..." if len(processes) > 5 else "")
+        super().__init__(f"{name} means {len(processes)} processes ({shown}): name one")
+        self.processes = processes
 
 
 def _action_result(outcome: Outcome) -> dict[str, Any]:
@@ -251,8 +347,9 @@ def _action_result(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def _follower(params: TailParams, responder: Responder) -> Callable[[bytes], bool]:
-    """An output listener for `tail -f`; returns False once the client has gone."""
+def _follower(name: str, stream: str, responder: Responder) -> Callable[[bytes], bool]:
+    """An output listener for `tail -f` of process `name` (resolved: the notifications
+    name the process, whatever the client typed); False once the client has gone."""
 
     # One decoder per follower: a UTF-8 character split across two reads stays whole.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -263,8 +360,6 @@ def _follower(params: TailParams, responder: Responder) -> Callable[[bytes], boo
         text = decoder.decode(data)
         if not text:
             return True
-        return responder.notify(
-            "output", OutputParams(name=params.name, stream=params.stream, data=text)
-        )
+        return responder.notify("output", OutputParams(name=name, stream=stream, data=text))
 
     return forward

@@ -12,6 +12,8 @@ The file format (option names follow supervisord)::
     log_dir = "logs"              # default folder for program logs
     log_format = "auto"           # auto | console | json (the daemon's own log)
     log_level = "info"            # debug | info | warning | error
+    log_timestamps = "none"       # none | iso | iso-utc | epoch: default for every program
+    journal_socket = "/run/systemd/journal/socket"  # where "journal" log destinations go
     include = ["conf.d/*.toml"]   # globs; included files hold [programs.*] and [groups.*]
     subreaper = false             # become a child subreaper (automatic when PID 1)
     cgroups = "auto"              # auto: a cgroup per process where supd may; off: sessions
@@ -37,7 +39,9 @@ Rules worth knowing:
   ``{{`` and ``}}`` for literal braces. With numprocs > 1 an explicit path must contain
   ``{process_num}`` or ``{process_name}``: two processes cannot share one log file.
   The defaults are ``{log_dir}/{process_name}.out.log`` and ``.err.log``. The value
-  ``"none"`` (any case) discards the stream.
+  ``"none"`` (any case) discards the stream. ``"-"``, ``"/dev/stdout"`` and
+  ``"/dev/stderr"`` write into supd's own stdout or stderr (whole lines, each with the
+  ``log_prefix``), ``"journal"`` to journald; such destinations may be shared.
 * ``${VAR}`` and ``${VAR:-default}`` in ``command``, ``environment`` values (global
   and per program), ``directory`` and log paths are replaced at load from supd's own
   environment; an unset variable without a default is an error. ``$$`` is a literal
@@ -60,6 +64,7 @@ import difflib
 import functools
 import glob
 import grp
+import ipaddress
 import json
 import os
 import re
@@ -69,7 +74,7 @@ import signal
 import stat
 import string
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeGuard
@@ -87,6 +92,7 @@ from pydantic import (
 )
 
 from . import facts, signals, supervisord_syntax
+from .facts import expand_variables
 from .tomlkeys import KeyLocator, KeyPath
 
 try:
@@ -124,6 +130,9 @@ MAX_PROCESSES = 10000  # in all programs together
 # its clients, the instance lock, /dev/null. Clients beyond those take what is left
 # (accept() at EMFILE pauses the listener; it never stalls the loop).
 FD_RESERVE = 32
+# With `metrics` set: its listener, its timer and its 64 clients (httpmetrics.py), and
+# the one /proc file a sample has open at a time.
+METRICS_FD_RESERVE = 67
 
 
 def hard_fd_limit() -> int | None:
@@ -135,10 +144,17 @@ def hard_fd_limit() -> int | None:
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group"})
 _NAME_PLACEHOLDERS = frozenset({"program", "process_num", "group"})
-_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Where log output goes to a stream rather than a file: any number of writers may
-# share it, and it is never rotated.
-_STREAM_PATHS = re.compile(r"/dev/(stdout|stderr|null|fd/\d+)|/proc/self/fd/\d+")
+# share it, and it is never renamed. /dev/stdout and /dev/stderr go to supd's own fds.
+_STREAM_PATHS = re.compile(r"/dev/.*|/proc/self/fd/\d+|journal")
+JOURNAL = "journal"  # the stdout_logfile / stderr_logfile value for journald
+SUPD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2, "/proc/self/fd/1": 1, "/proc/self/fd/2": 2}
+SUPD_STREAMS |= {"/dev/fd/1": 1, "/dev/fd/2": 2}
+DEFAULT_LOG_PREFIX = "{process_name} | "
+_PREFIX_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group", "stream"})
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+Timestamps = Literal["none", "iso", "iso-utc", "epoch"]
 _PER_PROCESS_PLACEHOLDERS = frozenset({"process_name", "process_num"})
 _SIZE = re.compile(r"(\d+)\s*(KB|MB|GB|B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -325,46 +341,6 @@ def _normalised(base_dir: Path, path: str | Path) -> Path:
     return Path(os.path.normpath(base_dir / path))
 
 
-def expand_variables(
-    text: str, environ: Mapping[str, str], quote: Callable[[str], str] = str
-) -> str:
-    """Replace ${VAR} and ${VAR:-default} from environ; $$ is a literal $.
-
-    As in a shell, the default applies when VAR is unset or empty. quote() is applied to
-    each substituted value (log paths escape their braces). A '$' followed by anything
-    else stays as written. Raises ValueError naming the variable when it is unset and
-    has no default, or when a ${ is malformed.
-    """
-    parts: list[str] = []
-    index = 0
-    while (dollar := text.find("$", index)) >= 0:
-        parts.append(text[index:dollar])
-        following = text[dollar + 1 : dollar + 2]
-        if following != "{":
-            parts.append("$")
-            index = dollar + (2 if following == "$" else 1)
-            continue
-        end = text.find("}", dollar + 2)
-        if end < 0:
-            raise ValueError(f"unclosed ${{ in {text!r}; write $$ for a literal $")
-        name, has_default, default = text[dollar + 2 : end].partition(":-")
-        if not _VARIABLE_NAME.fullmatch(name):
-            raise ValueError(
-                f"{text[dollar : end + 1]!r} is not ${{VAR}} or ${{VAR:-default}}; "
-                "write $$ for a literal $"
-            )
-        value = environ.get(name, "")
-        if not value and name not in environ and not has_default:
-            raise ValueError(
-                f"${{{name}}} is not set in supd's environment; set it, or give a "
-                f"default: ${{{name}:-default}}"
-            )
-        parts.append(quote(value if value or not has_default else default))
-        index = end + 1
-    parts.append(text[index:])
-    return "".join(parts)
-
-
 def _escape_braces(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
@@ -402,6 +378,7 @@ class _Context:
     base_dir: Path  # folder of the file being validated
     log_dir: Path  # [supervisor] log_dir, for default program log paths
     environ: Mapping[str, str]
+    program_defaults: Mapping[str, object] = field(default_factory=dict)  # from [supervisor]
 
 
 def _context(info: ValidationInfo) -> _Context:
@@ -419,6 +396,35 @@ def _path_input(value: object, info: ValidationInfo) -> object:
         if not text:
             raise ValueError("should be a path, not an empty string")
         return _normalised(_context(info).base_dir, text)
+    return value
+
+
+def _metrics_address(value: str, info: ValidationInfo) -> str:
+    """ "HOST:PORT" checked, or a socket path made absolute (relative to the file)."""
+    if "/" in value:
+        path = _path_input(value, info)
+        assert isinstance(path, Path)
+        length = len(os.fsencode(path))
+        if length > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(
+                f"path is {length} bytes long; a UNIX socket path can have at most "
+                f"{MAX_SOCKET_PATH_BYTES}"
+            )
+        return str(path)
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f'{value!r}: should be "HOST:PORT" (e.g. "127.0.0.1:9129") or a UNIX socket path'
+            ' (with a "/", e.g. "./metrics.sock")'
+        )
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if address != "localhost":
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(
+                f"{value!r}: the host should be an IP address or localhost, not {host!r}"
+            ) from None
     return value
 
 
@@ -448,6 +454,8 @@ class SupervisorConfig(BaseModel):
     log_dir: Path = Path("logs")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_timestamps: Timestamps = "none"  # every program's default
+    journal_socket: Path = Path("/run/systemd/journal/socket")
     include: tuple[NonEmptyStr, ...] = ()  # glob patterns as written, relative to the file
     subreaper: bool = False
     # "auto": a cgroup v2 per process where supd can manage one (root, Delegate=yes, a
@@ -455,11 +463,20 @@ class SupervisorConfig(BaseModel):
     cgroups: Literal["auto", "off"] = "auto"
     # Every program inherits it; the loader merges it into each ProgramConfig.environment.
     environment: dict[NonEmptyStr, str] = Field(default_factory=dict)
+    # Serve GET /metrics: "HOST:PORT" (an IP address, or localhost) or a UNIX socket path.
+    metrics: str | None = None
 
     @field_validator("environment", mode="before")
     @classmethod
     def _read_environment(cls, value: Any, info: ValidationInfo) -> Any:
         return _environment_input(value, info)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics_address(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value  # fails as "should be a string"
+        return _metrics_address(value, info)
 
     @field_validator("environment")
     @classmethod
@@ -479,9 +496,11 @@ class SupervisorConfig(BaseModel):
         }
         return {**defaults, **data}
 
-    @field_validator("socket", "log_dir", mode="before")
+    @field_validator("socket", "log_dir", "journal_socket", mode="before")
     @classmethod
     def _resolve_path(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = expand_variables(value, _context(info).environ)
         return _path_input(value, info)
 
     @field_validator("socket")
@@ -626,6 +645,12 @@ class ProgramConfig(BaseModel):
     stderr_logfile: str | None = None
     stderr_logfile_maxbytes: ByteCount = DEFAULT_LOG_MAXBYTES
     stderr_logfile_backups: int = Field(default=DEFAULT_LOG_BACKUPS, ge=0)
+    # Before each line written to supd's stdout/stderr (a template, see log_prefix()).
+    log_prefix: str = DEFAULT_LOG_PREFIX
+    log_timestamps: Timestamps = "none"  # default from [supervisor] log_timestamps
+    rotate_every: Seconds | None = None  # "1h", "1d", "7d": rotate by age as well as size
+    max_total_size: ByteCount = 0  # cap on a log's current file and backups together; 0: none
+    compress: bool = False  # gzip rotated backups (NAME.1.gz ...) in a helper process
 
     # The environment dict makes pydantic's generated hash fail; equal configs share
     # name and command, so hashing those keeps hash consistent with ==.
@@ -671,7 +696,7 @@ class ProgramConfig(BaseModel):
         if stream == "stderr" and self.redirect_stderr:
             return None
         template = self.stdout_logfile if stream == "stdout" else self.stderr_logfile
-        if template is None:
+        if template is None or template == JOURNAL:
             return None
         process_num = self._process_num(process_name)
         return Path(
@@ -681,6 +706,30 @@ class ProgramConfig(BaseModel):
                 process_num=process_num,
                 group=self.group_name,
             )
+        )
+
+    def log_destination(self, process_name: str, stream: Stream) -> Path | int | str | None:
+        """Where a process's stream goes: a file Path, 1 or 2 for supd's own stdout or
+        stderr, JOURNAL, or None (discarded, or stderr redirected into stdout)."""
+        if stream == "stderr" and self.redirect_stderr:
+            return None
+        template = self.stdout_logfile if stream == "stdout" else self.stderr_logfile
+        if template is None:
+            return None
+        if template == JOURNAL:
+            return JOURNAL
+        if template in SUPD_STREAMS:
+            return SUPD_STREAMS[template]
+        return self.log_path(process_name, stream)
+
+    def prefix(self, process_name: str, stream: Stream) -> str:
+        """The log_prefix of one process's stream: "web:0 | " by default."""
+        return self.log_prefix.format(
+            process_name=process_name,
+            program=self.name,
+            process_num=self._process_num(process_name),
+            group=self.group_name,
+            stream=stream,
         )
 
     def log_maxbytes(self, stream: Stream) -> int:
@@ -852,9 +901,41 @@ class ProgramConfig(BaseModel):
         value = expand_variables(value, _context(info).environ, _escape_braces)
         if value.strip().lower() == "none":
             return None
+        if value.strip() == "-":
+            return "/dev/stdout"
+        if value.strip().lower() == JOURNAL:
+            return JOURNAL
         path = _path_input(value, info)
         _check_log_template(str(path))
         return str(path)
+
+    @field_validator("max_total_size", mode="before")
+    @classmethod
+    def _parse_total_size(cls, value: Any) -> Any:
+        return _parse_byte_size(value)
+
+    @field_validator("rotate_every", mode="before")
+    @classmethod
+    def _parse_rotate_every(cls, value: Any) -> Any:
+        seconds = _parse_duration(value)
+        if isinstance(seconds, float | int) and not isinstance(seconds, bool) and seconds <= 0:
+            raise ValueError('should be a positive duration such as "1h", "1d" or "7d"')
+        return seconds
+
+    @field_validator("log_prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        try:
+            fields = _template_fields(value)
+        except ValueError as error:
+            raise ValueError(f"bad placeholder ({error}); {_PREFIX_HINT}") from None
+        unknown = fields - _PREFIX_PLACEHOLDERS
+        if unknown:
+            names_text = ", ".join("{" + name + "}" for name in sorted(unknown))
+            raise ValueError(f"unknown placeholder {names_text}; {_PREFIX_HINT}")
+        if "\n" in value:
+            raise ValueError("should fit on one line (no newline)")
+        return value
 
     # -- defaults and cross-field rules --------------------------------------
 
@@ -865,7 +946,10 @@ class ProgramConfig(BaseModel):
     ) -> Any:
         if not isinstance(data, dict):
             return handler(data)
-        program = handler({**_default_logfiles(_context(info).log_dir), **data})
+        context = _context(info)
+        program = handler(
+            {**_default_logfiles(context.log_dir), **context.program_defaults, **data}
+        )
         problems = program._process_name_problems()
         problems += program._shared_log_problems(explicit_stderr="stderr_logfile" in data)
         if problems:
@@ -930,6 +1014,22 @@ _SHARED_BY_STREAMS = (
 
 
 _NAME_HINT = "use {program}, {group} or {process_num}, and {{ }} for literal braces"
+_PREFIX_HINT = (
+    "use {process_name}, {program}, {group}, {process_num} or {stream}, "
+    "and {{ }} for literal braces"
+)
+
+
+def _parse_duration(value: object) -> object:
+    """ "90s", "30m", "1h", "1d", "7d", "2w" or a number of seconds -> seconds."""
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f'should be a duration such as "1h", "1d" or "7d", got {value!r}')
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if _is_int(value):
+        return float(value)
+    return value
 
 
 @functools.lru_cache(maxsize=4096)
@@ -953,7 +1053,8 @@ def _per_process(template: str) -> bool:
 
 
 def _default_logfiles(log_dir: Path) -> dict[str, str]:
-    folder = str(log_dir).replace("{", "{{").replace("}", "}}")
+    # The folder is already expanded: its braces and dollars are literal.
+    folder = str(log_dir).replace("{", "{{").replace("}", "}}").replace("$", "$$")
     return {
         "stdout_logfile": f"{folder}/{{process_name}}.out.log",
         "stderr_logfile": f"{folder}/{{process_name}}.err.log",
@@ -1296,6 +1397,7 @@ class _Loader:
 
     log_dir: Path
     environ: Mapping[str, str]
+    program_defaults: Mapping[str, object] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     programs: dict[str, ProgramConfig] = field(default_factory=dict)
     sources: dict[str, Path] = field(default_factory=dict)
@@ -1335,7 +1437,9 @@ class _Loader:
                 self.problems.append(document.problem(("programs", name), message))
                 continue
             self.documents[name] = document
-            context = _Context(document.path.parent, self.log_dir, self.environ)
+            context = _Context(
+                document.path.parent, self.log_dir, self.environ, self.program_defaults
+            )
             group = self.group_of.get(name)
             program = _validate_program(document, name, table, context, group, self.problems)
             if program is not None:
@@ -1392,7 +1496,7 @@ class _Loader:
                 return False
         return True
 
-    def check_fd_budget(self) -> None:
+    def check_fd_budget(self, reserve: int = FD_RESERVE) -> None:
         """The output pipes of every process must fit under the hard fd limit.
 
         supd raises its soft RLIMIT_NOFILE to the hard one at start; each process holds
@@ -1404,17 +1508,17 @@ class _Loader:
         limit = hard_fd_limit()
         if limit is None:
             return
-        needed = FD_RESERVE
+        needed = reserve
         for program in self.programs.values():
             needed += program.numprocs * (1 if program.redirect_stderr else 2)
             if needed > limit:
                 key = ("programs", program.name, "numprocs")
-                total = FD_RESERVE + sum(
+                total = reserve + sum(
                     p.numprocs * (1 if p.redirect_stderr else 2) for p in self.programs.values()
                 )
                 message = (
                     f"the programs' output pipes need {total} file descriptors with supd's "
-                    f"own {FD_RESERVE}, more than the hard limit of {limit} (RLIMIT_NOFILE; "
+                    f"own {reserve}, more than the hard limit of {limit} (RLIMIT_NOFILE; "
                     f"this one takes it over): raise the limit (LimitNOFILE=, ulimit -Hn) "
                     f"or run fewer processes"
                 )
@@ -1477,7 +1581,8 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     _check_top_level(main, ("supervisor", "programs", "groups"), problems)
     supervisor = _validate_supervisor(main, environ, problems)
     log_dir = supervisor.log_dir if supervisor else main_path.parent / "logs"
-    loader = _Loader(log_dir=log_dir, environ=environ)
+    defaults = {"log_timestamps": supervisor.log_timestamps} if supervisor else {}
+    loader = _Loader(log_dir=log_dir, environ=environ, program_defaults=defaults)
     documents = [main]
     for include_path in _included_files(main_path, _include_patterns(main)):
         included = _read_document(include_path, loader.problems)
@@ -1493,7 +1598,8 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     loader.check_names_unique()
     loader.check_log_files_unshared()
     if loader.check_process_total():  # (over the total, the fd count says nothing new)
-        loader.check_fd_budget()
+        metrics = supervisor is not None and supervisor.metrics is not None
+        loader.check_fd_budget(FD_RESERVE + (METRICS_FD_RESERVE if metrics else 0))
     problems.extend(loader.problems)
     problems = _without_duplicates_of(hints, problems)
     if problems or supervisor is None:

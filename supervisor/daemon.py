@@ -8,10 +8,11 @@ Data flow, one direction only:
       -> events the effects cause (a spawn that worked or failed) back on the queue
 
 Everything the daemon waits for is an event from the one selector: child exits
-(signalfd + waitid sweep), output pipes, one timerfd for every process timer (armed for
-the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2 (and, as a subreaper, every
-SIGCHLD) through the signalfd, and the control socket with its eventfd doorbell. There
-is no polling and no sleep: with nothing to do the loop blocks in epoll_wait(-1).
+(signalfd, then waitid: see the selector's notes), output pipes, one timerfd for every
+process timer (armed for the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2
+(and, as a subreaper, every SIGCHLD) through the signalfd, and the control socket with
+its eventfd doorbell. There is no polling and no sleep: with nothing to do the loop
+blocks in epoll_wait(-1).
 
 The queue is drained by the loop after every ready key (and after each control command,
 so pipelined commands see each other's effects), never from inside a drain: nothing
@@ -26,6 +27,8 @@ import contextlib
 import dataclasses
 import errno
 import gc
+import heapq
+import itertools
 import math
 import os
 import random
@@ -35,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, assert_never
 
 from . import (
@@ -51,7 +55,7 @@ from . import (
     status,
 )
 from .commands import Commands, Snapshot
-from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
+from .config import JOURNAL, Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
 from .deaths import TAIL_BYTES, Cause, Death, Ending
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
@@ -81,8 +85,18 @@ from .fleet import (
     reload_diff,
 )
 from .follow import Followers, Listener
-from .logs import LogSink, PipeReader
-from .process import Exited, Spawned, SpawnFailed
+from .httpmetrics import MetricsServer
+from .logs import (
+    FLUSH_AFTER_S,
+    JournalTarget,
+    LineSink,
+    LogSink,
+    PipeReader,
+    StreamTarget,
+    journal_socket,
+)
+from .metrics import Metrics, ProcessView
+from .process import Exited, Process, Spawned, SpawnFailed
 from .protocol import MAX_TAIL_BYTES, Request
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
@@ -99,6 +113,10 @@ SETPRIV_MESSAGE_BYTES = 4096
 
 # Output reads per pipe per wake-up: a flooding child cannot starve the others.
 MAX_READS_PER_WAKEUP = 8
+
+# How long programs writing to supd's stdout wait for a reader that takes nothing; then
+# their lines are dropped (counted) until it reads again.
+STREAM_STALL_S = 3.0
 
 
 # -- registration tags: what a ready key means ------------------------------------------
@@ -149,6 +167,54 @@ class OwnLogTag:
     """supd's own log fd is writable again while lines wait for it (see daemonlog)."""
 
 
+@dataclass(frozen=True, slots=True)
+class StreamTag:
+    """supd's stdout (children's lines, when not the own log's stream) is writable."""
+
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlushTag:
+    """The timer of partial lines waiting for their end on a shared stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompressTag:
+    """A gzip helper: NAME.1 of `sink` (as it was after rotation number `rotation`),
+    open in supd as `source_fd` until the helper is done."""
+
+    pid: int
+    source: str
+    source_fd: int
+    temporary: str
+    rotation: int
+
+
+Sink = LogSink | LineSink
+
+# The gzip helper, a short-lived child: stdlib only, lowest priority. It reads the
+# backup through supd's own fd for it (opened right after the rename, so later
+# rotations that move the name cannot make it read another file), writes a temporary
+# file, keeps the backup's mtime (rotate_every reads the age of the last rotation from
+# it) and exits with the errno of what failed (its stdout and stderr are closed).
+GZIP_SCRIPT = """
+import gzip, os, shutil, sys
+try:
+    os.nice(19)
+    source, target = sys.argv[1], sys.argv[2]
+    with open(source, "rb") as plain, gzip.open(target, "wb", compresslevel=6) as packed:
+        shutil.copyfileobj(plain, packed, 1 << 20)
+        st = os.fstat(plain.fileno())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+except OSError as exc:
+    os._exit(exc.errno or 1)
+except BaseException:
+    os._exit(1)
+os._exit(0)
+"""
+
+
 # -- what the daemon holds for one process ------------------------------------------------
 
 
@@ -157,8 +223,8 @@ class Slot:
     """A process's fds: its child, output pipes and log files."""
 
     name: str
-    stdout: LogSink
-    stderr: LogSink
+    stdout: Sink
+    stderr: Sink
     child: spawn.Child | None = None
     readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
     exec_error: str | None = None  # the child's report that its exec failed
@@ -172,7 +238,7 @@ class Slot:
     pending_exit: SpawnFailed | Exited | None = None
     cgroup_killed: bool = False  # cgroup.kill sent since the last spawn
 
-    def sink(self, stream: str) -> LogSink:
+    def sink(self, stream: str) -> Sink:
         return self.stdout if stream == "stdout" else self.stderr
 
 
@@ -201,6 +267,8 @@ class Daemon:
         self.followers = Followers(self._refresh_hooks)
         self.commands = Commands(self)
         self.control: ControlServer | None = None
+        self.metrics = Metrics()  # counters for the daemon's whole life
+        self.metrics_server: MetricsServer | None = None
         # supd's environment as every child starts from it (minus systemd's variables)
         self.base_environment = spawn.child_environment(os.environ)
         self.subreaper = False
@@ -212,6 +280,21 @@ class Daemon:
         self._clock_fd: int | None = None
         self._armed_for: float | None = None
         self._due_now = False  # a deadline is due already: poll, then tick
+        # Partial lines held for a shared stream: (deadline, serial, sink, hold number).
+        # Deadlines of output work (partial-line flushes, stalled-stdout checks), on the
+        # flush timer: (deadline, serial, what to do then).
+        self._partials: list[tuple[float, int, Callable[[], None]]] = []
+        # supd's stdout/stderr writers that made no progress for STREAM_STALL_S: their
+        # programs are read again and lines that do not fit are dropped, counted.
+        self._overflowing: set[int] = set()
+        self._partial_serial = itertools.count()
+        self._flush_fd: int | None = None
+        self._flush_armed_for = math.inf
+        self._watched_streams: set[int] = set()
+        # Pipes not read while supd's stdout catches up: writer fd -> {(process, pipe fd)}.
+        self._paused: dict[int, set[tuple[str, int]]] = {}
+        self._journal_warned = False
+        self.compressing: dict[int, tuple[CompressTag, LogSink]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -233,6 +316,16 @@ class Daemon:
         self.control.open()
         # After the socket is ours (no live supd uses it) and before anything starts.
         self._contain()
+        if settings.metrics is not None:
+            self.metrics_server = MetricsServer(
+                self.selector,
+                settings.metrics,
+                self._scrape,
+                mode=settings.socket_mode,
+                group=settings.socket_group,
+                log=self.log,
+            )
+            self.metrics_server.open()
         if settings.subreaper or os.getpid() == 1:
             linux.set_child_subreaper(True)
             self.subreaper = True
@@ -243,6 +336,7 @@ class Daemon:
         # Made now, once: every process timer runs on it, so no stop, restart or
         # shutdown ever needs a new fd (at EMFILE there would be none).
         self._clock_fd = self.selector.register_timer(1, True, ClockTag())
+        self._flush_fd = self.selector.register_timer(1, True, FlushTag())
         self._watch_own_log()
         interval = self.notifier.watchdog_interval_ms()
         if interval is not None:
@@ -279,6 +373,8 @@ class Daemon:
     def close(self) -> None:
         if self.control is not None:
             self.control.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         for slot in list(self.slots.values()):
             self._drop_slot(slot)
         if self.cgroup_tree is not None:
@@ -288,6 +384,13 @@ class Daemon:
             self.journal.close(remove=not self.journal.live)
         if self._spare_fd is not None:
             os.close(self._spare_fd)
+        for pid, (job, _sink) in list(self.compressing.items()):
+            spawn.send_signal(pid, signal.SIGKILL, False)
+            spawn.reap(pid)
+            os.close(job.source_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(job.temporary)
+        self.compressing.clear()
         self.selector.close()
         self.notifier.close()
 
@@ -313,8 +416,19 @@ class Daemon:
                 self._cgroup_changed(name, woken=True)
             case OwnLogTag():
                 daemonlog.flush()
+            case StreamTag(fd=fd):
+                for made in daemonlog.stream_writers():
+                    if made.fd == fd:
+                        made.flush()
+            case FlushTag():
+                self._flush_partials()
+            case CompressTag() as job:
+                self.selector.unregister(key.fd)
+                self._compressed(job)
             case data if self.control is not None and self.control.owns(data):
                 self.control.on_ready(key)
+            case data if self.metrics_server is not None and self.metrics_server.owns(data):
+                self.metrics_server.on_ready(key)
             case _:
                 self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
 
@@ -341,12 +455,17 @@ class Daemon:
         try:
             self._take_exec_report(slot, child)
             self._drain_output(slot)  # nothing the child wrote is lost to its exit
+            for sink in (slot.stdout, slot.stderr):
+                if isinstance(sink, LineSink) and not slot.readers:
+                    sink.flush_partial()  # its last line, without a newline
         except Exception:  # whatever happens, the exit is reaped and reported
             self.log.exception("output_drain_failed", process=name, pid=pid)
         if slot.cgroup is None and slot.leftovers == "kill":
             # Before the reap: the zombie keeps the pid (and so the session) ours.
             self._kill_session(slot, pid)
+        self.metrics.child_exiting(name, pid)  # the run's last CPU figure, from the zombie
         exit_code, exit_signal, core_dumped = spawn.reap_status(pid)
+        self.metrics.exited(name, exit_code, exit_signal)
         if slot.exec_error is None:
             process = self.fleet.processes.get(name)
             redirected = process is not None and process.config.redirect_stderr
@@ -588,9 +707,7 @@ class Daemon:
         if fd is None:
             return
         self.selector.register_handle(fd, Event(0), OwnLogTag())  # paused until needed
-        daemonlog.watch(
-            lambda waiting: self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
-        )
+        daemonlog.watch(lambda waiting: self._writer_waiting(fd, fd, waiting))
 
     def _reap_orphans(self) -> None:
         """Reap adopted orphans (we are a subreaper or PID 1) without touching our own.
@@ -601,7 +718,6 @@ class Daemon:
         naming it, the remaining orphans wait for the next loop iteration, which that
         queued event guarantees.
         """
-        ours: set[int] | None = None
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -609,9 +725,7 @@ class Daemon:
                 return
             if info is None:
                 return
-            if ours is None:
-                ours = {s.child.pid for s in self.slots.values() if s.child is not None}
-            if info.si_pid in ours:
+            if self.selector.watches_pid(info.si_pid):  # one of ours: O(1), not O(slots)
                 return
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, 0)
@@ -656,6 +770,7 @@ class Daemon:
             case Kill(name=name, signum=signum, group=group):
                 self._kill(name, signum, group)
             case Transitioned():
+                self.metrics.transitioned(effect)
                 self._log_transition(effect)
             case Ignored(name=name, state=state, event=event):
                 self.log.debug(
@@ -729,6 +844,9 @@ class Daemon:
                 os.close(cgroup_fd)
         slot.child = child
         slot.exec_error = None
+        for sink in (slot.stdout, slot.stderr):
+            if isinstance(sink, LineSink) and isinstance(sink.target, JournalTarget):
+                sink.target.pid = child.pid
         slot.operator_signals.clear()
         slot.oom_kills_at_spawn = self.oom_kills(name)
         slot.written_at_spawn = slot.sink(
@@ -831,8 +949,55 @@ class Daemon:
         reader = slot.readers.get(key.fd) if slot is not None else None
         if slot is None or reader is None:
             return
-        if reader.pump(MAX_READS_PER_WAKEUP):
+        reads = MAX_READS_PER_WAKEUP
+        sink = reader.sink
+        if isinstance(sink, LineSink) and isinstance(sink.target, StreamTarget):
+            writer = sink.target.writer
+            stalled = isinstance(writer, daemonlog.LogWriter) and writer.fd in self._overflowing
+            if isinstance(writer, daemonlog.LogWriter) and writer.pending and not stalled:
+                # supd's stdout is slower than its programs: leave their output in their
+                # pipes (they wait, as on a slow terminal) until it has taken what waits.
+                self.selector.update_handle(key.fd, Event(0))
+                paused = self._paused.setdefault(writer.fd, set())
+                if not paused:
+                    self._watch_for_stall(writer, writer.written)
+                paused.add((name, key.fd))
+                return
+            if isinstance(writer, daemonlog.LogWriter) and writer.pollable:
+                reads = 1  # one read's worth at a time, so what waits stays small
+        if reader.pump(reads):
             self._close_reader(slot, key.fd)
+
+    def _watch_for_stall(self, writer: daemonlog.LogWriter, mark: int) -> None:
+        """In STREAM_STALL_S, if supd's stdout took nothing meanwhile, stop waiting for
+        it: its programs must not hang on a reader that is gone for good."""
+
+        def check() -> None:
+            if writer.fd not in self._paused or writer.fd in self._overflowing:
+                return
+            if writer.written != mark:
+                self._watch_for_stall(writer, writer.written)  # slow, but moving
+                return
+            self._overflowing.add(writer.fd)
+            self.log.warning("log_stream_stalled", fd=writer.fd, waited_s=STREAM_STALL_S)
+            self._resume_readers(writer.fd)
+
+        self._after(STREAM_STALL_S, check)
+
+    def _resume_readers(self, writer_fd: int) -> None:
+        """supd's stdout took what waited: read the pipes paused for it again."""
+        for name, fd in self._paused.pop(writer_fd, ()):
+            slot = self.slots.get(name)
+            if slot is not None and fd in slot.readers:
+                self.selector.update_handle(fd, Event.READ)
+
+    def _writer_waiting(self, fd: int, writer_fd: int, waiting: bool) -> None:
+        self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
+        if not waiting:
+            if writer_fd in self._overflowing:
+                self._overflowing.discard(writer_fd)
+                self.log.info("log_stream_recovered", fd=writer_fd)
+            self._resume_readers(writer_fd)
 
     def _drain_output(self, slot: Slot) -> None:
         for fd, reader in list(slot.readers.items()):
@@ -840,6 +1005,8 @@ class Daemon:
                 self._close_reader(slot, fd)
 
     def _close_reader(self, slot: Slot, fd: int) -> None:
+        for paused in self._paused.values():
+            paused.discard((slot.name, fd))
         del slot.readers[fd]
         self.selector.unregister(fd)
         os.close(fd)
@@ -854,13 +1021,165 @@ class Daemon:
             if reader.sink is sink:
                 reader.on_data = self.followers.hook(name, stream)
 
-    @staticmethod
-    def _sink(program: ProgramConfig, name: str, stream: Stream) -> LogSink:
-        return LogSink(
-            program.log_path(name, stream),
+    def _sink(self, program: ProgramConfig, name: str, stream: Stream) -> Sink:
+        destination = program.log_destination(name, stream)
+        if isinstance(destination, int):
+            writer = daemonlog.stream_writer(destination)
+            if writer is not None:
+                self._watch_stream(writer)
+                sink = LineSink(
+                    StreamTarget(writer),
+                    program.prefix(name, stream).encode(),
+                    f"/dev/{'stdout' if destination == 1 else 'stderr'}",
+                    timestamps=program.log_timestamps,
+                )
+                sink.on_partial = self._partial_held
+                return sink
+            self.log.warning("log_stream_unavailable", process=name, fd=destination)
+            destination = None
+        if destination == JOURNAL:
+            path = self.config.supervisor.journal_socket
+            sock = journal_socket(path)
+            if sock is not None:
+                priority = 6 if stream == "stdout" else 3
+                target = JournalTarget(sock, path, program.name, name, priority)
+                sink = LineSink(target, b"", "journal")
+                sink.on_partial = self._partial_held
+                return sink
+            if not self._journal_warned:
+                self._journal_warned = True
+                self.log.warning("journal_unavailable", socket=str(path), fallback="log files")
+            suffix = "out" if stream == "stdout" else "err"
+            destination = self.config.supervisor.log_dir / f"{name}.{suffix}.log"
+        assert destination is None or isinstance(destination, Path)
+        file_sink = LogSink(
+            destination,
             program.log_maxbytes(stream),
             program.log_backups(stream),
+            timestamps=program.log_timestamps,
+            rotate_every=program.rotate_every,
+            max_total_size=program.max_total_size,
+            compress=program.compress,
         )
+        file_sink.on_rotated = self._compress
+        return file_sink
+
+    def _watch_stream(self, writer: daemonlog.LogWriter) -> None:
+        """Flush children's lines waiting for supd's stdout when it becomes writable."""
+        if writer is daemonlog.writer() or not writer.pollable:
+            return
+        fd = writer.fd
+        if fd in self._watched_streams:
+            return
+        self._watched_streams.add(fd)
+        self.selector.register_handle(fd, Event(0), StreamTag(fd))
+        writer.watch(lambda waiting: self._writer_waiting(fd, fd, waiting))
+
+    # -- partial lines on shared streams: flushed after FLUSH_AFTER_S ------------------
+
+    def _partial_held(self, sink: LineSink) -> None:
+        holds = sink.holds
+
+        def flush() -> None:
+            if sink.holds == holds:  # still the partial line it was armed for
+                sink.flush_partial()
+
+        self._after(FLUSH_AFTER_S, flush)
+
+    def _after(self, delay_s: float, action: Callable[[], None]) -> None:
+        deadline = self.clock() + delay_s
+        heapq.heappush(self._partials, (deadline, next(self._partial_serial), action))
+        self._arm_flush()
+
+    def _arm_flush(self) -> None:
+        if self._flush_fd is None:
+            return
+        deadline = self._partials[0][0] if self._partials else math.inf
+        if deadline == self._flush_armed_for:
+            return
+        self._flush_armed_for = deadline
+        if deadline == math.inf:
+            linux.timerfd_settime_ns(self._flush_fd, initial=0)
+            return
+        delay_ms = max(1, math.ceil((deadline - self.clock()) * 1000))
+        self.selector.rearm_timer(self._flush_fd, delay_ms, True)
+
+    def _flush_partials(self) -> None:
+        self._flush_armed_for = math.inf
+        now = self.clock()
+        while self._partials and self._partials[0][0] <= now:
+            _deadline, _serial, action = heapq.heappop(self._partials)
+            action()
+        self._arm_flush()
+
+    # -- compression of rotated backups, in a helper child ------------------------------
+
+    def _compress(self, sink: LogSink) -> None:
+        """gzip the NAME.1 `sink` just made, off the loop, in a low-priority child."""
+        assert sink.path is not None
+        source = sink.path.with_name(f"{sink.path.name}.1")
+        temporary = sink.path.with_name(f".{sink.path.name}.{sink.rotations}.gz-partial")
+        try:
+            source_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            self.log.warning("log_compress_failed", path=str(source), error=str(exc))
+            return
+        spec = spawn.SpawnSpec(
+            argv=(
+                sys.executable, "-I", "-c", GZIP_SCRIPT,
+                f"/proc/{os.getpid()}/fd/{source_fd}", str(temporary),
+            ),
+            environment=self.base_environment,
+            redirect_stderr=True,
+        )  # fmt: skip
+        try:
+            child = spawn.spawn(spec)
+        except (spawn.SpawnError, OSError) as exc:
+            os.close(source_fd)
+            self.log.warning("log_compress_failed", path=str(source), error=str(exc))
+            return
+        for fd in (child.stdout_fd, child.stderr_fd, child.exec_error_fd):
+            if fd is not None:
+                os.close(fd)
+        job = CompressTag(child.pid, str(source), source_fd, str(temporary), sink.rotations)
+        self.compressing[child.pid] = (job, sink)
+        self.selector.register_process(child.pid, job)
+        self.log.debug("log_compress_started", path=str(source), pid=child.pid)
+
+    def _compressed(self, job: CompressTag) -> None:
+        """The helper is done: put NAME.N.gz where NAME.N now is (later rotations moved it
+        on), then drop the plain copy. Renames only: cheap enough for the loop."""
+        _job, sink = self.compressing.pop(job.pid)
+        exit_code, exit_signal = spawn.reap(job.pid)
+        assert sink.path is not None
+        number = 1 + sink.rotations - job.rotation
+        source = sink.path.with_name(f"{sink.path.name}.{number}")
+        try:
+            compressed = os.fstat(job.source_fd)
+            current = os.stat(source)
+            same = (compressed.st_dev, compressed.st_ino) == (current.st_dev, current.st_ino)
+        except OSError:
+            same = False  # deleted since (retention): nothing to replace
+        finally:
+            os.close(job.source_fd)
+        if exit_code != 0 or not same:
+            with contextlib.suppress(OSError):
+                os.unlink(job.temporary)
+            if exit_code != 0:
+                error = os.strerror(exit_code) if exit_code else None
+                self.log.warning(
+                    "log_compress_failed", path=str(source), exit_code=exit_code, error=error,
+                    signal=signal_name(exit_signal) if exit_signal is not None else None,
+                )  # fmt: skip
+            return
+        try:
+            os.rename(job.temporary, source.with_name(source.name + ".gz"))
+            os.unlink(source)
+        except OSError as exc:
+            self.log.warning("log_compress_failed", path=str(source), error=str(exc))
+            return
+        sink.enforce_total_size()
+        self.log.info("log_compressed", path=f"{source}.gz")
 
     def _drop_slot(self, slot: Slot) -> None:
         self._drain_output(slot)
@@ -869,7 +1188,47 @@ class Daemon:
         slot.stdout.close()
         slot.stderr.close()
         self._close_cgroup(slot)
+        self.metrics.slot_dropped(slot.name, slot.stdout, slot.stderr)
         self.slots.pop(slot.name, None)
+
+    def rotate_logs(self, names: list[str]) -> list[tuple[str, str, bool]]:
+        """Rotate the log files of these processes now: (process, stream, rotated)."""
+        done = []
+        for name in names:
+            slot = self.slots.get(name)
+            if slot is None:
+                continue
+            for stream in ("stdout", "stderr"):
+                rotated = slot.sink(stream).rotate_now()
+                done.append((name, stream, rotated))
+        self.log.info("logs_rotated", processes=names)
+        return done
+
+    def log_files(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each process's log destinations, files and their sizes (`supctl logs`)."""
+        entries: list[dict[str, Any]] = []
+        for name in names:
+            slot = self.slots.get(name)
+            if slot is None:
+                continue
+            for stream in ("stdout", "stderr"):
+                sink = slot.sink(stream)
+                where = (
+                    sink.description
+                    if isinstance(sink, LineSink)
+                    else (str(sink.path) if sink.path is not None else "none")
+                )
+                files = [{"path": str(path), "size": size} for path, size in sink.files()]
+                entries.append(
+                    {
+                        "name": name,
+                        "stream": stream,
+                        "destination": where,
+                        "files": files,
+                        "dropped_bytes": sink.dropped_bytes,
+                    }
+                )
+        return entries
 
     def reopen_logs(self) -> None:
         for slot in self.slots.values():
@@ -891,6 +1250,7 @@ class Daemon:
     def handle_command(self, request: Request, responder: Responder) -> None:
         """The control server's handler: run the command, then settle what it queued, so
         the next command (pipelined on a connection, say) sees its effect."""
+        self.metrics.requests[request.method] += 1
         self.commands.handle_command(request, responder)
         self._drain()
 
@@ -944,10 +1304,19 @@ class Daemon:
             new = load(self.config.path)
         except ConfigError as exc:
             self.log.error("reload_failed", problems=[str(p) for p in exc.problems])
+            self.metrics.reload_failures += 1
             self.notifier.ready(self.status_line())  # still running, on the old config
             raise
         added, changed, removed = reload_diff(self.fleet.configs, new.programs)
         self.config = new
+        self.metrics.reloads += 1
+        if new.supervisor.metrics != settings_metrics(self):
+            self.log.warning(
+                "metrics_address_unchanged",
+                reason="the metrics address is set at start; restart supd to change it",
+                running=settings_metrics(self),
+                configured=new.supervisor.metrics,
+            )
         self.queue.append(Reload(tuple(new.programs.values())))
         self._release_memory()
         self.log.info("config_reloaded", added=added, changed=changed, removed=removed)
@@ -973,12 +1342,73 @@ class Daemon:
     def clear(self, names: list[str]) -> None:
         self.queue.append(ClearHistory(tuple(names)))
 
-    def tail(self, name: str, stream: str, nbytes: int | None, nlines: int | None) -> bytes:
+    def tail(
+        self,
+        name: str,
+        stream: str,
+        nbytes: int | None,
+        nlines: int | None,
+        since: float | None = None,
+    ) -> bytes:
         sink = self.slots[name].sink(stream)
+        if since is not None:
+            return sink.read_since(time.time() - since, limit=MAX_TAIL_BYTES)
         return sink.read_back(nbytes=nbytes, nlines=nlines, limit=MAX_TAIL_BYTES)
 
     def follow(self, name: str, stream: str, listener: Listener) -> Callable[[], None]:
         return self.followers.add(name, stream, listener)
+
+    def metrics_text(self) -> str:
+        views = []
+        for name, process in self.fleet.processes.items():
+            slot = self.slots.get(name)
+            views.append(
+                ProcessView(process, slot.stdout if slot else None, slot.stderr if slot else None)
+            )
+        return self.metrics.render(views, self.clock(), time.time())
+
+    def _scrape(self) -> bytes:
+        return self.metrics_text().encode()
+
+    def usage(self, names: list[str]) -> list[dict[str, Any]]:
+        processes = [self.fleet.processes[name] for name in names]
+        rows = self.metrics.usage(processes, self.clock())
+        return [
+            {
+                "name": row.name,
+                "pid": row.pid,
+                "cpu_seconds": round(row.cpu_seconds, 2),
+                "cpu_percent": row.cpu_percent,
+                "rss_bytes": row.rss_bytes,
+                "processes": row.processes,
+            }
+            for row in rows
+        ]
+
+    def avail(self) -> list[dict[str, Any]]:
+        by_program: dict[str, list[Process]] = {}
+        for process in self.fleet.processes.values():
+            by_program.setdefault(process.config.name, []).append(process)
+        rows = []
+        for program in self.fleet.configs.values():
+            members = by_program.get(program.name, [])
+            rows.append(
+                {
+                    "program": program.name,
+                    "group": program.group_name,
+                    "autostart": program.autostart,
+                    "processes": [p.name for p in members],
+                    "running": sum(p.state is State.RUNNING for p in members),
+                    "active": any(not p.is_down() for p in members),
+                }
+            )
+        return rows
+
+
+def settings_metrics(daemon: Daemon) -> str | None:
+    """The metrics address supd serves (set at start)."""
+    server = daemon.metrics_server
+    return None if server is None else server.configured
 
 
 def cgroup_close(cgroup: cgroups.ProcessCgroup | None, selector: Selector[Any]) -> None:
@@ -1013,7 +1443,12 @@ def reset_inherited_signals() -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="supd", description="supervise processes")
+    parser = argparse.ArgumentParser(
+        prog="supd",
+        description="supervise processes",
+        epilog="supd import FILE [-o OUT]: convert a supervisord config to supd's TOML "
+        "(supd import --help)",
+    )
     parser.add_argument("-c", "--config", default="/etc/supd/supd.toml", help="config file")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     version = f"supd {__version__} (spawn method: {spawn.method()})"

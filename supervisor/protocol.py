@@ -122,20 +122,47 @@ class ReloadParams(_Params):
 
 
 class TailParams(_Params):
-    """`bytes` or `lines` (not both; neither means DEFAULT_TAIL_BYTES bytes). Either way
-    the answer holds at most MAX_TAIL_BYTES bytes."""
+    """`bytes`, `lines` or `since` (one of them; none means DEFAULT_TAIL_BYTES bytes).
+    Either way the answer holds at most MAX_TAIL_BYTES bytes per process.
 
-    name: StrictStr
+    `name` is one process; `names` (instead) any number of processes, programs, globs
+    or "all": the answer then has one part per process in `processes`, and `follow`
+    sends the `output` notifications of all of them, each naming its process.
+    `since`: the output of the last `since` seconds (timestamps where present, the log
+    files' modification times otherwise)."""
+
+    name: StrictStr | None = None
+    names: Names | None = None
     stream: Stream = "stdout"
     bytes: int | None = Field(default=None, ge=0, le=MAX_TAIL_BYTES)
     lines: int | None = Field(default=None, ge=0, le=MAX_TAIL_BYTES)
+    since: float | None = Field(default=None, ge=0, le=10 * 365 * 86400, allow_inf_nan=False)
     follow: bool = False
 
     @model_validator(mode="after")
     def _bytes_or_lines(self) -> TailParams:
         if self.bytes is not None and self.lines is not None:
             raise ValueError("give bytes or lines, not both")
+        if self.since is not None and (self.bytes is not None or self.lines is not None):
+            raise ValueError("give since without bytes or lines")
+        if (self.name is None) == (self.names is None):
+            raise ValueError("give name or names, one of them")
         return self
+
+
+class LogsParams(_Params):
+    """`logs`: each process's log destination and files; `rotate` first cuts them."""
+
+    names: Names | None = None
+    rotate: bool = False
+
+
+class MaintailParams(_Params):
+    """`maintail`: supd's own recent log lines (from memory); `follow` sends each new
+    one as a `daemon_log` notification."""
+
+    lines: int | None = Field(default=None, ge=0, le=100_000)
+    follow: bool = False
 
 
 class PidParams(_Params):
@@ -163,6 +190,18 @@ class ClearParams(_Params):
     names: Names
 
 
+class MetricsParams(_Params):
+    pass
+
+
+class UsageParams(_Params):
+    names: Names | None = None
+
+
+class AvailParams(_Params):
+    pass
+
+
 Params = (
     StatusParams
     | StartParams
@@ -171,11 +210,16 @@ Params = (
     | SignalParams
     | ReloadParams
     | TailParams
+    | LogsParams
+    | MaintailParams
     | PidParams
     | VersionParams
     | ShutdownParams
     | DeathsParams
     | ClearParams
+    | MetricsParams
+    | UsageParams
+    | AvailParams
 )
 
 Method = Literal[
@@ -186,11 +230,16 @@ Method = Literal[
     "signal",
     "reload",
     "tail",
+    "logs",
+    "maintail",
     "pid",
     "version",
     "shutdown",
     "deaths",
     "clear",
+    "metrics",
+    "usage",
+    "avail",
 ]
 
 
@@ -258,10 +307,40 @@ class ReloadResult(_Result):
     removed: list[str] = []
 
 
+class TailPart(_Result):
+    name: str
+    stream: Stream
+    data: str
+
+
 class TailResult(_Result):
     name: str
     stream: Stream
     data: str  # UTF-8 decoded with errors="replace"
+
+
+class TailManyResult(TailResult):
+    """The answer to a tail with `names`: `name` is the first name asked, `data` is ""."""
+
+    processes: list[TailPart]  # one part per process
+
+
+class LogFile(_Result):
+    path: str
+    size: int
+
+
+class LogEntry(_Result):
+    name: str
+    stream: Stream
+    destination: str  # a file path, /dev/stdout, /dev/stderr, journal, or none
+    files: list[LogFile] = []  # the current file and its backups, newest first
+    dropped_bytes: int = 0
+    rotated: bool | None = None  # with `rotate`: whether this log was cut
+
+
+class MaintailResult(_Result):
+    data: str  # lines, each ending in a newline
 
 
 class OutputParams(_Result):
@@ -339,6 +418,35 @@ class DeathsResult(_Result):
     deaths: list[DeathInfo] = []  # newest first
 
 
+class MetricsResult(_Result):
+    """`metrics`: the OpenMetrics exposition, as `GET /metrics` serves it."""
+
+    text: str
+    content_type: str
+
+
+class ProcessUsage(_Result):
+    """One row of `usage`: a process and its descendants, sampled from /proc."""
+
+    name: str
+    pid: int | None
+    cpu_seconds: float  # the current run's tree
+    cpu_percent: float | None  # since the previous sample, or the run's average
+    rss_bytes: int | None
+    processes: int  # in the tree
+
+
+class ProgramAvail(_Result):
+    """One row of `avail`: a program of the running config."""
+
+    program: str
+    group: str
+    autostart: bool
+    processes: list[str]
+    running: int  # processes RUNNING
+    active: bool  # any process not down (STOPPED, EXITED, FATAL)
+
+
 #: The Python type of each method's result; `RESULT_ADAPTERS[m].validate_json(...)`
 #: checks an answer (tests, and clients that want models).
 RESULT_TYPES: Final[dict[str, Any]] = {
@@ -348,12 +456,17 @@ RESULT_TYPES: Final[dict[str, Any]] = {
     "restart": list[ActionResult],
     "signal": list[ActionResult],
     "reload": ReloadResult,
-    "tail": TailResult,
+    "tail": TailManyResult | TailResult,
+    "logs": list[LogEntry],
+    "maintail": MaintailResult,
     "pid": PidResult,
     "version": VersionResult,
     "shutdown": ShutdownResult,
     "deaths": DeathsResult,
     "clear": list[ActionResult],
+    "metrics": MetricsResult,
+    "usage": list[ProcessUsage],
+    "avail": list[ProgramAvail],
 }
 RESULT_ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
     method: TypeAdapter(result_type) for method, result_type in RESULT_TYPES.items()
@@ -411,6 +524,16 @@ class _Tail(_Envelope):
     params: TailParams
 
 
+class _Logs(_Envelope):
+    method: Literal["logs"]
+    params: LogsParams = LogsParams()
+
+
+class _Maintail(_Envelope):
+    method: Literal["maintail"]
+    params: MaintailParams = MaintailParams()
+
+
 class _Pid(_Envelope):
     method: Literal["pid"]
     params: PidParams = PidParams()
@@ -436,6 +559,21 @@ class _Clear(_Envelope):
     params: ClearParams
 
 
+class _Metrics(_Envelope):
+    method: Literal["metrics"]
+    params: MetricsParams = MetricsParams()
+
+
+class _Usage(_Envelope):
+    method: Literal["usage"]
+    params: UsageParams = UsageParams()
+
+
+class _Avail(_Envelope):
+    method: Literal["avail"]
+    params: AvailParams = AvailParams()
+
+
 _AnyEnvelope = Annotated[
     _Status
     | _Start
@@ -444,11 +582,16 @@ _AnyEnvelope = Annotated[
     | _Signal
     | _Reload
     | _Tail
+    | _Logs
+    | _Maintail
     | _Pid
     | _Version
     | _Shutdown
     | _Deaths
-    | _Clear,
+    | _Clear
+    | _Metrics
+    | _Usage
+    | _Avail,
     Field(discriminator="method"),
 ]
 _ENVELOPE: Final[TypeAdapter[_AnyEnvelope]] = TypeAdapter(_AnyEnvelope)
