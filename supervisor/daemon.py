@@ -1607,7 +1607,7 @@ class Daemon:
             version=reexec.STATE_VERSION,
             generation=self._generation + 1,
             config_path=str(self.config.path),
-            supervisor=self.config.supervisor.model_dump(mode="json"),
+            supervisor=self.config.supervisor.model_dump(mode="json", exclude_defaults=True),
             programs=[reexec.program_data(p) for p in fleet.configs.values()],
             process_programs=process_programs,
             sources={k: str(v) for k, v in self.config.sources.items()},

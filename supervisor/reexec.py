@@ -245,16 +245,20 @@ def restore_process(
 
 
 def program_data(program: ProgramConfig) -> dict[str, Any]:
-    data: dict[str, Any] = program.model_dump(mode="json")
+    """A program as data: only what differs from the defaults (some options' validators
+    refuse their own default written out, such as `memory_max = null`)."""
+    data: dict[str, Any] = program.model_dump(mode="json", exclude_defaults=True)
     return data
 
 
 def program_from(data: dict[str, Any]) -> ProgramConfig:
-    """A program as saved; keys this version does not know are dropped."""
+    """A program as saved; keys this version does not know are dropped, and so are
+    nulls a validator refuses."""
     try:
         return ProgramConfig.model_validate(data)
     except ValidationError:
-        known = {k: v for k, v in data.items() if k in ProgramConfig.model_fields}
+        fields = ProgramConfig.model_fields
+        known = {k: v for k, v in data.items() if k in fields and v is not None}
         return ProgramConfig.model_validate(known)
 
 
@@ -277,14 +281,15 @@ def rebuild(state: DaemonState, current: Config | None) -> tuple[Config, list[Pr
 
     programs = [revive(d) for d in state.programs]
     extras = [revive(d) for d in state.process_programs]
-    if current is not None and current.supervisor.model_dump(mode="json") == state.supervisor:
+    dumped = current.supervisor.model_dump(mode="json", exclude_defaults=True) if current else None
+    if current is not None and dumped == state.supervisor:
         supervisor = current.supervisor
     else:
         try:
             supervisor = SupervisorConfig.model_validate(state.supervisor)
         except ValidationError:
             fields = SupervisorConfig.model_fields
-            known = {k: v for k, v in state.supervisor.items() if k in fields}
+            known = {k: v for k, v in state.supervisor.items() if k in fields and v is not None}
             supervisor = SupervisorConfig.model_validate(known)
     sources = {k: Path(v) for k, v in state.sources.items()}
     config = Config(Path(state.config_path), supervisor, {p.name: p for p in programs}, sources)
