@@ -80,6 +80,17 @@ KEY_EFFECTS: dict[str, KeyEffect] = {
     "stderr_logfile": KeyEffect.LOGS,
     "stderr_logfile_maxbytes": KeyEffect.LOGS,
     "stderr_logfile_backups": KeyEffect.LOGS,
+    "log_prefix": KeyEffect.LOGS,
+    "log_timestamps": KeyEffect.LOGS,
+    "rotate_every": KeyEffect.LOGS,
+    "max_total_size": KeyEffect.LOGS,
+    "compress": KeyEffect.LOGS,
+    # containment: the cgroup and its limits are made at spawn, and what is left of a
+    # process when it ends is decided from its spawn's settings
+    "memory_max": KeyEffect.RESTART,
+    "cpu_max": KeyEffect.RESTART,
+    "pids_max": KeyEffect.RESTART,
+    "leftovers": KeyEffect.RESTART,
 }
 
 

@@ -65,6 +65,8 @@ def test_a_key_the_table_does_not_know_restarts() -> None:
         ({"environment": {"A": "1"}}, Step.RESTART, 'environment: {} → {"A": "1"}'),
         ({"umask": 0o22}, Step.RESTART, "umask: null → 18"),
         ({"stdout_logfile": "/tmp/new.log"}, Step.UPDATE, "stdout_logfile: "),
+        ({"log_timestamps": "iso"}, Step.UPDATE, 'log_timestamps: "none" → "iso"'),
+        ({"memory_max": "64MB"}, Step.RESTART, "memory_max: null → "),
     ],
 )
 def test_the_plan_for_each_kind_of_key_change(
@@ -88,7 +90,7 @@ def test_the_plan_for_each_kind_of_key_change(
         assert not any(isinstance(k, Kill) for k in sim.effects)
         assert sim.fleet.processes["web"].config == program("web", **{**FAST, **change})
     updated = [e.name for e in sim.effects if isinstance(e, UpdateSlot)]
-    assert updated == (["web"] if "logfile" in shown else [])
+    assert updated == (["web"] if shown.startswith(("stdout_logfile", "log_")) else [])
 
 
 def test_an_in_place_stop_setting_is_used_by_the_next_stop() -> None:

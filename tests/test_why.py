@@ -190,7 +190,8 @@ def test_stop_timeout_and_an_obedient_stop(supd: Factory) -> None:
     """)
     d.wait_state("stubborn", "RUNNING")
     d.wait_state("obedient", "RUNNING")
-    wait_until(lambda: b"ready" in Path(d.dir, "logs").joinpath("stubborn.out.log").read_bytes())
+    log = Path(d.dir, "logs").joinpath("stubborn.out.log")  # made at the first write
+    wait_until(lambda: log.exists() and b"ready" in log.read_bytes())
     d.rpc("stop", {"names": ["stubborn", "obedient"]})
     [timed_out] = deaths(d, "stubborn")["deaths"]
     assert timed_out["cause"] == "stop-timeout" and timed_out["exit_signal"] == "SIGKILL"
