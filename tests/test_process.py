@@ -16,6 +16,9 @@ from supd.process import (
     ForceKill,
     Ignored,
     Kill,
+    Notified,
+    Probe,
+    ProbeResult,
     Process,
     ProcessEvent,
     Spawn,
@@ -315,6 +318,15 @@ EVENTS: dict[str, ProcessEvent] = {
     "startsecs": TimerFired(Timer.STARTSECS),
     "backoff": TimerFired(Timer.BACKOFF),
     "stop_timeout": TimerFired(Timer.STOP_TIMEOUT),
+    # Readiness, health, sd_notify (issue 14): without `ready`, `health` or
+    # `watchdog_sec` (TABLE_CONFIG) they mean nothing; tests/test_readiness.py has the rest.
+    "ready_probe": ProbeResult(Probe.READY, True, "ok"),
+    "health_probe": ProbeResult(Probe.HEALTH, False, "refused"),
+    "notified": Notified(status="warming up"),
+    "ready_timeout": TimerFired(Timer.READY_TIMEOUT),
+    "probe": TimerFired(Timer.PROBE),
+    "probe_timeout": TimerFired(Timer.PROBE_TIMEOUT),
+    "watchdog": TimerFired(Timer.WATCHDOG),
 }
 
 IGNORED = "ignored"
@@ -396,6 +408,8 @@ TABLE: dict[tuple[State, str], tuple[State, list[Effect]] | str] = {
         [CancelTimer(Timer.STOP_TIMEOUT), t(S.STOPPING, S.STOPPED, "exited with status 1")],
     ),
     (S.STOPPING, "stop_timeout"): (S.STOPPING, [KILL]),
+    # sd_notify messages are recorded (STATUS=) while a process runs, whatever its config
+    **{(live, "notified"): (live, []) for live in (S.STARTING, S.RUNNING, S.STOPPING)},
 }
 
 
