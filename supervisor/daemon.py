@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
-from . import __version__, activation, daemonlog, instancelock, linux, notify, spawn
+from . import __version__, activation, daemonlog, instancelock, linux, notify, probes, spawn
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
@@ -43,6 +43,7 @@ from .fleet import (
     Action,
     Answer,
     Boot,
+    CancelProbe,
     ChildEvent,
     CreateSlot,
     DropSlot,
@@ -50,11 +51,13 @@ from .fleet import (
     Fleet,
     FleetEffect,
     FleetEvent,
+    HealthChanged,
     Ignored,
     Kill,
     Outcome,
     Ready,
     Reload,
+    RunProbe,
     Shutdown,
     Spawn,
     Submit,
@@ -64,7 +67,7 @@ from .fleet import (
 )
 from .follow import Followers, Listener
 from .logs import LogSink, PipeReader
-from .process import Exited, Spawned, SpawnFailed
+from .process import Exited, Probe, ProbeResult, Spawned, SpawnFailed
 from .protocol import MAX_TAIL_BYTES, Request
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
@@ -118,6 +121,32 @@ class OutputTag:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeTag:
+    """A probe's socket (`serial` tells a probe from a later one of the same process)."""
+
+    name: str
+    serial: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeChildTag:
+    """An exec probe's child."""
+
+    name: str
+    pid: int
+
+
+@dataclass(slots=True, eq=False)
+class ProbeRun:
+    """The one probe in flight for a process: a socket, or an exec probe's child."""
+
+    probe: Probe
+    serial: int
+    sock: probes.SocketProbe | None = None
+    child: spawn.Child | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class OwnLogTag:
     """supd's own log fd is writable again while lines wait for it (see daemonlog)."""
 
@@ -135,6 +164,9 @@ class Slot:
     child: spawn.Child | None = None
     readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
     exec_error: str | None = None  # the child's report that its exec failed
+    probe: ProbeRun | None = None  # the ready or health probe in flight
+    matcher: probes.LineMatcher | None = None  # ready = { log = ... } until it matched
+    last_output_at: float | None = None  # monotonic: health = { log-silence = ... }
 
     def sink(self, stream: str) -> LogSink:
         return self.stdout if stream == "stdout" else self.stderr
@@ -169,6 +201,7 @@ class Daemon:
         self._clock_fd: int | None = None
         self._armed_for: float | None = None
         self._due_now = False  # a deadline is due already: poll, then tick
+        self._probe_serials = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -259,6 +292,11 @@ class Daemon:
                 self.notifier.watchdog()
             case OwnLogTag():
                 daemonlog.flush()
+            case ProbeTag(name=name, serial=serial):
+                self._probe_ready(name, serial)
+            case ProbeChildTag(name=name, pid=pid):
+                self.selector.unregister(key.fd)
+                self._probe_child_exited(name, pid)
             case data if self.control is not None and self.control.owns(data):
                 self.control.on_ready(key)
             case _:
@@ -428,6 +466,15 @@ class Daemon:
                 self.log.info("ready", status=self.status_line())
             case Exit():
                 self.running = False
+            case RunProbe(name=name, program=program, probe=probe):
+                self._run_probe(name, program, probe)
+            case CancelProbe(name=name):
+                slot = self.slots.get(name)
+                if slot is not None:
+                    self._end_probe(slot)
+            case HealthChanged(name=name, healthy=healthy, message=message):
+                level = self.log.info if healthy else self.log.warning
+                level("health_changed", process=name, healthy=healthy, message=message)
             case _:
                 assert_never(effect)
 
@@ -461,9 +508,13 @@ class Daemon:
         if child.exec_error_fd is not None:
             tag = ExecReportTag(name, child.pid)
             self.selector.register_handle(child.exec_error_fd, Event.READ, tag)
+        ready = program.ready
+        slot.matcher = None
+        if ready is not None and ready.kind == "log":
+            slot.matcher = probes.LineMatcher(ready.log_pattern)
         for stream, fd in (("stdout", child.stdout_fd), ("stderr", child.stderr_fd)):
             if fd is not None:
-                hook = self.followers.hook(name, stream)
+                hook = self._output_hook(name, stream)
                 slot.readers[fd] = PipeReader(fd, slot.sink(stream), hook)
                 self.selector.register_handle(fd, Event.READ, OutputTag(name, stream))
         self.log.info("spawned", process=name, pid=child.pid)
@@ -522,6 +573,7 @@ class Daemon:
         reader = slot.readers.get(key.fd) if slot is not None else None
         if slot is None or reader is None:
             return
+        slot.last_output_at = self.clock()
         if reader.pump(MAX_READS_PER_WAKEUP):
             self._close_reader(slot, key.fd)
 
@@ -543,7 +595,7 @@ class Daemon:
         sink = slot.sink(stream)
         for reader in slot.readers.values():
             if reader.sink is sink:
-                reader.on_data = self.followers.hook(name, stream)
+                reader.on_data = self._output_hook(name, stream)
 
     @staticmethod
     def _sink(program: ProgramConfig, name: str, stream: Stream) -> LogSink:
@@ -554,12 +606,178 @@ class Daemon:
         )
 
     def _drop_slot(self, slot: Slot) -> None:
+        self._end_probe(slot)
         self._drain_output(slot)
         for fd in list(slot.readers):
             self._close_reader(slot, fd)
         slot.stdout.close()
         slot.stderr.close()
         self.slots.pop(slot.name, None)
+
+    # -- readiness and health probes (issue 14) ------------------------------------------
+
+    def _output_hook(self, name: str, stream: str) -> Callable[[bytes], None] | None:
+        """What sees a stream's bytes besides its log: `tail -f` followers, and the
+        ready line matcher until it matched (then no hook costs anything again)."""
+        follow = self.followers.hook(name, stream)
+        slot = self.slots.get(name)
+        if slot is None or slot.matcher is None:
+            return follow
+
+        def scan(data: bytes) -> None:
+            if follow is not None:
+                follow(data)
+            matcher = slot.matcher
+            if matcher is None:
+                return
+            line = matcher.feed(data)
+            if line is not None:
+                slot.matcher = None
+                self._refresh_hooks(name, "stdout")
+                self._refresh_hooks(name, "stderr")
+                self.queue.append(ChildEvent(name, ProbeResult(Probe.READY, True, line)))
+
+        return scan
+
+    def _run_probe(self, name: str, program: ProgramConfig, probe: Probe) -> None:
+        slot = self.slots.get(name)
+        config = program.ready if probe is Probe.READY else program.health
+        if slot is None or config is None:
+            return
+        self._end_probe(slot)
+        self._probe_serials += 1
+        run = ProbeRun(probe, self._probe_serials)
+        kind = config.kind
+        if kind == "file":
+            verdict = probes.file_verdict((program.ready.file if program.ready else None) or "")
+            self.queue.append(ChildEvent(name, ProbeResult(probe, verdict.ok, verdict.message)))
+            return
+        if kind == "log_silence":
+            self._log_silence_verdict(name, slot, program, probe)
+            return
+        if kind == "exec":
+            self._run_exec_probe(name, slot, run, program, config.exec or ())
+            return
+        try:
+            sock: probes.SocketProbe = (
+                probes.TcpProbe(config.tcp or "")
+                if kind == "tcp"
+                else probes.HttpProbe(config.http or "")
+            )
+        except OSError as exc:  # EMFILE, say: a failed check, never a daemon error
+            self.queue.append(ChildEvent(name, ProbeResult(probe, False, f"probe: {exc}")))
+            return
+        if sock.verdict is not None:
+            sock.close()
+            verdict = sock.verdict
+            self.queue.append(ChildEvent(name, ProbeResult(probe, verdict.ok, verdict.message)))
+            return
+        run.sock = sock
+        slot.probe = run
+        self.selector.register_handle(sock.fd, Event.WRITE, ProbeTag(name, run.serial))
+
+    def _probe_ready(self, name: str, serial: int) -> None:
+        slot = self.slots.get(name)
+        run = slot.probe if slot is not None else None
+        if slot is None or run is None or run.serial != serial or run.sock is None:
+            return
+        sock = run.sock
+        wanted_write = sock.wants_write
+        try:
+            verdict = sock.on_ready()
+        except OSError as exc:
+            verdict = probes.Verdict(False, f"{sock.what}: {exc}")
+        if verdict is None:
+            if sock.wants_write != wanted_write:
+                events = Event.WRITE if sock.wants_write else Event.READ
+                self.selector.update_handle(sock.fd, events)
+            return
+        self._end_probe(slot)
+        self.queue.append(ChildEvent(name, ProbeResult(run.probe, verdict.ok, verdict.message)))
+
+    def _run_exec_probe(
+        self, name: str, slot: Slot, run: ProbeRun, program: ProgramConfig, argv: tuple[str, ...]
+    ) -> None:
+        """Spawned like the program (same clean slate, user, directory, environment);
+        its output is not kept, and the fleet's PROBE_TIMEOUT kills it (CancelProbe)."""
+        env = {**self.base_environment, **program.environment, "SUPD_PROCESS_NAME": name}
+        spec = spawn.SpawnSpec(
+            argv=argv,
+            environment=env,
+            directory=program.directory,
+            user=program.user,
+            group=program.group,
+            umask=program.umask,
+            redirect_stderr=True,
+            configured_environment=frozenset(program.environment),
+        )
+        what = f"exec {' '.join(argv)}"
+        try:
+            child = spawn.spawn(spec)
+        except (spawn.SpawnError, OSError) as exc:
+            self.queue.append(ChildEvent(name, ProbeResult(run.probe, False, f"{what}: {exc}")))
+            return
+        for fd in (child.stdout_fd, child.stderr_fd):
+            if fd is not None:
+                os.close(fd)  # the probe writes into a closed pipe: EPIPE, never a block
+        child.stdout_fd = child.stderr_fd = None
+        run.child = child
+        slot.probe = run
+        self.selector.register_process(child.pid, ProbeChildTag(name, child.pid))
+
+    def _probe_child_exited(self, name: str, pid: int) -> None:
+        exit_code, exit_signal = spawn.reap(pid)
+        slot = self.slots.get(name)
+        run = slot.probe if slot is not None else None
+        if slot is None or run is None or run.child is None or run.child.pid != pid:
+            return
+        if run.child.exec_error_fd is not None:
+            error = run.child.read_exec_error()
+            if error is not None:
+                exit_code, exit_signal = 127, None
+        run.child = None
+        slot.probe = None
+        argv = self.fleet.processes[name].config if name in self.fleet.processes else None
+        command = ""
+        if argv is not None:
+            config = argv.ready if run.probe is Probe.READY else argv.health
+            command = " ".join(config.exec or ()) if config is not None else ""
+        if exit_signal is not None:
+            message = f"exec {command}: killed by {signal_name(exit_signal)}"
+        else:
+            message = f"exec {command}: exit status {exit_code}"
+        self.queue.append(ChildEvent(name, ProbeResult(run.probe, exit_code == 0, message)))
+
+    def _log_silence_verdict(
+        self, name: str, slot: Slot, program: ProgramConfig, probe: Probe
+    ) -> None:
+        silence = program.health.log_silence if program.health else None
+        process = self.fleet.processes.get(name)
+        if silence is None or process is None:
+            return
+        now = self.clock()
+        last = max(slot.last_output_at or 0.0, process.started_at or now)
+        quiet = now - last
+        if quiet >= silence:
+            message = f"printed nothing for {quiet:.0f} s (log-silence = {silence:g})"
+            self.queue.append(ChildEvent(name, ProbeResult(probe, False, message)))
+        else:
+            self.queue.append(ChildEvent(name, ProbeResult(probe, True, "printing")))
+
+    def _end_probe(self, slot: Slot) -> None:
+        run, slot.probe = slot.probe, None
+        if run is None:
+            return
+        if run.sock is not None:
+            self.selector.unregister(run.sock.fd)
+            run.sock.close()
+        if run.child is not None:
+            pid = run.child.pid
+            spawn.send_signal(pid, signal.SIGKILL, True)
+            # Its process key stays: _probe_child_exited reaps it once it is gone.
+            if run.child.exec_error_fd is not None:
+                os.close(run.child.exec_error_fd)
+                run.child.exec_error_fd = None
 
     def reopen_logs(self) -> None:
         for slot in self.slots.values():

@@ -53,7 +53,7 @@ class ChildEvent:
     """Something happened to a process's child: spawned, failed to spawn, exited."""
 
     name: str
-    event: proc.Spawned | proc.SpawnFailed | proc.Exited
+    event: proc.Spawned | proc.SpawnFailed | proc.Exited | proc.ProbeResult | proc.Notified
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +168,41 @@ class Exit:
     """Shutdown is complete: every process is down."""
 
 
-FleetEffect = CreateSlot | DropSlot | Spawn | Kill | Transitioned | Ignored | Answer | Ready | Exit
+@dataclass(frozen=True, slots=True)
+class RunProbe:
+    """Run a ready or health probe for a process; answer with a ChildEvent(ProbeResult)."""
+
+    name: str
+    program: ProgramConfig
+    probe: proc.Probe
+
+
+@dataclass(frozen=True, slots=True)
+class CancelProbe:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChanged:
+    name: str
+    healthy: bool
+    message: str
+
+
+FleetEffect = (
+    CreateSlot
+    | DropSlot
+    | Spawn
+    | Kill
+    | Transitioned
+    | Ignored
+    | Answer
+    | Ready
+    | Exit
+    | RunProbe
+    | CancelProbe
+    | HealthChanged
+)
 
 
 class UnknownNames(Exception):
@@ -218,6 +252,7 @@ class _Request:
     planning: bool = False  # restart: its stops and starts are not all sent yet
     stop_groups: list[list[str]] = field(default_factory=list)  # restart, next first
     stopping: deque[str] = field(default_factory=deque)  # restart: the group going down
+    stop_after: list[str] = field(default_factory=list)  # stop: waiting for dependants
 
 
 # -- the fleet ----------------------------------------------------------------------------
@@ -245,6 +280,10 @@ class Fleet:
         self._serials = itertools.count()
         self._out: list[FleetEffect] = []
         self._now = 0.0  # the `now` of the event being handled
+        # Dependencies (issue 14): processes whose start waits for their dependencies
+        # (insertion-ordered), and dependencies that left RUNNING during this event.
+        self._held: dict[str, None] = {}
+        self._left_running: list[str] = []
 
     # -- the interface -----------------------------------------------------------------
 
@@ -324,12 +363,14 @@ class Fleet:
         for program in sorted(programs, key=lambda p: p.start_order):
             if program.autostart:
                 for name in self.programs.get(program.name, []):
-                    self._send(name, proc.Start(), now)
+                    self._start(name, now)
 
     def _send(self, name: str, event: proc.ProcessEvent, now: float) -> None:
         """Feed one process; turn its effects into fleet effects and settle requests."""
         process = self.processes[name]
         changes: list[State] = []
+        if isinstance(event, proc.Stop):
+            self._unhold(name)
         for effect in process.handle(event, now):
             match effect:
                 case proc.Spawn():
@@ -344,6 +385,8 @@ class Fleet:
                     self.state_counts[old] -= 1
                     self.state_counts[new] += 1
                     changes.append(new)
+                    if old is State.RUNNING:
+                        self._left_running.append(name)
                     delay = None
                     if new is State.BACKOFF and process.backoff_until is not None:
                         delay = process.backoff_until - now
@@ -354,6 +397,12 @@ class Fleet:
                     )
                 case proc.Ignored(state=state, event=ignored):
                     self._out.append(Ignored(name, state, ignored))
+                case proc.RunProbe(probe=probe):
+                    self._out.append(RunProbe(name, process.config, probe))
+                case proc.CancelProbe():
+                    self._out.append(CancelProbe(name))
+                case proc.HealthChanged(healthy=healthy, message=message):
+                    self._out.append(HealthChanged(name, healthy, message))
         self._settle(name, changes)
 
     def _settle(self, name: str, changes: list[State]) -> None:
@@ -382,6 +431,7 @@ class Fleet:
     def _drop(self, name: str) -> None:
         process = self.processes.pop(name)
         self.retiring.discard(name)
+        self._unhold(name)
         self.state_counts[process.state] -= 1
         for timer in Timer:
             self._timers.pop((name, timer), None)
@@ -442,10 +492,13 @@ class Fleet:
                 self._supersede_conflicts(name, up, request)
         request.replied = not submit.wait  # wait=false: the answer below, at once
         match submit.action:
-            case Action.START | Action.STOP:
-                event = proc.Start() if up else proc.Stop()
+            case Action.START:
                 for name in list(request.parts):
-                    self._send(name, event, now)
+                    if name in request.parts:
+                        self._start(name, now)
+            case Action.STOP:
+                request.stop_after = list(request.parts)
+                self._stop_dependants_first(request, now)
             case Action.RESTART:
                 # Stop by priority groups, highest number first, each one down before
                 # the next; then start them all, lowest first (as boot and shutdown do).
@@ -538,7 +591,7 @@ class Fleet:
                 parts[name].phase = _Phase.WAIT
             for name in sorted(waiting, key=lambda n: self.processes[n].config.start_order):
                 if name in parts:
-                    self._send(name, proc.Start(), now)
+                    self._start(name, now)
 
     # -- reload ------------------------------------------------------------------------
 
@@ -586,6 +639,8 @@ class Fleet:
             return
         self.shutting_down = True
         self.replacements.clear()
+        for name in list(self._held):
+            self._unhold(name)
         for request in list(self._requests.values()):
             for name, part in list(request.parts.items()):
                 if part.up:
@@ -608,6 +663,9 @@ class Fleet:
                         self._resolve(request, name, self._now_outcome(name))
                 self._out.append(Exit())
                 return
+            # Dependants before their dependencies, whatever the priorities say.
+            needed = {d.program for p in live for d in p.config.depends_on}
+            live = [p for p in live if p.config.name not in needed] or live
             top = max(p.config.start_order for p in live)
             group.extend(p.name for p in live if p.config.start_order == top)
             for name in list(group):
@@ -622,15 +680,143 @@ class Fleet:
     # -- after every event -------------------------------------------------------------
 
     def _follow_up(self, now: float) -> None:
+        self._dependencies_follow(now)
         for request in list(self._requests.values()):
             if request.planning:
                 self._advance_restart(request, now)
                 self._finish_if_done(request)
+            if request.stop_after:
+                self._stop_dependants_first(request, now)
         if self.shutting_down:
             self._shutdown_step(now)
-        if self.booted and not self.ready and not self.state_counts[State.STARTING]:
+        if (
+            self.booted
+            and not self.ready
+            and not self.state_counts[State.STARTING]
+            and all(self._stuck(name) for name in self._held)
+        ):
             self.ready = True
             self._out.append(Ready())
+
+    # -- dependencies (issue 14) -------------------------------------------------------
+    #
+    # A process starts only when every program it depends on meets its condition; until
+    # then it is held (STOPPED, "waiting for db (ready)"). Starting a process starts what
+    # it depends on first. After every event the held ones are looked at again: O(held)
+    # per event, and nothing is held in a config without dependencies.
+
+    def _start(self, name: str, now: float, seen: frozenset[str] = frozenset()) -> None:
+        """Start a process once its dependencies are met; start them first if need be."""
+        process = self.processes[name]
+        for dependency in process.config.depends_on:
+            for other in self.programs.get(dependency.program, []):
+                target = self.processes[other]
+                if other in seen or other in self._held or target.want is Want.UP:
+                    continue
+                if other in self.retiring or _condition_met(target, dependency.condition):
+                    continue
+                self._start(other, now, seen | {name})
+        reason = self._unmet(process)
+        if reason is None:
+            self._unhold(name)
+            self._send(name, proc.Start(), now)
+        else:
+            self._held[name] = None
+            process.waiting_for = reason
+
+    def _unhold(self, name: str) -> None:
+        if self._held.pop(name, 0) is None:
+            process = self.processes.get(name)
+            if process is not None:
+                process.waiting_for = None
+
+    def _unmet(self, process: Process) -> str | None:
+        """Why the process cannot start yet ("waiting for db (ready)"), or None."""
+        for dependency in process.config.depends_on:
+            for other in self.programs.get(dependency.program, []):
+                target = self.processes[other]
+                if _condition_met(target, dependency.condition):
+                    continue
+                waiting = f"waiting for {dependency.program} ({dependency.condition})"
+                if target.state is State.FATAL:
+                    return f"{waiting}: {other} is FATAL"
+                return waiting
+        return None
+
+    def _stuck(self, name: str, seen: frozenset[str] = frozenset()) -> bool:
+        """A held process that nothing will release without an operator: a dependency
+        is FATAL or down for good, or is itself stuck."""
+        process = self.processes.get(name)
+        if process is None:
+            return True
+        for dependency in process.config.depends_on:
+            for other in self.programs.get(dependency.program, []):
+                target = self.processes[other]
+                if _condition_met(target, dependency.condition) or other in seen:
+                    continue
+                if other in self._held:
+                    if self._stuck(other, seen | {name}):
+                        return True
+                elif target.state is State.FATAL or target.want is Want.DOWN:
+                    return True
+        return False
+
+    def _dependencies_follow(self, now: float) -> None:
+        """Restart dependants that asked for it, then start the held processes whose
+        dependencies are met now; a held one blocked by a FATAL dependency answers the
+        starts waiting on it (it still starts once the dependency recovers)."""
+        left, self._left_running = self._left_running, []
+        if left and not self.shutting_down:
+            self._restart_dependants(left, now)
+        for name in list(self._held):
+            process = self.processes.get(name)
+            if process is None or not process.is_down():
+                continue  # a dependant restarting: held once it is down
+            reason = self._unmet(process)
+            process.waiting_for = reason
+            if reason is None:
+                self._unhold(name)
+                self._send(name, proc.Start(), now)
+                continue
+            if "is FATAL" in reason:
+                for request in list(self._claims.get(name, ())):
+                    part = request.parts.get(name)
+                    if part is not None and part.up and part.phase is _Phase.WAIT:
+                        outcome = Outcome(name, False, process.state, reason, ErrorCode.BAD_STATE)
+                        self._resolve(request, name, outcome)
+
+    def _restart_dependants(self, left: list[str], now: float) -> None:
+        """on_dependency_restart = "restart": a dependency left RUNNING, so its dependants
+        stop now and start again once it meets their condition (systemd's PartOf)."""
+        programs = {self.processes[n].config.name for n in left if n in self.processes}
+        for name, process in list(self.processes.items()):
+            config = process.config
+            if config.on_dependency_restart != "restart" or process.want is not Want.UP:
+                continue
+            if any(d.program in programs for d in config.depends_on):
+                self._send(name, proc.Stop(), now)
+                self._held[name] = None
+                process.waiting_for = self._unmet(process)
+
+    def _stop_dependants_first(self, request: _Request, now: float) -> None:
+        """A stop of several processes: each one once those that depend on it (in the
+        same request) are down."""
+        pending = [n for n in request.stop_after if n in request.parts]
+        programs = {self.processes[n].config.name for n in pending if n in self.processes}
+        busy = set()
+        for name in pending:
+            process = self.processes.get(name)
+            if process is None or process.is_down():
+                continue
+            busy |= {d.program for d in process.config.depends_on if d.program in programs}
+        later = []
+        for name in pending:
+            process = self.processes.get(name)
+            if process is not None and process.config.name in busy:
+                later.append(name)
+            elif name in request.parts:
+                self._send(name, proc.Stop(), now)
+        request.stop_after = later
 
 
 def _judge(
@@ -649,6 +835,23 @@ def _judge(
     if state is State.FATAL or (state in DOWN_STATES and process.want is Want.DOWN):
         return _failed(process)
     return None
+
+
+def _condition_met(process: Process, condition: str) -> bool:
+    """Does this dependency process meet a dependant's `depends_on` condition?"""
+    match condition:
+        case "started" | "ready":  # RUNNING means ready: a probe keeps it STARTING
+            return process.state is State.RUNNING
+        case "healthy":
+            healthy = process.config.health is None or process.healthy is True
+            return process.state is State.RUNNING and healthy
+        case "completed":
+            return (
+                process.state is State.EXITED
+                and process.exit_signal is None
+                and process.exit_code in process.config.exitcodes
+            )
+    return False
 
 
 def _failed(process: Process) -> Outcome:
