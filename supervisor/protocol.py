@@ -191,6 +191,11 @@ class ProcessInfo(_Result):
     restarts: int = 0  # automatic restarts only
     spawn_error: str | None = None
     description: str = ""  # "pid 4242, uptime 0:03:10"
+    # Readiness, health and dependencies (issue 14).
+    healthy: bool | None = None  # None: no health check, or none answered yet
+    health_error: str | None = None  # the last failed health check
+    waiting_for: str | None = None  # "waiting for db (ready)"
+    notify_status: str | None = None  # the last STATUS= the program sent
 
 
 class ActionResult(_Result):

@@ -30,11 +30,13 @@ def describe(process: Process, now: float, wall_now: float, stopped_by: int | No
     `stopped_by` is the signal that stopped a running child (SIGSTOP, SIGTSTP), if any.
     """
     state = process.state
+    if process.waiting_for is not None and process.pid is None:
+        return process.waiting_for  # a dependency not met yet (issue 14)
     if state in (State.RUNNING, State.STARTING, State.STOPPING) and process.pid is not None:
         running = f"pid {process.pid}, uptime {format_uptime(process.uptime(now))}"
         if stopped_by is not None:
             return f"{running}, stopped ({signal_name(stopped_by)})"
-        return running
+        return running + _health_mark(process)
     if state is State.BACKOFF and process.backoff_until is not None:
         wait = max(0.0, process.backoff_until - now)
         return f"restarting in {wait:.1f} s"
@@ -52,6 +54,19 @@ def describe(process: Process, now: float, wall_now: float, stopped_by: int | No
     if state is State.FATAL:
         return f"{what} at {at}, exited too quickly"
     return f"{what} at {at}"
+
+
+def _health_mark(process: Process) -> str:
+    """ ", HEALTHY" / ", UNHEALTHY: why" for a process with a health check, and the
+    program's own STATUS= line if it sent one."""
+    mark = ""
+    if process.healthy is True:
+        mark = ", HEALTHY"
+    elif process.healthy is False:
+        mark = f", UNHEALTHY: {process.health_error}"
+    if process.notify_status:
+        mark += f", {process.notify_status}"
+    return mark
 
 
 def info(
@@ -75,4 +90,8 @@ def info(
         "restarts": process.restarts,
         "spawn_error": process.spawn_error,
         "description": describe(process, now, wall_now, stopped_by),
+        "healthy": process.healthy,
+        "health_error": process.health_error,
+        "waiting_for": process.waiting_for,
+        "notify_status": process.notify_status,
     }

@@ -1,0 +1,330 @@
+"""Readiness, health and dependencies (issue 14): real probes against real listeners,
+and the dependency graph, end to end; the decisions themselves as data at the end."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from supd import fleet as f
+from supd import process as proc
+from supd.config import ConfigError, ProgramConfig, load
+from supd.facts import State
+from tests.helpers import PY, SLEEP, Supd, cmd, source_pythonpath, toml_list, wait_until
+
+Factory = Callable[..., Supd]
+
+
+@pytest.fixture
+def bound_port() -> Iterator[socket.socket]:
+    """A port picked at runtime, bound but not listening: connect() is refused until the
+    test calls listen() (no race with another user of the port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    yield sock
+    sock.close()
+
+
+def test_tcp_ready_waits_for_a_listener_started_late(
+    supd: Factory, bound_port: socket.socket
+) -> None:
+    port = bound_port.getsockname()[1]
+    d = supd(f"""
+        [programs.db]
+        command = {SLEEP}
+        startsecs = 0
+        ready = {{ tcp = "127.0.0.1:{port}", interval = 0.05 }}
+    """)
+    wait_until(lambda: d.events("spawned"), describe=d.describe)
+    assert d.state("db") == "STARTING"  # refused: not ready
+    bound_port.listen()
+    d.wait_state("db", "RUNNING")
+    reasons = [e["reason"] for e in d.events("state_changed") if e["to_state"] == "RUNNING"]
+    assert reasons == [f"ready: connect 127.0.0.1:{port}: connected"]
+
+
+def test_not_ready_by_ready_timeout_is_a_failed_start_with_the_reason(
+    supd: Factory, bound_port: socket.socket
+) -> None:
+    port = bound_port.getsockname()[1]
+    d = supd(f"""
+        [programs.db]
+        command = {SLEEP}
+        startsecs = 0
+        startretries = 0
+        stopwaitsecs = 1
+        ready = {{ tcp = "127.0.0.1:{port}", interval = 0.05, ready_timeout = 0.3 }}
+    """)
+    d.wait_state("db", "FATAL")
+    fatal = d.events("fatal")[0]["reason"]
+    assert fatal.startswith(
+        f"not ready after 0.3 s: connect 127.0.0.1:{port}: connection refused"
+    ), fatal
+
+
+class _FlipHandler(http.server.BaseHTTPRequestHandler):
+    healthy = False
+    requests = 0
+
+    def do_GET(self) -> None:
+        type(self).requests += 1
+        self.send_response(200 if type(self).healthy else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_http_ready_waits_for_a_2xx_after_503s(supd: Factory) -> None:
+    handler = type("Handler", (_FlipHandler,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        d = supd(f"""
+            [programs.web]
+            command = {SLEEP}
+            startsecs = 0
+            ready = {{ http = "http://127.0.0.1:{port}/healthz", interval = 0.05 }}
+        """)
+        wait_until(lambda: handler.requests >= 2, describe=d.describe)
+        assert d.state("web") == "STARTING"  # 503 twice at least
+        handler.healthy = True
+        d.wait_state("web", "RUNNING")
+        reasons = [e["reason"] for e in d.events("state_changed") if e["to_state"] == "RUNNING"]
+        assert reasons == [f"ready: GET http://127.0.0.1:{port}/healthz: 200"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_log_ready_line_printed_after_a_delay(supd: Factory, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    program = cmd(f"""
+        import os, time
+        print("warming up")
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.01)
+        print("listening on port 8000")
+        time.sleep(1000)
+    """)
+    d = supd(f"""
+        [programs.app]
+        command = {program}
+        startsecs = 0
+        ready = {{ log = "listening on port \\\\d+" }}
+    """)
+    wait_until(lambda: d.events("spawned"), describe=d.describe)
+    assert d.state("app") == "STARTING"
+    go.touch()
+    d.wait_state("app", "RUNNING")
+    reasons = [e["reason"] for e in d.events("state_changed") if e["to_state"] == "RUNNING"]
+    assert reasons == ["ready: listening on port 8000"]
+
+
+def test_file_and_exec_ready(supd: Factory, tmp_path: Path) -> None:
+    flag = tmp_path / "ready-flag"
+    check = [PY, "-c", f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 1)"]
+    d = supd(f"""
+        [programs.filed]
+        command = {SLEEP}
+        startsecs = 0
+        ready = {{ file = "{flag}", interval = 0.05 }}
+
+        [programs.execd]
+        command = {SLEEP}
+        startsecs = 0
+        ready = {{ exec = {toml_list(check)}, interval = 0.05 }}
+    """)
+    wait_until(lambda: len(d.events("spawned")) == 2, describe=d.describe)
+    assert d.state("filed") == "STARTING"
+    assert d.state("execd") == "STARTING"
+    flag.touch()
+    d.wait_state("filed", "RUNNING")
+    d.wait_state("execd", "RUNNING")
+
+
+def test_health_check_restarts_after_failures(supd: Factory, bound_port: socket.socket) -> None:
+    port = bound_port.getsockname()[1]
+    bound_port.listen()
+    d = supd(f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        backoff_initial = 0
+        health = {{ tcp = "127.0.0.1:{port}", interval = 0.05, failures = 2, start_grace = 0 }}
+    """)
+    wait_until(lambda: d.status()["web"]["healthy"] is True, describe=d.describe)
+    assert "HEALTHY" in d.status()["web"]["description"]
+    bound_port.close()  # now connect is refused
+    wait_until(lambda: d.events("health_changed")[1:], describe=d.describe)
+    changed = d.events("health_changed")
+    assert [e["healthy"] for e in changed[:2]] == [True, False]
+    assert "connection refused" in changed[1]["message"]
+    # on_unhealthy = restart (the default): stopped and started again
+    wait_until(lambda: len(d.events("spawned")) >= 2, describe=d.describe)
+
+
+def test_dependencies_start_in_order_and_a_completed_migration(
+    supd: Factory, tmp_path: Path
+) -> None:
+    go = tmp_path / "db-go"
+    db = cmd(f"""
+        import os, time
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.01)
+        print("database ready")
+        time.sleep(1000)
+    """)
+    d = supd(f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        priority = 1
+        depends_on = ["db", {{ program = "migrate", condition = "completed" }}]
+
+        [programs.migrate]
+        command = {cmd("print('migrated')")}
+        startsecs = 0
+        autorestart = "never"
+        depends_on = ["db"]
+
+        [programs.db]
+        command = {db}
+        startsecs = 0
+        ready = {{ log = "database ready" }}
+    """)
+    wait_until(lambda: d.events("spawned"), describe=d.describe)
+    status = d.status()
+    assert status["db"]["state"] == "STARTING"
+    assert status["web"]["state"] == "STOPPED"
+    assert status["web"]["description"] == "waiting for db (ready)"
+    assert status["migrate"]["waiting_for"] == "waiting for db (ready)"
+    go.touch()
+    d.wait_state("web", "RUNNING")
+    spawned = [e["process"] for e in d.events("spawned")]
+    assert spawned == ["db", "migrate", "web"]
+    assert d.state("migrate") == "EXITED"
+    # Shutdown stops dependants first, whatever their priority (web's is the lowest).
+    d.signal(15)
+    assert d.wait_exit() == 0
+    stopped = [e["process"] for e in d.events("stopped")]
+    assert stopped == ["web", "db"]
+
+
+def test_a_fatal_dependency_blocks_its_dependants_with_the_reason(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.db]
+        command = {cmd("raise SystemExit(1)")}
+        startretries = 0
+
+        [programs.web]
+        command = {SLEEP}
+        depends_on = ["db"]
+    """)
+    d.wait_state("db", "FATAL")
+    wait_until(lambda: "FATAL" in (d.status()["web"]["waiting_for"] or ""), describe=d.describe)
+    web = d.status()["web"]
+    assert web["state"] == "STOPPED"
+    assert web["description"] == "waiting for db (ready): db is FATAL"
+    # `start web` tries db again first; it fails again, and so does the start of web.
+    result = d.rpc("start", {"names": ["web"], "wait": True})
+    assert [(r["name"], r["ok"], r["error"]) for r in result] == [
+        ("web", False, "waiting for db (ready): db is FATAL")
+    ]
+    assert len(d.events("spawned")) == 2  # db twice, web never
+
+
+def test_supctl_start_starts_dependencies_first(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.db]
+        command = {SLEEP}
+        startsecs = 0
+        autostart = false
+
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        autostart = false
+        depends_on = ["db"]
+    """)
+    env = {"PYTHONPATH": source_pythonpath(), "PATH": "/usr/bin:/bin"}
+    subprocess.run([PY, "-m", "supd.ctl", "-s", str(d.socket), "start", "web"], check=True, env=env)
+    d.wait_state("web", "RUNNING")
+    assert [e["process"] for e in d.events("spawned")] == ["db", "web"]
+
+
+def test_cycles_and_unknown_names_are_rejected_with_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "supd.toml"
+    path.write_text(
+        "[programs.a]\n"
+        'command = ["/bin/true"]\n'
+        'depends_on = ["b"]\n'
+        "\n"
+        "[programs.b]\n"
+        'command = ["/bin/true"]\n'
+        'depends_on = ["c", "nosuch"]\n'
+        "\n"
+        "[programs.c]\n"
+        'command = ["/bin/true"]\n'
+        'depends_on = [{ program = "a", condition = "healthy" }]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={})
+    lines = [str(p) for p in caught.value.problems]
+    assert f"{path}:3: programs.a.depends_on: dependency cycle: a -> b -> c -> a" in lines
+    assert f"{path}:7: programs.b.depends_on: names unknown program nosuch" in lines
+
+
+# -- the decisions as data (fake clock) ---------------------------------------------------
+
+
+def program(name: str, **options: object) -> ProgramConfig:
+    return ProgramConfig.model_validate({"name": name, "command": ["/bin/true"], **options})
+
+
+def spawned(fleet: f.Fleet, effects: list[f.FleetEffect], now: float) -> list[str]:
+    """Report every Spawn as spawned; the names, in order."""
+    names = [e.name for e in effects if isinstance(e, f.Spawn)]
+    for name in names:
+        fleet.handle(f.ChildEvent(name, proc.Spawned(1000 + len(name))), now)
+    return names
+
+
+def test_fleet_holds_dependants_until_the_condition_is_met() -> None:
+    fleet = f.Fleet()
+    configs = (
+        program("web", startsecs=0, depends_on=["db"]),
+        program("db", startsecs=0, ready={"tcp": "127.0.0.1:5432", "ready_timeout": 5}),
+        program("cron", startsecs=0, priority=5),
+    )
+    effects = fleet.handle(f.Boot(configs), 0.0)
+    assert spawned(fleet, effects, 0.0) == ["cron", "db"]  # independent: by priority
+    assert fleet.processes["web"].waiting_for == "waiting for db (ready)"
+    probe = fleet.handle(f.Tick(), 0.0)
+    assert [type(e) for e in probe] == [f.RunProbe]
+    effects = fleet.handle(f.ChildEvent("db", proc.ProbeResult(proc.Probe.READY, False, "x")), 0.1)
+    assert not any(isinstance(e, f.Spawn) for e in effects)
+    effects = fleet.handle(f.ChildEvent("db", proc.ProbeResult(proc.Probe.READY, True, "")), 0.2)
+    assert [e.name for e in effects if isinstance(e, f.Spawn)] == ["web"]
+    assert fleet.processes["db"].state is State.RUNNING
+
+
+def test_fleet_ready_timeout_stops_and_counts_a_failed_start() -> None:
+    fleet = f.Fleet()
+    config = program("db", startsecs=0, startretries=0, stopwaitsecs=1, ready={"notify": True})
+    spawned(fleet, fleet.handle(f.Boot((config,)), 0.0), 0.0)
+    assert fleet.next_deadline() == 60.0
+    effects = fleet.handle(f.Tick(), 60.0)
+    assert any(isinstance(e, f.Kill) for e in effects)
+    assert fleet.processes["db"].state is State.STOPPING
+    fleet.handle(f.ChildEvent("db", proc.Exited(None, 15)), 60.5)
+    assert fleet.processes["db"].state is State.FATAL
