@@ -34,7 +34,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
-from . import __version__, activation, daemonlog, instancelock, linux, notify, probes, spawn
+from . import (
+    __version__,
+    activation,
+    childnotify,
+    daemonlog,
+    instancelock,
+    linux,
+    notify,
+    probes,
+    spawn,
+)
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
@@ -147,6 +157,11 @@ class ProbeRun:
 
 
 @dataclass(frozen=True, slots=True)
+class ChildNotifyTag:
+    """The socket programs send their sd_notify datagrams to."""
+
+
+@dataclass(frozen=True, slots=True)
 class OwnLogTag:
     """supd's own log fd is writable again while lines wait for it (see daemonlog)."""
 
@@ -202,6 +217,12 @@ class Daemon:
         self._armed_for: float | None = None
         self._due_now = False  # a deadline is due already: poll, then tick
         self._probe_serials = 0
+        # sd_notify from programs (issue 14): the socket, made once some program asks;
+        # pid -> process for crediting (children, and the MAINPID each declared).
+        self.child_notify: childnotify.NotifySocket | None = None
+        self._notify_owners: dict[int, str] = {}
+        self._main_pids: dict[str, int] = {}
+        self._notify_strangers: set[int] = set()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -236,6 +257,7 @@ class Daemon:
         if interval is not None:
             self.selector.register_timer(interval, False, WatchdogTag())
         self.running = True
+        self._open_child_notify(self.config)
         self.queue.append(Boot(tuple(self.config.programs.values())))
         self._drain()
         self._release_memory()
@@ -271,6 +293,8 @@ class Daemon:
             self._drop_slot(slot)
         self.selector.close()
         self.notifier.close()
+        if self.child_notify is not None:
+            self.child_notify.close()
 
     # -- ready keys into fleet events ---------------------------------------------------
 
@@ -292,6 +316,8 @@ class Daemon:
                 self.notifier.watchdog()
             case OwnLogTag():
                 daemonlog.flush()
+            case ChildNotifyTag():
+                self._child_notifications()
             case ProbeTag(name=name, serial=serial):
                 self._probe_ready(name, serial)
             case ProbeChildTag(name=name, pid=pid):
@@ -322,6 +348,7 @@ class Daemon:
             self.log.warning("unknown_child_exited", process=name, pid=pid, status=spawn.reap(pid))
             return
         child, slot.child = slot.child, None
+        self._forget_notify_pids(name, child.pid)
         try:
             self._take_exec_report(slot, child)
             self._drain_output(slot)  # nothing the child wrote is lost to its exit
@@ -486,6 +513,10 @@ class Daemon:
             "SUPD_PROCESS_NAME": name,
             "SUPD_PROGRAM": program.name,
         }
+        if self.child_notify is not None and program.wants_notify_socket:
+            env["NOTIFY_SOCKET"] = self.child_notify.address
+            if program.watchdog_sec is not None:
+                env["WATCHDOG_USEC"] = str(round(program.watchdog_sec * 1_000_000))
         spec = spawn.SpawnSpec(
             argv=program.command,
             environment=env,
@@ -504,6 +535,7 @@ class Daemon:
             return
         slot.child = child
         slot.exec_error = None
+        self._notify_owners[child.pid] = name
         self.selector.register_process(child.pid, ChildTag(name, child.pid))
         if child.exec_error_fd is not None:
             tag = ExecReportTag(name, child.pid)
@@ -779,6 +811,68 @@ class Daemon:
                 os.close(run.child.exec_error_fd)
                 run.child.exec_error_fd = None
 
+    # -- sd_notify from programs (issue 14) ---------------------------------------------
+
+    def _open_child_notify(self, config: Config) -> None:
+        """Make the notify socket the first time a program of the config asks for it."""
+        if self.child_notify is not None:
+            return
+        if not any(p.wants_notify_socket for p in config.programs.values()):
+            return
+        try:
+            self.child_notify = childnotify.NotifySocket()
+        except OSError as exc:  # its programs then never get NOTIFY_SOCKET: logged
+            self.log.error("notify_socket_failed", error=str(exc))
+            return
+        self.selector.register_handle(self.child_notify.fd, Event.READ, ChildNotifyTag())
+        self.log.info("notify_socket_open", address=self.child_notify.address)
+
+    def _child_notifications(self) -> None:
+        if self.child_notify is None:
+            return
+        for pid, data in self.child_notify.receive():
+            name = None if pid is None else childnotify.credit(pid, self._notify_owners)
+            process = self.fleet.processes.get(name) if name is not None else None
+            if process is None or not process.config.wants_notify_socket:
+                self._stranger(pid, data)
+                continue
+            notified = childnotify.parse(data)
+            if notified is None:
+                continue
+            assert name is not None
+            if notified.main_pid is not None:
+                old = self._main_pids.pop(name, None)
+                if old is not None and self._notify_owners.get(old) == name:
+                    del self._notify_owners[old]
+                self._main_pids[name] = notified.main_pid
+                self._notify_owners.setdefault(notified.main_pid, name)
+            self.log.debug(
+                "notified", process=name, pid=pid, message=data[:200].decode(errors="replace")
+            )
+            self.queue.append(ChildEvent(name, notified))
+
+    def _stranger(self, pid: int | None, data: bytes) -> None:
+        """A datagram from a process supd does not supervise (or that did not ask):
+        ignored, and logged once per sender."""
+        key = -1 if pid is None else pid
+        if key in self._notify_strangers or len(self._notify_strangers) >= 1024:
+            return
+        self._notify_strangers.add(key)
+        message = data[:200].decode(errors="replace")
+        self.log.warning(
+            "notify_ignored",
+            pid=pid,
+            message=message,
+            reason="not a supervised process that asked for NOTIFY_SOCKET",
+        )
+
+    def _forget_notify_pids(self, name: str, pid: int) -> None:
+        if self._notify_owners.get(pid) == name:
+            del self._notify_owners[pid]
+        main = self._main_pids.pop(name, None)
+        if main is not None and self._notify_owners.get(main) == name:
+            del self._notify_owners[main]
+
     def reopen_logs(self) -> None:
         for slot in self.slots.values():
             slot.stdout.reopen()
@@ -848,6 +942,7 @@ class Daemon:
             raise
         added, changed, removed = reload_diff(self.fleet.configs, new.programs)
         self.config = new
+        self._open_child_notify(new)
         self.queue.append(Reload(tuple(new.programs.values())))
         self._release_memory()
         self.log.info("config_reloaded", added=added, changed=changed, removed=removed)

@@ -4,6 +4,7 @@ and the dependency graph, end to end; the decisions themselves as data at the en
 from __future__ import annotations
 
 import http.server
+import shutil
 import socket
 import subprocess
 import threading
@@ -328,3 +329,110 @@ def test_fleet_ready_timeout_stops_and_counts_a_failed_start() -> None:
     assert fleet.processes["db"].state is State.STOPPING
     fleet.handle(f.ChildEvent("db", proc.Exited(None, 15)), 60.5)
     assert fleet.processes["db"].state is State.FATAL
+
+
+# -- sd_notify from programs --------------------------------------------------------------
+
+SEND = """
+import os, socket
+def send(message):
+    address = os.environ["NOTIFY_SOCKET"]
+    if address.startswith("@"):
+        address = "\\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+"""
+
+
+def test_notify_ready_and_status_from_a_python_sender(supd: Factory, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    program = cmd(
+        SEND
+        + f"""
+import time
+send("STATUS=warming up")
+while not os.path.exists({str(go)!r}):
+    time.sleep(0.01)
+send("READY=1\\nSTATUS=serving 3 clients\\nFOO=ignored")
+time.sleep(1000)
+"""
+    )
+    d = supd(f"""
+        [programs.app]
+        command = {program}
+        startsecs = 0
+        ready = {{ notify = true }}
+    """)
+    wait_until(lambda: d.status()["app"]["notify_status"] == "warming up", describe=d.describe)
+    assert d.state("app") == "STARTING"
+    go.touch()
+    d.wait_state("app", "RUNNING")
+    wait_until(lambda: d.status()["app"]["notify_status"] == "serving 3 clients")
+    assert d.status()["app"]["description"].endswith(", serving 3 clients")
+    reasons = [e["reason"] for e in d.events("state_changed") if e["to_state"] == "RUNNING"]
+    assert reasons == ["ready: READY=1"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-notify") is None, reason="no systemd-notify")
+def test_notify_ready_from_systemd_notify_in_a_shell(supd: Factory) -> None:
+    script = "sleep 0.2; systemd-notify --ready --status=up; exec sleep 1000"
+    d = supd(f"""
+        [programs.app]
+        command = ["/bin/sh", "-c", "{script}"]
+        startsecs = 0
+        ready = {{ notify = true }}
+    """)
+    d.wait_state("app", "RUNNING")
+    assert d.status()["app"]["notify_status"] == "up"
+
+
+def test_a_watchdog_that_stops_being_fed_restarts_the_program(
+    supd: Factory, tmp_path: Path
+) -> None:
+    stop = tmp_path / "stop-feeding"
+    program = cmd(
+        SEND
+        + f"""
+import time
+assert os.environ["WATCHDOG_USEC"] == "300000"
+send("READY=1")
+while not os.path.exists({str(stop)!r}):
+    send("WATCHDOG=1")
+    time.sleep(0.05)
+time.sleep(1000)
+"""
+    )
+    d = supd(f"""
+        [programs.app]
+        command = {program}
+        startsecs = 0
+        backoff_initial = 0
+        watchdog_sec = 0.3
+        ready = {{ notify = true }}
+    """)
+    d.wait_state("app", "RUNNING")
+    first = d.status()["app"]["pid"]
+    stop.touch()
+    wait_until(lambda: d.events("health_changed"), describe=d.describe)
+    changed = d.events("health_changed")[0]
+    assert changed["healthy"] is False
+    assert changed["message"] == "watchdog: no WATCHDOG=1 in 0.3 s"
+    wait_until(lambda: d.status()["app"]["pid"] not in (None, first), describe=d.describe)
+
+
+def test_notifications_from_strangers_are_ignored_and_logged_once(supd: Factory) -> None:
+    d = supd(f"""
+        [programs.app]
+        command = {SLEEP}
+        startsecs = 0
+        notify = true
+    """)
+    d.wait_state("app", "RUNNING")
+    address = next(e["address"] for e in d.events("notify_socket_open"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        for _ in range(3):
+            sock.sendto(b"READY=1\nSTATUS=impostor", "\0" + address[1:])
+    # All three were queued before supd's first read, which takes up to 64 at once.
+    wait_until(lambda: d.events("notify_ignored"), describe=d.describe)
+    assert len(d.events("notify_ignored")) == 1
+    assert d.status()["app"]["notify_status"] is None
