@@ -43,6 +43,7 @@ from .protocol import (
     TailResult,
     VersionParams,
     VersionResult,
+    WaitParams,
 )
 from .status import info
 
@@ -102,6 +103,13 @@ class Core(Protocol):
         """Call `listener` with new output until it returns False; returns unfollow."""
         ...
 
+    def await_condition(
+        self, names: list[str], condition: str, reply: Callable[[tuple[Outcome, ...]], None]
+    ) -> Callable[[], None]:
+        """`reply` once every process meets `condition` (one outcome each); returns a
+        cancel for a client that leaves first."""
+        ...
+
 
 ACTIONS = {StartParams: Action.START, StopParams: Action.STOP, RestartParams: Action.RESTART}
 
@@ -146,6 +154,13 @@ class Commands:
             case ShutdownParams():
                 responder.result(ShutdownResult(ok=True))
                 core.shutdown()
+            case WaitParams(names=names, condition=condition):
+                targets = core.resolve(names)
+
+                def reply(outcomes: tuple[Outcome, ...]) -> None:
+                    responder.result([_action_result(outcome) for outcome in outcomes])
+
+                responder.on_close(core.await_condition(targets, condition, reply))
 
     # -- start / stop / restart -------------------------------------------------------
 

@@ -96,6 +96,7 @@ COMMANDS = (
     "pid",
     "version",
     "shutdown",
+    "wait",
     "help",
 )
 SHELL_ONLY = ("quit", "exit")
@@ -212,6 +213,7 @@ _RESULT_SHAPES: dict[str, tuple[type, tuple[str, ...]]] = {
     "pid": (dict, ("pid",)),
     "version": (dict, ("version", "pid")),
     "shutdown": (dict, ()),
+    "wait": (list, ("name", "ok")),
 }
 
 
@@ -588,6 +590,28 @@ def cmd_control(client: Client, args: argparse.Namespace, out: Output) -> int:
     return _report_actions(args.command, results, out, args.wait)
 
 
+def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Exit 0 once every process meets the condition; 1 at --timeout, or when one can
+    no longer meet it (FATAL; an exit counted as failure, for completed)."""
+    if args.wait_timeout is not None:
+        client.limit_s = args.wait_timeout or None  # 0: no bound
+    params = {"names": args.names, "condition": args.condition}
+    try:
+        results = client.call("wait", params)
+    except TimedOut:
+        out.failure("timed_out", f"not {args.condition} within {args.wait_timeout:g} s")
+        return EXIT_FAILED
+    if out.as_json:
+        out.json(results)
+        return EXIT_OK if all(item.get("ok") for item in results) else EXIT_FAILED
+    for item in results:
+        if item.get("ok"):
+            out.line(f"{item.get('name')}: {args.condition}")
+        else:
+            out.line(f"{item.get('name')}: ERROR ({item.get('error') or item.get('state')})")
+    return EXIT_OK if all(item.get("ok") for item in results) else EXIT_FAILED
+
+
 def cmd_signal(client: Client, args: argparse.Namespace, out: Output) -> int:
     signal = int(args.signal) if args.signal.isdigit() else args.signal
     results = client.call("signal", {"signal": signal, "names": args.names})
@@ -770,6 +794,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name", nargs="?", metavar="NAME")
     command("version", cmd_version, "show the daemon's version, pid and config")
     command("shutdown", cmd_shutdown, "stop all processes and the daemon")
+    sub = command(
+        "wait",
+        cmd_wait,
+        "wait until processes are ready, healthy or completed (exit 1 at --timeout)",
+    )
+    sub.add_argument("names", nargs="+", metavar="NAME")
+    sub.add_argument(
+        "--for",
+        dest="condition",
+        choices=("started", "ready", "healthy", "completed"),
+        default="ready",
+        help="the condition (default: ready)",
+    )
+    sub.add_argument(
+        "--timeout",
+        dest="wait_timeout",
+        type=_timeout,
+        metavar="S",
+        help="give up after S seconds, with exit status 1",
+    )
     sub = command("help", None, "show help for a command")
     sub.add_argument("topic", nargs="?", metavar="COMMAND")
     for name, hint in NOT_IN_SUPD.items():
@@ -1015,7 +1059,7 @@ def run_shell_command(session: Session, defaults: argparse.Namespace, words: lis
 class Completer:
     """readline completion: command names first, then process/program names."""
 
-    NAME_COMMANDS = ("status", "start", "stop", "restart", "tail", "pid")
+    NAME_COMMANDS = ("status", "start", "stop", "restart", "tail", "pid", "wait")
 
     def __init__(self, session: Session) -> None:
         self.session = session

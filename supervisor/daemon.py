@@ -52,6 +52,7 @@ from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
 from .fleet import (
     Action,
     Answer,
+    Await,
     Boot,
     CancelProbe,
     ChildEvent,
@@ -73,6 +74,7 @@ from .fleet import (
     Submit,
     Tick,
     Transitioned,
+    Unawait,
     reload_diff,
 )
 from .follow import Followers, Listener
@@ -927,6 +929,20 @@ class Daemon:
         self._request_ids += 1
         self.replies[self._request_ids] = reply
         self.queue.append(Submit(self._request_ids, action, tuple(names), wait))
+
+    def await_condition(
+        self, names: list[str], condition: str, reply: Callable[[tuple[Outcome, ...]], None]
+    ) -> Callable[[], None]:
+        self._request_ids += 1
+        request = self._request_ids
+        self.replies[request] = reply
+        self.queue.append(Await(request, tuple(names), condition))
+
+        def cancel() -> None:
+            if self.replies.pop(request, None) is not None:
+                self.queue.append(Unawait(request))
+
+        return cancel
 
     def reload(self) -> tuple[list[str], list[str], list[str]]:
         """SIGHUP: apply the config file's changes; raises ConfigError (nothing changed)."""

@@ -89,7 +89,23 @@ class Shutdown:
     """Stop everything by priority, then exit; a second one SIGKILLs what is left."""
 
 
-FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown
+@dataclass(frozen=True, slots=True)
+class Await:
+    """A client waits until each of `names` meets `condition` (`supctl wait`)."""
+
+    request: int
+    names: tuple[str, ...]
+    condition: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unawait:
+    """The client that sent `Await(request)` has gone: forget it."""
+
+    request: int
+
+
+FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown | Await | Unawait
 
 
 # -- effects: what the daemon must do ------------------------------------------------------
@@ -284,6 +300,8 @@ class Fleet:
         # (insertion-ordered), and dependencies that left RUNNING during this event.
         self._held: dict[str, None] = {}
         self._left_running: list[str] = []
+        # `supctl wait`: request -> (condition, names not met yet, outcomes so far)
+        self._awaits: dict[int, tuple[str, tuple[str, ...], dict[str, Outcome]]] = {}
 
     # -- the interface -----------------------------------------------------------------
 
@@ -310,6 +328,10 @@ class Fleet:
                 self._reload(programs, now)
             case Shutdown():
                 self._shutdown(now)
+            case Await(request=request, names=names, condition=condition):
+                self._awaits[request] = (condition, names, {})
+            case Unawait(request=request):
+                self._awaits.pop(request, None)
             case _:
                 assert_never(event)
         self._follow_up(now)
@@ -689,6 +711,8 @@ class Fleet:
                 self._stop_dependants_first(request, now)
         if self.shutting_down:
             self._shutdown_step(now)
+        if self._awaits:
+            self._answer_awaits()
         if (
             self.booted
             and not self.ready
@@ -797,6 +821,35 @@ class Fleet:
                 self._send(name, proc.Stop(), now)
                 self._held[name] = None
                 process.waiting_for = self._unmet(process)
+
+    def _answer_awaits(self) -> None:
+        """`supctl wait`: answer once every process met the condition; a process that
+        can no longer meet it (FATAL; or, for completed, an exit it counts as failure)
+        fails its part at once rather than at the client's timeout."""
+        for request, (condition, names, outcomes) in list(self._awaits.items()):
+            for name in names:
+                if name in outcomes:
+                    continue
+                process = self.processes.get(name)
+                if process is None:
+                    outcome = self._superseded(name, "removed by a reload")
+                elif _condition_met(process, condition):
+                    outcome = Outcome(name, True, process.state)
+                elif process.state is State.FATAL or (
+                    condition == "completed" and process.state is State.EXITED
+                ):
+                    why = f"cannot become {condition}: {process.state.value}"
+                    outcome = Outcome(name, False, process.state, why, ErrorCode.BAD_STATE)
+                else:
+                    continue
+                outcomes[name] = outcome
+            if self.shutting_down:
+                for name in names:
+                    if name not in outcomes:
+                        outcomes[name] = self._superseded(name, "supd is shutting down")
+            if len(outcomes) == len(names):
+                del self._awaits[request]
+                self._out.append(Answer(request, tuple(outcomes[n] for n in names)))
 
     def _stop_dependants_first(self, request: _Request, now: float) -> None:
         """A stop of several processes: each one once those that depend on it (in the

@@ -138,6 +138,13 @@ class TailParams(_Params):
         return self
 
 
+class WaitParams(_Params):
+    """Answer once every named process meets `condition` (issue 14)."""
+
+    names: Names
+    condition: Literal["started", "ready", "healthy", "completed"] = "ready"
+
+
 class PidParams(_Params):
     name: StrictStr | None = None
 
@@ -161,10 +168,21 @@ Params = (
     | PidParams
     | VersionParams
     | ShutdownParams
+    | WaitParams
 )
 
 Method = Literal[
-    "status", "start", "stop", "restart", "signal", "reload", "tail", "pid", "version", "shutdown"
+    "status",
+    "start",
+    "stop",
+    "restart",
+    "signal",
+    "reload",
+    "tail",
+    "pid",
+    "version",
+    "shutdown",
+    "wait",
 ]
 
 
@@ -267,6 +285,7 @@ RESULT_TYPES: Final[dict[str, Any]] = {
     "pid": PidResult,
     "version": VersionResult,
     "shutdown": ShutdownResult,
+    "wait": list[ActionResult],
 }
 RESULT_ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
     method: TypeAdapter(result_type) for method, result_type in RESULT_TYPES.items()
@@ -339,8 +358,23 @@ class _Shutdown(_Envelope):
     params: ShutdownParams = ShutdownParams()
 
 
+class _Wait(_Envelope):
+    method: Literal["wait"]
+    params: WaitParams
+
+
 _AnyEnvelope = Annotated[
-    _Status | _Start | _Stop | _Restart | _Signal | _Reload | _Tail | _Pid | _Version | _Shutdown,
+    _Status
+    | _Start
+    | _Stop
+    | _Restart
+    | _Signal
+    | _Reload
+    | _Tail
+    | _Pid
+    | _Version
+    | _Shutdown
+    | _Wait,
     Field(discriminator="method"),
 ]
 _ENVELOPE: Final[TypeAdapter[_AnyEnvelope]] = TypeAdapter(_AnyEnvelope)

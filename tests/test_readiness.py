@@ -436,3 +436,43 @@ def test_notifications_from_strangers_are_ignored_and_logged_once(supd: Factory)
     wait_until(lambda: d.events("notify_ignored"), describe=d.describe)
     assert len(d.events("notify_ignored")) == 1
     assert d.status()["app"]["notify_status"] is None
+
+
+# -- supctl wait --------------------------------------------------------------------------
+
+
+def supctl(d: Supd, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": source_pythonpath(), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [PY, "-m", "supd.ctl", "-s", str(d.socket), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_supctl_wait_for_ready_and_completed_and_its_timeout(
+    supd: Factory, tmp_path: Path, bound_port: socket.socket
+) -> None:
+    port = bound_port.getsockname()[1]
+    d = supd(f"""
+        [programs.db]
+        command = {SLEEP}
+        startsecs = 0
+        ready = {{ tcp = "127.0.0.1:{port}", interval = 0.05 }}
+
+        [programs.migrate]
+        command = {cmd("print('done')")}
+        startsecs = 0
+        autorestart = "never"
+    """)
+    done = supctl(d, "wait", "migrate", "--for", "completed", "--timeout", "10")
+    assert (done.returncode, done.stdout) == (0, "migrate: completed\n"), done.stderr
+    late = supctl(d, "wait", "db", "--timeout", "0.3")
+    assert late.returncode == 1, late
+    assert "not ready within 0.3 s" in late.stderr
+    bound_port.listen()
+    ready = supctl(d, "wait", "db", "--for", "ready", "--timeout", "10")
+    assert (ready.returncode, ready.stdout) == (0, "db: ready\n"), ready.stderr
+    assert d.rpc("wait", {"names": ["db"], "condition": "started"})[0]["ok"] is True
