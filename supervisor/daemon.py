@@ -888,7 +888,11 @@ class Daemon:
         linux.malloc_trim()
 
     def status_line(self) -> str:
-        return notify.status_line(self.fleet.status_counts())
+        """STATUS= for systemd: processes by state (RUNNING ones are ready: a ready
+        probe keeps a process STARTING), and how many are unhealthy."""
+        counts = self.fleet.status_counts()
+        counts["unhealthy"] = self.fleet.unhealthy_count()
+        return notify.status_line(counts)
 
     # -- the core commands.py talks to (commands.Core) ------------------------------------
 

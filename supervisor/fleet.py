@@ -300,6 +300,7 @@ class Fleet:
         # (insertion-ordered), and dependencies that left RUNNING during this event.
         self._held: dict[str, None] = {}
         self._left_running: list[str] = []
+        self._unhealthy = 0  # processes with healthy False, kept by _send
         # `supctl wait`: request -> (condition, names not met yet, outcomes so far)
         self._awaits: dict[int, tuple[str, tuple[str, ...], dict[str, Outcome]]] = {}
 
@@ -369,6 +370,10 @@ class Fleet:
     def status_counts(self) -> dict[str, int]:
         return {state.value: n for state, n in self.state_counts.items()}
 
+    def unhealthy_count(self) -> int:
+        """Processes whose health check failed (UNHEALTHY) now."""
+        return self._unhealthy
+
     # -- processes ---------------------------------------------------------------------
 
     def _add(self, program: ProgramConfig) -> None:
@@ -393,6 +398,7 @@ class Fleet:
         changes: list[State] = []
         if isinstance(event, proc.Stop):
             self._unhold(name)
+        was_unhealthy = process.healthy is False
         for effect in process.handle(event, now):
             match effect:
                 case proc.Spawn():
@@ -425,6 +431,7 @@ class Fleet:
                     self._out.append(CancelProbe(name))
                 case proc.HealthChanged(healthy=healthy, message=message):
                     self._out.append(HealthChanged(name, healthy, message))
+        self._unhealthy += (process.healthy is False) - was_unhealthy
         self._settle(name, changes)
 
     def _settle(self, name: str, changes: list[State]) -> None:
@@ -454,6 +461,7 @@ class Fleet:
         process = self.processes.pop(name)
         self.retiring.discard(name)
         self._unhold(name)
+        self._unhealthy -= process.healthy is False
         self.state_counts[process.state] -= 1
         for timer in Timer:
             self._timers.pop((name, timer), None)
@@ -757,11 +765,13 @@ class Fleet:
     def _unmet(self, process: Process) -> str | None:
         """Why the process cannot start yet ("waiting for db (ready)"), or None."""
         for dependency in process.config.depends_on:
+            waiting = f"waiting for {dependency.program} ({dependency.condition})"
+            if not self.programs.get(dependency.program) and dependency.program in self.configs:
+                return waiting  # being replaced by a reload: none of it is there now
             for other in self.programs.get(dependency.program, []):
                 target = self.processes[other]
                 if _condition_met(target, dependency.condition):
                     continue
-                waiting = f"waiting for {dependency.program} ({dependency.condition})"
                 if target.state is State.FATAL:
                     return f"{waiting}: {other} is FATAL"
                 return waiting
@@ -857,7 +867,7 @@ class Fleet:
         pending = [n for n in request.stop_after if n in request.parts]
         programs = {self.processes[n].config.name for n in pending if n in self.processes}
         busy = set()
-        for name in pending:
+        for name in request.parts:  # the request's processes not down yet
             process = self.processes.get(name)
             if process is None or process.is_down():
                 continue

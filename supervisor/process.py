@@ -510,8 +510,9 @@ class Process:
                 ]
             if self.config.watchdog_sec is not None:
                 effects.append(CancelTimer(Timer.WATCHDOG))
-            self.healthy = None
             self.health_failures = 0
+        if self.state is State.STARTING or self.state in DOWN_STATES:
+            self.healthy = None  # kept through STOPPING and BACKOFF: why it restarts
         if self.state is State.STARTING:
             self.ready = self.startsecs_passed = False
             self.ready_error = self.abandoned = None

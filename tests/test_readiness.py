@@ -476,3 +476,219 @@ def test_supctl_wait_for_ready_and_completed_and_its_timeout(
     ready = supctl(d, "wait", "db", "--for", "ready", "--timeout", "10")
     assert (ready.returncode, ready.stdout) == (0, "db: ready\n"), ready.stderr
     assert d.rpc("wait", {"names": ["db"], "condition": "started"})[0]["ok"] is True
+
+
+# -- more decisions as data ---------------------------------------------------------------
+
+
+class Run:
+    """A fleet driven by hand: every Spawn gets a pid, every Kill an exit."""
+
+    def __init__(self, *configs: ProgramConfig) -> None:
+        self.fleet = f.Fleet()
+        self.now = 0.0
+        self.log: list[f.FleetEffect] = []
+        self.pids = iter(range(1000, 100000))
+        self.feed(f.Boot(configs))
+
+    def feed(self, event: f.FleetEvent) -> list[f.FleetEffect]:
+        effects = self.fleet.handle(event, self.now)
+        self.log += effects
+        follow: list[f.FleetEvent] = []
+        for effect in effects:
+            if isinstance(effect, f.Spawn):
+                follow.append(f.ChildEvent(effect.name, proc.Spawned(next(self.pids))))
+            elif isinstance(effect, f.Kill):
+                follow.append(f.ChildEvent(effect.name, proc.Exited(None, effect.signum)))
+        for event in follow:
+            effects += self.feed(event)
+        return effects
+
+    def child(self, name: str, event: proc.ProcessEvent) -> list[f.FleetEffect]:
+        assert isinstance(
+            event, proc.Spawned | proc.SpawnFailed | proc.Exited | proc.ProbeResult | proc.Notified
+        )
+        return self.feed(f.ChildEvent(name, event))
+
+    def state(self, name: str) -> State:
+        return self.fleet.processes[name].state
+
+    def spawned(self) -> list[str]:
+        return [e.name for e in self.log if isinstance(e, f.Spawn)]
+
+    def stopped(self) -> list[str]:
+        return [
+            e.name
+            for e in self.log
+            if isinstance(e, f.Transitioned) and e.old is State.STOPPING and e.new is State.STOPPED
+        ]
+
+
+def ready_ok(name: str = "db") -> proc.ProbeResult:
+    return proc.ProbeResult(proc.Probe.READY, True, "up")
+
+
+def test_stop_all_stops_dependants_before_their_dependencies() -> None:
+    run = Run(
+        program("db", startsecs=0, priority=900),
+        program("web", startsecs=0, priority=1, depends_on=["db"]),
+        program("worker", startsecs=0, priority=1, depends_on=["db"]),
+    )
+    assert run.spawned() == ["db", "web", "worker"]
+    # Stop answers arrive one by one: hold the exits back to see the order.
+    fleet = run.fleet
+    effects = fleet.handle(f.Submit(1, f.Action.STOP, ("db", "web", "worker")), 1.0)
+    assert [e.name for e in effects if isinstance(e, f.Kill)] == ["web", "worker"]
+    effects = fleet.handle(f.ChildEvent("web", proc.Exited(None, 15)), 1.1)
+    assert not [e for e in effects if isinstance(e, f.Kill)]  # worker still up
+    effects = fleet.handle(f.ChildEvent("worker", proc.Exited(None, 15)), 1.2)
+    assert [e.name for e in effects if isinstance(e, f.Kill)] == ["db"]
+    effects = fleet.handle(f.ChildEvent("db", proc.Exited(None, 15)), 1.3)
+    [answer] = [e for e in effects if isinstance(e, f.Answer)]
+    assert all(o.ok for o in answer.outcomes)
+
+
+def test_supd_is_ready_once_every_autostart_process_is_ready_or_failed() -> None:
+    run = Run(
+        program("db", startsecs=0, ready={"notify": True}),
+        program("web", startsecs=0, depends_on=["db"]),
+    )
+    assert not any(isinstance(e, f.Ready) for e in run.log)
+    effects = run.child("db", proc.Notified(ready=True))
+    assert run.state("db") is State.RUNNING
+    assert [e.name for e in effects if isinstance(e, f.Spawn)] == ["web"]
+    assert [type(e) for e in effects if isinstance(e, f.Ready)] == [f.Ready]
+
+
+def test_a_fatal_dependency_does_not_hold_back_supd_ready() -> None:
+    run = Run(
+        program("db", startsecs=1, startretries=0),
+        program("api", startsecs=0, depends_on=["web"]),
+        program("web", startsecs=0, depends_on=["db"]),
+    )
+    run.child("db", proc.Exited(1, None))
+    assert run.state("db") is State.FATAL
+    assert run.fleet.processes["web"].waiting_for == "waiting for db (ready): db is FATAL"
+    assert run.fleet.processes["api"].waiting_for == "waiting for web (ready)"
+    assert any(isinstance(e, f.Ready) for e in run.log)
+    # The dependency recovers: its dependants start, in order.
+    run.feed(f.Submit(2, f.Action.START, ("db",)))
+    run.now = 2.0
+    run.feed(f.Tick())
+    assert (run.state("db"), run.state("web"), run.state("api")) == (State.RUNNING,) * 3
+    assert run.spawned() == ["db", "db", "web", "api"]
+
+
+def test_on_dependency_restart_restarts_dependants_after_the_dependency() -> None:
+    run = Run(
+        program("db", startsecs=0, backoff_initial=0),
+        program("web", startsecs=0, depends_on=["db"], on_dependency_restart="restart"),
+        program("cron", startsecs=0, depends_on=["db"]),  # ignore, the default
+    )
+    assert run.spawned() == ["db", "web", "cron"]
+    run.child("db", proc.Exited(1, None))  # crash: BACKOFF, web stopped and held
+    assert run.state("web") is State.STOPPED
+    assert run.state("cron") is State.RUNNING
+    assert run.fleet.processes["web"].waiting_for == "waiting for db (ready)"
+    run.feed(f.Tick())  # the 0 s backoff: db again, then web
+    assert run.spawned() == ["db", "web", "cron", "db", "web"]
+    assert run.state("web") is State.RUNNING
+
+
+def test_a_reload_that_replaces_a_dependency_holds_its_new_dependants() -> None:
+    db = program("db", startsecs=0)
+    run = Run(db, program("web", startsecs=0, depends_on=["db"]))
+    new_db = program("db", startsecs=0, command=["/bin/echo"])
+    web2 = program("web", startsecs=0, depends_on=[{"program": "db", "condition": "started"}])
+    run.feed(f.Reload((new_db, web2)))
+    assert run.spawned() == ["db", "web", "db", "web"]
+    spawns = [e for e in run.log if isinstance(e, f.Spawn)]
+    assert spawns[2].program.command == ("/bin/echo",)
+
+
+def test_completed_needs_a_successful_exit() -> None:
+    run = Run(
+        program("migrate", startsecs=0, autorestart="never"),
+        program("web", startsecs=0, depends_on=[{"program": "migrate", "condition": "completed"}]),
+    )
+    run.child("migrate", proc.Exited(3, None))
+    assert run.state("migrate") is State.EXITED
+    assert run.fleet.processes["web"].waiting_for == "waiting for migrate (completed)"
+    effects = run.feed(f.Await(9, ("migrate",), "completed"))
+    [answer] = [e for e in effects if isinstance(e, f.Answer)]
+    assert answer.outcomes[0].error == "cannot become completed: EXITED"
+    run.feed(f.Submit(3, f.Action.START, ("migrate",)))
+    run.child("migrate", proc.Exited(0, None))
+    assert run.state("web") is State.RUNNING
+
+
+# -- the process state machine: readiness and health --------------------------------------
+
+
+def started(config: ProgramConfig) -> tuple[proc.Process, list[proc.Effect]]:
+    p = proc.Process("web", config)
+    p.handle(proc.Start(), 0.0)
+    return p, p.handle(proc.Spawned(10), 0.0)
+
+
+def test_running_needs_both_ready_and_startsecs() -> None:
+    config = program("web", startsecs=2, ready={"tcp": "127.0.0.1:1", "interval": 0.5})
+    p, effects = started(config)
+    assert effects == [
+        proc.ArmTimer(proc.Timer.STARTSECS, 2.0),
+        proc.ArmTimer(proc.Timer.READY_TIMEOUT, 60.0),
+        proc.ArmTimer(proc.Timer.PROBE, 0.0),
+    ]
+    assert p.handle(proc.TimerFired(proc.Timer.PROBE), 0.0) == [
+        proc.RunProbe(proc.Probe.READY),
+        proc.ArmTimer(proc.Timer.PROBE_TIMEOUT, 1.0),
+    ]
+    assert p.handle(ready_ok(), 0.1) == [proc.CancelTimer(proc.Timer.PROBE_TIMEOUT)]
+    assert p.state is State.STARTING  # ready, but startsecs not passed
+    effects = p.handle(proc.TimerFired(proc.Timer.STARTSECS), 2.0)
+    assert p.state is State.RUNNING
+    assert proc.CancelTimer(proc.Timer.READY_TIMEOUT) in effects
+
+
+def test_a_probe_that_does_not_answer_in_time_is_a_failure_and_is_retried() -> None:
+    config = program("web", startsecs=0, ready={"http": "http://127.0.0.1:1/", "timeout": 0.5})
+    p, _ = started(config)
+    p.handle(proc.TimerFired(proc.Timer.PROBE), 0.0)
+    effects = p.handle(proc.TimerFired(proc.Timer.PROBE_TIMEOUT), 0.5)
+    assert effects == [
+        proc.CancelProbe(),
+        proc.CancelTimer(proc.Timer.PROBE_TIMEOUT),
+        proc.ArmTimer(proc.Timer.PROBE, 1.0),
+    ]
+    assert p.ready_error == "no answer in 0.5 s"
+
+
+@pytest.mark.parametrize("action", ["restart", "stop", "ignore"])
+def test_unhealthy_after_failures_then_on_unhealthy(action: str) -> None:
+    health = {"tcp": "127.0.0.1:1", "failures": 2, "start_grace": 5, "on_unhealthy": action}
+    config = program("web", startsecs=0, health=health, stopwaitsecs=3)
+    p, effects = started(config)
+    assert p.state is State.RUNNING
+    assert proc.ArmTimer(proc.Timer.PROBE, 1.0) in effects
+    bad = proc.ProbeResult(proc.Probe.HEALTH, False, "connect 127.0.0.1:1: connection refused")
+    p.handle(bad, 1.0)
+    p.handle(bad, 2.0)
+    assert p.health_failures == 0  # within start_grace: not counted
+    assert p.handle(proc.ProbeResult(proc.Probe.HEALTH, True, "ok"), 6.0)[-1] == (
+        proc.HealthChanged(True, "ok")
+    )
+    p.handle(bad, 7.0)
+    assert p.healthy is True  # one failure of two
+    effects = p.handle(bad, 8.0)
+    assert proc.HealthChanged(False, bad.message) in effects
+    assert p.healthy is False
+    if action == "ignore":
+        assert p.state is State.RUNNING
+        return
+    assert p.state is State.STOPPING
+    p.handle(proc.Exited(None, 15), 8.5)
+    if action == "restart":
+        assert p.state is State.BACKOFF
+        assert p.healthy is False  # until the next run starts
+    else:
+        assert (p.state, p.healthy) == (State.STOPPED, None)
