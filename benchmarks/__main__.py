@@ -34,7 +34,17 @@ BENCH_VENV = REPO / ".bench-venv"
 BUILD = HERE / "build"
 RESULTS_MD = HERE / "RESULTS.md"
 
-WORKLOADS = ("respawn", "idle", "memory", "control", "startup", "log", "storm", "selector")
+WORKLOADS = (
+    "respawn",
+    "idle",
+    "memory",
+    "control",
+    "startup",
+    "log",
+    "storm",
+    "selector",
+    "health",
+)
 
 
 # -- set-up -------------------------------------------------------------------------------
@@ -120,6 +130,8 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
         steps.append(Step("storm", (SUPD, SUPERVISORD, FLOOR), sizes.storm_rounds, workloads.storm))
     if "selector" in wanted:
         steps.append(Step("selector", (SUPD,), 1, workloads.selector))
+    if "health" in wanted:  # supd only: supervisord has no health checks
+        steps.append(Step(f"health of {sizes.health_programs}", (SUPD,), 1, workloads.health))
     kept = [
         Step(s.name, tuple(x for x in s.subjects if x in subjects), s.rounds, s.run) for s in steps
     ]

@@ -708,7 +708,8 @@ class Daemon:
             return
         run.sock = sock
         slot.probe = run
-        self.selector.register_handle(sock.fd, Event.WRITE, ProbeTag(name, run.serial))
+        events = Event.WRITE if sock.wants_write else Event.READ
+        self.selector.register_handle(sock.fd, events, ProbeTag(name, run.serial))
 
     def _probe_ready(self, name: str, serial: int) -> None:
         slot = self.slots.get(name)

@@ -56,6 +56,10 @@ class Timer(enum.Enum):
     WATCHDOG = "watchdog"  # WATCHDOG=1 not received in watchdog_sec
 
 
+# The timers of readiness and health: their events go to Process._probe_event.
+PROBE_TIMERS = frozenset({Timer.READY_TIMEOUT, Timer.PROBE, Timer.PROBE_TIMEOUT, Timer.WATCHDOG})
+
+
 class Probe(enum.Enum):
     READY = "ready"
     HEALTH = "health"
@@ -267,7 +271,12 @@ class Process:
     def handle(self, event: ProcessEvent, now: float) -> list[Effect]:
         """Feed one event; returns what the daemon must do. Never raises on odd input."""
         before = self.state
-        effects = self._transition(event, now)
+        if isinstance(event, ProbeResult | Notified) or (
+            isinstance(event, TimerFired) and event.timer in PROBE_TIMERS
+        ):
+            effects = self._probe_event(event, now)  # issue 14's own table, below
+        else:
+            effects = self._transition(event, now)
         if self.state is not before:
             effects += self._probes_follow(before)
         return effects
@@ -339,34 +348,6 @@ class Process:
                 # A failed exec reported while stopping: the process is gone all the same.
                 self.spawn_error = error
                 return self._stopped(Exited(None, None), now, f"spawn failed: {error}")
-            # -- readiness, health and sd_notify (issue 14) --
-            case State.STARTING, TimerFired(timer=Timer.PROBE) if self.config.ready:
-                return self._run_probe(Probe.READY, self.config.ready.timeout)
-            case State.RUNNING, TimerFired(timer=Timer.PROBE) if self.config.health:
-                return self._run_probe(Probe.HEALTH, self.config.health.timeout)
-            case State.STARTING, ProbeResult(probe=Probe.READY) if self.config.ready:
-                assert isinstance(event, ProbeResult)
-                return self._ready_result(event.ok, event.message, now)
-            case State.RUNNING, ProbeResult(probe=Probe.HEALTH) if self.config.health:
-                assert isinstance(event, ProbeResult)
-                return self._health_result(event.ok, event.message, now)
-            case State.STARTING, TimerFired(timer=Timer.PROBE_TIMEOUT) if self.config.ready:
-                message = f"no answer in {self.config.ready.timeout:g} s"
-                return [CancelProbe(), *self._ready_result(False, message, now)]
-            case State.RUNNING, TimerFired(timer=Timer.PROBE_TIMEOUT) if self.config.health:
-                message = f"no answer in {self.config.health.timeout:g} s"
-                return [CancelProbe(), *self._health_result(False, message, now)]
-            case State.STARTING, TimerFired(timer=Timer.READY_TIMEOUT) if self.config.ready:
-                why = self.ready_error or f"no {self.config.ready.describe()}"
-                reason = f"not ready after {self.config.ready.ready_timeout:g} s: {why}"
-                return self._abandon(reason, failed_start=True)
-            case State.RUNNING, TimerFired(timer=Timer.WATCHDOG) if self.config.watchdog_sec:
-                rearm = ArmTimer(Timer.WATCHDOG, self.config.watchdog_sec)
-                message = f"watchdog: no WATCHDOG=1 in {self.config.watchdog_sec:g} s"
-                return [rearm, *self._health_result(False, message, now, from_probe=False)]
-            case ((State.STARTING | State.RUNNING | State.STOPPING), Notified()):
-                assert isinstance(event, Notified)
-                return self._notified(event, now)
             case _:
                 return [Ignored(self.state, event)]
 
@@ -491,6 +472,40 @@ class Process:
     # stops it, or only reports it. Timers: PROBE (next probe due), PROBE_TIMEOUT (the probe
     # in flight), READY_TIMEOUT, WATCHDOG. These methods sit together at the end of the class,
     # apart from the core transitions.
+
+    def _probe_event(self, event: ProcessEvent, now: float) -> list[Effect]:
+        """The transitions of readiness, health and sd_notify events (kept apart from
+        the core table: a probe a second per process should not walk all of it)."""
+        match self.state, event:
+            case State.STARTING, TimerFired(timer=Timer.PROBE) if self.config.ready:
+                return self._run_probe(Probe.READY, self.config.ready.timeout)
+            case State.RUNNING, TimerFired(timer=Timer.PROBE) if self.config.health:
+                return self._run_probe(Probe.HEALTH, self.config.health.timeout)
+            case State.STARTING, ProbeResult(probe=Probe.READY) if self.config.ready:
+                assert isinstance(event, ProbeResult)
+                return self._ready_result(event.ok, event.message, now)
+            case State.RUNNING, ProbeResult(probe=Probe.HEALTH) if self.config.health:
+                assert isinstance(event, ProbeResult)
+                return self._health_result(event.ok, event.message, now)
+            case State.STARTING, TimerFired(timer=Timer.PROBE_TIMEOUT) if self.config.ready:
+                message = f"no answer in {self.config.ready.timeout:g} s"
+                return [CancelProbe(), *self._ready_result(False, message, now)]
+            case State.RUNNING, TimerFired(timer=Timer.PROBE_TIMEOUT) if self.config.health:
+                message = f"no answer in {self.config.health.timeout:g} s"
+                return [CancelProbe(), *self._health_result(False, message, now)]
+            case State.STARTING, TimerFired(timer=Timer.READY_TIMEOUT) if self.config.ready:
+                why = self.ready_error or f"no {self.config.ready.describe()}"
+                reason = f"not ready after {self.config.ready.ready_timeout:g} s: {why}"
+                return self._abandon(reason, failed_start=True)
+            case State.RUNNING, TimerFired(timer=Timer.WATCHDOG) if self.config.watchdog_sec:
+                rearm = ArmTimer(Timer.WATCHDOG, self.config.watchdog_sec)
+                message = f"watchdog: no WATCHDOG=1 in {self.config.watchdog_sec:g} s"
+                return [rearm, *self._health_result(False, message, now, from_probe=False)]
+            case ((State.STARTING | State.RUNNING | State.STOPPING), Notified()):
+                assert isinstance(event, Notified)
+                return self._notified(event, now)
+            case _:
+                return [Ignored(self.state, event)]
 
     def _is_ready(self) -> bool:
         return self.config.ready is None or self.ready
