@@ -588,6 +588,13 @@ class _ProbeTarget(BaseModel):
     interval: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 1.0
     timeout: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 1.0
 
+    @field_validator("tcp", "http", mode="before")
+    @classmethod
+    def _expand_target(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            return expand_variables(value, _context(info).environ)
+        return value
+
     @field_validator("tcp")
     @classmethod
     def _tcp_target(cls, value: str | None) -> str | None:
@@ -604,10 +611,13 @@ class _ProbeTarget(BaseModel):
 
     @field_validator("exec", mode="before")
     @classmethod
-    def _exec_command(cls, value: Any) -> Any:
+    def _exec_command(cls, value: Any, info: ValidationInfo) -> Any:
+        environ = _context(info).environ
         if isinstance(value, str):
-            return tuple(shlex.split(value))
-        return tuple(value) if isinstance(value, list) else value
+            return tuple(shlex.split(expand_variables(value, environ)))
+        if isinstance(value, list):
+            return tuple(expand_variables(a, environ) if isinstance(a, str) else a for a in value)
+        return value
 
     @field_validator("exec")
     @classmethod
@@ -648,6 +658,15 @@ class ReadyConfig(_ProbeTarget):
     def kinds(self) -> list[str]:
         fields = ("tcp", "http", "exec", "log", "notify", "file")
         return [name for name in fields if getattr(self, name) is not None]
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _file_path(cls, value: Any, info: ValidationInfo) -> Any:
+        """${VAR} expanded; relative to the folder of the file it is written in."""
+        if not isinstance(value, str) or not value:
+            return value
+        context = _context(info)
+        return str(_normalised(context.base_dir, expand_variables(value, context.environ)))
 
     @field_validator("log")
     @classmethod

@@ -4,6 +4,7 @@ and the dependency graph, end to end; the decisions themselves as data at the en
 from __future__ import annotations
 
 import http.server
+import os
 import shutil
 import socket
 import subprocess
@@ -692,3 +693,33 @@ def test_unhealthy_after_failures_then_on_unhealthy(action: str) -> None:
         assert p.healthy is False  # until the next run starts
     else:
         assert (p.state, p.healthy) == (State.STOPPED, None)
+
+
+def test_the_example_runs_db_then_migrate_then_web(supd: Factory, tmp_path: Path) -> None:
+    ports = []
+    for _ in range(2):  # free ports, picked now (released just before supd binds them)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    example = Path(__file__).resolve().parent.parent / "config" / "conf.d" / "app.toml"
+    env = {**os.environ, "DB_PORT": str(ports[0]), "WEB_PORT": str(ports[1]), "DB_DELAY": "0.3"}
+    d = Supd(
+        tmp_path,
+        f"""
+        [supervisor]
+        socket = "{tmp_path}/supd.sock"
+        log_dir = "{tmp_path}/logs"
+        log_format = "json"
+        include = ["{example}"]
+    """,
+        env=env,
+    )
+    try:
+        d.start()
+        assert d.status()["web"]["waiting_for"] == "waiting for db (ready)"
+        assert d.rpc("wait", {"names": ["web"]}, timeout=60)[0]["ok"] is True
+        spawned = [e["process"] for e in d.events("spawned")]
+        assert spawned == ["db", "migrate", "web"]
+        assert d.state("migrate") == "EXITED"
+    finally:
+        d.kill()
