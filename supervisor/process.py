@@ -264,6 +264,8 @@ class Process:
     health_error: str | None = None  # the last failed health check's message
     notify_status: str | None = None  # the last STATUS= the process sent
     main_pid: int | None = None  # MAINPID= the process sent
+    notify_state: str | None = None  # "reloading" / "stopping" (RELOADING=1, STOPPING=1)
+    ready_deadline: float | None = None  # when READY_TIMEOUT fires (EXTEND_TIMEOUT_USEC)
     waiting_for: str | None = None  # set by the fleet: "waiting for db (ready)"
 
     # -- the transition table ---------------------------------------------------------
@@ -378,6 +380,7 @@ class Process:
         ready = self.config.ready
         waits: list[Effect] = []
         if ready is not None:
+            self.ready_deadline = now + ready.ready_timeout
             waits.append(ArmTimer(Timer.READY_TIMEOUT, ready.ready_timeout))
             if ready.kind in ACTIVE_READY_PROBES:
                 waits.append(ArmTimer(Timer.PROBE, 0.0))  # probe at once, via the loop
@@ -532,7 +535,7 @@ class Process:
             self.ready = self.startsecs_passed = False
             self.ready_error = self.abandoned = None
             self.abandoned_start = False
-            self.notify_status = None
+            self.notify_status = self.notify_state = None
             self.main_pid = None
         if self.state is State.RUNNING:
             self.ready = True
@@ -588,7 +591,8 @@ class Process:
         if action == "restart":
             return [*effects, *self._abandon(f"unhealthy: {message}", failed_start=False)]
         if action == "stop":
-            return [*effects, *self._stop(now)]
+            self.want = Want.DOWN  # a plain stop, with the reason
+            return [*effects, *self._abandon(f"unhealthy: {message}", failed_start=False)]
         return effects
 
     def _abandon(self, reason: str, *, failed_start: bool) -> list[Effect]:
@@ -624,11 +628,19 @@ class Process:
             self.main_pid = event.main_pid
         if event.watchdog and self.state is State.RUNNING and self.config.watchdog_sec:
             effects.append(ArmTimer(Timer.WATCHDOG, self.config.watchdog_sec))
-        if event.extend_timeout_s is not None:
-            if self.state is State.STARTING and self.config.ready is not None:
-                effects.append(ArmTimer(Timer.READY_TIMEOUT, event.extend_timeout_s))
-            elif self.state is State.STOPPING and not self.killed:
-                effects.append(ArmTimer(Timer.STOP_TIMEOUT, event.extend_timeout_s))
+        if event.reloading or event.stopping:
+            self.notify_state = "reloading" if event.reloading else "stopping"
+        elif event.ready:
+            self.notify_state = None
+        # EXTEND_TIMEOUT_USEC, systemd's rule: the timeout becomes at least that from now.
+        extend = event.extend_timeout_s
+        starting = self.state is State.STARTING and self.config.ready is not None
+        later = extend is not None and (
+            self.ready_deadline is None or now + extend > self.ready_deadline
+        )
+        if starting and later and extend is not None:
+            self.ready_deadline = now + extend
+            effects.append(ArmTimer(Timer.READY_TIMEOUT, extend))
         ready = self.config.ready
         if event.ready and self.state is State.STARTING and ready and ready.kind == "notify":
             effects += self._ready_result(True, "READY=1", now)

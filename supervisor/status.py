@@ -60,10 +60,14 @@ def _health_mark(process: Process) -> str:
     """ ", HEALTHY" / ", UNHEALTHY: why" for a process with a health check, and the
     program's own STATUS= line if it sent one."""
     mark = ""
+    if process.state is State.STARTING and process.ready_error:
+        mark = f", not ready: {process.ready_error}"
     if process.healthy is True:
         mark = ", HEALTHY"
     elif process.healthy is False:
         mark = f", UNHEALTHY: {process.health_error}"
+    if process.notify_state:
+        mark += f", {process.notify_state}"
     if process.notify_status:
         mark += f", {process.notify_status}"
     return mark

@@ -723,3 +723,25 @@ def test_the_example_runs_db_then_migrate_then_web(supd: Factory, tmp_path: Path
         assert d.state("migrate") == "EXITED"
     finally:
         d.kill()
+
+
+def test_extend_timeout_usec_only_ever_extends_the_ready_timeout() -> None:
+    config = program("web", startsecs=0, ready={"notify": True, "ready_timeout": 10})
+    p, _ = started(config)
+    assert p.handle(proc.Notified(extend_timeout_s=5.0), 1.0) == []  # 6 < 10: no change
+    assert p.handle(proc.Notified(extend_timeout_s=30.0), 2.0) == [
+        proc.ArmTimer(proc.Timer.READY_TIMEOUT, 30.0)
+    ]
+    p.handle(proc.Notified(reloading=True, status="reloading config"), 3.0)
+    assert (p.notify_state, p.notify_status) == ("reloading", "reloading config")
+    p.handle(proc.Notified(ready=True), 4.0)
+    assert (p.state, p.notify_state) == (State.RUNNING, None)
+
+
+def test_on_unhealthy_stop_says_why() -> None:
+    health = {"tcp": "127.0.0.1:1", "failures": 1, "start_grace": 0, "on_unhealthy": "stop"}
+    p, _ = started(program("web", startsecs=0, health=health))
+    effects = p.handle(proc.ProbeResult(proc.Probe.HEALTH, False, "refused"), 1.0)
+    assert proc.Transitioned(State.RUNNING, State.STOPPING, "unhealthy: refused") in effects
+    p.handle(proc.Exited(None, 15), 1.5)
+    assert (p.state, p.want) == (State.STOPPED, proc.Want.DOWN)
