@@ -44,6 +44,7 @@ WORKLOADS = (
     "storm",
     "selector",
     "health",
+    "scale",
 )
 
 
@@ -132,6 +133,10 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
         steps.append(Step("selector", (SUPD,), 1, workloads.selector))
     if "health" in wanted:  # supd only: supervisord has no health checks
         steps.append(Step(f"health of {sizes.health_programs}", (SUPD,), 1, workloads.health))
+    if "scale" in wanted:
+        quick = sizes is workloads.QUICK
+        run = functools.partial(workloads.scale, quick=quick)
+        steps.append(Step("scale (M8)", (SUPD,), 1, run))
     kept = [
         Step(s.name, tuple(x for x in s.subjects if x in subjects), s.rounds, s.run) for s in steps
     ]

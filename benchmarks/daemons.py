@@ -135,6 +135,10 @@ class Supd:
     def status_round_trip(self) -> bytes:
         return self._call("status", {})
 
+    def call(self, method: str, params: dict[str, Any]) -> Any:
+        """One call's result (RuntimeError for an error answer)."""
+        return self._result(self._call(method, params))
+
     def states(self) -> dict[str, str]:
         return {row["name"]: row["state"] for row in self._result(self.status_round_trip())}
 

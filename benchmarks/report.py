@@ -96,7 +96,18 @@ def _ratio_target(
 
 def build_rows(results: Results, sizes: Sizes) -> list[Row]:
     rows: list[Row] = []
-    builders = (_respawn, _idle, _memory, _control, _startup, _log, _storm, _selector, _health)
+    builders = (
+        _respawn,
+        _idle,
+        _memory,
+        _control,
+        _startup,
+        _log,
+        _storm,
+        _selector,
+        _health,
+        _scale,
+    )
     for builder in builders:
         rows += builder(_Figures(results), sizes)
     return rows
@@ -417,3 +428,38 @@ def git_revision(repo: Path) -> str:
 
 def now_utc() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _scale(f: _Figures, sizes: Sizes) -> list[Row]:
+    """M8: supd alone, with every program the fd limit allows (issue 19's targets)."""
+    programs = f.get("scale.programs", SUPD)
+    if programs is None:
+        return []
+    name = f"M8: {programs:,.0f} sleeping programs (as many as the fd limit allows)"
+    per_program = f.get("scale.startup_ms_per_program", SUPD)
+    at_1000 = f.get(f"startup{sizes.fleet_programs}.s", SUPD)
+    per_program_1000 = at_1000 * 1000 / sizes.fleet_programs if at_1000 else None
+    start_target, start_passed = _ratio_target(
+        per_program, per_program_1000, 1.0, f"<= per program at {sizes.fleet_programs:,}"
+    )
+
+    def under(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value < limit
+
+    rss = f.get("scale.rss_mib", SUPD)
+    status = f.get("scale.status_ms", SUPD)
+    exit_ms = f.get("scale.exit_ms", SUPD)
+    shutdown = f.get("scale.shutdown_s", SUPD)
+    return [
+        Row(name, "start-up per program (ms)", per_program, None, "", start_target,
+            start_passed, 3),
+        Row(name, "RSS (MiB)", rss, None, "", "< 80 MiB", under(rss, 80), 1),
+        Row(name, "full status round trip (ms)", status, None, "", "< 50 ms",
+            under(status, 50), 1),
+        Row(name, "status of one name (ms)", f.get("scale.status_one_ms", SUPD), None, "",
+            digits=2),
+        Row(name, "kill to restart of one program (ms)", exit_ms, None, "", "< 2 ms",
+            under(exit_ms, 2), 2),
+        Row(name, "SIGTERM shutdown of all (s)", shutdown, None, "", "< 10 s",
+            under(shutdown, 10), 1),
+    ]  # fmt: skip

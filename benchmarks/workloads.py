@@ -13,6 +13,7 @@ import itertools
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from benchmarks import floor, procs
 from benchmarks.daemons import Daemon, Program, Supd, Supervisord
+from supd.config import FD_RESERVE
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -495,6 +497,89 @@ def storm(session: Session, subject: str) -> str:
 def ideal_storm_restarts(sizes: Sizes) -> float:
     """Starts in the window were every respawn instantaneous."""
     return sizes.storm_programs * sizes.storm_window_s * 1000 / sizes.storm_lifetime_ms
+
+
+# -- M8: as many programs as the fd limit allows -------------------------------------------
+
+SCALE_MAX_PROGRAMS = 10_000
+SCALE_KILLS = 20
+
+
+def scale_programs(quick: bool) -> int:
+    """Each program holds two pipe fds in supd: as many as the hard fd limit allows
+    beside supd's own (what `supd --check` counts)."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fitting = (hard - FD_RESERVE) // 2 if hard != resource.RLIM_INFINITY else 10**6
+    return min(SCALE_MAX_PROGRAMS if not quick else 2_000, fitting)
+
+
+def scale(session: Session, subject: str, quick: bool = False) -> str:
+    """M8 (supd only): start-up, RSS, status, one exit handled, and shutdown, with every
+    program the fd limit allows watched at once."""
+    programs = scale_programs(quick)
+    workdir = session.workdir(f"scale{programs}-{subject}")
+    stamps = workdir / "stamps"
+    daemon = session.daemon(subject, workdir)
+    assert isinstance(daemon, Supd)
+    daemon.timeout_s = 120.0
+    daemon.write_config(sleepers(session.helper, programs))
+    results = session.results
+    results.add("scale.programs", subject, [programs])
+    launched = time.monotonic()
+    process = daemon.launch(session.processes, session.stamps_env(stamps))
+    try:
+        deadline_s = 120 + programs * 0.02
+        procs.wait_for(
+            lambda: count_starts(stamps) >= programs, deadline_s, f"{subject}: all started", 0.05
+        )
+        wait_until_all_running(daemon, programs, deadline_s, 0.2)
+        startup_s = time.monotonic() - launched
+        results.add("scale.startup_ms_per_program", subject, [startup_s * 1000 / programs])
+        time.sleep(SETTLE_S)
+        results.add("scale.rss_mib", subject, [procs.rss_bytes(process.pid) / MIB])
+        results.add("scale.status_ms", subject, _timed_calls(daemon.status_round_trip, 5))
+        one = _timed_calls(lambda: daemon.call("status", {"names": ["p0001"]}), 20)
+        results.add("scale.status_one_ms", subject, one)
+        results.add("scale.exit_ms", subject, _exit_to_restart(daemon, stamps, SCALE_KILLS))
+        stopping = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=600)
+        shutdown_s = time.monotonic() - stopping
+        results.add("scale.shutdown_s", subject, [shutdown_s])
+    finally:
+        session.processes.kill(process)
+    return (
+        f"{programs} programs RUNNING after {startup_s:.1f} s, "
+        f"status {statistics.median(results.get('scale.status_ms', subject)):.1f} ms, "
+        f"exit handled in {statistics.median(results.get('scale.exit_ms', subject)):.2f} ms, "
+        f"shutdown {shutdown_s:.1f} s"
+    )
+
+
+def _exit_to_restart(daemon: Supd, stamps: Path, kills: int) -> list[float]:
+    """SIGKILL one program at a time; the time from the kill to its helper's next start
+    stamp (both CLOCK_MONOTONIC) bounds what one exit costs the loop, spawn included."""
+    latencies = []
+    for index in range(kills):
+        name = f"p{index:04d}"
+        [row] = daemon.call("status", {"names": [name]})
+        before = count_starts(stamps)
+        killed_ns = time.monotonic_ns()
+        os.kill(row["pid"], signal.SIGKILL)
+
+        def restarted(before: int = before) -> bool:
+            return count_starts(stamps) > before
+
+        procs.wait_for(restarted, 30, f"{name} back", 0.001)
+        started = [
+            ns
+            for kind, ident, ns in read_stamps(stamps)
+            if kind == "S" and ident == str(index) and ns > killed_ns
+        ]
+        latencies.append((min(started) - killed_ns) / 1e6)
+    return latencies
 
 
 # -- selector micro-benchmark -------------------------------------------------------------

@@ -63,6 +63,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import shlex
 import signal
 import stat
@@ -118,6 +119,16 @@ MAX_SOCKET_PATH_BYTES = 107
 # numprocs bounds: 200,000 processes froze the loop for 2.5 s and made a 40 MB status.
 MAX_NUMPROCS = 1000  # per program
 MAX_PROCESSES = 10000  # in all programs together
+# File descriptors supd keeps for itself: the control socket's 512 clients, its
+# listener, the selector's epoll, signalfd, timerfd and eventfd, its log, stdio.
+FD_RESERVE = 544
+
+
+def hard_fd_limit() -> int | None:
+    """The hard RLIMIT_NOFILE supd will raise itself to; None when unlimited."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if hard == resource.RLIM_INFINITY else hard
+
 
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group"})
@@ -1520,6 +1531,35 @@ class _Loader:
                 self.problems.append(self.documents[program.name].problem(key, message))
                 return
 
+    def check_fd_budget(self) -> None:
+        """The output pipes of every process must fit under the hard fd limit.
+
+        supd raises its soft RLIMIT_NOFILE to the hard one at start; each process holds
+        its pipes for as long as it runs (two, one with redirect_stderr), besides the
+        daemon's own fds (FD_RESERVE: the control socket and its clients, the selector,
+        its log). Log files are opened on a program's first write; one that cannot be
+        opened for want of fds is a log write failure (counted, reported), not a stall.
+        """
+        limit = hard_fd_limit()
+        if limit is None:
+            return
+        needed = FD_RESERVE
+        for program in self.programs.values():
+            needed += program.numprocs * _fds_per_process(program)
+            if needed > limit:
+                key = ("programs", program.name, "numprocs")
+                total = FD_RESERVE + sum(
+                    p.numprocs * _fds_per_process(p) for p in self.programs.values()
+                )
+                message = (
+                    f"the programs' output pipes need {total} file descriptors with supd's "
+                    f"own {FD_RESERVE}, more than the hard limit of {limit} (RLIMIT_NOFILE; "
+                    f"this one takes it over): raise the limit (LimitNOFILE=, ulimit -Hn) "
+                    f"or run fewer processes"
+                )
+                self.problems.append(self.documents[program.name].problem(key, message))
+                return
+
     def check_log_files_unshared(self) -> None:
         writers: dict[Path, str] = {}
         for program in self.programs.values():
@@ -1544,6 +1584,14 @@ class _Loader:
         for name, program in self.programs.items():
             merged = {**environment, **program.environment}
             self.programs[name] = program.model_copy(update={"environment": merged})
+
+
+def _fds_per_process(program: ProgramConfig) -> int:
+    """A running process's fds in the daemon: its output pipes, and the socket of a
+    ready or health probe in flight (one at a time: ready while STARTING, health after)."""
+    pipes = 1 if program.redirect_stderr else 2
+    probes = [c for c in (program.ready, program.health) if c is not None]
+    return pipes + (1 if any(c.kind in ("tcp", "http", "exec") for c in probes) else 0)
 
 
 def _without_duplicates_of(hints: list[Problem], problems: list[Problem]) -> list[Problem]:
@@ -1593,6 +1641,7 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     loader.check_log_files_unshared()
     loader.check_process_total()
     loader.check_dependencies()
+    loader.check_fd_budget()
     problems.extend(loader.problems)
     problems = _without_duplicates_of(hints, problems)
     if problems or supervisor is None:

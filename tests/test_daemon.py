@@ -645,10 +645,12 @@ def test_a_flooding_child_does_not_starve_the_control_socket(supd: Factory) -> N
 # -- the command line ---------------------------------------------------------------------
 
 
-def run_supd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_supd(
+    *args: str, cwd: Path, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=source_pythonpath())
     return subprocess.run(
-        [PY, "-m", "supd", *args],
+        [*prefix, PY, "-m", "supd", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -684,6 +686,32 @@ def test_bad_config_lists_every_problem_with_file_and_line(tmp_path: Path, check
     assert any(line.startswith(f"{config}:7: programs.api.stopsignal: ") for line in lines), lines
     assert any(line.startswith(f"{config}:6: programs.api.command: ") for line in lines), lines
     assert not (tmp_path / "supd.sock").exists()
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_config_whose_pipes_cannot_fit_the_fd_limit_is_refused(
+    tmp_path: Path, check: bool
+) -> None:
+    """Each process holds two pipe fds (one with redirect_stderr), plus supd's own: under a
+    hard limit of 600, 20 processes fit and 40 do not (an error, not EMFILE at run time)."""
+    config = tmp_path / "supd.toml"
+    config.write_text(
+        '[programs.few]\ncommand = "true"\nnumprocs = 20\nautostart = false\n\n'
+        '[programs.many]\ncommand = "true"\nnumprocs = 20\nautostart = false\n'
+    )
+    limited = ("prlimit", "--nofile=600:600", "--")
+    args = ("-c", str(config), *(["--check"] if check else []))
+    result = run_supd(*args, cwd=tmp_path, prefix=limited)
+    assert result.returncode == 2, result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"{config}:8: programs.many.numprocs: the programs' output pipes ")
+    assert "more than the hard limit of 600" in line
+    config.write_text(
+        '[programs.few]\ncommand = "true"\nnumprocs = 20\nredirect_stderr = true\n'
+        '[programs.many]\ncommand = "true"\nnumprocs = 20\nredirect_stderr = true\n'
+    )
+    fits = run_supd("-c", str(config), "--check", cwd=tmp_path, prefix=limited)
+    assert fits.returncode == 0, fits.stderr  # one pipe each: 40 + 544 <= 600
 
 
 def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
