@@ -504,6 +504,8 @@ class Daemon:
             case HealthChanged(name=name, healthy=healthy, message=message):
                 level = self.log.info if healthy else self.log.warning
                 level("health_changed", process=name, healthy=healthy, message=message)
+                if self.notifier.enabled:
+                    self.notifier.status(self.status_line())
             case _:
                 assert_never(effect)
 

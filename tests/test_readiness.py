@@ -745,3 +745,92 @@ def test_on_unhealthy_stop_says_why() -> None:
     assert proc.Transitioned(State.RUNNING, State.STOPPING, "unhealthy: refused") in effects
     p.handle(proc.Exited(None, 15), 1.5)
     assert (p.state, p.want) == (State.STOPPED, proc.Want.DOWN)
+
+
+# -- supd's own READY=1 and STATUS= to systemd ---------------------------------------------
+
+
+def test_supd_tells_systemd_ready_only_once_programs_are_ready_and_counts_unhealthy(
+    supd: Factory, tmp_path: Path, bound_port: socket.socket
+) -> None:
+    port = bound_port.getsockname()[1]  # bound, never listening: the check fails
+    flag = tmp_path / "flag"
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify.sock"))
+    systemd.settimeout(10)
+    env = {k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"}
+    env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+    try:
+        d = supd(
+            f"""
+            [programs.app]
+            command = {SLEEP}
+            startsecs = 0
+            ready = {{ file = "{flag}", interval = 0.05 }}
+
+            [programs.app.health]
+            tcp = "127.0.0.1:{port}"
+            interval = 0.05
+            failures = 1
+            start_grace = 0
+            on_unhealthy = "ignore"
+        """,
+            env=env,
+        )
+        assert d.state("app") == "STARTING"  # so supd cannot have said READY=1 yet
+        flag.touch()
+        messages: list[str] = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(systemd.recv(4096).decode())
+        assert d.state("app") == "RUNNING"
+        while "1 unhealthy" not in messages[-1]:
+            messages.append(systemd.recv(4096).decode())
+        assert "STATUS=1 running, 1 unhealthy" in messages[-1]
+    finally:
+        systemd.close()
+
+
+def test_log_silence_and_exec_health_checks(supd: Factory, tmp_path: Path) -> None:
+    quiet = tmp_path / "quiet"
+    chatty = cmd(f"""
+        import os, time
+        while not os.path.exists({str(quiet)!r}):
+            print("still here")
+            time.sleep(0.02)
+        time.sleep(1000)
+    """)
+    sick = tmp_path / "sick"
+    check = [PY, "-c", f"import os, sys; sys.exit(1 if os.path.exists({str(sick)!r}) else 0)"]
+    d = supd(f"""
+        [programs.talker]
+        command = {chatty}
+        startsecs = 0
+
+        [programs.talker.health]
+        log-silence = 0.3
+        interval = 0.1
+        failures = 1
+        start_grace = 0
+        on_unhealthy = "ignore"
+
+        [programs.checked]
+        command = {SLEEP}
+        startsecs = 0
+
+        [programs.checked.health]
+        exec = {toml_list(check)}
+        interval = 0.05
+        failures = 2
+        start_grace = 0
+        on_unhealthy = "stop"
+    """)
+    wait_until(lambda: d.status()["talker"]["healthy"] is True, describe=d.describe)
+    wait_until(lambda: d.status()["checked"]["healthy"] is True, describe=d.describe)
+    quiet.touch()
+    sick.touch()
+    wait_until(lambda: d.status()["talker"]["healthy"] is False, describe=d.describe)
+    assert d.status()["talker"]["health_error"].startswith("printed nothing for ")
+    assert d.state("talker") == "RUNNING"  # on_unhealthy = ignore
+    d.wait_state("checked", "STOPPED")
+    stopping = [e for e in d.events("state_changed") if e["process"] == "checked"][-2]
+    assert stopping["reason"] == "unhealthy: exec " + " ".join(check) + ": exit status 1"
