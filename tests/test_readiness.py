@@ -395,7 +395,7 @@ def test_a_watchdog_that_stops_being_fed_restarts_the_program(
         SEND
         + f"""
 import time
-assert os.environ["WATCHDOG_USEC"] == "300000"
+assert os.environ["WATCHDOG_USEC"] == "500000"
 send("READY=1")
 while not os.path.exists({str(stop)!r}):
     send("WATCHDOG=1")
@@ -408,7 +408,7 @@ time.sleep(1000)
         command = {program}
         startsecs = 0
         backoff_initial = 0
-        watchdog_sec = 0.3
+        watchdog_sec = 0.5
         ready = {{ notify = true }}
     """)
     d.wait_state("app", "RUNNING")
@@ -417,7 +417,7 @@ time.sleep(1000)
     wait_until(lambda: d.events("health_changed"), describe=d.describe)
     changed = d.events("health_changed")[0]
     assert changed["healthy"] is False
-    assert changed["message"] == "watchdog: no WATCHDOG=1 in 0.3 s"
+    assert changed["message"] == "watchdog: no WATCHDOG=1 in 0.5 s"
     wait_until(lambda: d.status()["app"]["pid"] not in (None, first), describe=d.describe)
 
 
@@ -820,6 +820,7 @@ def test_log_silence_and_exec_health_checks(supd: Factory, tmp_path: Path) -> No
         [programs.checked.health]
         exec = {toml_list(check)}
         interval = 0.05
+        timeout = 10  # a loaded machine may take long to start Python: not a failure here
         failures = 2
         start_grace = 0
         on_unhealthy = "stop"
