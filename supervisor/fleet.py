@@ -850,6 +850,9 @@ class Fleet:
                 ):
                     why = f"cannot become {condition}: {process.state.value}"
                     outcome = Outcome(name, False, process.state, why, ErrorCode.BAD_STATE)
+                elif name in self._held and self._stuck(name):
+                    why = f"cannot become {condition}: {process.waiting_for}"
+                    outcome = Outcome(name, False, process.state, why, ErrorCode.BAD_STATE)
                 else:
                     continue
                 outcomes[name] = outcome

@@ -835,3 +835,14 @@ def test_log_silence_and_exec_health_checks(supd: Factory, tmp_path: Path) -> No
     d.wait_state("checked", "STOPPED")
     stopping = [e for e in d.events("state_changed") if e["process"] == "checked"][-2]
     assert stopping["reason"] == "unhealthy: exec " + " ".join(check) + ": exit status 1"
+
+
+def test_wait_fails_at_once_for_a_process_held_by_a_fatal_dependency() -> None:
+    run = Run(
+        program("db", startsecs=1, startretries=0),
+        program("web", startsecs=0, depends_on=["db"]),
+    )
+    run.child("db", proc.Exited(1, None))
+    effects = run.feed(f.Await(5, ("web",), "ready"))
+    [answer] = [e for e in effects if isinstance(e, f.Answer)]
+    assert answer.outcomes[0].error == "cannot become ready: waiting for db (ready): db is FATAL"
