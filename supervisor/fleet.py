@@ -301,6 +301,8 @@ class Fleet:
         self._held: dict[str, None] = {}
         self._left_running: list[str] = []
         self._unhealthy = 0  # processes with healthy False, kept by _send
+        # program -> the programs that restart with it (on_dependency_restart = restart)
+        self._restart_with: dict[str, list[str]] = {}
         # `supctl wait`: request -> (condition, names not met yet, outcomes so far)
         self._awaits: dict[int, tuple[str, tuple[str, ...], dict[str, Outcome]]] = {}
 
@@ -317,6 +319,7 @@ class Fleet:
                 for program in programs:
                     self.configs[program.name] = program
                     self._add(program)
+                self._index_restart_with()
                 self._autostart(programs, now)
             case ChildEvent(name=name, event=child_event):
                 if name in self.processes:
@@ -631,6 +634,7 @@ class Fleet:
         new = {p.name: p for p in programs}
         added, changed, removed = reload_diff(self.configs, new)
         self.configs = new
+        self._index_restart_with()
         for name in removed:
             self.replacements.pop(name, None)  # an earlier reload's pending version
         for name in changed:
@@ -800,7 +804,7 @@ class Fleet:
         dependencies are met now; a held one blocked by a FATAL dependency answers the
         starts waiting on it (it still starts once the dependency recovers)."""
         left, self._left_running = self._left_running, []
-        if left and not self.shutting_down:
+        if left and self._restart_with and not self.shutting_down:
             self._restart_dependants(left, now)
         for name in list(self._held):
             process = self.processes.get(name)
@@ -823,11 +827,12 @@ class Fleet:
         """on_dependency_restart = "restart": a dependency left RUNNING, so its dependants
         stop now and start again once it meets their condition (systemd's PartOf)."""
         programs = {self.processes[n].config.name for n in left if n in self.processes}
-        for name, process in list(self.processes.items()):
-            config = process.config
-            if config.on_dependency_restart != "restart" or process.want is not Want.UP:
-                continue
-            if any(d.program in programs for d in config.depends_on):
+        dependants = {d for p in programs for d in self._restart_with.get(p, ())}
+        for program in dependants:
+            for name in list(self.programs.get(program, ())):
+                process = self.processes[name]
+                if process.want is not Want.UP or name in self.retiring:
+                    continue
                 self._send(name, proc.Stop(), now)
                 self._held[name] = None
                 process.waiting_for = self._unmet(process)
@@ -863,6 +868,13 @@ class Fleet:
             if len(outcomes) == len(names):
                 del self._awaits[request]
                 self._out.append(Answer(request, tuple(outcomes[n] for n in names)))
+
+    def _index_restart_with(self) -> None:
+        self._restart_with = {}
+        for config in self.configs.values():
+            if config.on_dependency_restart == "restart":
+                for dependency in config.depends_on:
+                    self._restart_with.setdefault(dependency.program, []).append(config.name)
 
     def _stop_dependants_first(self, request: _Request, now: float) -> None:
         """A stop of several processes: each one once those that depend on it (in the
