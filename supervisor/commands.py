@@ -25,6 +25,8 @@ from .process import Process
 from .protocol import (
     DEFAULT_TAIL_BYTES,
     ActionResult,
+    ClearParams,
+    DeathsParams,
     OutputParams,
     PidParams,
     PidResult,
@@ -45,7 +47,7 @@ from .protocol import (
     VersionResult,
     WaitParams,
 )
-from .status import info
+from .status import deaths_info, info
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,9 @@ class Core(Protocol):
     ) -> Callable[[], None]:
         """`reply` once every process meets `condition` (one outcome each); returns a
         cancel for a client that leaves first."""
+
+    def clear(self, names: list[str]) -> None:
+        """Forget the processes' deaths and failure counters."""
         ...
 
 
@@ -161,6 +166,18 @@ class Commands:
                     responder.result([_action_result(outcome) for outcome in outcomes])
 
                 responder.on_close(core.await_condition(targets, condition, reply))
+            case DeathsParams(name=name, limit=limit):
+                [name] = self._one(name)
+                snapshot = core.snapshot([name])
+                [(process, _)] = snapshot.entries
+                responder.result(deaths_info(process, snapshot.now, snapshot.wall, limit))
+            case ClearParams(names=names):
+                targets = core.resolve(names)
+                core.clear(targets)
+                entries = core.snapshot(targets).entries
+                responder.result(
+                    [ActionResult(name=p.name, ok=True, state=p.state) for p, _ in entries]
+                )
 
     # -- start / stop / restart -------------------------------------------------------
 

@@ -119,9 +119,11 @@ MAX_SOCKET_PATH_BYTES = 107
 # numprocs bounds: 200,000 processes froze the loop for 2.5 s and made a 40 MB status.
 MAX_NUMPROCS = 1000  # per program
 MAX_PROCESSES = 10000  # in all programs together
-# File descriptors supd keeps for itself: the control socket's 512 clients, its
-# listener, the selector's epoll, signalfd, timerfd and eventfd, its log, stdio.
-FD_RESERVE = 544
+# File descriptors supd needs for itself besides the programs' pipes: stdio, its log,
+# the selector's epoll, signalfd, timerfd and eventfd, the control socket and a few of
+# its clients, the instance lock, /dev/null. Clients beyond those take what is left
+# (accept() at EMFILE pauses the listener; it never stalls the loop).
+FD_RESERVE = 32
 
 
 def hard_fd_limit() -> int | None:
@@ -779,6 +781,14 @@ class ProgramConfig(BaseModel):
     backoff_factor: float = Field(default=2.0, ge=1, le=1000, allow_inf_nan=False)
     backoff_max: Seconds = 60.0
     backoff_reset: Seconds = 60.0
+    # Crash loops (docs in README): jitter, the sliding window of restarts, revival.
+    backoff_jitter: float = Field(default=0.1, ge=0, le=1, allow_inf_nan=False)
+    # None: max(5, startretries), so failed starts meet startretries first, as before
+    max_restarts: int | None = Field(default=None, ge=1)
+    restart_window: Seconds = 60.0  # 0: no window
+    revive_after: Seconds | None = None  # None: a FATAL process stays FATAL
+    # systemd EnvironmentFile= files, read at each start; "-/path" is optional.
+    env_files: tuple[str, ...] = ()
     stopsignal: int = int(signal.SIGTERM)
     stopwaitsecs: Seconds = 10.0
     killasgroup: bool = True
@@ -932,6 +942,22 @@ class ProgramConfig(BaseModel):
     @classmethod
     def _valid_environment(cls, value: dict[str, str]) -> dict[str, str]:
         return _check_environment(value)
+
+    @field_validator("env_files", mode="before")
+    @classmethod
+    def _resolve_env_files(cls, value: Any, info: ValidationInfo) -> Any:
+        """Each path absolute (relative ones from the config's folder), its "-" kept."""
+        if not isinstance(value, list | tuple):
+            return value
+        resolved: list[Any] = []
+        for entry in value:
+            if not isinstance(entry, str):
+                resolved.append(entry)
+                continue
+            optional = entry.startswith("-")
+            path = _path_input(entry[1:] if optional else entry, info)
+            resolved.append(("-" if optional else "") + str(path))
+        return tuple(resolved)
 
     @field_validator("umask", mode="before")
     @classmethod
@@ -1516,7 +1542,7 @@ class _Loader:
             message = "dependency cycle: " + " -> ".join([*cycle, cycle[0]])
             self.problems.append(document.problem(("programs", cycle[0], "depends_on"), message))
 
-    def check_process_total(self) -> None:
+    def check_process_total(self) -> bool:
         """At most MAX_PROCESSES in all; named at the program that goes over."""
         total = 0
         for program in self.programs.values():
@@ -1529,7 +1555,8 @@ class _Loader:
                     f"takes it over)"
                 )
                 self.problems.append(self.documents[program.name].problem(key, message))
-                return
+                return False
+        return True
 
     def check_fd_budget(self) -> None:
         """The output pipes of every process must fit under the hard fd limit.
@@ -1639,9 +1666,9 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     loader.check_groups()
     loader.check_names_unique()
     loader.check_log_files_unshared()
-    loader.check_process_total()
+    if loader.check_process_total():  # (over the total, the fd count says nothing new)
+        loader.check_fd_budget()
     loader.check_dependencies()
-    loader.check_fd_budget()
     problems.extend(loader.problems)
     problems = _without_duplicates_of(hints, problems)
     if problems or supervisor is None:

@@ -79,8 +79,6 @@ NOT_IN_SUPD = {
     "maintail": "not yet (it is being built); today read the daemon's own log where its"
     " stderr goes: `journalctl -u supd` under systemd, else the terminal or file you"
     " started supd with",
-    "clear": "not yet (it is being built); today truncate the log file yourself"
-    " (`truncate -s 0 FILE`; supd appends, so it keeps writing at the new end)",
     "fg": "not yet (it is being built); today `supctl tail -f NAME [stderr]` follows a"
     " process's output (programs get no terminal: their stdin is /dev/null)",
 }
@@ -97,6 +95,8 @@ COMMANDS = (
     "version",
     "shutdown",
     "wait",
+    "why",
+    "clear",
     "help",
 )
 SHELL_ONLY = ("quit", "exit")
@@ -214,6 +214,8 @@ _RESULT_SHAPES: dict[str, tuple[type, tuple[str, ...]]] = {
     "version": (dict, ("version", "pid")),
     "shutdown": (dict, ()),
     "wait": (list, ("name", "ok")),
+    "deaths": (dict, ("name", "state", "next", "deaths")),
+    "clear": (list, ("name", "ok")),
 }
 
 
@@ -712,6 +714,54 @@ def cmd_shutdown(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_why(client: Client, args: argparse.Namespace, out: Output) -> int:
+    result = client.call("deaths", {"name": args.name, "limit": args.limit})
+    if out.as_json:
+        out.json(result)
+    else:
+        for line in format_why(result):
+            out.line(line)
+    return EXIT_OK
+
+
+def format_why(result: dict[str, Any]) -> list[str]:
+    """`supctl why NAME` for people: now, next, the deaths newest first, the last tail."""
+    lines = [
+        f"{result['name']}  {result['state']}  {result.get('description') or ''}".rstrip(),
+        f"next: {result['next']}",
+    ]
+    lines += [f"blocked: {reason}" for reason in result.get("blocking") or []]
+    deaths = result.get("deaths") or []
+    if not deaths:
+        lines.append("no deaths recorded")
+        return lines
+    lines.append("recent deaths, newest first:")
+    for death in deaths:
+        at = death.get("time")
+        clock = time.strftime("%H:%M:%S", time.localtime(at)) if at is not None else "--:--:--"
+        what = str(death.get("summary") or death.get("cause"))
+        uptime = death.get("uptime")
+        if uptime is not None:
+            what += f" after {uptime:.1f} s" if uptime < 60 else f" after {int(uptime)} s"
+        then = f"   ({death['then']})" if death.get("then") else ""
+        lines.append(f"  {clock}  {what}{then}")
+    tail = str(deaths[0].get("tail") or "")
+    if tail:
+        lines.append("output before the latest death (stderr, or stdout if redirected):")
+        lines += [f"  | {line}" for line in tail.rstrip("\n").split("\n")]
+    return lines
+
+
+def cmd_clear(client: Client, args: argparse.Namespace, out: Output) -> int:
+    results = client.call("clear", {"names": args.names})
+    if out.as_json:
+        out.json(results)
+    else:
+        for item in results:
+            out.line(f"{item.get('name')}: cleared")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- arguments
 
 
@@ -793,6 +843,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("pid", cmd_pid, "print supd's pid, or the processes' (NAME PID if several)")
     sub.add_argument("name", nargs="?", metavar="NAME")
     command("version", cmd_version, "show the daemon's version, pid and config")
+    sub = command(
+        "why",
+        cmd_why,
+        "why a process is down: its state, what supd will do next, its recent deaths",
+    )
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument(
+        "-n",
+        "--limit",
+        type=int,
+        default=20,
+        choices=range(1, 21),
+        metavar="N",
+        help="the last N deaths (1-20, default 20)",
+    )
+    sub = command(
+        "clear",
+        cmd_clear,
+        "forget processes' recorded deaths and failure counts (not their logs: for"
+        " supervisorctl's clear, `truncate -s 0 FILE`; supd keeps appending at the new end)",
+    )
+    sub.add_argument("names", nargs="+", metavar="NAME")
     command("shutdown", cmd_shutdown, "stop all processes and the daemon")
     sub = command(
         "wait",
@@ -1059,7 +1131,7 @@ def run_shell_command(session: Session, defaults: argparse.Namespace, words: lis
 class Completer:
     """readline completion: command names first, then process/program names."""
 
-    NAME_COMMANDS = ("status", "start", "stop", "restart", "tail", "pid", "wait")
+    NAME_COMMANDS = ("status", "start", "stop", "restart", "tail", "pid", "wait", "why", "clear")
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -1085,7 +1157,7 @@ class Completer:
             return ["TERM", "HUP", "INT", "KILL", "USR1", "USR2", "QUIT"]
         if command in (*self.NAME_COMMANDS, "signal"):
             names = self.process_names()
-            return [*names, "all"] if command not in ("tail", "pid", "status") else names
+            return [*names, "all"] if command not in ("tail", "pid", "status", "why") else names
         return []
 
     def process_names(self) -> list[str]:

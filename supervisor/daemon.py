@@ -26,6 +26,7 @@ import contextlib
 import gc
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -39,6 +40,7 @@ from . import (
     activation,
     childnotify,
     daemonlog,
+    envfile,
     instancelock,
     linux,
     notify,
@@ -48,6 +50,7 @@ from . import (
 from .commands import Commands, Snapshot
 from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
+from .deaths import TAIL_BYTES, Cause, Death, Ending
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
 from .fleet import (
     Action,
@@ -56,7 +59,9 @@ from .fleet import (
     Boot,
     CancelProbe,
     ChildEvent,
+    ClearHistory,
     CreateSlot,
+    Died,
     DropSlot,
     Exit,
     Fleet,
@@ -184,6 +189,9 @@ class Slot:
     probe: ProbeRun | None = None  # the ready or health probe in flight
     matcher: probes.LineMatcher | None = None  # ready = { log = ... } until it matched
     last_output_at: float | None = None  # monotonic: health = { log-silence = ... }
+    operator_signals: set[int] = field(default_factory=set)  # supctl signal, this child
+    oom_kills_at_spawn: int | None = None  # the cgroup's oom_kill counter then
+    written_at_spawn: int = 0  # the death's stream's byte count then: its tail is this run's
 
     def sink(self, stream: str) -> LogSink:
         return self.stdout if stream == "stdout" else self.stderr
@@ -202,7 +210,11 @@ class Daemon:
         self.clock = clock
         self.log = daemonlog.get_logger()
         self.selector: Selector[Any] = Selector()
-        self.fleet = Fleet()
+        self.fleet = Fleet(draw=random.random)  # backoff jitter
+        # The OOM hook: the oom_kill count of a process's cgroup (memory.events), or
+        # None where there is none to read. Cgroup support sets it; until then an
+        # unexplained SIGKILL is reported as "possibly OOM", never as a confirmed one.
+        self.oom_kills: Callable[[str], int | None] = lambda name: None
         self.queue: deque[FleetEvent] = deque()
         self.slots: dict[str, Slot] = {}
         self.replies: dict[int, Callable[[tuple[Outcome, ...]], None]] = {}
@@ -356,7 +368,7 @@ class Daemon:
             self._drain_output(slot)  # nothing the child wrote is lost to its exit
         except Exception:  # whatever happens, the exit is reaped and reported
             self.log.exception("output_drain_failed", process=name, pid=pid)
-        exit_code, exit_signal = spawn.reap(pid)
+        exit_code, exit_signal, core_dumped = spawn.reap_status(pid)
         if slot.exec_error is None:
             process = self.fleet.processes.get(name)
             redirected = process is not None and process.config.redirect_stderr
@@ -367,20 +379,33 @@ class Daemon:
             if slot.exec_error is not None:
                 self.log.error("spawn_failed", process=name, pid=pid, error=slot.exec_error)
         if slot.exec_error is not None:
-            self.queue.append(ChildEvent(name, SpawnFailed(slot.exec_error)))
+            self.queue.append(ChildEvent(name, SpawnFailed(slot.exec_error, time.time())))
         else:
-            self.log.info(
-                "exited",
-                process=name,
-                pid=pid,
-                exit_code=exit_code,
-                signal=signal_name(exit_signal) if exit_signal is not None else None,
-            )
-            self.queue.append(ChildEvent(name, Exited(exit_code, exit_signal)))
+            # The `exited` log event comes with the fleet's classification (Died).
+            ending = self._ending(slot, core_dumped)
+            self.queue.append(ChildEvent(name, Exited(exit_code, exit_signal, ending)))
         if self.subreaper:
             # Orphans that died with this child (a killed process group) were hidden
             # behind its zombie from _reap_orphans' peek; with it reaped, look again.
             self._reap_orphans()
+
+    def _ending(self, slot: Slot, core_dumped: bool) -> Ending:
+        """What the death record needs besides the exit status."""
+        process = self.fleet.processes.get(slot.name)
+        redirected = process is not None and process.config.redirect_stderr
+        sink = slot.sink("stdout" if redirected else "stderr")
+        tail = sink.tail(min(TAIL_BYTES, max(0, sink.bytes_written - slot.written_at_spawn)))
+        oom = None
+        if slot.oom_kills_at_spawn is not None:
+            now = self.oom_kills(slot.name)
+            oom = now is not None and now > slot.oom_kills_at_spawn
+        return Ending(
+            wall=time.time(),
+            core_dumped=core_dumped,
+            operator_signals=frozenset(slot.operator_signals),
+            oom_killed=oom,
+            tail=tail.decode(errors="replace"),
+        )
 
     def _exec_reported(self, name: str, pid: int) -> None:
         """The child's exec report: end of file if exec worked, else why it failed."""
@@ -506,6 +531,8 @@ class Daemon:
                 level("health_changed", process=name, healthy=healthy, message=message)
                 if self.notifier.enabled:
                     self.notifier.status(self.status_line())
+            case Died(name=name, death=death):
+                self._log_death(name, death)
             case _:
                 assert_never(effect)
 
@@ -521,6 +548,15 @@ class Daemon:
             env["NOTIFY_SOCKET"] = self.child_notify.address
             if program.watchdog_sec is not None:
                 env["WATCHDOG_USEC"] = str(round(program.watchdog_sec * 1_000_000))
+        if program.env_files:  # read at each start: a file changed since is seen now
+            try:
+                from_files = envfile.load(program.env_files)
+            except envfile.EnvFileError as exc:
+                self.log.error("spawn_failed", process=name, error=str(exc))
+                self.queue.append(ChildEvent(name, SpawnFailed(str(exc), time.time())))
+                return
+            # systemd's rule: the files override the configured environment.
+            env = {**env, **from_files, "SUPD_PROCESS_NAME": name, "SUPD_PROGRAM": program.name}
         spec = spawn.SpawnSpec(
             argv=program.command,
             environment=env,
@@ -535,11 +571,16 @@ class Daemon:
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
             self.log.error("spawn_failed", process=name, error=str(exc))
-            self.queue.append(ChildEvent(name, SpawnFailed(str(exc))))
+            self.queue.append(ChildEvent(name, SpawnFailed(str(exc), time.time())))
             return
         slot.child = child
         slot.exec_error = None
         self._notify_owners[child.pid] = name
+        slot.operator_signals.clear()
+        slot.oom_kills_at_spawn = self.oom_kills(name)
+        slot.written_at_spawn = slot.sink(
+            "stdout" if program.redirect_stderr else "stderr"
+        ).bytes_written
         self.selector.register_process(child.pid, ChildTag(name, child.pid))
         if child.exec_error_fd is not None:
             tag = ExecReportTag(name, child.pid)
@@ -586,6 +627,23 @@ class Daemon:
             self.log.info("stopped", process=name, pid=pid, reason=change.reason)
         if self.notifier.enabled:
             self.notifier.status(self.status_line())
+
+    def _log_death(self, name: str, death: Death) -> None:
+        """The `exited` event, with the cause supd found (a spawn error has its own)."""
+        if death.pid is None or death.cause is Cause.SPAWN_ERROR:
+            return
+        self.log.info(
+            "exited",
+            process=name,
+            pid=death.pid,
+            exit_code=death.exit_code,
+            signal=signal_name(death.exit_signal) if death.exit_signal is not None else None,
+            core_dumped=death.core_dumped,
+            cause=death.cause.value,
+            why=death.summary,
+            sender=death.sender,
+            uptime_s=None if death.uptime is None else round(death.uptime, 3),
+        )
 
     def _arm_clock(self) -> None:
         """Point the one timer at the fleet's next deadline, or note that it is due now."""
@@ -982,7 +1040,14 @@ class Daemon:
         self.queue.append(Shutdown())
 
     def signal(self, name: str, signum: int) -> bool:
-        return self._signal(name, signum, group=False)
+        sent = self._signal(name, signum, group=False)
+        slot = self.slots.get(name)
+        if sent and slot is not None:  # a death by it is the operator's, not unexplained
+            slot.operator_signals.add(signum)
+        return sent
+
+    def clear(self, names: list[str]) -> None:
+        self.queue.append(ClearHistory(tuple(names)))
 
     def tail(self, name: str, stream: str, nbytes: int | None, nlines: int | None) -> bytes:
         sink = self.slots[name].sink(stream)

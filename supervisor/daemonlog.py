@@ -18,7 +18,7 @@ program with it, so its log must not be able to kill it):
 - EPIPE, EIO or any other error of the stream stops logging there for good: one
   `broken` attribute records why, and the daemon goes on without a log.
 - `RateLimiter` lets at most `BURST` identical events (same level, event and fields,
-  apart from a pid, a connection number, a delay or a failure count) through per
+  apart from a pid, a connection number, a delay, a failure count or an uptime) through per
   `WINDOW_S`; the next one that passes carries `suppressed=N`,
   and counts left over when the flood stops come out as `log_events_suppressed`.
 - A processor or renderer that raises loses its one event (counted as dropped).
@@ -289,7 +289,9 @@ class _LineLogger:
 
 
 # Fields that differ between otherwise identical events (a refused client's pid).
-_VOLATILE: Final = frozenset({"event", "pid", "conn", "delay_s", "failures", "timestamp"})
+_VOLATILE: Final = frozenset(
+    {"event", "pid", "conn", "delay_s", "failures", "uptime_s", "timestamp"}
+)
 _PLAIN: Final = (str, int, float, bool, type(None))
 
 

@@ -28,12 +28,13 @@ import enum
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
 
 from . import process as proc
 from .config import ProgramConfig
+from .deaths import Death, no_jitter
 from .facts import ErrorCode, State
 from .names import select as select_names
 from .process import DOWN_STATES, Process, Timer, Want
@@ -105,7 +106,14 @@ class Unawait:
     request: int
 
 
-FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown | Await | Unawait
+@dataclass(frozen=True, slots=True)
+class ClearHistory:
+    """`supctl clear`: forget these processes' deaths and failure counters."""
+
+    names: tuple[str, ...]
+
+
+FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown | ClearHistory | Await | Unawait
 
 
 # -- effects: what the daemon must do ------------------------------------------------------
@@ -205,6 +213,14 @@ class HealthChanged:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Died:
+    """A process's run ended (or never began): its death record, classified."""
+
+    name: str
+    death: Death
+
+
 FleetEffect = (
     CreateSlot
     | DropSlot
@@ -215,6 +231,7 @@ FleetEffect = (
     | Answer
     | Ready
     | Exit
+    | Died
     | RunProbe
     | CancelProbe
     | HealthChanged
@@ -275,7 +292,11 @@ class _Request:
 
 
 class Fleet:
-    def __init__(self) -> None:
+    def __init__(self, draw: Callable[[], float] = no_jitter) -> None:
+        """`draw`: backoff jitter's randomness, in [0, 1] (the daemon's is random.random;
+        the default gives every delay its upper bound)."""
+        self.draw = draw
+        self.kept_deaths: dict[str, deque[Death]] = {}  # a replaced program's, by process
         self.processes: dict[str, Process] = {}
         self.programs: dict[str, list[str]] = {}  # program -> its live process names
         self.configs: dict[str, ProgramConfig] = {}  # the config's programs, as desired
@@ -336,6 +357,10 @@ class Fleet:
                 self._awaits[request] = (condition, names, {})
             case Unawait(request=request):
                 self._awaits.pop(request, None)
+            case ClearHistory(names=names):
+                for name in names:
+                    if name in self.processes:
+                        self.processes[name].clear_history()
             case _:
                 assert_never(event)
         self._follow_up(now)
@@ -383,7 +408,10 @@ class Fleet:
         names = program.process_names()
         self.programs[program.name] = names
         for name in names:
-            self.processes[name] = Process(name, program)
+            self.processes[name] = Process(name, program, draw=self.draw)
+            kept = self.kept_deaths.pop(name, None)
+            if kept is not None:  # deaths survive a reload that keeps the program
+                self.processes[name].history.extend(kept)
             self.state_counts[State.STOPPED] += 1
             self._out.append(CreateSlot(name, program))
 
@@ -402,7 +430,11 @@ class Fleet:
         if isinstance(event, proc.Stop):
             self._unhold(name)
         was_unhealthy = process.healthy is False
-        for effect in process.handle(event, now):
+        last_death = process.history[-1] if process.history else None
+        effects = process.handle(event, now)
+        if process.history and process.history[-1] is not last_death:
+            self._out.append(Died(name, process.history[-1]))
+        for effect in effects:
             match effect:
                 case proc.Spawn():
                     self._out.append(Spawn(name, process.config))
@@ -470,6 +502,8 @@ class Fleet:
             self._timers.pop((name, timer), None)
         self._out.append(DropSlot(name))
         program = process.config.name
+        if program in self.replacements and process.history:
+            self.kept_deaths[name] = process.history
         names = self.programs.get(program, [])
         if name in names:
             names.remove(name)
@@ -659,7 +693,7 @@ class Fleet:
             for request in list(self._claims.get(name, ())):
                 why = "being replaced or removed by a reload"
                 self._resolve(request, name, self._superseded(name, why))
-            self._send(name, proc.Stop(), now)
+            self._send(name, proc.Stop(by="reload"), now)
 
     # -- shutdown ----------------------------------------------------------------------
 
@@ -667,7 +701,7 @@ class Fleet:
         if self.shutting_down:  # the second one: SIGKILL whatever is left
             for name in list(self.processes):
                 if name in self.processes:
-                    self._send(name, proc.Stop(), now)  # BACKOFF and STARTING ones too
+                    self._send(name, proc.Stop(by="shutdown"), now)  # BACKOFF, STARTING too
                 if name in self.processes:
                     self._send(name, proc.ForceKill(), now)
             return
@@ -703,7 +737,7 @@ class Fleet:
             top = max(p.config.start_order for p in live)
             group.extend(p.name for p in live if p.config.start_order == top)
             for name in list(group):
-                self._send(name, proc.Stop(), now)
+                self._send(name, proc.Stop(by="shutdown"), now)
 
     def _now_outcome(self, name: str) -> Outcome:
         process = self.processes.get(name)

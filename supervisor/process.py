@@ -23,9 +23,13 @@ from __future__ import annotations
 import enum
 import math
 import signal
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import deaths
 from .config import ProgramConfig
+from .deaths import NO_ENDING, Cause, Death, Ending, RestartWindow
 from .facts import State as State  # re-exported: the state machine's states
 from .signals import name as signal_name
 
@@ -48,6 +52,7 @@ class Timer(enum.Enum):
     STARTSECS = "startsecs"
     BACKOFF = "backoff"
     STOP_TIMEOUT = "stop_timeout"
+    REVIVE = "revive"  # revive_after: a FATAL process tries again
     # Readiness and health (issue 14): one probe at a time per process, a ready probe
     # while STARTING and a health probe while RUNNING, so one kind of each suffices.
     READY_TIMEOUT = "ready_timeout"
@@ -77,6 +82,8 @@ class Start:
 class Stop:
     """An operator (or shutdown, or reload) wants the process down."""
 
+    by: deaths.StopBy = "operator"  # "operator", "reload" or "shutdown"
+
 
 @dataclass(frozen=True, slots=True)
 class ForceKill:
@@ -91,6 +98,7 @@ class Spawned:
 @dataclass(frozen=True, slots=True)
 class SpawnFailed:
     error: str
+    wall: float | None = None  # time.time(), for the death record
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +107,7 @@ class Exited:
 
     exit_code: int | None
     exit_signal: int | None
+    ending: Ending = NO_ENDING  # what else the daemon saw (core dump, tail, OOM...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +262,16 @@ class Process:
     start_failures: int = 0  # failed starts since the last successful one
     backoff_until: float | None = None  # monotonic deadline of a pending restart
     killed: bool = field(default=False)  # SIGKILL already sent during this stop
+    # -- crash loops and deaths (deaths.py) --
+    draw: Callable[[], float] = field(default=deaths.no_jitter, repr=False)  # jitter
+    window: RestartWindow = field(default_factory=RestartWindow)
+    revive_at: float | None = None  # monotonic deadline of a pending revival
+    reason: str | None = None  # why it is in its state (the last transition's reason)
+    history: deque[Death] = field(default_factory=lambda: deque(maxlen=deaths.DEATHS_KEPT))
+    stop_by: deaths.StopBy | None = None  # who asked for the current (or last) stop
+    stop_asked_at: float | None = None  # monotonic time of that stop
+    timed_out: bool = False  # this stop outlived stopwaitsecs
+    blamed: tuple[Cause, str] | None = None  # readiness/health: the next death's cause
     # Readiness, health, sd_notify, dependencies (issue 14).
     ready: bool = False  # the ready probe passed during this run
     startsecs_passed: bool = False  # startsecs elapsed during this run
@@ -272,6 +291,7 @@ class Process:
 
     def handle(self, event: ProcessEvent, now: float) -> list[Effect]:
         """Feed one event; returns what the daemon must do. Never raises on odd input."""
+        self._note(event, now)
         before = self.state
         if isinstance(event, ProbeResult | Notified) or (
             isinstance(event, TimerFired) and event.timer in PROBE_TIMERS
@@ -304,6 +324,7 @@ class Process:
                 return []
             case ((State.STARTING | State.RUNNING), SpawnFailed(error=error)):
                 # RUNNING too: with startsecs = 0 a failed exec is reported after the fact
+                self._record_spawn_error(event, now)
                 self.pid = None
                 self.spawn_error = error
                 self.stopped_at = now
@@ -327,6 +348,12 @@ class Process:
             case State.BACKOFF, TimerFired(timer=Timer.BACKOFF):
                 self.restarts += 1
                 return self._spawn(now, "backoff elapsed")
+            case State.FATAL, TimerFired(timer=Timer.REVIVE) if self.revive_at is not None:
+                return self._revive(now)
+            case State.FATAL, Stop() if self.revive_at is not None:
+                self.want = Want.DOWN  # the operator's stop wins over revive_after
+                self.revive_at = None
+                return [CancelTimer(Timer.REVIVE)]
             case ((State.STARTING | State.RUNNING), Stop()):
                 return self._stop(now)
             case State.BACKOFF, Stop():
@@ -348,6 +375,7 @@ class Process:
                 return self._stopped(event, now)
             case State.STOPPING, SpawnFailed(error=error):
                 # A failed exec reported while stopping: the process is gone all the same.
+                self._record_spawn_error(event, now)
                 self.spawn_error = error
                 return self._stopped(Exited(None, None), now, f"spawn failed: {error}")
             case _:
@@ -357,20 +385,29 @@ class Process:
 
     def _enter(self, new: State, reason: str) -> Transitioned:
         old, self.state = self.state, new
+        self.reason = reason
         return Transitioned(old, new, reason)
 
     def _start(self, now: float, reason: str, reset: bool) -> list[Effect]:
+        revive: list[Effect] = []
         if reset:
             self.failures = 0
             self.start_failures = 0
+            self.window.clear()  # an operator's start: a fresh count
+            if self.revive_at is not None:
+                self.revive_at = None
+                revive.append(CancelTimer(Timer.REVIVE))
         self.want = Want.UP
-        return self._spawn(now, reason)
+        return [*revive, *self._spawn(now, reason)]
 
     def _spawn(self, now: float, reason: str) -> list[Effect]:
         self.pid = None
         self.spawn_error = None
         self.backoff_until = None
         self.killed = False
+        self.timed_out = False
+        self.blamed = None
+        self.stop_by = self.stop_asked_at = None  # a new run: no stop asked of it yet
         return [self._enter(State.STARTING, reason), Spawn()]
 
     def _spawned(self, pid: int, now: float) -> list[Effect]:
@@ -396,6 +433,7 @@ class Process:
         return [self._enter(State.RUNNING, reason)]
 
     def _record_exit(self, event: Exited, now: float) -> None:
+        self._record_death(event, now)
         self.pid = None
         self.stopped_at = now
         self.exit_code = event.exit_code
@@ -411,13 +449,17 @@ class Process:
         self.failures += 1
         self.start_failures += 1
         if gives_up(self.start_failures, self.config):
-            self.want = Want.DOWN
-            return [self._enter(State.FATAL, f"{reason}; gave up after {self.start_failures}")]
+            return self._fatal(now, f"{reason}; gave up after {self.start_failures}")
         return self._backoff(now, reason)
 
     def _backoff(self, now: float, reason: str) -> list[Effect]:
-        delay = backoff_delay(self.failures, self.config)
+        if self.window.full(now, self.config):  # every automatic restart passes here
+            return self._fatal(now, deaths.crash_loop_reason(self.config))
+        self.window.add(now)
+        base = backoff_delay(self.failures, self.config)
+        delay = deaths.jittered(base, self.config.backoff_jitter, self.draw)
         self.backoff_until = now + delay
+        self._then(f"{self.restart_count()} in {delay:.1f} s")
         return [self._enter(State.BACKOFF, reason), ArmTimer(Timer.BACKOFF, delay)]
 
     def _exited_while_running(self, event: Exited, now: float) -> list[Effect]:
@@ -431,6 +473,7 @@ class Process:
         reason = describe_exit(event)
         if not restart:
             self.want = Want.DOWN
+            self._then(f"stays down (autorestart = {policy})")
             return [self._enter(State.EXITED, reason)]
         self.failures += 1
         return self._backoff(now, reason)
@@ -456,7 +499,12 @@ class Process:
     def _stopped(self, event: Exited, now: float, reason: str | None = None) -> list[Effect]:
         if self.abandoned is not None and self.want is Want.UP:
             return self._abandoned_exit(event, now)
-        self._record_exit(event, now)
+        if self.spawn_error is None or event.exit_code is not None or event.exit_signal:
+            self._record_exit(event, now)
+        else:  # the failed exec reported while stopping: its death is recorded already
+            self.pid = None
+            self.stopped_at = now
+            self.exit_code = self.exit_signal = None
         effects: list[Effect] = [
             CancelTimer(Timer.STOP_TIMEOUT),
             self._enter(State.STOPPED, reason or describe_exit(event)),
@@ -464,6 +512,113 @@ class Process:
         if self.want is Want.UP:  # a restart, or a start that arrived while stopping
             effects += self._start(now, "restart requested", reset=True)
         return effects
+
+    # -- crash loops and deaths (deaths.py): kept apart from the table above ----------
+
+    def _note(self, event: ProcessEvent, now: float) -> None:
+        """Remember who asked for a stop, and whether a stop outlived stopwaitsecs."""
+        if isinstance(event, Stop) and self.state is not State.STOPPING:  # the first counts
+            self.stop_by, self.stop_asked_at = event.by, now
+        elif isinstance(event, TimerFired) and event.timer is Timer.STOP_TIMEOUT:
+            self.timed_out = self.state is State.STOPPING
+
+    def _record_death(self, event: Exited, now: float) -> None:
+        cause, summary, sender, expected = deaths.classify(
+            stopping=self.state is State.STOPPING,
+            stop_by=self.stop_by,
+            timed_out=self.timed_out,
+            blame=self.blamed,
+            exit_code=event.exit_code,
+            exit_signal=event.exit_signal,
+            ending=event.ending,
+            config=self.config,
+        )
+        self.history.append(
+            Death(
+                at=now,
+                wall=event.ending.wall,
+                pid=self.pid,
+                uptime=self.uptime(now) if self.pid is not None else None,
+                cause=cause,
+                summary=summary,
+                exit_code=event.exit_code,
+                exit_signal=event.exit_signal,
+                core_dumped=event.ending.core_dumped,
+                expected=expected,
+                sender=sender,
+                stopped_by=self.stop_by if cause is Cause.STOPPED else None,
+                tail=event.ending.tail,
+                then="stays down" if self.want is Want.DOWN else "",
+            )
+        )
+        if len(self.history) > deaths.TAILS_KEPT:
+            self.history[-deaths.TAILS_KEPT - 1].tail = ""
+        self.blamed = None
+
+    def _record_spawn_error(self, event: SpawnFailed, now: float) -> None:
+        self.history.append(
+            Death(
+                at=now,
+                wall=event.wall,
+                pid=self.pid,
+                uptime=None,
+                cause=Cause.SPAWN_ERROR,
+                summary=f"spawn error: {event.error}",
+                then="stays down" if self.want is Want.DOWN else "",
+            )
+        )
+
+    def _then(self, what: str) -> None:
+        """What followed the latest death (shown by `supctl why`)."""
+        if self.history:
+            self.history[-1].then = what
+
+    def _fatal(self, now: float, reason: str) -> list[Effect]:
+        self.want = Want.DOWN
+        self.backoff_until = None
+        effects: list[Effect] = [self._enter(State.FATAL, reason)]
+        revive = self.config.revive_after
+        if revive is not None:
+            self.revive_at = now + revive
+            effects.append(ArmTimer(Timer.REVIVE, revive))
+            self._then(f"FATAL: {reason}; revive in {deaths.format_clock(revive)}")
+        else:
+            self._then(f"FATAL: {reason}")
+        return effects
+
+    def _revive(self, now: float) -> list[Effect]:
+        """revive_after elapsed: try again with a fresh window and failure count."""
+        self.revive_at = None
+        self.failures = self.start_failures = 0
+        self.window.clear()
+        self.want = Want.UP
+        self.restarts += 1
+        return self._spawn(now, f"revived after {self.config.revive_after or 0:g}s")
+
+    def restart_count(self) -> str:
+        """`restart 3 of 5`: this restart's number in the limit nearest to FATAL."""
+        config = self.config
+        limit = deaths.window_limit(config) if config.restart_window > 0 else None
+        if self.start_failures and (
+            limit is None or config.startretries - self.start_failures < limit - len(self.window)
+        ):
+            return f"restart {self.start_failures} of {config.startretries}"
+        if limit is not None:
+            return f"restart {len(self.window)} of {limit}"
+        return f"restart {self.failures}"
+
+    def blame(self, cause: Cause, message: str) -> None:
+        """The hook for readiness and health checks: call it just before stopping the
+        process for that reason, and its next death is recorded with `cause`."""
+        if cause not in deaths.BLAMEABLE:
+            raise ValueError(f"{cause.value} is not a cause a check can blame")
+        self.blamed = (cause, message)
+
+    def clear_history(self) -> None:
+        """`supctl clear`: forget the deaths and the failure counters (not the state)."""
+        self.history.clear()
+        self.failures = self.start_failures = 0
+        self.window.clear()
 
     # -- readiness, health and sd_notify (issue 14) -----------------------------------
     #
@@ -597,7 +752,10 @@ class Process:
 
     def _abandon(self, reason: str, *, failed_start: bool) -> list[Effect]:
         """Stop a process that is up but must not stay (not ready in time, unhealthy);
-        `want` stays UP, so its exit leads to BACKOFF (or FATAL) instead of STOPPED."""
+        `want` stays UP, so its exit leads to BACKOFF (or FATAL) instead of STOPPED.
+        Its death is recorded with the cause (`supctl why`)."""
+        cause = Cause.NOT_READY if failed_start else Cause.UNHEALTHY
+        self.blame(cause, reason.removeprefix("unhealthy: "))
         self.abandoned = reason
         self.abandoned_start = failed_start
         effects: list[Effect] = []

@@ -157,6 +157,19 @@ class ShutdownParams(_Params):
     pass
 
 
+class DeathsParams(_Params):
+    """A process's recent deaths, newest first (at most `limit`; 20 are kept)."""
+
+    name: StrictStr
+    limit: int = Field(default=20, ge=1, le=20)
+
+
+class ClearParams(_Params):
+    """Forget the processes' deaths and failure counters."""
+
+    names: Names
+
+
 Params = (
     StatusParams
     | StartParams
@@ -169,6 +182,8 @@ Params = (
     | VersionParams
     | ShutdownParams
     | WaitParams
+    | DeathsParams
+    | ClearParams
 )
 
 Method = Literal[
@@ -183,6 +198,8 @@ Method = Literal[
     "version",
     "shutdown",
     "wait",
+    "deaths",
+    "clear",
 ]
 
 
@@ -214,6 +231,12 @@ class ProcessInfo(_Result):
     health_error: str | None = None  # the last failed health check
     waiting_for: str | None = None  # "waiting for db (ready)"
     notify_status: str | None = None  # the last STATUS= the program sent
+    # The crash-loop schedule: seconds to the pending restart (BACKOFF) or revival
+    # (FATAL with revive_after), the failure count, why it is in its state.
+    next_start_in: float | None = None
+    consecutive_failures: int = 0
+    revive_in: float | None = None
+    reason: str | None = None
 
 
 class ActionResult(_Result):
@@ -272,6 +295,49 @@ class ShutdownResult(_Result):
     ok: bool = True
 
 
+class DeathInfo(_Result):
+    """One death of a process (`deaths`)."""
+
+    time: float | None  # Unix time of the death
+    uptime: float | None  # seconds the run lasted; None: it never ran (a spawn error)
+    pid: int | None
+    cause: Literal[
+        "exited",
+        "stopped",
+        "stop-timeout",
+        "killed",
+        "signalled",
+        "oom",
+        "spawn-error",
+        "not-ready",
+        "unhealthy",
+    ]
+    summary: str  # "exited 1, unexpected", "SIGKILL not sent by supd (possibly OOM)"
+    exit_code: int | None = None
+    exit_signal: str | None = None
+    core_dumped: bool = False
+    expected: bool | None = None  # exited: the code is in exitcodes
+    sender: str | None = None  # "supd", "operator", "kernel", "not supd"
+    stopped_by: str | None = None  # stopped: "operator", "reload" or "shutdown"
+    then: str = ""  # what supd did next: "restart 3 of 5 in 4.0 s", "FATAL: ..."
+    tail: str = ""  # the last 2 KiB of stderr (stdout with redirect_stderr)
+
+
+class DeathsResult(_Result):
+    """`deaths`: the process now, what supd will do next, and its recent deaths."""
+
+    name: str
+    state: ProcessState
+    description: str
+    next: str  # "restart in 4.0 s", "revive in 9:41", "nothing: stopped by operator at ..."
+    reason: str | None = None
+    consecutive_failures: int = 0
+    next_start_in: float | None = None
+    revive_in: float | None = None
+    blocking: list[str] = []  # what keeps a start from happening: "waiting for db (ready)"
+    deaths: list[DeathInfo] = []  # newest first
+
+
 #: The Python type of each method's result; `RESULT_ADAPTERS[m].validate_json(...)`
 #: checks an answer (tests, and clients that want models).
 RESULT_TYPES: Final[dict[str, Any]] = {
@@ -286,6 +352,8 @@ RESULT_TYPES: Final[dict[str, Any]] = {
     "version": VersionResult,
     "shutdown": ShutdownResult,
     "wait": list[ActionResult],
+    "deaths": DeathsResult,
+    "clear": list[ActionResult],
 }
 RESULT_ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
     method: TypeAdapter(result_type) for method, result_type in RESULT_TYPES.items()
@@ -363,6 +431,16 @@ class _Wait(_Envelope):
     params: WaitParams
 
 
+class _Deaths(_Envelope):
+    method: Literal["deaths"]
+    params: DeathsParams
+
+
+class _Clear(_Envelope):
+    method: Literal["clear"]
+    params: ClearParams
+
+
 _AnyEnvelope = Annotated[
     _Status
     | _Start
@@ -374,7 +452,9 @@ _AnyEnvelope = Annotated[
     | _Pid
     | _Version
     | _Shutdown
-    | _Wait,
+    | _Wait
+    | _Deaths
+    | _Clear,
     Field(discriminator="method"),
 ]
 _ENVELOPE: Final[TypeAdapter[_AnyEnvelope]] = TypeAdapter(_AnyEnvelope)

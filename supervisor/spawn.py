@@ -517,13 +517,19 @@ def reap(pid: int) -> tuple[int | None, int | None]:
 
     Only after the selector reported the exit: the zombie is there, so this cannot block.
     """
+    exit_code, exit_signal, _ = reap_status(pid)
+    return exit_code, exit_signal
+
+
+def reap_status(pid: int) -> tuple[int | None, int | None, bool]:
+    """`reap`, and whether the kernel wrote a core dump (WCOREDUMP)."""
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:  # reaped behind our back: the status is lost
-        return None, None
+        return None, None, False
     if os.WIFSIGNALED(status):
-        return None, os.WTERMSIG(status)
-    return os.waitstatus_to_exitcode(status), None
+        return None, os.WTERMSIG(status), os.WCOREDUMP(status)
+    return os.waitstatus_to_exitcode(status), None, False
 
 
 def stopped_by(pid: int) -> int | None:

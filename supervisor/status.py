@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .deaths import Death, format_clock
 from .facts import State
-from .process import Process
+from .process import Process, Want
 from .signals import name as signal_name
 
 
@@ -39,7 +40,12 @@ def describe(process: Process, now: float, wall_now: float, stopped_by: int | No
         return running + _health_mark(process)
     if state is State.BACKOFF and process.backoff_until is not None:
         wait = max(0.0, process.backoff_until - now)
-        return f"restarting in {wait:.1f} s"
+        last = f" ({short_death(process.history[-1])})" if process.history else ""
+        return f"{process.restart_count()} in {wait:.1f} s{last}"
+    if state is State.FATAL and process.revive_at is not None:
+        return f"{process.reason}; revive in {format_clock(process.revive_at - now)}"
+    if state is State.FATAL and (process.reason or "").startswith("crash loop"):
+        return process.reason or ""
     if state is State.FATAL and process.spawn_error:
         return process.spawn_error
     if process.stopped_at is None:
@@ -98,4 +104,95 @@ def info(
         "health_error": process.health_error,
         "waiting_for": process.waiting_for,
         "notify_status": process.notify_status,
+        **schedule(process, now),
+    }
+
+
+# -- crash loops and deaths: the schedule, what supd does next, the death records -------
+
+
+def schedule(process: Process, now: float) -> dict[str, Any]:
+    """`next_start_in`, `consecutive_failures`, `revive_in` and `reason`."""
+    backoff = process.backoff_until if process.state is State.BACKOFF else None
+    revive = process.revive_at if process.state is State.FATAL else None
+    return {
+        "next_start_in": None if backoff is None else round(max(0.0, backoff - now), 3),
+        "consecutive_failures": process.failures,
+        "revive_in": None if revive is None else round(max(0.0, revive - now), 3),
+        "reason": process.reason,
+    }
+
+
+def short_death(death: Death) -> str:
+    """`exited 1`, `killed by SIGSEGV`, `spawn error`: for the BACKOFF line."""
+    if death.exit_signal is not None:
+        return f"killed by {signal_name(death.exit_signal)}"
+    if death.exit_code is not None:
+        return f"exited {death.exit_code}"
+    return death.cause.value
+
+
+def _clock(wall_now: float, now: float, then: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(wall_now - (now - then)))
+
+
+def next_action(process: Process, now: float, wall_now: float) -> str:
+    """What supd will do next with the process, for `supctl why`."""
+    state = process.state
+    if state is State.BACKOFF and process.backoff_until is not None:
+        wait = max(0.0, process.backoff_until - now)
+        return f"{process.restart_count()} in {wait:.1f} s"
+    if state is State.FATAL and process.revive_at is not None:
+        at = _clock(wall_now, now, process.revive_at)
+        return f"revive at {at} (in {format_clock(process.revive_at - now)})"
+    if state is State.STARTING and process.config.ready is not None:
+        return f"wait for it to be ready ({process.config.ready.describe()}) and up (startsecs)"
+    if state is State.STARTING:
+        return "wait for it to be up (startsecs)"
+    if process.waiting_for is not None and process.pid is None:
+        return f"start it once its dependencies are met ({process.waiting_for})"
+    if state is State.RUNNING:
+        return "keep it running"
+    if state is State.STOPPING:
+        return "start it again once it is down" if process.want is Want.UP else "stop it"
+    if process.stop_by is not None and process.stop_asked_at is not None:
+        at = _clock(wall_now, now, process.stop_asked_at)
+        return f"nothing: stopped by {process.stop_by} at {at}"
+    if state is State.FATAL:
+        return "nothing: gave up (supctl start starts it with a fresh count)"
+    if state is State.EXITED:
+        return "nothing: it exited and autorestart says not to restart it"
+    return "nothing: not started"
+
+
+def death_info(death: Death) -> dict[str, Any]:
+    """One `DeathInfo` (protocol.py) as a plain dict."""
+    return {
+        "time": death.wall,
+        "uptime": None if death.uptime is None else round(death.uptime, 3),
+        "pid": death.pid,
+        "cause": death.cause.value,
+        "summary": death.summary,
+        "exit_code": death.exit_code,
+        "exit_signal": None if death.exit_signal is None else signal_name(death.exit_signal),
+        "core_dumped": death.core_dumped,
+        "expected": death.expected,
+        "sender": death.sender,
+        "stopped_by": death.stopped_by,
+        "then": death.then,
+        "tail": death.tail,
+    }
+
+
+def deaths_info(process: Process, now: float, wall_now: float, limit: int) -> dict[str, Any]:
+    """One `DeathsResult` (protocol.py) as a plain dict: what `supctl why` shows."""
+    recent = list(process.history)[-limit:][::-1]
+    return {
+        "name": process.name,
+        "state": process.state.value,
+        "description": describe(process, now, wall_now),
+        "next": next_action(process, now, wall_now),
+        **schedule(process, now),
+        "blocking": [process.waiting_for] if process.waiting_for else [],  # dependencies
+        "deaths": [death_info(d) for d in recent],
     }

@@ -88,6 +88,7 @@ def test_backoff_delays_follow_the_ladder(supd: Factory, tmp_path: Path) -> None
         backoff_initial = 0.2
         backoff_factor = 2.0
         backoff_max = 0.5
+        backoff_jitter = 0  # the ladder itself (tests/test_crashloop.py tests the jitter)
     """)
     d.wait_state("crash", "FATAL", timeout=15)
     times = [float(t) for t in read_lines(starts)]
@@ -692,26 +693,26 @@ def test_bad_config_lists_every_problem_with_file_and_line(tmp_path: Path, check
 def test_a_config_whose_pipes_cannot_fit_the_fd_limit_is_refused(
     tmp_path: Path, check: bool
 ) -> None:
-    """Each process holds two pipe fds (one with redirect_stderr), plus supd's own: under a
-    hard limit of 600, 20 processes fit and 40 do not (an error, not EMFILE at run time)."""
+    """Each process holds two pipe fds (one with redirect_stderr), plus supd's own 32: under
+    a hard limit of 100, 20 processes fit and 40 do not (an error, not EMFILE at run time)."""
     config = tmp_path / "supd.toml"
     config.write_text(
         '[programs.few]\ncommand = "true"\nnumprocs = 20\nautostart = false\n\n'
         '[programs.many]\ncommand = "true"\nnumprocs = 20\nautostart = false\n'
     )
-    limited = ("prlimit", "--nofile=600:600", "--")
+    limited = ("prlimit", "--nofile=100:100", "--")
     args = ("-c", str(config), *(["--check"] if check else []))
     result = run_supd(*args, cwd=tmp_path, prefix=limited)
     assert result.returncode == 2, result.stdout
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"{config}:8: programs.many.numprocs: the programs' output pipes ")
-    assert "more than the hard limit of 600" in line
+    assert "more than the hard limit of 100" in line
     config.write_text(
         '[programs.few]\ncommand = "true"\nnumprocs = 20\nredirect_stderr = true\n'
         '[programs.many]\ncommand = "true"\nnumprocs = 20\nredirect_stderr = true\n'
     )
     fits = run_supd("-c", str(config), "--check", cwd=tmp_path, prefix=limited)
-    assert fits.returncode == 0, fits.stderr  # one pipe each: 40 + 544 <= 600
+    assert fits.returncode == 0, fits.stderr  # one pipe each: 40 + 32 <= 100
 
 
 def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:

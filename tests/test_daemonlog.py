@@ -209,6 +209,7 @@ CRASH_LOOP = f"""
     backoff_initial = 0.01
     backoff_factor = 1.0
     backoff_max = 0.01
+    restart_window = 0  # restarts forever (no crash-loop window): a flood of log lines
 
     [programs.steady]
     command = {SLEEP}

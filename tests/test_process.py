@@ -250,7 +250,7 @@ def test_describe_lines() -> None:
     p = running(program(startsecs=1), now=0.0)
     assert describe(p, 3 * 3600 + 190.0, 0.0) == "pid 100, uptime 3:03:10"
     p.handle(Exited(1, None), 5000.0)
-    assert describe(p, 5000.0, 0.0).startswith("restarting in ")
+    assert describe(p, 5000.0, 0.0) == "restart 1 of 5 in 1.0 s (exited 1)"
 
 
 def test_failed_exec_reported_while_stopping_ends_the_stop() -> None:
@@ -282,6 +282,7 @@ TABLE_CONFIG = {
     "stopwaitsecs": 5,
     "autorestart": "on-failure",
     "killasgroup": True,
+    "revive_after": 30,
 }
 TERM, KILL = Kill(signal.SIGTERM, group=True), Kill(signal.SIGKILL, group=True)
 
@@ -330,6 +331,7 @@ EVENTS: dict[str, ProcessEvent] = {
     "probe": TimerFired(Timer.PROBE),
     "probe_timeout": TimerFired(Timer.PROBE_TIMEOUT),
     "watchdog": TimerFired(Timer.WATCHDOG),
+    "revive": TimerFired(Timer.REVIVE),
 }
 
 IGNORED = "ignored"
@@ -353,6 +355,10 @@ STOP_FROM[S.STARTING].insert(0, CancelTimer(Timer.STARTSECS))
 TABLE: dict[tuple[State, str], tuple[State, list[Effect]] | str] = {
     **{(down, "start"): DOWN_START[down] for down in DOWN_START},
     **{(down, "stop"): (down, []) for down in DOWN_START},
+    # revive_after = 30: FATAL waits for a revival that a start or a stop cancels
+    (S.FATAL, "start"): (S.STARTING, [CancelTimer(Timer.REVIVE), *DOWN_START[S.FATAL][1]]),
+    (S.FATAL, "stop"): (S.FATAL, [CancelTimer(Timer.REVIVE)]),
+    (S.FATAL, "revive"): (S.STARTING, [t(S.FATAL, S.STARTING, "revived after 30s"), Spawn()]),
     (S.STARTING, "start"): (S.STARTING, []),
     (S.STARTING, "stop"): (S.STOPPING, STOP_FROM[S.STARTING]),
     (S.STARTING, "force_kill"): (S.STOPPING, [*STOP_FROM[S.STARTING], KILL]),

@@ -846,3 +846,31 @@ def test_wait_fails_at_once_for_a_process_held_by_a_fatal_dependency() -> None:
     effects = run.feed(f.Await(5, ("web",), "ready"))
     [answer] = [e for e in effects if isinstance(e, f.Answer)]
     assert answer.outcomes[0].error == "cannot become ready: waiting for db (ready): db is FATAL"
+
+
+def test_a_failed_readiness_or_health_check_is_the_death_s_cause() -> None:
+    config = program("web", startsecs=0, stopwaitsecs=1, ready={"notify": True, "ready_timeout": 5})
+    p, _ = started(config)
+    p.handle(proc.TimerFired(proc.Timer.READY_TIMEOUT), 5.0)
+    p.handle(proc.Exited(None, 15), 5.1)
+    death = p.history[-1]
+    assert (death.cause.value, death.summary) == (
+        "not-ready",
+        "not-ready: not ready after 5 s: no READY=1",
+    )
+    health = {"tcp": "127.0.0.1:1", "failures": 1, "start_grace": 0}
+    p, _ = started(program("web", startsecs=0, health=health))
+    p.handle(proc.ProbeResult(proc.Probe.HEALTH, False, "refused"), 1.0)
+    p.handle(proc.Exited(None, 15), 1.1)
+    assert (p.history[-1].cause.value, p.history[-1].summary) == ("unhealthy", "unhealthy: refused")
+
+
+def test_why_names_an_unmet_dependency() -> None:
+    from supd.status import deaths_info
+
+    run = Run(program("db", startsecs=0, ready={"notify": True}), program("web", depends_on=["db"]))
+    info = deaths_info(run.fleet.processes["web"], 0.0, 0.0, 5)
+    assert info["blocking"] == ["waiting for db (ready)"]
+    assert info["next"] == "start it once its dependencies are met (waiting for db (ready))"
+    db = deaths_info(run.fleet.processes["db"], 0.0, 0.0, 5)
+    assert db["next"] == "wait for it to be ready (READY=1) and up (startsecs)"
