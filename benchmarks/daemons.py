@@ -80,6 +80,7 @@ class Supd:
         self.workdir = workdir
         self.config_path = workdir / "supd.toml"
         self.socket_path = workdir / "supd.sock"
+        self.metrics_path = workdir / "metrics.sock"
         self.timeout_s = timeout_s
         self._next_id = 0
 
@@ -90,6 +91,7 @@ class Supd:
             f"log_dir = {_toml(str(self.workdir / 'logs'))}",
             'log_level = "warning"',
             'log_format = "json"',
+            f"metrics = {_toml(str(self.metrics_path))}",
         ]
         for program in programs:
             lines += [
@@ -134,6 +136,19 @@ class Supd:
 
     def status_round_trip(self) -> bytes:
         return self._call("status", {})
+
+    def scrape(self) -> bytes:
+        """GET /metrics, as Prometheus would (over the unix socket of `metrics`)."""
+        connection = _UnixHTTPConnection(self.metrics_path, self.timeout_s)
+        try:
+            connection.request("GET", "/metrics")
+            answer = connection.getresponse()
+            body = answer.read()
+        finally:
+            connection.close()
+        if answer.status != 200 or not body.endswith(b"# EOF\n"):
+            raise RuntimeError(f"GET /metrics answered {answer.status}")
+        return body
 
     def call(self, method: str, params: dict[str, Any]) -> Any:
         """One call's result (RuntimeError for an error answer)."""

@@ -228,6 +228,21 @@ def _control(f: _Figures, sizes: Sizes) -> list[Row]:
             None if supd_ctl is None else supd_ctl < 200,
             0,
         ),
+        *_scrape_rows(f, n),
+    ]
+
+
+def _scrape_rows(f: _Figures, n: int) -> list[Row]:
+    """GET /metrics: cold (every /proc sample stale) and with fresh samples."""
+    cold, warm = f.get(f"scrape{n}.cold_ms", SUPD), f.get(f"scrape{n}.warm_ms", SUPD)
+    cpu = f.get(f"scrape{n}.cold_cpu_ms", SUPD)
+    if cold is None:
+        return []
+    name = f"metrics ({n} programs, GET /metrics)"
+    return [
+        Row(name, "scrape, every tree read, median (ms)", cold, None, "", "< 50 ms", cold < 50),
+        Row(name, "supd CPU per such scrape, median (ms)", cpu, None, "", "", None),
+        Row(name, "scrape, samples fresh, median (ms)", warm, None, "", "", None),
     ]
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from benchmarks import floor, procs
 from benchmarks.daemons import Daemon, Program, Supd, Supervisord
 from supd.config import FD_RESERVE
+from supd.metrics import SAMPLE_INTERVAL_S
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -112,6 +113,8 @@ CONTROL_BUDGET_S = 5.0
 MIN_CALLS = 3
 # A storm's first second is its ramp-up, not its steady state.
 STORM_WARMUP_S = 1.0
+# Scrapes after the /proc samples went stale (metrics.SAMPLE_INTERVAL_S apart).
+COLD_SCRAPES = 3
 
 
 class Results:
@@ -312,7 +315,7 @@ def fleet(
         if idle_window_s:
             summary += "; " + _idle(session, subject, process.pid, idle_window_s)
         if control:
-            summary += "; " + _control(session, daemon, programs)
+            summary += "; " + _control(session, daemon, programs, process.pid)
     finally:
         session.processes.kill(process)
     return summary
@@ -328,7 +331,7 @@ def _idle(session: Session, subject: str, pid: int, window_s: float) -> str:
     return f"{switches} wake-ups, {cpu_ms:.2f} ms CPU in {window_s:g} s idle"
 
 
-def _control(session: Session, daemon: Daemon, programs: int) -> str:
+def _control(session: Session, daemon: Daemon, programs: int, pid: int) -> str:
     raw_ms = _timed_calls(daemon.status_round_trip, session.sizes.status_calls)
 
     def ctl_status() -> None:
@@ -344,9 +347,38 @@ def _control(session: Session, daemon: Daemon, programs: int) -> str:
     ctl_ms = _timed_calls(ctl_status, session.sizes.ctl_runs)
     session.results.add(f"status{programs}.raw_ms", daemon.kind, raw_ms)
     session.results.add(f"status{programs}.ctl_ms", daemon.kind, ctl_ms)
-    return (
+    summary = (
         f"raw status {statistics.median(raw_ms):.1f} ms, "
         f"ctl status {statistics.median(ctl_ms):.0f} ms"
+    )
+    scrape = getattr(daemon, "scrape", None)  # supd only
+    if scrape is not None:
+        summary += ", " + _scrapes(session, daemon.kind, scrape, programs, pid)
+    return summary
+
+
+def _scrapes(
+    session: Session, kind: str, scrape: Callable[[], object], programs: int, pid: int
+) -> str:
+    """GET /metrics: cold scrapes, each after the /proc samples have gone stale (every
+    process tree is read again, as for Prometheus scraping every 15 s), with the
+    daemon's CPU time for each (schedstat: not inflated by a busy machine's waits);
+    then scrapes within the sampling interval."""
+    cold_ms: list[float] = []
+    cold_cpu_ms: list[float] = []
+    for _ in range(COLD_SCRAPES):
+        time.sleep(SAMPLE_INTERVAL_S + 0.1)
+        before = procs.on_cpu_ns(pid)
+        cold_ms += _timed_calls(scrape, 1)
+        cold_cpu_ms.append((procs.on_cpu_ns(pid) - before) / 1e6)
+    warm_ms = _timed_calls(scrape, session.sizes.status_calls)
+    session.results.add(f"scrape{programs}.cold_ms", kind, cold_ms)
+    session.results.add(f"scrape{programs}.cold_cpu_ms", kind, cold_cpu_ms)
+    session.results.add(f"scrape{programs}.warm_ms", kind, warm_ms)
+    return (
+        f"scrape {statistics.median(cold_ms):.1f} ms cold "
+        f"({statistics.median(cold_cpu_ms):.1f} ms of supd's CPU), "
+        f"{statistics.median(warm_ms):.1f} ms with fresh samples"
     )
 
 

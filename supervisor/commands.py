@@ -21,12 +21,15 @@ from .config import ConfigError
 from .control import Responder
 from .facts import ErrorCode
 from .fleet import Action, Outcome, UnknownNames
+from .metrics import CONTENT_TYPE
 from .process import Process
 from .protocol import (
     DEFAULT_TAIL_BYTES,
     ActionResult,
+    AvailParams,
     ClearParams,
     DeathsParams,
+    MetricsParams,
     OutputParams,
     PidParams,
     PidResult,
@@ -43,6 +46,7 @@ from .protocol import (
     StopParams,
     TailParams,
     TailResult,
+    UsageParams,
     VersionParams,
     VersionResult,
     WaitParams,
@@ -115,6 +119,18 @@ class Core(Protocol):
         """Forget the processes' deaths and failure counters."""
         ...
 
+    def metrics_text(self) -> str:
+        """The OpenMetrics exposition (metrics.py)."""
+        ...
+
+    def usage(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each process tree's CPU and memory (protocol.ProcessUsage rows)."""
+        ...
+
+    def avail(self) -> list[dict[str, Any]]:
+        """The running config's programs (protocol.ProgramAvail rows)."""
+        ...
+
 
 ACTIONS = {StartParams: Action.START, StopParams: Action.STOP, RestartParams: Action.RESTART}
 
@@ -130,6 +146,8 @@ class Commands:
             self._handle(request, responder)
         except UnknownNames as exc:
             responder.error(ErrorCode.NO_SUCH_PROCESS, str(exc), exc.names)
+        except SeveralProcesses as exc:
+            responder.error(ErrorCode.INVALID_PARAMS, str(exc), exc.processes)
 
     def _handle(self, request: Request, responder: Responder) -> None:
         core = self.core
@@ -178,6 +196,12 @@ class Commands:
                 responder.result(
                     [ActionResult(name=p.name, ok=True, state=p.state) for p, _ in entries]
                 )
+            case MetricsParams():
+                responder.result({"text": core.metrics_text(), "content_type": CONTENT_TYPE})
+            case UsageParams(names=names):
+                responder.result(core.usage(core.resolve(names)))
+            case AvailParams():
+                responder.result(core.avail())
 
     # -- start / stop / restart -------------------------------------------------------
 
@@ -230,7 +254,8 @@ class Commands:
         text = data.decode(errors="replace")
         responder.result(TailResult(name=name, stream=params.stream, data=text))
         if params.follow and not responder.closed:
-            unfollow = self.core.follow(name, params.stream, _follower(params, responder))
+            follower = _follower(name, params.stream, responder)
+            unfollow = self.core.follow(name, params.stream, follower)
             responder.on_close(unfollow)
 
     def _pid(self, name: str | None) -> PidResult:
@@ -241,11 +266,23 @@ class Commands:
         return PidResult(pid=found[0].pid if len(found) == 1 else None, processes=found)
 
     def _one(self, name: str) -> list[str]:
-        """A process by its own name (a program of one process by the program's)."""
+        """A process by its own name (a program of one process by the program's);
+        a name that means several processes is a usage error that lists them."""
         resolved = self.core.resolve([name])
-        if len(resolved) != 1 or name == "all":
+        if len(resolved) > 1:
+            raise SeveralProcesses(name, resolved)
+        if name == "all":
             raise UnknownNames([name])
         return resolved
+
+
+class SeveralProcesses(Exception):
+    """A method that takes one process was given a name that means several."""
+
+    def __init__(self, name: str, processes: list[str]) -> None:
+        shown = ", ".join(processes[:5]) + (", ..." if len(processes) > 5 else "")
+        super().__init__(f"{name} means {len(processes)} processes ({shown}): name one")
+        self.processes = processes
 
 
 def _action_result(outcome: Outcome) -> dict[str, Any]:
@@ -258,8 +295,9 @@ def _action_result(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def _follower(params: TailParams, responder: Responder) -> Callable[[bytes], bool]:
-    """An output listener for `tail -f`; returns False once the client has gone."""
+def _follower(name: str, stream: str, responder: Responder) -> Callable[[bytes], bool]:
+    """An output listener for `tail -f` of process `name` (resolved: the notifications
+    name the process, whatever the client typed); False once the client has gone."""
 
     # One decoder per follower: a UTF-8 character split across two reads stays whole.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -270,8 +308,6 @@ def _follower(params: TailParams, responder: Responder) -> Callable[[bytes], boo
         text = decoder.decode(data)
         if not text:
             return True
-        return responder.notify(
-            "output", OutputParams(name=params.name, stream=params.stream, data=text)
-        )
+        return responder.notify("output", OutputParams(name=name, stream=stream, data=text))
 
     return forward

@@ -59,6 +59,7 @@ import difflib
 import functools
 import glob
 import grp
+import ipaddress
 import itertools
 import json
 import os
@@ -69,7 +70,7 @@ import signal
 import stat
 import string
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeGuard
@@ -87,6 +88,7 @@ from pydantic import (
 )
 
 from . import facts, signals, supervisord_syntax
+from .facts import expand_variables
 from .tomlkeys import KeyLocator, KeyPath
 
 try:
@@ -124,6 +126,9 @@ MAX_PROCESSES = 10000  # in all programs together
 # its clients, the instance lock, /dev/null. Clients beyond those take what is left
 # (accept() at EMFILE pauses the listener; it never stalls the loop).
 FD_RESERVE = 32
+# With `metrics` set: its listener, its timer and its 64 clients (httpmetrics.py), and
+# the one /proc file a sample has open at a time.
+METRICS_FD_RESERVE = 67
 
 
 def hard_fd_limit() -> int | None:
@@ -135,7 +140,6 @@ def hard_fd_limit() -> int | None:
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group"})
 _NAME_PLACEHOLDERS = frozenset({"program", "process_num", "group"})
-_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Where log output goes to a stream rather than a file: any number of writers may
 # share it, and it is never rotated.
 _STREAM_PATHS = re.compile(r"/dev/(stdout|stderr|null|fd/\d+)|/proc/self/fd/\d+")
@@ -325,46 +329,6 @@ def _normalised(base_dir: Path, path: str | Path) -> Path:
     return Path(os.path.normpath(base_dir / path))
 
 
-def expand_variables(
-    text: str, environ: Mapping[str, str], quote: Callable[[str], str] = str
-) -> str:
-    """Replace ${VAR} and ${VAR:-default} from environ; $$ is a literal $.
-
-    As in a shell, the default applies when VAR is unset or empty. quote() is applied to
-    each substituted value (log paths escape their braces). A '$' followed by anything
-    else stays as written. Raises ValueError naming the variable when it is unset and
-    has no default, or when a ${ is malformed.
-    """
-    parts: list[str] = []
-    index = 0
-    while (dollar := text.find("$", index)) >= 0:
-        parts.append(text[index:dollar])
-        following = text[dollar + 1 : dollar + 2]
-        if following != "{":
-            parts.append("$")
-            index = dollar + (2 if following == "$" else 1)
-            continue
-        end = text.find("}", dollar + 2)
-        if end < 0:
-            raise ValueError(f"unclosed ${{ in {text!r}; write $$ for a literal $")
-        name, has_default, default = text[dollar + 2 : end].partition(":-")
-        if not _VARIABLE_NAME.fullmatch(name):
-            raise ValueError(
-                f"{text[dollar : end + 1]!r} is not ${{VAR}} or ${{VAR:-default}}; "
-                "write $$ for a literal $"
-            )
-        value = environ.get(name, "")
-        if not value and name not in environ and not has_default:
-            raise ValueError(
-                f"${{{name}}} is not set in supd's environment; set it, or give a "
-                f"default: ${{{name}:-default}}"
-            )
-        parts.append(quote(value if value or not has_default else default))
-        index = end + 1
-    parts.append(text[index:])
-    return "".join(parts)
-
-
 def _escape_braces(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
@@ -422,6 +386,35 @@ def _path_input(value: object, info: ValidationInfo) -> object:
     return value
 
 
+def _metrics_address(value: str, info: ValidationInfo) -> str:
+    """ "HOST:PORT" checked, or a socket path made absolute (relative to the file)."""
+    if "/" in value:
+        path = _path_input(value, info)
+        assert isinstance(path, Path)
+        length = len(os.fsencode(path))
+        if length > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(
+                f"path is {length} bytes long; a UNIX socket path can have at most "
+                f"{MAX_SOCKET_PATH_BYTES}"
+            )
+        return str(path)
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f'{value!r}: should be "HOST:PORT" (e.g. "127.0.0.1:9129") or a UNIX socket path'
+            ' (with a "/", e.g. "./metrics.sock")'
+        )
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if address != "localhost":
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(
+                f"{value!r}: the host should be an IP address or localhost, not {host!r}"
+            ) from None
+    return value
+
+
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
@@ -450,11 +443,20 @@ class SupervisorConfig(BaseModel):
     subreaper: bool = False
     # Every program inherits it; the loader merges it into each ProgramConfig.environment.
     environment: dict[NonEmptyStr, str] = Field(default_factory=dict)
+    # Serve GET /metrics: "HOST:PORT" (an IP address, or localhost) or a UNIX socket path.
+    metrics: str | None = None
 
     @field_validator("environment", mode="before")
     @classmethod
     def _read_environment(cls, value: Any, info: ValidationInfo) -> Any:
         return _environment_input(value, info)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics_address(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value  # fails as "should be a string"
+        return _metrics_address(value, info)
 
     @field_validator("environment")
     @classmethod
@@ -477,6 +479,8 @@ class SupervisorConfig(BaseModel):
     @field_validator("socket", "log_dir", mode="before")
     @classmethod
     def _resolve_path(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = expand_variables(value, _context(info).environ)
         return _path_input(value, info)
 
     @field_validator("socket")
@@ -1093,7 +1097,8 @@ def _per_process(template: str) -> bool:
 
 
 def _default_logfiles(log_dir: Path) -> dict[str, str]:
-    folder = str(log_dir).replace("{", "{{").replace("}", "}}")
+    # The folder is already expanded: its braces and dollars are literal.
+    folder = str(log_dir).replace("{", "{{").replace("}", "}}").replace("$", "$$")
     return {
         "stdout_logfile": f"{folder}/{{process_name}}.out.log",
         "stderr_logfile": f"{folder}/{{process_name}}.err.log",
@@ -1558,7 +1563,7 @@ class _Loader:
                 return False
         return True
 
-    def check_fd_budget(self) -> None:
+    def check_fd_budget(self, reserve: int = FD_RESERVE) -> None:
         """The output pipes of every process must fit under the hard fd limit.
 
         supd raises its soft RLIMIT_NOFILE to the hard one at start; each process holds
@@ -1570,17 +1575,17 @@ class _Loader:
         limit = hard_fd_limit()
         if limit is None:
             return
-        needed = FD_RESERVE
+        needed = reserve
         for program in self.programs.values():
             needed += program.numprocs * _fds_per_process(program)
             if needed > limit:
                 key = ("programs", program.name, "numprocs")
-                total = FD_RESERVE + sum(
+                total = reserve + sum(
                     p.numprocs * _fds_per_process(p) for p in self.programs.values()
                 )
                 message = (
                     f"the programs' output pipes need {total} file descriptors with supd's "
-                    f"own {FD_RESERVE}, more than the hard limit of {limit} (RLIMIT_NOFILE; "
+                    f"own {reserve}, more than the hard limit of {limit} (RLIMIT_NOFILE; "
                     f"this one takes it over): raise the limit (LimitNOFILE=, ulimit -Hn) "
                     f"or run fewer processes"
                 )
@@ -1667,7 +1672,8 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     loader.check_names_unique()
     loader.check_log_files_unshared()
     if loader.check_process_total():  # (over the total, the fd count says nothing new)
-        loader.check_fd_budget()
+        metrics = supervisor is not None and supervisor.metrics is not None
+        loader.check_fd_budget(FD_RESERVE + (METRICS_FD_RESERVE if metrics else 0))
     loader.check_dependencies()
     problems.extend(loader.problems)
     problems = _without_duplicates_of(hints, problems)

@@ -66,21 +66,12 @@ exit status:
 
 # supervisorctl commands supd has no method for: what to do instead.
 NOT_IN_SUPD = {
-    "reread": "use `supctl reload`: it re-reads the config and applies the changes"
-    " (supervisorctl's reread and update in one step)",
-    "update": "use `supctl reload`: it re-reads the config and applies the changes"
-    " (added programs start, removed ones stop, changed ones restart)",
     "add": "programs come from the config: add the [programs.NAME] table, then `supctl reload`",
     "remove": "programs come from the config: delete the [programs.NAME] table, then"
     " `supctl reload`",
-    "avail": "not yet (it is being built); today `supctl status` lists every configured"
-    " process (autostart = false ones as STOPPED), and `supd -c CONFIG --check` checks"
-    " an edited config before `supctl reload`",
     "maintail": "not yet (it is being built); today read the daemon's own log where its"
     " stderr goes: `journalctl -u supd` under systemd, else the terminal or file you"
     " started supd with",
-    "fg": "not yet (it is being built); today `supctl tail -f NAME [stderr]` follows a"
-    " process's output (programs get no terminal: their stdin is /dev/null)",
 }
 
 COMMANDS = (
@@ -97,6 +88,13 @@ COMMANDS = (
     "wait",
     "why",
     "clear",
+    "metrics",
+    "usage",
+    "avail",
+    "reread",
+    "update",
+    "fg",
+    "completion",
     "help",
 )
 SHELL_ONLY = ("quit", "exit")
@@ -189,12 +187,33 @@ def socket_from_config(config_path: str, environ: Mapping[str, str]) -> str:
     except OSError as exc:
         raise UsageError(f"cannot read config {config_path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config {config_path} is not valid TOML: {exc}") from None
+        hint = ""
+        if _looks_like_supervisord(config_path):
+            hint = "; this looks like a supervisord config (INI): convert it with `supd import`"
+        raise UsageError(f"config {config_path} is not valid TOML: {exc}{hint}") from None
     section = document.get("supervisor", {})
     value = section.get("socket") if isinstance(section, dict) else None
     if value is not None and (not isinstance(value, str) or not value):
         raise UsageError(f"config {config_path}: supervisor.socket must be a path")
+    if value is not None:
+        try:
+            value = facts.expand_variables(value, environ)  # ${VAR}, as the daemon reads it
+        except ValueError as exc:
+            raise UsageError(f"config {config_path}: supervisor.socket: {exc}") from None
     return facts.socket_path(os.path.dirname(os.path.abspath(config_path)), value, environ)
+
+
+def _looks_like_supervisord(config_path: str) -> bool:
+    """An INI file with supervisord's sections (what `supd -c` recognises too)."""
+    try:
+        with open(config_path, errors="replace") as file:
+            text = file.read(1 << 16)
+    except OSError:
+        return False
+    return any(
+        line.strip().startswith(("[supervisord]", "[program:", "[group:", "[include]"))
+        for line in text.splitlines()
+    )
 
 
 # --------------------------------------------------------------------------- the client
@@ -216,6 +235,9 @@ _RESULT_SHAPES: dict[str, tuple[type, tuple[str, ...]]] = {
     "wait": (list, ("name", "ok")),
     "deaths": (dict, ("name", "state", "next", "deaths")),
     "clear": (list, ("name", "ok")),
+    "metrics": (dict, ("text",)),
+    "usage": (list, ("name",)),
+    "avail": (list, ("program", "processes")),
 }
 
 
@@ -378,6 +400,32 @@ class Client:
         except RpcError:
             pass  # an error answer is an answer
 
+    def follow_streams(
+        self, name: str, streams: Sequence[str], lines: int
+    ) -> Iterator[dict[str, Any]]:
+        """Follow several streams of one process on this connection: every request goes
+        out before any answer is read. Yields the tails, then `output` params."""
+        waiting: set[int] = set()
+        for stream in streams:
+            request_id = self._next_id
+            self._next_id += 1
+            waiting.add(request_id)
+            params = {"name": name, "stream": stream, "follow": True, "lines": lines}
+            request = {"jsonrpc": "2.0", "id": request_id, "method": "tail", "params": params}
+            if self._sock is None:
+                self.connect()
+            self._send(json.dumps(request).encode() + b"\n")
+        while True:
+            message = self._read_message(None)
+            if "method" in message:
+                if message.get("method") == "output" and isinstance(message.get("params"), dict):
+                    yield message["params"]
+            elif message.get("id") in waiting:
+                waiting.discard(message["id"])
+                result = self._unwrap(message)
+                if isinstance(result, dict):
+                    yield result
+
     def notifications(self) -> Iterator[dict[str, Any]]:
         """Server notifications, forever (no deadline): `tail -f`."""
         while True:
@@ -478,12 +526,17 @@ def wants_colour(stream: TextIO, environ: Mapping[str, str]) -> bool:
     return bool(isatty and isatty())
 
 
-def format_status_table(rows: Sequence[dict[str, Any]], colour: bool = False) -> list[str]:
-    """Aligned `name  STATE  description` lines, like supervisorctl's."""
+def format_status_table(
+    rows: Sequence[dict[str, Any]], colour: bool = False, *, long: bool = False
+) -> list[str]:
+    """Aligned `name  STATE  description` lines, like supervisorctl's; with `long`,
+    CPU% and RSS columns (from each row's "usage") after the state."""
     if not rows:
         return []
     name_width = max(len(str(row.get("name", ""))) for row in rows) + 3
     lines = []
+    if long:
+        lines.append(f"{'NAME'.ljust(name_width)}{'STATE'.ljust(STATE_WIDTH)}  CPU%      RSS  INFO")
     for row in rows:
         name = str(row.get("name", ""))
         state = str(row.get("state", ""))
@@ -492,8 +545,29 @@ def format_status_table(rows: Sequence[dict[str, Any]], colour: bool = False) ->
         if colour and state in _COLOURS:
             # Pad first, colour the word only: escapes must not count as width.
             padded = f"\x1b[{_COLOURS[state]}m{state}\x1b[0m" + " " * (STATE_WIDTH - len(state))
+        if long:
+            padded += _usage_columns(row.get("usage"))
         lines.append(f"{name.ljust(name_width)}{padded}{description}".rstrip())
     return lines
+
+
+def _usage_columns(usage: Any) -> str:
+    """` CPU%   RSS  ` for one row: "-" where nothing runs."""
+    if not isinstance(usage, dict) or usage.get("rss_bytes") is None:
+        return f"{'-':>6} {'-':>8}  "
+    percent = usage.get("cpu_percent")
+    cpu = "-" if percent is None else f"{float(percent):.1f}"
+    return f"{cpu:>6} {format_bytes(int(usage['rss_bytes'])):>8}  "
+
+
+def format_bytes(count: int) -> str:
+    """1536 -> "1.5K", 25165824 -> "24.0M" (powers of 1024, like ps and top)."""
+    value = float(count)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{int(value)}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}G"  # pragma: no cover
 
 
 class Output:
@@ -559,10 +633,14 @@ Handler = Callable[[Client, argparse.Namespace, Output], int]
 def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
     params = {"names": args.names} if args.names else {}
     rows = client.call("status", params)
+    if getattr(args, "long", False):
+        usage = {str(u.get("name")): u for u in client.call("usage", params)}
+        rows = [{**row, "usage": usage.get(str(row.get("name")))} for row in rows]
     if out.as_json:
         out.json(rows)
     else:
-        for line in format_status_table(rows, out.colour):
+        long = getattr(args, "long", False)
+        for line in format_status_table(rows, out.colour, long=long):
             out.line(line)
     all_running = all(row.get("state") == "RUNNING" for row in rows)
     return EXIT_OK if all_running else EXIT_NOT_RUNNING
@@ -621,8 +699,9 @@ def cmd_signal(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_reload(client: Client, args: argparse.Namespace, out: Output) -> int:
+    dry_run = bool(getattr(args, "dry_run", False))
     try:
-        result = client.call("reload")
+        result = client.call("reload", {"dry_run": True} if dry_run else {})
     except RpcError as exc:
         if exc.code != CONFIG_INVALID:
             raise
@@ -689,6 +768,119 @@ def cmd_pid(client: Client, args: argparse.Namespace, out: Output) -> int:
         for name in down:
             out.error(f"{name} is not running")
     return EXIT_FAILED if down else EXIT_OK
+
+
+def cmd_reread(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """supervisorctl's reread: what a reload would change, applying nothing."""
+    args.dry_run = True
+    try:
+        return cmd_reload(client, args, out)
+    except RpcError as exc:
+        if exc.code != INVALID_PARAMS:
+            raise
+        # A supd without `reload --dry-run` refuses the parameter: nothing was applied.
+        raise UsageError(
+            "this supd cannot show what a reload would change without applying it"
+            " (it has no reload dry run); `supd -c CONFIG --check` checks the file, and"
+            " `supctl update` (= reload) applies it"
+        ) from None
+
+
+def cmd_avail(client: Client, args: argparse.Namespace, out: Output) -> int:
+    rows = client.call("avail")
+    if out.as_json:
+        out.json(rows)
+        return EXIT_OK
+    width = max((len(str(row.get("program"))) for row in rows), default=0) + 3
+    for row in rows:
+        processes = row.get("processes") or []
+        count = len(processes)
+        activity = "active" if row.get("active") else "inactive"
+        start = "auto" if row.get("autostart") else "manual"
+        running = f"{row.get('running', 0)}/{count} running"
+        group = row.get("group")
+        member = f"  group {group}" if group and group != row.get("program") else ""
+        out.line(
+            f"{str(row.get('program')).ljust(width)}in use  {activity:<8}  "
+            f"{start:<6}  {running}{member}"
+        )
+    return EXIT_OK
+
+
+def cmd_metrics(client: Client, args: argparse.Namespace, out: Output) -> int:
+    result = client.call("metrics")
+    if out.as_json:
+        out.json(result)
+    else:
+        out.out.write(str(result.get("text", "")))
+    return EXIT_OK
+
+
+def cmd_usage(client: Client, args: argparse.Namespace, out: Output) -> int:
+    rows = client.call("usage", {"names": args.names} if args.names else {})
+    if out.as_json:
+        out.json(rows)
+        return EXIT_OK
+    width = max((len(str(row.get("name"))) for row in rows), default=4) + 3
+    out.line(f"{'NAME'.ljust(width)}{'PID':>8}  CPU%      RSS  CPU TIME  PROCS")
+    for row in rows:
+        pid = row.get("pid")
+        cpu_time = f"{float(row.get('cpu_seconds') or 0):.2f}s"
+        columns = _usage_columns(row)
+        procs = row.get("processes") or 0
+        out.line(
+            f"{str(row.get('name')).ljust(width)}{pid if pid else '-':>8}{columns}"
+            f"{cpu_time:>8}  {procs:>5}"
+        )
+    return EXIT_OK
+
+
+FG_NOTE = (
+    "supctl: following {name} (stdout and stderr; Ctrl-C to stop). Input is not"
+    " forwarded: supd gives its programs /dev/null as stdin.\n"
+)
+
+
+def cmd_fg(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """supervisorctl's fg, as far as supd can: follow both streams of one process.
+
+    Both follows go out on one connection before any answer is read, so no output
+    that arrives between them is lost; each chunk says which stream it is from.
+    """
+    if not out.as_json:
+        out.err.write(FG_NOTE.format(name=args.name))
+        out.err.flush()
+    first = client.call("tail", {"name": args.name, "stream": "stdout", "lines": 0})
+    del first  # the name is valid: follow both streams now
+    try:
+        for chunk in client.follow_streams(args.name, ("stdout", "stderr"), DEFAULT_TAIL_LINES):
+            _write_output(chunk, out)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK  # pragma: no cover (follow_streams ends only by exception)
+
+
+def cmd_completion(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.shell == "names":  # what the scripts call: names to complete, one a line
+        for name in completion_names(client.call("status")):
+            out.line(name)
+        return EXIT_OK
+    from . import completion
+
+    out.out.write(completion.script(args.shell, COMMANDS))
+    return EXIT_OK
+
+
+def completion_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Processes, then their programs and groups (`web`, `web:*`), for completion."""
+    names = sorted(str(row.get("name")) for row in rows)
+    extra: set[str] = set()
+    for name in names:
+        if ":" in name:
+            group = name.split(":", 1)[0]
+            extra.update((group, f"{group}:*"))
+    extra.update(str(row.get("program")) for row in rows)
+    return names + sorted(extra - set(names))
 
 
 def cmd_not_in_supd(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -815,6 +1007,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     sub = command("status", cmd_status, "show processes (exit 3 if any is not RUNNING)")
+    sub.add_argument(
+        "-l",
+        "--long",
+        action="store_true",
+        help="add CPU%% and RSS columns (the process and its descendants)",
+    )
     sub.add_argument("names", nargs="*", metavar="NAME")
     for name in ("start", "stop", "restart"):
         sub = command(name, cmd_control, f"{name} processes ({NAMES_HELP})")
@@ -826,6 +1024,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("signal", metavar="SIG")
     sub.add_argument("names", nargs="+", metavar="NAME")
     command("reload", cmd_reload, "re-read the config file and apply the changes")
+    command("update", cmd_reload, "apply the config file's changes (supervisorctl's; = reload)")
+    command("reread", cmd_reread, "show what a reload would change, changing nothing")
+    command("avail", cmd_avail, "list the programs of the running config and their activity")
+    command("metrics", cmd_metrics, "print the OpenMetrics text (as GET /metrics serves it)")
+    sub = command("usage", cmd_usage, "show CPU and memory of processes and their descendants")
+    sub.add_argument("names", nargs="*", metavar="NAME")
+    sub = command(
+        "fg",
+        cmd_fg,
+        "follow a process's stdout and stderr (input is not forwarded: programs get /dev/null)",
+    )
+    sub.add_argument("name", metavar="NAME")
+    sub = command("completion", cmd_completion, "print a shell completion script (bash or zsh)")
+    sub.add_argument("shell", choices=("bash", "zsh", "names"))
     sub = command(
         "tail",
         cmd_tail,
@@ -1131,7 +1343,19 @@ def run_shell_command(session: Session, defaults: argparse.Namespace, words: lis
 class Completer:
     """readline completion: command names first, then process/program names."""
 
-    NAME_COMMANDS = ("status", "start", "stop", "restart", "tail", "pid", "wait", "why", "clear")
+    NAME_COMMANDS = (
+        "status",
+        "start",
+        "stop",
+        "restart",
+        "tail",
+        "pid",
+        "wait",
+        "why",
+        "clear",
+        "fg",
+        "usage",
+    )
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -1157,7 +1381,8 @@ class Completer:
             return ["TERM", "HUP", "INT", "KILL", "USR1", "USR2", "QUIT"]
         if command in (*self.NAME_COMMANDS, "signal"):
             names = self.process_names()
-            return [*names, "all"] if command not in ("tail", "pid", "status", "why") else names
+            single = ("tail", "pid", "status", "why", "fg", "usage")
+            return [*names, "all"] if command not in single else names
         return []
 
     def process_names(self) -> list[str]:

@@ -8,10 +8,11 @@ Data flow, one direction only:
       -> events the effects cause (a spawn that worked or failed) back on the queue
 
 Everything the daemon waits for is an event from the one selector: child exits
-(signalfd + waitid sweep), output pipes, one timerfd for every process timer (armed for
-the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2 (and, as a subreaper, every
-SIGCHLD) through the signalfd, and the control socket with its eventfd doorbell. There
-is no polling and no sleep: with nothing to do the loop blocks in epoll_wait(-1).
+(signalfd, then waitid: see the selector's notes), output pipes, one timerfd for every
+process timer (armed for the fleet's next deadline), SIGTERM/SIGINT/SIGHUP/SIGUSR2
+(and, as a subreaper, every SIGCHLD) through the signalfd, and the control socket with
+its eventfd doorbell. There is no polling and no sleep: with nothing to do the loop
+blocks in epoll_wait(-1).
 
 The queue is drained by the loop after every ready key (and after each control command,
 so pipelined commands see each other's effects), never from inside a drain: nothing
@@ -83,8 +84,10 @@ from .fleet import (
     reload_diff,
 )
 from .follow import Followers, Listener
+from .httpmetrics import MetricsServer
 from .logs import LogSink, PipeReader
-from .process import Exited, Probe, ProbeResult, Spawned, SpawnFailed
+from .metrics import Metrics, ProcessView
+from .process import Exited, Probe, ProbeResult, Process, Spawned, SpawnFailed
 from .protocol import MAX_TAIL_BYTES, Request
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
@@ -222,6 +225,8 @@ class Daemon:
         self.followers = Followers(self._refresh_hooks)
         self.commands = Commands(self)
         self.control: ControlServer | None = None
+        self.metrics = Metrics()  # counters for the daemon's whole life
+        self.metrics_server: MetricsServer | None = None
         # supd's environment as every child starts from it (minus systemd's variables)
         self.base_environment = spawn.child_environment(os.environ)
         self.subreaper = False
@@ -256,6 +261,16 @@ class Daemon:
             log=self.log,
         )
         self.control.open()
+        if settings.metrics is not None:
+            self.metrics_server = MetricsServer(
+                self.selector,
+                settings.metrics,
+                self._scrape,
+                mode=settings.socket_mode,
+                group=settings.socket_group,
+                log=self.log,
+            )
+            self.metrics_server.open()
         if settings.subreaper or os.getpid() == 1:
             linux.set_child_subreaper(True)
             self.subreaper = True
@@ -303,6 +318,8 @@ class Daemon:
     def close(self) -> None:
         if self.control is not None:
             self.control.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         for slot in list(self.slots.values()):
             self._drop_slot(slot)
         self.selector.close()
@@ -339,6 +356,8 @@ class Daemon:
                 self._probe_child_exited(name, pid)
             case data if self.control is not None and self.control.owns(data):
                 self.control.on_ready(key)
+            case data if self.metrics_server is not None and self.metrics_server.owns(data):
+                self.metrics_server.on_ready(key)
             case _:
                 self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
 
@@ -368,7 +387,9 @@ class Daemon:
             self._drain_output(slot)  # nothing the child wrote is lost to its exit
         except Exception:  # whatever happens, the exit is reaped and reported
             self.log.exception("output_drain_failed", process=name, pid=pid)
+        self.metrics.child_exiting(name, pid)  # the run's last CPU figure, from the zombie
         exit_code, exit_signal, core_dumped = spawn.reap_status(pid)
+        self.metrics.exited(name, exit_code, exit_signal)
         if slot.exec_error is None:
             process = self.fleet.processes.get(name)
             redirected = process is not None and process.config.redirect_stderr
@@ -441,7 +462,6 @@ class Daemon:
         naming it, the remaining orphans wait for the next loop iteration, which that
         queued event guarantees.
         """
-        ours: set[int] | None = None
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -449,9 +469,7 @@ class Daemon:
                 return
             if info is None:
                 return
-            if ours is None:
-                ours = {s.child.pid for s in self.slots.values() if s.child is not None}
-            if info.si_pid in ours:
+            if self.selector.watches_pid(info.si_pid):  # one of ours: O(1), not O(slots)
                 return
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, 0)
@@ -496,6 +514,7 @@ class Daemon:
             case Kill(name=name, signum=signum, group=group):
                 self._signal(name, signum, group)
             case Transitioned():
+                self.metrics.transitioned(effect)
                 self._log_transition(effect)
             case Ignored(name=name, state=state, event=event):
                 self.log.debug(
@@ -706,6 +725,7 @@ class Daemon:
             self._close_reader(slot, fd)
         slot.stdout.close()
         slot.stderr.close()
+        self.metrics.slot_dropped(slot.name, slot.stdout, slot.stderr)
         self.slots.pop(slot.name, None)
 
     # -- readiness and health probes (issue 14) ------------------------------------------
@@ -960,6 +980,7 @@ class Daemon:
     def handle_command(self, request: Request, responder: Responder) -> None:
         """The control server's handler: run the command, then settle what it queued, so
         the next command (pipelined on a connection, say) sees its effect."""
+        self.metrics.requests[request.method] += 1
         self.commands.handle_command(request, responder)
         self._drain()
 
@@ -1019,11 +1040,20 @@ class Daemon:
             new = load(self.config.path)
         except ConfigError as exc:
             self.log.error("reload_failed", problems=[str(p) for p in exc.problems])
+            self.metrics.reload_failures += 1
             self.notifier.ready(self.status_line())  # still running, on the old config
             raise
         added, changed, removed = reload_diff(self.fleet.configs, new.programs)
         self.config = new
         self._open_child_notify(new)
+        self.metrics.reloads += 1
+        if new.supervisor.metrics != settings_metrics(self):
+            self.log.warning(
+                "metrics_address_unchanged",
+                reason="the metrics address is set at start; restart supd to change it",
+                running=settings_metrics(self),
+                configured=new.supervisor.metrics,
+            )
         self.queue.append(Reload(tuple(new.programs.values())))
         self._release_memory()
         self.log.info("config_reloaded", added=added, changed=changed, removed=removed)
@@ -1056,6 +1086,58 @@ class Daemon:
     def follow(self, name: str, stream: str, listener: Listener) -> Callable[[], None]:
         return self.followers.add(name, stream, listener)
 
+    def metrics_text(self) -> str:
+        views = []
+        for name, process in self.fleet.processes.items():
+            slot = self.slots.get(name)
+            views.append(
+                ProcessView(process, slot.stdout if slot else None, slot.stderr if slot else None)
+            )
+        return self.metrics.render(views, self.clock(), time.time())
+
+    def _scrape(self) -> bytes:
+        return self.metrics_text().encode()
+
+    def usage(self, names: list[str]) -> list[dict[str, Any]]:
+        processes = [self.fleet.processes[name] for name in names]
+        rows = self.metrics.usage(processes, self.clock())
+        return [
+            {
+                "name": row.name,
+                "pid": row.pid,
+                "cpu_seconds": round(row.cpu_seconds, 2),
+                "cpu_percent": row.cpu_percent,
+                "rss_bytes": row.rss_bytes,
+                "processes": row.processes,
+            }
+            for row in rows
+        ]
+
+    def avail(self) -> list[dict[str, Any]]:
+        by_program: dict[str, list[Process]] = {}
+        for process in self.fleet.processes.values():
+            by_program.setdefault(process.config.name, []).append(process)
+        rows = []
+        for program in self.fleet.configs.values():
+            members = by_program.get(program.name, [])
+            rows.append(
+                {
+                    "program": program.name,
+                    "group": program.group_name,
+                    "autostart": program.autostart,
+                    "processes": [p.name for p in members],
+                    "running": sum(p.state is State.RUNNING for p in members),
+                    "active": any(not p.is_down() for p in members),
+                }
+            )
+        return rows
+
+
+def settings_metrics(daemon: Daemon) -> str | None:
+    """The metrics address supd serves (set at start)."""
+    server = daemon.metrics_server
+    return None if server is None else server.configured
+
 
 def reset_inherited_signals() -> None:
     """Start from known signal state whatever the launcher left us.
@@ -1069,7 +1151,12 @@ def reset_inherited_signals() -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="supd", description="supervise processes")
+    parser = argparse.ArgumentParser(
+        prog="supd",
+        description="supervise processes",
+        epilog="supd import FILE [-o OUT]: convert a supervisord config to supd's TOML "
+        "(supd import --help)",
+    )
     parser.add_argument("-c", "--config", default="/etc/supd/supd.toml", help="config file")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     version = f"supd {__version__} (spawn method: {spawn.method()})"

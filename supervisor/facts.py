@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Final
 
 
@@ -106,3 +107,46 @@ SERVICE_ENVIRONMENT: Final = (
 
 # What a child never inherits from supd's environment.
 CHILD_PRIVATE_ENVIRONMENT: Final = SYSTEMD_ENVIRONMENT + SERVICE_ENVIRONMENT
+
+
+_VARIABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def expand_variables(
+    text: str, environ: Mapping[str, str], quote: Callable[[str], str] = str
+) -> str:
+    """Replace ${VAR} and ${VAR:-default} from environ; $$ is a literal $.
+
+    As in a shell, the default applies when VAR is unset or empty. quote() is applied to
+    each substituted value (log paths escape their braces). A '$' followed by anything
+    else stays as written. Raises ValueError naming the variable when it is unset and
+    has no default, or when a ${ is malformed.
+    """
+    parts: list[str] = []
+    index = 0
+    while (dollar := text.find("$", index)) >= 0:
+        parts.append(text[index:dollar])
+        following = text[dollar + 1 : dollar + 2]
+        if following != "{":
+            parts.append("$")
+            index = dollar + (2 if following == "$" else 1)
+            continue
+        end = text.find("}", dollar + 2)
+        if end < 0:
+            raise ValueError(f"unclosed ${{ in {text!r}; write $$ for a literal $")
+        name, has_default, default = text[dollar + 2 : end].partition(":-")
+        if not _VARIABLE_NAME.fullmatch(name):
+            raise ValueError(
+                f"{text[dollar : end + 1]!r} is not ${{VAR}} or ${{VAR:-default}}; "
+                "write $$ for a literal $"
+            )
+        value = environ.get(name, "")
+        if not value and name not in environ and not has_default:
+            raise ValueError(
+                f"${{{name}}} is not set in supd's environment; set it, or give a "
+                f"default: ${{{name}:-default}}"
+            )
+        parts.append(quote(value if value or not has_default else default))
+        index = end + 1
+    parts.append(text[index:])
+    return "".join(parts)

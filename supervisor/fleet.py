@@ -244,9 +244,6 @@ class UnknownNames(Exception):
         self.names = names
 
 
-ALL = "all"
-
-
 def reload_diff(
     old: Mapping[str, ProgramConfig], new: Mapping[str, ProgramConfig]
 ) -> tuple[list[str], list[str], list[str]]:

@@ -170,6 +170,18 @@ class ClearParams(_Params):
     names: Names
 
 
+class MetricsParams(_Params):
+    pass
+
+
+class UsageParams(_Params):
+    names: Names | None = None
+
+
+class AvailParams(_Params):
+    pass
+
+
 Params = (
     StatusParams
     | StartParams
@@ -184,6 +196,9 @@ Params = (
     | WaitParams
     | DeathsParams
     | ClearParams
+    | MetricsParams
+    | UsageParams
+    | AvailParams
 )
 
 Method = Literal[
@@ -200,6 +215,9 @@ Method = Literal[
     "wait",
     "deaths",
     "clear",
+    "metrics",
+    "usage",
+    "avail",
 ]
 
 
@@ -338,6 +356,35 @@ class DeathsResult(_Result):
     deaths: list[DeathInfo] = []  # newest first
 
 
+class MetricsResult(_Result):
+    """`metrics`: the OpenMetrics exposition, as `GET /metrics` serves it."""
+
+    text: str
+    content_type: str
+
+
+class ProcessUsage(_Result):
+    """One row of `usage`: a process and its descendants, sampled from /proc."""
+
+    name: str
+    pid: int | None
+    cpu_seconds: float  # the current run's tree
+    cpu_percent: float | None  # since the previous sample, or the run's average
+    rss_bytes: int | None
+    processes: int  # in the tree
+
+
+class ProgramAvail(_Result):
+    """One row of `avail`: a program of the running config."""
+
+    program: str
+    group: str
+    autostart: bool
+    processes: list[str]
+    running: int  # processes RUNNING
+    active: bool  # any process not down (STOPPED, EXITED, FATAL)
+
+
 #: The Python type of each method's result; `RESULT_ADAPTERS[m].validate_json(...)`
 #: checks an answer (tests, and clients that want models).
 RESULT_TYPES: Final[dict[str, Any]] = {
@@ -354,6 +401,9 @@ RESULT_TYPES: Final[dict[str, Any]] = {
     "wait": list[ActionResult],
     "deaths": DeathsResult,
     "clear": list[ActionResult],
+    "metrics": MetricsResult,
+    "usage": list[ProcessUsage],
+    "avail": list[ProgramAvail],
 }
 RESULT_ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
     method: TypeAdapter(result_type) for method, result_type in RESULT_TYPES.items()
@@ -441,6 +491,21 @@ class _Clear(_Envelope):
     params: ClearParams
 
 
+class _Metrics(_Envelope):
+    method: Literal["metrics"]
+    params: MetricsParams = MetricsParams()
+
+
+class _Usage(_Envelope):
+    method: Literal["usage"]
+    params: UsageParams = UsageParams()
+
+
+class _Avail(_Envelope):
+    method: Literal["avail"]
+    params: AvailParams = AvailParams()
+
+
 _AnyEnvelope = Annotated[
     _Status
     | _Start
@@ -454,7 +519,10 @@ _AnyEnvelope = Annotated[
     | _Shutdown
     | _Wait
     | _Deaths
-    | _Clear,
+    | _Clear
+    | _Metrics
+    | _Usage
+    | _Avail,
     Field(discriminator="method"),
 ]
 _ENVELOPE: Final[TypeAdapter[_AnyEnvelope]] = TypeAdapter(_AnyEnvelope)

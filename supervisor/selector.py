@@ -895,6 +895,11 @@ class Selector(Generic[T]):
     def __contains__(self, ident: object) -> bool:
         return ident in self._keys
 
+    def watches_pid(self, pid: int) -> bool:
+        """Whether `pid` is registered with register_process (its exit is, or will be,
+        reported here): a subreaper must leave such a zombie to its owner."""
+        return pid in self._processes
+
     @property
     def is_empty(self) -> bool:
         return not self._keys

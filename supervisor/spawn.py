@@ -65,9 +65,6 @@ from .facts import CHILD_PRIVATE_ENVIRONMENT
 # Standard signals a child gets back at their default disposition.
 _RESETTABLE_SIGNALS = tuple(s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP))
 
-# Variables that belong to supd, never to a child (see facts).
-PRIVATE_ENVIRONMENT = CHILD_PRIVATE_ENVIRONMENT
-
 _EXIT_EXEC_FAILED = 127
 _ORIGINAL_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
 
@@ -185,7 +182,7 @@ def resolve_credentials(user: str | None, group: str | None) -> Credentials | No
 
 def child_environment(base: Mapping[str, str], *extra: Mapping[str, str]) -> dict[str, str]:
     """`base` (supd's environment) minus supd's own systemd variables, plus `extra`."""
-    env = {k: v for k, v in base.items() if k not in PRIVATE_ENVIRONMENT}
+    env = {k: v for k, v in base.items() if k not in CHILD_PRIVATE_ENVIRONMENT}
     for more in extra:
         env.update(more)
     return env

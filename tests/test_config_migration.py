@@ -124,6 +124,43 @@ def test_an_unset_variable_is_an_error_at_its_line(tmp_path: Path) -> None:
     ]
 
 
+def test_variables_expand_in_log_dir_and_socket(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path,
+        """
+        [supervisor]
+        log_dir = "${HOME}/logs"
+        socket = "${HOME}/run/supd.sock"
+
+        [programs.web]
+        command = "serve"
+        """,
+    )
+    assert config.supervisor.log_dir == Path("/home/app/logs")
+    assert config.supervisor.socket == Path("/home/app/run/supd.sock")
+    web = config.programs["web"]
+    assert web.log_path("web", "stdout") == Path("/home/app/logs/web.out.log")
+    # A '$' in the expanded folder is literal in the derived log paths.
+    dollar = load_text(tmp_path, '[supervisor]\nlog_dir = "a$$b"\n[programs.web]\ncommand = "x"\n')
+    assert dollar.programs["web"].log_path("web", "stdout") == tmp_path / "a$b" / "web.out.log"
+    found = problems(tmp_path, '[supervisor]\nlog_dir = "${NOPE}/logs"\n')
+    assert found == [
+        f"{tmp_path}/supd.toml:2: supervisor.log_dir: ${{NOPE}} is not set in supd's "
+        'environment; set it, or give a default: ${NOPE:-default} (got "${NOPE}/logs")'
+    ]
+
+
+def test_supctl_finds_a_socket_written_with_a_variable(tmp_path: Path) -> None:
+    from supd.ctl import UsageError, socket_from_config
+
+    path = write(tmp_path, '[supervisor]\nsocket = "${RUN:-/run/app}/supd.sock"\n')
+    assert socket_from_config(str(path), {"RUN": "/srv/run"}) == "/srv/run/supd.sock"
+    assert socket_from_config(str(path), {}) == "/run/app/supd.sock"
+    write(tmp_path, '[supervisor]\nsocket = "${RUN}/supd.sock"\n')
+    with pytest.raises(UsageError, match=r"supervisor.socket: \$\{RUN\} is not set"):
+        socket_from_config(str(path), {})
+
+
 def test_variables_come_from_supds_environment_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

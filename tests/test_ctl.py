@@ -95,8 +95,11 @@ def set_state(loop: ServerLoop, name: str, state: str, description: str = "") ->
 
 
 def test_supctl_knows_every_method() -> None:
-    # `why` is supctl's face of the `deaths` method
-    assert set(ctl.COMMANDS) == {*protocol.METHODS, "help", "why"} - {"deaths"}
+    # `why` is supctl's face of the `deaths` method; supervisorctl's names built on other
+    # methods (reread and update on reload, fg on tail), and completion, which needs no
+    # daemon for its scripts.
+    built_on_others = {"reread", "update", "fg", "completion"}
+    assert set(ctl.COMMANDS) == {*protocol.METHODS, "help", "why", *built_on_others} - {"deaths"}
 
 
 def test_supctl_imports_neither_pydantic_nor_the_daemon() -> None:
@@ -671,13 +674,13 @@ def test_shell_runs_commands_until_quit(fake: ServerLoop, tmp_path: Path) -> Non
     env_home = tmp_path / "home"
     env_home.mkdir()
     proc = supctl_process("-s", str(fake.path), stdin=subprocess.PIPE, cwd=tmp_path, home=env_home)
-    lines = "status\nstart nope\nbogus\nreread\nhelp stop\nquit\n"
+    lines = "status\nstart nope\nbogus\nadd web\nhelp stop\nquit\n"
     out, err = proc.communicate(lines, timeout=20)
     assert proc.returncode == 0, err
     assert "web:0   RUNNING   pid 4242" in out
     assert "nope: ERROR (no such process)" in out
     assert "invalid choice: 'bogus'" in err  # a usage error does not leave the shell
-    assert "supctl: supd has no reread command: use `supctl reload`" in err
+    assert "supctl: supd has no add command: programs come from the config" in err
     assert "--no-wait" in out
     # Lines read without a terminal bypass readline, so the history is written but empty.
     assert (env_home / ".supctl_history").exists()
@@ -754,13 +757,9 @@ def test_json_error_of_a_timeout_and_of_a_refused_reload(supctl: Any, fake: Serv
 @pytest.mark.parametrize(
     ("command", "advice"),
     [
-        ("reread", "use `supctl reload`"),
-        ("update", "use `supctl reload`"),
         ("add", "add the [programs.NAME] table, then `supctl reload`"),
         ("remove", "delete the [programs.NAME] table, then `supctl reload`"),
-        ("avail", "today `supctl status` lists every configured process"),
         ("maintail", "journalctl -u supd"),
-        ("fg", "supctl tail -f NAME"),
     ],
 )
 def test_supervisorctl_commands_say_what_to_do(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from supd.facts import ErrorCode
 from supd.protocol import RESULT_ADAPTERS
 from tests.helpers import (
     PY,
@@ -158,12 +159,14 @@ def test_tail_returns_the_last_bytes(daemon: Supd) -> None:
     assert len(data) == 7 and data.endswith("\n")
 
 
-def test_tail_follow_streams_notifications(daemon: Supd) -> None:
+@pytest.mark.parametrize("typed", ["ticker", "ticker:*", "tick?r"])
+def test_tail_follow_streams_notifications(daemon: Supd, typed: str) -> None:
+    """Notifications name the process, whatever form of its name the client typed."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(str(daemon.socket))
         request = {"jsonrpc": "2.0", "id": 7, "method": "tail"}
-        request["params"] = {"name": "ticker", "bytes": 0, "follow": True}
+        request["params"] = {"name": typed, "bytes": 0, "follow": True}
         sock.sendall(json.dumps(request).encode() + b"\n")
         reader = sock.makefile()
         answer = json.loads(reader.readline())
@@ -177,6 +180,17 @@ def test_tail_follow_streams_notifications(daemon: Supd) -> None:
     # Whole lines, consecutive: nothing the ticker wrote went missing in between.
     numbers = [int(line.split()[1]) for line in text.splitlines()[1:]]  # first may be cut
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+
+
+def test_tail_of_a_name_meaning_several_processes_says_which(daemon: Supd) -> None:
+    with pytest.raises(RpcError) as raised:
+        daemon.rpc("tail", {"name": "web"})
+    assert raised.value.code == ErrorCode.INVALID_PARAMS
+    assert raised.value.error["message"] == "web means 2 processes (web:0, web:1): name one"
+    assert raised.value.error["data"] == ["web:0", "web:1"]
+    with pytest.raises(RpcError) as unknown:
+        daemon.rpc("tail", {"name": "nope"})
+    assert unknown.value.code == ErrorCode.NO_SUCH_PROCESS
 
 
 def test_supctl_tail_follow_stops_on_ctrl_c(daemon: Supd) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from supd import activation, notify, spawn
+from supd import activation, facts, notify
 from supd.notify import Notifier, status_line, take_systemd_environment
 from tests.helpers import PY, REPO
 
@@ -300,8 +300,8 @@ def test_take_systemd_environment_unsets_os_environ(monkeypatch: pytest.MonkeyPa
 
 
 def test_children_never_see_systemd_variables() -> None:
-    """spawn.py keeps its own list; it must cover every variable systemd gives supd."""
-    assert set(notify.SYSTEMD_ENVIRONMENT) <= set(spawn.PRIVATE_ENVIRONMENT)
+    """The children's list (facts) covers every variable systemd gives supd itself."""
+    assert set(notify.SYSTEMD_ENVIRONMENT) <= set(facts.CHILD_PRIVATE_ENVIRONMENT)
 
 
 @pytest.mark.parametrize(

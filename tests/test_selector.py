@@ -712,6 +712,17 @@ def test_watching_a_pid_twice_names_it(selector, children):
         selector.register_process(0, "nobody")
 
 
+def test_watches_pid_names_exactly_the_registered_processes(selector, children, fds):
+    r, w = os.pipe()
+    fds.extend((r, w))
+    pid = children.waiting_on(r)
+    assert not selector.watches_pid(pid)
+    ident = selector.register_process(pid, "child")
+    assert selector.watches_pid(pid) and not selector.watches_pid(os.getpid())
+    selector.unregister(ident)
+    assert not selector.watches_pid(pid)
+
+
 def test_unregister_process_drops_its_queued_event(selector, children):
     first = selector.register_process(children.exited(), "first")
     second = selector.register_process(children.exited(), "second")
