@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks import procs, report, workloads
 from benchmarks.daemons import SUPERVISOR_VERSION
-from benchmarks.workloads import CAT, DAEMONS, FLOOR, SUPD, SUPERVISORD, Session
+from benchmarks.workloads import CAT, DAEMONS, FLOOR, PYLOOP, SUPD, SUPERVISORD, Session
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -41,6 +41,7 @@ WORKLOADS = (
     "control",
     "startup",
     "log",
+    "stdout",
     "storm",
     "selector",
     "health",
@@ -127,6 +128,8 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
         steps.append(
             Step("log", (CAT, SUPD, SUPERVISORD), sizes.log_rounds, workloads.log_throughput)
         )
+    if "stdout" in wanted:
+        steps.append(Step("stdout", (PYLOOP, SUPD), sizes.log_rounds, workloads.stdout_throughput))
     if "storm" in wanted:
         steps.append(Step("storm", (SUPD, SUPERVISORD, FLOOR), sizes.storm_rounds, workloads.storm))
     if "selector" in wanted:
@@ -231,7 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = workloads.QUICK if args.quick else workloads.FULL
-    subjects = {FLOOR, CAT, *([args.only] if args.only else DAEMONS)}
+    subjects = {FLOOR, CAT, PYLOOP, *([args.only] if args.only else DAEMONS)}
     steps = plan(args.workloads or list(WORKLOADS), sizes, subjects)
     machine = report.machine()
     # Taken before the run: others may commit while it goes on.

@@ -16,6 +16,7 @@ from pathlib import Path
 from benchmarks.workloads import (
     CAT,
     FLOOR,
+    PYLOOP,
     SUPD,
     SUPERVISORD,
     Results,
@@ -97,17 +98,9 @@ def _ratio_target(
 def build_rows(results: Results, sizes: Sizes) -> list[Row]:
     rows: list[Row] = []
     builders = (
-        _respawn,
-        _idle,
-        _memory,
-        _control,
-        _startup,
-        _log,
-        _storm,
-        _selector,
+        _respawn, _idle, _memory, _control, _startup, _log, _stdout, _storm, _selector, _scale,
         _health,
-        _scale,
-    )
+    )  # fmt: skip
     for builder in builders:
         rows += builder(_Figures(results), sizes)
     return rows
@@ -297,6 +290,40 @@ def _log(f: _Figures, sizes: Sizes) -> list[Row]:
             _ref("cat", sum(complete[CAT]), 0),
             f"all {len(complete[SUPD])}",
             None if not complete[SUPD] else all(complete[SUPD]),
+            0,
+        ),
+    ]
+
+
+def _stdout(f: _Figures, sizes: Sizes) -> list[Row]:
+    supd = f.get("stdout.mib_s", SUPD)
+    if supd is None:
+        return []
+    name = f"into supd's stdout ({sizes.log_bytes / (1 << 20):,.0f} MiB of lines, prefixed)"
+    loop = f.get("stdout.mib_s", PYLOOP)
+    cpu_supd = f.get("stdout.cpu_s_per_gib", SUPD)
+    cpu_loop = f.get("stdout.cpu_s_per_gib", PYLOOP)
+    cpu_target, cpu_passed = _ratio_target(cpu_supd, cpu_loop, 1.5, "<= 1.5x python loop")
+    complete = f.results.get("stdout.complete", SUPD)
+    return [
+        Row(name, "MiB/s, median", supd, None, _ref("python loop", loop, 0), "", None, 0),
+        Row(
+            name,
+            "daemon CPU (s per GiB), median",
+            cpu_supd,
+            None,
+            _ref("python loop", cpu_loop, 2),
+            cpu_target,
+            cpu_passed,
+        ),
+        Row(
+            name,
+            "runs with every line intact",
+            sum(complete),
+            None,
+            "",
+            f"all {len(complete)}",
+            None if not complete else all(complete),
             0,
         ),
     ]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from benchmarks import floor, procs
 from benchmarks.daemons import Daemon, Program, Supd, Supervisord
+from benchmarks.helper import LINE_BYTES
 from supd.config import FD_RESERVE
 from supd.metrics import SAMPLE_INTERVAL_S
 
@@ -36,6 +37,7 @@ SUPD = "supd"
 SUPERVISORD = "supervisord"
 FLOOR = "floor"
 CAT = "cat"
+PYLOOP = "python loop"
 DAEMONS = (SUPD, SUPERVISORD)
 
 
@@ -486,6 +488,97 @@ def _verify(session: Session, size: int, workdir: Path, name: str) -> str:
         timeout=600,
     )
     return verdict.stdout.strip() or verdict.stderr.strip()
+
+
+# -- 6b. log throughput into supd's own stdout ---------------------------------------------
+
+# The reference: a bare Python loop moving the same bytes from a pipe to a file, the
+# least any Python supervisor must do. It reports its own CPU time on stderr.
+PYTHON_LOOP = """
+import os, resource, sys
+while data := os.read(0, 1 << 18):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(usage.ru_utime + usage.ru_stime, file=sys.stderr)
+"""
+
+
+def stdout_throughput(session: Session, subject: str) -> str:
+    """The writer's lines through supd into supd's own stdout (`stdout_logfile = "-"`,
+    each line after its `writer | ` prefix), against the bare Python loop."""
+    size = session.sizes.log_bytes
+    workdir = session.workdir(f"stdout-{subject}")
+    stamps = workdir / "stamps"
+    output = workdir / "stdout.log"
+    env = session.stamps_env(stamps)
+    writer = [*session.helper, "write", str(size), "0"]
+    try:
+        if subject == PYLOOP:
+            errors = workdir / "loop.cpu"
+            pipeline = (
+                f"{shlex.join(writer)} | {shlex.quote(sys.executable)} -c "
+                f"{shlex.quote(PYTHON_LOOP)} > {shlex.quote(str(output))} "
+                f"2> {shlex.quote(str(errors))}"
+            )
+            process = session.processes.start(["sh", "-c", pipeline], env=env)
+            if process.wait() != 0:
+                raise RuntimeError(f"`{pipeline}` failed")
+            finished = time.monotonic_ns()
+            session.processes.kill(process)
+            cpu_s = float(errors.read_text().split()[-1])
+            plain = output
+        else:
+            finished, cpu_s = _supd_to_stdout(session, workdir, writer, output, env)
+            plain = workdir / "stripped.log"
+            _strip_prefix(output, plain, b"writer | ")
+        elapsed_s = (finished - starts(read_stamps(stamps))[0]) / 1e9
+        check = _verify(session, size, workdir, plain.name)
+    finally:
+        for path in workdir.glob("*.log"):
+            path.unlink()
+    results = session.results
+    results.add("stdout.mib_s", subject, [size / MIB / elapsed_s])
+    results.add("stdout.complete", subject, [1.0 if check.startswith("ok") else 0.0])
+    results.add("stdout.cpu_s_per_gib", subject, [cpu_s / (size / GIB)])
+    return f"{size / MIB / elapsed_s:.0f} MiB/s, {check}, CPU {cpu_s:.2f} s"
+
+
+def _supd_to_stdout(
+    session: Session, workdir: Path, writer: list[str], output: Path, env: dict[str, str]
+) -> tuple[int, float]:
+    daemon = session.daemon(SUPD, workdir)
+    program = Program("writer", writer, autostart=False, restart=False, stdout_logfile=Path("-"))
+    daemon.write_config([program])
+    size = session.sizes.log_bytes
+    expected = size + (size // LINE_BYTES) * len(b"writer | ")
+    argv = [sys.executable, "-m", "supd", "-c", str(daemon.config_path)]
+    # supd's stdout (children's lines) and stderr (its own log, warnings only) to one file.
+    process = session.processes.start(argv, env=env, output=output, cwd=workdir)
+    try:
+        wait_until_answering(daemon, 30)
+        cpu_before = procs.cpu_seconds(process.pid)
+        daemon.start("writer")
+        procs.wait_for(
+            lambda: _size(output) >= expected, 30 + size / MIB, "supd: stdout complete", 0.005
+        )
+        finished = time.monotonic_ns()
+        procs.wait_for(
+            lambda: daemon.states().get("writer") == "EXITED", 30, "supd: writer EXITED", 0.02
+        )
+        cpu_s = procs.cpu_seconds(process.pid) - cpu_before
+    finally:
+        session.processes.kill(process)
+    return finished, cpu_s
+
+
+def _strip_prefix(source: Path, target: Path, prefix: bytes) -> None:
+    """The writer's own lines out of supd's stdout (its own log lines left out)."""
+    with source.open("rb") as lines, target.open("wb") as plain:
+        for line in lines:
+            if line.startswith(prefix):
+                plain.write(line[len(prefix) :])
 
 
 # -- 7. restart storm ---------------------------------------------------------------------

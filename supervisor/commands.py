@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import __version__
+from . import __version__, daemonlog
 from .config import ConfigError
 from .control import Responder
 from .facts import ErrorCode
@@ -29,6 +29,9 @@ from .protocol import (
     AvailParams,
     ClearParams,
     DeathsParams,
+    LogsParams,
+    MaintailParams,
+    MaintailResult,
     MetricsParams,
     OutputParams,
     PidParams,
@@ -44,7 +47,9 @@ from .protocol import (
     StartParams,
     StatusParams,
     StopParams,
+    TailManyResult,
     TailParams,
+    TailPart,
     TailResult,
     UsageParams,
     VersionParams,
@@ -98,9 +103,25 @@ class Core(Protocol):
         """False when the process is not running."""
         ...
 
-    def tail(self, name: str, stream: str, nbytes: int | None, nlines: int | None) -> bytes:
-        """The end of a process's output: the last `nlines` lines or `nbytes` bytes,
-        read back from its log file (and backups) where there is one."""
+    def tail(
+        self,
+        name: str,
+        stream: str,
+        nbytes: int | None,
+        nlines: int | None,
+        since: float | None = None,
+    ) -> bytes:
+        """The end of a process's output: the last `nlines` lines or `nbytes` bytes, or
+        what it wrote in the last `since` seconds, read back from its log file (and
+        backups) where there is one."""
+        ...
+
+    def log_files(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each process's log destinations, files and sizes (`logs`)."""
+        ...
+
+    def rotate_logs(self, names: list[str]) -> list[tuple[str, str, bool]]:
+        """Cut these processes' log files now: (process, stream, rotated)."""
         ...
 
     def follow(
@@ -168,6 +189,10 @@ class Commands:
                 self._reload(responder)
             case TailParams() as params:
                 self._tail(params, responder)
+            case LogsParams(names=names, rotate=rotate):
+                self._logs(core.resolve(names), rotate, responder)
+            case MaintailParams() as params:
+                self._maintail(params, responder)
             case PidParams(name=name):
                 responder.result(self._pid(name))
             case VersionParams():
@@ -246,17 +271,51 @@ class Commands:
     # -- tail and pid -----------------------------------------------------------------
 
     def _tail(self, params: TailParams, responder: Responder) -> None:
-        [name] = self._one(params.name)
-        nbytes = (
-            DEFAULT_TAIL_BYTES if params.bytes is None and params.lines is None else params.bytes
-        )
-        data = self.core.tail(name, params.stream, nbytes, params.lines)
-        text = data.decode(errors="replace")
-        responder.result(TailResult(name=name, stream=params.stream, data=text))
+        names = self._one(params.name) if params.name is not None else None
+        processes = names or self.core.resolve(params.names)
+        default = params.bytes is None and params.lines is None and params.since is None
+        nbytes = DEFAULT_TAIL_BYTES if default else params.bytes
+        parts = []
+        for name in processes:
+            if params.since is None:
+                data = self.core.tail(name, params.stream, nbytes, params.lines)
+            else:
+                data = self.core.tail(name, params.stream, None, None, since=params.since)
+            text = data.decode(errors="replace")
+            parts.append(TailPart(name=name, stream=params.stream, data=text))
+        if names is not None:
+            responder.result(TailResult(name=names[0], stream=params.stream, data=parts[0].data))
+        else:
+            asked = params.names[0] if params.names else ""
+            responder.result(
+                TailManyResult(name=asked, stream=params.stream, data="", processes=parts)
+            )
         if params.follow and not responder.closed:
-            follower = _follower(name, params.stream, responder)
-            unfollow = self.core.follow(name, params.stream, follower)
-            responder.on_close(unfollow)
+            for name in processes:
+                listener = _follower(name, params.stream, responder)
+                responder.on_close(self.core.follow(name, params.stream, listener))
+
+    def _logs(self, names: list[str], rotate: bool, responder: Responder) -> None:
+        rotated: dict[tuple[str, str], bool] = {}
+        if rotate:
+            rotated = {(n, s): done for n, s, done in self.core.rotate_logs(names)}
+        entries = self.core.log_files(names)
+        for entry in entries:
+            if rotate:
+                entry["rotated"] = rotated.get((entry["name"], entry["stream"]), False)
+        responder.result(entries)
+
+    def _maintail(self, params: MaintailParams, responder: Responder) -> None:
+        lines = daemonlog.RECENT.last(params.lines)
+        responder.result(MaintailResult(data="".join(line + "\n" for line in lines)))
+        if params.follow and not responder.closed:
+
+            def forward(line: str) -> bool:
+                if responder.closed:
+                    return False
+                return responder.notify("daemon_log", {"data": line + "\n"})
+
+            responder.on_close(daemonlog.RECENT.follow(forward))
 
     def _pid(self, name: str | None) -> PidResult:
         if name is None:

@@ -12,6 +12,8 @@ The file format (option names follow supervisord)::
     log_dir = "logs"              # default folder for program logs
     log_format = "auto"           # auto | console | json (the daemon's own log)
     log_level = "info"            # debug | info | warning | error
+    log_timestamps = "none"       # none | iso | iso-utc | epoch: default for every program
+    journal_socket = "/run/systemd/journal/socket"  # where "journal" log destinations go
     include = ["conf.d/*.toml"]   # globs; included files hold [programs.*] and [groups.*]
     subreaper = false             # become a child subreaper (automatic when PID 1)
     environment = { TZ = "UTC" }  # every program inherits it; a program's own wins
@@ -36,7 +38,9 @@ Rules worth knowing:
   ``{{`` and ``}}`` for literal braces. With numprocs > 1 an explicit path must contain
   ``{process_num}`` or ``{process_name}``: two processes cannot share one log file.
   The defaults are ``{log_dir}/{process_name}.out.log`` and ``.err.log``. The value
-  ``"none"`` (any case) discards the stream.
+  ``"none"`` (any case) discards the stream. ``"-"``, ``"/dev/stdout"`` and
+  ``"/dev/stderr"`` write into supd's own stdout or stderr (whole lines, each with the
+  ``log_prefix``), ``"journal"`` to journald; such destinations may be shared.
 * ``${VAR}`` and ``${VAR:-default}`` in ``command``, ``environment`` values (global
   and per program), ``directory`` and log paths are replaced at load from supd's own
   environment; an unset variable without a default is an error. ``$$`` is a literal
@@ -141,8 +145,16 @@ _PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group"})
 _NAME_PLACEHOLDERS = frozenset({"program", "process_num", "group"})
 # Where log output goes to a stream rather than a file: any number of writers may
-# share it, and it is never rotated.
-_STREAM_PATHS = re.compile(r"/dev/(stdout|stderr|null|fd/\d+)|/proc/self/fd/\d+")
+# share it, and it is never renamed. /dev/stdout and /dev/stderr go to supd's own fds.
+_STREAM_PATHS = re.compile(r"/dev/.*|/proc/self/fd/\d+|journal")
+JOURNAL = "journal"  # the stdout_logfile / stderr_logfile value for journald
+SUPD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2, "/proc/self/fd/1": 1, "/proc/self/fd/2": 2}
+SUPD_STREAMS |= {"/dev/fd/1": 1, "/dev/fd/2": 2}
+DEFAULT_LOG_PREFIX = "{process_name} | "
+_PREFIX_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group", "stream"})
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+Timestamps = Literal["none", "iso", "iso-utc", "epoch"]
 _PER_PROCESS_PLACEHOLDERS = frozenset({"process_name", "process_num"})
 _SIZE = re.compile(r"(\d+)\s*(KB|MB|GB|B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -366,6 +378,7 @@ class _Context:
     base_dir: Path  # folder of the file being validated
     log_dir: Path  # [supervisor] log_dir, for default program log paths
     environ: Mapping[str, str]
+    program_defaults: Mapping[str, object] = field(default_factory=dict)  # from [supervisor]
 
 
 def _context(info: ValidationInfo) -> _Context:
@@ -439,6 +452,8 @@ class SupervisorConfig(BaseModel):
     log_dir: Path = Path("logs")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_timestamps: Timestamps = "none"  # every program's default
+    journal_socket: Path = Path("/run/systemd/journal/socket")
     include: tuple[NonEmptyStr, ...] = ()  # glob patterns as written, relative to the file
     subreaper: bool = False
     # Every program inherits it; the loader merges it into each ProgramConfig.environment.
@@ -476,7 +491,7 @@ class SupervisorConfig(BaseModel):
         }
         return {**defaults, **data}
 
-    @field_validator("socket", "log_dir", mode="before")
+    @field_validator("socket", "log_dir", "journal_socket", mode="before")
     @classmethod
     def _resolve_path(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
@@ -804,6 +819,12 @@ class ProgramConfig(BaseModel):
     stderr_logfile: str | None = None
     stderr_logfile_maxbytes: ByteCount = DEFAULT_LOG_MAXBYTES
     stderr_logfile_backups: int = Field(default=DEFAULT_LOG_BACKUPS, ge=0)
+    # Before each line written to supd's stdout/stderr (a template, see log_prefix()).
+    log_prefix: str = DEFAULT_LOG_PREFIX
+    log_timestamps: Timestamps = "none"  # default from [supervisor] log_timestamps
+    rotate_every: Seconds | None = None  # "1h", "1d", "7d": rotate by age as well as size
+    max_total_size: ByteCount = 0  # cap on a log's current file and backups together; 0: none
+    compress: bool = False  # gzip rotated backups (NAME.1.gz ...) in a helper process
     # Readiness, health and dependencies (issue 14).
     ready: ReadyConfig | None = None
     health: HealthConfig | None = None
@@ -862,7 +883,7 @@ class ProgramConfig(BaseModel):
         if stream == "stderr" and self.redirect_stderr:
             return None
         template = self.stdout_logfile if stream == "stdout" else self.stderr_logfile
-        if template is None:
+        if template is None or template == JOURNAL:
             return None
         process_num = self._process_num(process_name)
         return Path(
@@ -872,6 +893,30 @@ class ProgramConfig(BaseModel):
                 process_num=process_num,
                 group=self.group_name,
             )
+        )
+
+    def log_destination(self, process_name: str, stream: Stream) -> Path | int | str | None:
+        """Where a process's stream goes: a file Path, 1 or 2 for supd's own stdout or
+        stderr, JOURNAL, or None (discarded, or stderr redirected into stdout)."""
+        if stream == "stderr" and self.redirect_stderr:
+            return None
+        template = self.stdout_logfile if stream == "stdout" else self.stderr_logfile
+        if template is None:
+            return None
+        if template == JOURNAL:
+            return JOURNAL
+        if template in SUPD_STREAMS:
+            return SUPD_STREAMS[template]
+        return self.log_path(process_name, stream)
+
+    def prefix(self, process_name: str, stream: Stream) -> str:
+        """The log_prefix of one process's stream: "web:0 | " by default."""
+        return self.log_prefix.format(
+            process_name=process_name,
+            program=self.name,
+            process_num=self._process_num(process_name),
+            group=self.group_name,
+            stream=stream,
         )
 
     def log_maxbytes(self, stream: Stream) -> int:
@@ -996,9 +1041,41 @@ class ProgramConfig(BaseModel):
         value = expand_variables(value, _context(info).environ, _escape_braces)
         if value.strip().lower() == "none":
             return None
+        if value.strip() == "-":
+            return "/dev/stdout"
+        if value.strip().lower() == JOURNAL:
+            return JOURNAL
         path = _path_input(value, info)
         _check_log_template(str(path))
         return str(path)
+
+    @field_validator("max_total_size", mode="before")
+    @classmethod
+    def _parse_total_size(cls, value: Any) -> Any:
+        return _parse_byte_size(value)
+
+    @field_validator("rotate_every", mode="before")
+    @classmethod
+    def _parse_rotate_every(cls, value: Any) -> Any:
+        seconds = _parse_duration(value)
+        if isinstance(seconds, float | int) and not isinstance(seconds, bool) and seconds <= 0:
+            raise ValueError('should be a positive duration such as "1h", "1d" or "7d"')
+        return seconds
+
+    @field_validator("log_prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        try:
+            fields = _template_fields(value)
+        except ValueError as error:
+            raise ValueError(f"bad placeholder ({error}); {_PREFIX_HINT}") from None
+        unknown = fields - _PREFIX_PLACEHOLDERS
+        if unknown:
+            names_text = ", ".join("{" + name + "}" for name in sorted(unknown))
+            raise ValueError(f"unknown placeholder {names_text}; {_PREFIX_HINT}")
+        if "\n" in value:
+            raise ValueError("should fit on one line (no newline)")
+        return value
 
     # -- defaults and cross-field rules --------------------------------------
 
@@ -1009,7 +1086,10 @@ class ProgramConfig(BaseModel):
     ) -> Any:
         if not isinstance(data, dict):
             return handler(data)
-        program = handler({**_default_logfiles(_context(info).log_dir), **data})
+        context = _context(info)
+        program = handler(
+            {**_default_logfiles(context.log_dir), **context.program_defaults, **data}
+        )
         problems = program._process_name_problems()
         problems += program._shared_log_problems(explicit_stderr="stderr_logfile" in data)
         if problems:
@@ -1074,6 +1154,22 @@ _SHARED_BY_STREAMS = (
 
 
 _NAME_HINT = "use {program}, {group} or {process_num}, and {{ }} for literal braces"
+_PREFIX_HINT = (
+    "use {process_name}, {program}, {group}, {process_num} or {stream}, "
+    "and {{ }} for literal braces"
+)
+
+
+def _parse_duration(value: object) -> object:
+    """ "90s", "30m", "1h", "1d", "7d", "2w" or a number of seconds -> seconds."""
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f'should be a duration such as "1h", "1d" or "7d", got {value!r}')
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if _is_int(value):
+        return float(value)
+    return value
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1441,6 +1537,7 @@ class _Loader:
 
     log_dir: Path
     environ: Mapping[str, str]
+    program_defaults: Mapping[str, object] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     programs: dict[str, ProgramConfig] = field(default_factory=dict)
     sources: dict[str, Path] = field(default_factory=dict)
@@ -1480,7 +1577,9 @@ class _Loader:
                 self.problems.append(document.problem(("programs", name), message))
                 continue
             self.documents[name] = document
-            context = _Context(document.path.parent, self.log_dir, self.environ)
+            context = _Context(
+                document.path.parent, self.log_dir, self.environ, self.program_defaults
+            )
             group = self.group_of.get(name)
             program = _validate_program(document, name, table, context, group, self.problems)
             if program is not None:
@@ -1656,7 +1755,8 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     _check_top_level(main, ("supervisor", "programs", "groups"), problems)
     supervisor = _validate_supervisor(main, environ, problems)
     log_dir = supervisor.log_dir if supervisor else main_path.parent / "logs"
-    loader = _Loader(log_dir=log_dir, environ=environ)
+    defaults = {"log_timestamps": supervisor.log_timestamps} if supervisor else {}
+    loader = _Loader(log_dir=log_dir, environ=environ, program_defaults=defaults)
     documents = [main]
     for include_path in _included_files(main_path, _include_patterns(main)):
         included = _read_document(include_path, loader.problems)

@@ -69,9 +69,6 @@ NOT_IN_SUPD = {
     "add": "programs come from the config: add the [programs.NAME] table, then `supctl reload`",
     "remove": "programs come from the config: delete the [programs.NAME] table, then"
     " `supctl reload`",
-    "maintail": "not yet (it is being built); today read the daemon's own log where its"
-    " stderr goes: `journalctl -u supd` under systemd, else the terminal or file you"
-    " started supd with",
 }
 
 COMMANDS = (
@@ -82,6 +79,8 @@ COMMANDS = (
     "signal",
     "reload",
     "tail",
+    "logs",
+    "maintail",
     "pid",
     "version",
     "shutdown",
@@ -121,6 +120,43 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise ArgumentsError(self, message)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extra = super().parse_known_args(args, namespace)
+        if getattr(parsed, "command", None) == "tail" and hasattr(parsed, "words"):
+            _tail_names(self, parsed)
+        return parsed, extra
+
+
+def _tail_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`tail NAME [stdout|stderr]`, or with -f several: `tail -f web db [stderr]`."""
+    words = list(args.words)
+    args.stream = "stdout"
+    if len(words) > 1 and words[-1] in ("stdout", "stderr"):
+        args.stream = words.pop()
+    if len(words) > 1 and not args.follow:
+        parser.error(
+            f"tail shows one process: NAME [stdout|stderr] (got {' '.join(args.words)}); "
+            "follow several with -f"
+        )
+    if args.since is not None and args.bytes is not None:
+        parser.error("give -c or --since, not both")
+    args.name, args.names = words[0], words
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """ "10m", "2h", "1d", "90s" or plain seconds."""
+    unit = text[-1:].lower()
+    number = text[:-1] if unit in _DURATION_UNITS else text
+    value = float(number) * _DURATION_UNITS.get(unit, 1)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
 
 
 class Unreachable(Exception):
@@ -229,6 +265,8 @@ _RESULT_SHAPES: dict[str, tuple[type, tuple[str, ...]]] = {
     "signal": (list, ("name", "ok")),
     "reload": (dict, ()),
     "tail": (dict, ("name", "stream", "data")),
+    "logs": (list, ("name", "stream", "destination")),
+    "maintail": (dict, ("data",)),
     "pid": (dict, ("pid",)),
     "version": (dict, ("version", "pid")),
     "shutdown": (dict, ()),
@@ -720,12 +758,25 @@ def cmd_reload(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
-    params = {"name": args.name, "stream": args.stream, "follow": args.follow}
+    params: dict[str, Any] = {"name": args.name, "stream": args.stream, "follow": args.follow}
     if args.bytes is not None:
         params["bytes"] = args.bytes
+    elif args.since is not None:
+        params["since"] = args.since
+        if args.lines is not None:
+            raise UsageError("give -n or --since, not both")
     else:
         params["lines"] = DEFAULT_TAIL_LINES if args.lines is None else args.lines
-    result = client.call("tail", params)
+    names = getattr(args, "names", None) or [args.name]
+    if len(names) > 1 or _several(args.name):
+        return _tail_several(client, {**params, "name": None, "names": names}, out)
+    try:
+        result = client.call("tail", params)
+    except RpcError as exc:
+        if exc.code != facts.ErrorCode.NO_SUCH_PROCESS or not args.follow:
+            raise
+        # A program or group of several processes: follow them all, merged.
+        return _tail_several(client, {**params, "name": None, "names": names}, out)
     if not args.follow:
         _write_output(result, out)
         return EXIT_OK
@@ -737,6 +788,112 @@ def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
     except KeyboardInterrupt:
         return EXIT_OK  # the normal way to stop following
     return EXIT_OK  # pragma: no cover (notifications() ends only by exception)
+
+
+def _several(name: str) -> bool:
+    return name == "all" or any(char in name for char in "*?[")
+
+
+def _tail_several(client: Client, params: dict[str, Any], out: Output) -> int:
+    """Several processes merged, each line prefixed with its name (docker compose logs)."""
+    params = {key: value for key, value in params.items() if value is not None}
+    result = client.call("tail", params)
+    parts = result.get("processes") or []
+    width = max([len(str(part.get("name"))) for part in parts] or [0])
+    merger = _Merger(out, width)
+    for part in parts:
+        merger.add(part)
+    merger.flush_all()
+    if not params.get("follow"):
+        return EXIT_OK
+    try:
+        for message in client.notifications():
+            if message.get("method") == "output" and isinstance(message.get("params"), dict):
+                merger.add(message["params"])
+    except KeyboardInterrupt:
+        merger.flush_all()
+    return EXIT_OK
+
+
+class _Merger:
+    """Whole lines of several processes' output, each after its process's name."""
+
+    def __init__(self, out: Output, width: int) -> None:
+        self.out = out
+        self.width = width
+        self.partial: dict[str, str] = {}
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        if self.out.as_json:
+            _write_output(chunk, self.out)
+            return
+        name = str(chunk.get("name"))
+        self.width = max(self.width, len(name))
+        text = self.partial.pop(name, "") + str(chunk.get("data", ""))
+        *lines, rest = text.split("\n")
+        if rest:
+            self.partial[name] = rest
+        if lines:
+            label = name.ljust(self.width)
+            self.out.out.write("".join(f"{label} | {line}\n" for line in lines))
+            self.out.out.flush()
+
+    def flush_all(self) -> None:
+        for name in list(self.partial):
+            self.add({"name": name, "data": "\n"})
+
+
+def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """`logs [NAME...]`: each process's log files and sizes; `logs rotate [NAME...]`."""
+    words = list(args.names)
+    rotate = bool(words) and words[0] == "rotate"
+    if rotate:
+        words = words[1:]
+    params: dict[str, Any] = {"rotate": rotate}
+    if words:
+        params["names"] = words
+    result = client.call("logs", params)
+    if out.as_json:
+        out.json(result)
+        return EXIT_OK
+    for entry in result:
+        where = entry.get("destination")
+        head = f"{entry.get('name')} {entry.get('stream')}: {where}"
+        if rotate:
+            head += " (rotated)" if entry.get("rotated") else " (not rotated)"
+        if entry.get("dropped_bytes"):
+            head += f", {entry['dropped_bytes']} bytes dropped"
+        out.line(head)
+        for file in entry.get("files") or []:
+            out.line(f"  {_size(int(file.get('size', 0))):>8}  {file.get('path')}")
+    return EXIT_OK
+
+
+def _size(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(count)  # pragma: no cover
+
+
+def cmd_maintail(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """supd's own recent log, from its memory; -f keeps printing it."""
+    params: dict[str, Any] = {"follow": args.follow}
+    if args.lines is not None:
+        params["lines"] = args.lines
+    result = client.call("maintail", params)
+    _write_output(result, out)
+    if not args.follow:
+        return EXIT_OK
+    try:
+        for message in client.notifications():
+            if message.get("method") == "daemon_log" and isinstance(message.get("params"), dict):
+                _write_output(message["params"], out)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK  # pragma: no cover
 
 
 def _write_output(chunk: dict[str, Any], out: Output) -> None:
@@ -1050,8 +1207,30 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--lines", type=_non_negative_int, metavar="N", help="the last N lines (also -N)"
     )
     size.add_argument("-c", "--bytes", type=_non_negative_int, metavar="N", help="the last N bytes")
-    sub.add_argument("name", metavar="NAME")
-    sub.add_argument("stream", nargs="?", default="stdout", choices=("stdout", "stderr"))
+    sub.add_argument(
+        "--since",
+        type=_duration,
+        metavar="AGE",
+        help="what was written in the last AGE (10m, 2h, 1d), through the backups, "
+        "gzipped ones too",
+    )
+    sub.add_argument(
+        "words",
+        nargs="+",
+        metavar="NAME",
+        help="a process, or with -f several (or 'all'), merged with name prefixes; "
+        "then stdout (default) or stderr",
+    )
+    sub = command(
+        "logs",
+        cmd_logs,
+        "list each process's log destination, files and sizes; "
+        "`logs rotate [NAME...]` rotates them now",
+    )
+    sub.add_argument("names", nargs="*", metavar="NAME", help="[rotate] NAME...")
+    sub = command("maintail", cmd_maintail, "show supd's own recent log (kept in memory)")
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    sub.add_argument("-n", "--lines", type=_non_negative_int, metavar="N", help="the last N lines")
     sub = command("pid", cmd_pid, "print supd's pid, or the processes' (NAME PID if several)")
     sub.add_argument("name", nargs="?", metavar="NAME")
     command("version", cmd_version, "show the daemon's version, pid and config")

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import heapq
+import itertools
 import math
 import os
 import random
@@ -34,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, assert_never
 
 from . import (
@@ -49,7 +52,7 @@ from . import (
     spawn,
 )
 from .commands import Commands, Snapshot
-from .config import Config, ConfigError, ProgramConfig, Stream, load, summary
+from .config import JOURNAL, Config, ConfigError, ProgramConfig, Stream, load, summary
 from .control import ControlServer, Responder, SocketUnusable
 from .deaths import TAIL_BYTES, Cause, Death, Ending
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
@@ -85,7 +88,15 @@ from .fleet import (
 )
 from .follow import Followers, Listener
 from .httpmetrics import MetricsServer
-from .logs import LogSink, PipeReader
+from .logs import (
+    FLUSH_AFTER_S,
+    JournalTarget,
+    LineSink,
+    LogSink,
+    PipeReader,
+    StreamTarget,
+    journal_socket,
+)
 from .metrics import Metrics, ProcessView
 from .process import Exited, Probe, ProbeResult, Process, Spawned, SpawnFailed
 from .protocol import MAX_TAIL_BYTES, Request
@@ -102,6 +113,10 @@ SETPRIV_MESSAGE_BYTES = 4096
 
 # Output reads per pipe per wake-up: a flooding child cannot starve the others.
 MAX_READS_PER_WAKEUP = 8
+
+# How long programs writing to supd's stdout wait for a reader that takes nothing; then
+# their lines are dropped (counted) until it reads again.
+STREAM_STALL_S = 3.0
 
 
 # -- registration tags: what a ready key means ------------------------------------------
@@ -176,6 +191,54 @@ class OwnLogTag:
     """supd's own log fd is writable again while lines wait for it (see daemonlog)."""
 
 
+@dataclass(frozen=True, slots=True)
+class StreamTag:
+    """supd's stdout (children's lines, when not the own log's stream) is writable."""
+
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlushTag:
+    """The timer of partial lines waiting for their end on a shared stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompressTag:
+    """A gzip helper: NAME.1 of `sink` (as it was after rotation number `rotation`),
+    open in supd as `source_fd` until the helper is done."""
+
+    pid: int
+    source: str
+    source_fd: int
+    temporary: str
+    rotation: int
+
+
+Sink = LogSink | LineSink
+
+# The gzip helper, a short-lived child: stdlib only, lowest priority. It reads the
+# backup through supd's own fd for it (opened right after the rename, so later
+# rotations that move the name cannot make it read another file), writes a temporary
+# file, keeps the backup's mtime (rotate_every reads the age of the last rotation from
+# it) and exits with the errno of what failed (its stdout and stderr are closed).
+GZIP_SCRIPT = """
+import gzip, os, shutil, sys
+try:
+    os.nice(19)
+    source, target = sys.argv[1], sys.argv[2]
+    with open(source, "rb") as plain, gzip.open(target, "wb", compresslevel=6) as packed:
+        shutil.copyfileobj(plain, packed, 1 << 20)
+        st = os.fstat(plain.fileno())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+except OSError as exc:
+    os._exit(exc.errno or 1)
+except BaseException:
+    os._exit(1)
+os._exit(0)
+"""
+
+
 # -- what the daemon holds for one process ------------------------------------------------
 
 
@@ -184,8 +247,8 @@ class Slot:
     """A process's fds: its child, output pipes and log files."""
 
     name: str
-    stdout: LogSink
-    stderr: LogSink
+    stdout: Sink
+    stderr: Sink
     child: spawn.Child | None = None
     readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
     exec_error: str | None = None  # the child's report that its exec failed
@@ -196,7 +259,7 @@ class Slot:
     oom_kills_at_spawn: int | None = None  # the cgroup's oom_kill counter then
     written_at_spawn: int = 0  # the death's stream's byte count then: its tail is this run's
 
-    def sink(self, stream: str) -> LogSink:
+    def sink(self, stream: str) -> Sink:
         return self.stdout if stream == "stdout" else self.stderr
 
 
@@ -242,6 +305,21 @@ class Daemon:
         self._notify_owners: dict[int, str] = {}
         self._main_pids: dict[str, int] = {}
         self._notify_strangers: set[int] = set()
+        # Partial lines held for a shared stream: (deadline, serial, sink, hold number).
+        # Deadlines of output work (partial-line flushes, stalled-stdout checks), on the
+        # flush timer: (deadline, serial, what to do then).
+        self._partials: list[tuple[float, int, Callable[[], None]]] = []
+        # supd's stdout/stderr writers that made no progress for STREAM_STALL_S: their
+        # programs are read again and lines that do not fit are dropped, counted.
+        self._overflowing: set[int] = set()
+        self._partial_serial = itertools.count()
+        self._flush_fd: int | None = None
+        self._flush_armed_for = math.inf
+        self._watched_streams: set[int] = set()
+        # Pipes not read while supd's stdout catches up: writer fd -> {(process, pipe fd)}.
+        self._paused: dict[int, set[tuple[str, int]]] = {}
+        self._journal_warned = False
+        self.compressing: dict[int, tuple[CompressTag, LogSink]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -281,6 +359,7 @@ class Daemon:
         # Made now, once: every process timer runs on it, so no stop, restart or
         # shutdown ever needs a new fd (at EMFILE there would be none).
         self._clock_fd = self.selector.register_timer(1, True, ClockTag())
+        self._flush_fd = self.selector.register_timer(1, True, FlushTag())
         self._watch_own_log()
         interval = self.notifier.watchdog_interval_ms()
         if interval is not None:
@@ -322,6 +401,13 @@ class Daemon:
             self.metrics_server.close()
         for slot in list(self.slots.values()):
             self._drop_slot(slot)
+        for pid, (job, _sink) in list(self.compressing.items()):
+            spawn.send_signal(pid, signal.SIGKILL, False)
+            spawn.reap(pid)
+            os.close(job.source_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(job.temporary)
+        self.compressing.clear()
         self.selector.close()
         self.notifier.close()
         if self.child_notify is not None:
@@ -354,6 +440,15 @@ class Daemon:
             case ProbeChildTag(name=name, pid=pid):
                 self.selector.unregister(key.fd)
                 self._probe_child_exited(name, pid)
+            case StreamTag(fd=fd):
+                for made in daemonlog.stream_writers():
+                    if made.fd == fd:
+                        made.flush()
+            case FlushTag():
+                self._flush_partials()
+            case CompressTag() as job:
+                self.selector.unregister(key.fd)
+                self._compressed(job)
             case data if self.control is not None and self.control.owns(data):
                 self.control.on_ready(key)
             case data if self.metrics_server is not None and self.metrics_server.owns(data):
@@ -385,6 +480,9 @@ class Daemon:
         try:
             self._take_exec_report(slot, child)
             self._drain_output(slot)  # nothing the child wrote is lost to its exit
+            for sink in (slot.stdout, slot.stderr):
+                if isinstance(sink, LineSink) and not slot.readers:
+                    sink.flush_partial()  # its last line, without a newline
         except Exception:  # whatever happens, the exit is reaped and reported
             self.log.exception("output_drain_failed", process=name, pid=pid)
         self.metrics.child_exiting(name, pid)  # the run's last CPU figure, from the zombie
@@ -449,9 +547,7 @@ class Daemon:
         if fd is None:
             return
         self.selector.register_handle(fd, Event(0), OwnLogTag())  # paused until needed
-        daemonlog.watch(
-            lambda waiting: self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
-        )
+        daemonlog.watch(lambda waiting: self._writer_waiting(fd, fd, waiting))
 
     def _reap_orphans(self) -> None:
         """Reap adopted orphans (we are a subreaper or PID 1) without touching our own.
@@ -595,6 +691,9 @@ class Daemon:
         slot.child = child
         slot.exec_error = None
         self._notify_owners[child.pid] = name
+        for sink in (slot.stdout, slot.stderr):
+            if isinstance(sink, LineSink) and isinstance(sink.target, JournalTarget):
+                sink.target.pid = child.pid
         slot.operator_signals.clear()
         slot.oom_kills_at_spawn = self.oom_kills(name)
         slot.written_at_spawn = slot.sink(
@@ -687,8 +786,55 @@ class Daemon:
         if slot is None or reader is None:
             return
         slot.last_output_at = self.clock()
-        if reader.pump(MAX_READS_PER_WAKEUP):
+        reads = MAX_READS_PER_WAKEUP
+        sink = reader.sink
+        if isinstance(sink, LineSink) and isinstance(sink.target, StreamTarget):
+            writer = sink.target.writer
+            stalled = isinstance(writer, daemonlog.LogWriter) and writer.fd in self._overflowing
+            if isinstance(writer, daemonlog.LogWriter) and writer.pending and not stalled:
+                # supd's stdout is slower than its programs: leave their output in their
+                # pipes (they wait, as on a slow terminal) until it has taken what waits.
+                self.selector.update_handle(key.fd, Event(0))
+                paused = self._paused.setdefault(writer.fd, set())
+                if not paused:
+                    self._watch_for_stall(writer, writer.written)
+                paused.add((name, key.fd))
+                return
+            if isinstance(writer, daemonlog.LogWriter) and writer.pollable:
+                reads = 1  # one read's worth at a time, so what waits stays small
+        if reader.pump(reads):
             self._close_reader(slot, key.fd)
+
+    def _watch_for_stall(self, writer: daemonlog.LogWriter, mark: int) -> None:
+        """In STREAM_STALL_S, if supd's stdout took nothing meanwhile, stop waiting for
+        it: its programs must not hang on a reader that is gone for good."""
+
+        def check() -> None:
+            if writer.fd not in self._paused or writer.fd in self._overflowing:
+                return
+            if writer.written != mark:
+                self._watch_for_stall(writer, writer.written)  # slow, but moving
+                return
+            self._overflowing.add(writer.fd)
+            self.log.warning("log_stream_stalled", fd=writer.fd, waited_s=STREAM_STALL_S)
+            self._resume_readers(writer.fd)
+
+        self._after(STREAM_STALL_S, check)
+
+    def _resume_readers(self, writer_fd: int) -> None:
+        """supd's stdout took what waited: read the pipes paused for it again."""
+        for name, fd in self._paused.pop(writer_fd, ()):
+            slot = self.slots.get(name)
+            if slot is not None and fd in slot.readers:
+                self.selector.update_handle(fd, Event.READ)
+
+    def _writer_waiting(self, fd: int, writer_fd: int, waiting: bool) -> None:
+        self.selector.update_handle(fd, Event.WRITE if waiting else Event(0))
+        if not waiting:
+            if writer_fd in self._overflowing:
+                self._overflowing.discard(writer_fd)
+                self.log.info("log_stream_recovered", fd=writer_fd)
+            self._resume_readers(writer_fd)
 
     def _drain_output(self, slot: Slot) -> None:
         for fd, reader in list(slot.readers.items()):
@@ -696,6 +842,8 @@ class Daemon:
                 self._close_reader(slot, fd)
 
     def _close_reader(self, slot: Slot, fd: int) -> None:
+        for paused in self._paused.values():
+            paused.discard((slot.name, fd))
         del slot.readers[fd]
         self.selector.unregister(fd)
         os.close(fd)
@@ -710,13 +858,165 @@ class Daemon:
             if reader.sink is sink:
                 reader.on_data = self._output_hook(name, stream)
 
-    @staticmethod
-    def _sink(program: ProgramConfig, name: str, stream: Stream) -> LogSink:
-        return LogSink(
-            program.log_path(name, stream),
+    def _sink(self, program: ProgramConfig, name: str, stream: Stream) -> Sink:
+        destination = program.log_destination(name, stream)
+        if isinstance(destination, int):
+            writer = daemonlog.stream_writer(destination)
+            if writer is not None:
+                self._watch_stream(writer)
+                sink = LineSink(
+                    StreamTarget(writer),
+                    program.prefix(name, stream).encode(),
+                    f"/dev/{'stdout' if destination == 1 else 'stderr'}",
+                    timestamps=program.log_timestamps,
+                )
+                sink.on_partial = self._partial_held
+                return sink
+            self.log.warning("log_stream_unavailable", process=name, fd=destination)
+            destination = None
+        if destination == JOURNAL:
+            path = self.config.supervisor.journal_socket
+            sock = journal_socket(path)
+            if sock is not None:
+                priority = 6 if stream == "stdout" else 3
+                target = JournalTarget(sock, path, program.name, name, priority)
+                sink = LineSink(target, b"", "journal")
+                sink.on_partial = self._partial_held
+                return sink
+            if not self._journal_warned:
+                self._journal_warned = True
+                self.log.warning("journal_unavailable", socket=str(path), fallback="log files")
+            suffix = "out" if stream == "stdout" else "err"
+            destination = self.config.supervisor.log_dir / f"{name}.{suffix}.log"
+        assert destination is None or isinstance(destination, Path)
+        file_sink = LogSink(
+            destination,
             program.log_maxbytes(stream),
             program.log_backups(stream),
+            timestamps=program.log_timestamps,
+            rotate_every=program.rotate_every,
+            max_total_size=program.max_total_size,
+            compress=program.compress,
         )
+        file_sink.on_rotated = self._compress
+        return file_sink
+
+    def _watch_stream(self, writer: daemonlog.LogWriter) -> None:
+        """Flush children's lines waiting for supd's stdout when it becomes writable."""
+        if writer is daemonlog.writer() or not writer.pollable:
+            return
+        fd = writer.fd
+        if fd in self._watched_streams:
+            return
+        self._watched_streams.add(fd)
+        self.selector.register_handle(fd, Event(0), StreamTag(fd))
+        writer.watch(lambda waiting: self._writer_waiting(fd, fd, waiting))
+
+    # -- partial lines on shared streams: flushed after FLUSH_AFTER_S ------------------
+
+    def _partial_held(self, sink: LineSink) -> None:
+        holds = sink.holds
+
+        def flush() -> None:
+            if sink.holds == holds:  # still the partial line it was armed for
+                sink.flush_partial()
+
+        self._after(FLUSH_AFTER_S, flush)
+
+    def _after(self, delay_s: float, action: Callable[[], None]) -> None:
+        deadline = self.clock() + delay_s
+        heapq.heappush(self._partials, (deadline, next(self._partial_serial), action))
+        self._arm_flush()
+
+    def _arm_flush(self) -> None:
+        if self._flush_fd is None:
+            return
+        deadline = self._partials[0][0] if self._partials else math.inf
+        if deadline == self._flush_armed_for:
+            return
+        self._flush_armed_for = deadline
+        if deadline == math.inf:
+            linux.timerfd_settime_ns(self._flush_fd, initial=0)
+            return
+        delay_ms = max(1, math.ceil((deadline - self.clock()) * 1000))
+        self.selector.rearm_timer(self._flush_fd, delay_ms, True)
+
+    def _flush_partials(self) -> None:
+        self._flush_armed_for = math.inf
+        now = self.clock()
+        while self._partials and self._partials[0][0] <= now:
+            _deadline, _serial, action = heapq.heappop(self._partials)
+            action()
+        self._arm_flush()
+
+    # -- compression of rotated backups, in a helper child ------------------------------
+
+    def _compress(self, sink: LogSink) -> None:
+        """gzip the NAME.1 `sink` just made, off the loop, in a low-priority child."""
+        assert sink.path is not None
+        source = sink.path.with_name(f"{sink.path.name}.1")
+        temporary = sink.path.with_name(f".{sink.path.name}.{sink.rotations}.gz-partial")
+        try:
+            source_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            self.log.warning("log_compress_failed", path=str(source), error=str(exc))
+            return
+        spec = spawn.SpawnSpec(
+            argv=(
+                sys.executable, "-I", "-c", GZIP_SCRIPT,
+                f"/proc/{os.getpid()}/fd/{source_fd}", str(temporary),
+            ),
+            environment=self.base_environment,
+            redirect_stderr=True,
+        )  # fmt: skip
+        try:
+            child = spawn.spawn(spec)
+        except (spawn.SpawnError, OSError) as exc:
+            os.close(source_fd)
+            self.log.warning("log_compress_failed", path=str(source), error=str(exc))
+            return
+        for fd in (child.stdout_fd, child.stderr_fd, child.exec_error_fd):
+            if fd is not None:
+                os.close(fd)
+        job = CompressTag(child.pid, str(source), source_fd, str(temporary), sink.rotations)
+        self.compressing[child.pid] = (job, sink)
+        self.selector.register_process(child.pid, job)
+        self.log.debug("log_compress_started", path=str(source), pid=child.pid)
+
+    def _compressed(self, job: CompressTag) -> None:
+        """The helper is done: put NAME.N.gz where NAME.N now is (later rotations moved it
+        on), then drop the plain copy. Renames only: cheap enough for the loop."""
+        _job, sink = self.compressing.pop(job.pid)
+        exit_code, exit_signal = spawn.reap(job.pid)
+        assert sink.path is not None
+        number = 1 + sink.rotations - job.rotation
+        source = sink.path.with_name(f"{sink.path.name}.{number}")
+        try:
+            compressed = os.fstat(job.source_fd)
+            current = os.stat(source)
+            same = (compressed.st_dev, compressed.st_ino) == (current.st_dev, current.st_ino)
+        except OSError:
+            same = False  # deleted since (retention): nothing to replace
+        finally:
+            os.close(job.source_fd)
+        if exit_code != 0 or not same:
+            with contextlib.suppress(OSError):
+                os.unlink(job.temporary)
+            if exit_code != 0:
+                error = os.strerror(exit_code) if exit_code else None
+                self.log.warning(
+                    "log_compress_failed", path=str(source), exit_code=exit_code, error=error,
+                    signal=signal_name(exit_signal) if exit_signal is not None else None,
+                )  # fmt: skip
+            return
+        try:
+            os.rename(job.temporary, source.with_name(source.name + ".gz"))
+            os.unlink(source)
+        except OSError as exc:
+            self.log.warning("log_compress_failed", path=str(source), error=str(exc))
+            return
+        sink.enforce_total_size()
+        self.log.info("log_compressed", path=f"{source}.gz")
 
     def _drop_slot(self, slot: Slot) -> None:
         self._end_probe(slot)
@@ -956,6 +1256,45 @@ class Daemon:
         if main is not None and self._notify_owners.get(main) == name:
             del self._notify_owners[main]
 
+    def rotate_logs(self, names: list[str]) -> list[tuple[str, str, bool]]:
+        """Rotate the log files of these processes now: (process, stream, rotated)."""
+        done = []
+        for name in names:
+            slot = self.slots.get(name)
+            if slot is None:
+                continue
+            for stream in ("stdout", "stderr"):
+                rotated = slot.sink(stream).rotate_now()
+                done.append((name, stream, rotated))
+        self.log.info("logs_rotated", processes=names)
+        return done
+
+    def log_files(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each process's log destinations, files and their sizes (`supctl logs`)."""
+        entries: list[dict[str, Any]] = []
+        for name in names:
+            slot = self.slots.get(name)
+            if slot is None:
+                continue
+            for stream in ("stdout", "stderr"):
+                sink = slot.sink(stream)
+                where = (
+                    sink.description
+                    if isinstance(sink, LineSink)
+                    else (str(sink.path) if sink.path is not None else "none")
+                )
+                files = [{"path": str(path), "size": size} for path, size in sink.files()]
+                entries.append(
+                    {
+                        "name": name,
+                        "stream": stream,
+                        "destination": where,
+                        "files": files,
+                        "dropped_bytes": sink.dropped_bytes,
+                    }
+                )
+        return entries
+
     def reopen_logs(self) -> None:
         for slot in self.slots.values():
             slot.stdout.reopen()
@@ -1079,8 +1418,17 @@ class Daemon:
     def clear(self, names: list[str]) -> None:
         self.queue.append(ClearHistory(tuple(names)))
 
-    def tail(self, name: str, stream: str, nbytes: int | None, nlines: int | None) -> bytes:
+    def tail(
+        self,
+        name: str,
+        stream: str,
+        nbytes: int | None,
+        nlines: int | None,
+        since: float | None = None,
+    ) -> bytes:
         sink = self.slots[name].sink(stream)
+        if since is not None:
+            return sink.read_since(time.time() - since, limit=MAX_TAIL_BYTES)
         return sink.read_back(nbytes=nbytes, nlines=nlines, limit=MAX_TAIL_BYTES)
 
     def follow(self, name: str, stream: str, listener: Listener) -> Callable[[], None]:

@@ -36,6 +36,7 @@ import select
 import stat
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
@@ -49,6 +50,7 @@ LEVELS["error"] = logging.ERROR
 _SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
 MAX_PENDING: Final = 1 << 20  # bytes waiting for a slow reader of supd's stderr
+RECENT_BYTES: Final = 256 * 1024  # supd's own recent log kept for `supctl maintail`
 EXIT_FLUSH_S: Final = 1.0  # at exit, how long the pending lines may wait for the reader
 BURST: Final = 20  # identical events written per window...
 WINDOW_S: Final = 1.0  # ...the rest of the window's are counted, not written
@@ -103,6 +105,7 @@ class LogWriter:
         self._fd, self.pollable, self._restore_flags = _nonblocking_fd(fd)
         self.max_pending = max_pending
         self._pending = bytearray()
+        self.written = 0  # bytes written so far: tells a slow reader from a stalled one
         self.dropped = 0  # events lost since the last `log_events_dropped` line
         self.broken: OSError | None = None  # set for good on EPIPE, EIO...
         self.announce: Callable[[int], None] | None = None  # logs `log_events_dropped`
@@ -139,6 +142,58 @@ class LogWriter:
     def drop(self) -> None:
         """Count one event that could not even be rendered."""
         self.dropped += 1
+
+    def write_data(self, parts: tuple[bytes | memoryview, ...]) -> bool:
+        """Whole lines of a child's output (logs.LineSink; `parts` joined), through the
+        same buffer as supd's own lines, so that neither splits the other. False if they
+        were dropped (the buffer is full, the disk too, or the stream is broken); the
+        caller counts them. One writev when nothing waits: no join, no copy."""
+        if self.broken is not None:
+            return False
+        total = sum(len(part) for part in parts)
+        if self._pending:
+            if len(self._pending) + total > self.max_pending:
+                return False
+            for part in parts:
+                self._pending += part
+            return True
+        if self._mid_line:
+            parts = (b"\n", *parts)
+            total += 1
+        try:
+            written = os.writev(self._fd, parts)
+        except (BlockingIOError, InterruptedError):
+            written = 0 if self.pollable else -1
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                self._break(exc)
+            return False
+        if written < 0:
+            return False
+        self.written += written
+        self._mid_line = False
+        if written == total:
+            return True
+        rest = b"".join(parts)[written:]
+        if self.pollable:
+            self._pending += rest
+            self._pending_changed(True)
+            return True
+        # A regular file took part of it (a full disk, say): the rest, the plain way.
+        while rest:
+            try:
+                count = os.write(self._fd, rest)
+            except OSError as exc:
+                if exc.errno not in _NO_ROOM:
+                    self._break(exc)
+                self._mid_line = True
+                return False
+            if count <= 0:
+                self._mid_line = True
+                return False
+            self.written += count
+            rest = rest[count:]
+        return True
 
     def flush(self) -> None:
         """The fd is writable: write what waits (the selector calls this)."""
@@ -200,10 +255,10 @@ class LogWriter:
                 return
         self._mid_line = False
 
-    def _write(self, data: bytes | bytearray) -> int | None:
+    def _write(self, data: bytes | bytearray | memoryview) -> int | None:
         """Bytes written; _FULL if the reader takes nothing now; None if lost."""
         try:
-            return os.write(self._fd, data)
+            written = os.write(self._fd, data)
         except (BlockingIOError, InterruptedError):
             return _FULL
         except OSError as exc:
@@ -212,6 +267,8 @@ class LogWriter:
             else:
                 self._break(exc)
             return None
+        self.written += written
+        return written
 
     def _buffer(self, data: bytes) -> None:
         if len(self._pending) + len(data) > self.max_pending:
@@ -273,13 +330,57 @@ class _StreamWriter:
         pass
 
 
+class RecentLines:
+    """The daemon's own recent log lines, in memory, for `supctl maintail` (at most
+    `size` bytes), and the listeners of `maintail -f`."""
+
+    def __init__(self, size: int = RECENT_BYTES) -> None:
+        self.size = size
+        self._lines: deque[str] = deque()
+        self._bytes = 0
+        self._listeners: list[Callable[[str], bool]] = []
+
+    def add(self, line: str) -> None:
+        self._lines.append(line)
+        self._bytes += len(line) + 1
+        while self._bytes > self.size and len(self._lines) > 1:
+            self._bytes -= len(self._lines.popleft()) + 1
+        if self._listeners:
+            listeners, self._listeners = self._listeners, []
+            kept = []
+            for listener in listeners:
+                try:
+                    if listener(line):
+                        kept.append(listener)
+                except Exception:
+                    pass
+            self._listeners = kept + self._listeners
+
+    def last(self, nlines: int | None = None) -> list[str]:
+        lines = list(self._lines)
+        return lines if nlines is None else lines[len(lines) - nlines :] if nlines else []
+
+    def follow(self, listener: Callable[[str], bool]) -> Callable[[], None]:
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+
+RECENT = RecentLines()
+
+
 class _LineLogger:
-    """structlog's final logger: hands every rendered line to the writer."""
+    """structlog's final logger: hands every rendered line to the writer (and the ring)."""
 
     def __init__(self, writer: LogWriter | _StreamWriter) -> None:
         self.writer = writer
 
     def msg(self, message: str) -> None:
+        RECENT.add(message)
         self.writer.write_line(message)
 
     log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
@@ -488,6 +589,52 @@ def writer() -> LogWriter | None:
     return _writer if isinstance(_writer, LogWriter) else None
 
 
+_streams: dict[int, LogWriter] = {}  # supd's fd 1 or 2 -> the writer of children's lines
+
+
+def stream_writer(fd: int) -> LogWriter | None:
+    """The writer for children's lines into supd's own fd 1 or 2 (through a dup, never
+    an open() of /dev/stdout: that fails for a socket). When `fd` is the same stream as
+    supd's own log (`2>&1`, a terminal, the journal stream), it is the log's writer, so
+    that lines of both go out one whole line at a time through one buffer."""
+    if fd in _streams:
+        return _streams[fd]
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    current = writer()
+    if current is not None and current.broken is None:
+        with contextlib.suppress(OSError):
+            own = os.fstat(current._source_fd)
+            if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino):
+                _streams[fd] = current
+                return current
+    for other_fd, other in _streams.items():
+        with contextlib.suppress(OSError):
+            seen = os.fstat(other_fd)
+            if (seen.st_dev, seen.st_ino) == (st.st_dev, st.st_ino):
+                _streams[fd] = other
+                return other
+    try:
+        duplicate = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        made = LogWriter(duplicate)
+    except OSError:
+        return None
+    _streams[fd] = made
+    return made
+
+
+def stream_writers() -> list[LogWriter]:
+    """The writers of children's lines other than the log's own (each watched once)."""
+    own = writer()
+    unique: dict[int, LogWriter] = {}
+    for made in _streams.values():
+        if made is not own:
+            unique[id(made)] = made
+    return list(unique.values())
+
+
 def pollable_fd() -> int | None:
     """The fd the daemon's selector should watch for WRITE while lines wait, if any."""
     current = writer()
@@ -512,6 +659,8 @@ def shutdown() -> None:
     """At exit: report suppressed counts, give a slow reader a moment, restore the fd."""
     if _limiter is not None:
         _limiter.report_leftovers()
+    for made in stream_writers():
+        made.close()
     if _writer is not None:
         _writer.close()
 

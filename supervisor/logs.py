@@ -34,11 +34,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gzip
 import os
+import re
+import socket
 import stat
+import struct
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -151,6 +157,66 @@ def set_pipe_size(fd: int, size: int) -> None:
             raise
 
 
+# --- Timestamps --------------------------------------------------------------------------
+
+TIMESTAMP_STYLES = ("none", "iso", "iso-utc", "epoch")
+
+
+def format_stamp(style: str, wall: float) -> bytes:
+    """The stamp put before a line read at `wall` (time.time()), with its space.
+
+    iso: local time with its UTC offset; iso-utc: UTC with `Z`; epoch: seconds. All to
+    the millisecond, the time supd read the line."""
+    if style == "epoch":
+        return b"%.3f " % wall
+    if style == "iso-utc":
+        moment = datetime.fromtimestamp(wall, UTC)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.").encode() + b"%03dZ " % (
+            moment.microsecond // 1000
+        )
+    moment = datetime.fromtimestamp(wall).astimezone()
+    text = moment.isoformat(timespec="milliseconds")
+    return text.encode() + b" "
+
+
+class _Stamper:
+    """Caches the stamp of the current millisecond: a flood reads many chunks in one."""
+
+    __slots__ = ("_bytes", "_ms", "style")
+
+    def __init__(self, style: str) -> None:
+        self.style = style
+        self._ms = -1
+        self._bytes = b""
+
+    def __call__(self, wall: float) -> bytes:
+        ms = int(wall * 1000)
+        if ms != self._ms:
+            self._ms = ms
+            self._bytes = format_stamp(self.style, ms / 1000)
+        return self._bytes
+
+
+_STAMP_PATTERN = re.compile(
+    rb"(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)) "
+    rb"|(?P<epoch>\d{9,11}\.\d{3}) "
+)
+
+
+def parse_stamp(line: bytes) -> float | None:
+    """The wall time of a line that starts with a supd stamp (any style), else None."""
+    match = _STAMP_PATTERN.match(line)
+    if match is None:
+        return None
+    if match.group("epoch") is not None:
+        return float(match.group("epoch"))
+    text = match.group("iso").decode()
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 # --- Tail ring ---------------------------------------------------------------------------
 
 
@@ -230,23 +296,31 @@ class LogSink:
     """
 
     __slots__ = (
+        "_at_line_start",
         "_checked_size",
         "_ends_line",
         "_fd",
         "_next_link_check",
         "_regular",
+        "_rotate_at",
         "_rotate_failing",
         "_rotates",
         "_size",
+        "_stamper",
         "_tail",
         "_truncate_on_open",
         "_write_failing",
         "backups",
         "bytes_written",
+        "compress",
         "dropped_bytes",
         "last_error",
+        "max_total_size",
         "maxbytes",
+        "on_rotated",
         "path",
+        "rotate_every",
+        "rotations",
     )
 
     def __init__(
@@ -255,10 +329,26 @@ class LogSink:
         maxbytes: int,
         backups: int,
         tail_size: int = DEFAULT_TAIL_SIZE,
+        *,
+        timestamps: str = "none",
+        rotate_every: float | None = None,
+        max_total_size: int = 0,
+        compress: bool = False,
     ) -> None:
         self.path = path
+        if max_total_size and (maxbytes == 0 or maxbytes > max_total_size // 2):
+            maxbytes = max(1, max_total_size // 2)  # room for the current file and a backup
         self.maxbytes = maxbytes
         self.backups = backups
+        self.rotate_every = rotate_every
+        self.max_total_size = max_total_size
+        self.compress = compress and backups > 0
+        # The daemon's hook to gzip a new NAME.1 (compress = true); see Compression.
+        self.on_rotated: Callable[[LogSink], None] | None = None
+        self.rotations = 0  # how many times the file was cut: a backup's number moves on
+        self._rotate_at = float("inf")  # wall time of the next rotation by age
+        self._stamper = _Stamper(timestamps) if timestamps != "none" else None
+        self._at_line_start = True
         self.bytes_written = 0  # every byte ever given to write(), kept or dropped
         self.dropped_bytes = 0  # bytes that could not be written to the file
         self.last_error: OSError | None = None  # set while the file is failing
@@ -284,9 +374,51 @@ class LogSink:
         if not chunk:
             return
         self.bytes_written += len(chunk)
+        if self._stamper is not None:
+            chunk = self._stamped(chunk)
         self._tail.append(chunk)
         if self.path is not None:
             self._write_file(chunk)
+
+    def _stamped(self, chunk: memoryview) -> memoryview:
+        """`chunk` with a stamp before each line that starts in it (a line continued
+        from the previous chunk keeps the stamp of its start)."""
+        assert self._stamper is not None
+        stamp = self._stamper(time.time())
+        data = bytes(chunk)
+        body = data[:-1].replace(b"\n", b"\n" + stamp) + data[-1:]
+        if self._at_line_start:
+            body = stamp + body
+        self._at_line_start = data[-1] == 0x0A
+        return memoryview(body)
+
+    def rotate_now(self) -> bool:
+        """Cut the file now (`supctl logs rotate`). False if there is nothing to cut or
+        the rename failed (logged)."""
+        if self.path is None or self._is_stream():
+            return False
+        if self._fd is None and not self._open():
+            return False
+        if self._size == 0 or not self._rotates_at_all():
+            return False
+        return self._rotate()
+
+    def files(self) -> list[tuple[Path, int]]:
+        """The current file and its backups that exist, with their sizes."""
+        if self.path is None:
+            return []
+        found = []
+        for number in range(self.backups + 1):
+            for candidate in _numbered(self.path, number):
+                with contextlib.suppress(OSError):
+                    found.append((candidate, os.stat(candidate).st_size))
+        return found
+
+    def _is_stream(self) -> bool:
+        return self.path is not None and is_stream_destination(self.path)
+
+    def _rotates_at_all(self) -> bool:
+        return self._regular and not self._is_stream()
 
     def tail(self, nbytes: int) -> bytes:
         """The last `nbytes` bytes of output (at most `tail_size`)."""
@@ -308,6 +440,15 @@ class LogSink:
         if nlines is None:
             return self._tail.last(limit if nbytes is None else min(nbytes, limit))
         return _last_lines(self._tail.last(limit), nlines)
+
+    def read_since(self, since: float, *, limit: int) -> bytes:
+        """What was written at or after wall time `since` (see read_log_since); from
+        memory when there is no readable file."""
+        if self.path is not None and self.last_error is None:
+            data = read_log_since(self.path, self.backups, since, limit=limit)
+            if data is not None:
+                return data
+        return lines_since(self._tail.last(limit), since)
 
     @property
     def tail_size(self) -> int:
@@ -341,6 +482,12 @@ class LogSink:
             if now >= self._next_link_check:
                 self._next_link_check = now + LINK_CHECK_S
                 self._check_still_linked()
+        if (
+            self._fd is not None
+            and self._rotate_at != float("inf")
+            and time.time() >= self._rotate_at
+        ):
+            chunk = self._rotate_by_age(chunk)
         while chunk:
             if self._fd is None and not self._open():
                 self._write_failed(None, len(chunk))
@@ -404,12 +551,43 @@ class LogSink:
         self._checked_size = st.st_size
         self._regular = stat.S_ISREG(st.st_mode)
         self._next_link_check = time.monotonic() + LINK_CHECK_S
-        # /dev/stdout, a FIFO or /dev/null: never rename those.
-        self._rotates = self.maxbytes > 0 and self._regular
+        # /dev/..., a FIFO or /dev/null: never rename those, even when one of them
+        # resolves to a regular file (/dev/stdout of a supd started with `> file`).
+        self._rotates = self.maxbytes > 0 and self._rotates_at_all()
+        self._rotate_at = float("inf")
+        if self.rotate_every is not None and self._rotates_at_all():
+            self._rotate_at = self._last_rotation() + self.rotate_every
         # We cannot read an O_WRONLY file's last byte; a new run starts on a new line.
         self._ends_line = True
         self._truncate_on_open = False
         return True
+
+    def _last_rotation(self) -> float:
+        """When the current file was started, as far as the disk tells: NAME.1 stopped
+        changing when it was cut (a restart of supd keeps the age), else now."""
+        assert self.path is not None
+        for candidate in _numbered(self.path, 1):
+            with contextlib.suppress(OSError):
+                return min(time.time(), os.stat(candidate).st_mtime)
+        return time.time()
+
+    def _rotate_by_age(self, chunk: memoryview) -> memoryview:
+        """The file is `rotate_every` old: cut it where the current line ends (at once if
+        it ends one) and return what goes into the new file."""
+        cut = 0
+        if not self._ends_line:
+            newline = bytes(chunk).find(b"\n")
+            if newline >= 0:
+                cut = newline + 1
+            elif time.time() < self._rotate_at + self.rotate_every:  # type: ignore[operator]
+                return chunk  # a line still going on: wait for its end, within reason
+        if cut and not self._append(chunk[:cut]):
+            return chunk[cut:]
+        if self._size > 0:
+            self._rotate()
+        else:
+            self._rotate_at = time.time() + (self.rotate_every or 0)
+        return chunk[cut:]
 
     # -- a file deleted under us --
 
@@ -460,9 +638,31 @@ class LogSink:
         else:
             self._truncate_on_open = True
         self.close()
+        self.rotations += 1
         if self._rotate_failing:
             self._rotate_recovered()
+        if self.backups > 0:
+            if self.compress and self.on_rotated is not None:
+                self.on_rotated(self)
+            self.enforce_total_size()
+        # The next file's age starts now (the next write opens it).
         return True
+
+    def enforce_total_size(self) -> None:
+        """Delete the oldest backups while the log and its backups could pass
+        max_total_size (counting the current file at its full maxbytes)."""
+        if not self.max_total_size or self.path is None:
+            return
+        files = self.files()
+        # The current file will grow to maxbytes: keep room for it.
+        current = sum(size for path, size in files if path == self.path)
+        total = sum(size for _, size in files) - current + max(current, self.maxbytes)
+        for path, size in reversed(files):
+            if total <= self.max_total_size or path == self.path:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            total -= size
 
     def _shift_backups(self, path: Path) -> None:
         """Drop NAME.N, then NAME.N-1 -> NAME.N, ..., NAME -> NAME.1.
@@ -474,9 +674,13 @@ class LogSink:
         A missing file is fine: fewer backups exist yet, or logrotate moved NAME away.
         Any other error stops the shift before NAME.1 is taken, so no backup is lost.
         """
-        _unlink_if_exists(_backup_path(path, self.backups))
+        for oldest in _numbered(path, self.backups):
+            _unlink_if_exists(oldest)
         for number in range(self.backups - 1, 0, -1):
-            _rename_if_exists(_backup_path(path, number), _backup_path(path, number + 1))
+            source, source_gz = _numbered(path, number)
+            target, target_gz = _numbered(path, number + 1)
+            _rename_if_exists(source, target)
+            _rename_if_exists(source_gz, target_gz)
         _rename_if_exists(path, _backup_path(path, 1))
 
     # -- error reporting: one event when trouble starts, one when it ends --
@@ -511,6 +715,334 @@ class LogSink:
 
 def _backup_path(path: Path, number: int) -> Path:
     return path.with_name(f"{path.name}.{number}")
+
+
+def _numbered(path: Path, number: int) -> tuple[Path, ...]:
+    """The names file number `number` of a log may have: NAME, or NAME.N and NAME.N.gz."""
+    if number == 0:
+        return (path,)
+    backup = _backup_path(path, number)
+    return (backup, backup.with_name(backup.name + ".gz"))
+
+
+def is_stream_destination(path: Path | str) -> bool:
+    """Anything under /dev, /proc/self/fd, or "-": a stream, never renamed or cut."""
+    text = str(path)
+    return text == "-" or text.startswith(("/dev/", "/proc/self/fd/"))
+
+
+# --- Whole lines into a shared stream or the journal -------------------------------------
+
+# A partial line waits for its end up to this size, or FLUSH_AFTER_S seconds.
+MAX_HELD_LINE = 64 * 1024
+FLUSH_AFTER_S = 1.0
+
+
+class LineTarget(Protocol):
+    """Where a `LineSink` sends whole lines."""
+
+    def send(self, parts: tuple[bytes | memoryview, ...]) -> bool:
+        """`parts`, joined, are whole lines, each ending in a newline. False if they
+        were dropped."""
+        ...
+
+
+class LineSink:
+    """One output stream sent line by line: to supd's own stdout/stderr or the journal.
+
+    Such a destination is shared (by other programs, and by supd's own log), so only
+    whole lines go out: a partial line waits in `_held` for its end, at most
+    MAX_HELD_LINE bytes or until the daemon calls `flush_partial()` (FLUSH_AFTER_S after
+    `on_partial` told it a partial line is waiting). A flushed partial line goes out as
+    a line of its own; its continuation is another line, with the prefix but without a
+    timestamp. Nothing is ever renamed or rotated. A target that cannot take lines (supd's
+    stdout blocked past its buffer) drops them; they are counted in `dropped_lines` and
+    `dropped_bytes`, with one `log_output_dropped` event when dropping starts and one
+    `log_output_recovered` (with the counts) when lines get through again.
+    """
+
+    __slots__ = (
+        "_continued",
+        "_held",
+        "_held_at",
+        "_separator",
+        "_stamper",
+        "_tail",
+        "bytes_written",
+        "description",
+        "dropped_bytes",
+        "dropped_lines",
+        "holds",
+        "last_error",
+        "on_partial",
+        "path",
+        "prefix",
+        "target",
+    )
+
+    def __init__(
+        self,
+        target: LineTarget,
+        prefix: bytes,
+        description: str,
+        *,
+        timestamps: str = "none",
+        tail_size: int = DEFAULT_TAIL_SIZE,
+    ) -> None:
+        self.target = target
+        self.prefix = prefix
+        self._separator = b"\n" + prefix
+        self.description = description  # "/dev/stdout", "journal": for logs and `logs`
+        self.path: Path | None = None  # no file: tails come from memory
+        self.bytes_written = 0
+        self.dropped_bytes = 0
+        self.dropped_lines = 0
+        self.last_error: OSError | None = None
+        self.on_partial: Callable[[LineSink], None] | None = None
+        self._stamper = _Stamper(timestamps) if timestamps != "none" else None
+        self._tail = TailBuffer(tail_size)
+        self._held = bytearray()
+        self._held_at = 0.0  # wall time the held line's first byte was read
+        self._continued = False  # the held line continues one flushed already (no stamp)
+        self.holds = 0  # partial lines held so far: tells the flush timer which it was for
+
+    @property
+    def tail_size(self) -> int:
+        return self._tail.size
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        chunk = bytes(data)
+        self.bytes_written += len(chunk)
+        last_newline = chunk.rfind(b"\n")
+        if last_newline < 0:
+            self._tail.append(memoryview(chunk))
+            self._hold(chunk)
+            return
+        complete = chunk[: last_newline + 1] if last_newline + 1 < len(chunk) else chunk
+        if self._stamper is not None:
+            stamp = self._stamper(time.time())
+            stamped = complete.replace(b"\n", b"\n" + stamp)
+            stamped = stamped[: len(stamped) - len(stamp)]
+            start = self._line_start(self._held_at if self._held else 0.0, stamp)
+            self._tail.append(memoryview(start[len(self.prefix) :] + stamped))
+            complete = stamped
+        else:
+            start = self.prefix
+            self._tail.append(memoryview(complete))
+        # One pass of C code per chunk: the prefix after every newline, the last one's
+        # cut off again without a copy; the pieces go out in one writev.
+        lines = complete.replace(b"\n", self._separator)
+        body = memoryview(lines)[: len(lines) - len(self.prefix)]
+        if self._held:
+            held = bytes(self._held)
+            self._held.clear()
+            self._send((start, held, body))
+        else:
+            self._send((start, body))
+        self._continued = False
+        if last_newline + 1 < len(chunk):
+            rest = chunk[last_newline + 1 :]
+            self._tail.append(memoryview(rest))
+            self._hold(rest)
+
+    def flush_partial(self) -> None:
+        """Send the partial line now, as a line of its own (the timer, or the end)."""
+        if not self._held:
+            return
+        stamp = self._stamper(self._held_at) if self._stamper is not None else b""
+        line = self._line_start(self._held_at, stamp) + bytes(self._held) + b"\n"
+        self._held.clear()
+        self._continued = True
+        self._tail.append(memoryview(b"\n"))
+        self._send((line,))
+
+    def _line_start(self, held_at: float, stamp: bytes) -> bytes:
+        """The prefix (and stamp) of the chunk's first line: a held line's own stamp,
+        none for the continuation of a line flushed already."""
+        if self._stamper is None or self._continued:
+            return self.prefix
+        if self._held:
+            return self.prefix + self._stamper(held_at)
+        return self.prefix + stamp
+
+    def _hold(self, data: bytes) -> None:
+        if not self._held:
+            self.holds += 1
+            self._held_at = time.time()
+            if self.on_partial is not None:
+                self.on_partial(self)
+        self._held += data
+        if len(self._held) >= MAX_HELD_LINE:
+            self.flush_partial()
+
+    def _send(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        if self.target.send(parts):
+            if self.dropped_lines and self.last_error is not None:
+                self.last_error = None
+                log.info(
+                    "log_output_recovered",
+                    destination=self.description,
+                    dropped_lines=self.dropped_lines,
+                    dropped_bytes=self.dropped_bytes,
+                )
+            return
+        self.dropped_lines += sum(bytes(part).count(b"\n") for part in parts)
+        self.dropped_bytes += sum(len(part) for part in parts)
+        if self.last_error is None:
+            self.last_error = OSError(errno.EAGAIN, f"{self.description} is not keeping up")
+            log.warning("log_output_dropped", destination=self.description)
+
+    # -- the LogSink interface the daemon uses --
+
+    def tail(self, nbytes: int) -> bytes:
+        return self._tail.last(nbytes)
+
+    def read_back(
+        self, *, nbytes: int | None = None, nlines: int | None = None, limit: int
+    ) -> bytes:
+        if nlines is None:
+            return self._tail.last(limit if nbytes is None else min(nbytes, limit))
+        return _last_lines(self._tail.last(limit), nlines)
+
+    def read_since(self, since: float, *, limit: int) -> bytes:
+        return lines_since(self._tail.last(limit), since)
+
+    def rotate_now(self) -> bool:
+        return False  # a stream is never rotated
+
+    def files(self) -> list[tuple[Path, int]]:
+        return []
+
+    def enforce_total_size(self) -> None:
+        pass
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.flush_partial()
+
+
+class WriterLike(Protocol):
+    def write_data(self, parts: tuple[bytes | memoryview, ...]) -> bool: ...
+
+
+class StreamTarget:
+    """supd's own stdout or stderr, through the daemon's non-blocking line writer
+    (daemonlog.LogWriter), shared with supd's own log when it is the same stream."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: WriterLike) -> None:
+        self.writer = writer
+
+    def send(self, parts: tuple[bytes | memoryview, ...]) -> bool:
+        return self.writer.write_data(parts)
+
+
+# -- journald ------------------------------------------------------------------------------
+
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+_PRIORITY_PREFIX = re.compile(rb"<([0-7])>")
+
+
+def journal_field(name: str, value: bytes) -> bytes:
+    """One field of the native journal protocol: NAME=value, or for a value holding a
+    newline the binary-safe form: NAME, newline, 64-bit little-endian length, value."""
+    key = name.encode()
+    if b"\n" in value:
+        return key + b"\n" + struct.pack("<Q", len(value)) + value + b"\n"
+    return key + b"=" + value + b"\n"
+
+
+def parse_journal_entry(datagram: bytes) -> dict[str, bytes]:
+    """Fields of one native-protocol datagram (the journal's own parsing; for tests and
+    tools). Raises ValueError on a malformed entry."""
+    fields: dict[str, bytes] = {}
+    position = 0
+    while position < len(datagram):
+        end = datagram.find(b"\n", position)
+        if end < 0:
+            raise ValueError("field without a newline")
+        line = datagram[position:end]
+        if b"=" in line:
+            name, _, value = line.partition(b"=")
+            fields[name.decode()] = value
+            position = end + 1
+            continue
+        (size,) = struct.unpack("<Q", datagram[end + 1 : end + 9])
+        start = end + 9
+        value = datagram[start : start + size]
+        if len(value) != size or datagram[start + size : start + size + 1] != b"\n":
+            raise ValueError("binary field of the wrong length")
+        fields[line.decode()] = value
+        position = start + size + 1
+    return fields
+
+
+class JournalTarget:
+    """journald's native protocol: one datagram per line, sent non-blocking.
+
+    SYSLOG_IDENTIFIER is the program (`journalctl -t web`), SUPD_PROCESS the process,
+    SUPD_PID the child's pid (journald's own _PID is supd's), PRIORITY 6 for stdout and
+    3 for stderr unless the line starts with an sd-daemon `<N>` prefix."""
+
+    __slots__ = ("identifier", "path", "pid", "priority", "process", "sock")
+
+    def __init__(
+        self, sock: socket.socket, path: Path, identifier: str, process: str, priority: int
+    ):
+        self.sock = sock
+        self.path = path
+        self.identifier = identifier.encode()
+        self.process = process.encode()
+        self.priority = priority
+        self.pid = 0  # the running child's, set by the daemon at spawn
+
+    def send(self, parts: tuple[bytes | memoryview, ...]) -> bool:
+        ok = True
+        for line in b"".join(parts).split(b"\n")[:-1]:
+            ok = self._send_line(line) and ok
+        return ok
+
+    def _send_line(self, message: bytes) -> bool:
+        priority = self.priority
+        match = _PRIORITY_PREFIX.match(message)
+        if match is not None:
+            priority = int(match.group(1))
+            message = message[match.end() :]
+        entry = b"".join(
+            (
+                journal_field("MESSAGE", message),
+                journal_field("PRIORITY", str(priority).encode()),
+                journal_field("SYSLOG_IDENTIFIER", self.identifier),
+                journal_field("SUPD_PROCESS", self.process),
+                journal_field("SUPD_PID", str(self.pid).encode()),
+            )
+        )
+        try:
+            self.sock.sendto(entry, str(self.path))
+        except OSError:
+            return False
+        return True
+
+
+def journal_socket(path: Path) -> socket.socket | None:
+    """A non-blocking datagram socket for journald at `path`; None if it is missing."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    return sock
 
 
 # --- Reading a log back ------------------------------------------------------------------
@@ -578,6 +1110,84 @@ def read_log_tail(
     return data if nlines is None else _last_lines(data, nlines)
 
 
+def read_log_since(path: Path, backups: int, since: float, *, limit: int) -> bytes | None:
+    """The lines of the log at `path` (and its backups, gzipped ones included) written
+    at or after `since` (wall time), at most the last `limit` bytes, whole lines.
+
+    A line's time is its timestamp (log_timestamps); a line without one has the time of
+    the stamped line before it. A file last modified before `since` holds nothing newer,
+    so reading stops there. Without any timestamp, every line of the files modified since
+    then is returned. None when `path` cannot be read or is not a regular file.
+    """
+    pieces: list[bytes] = []  # newest file first
+    total = 0
+    for number in range(backups + 1):
+        data = None
+        for candidate in _numbered(path, number):
+            data = _read_whole_if_newer(candidate, since, limit)
+            if data is not None:
+                break
+        if data is None:
+            if number == 0:
+                return None
+            continue  # missing, older than `since`, or being compressed right now
+        pieces.append(data)
+        total += len(data)
+        if total >= limit or not data:
+            break
+    return lines_since(b"".join(reversed(pieces)), since, limit)
+
+
+def lines_since(text: bytes, since: float, limit: int | None = None) -> bytes:
+    """The lines of `text` from the first one stamped at or after `since` (all of them
+    when none carries a stamp), at most the last `limit` bytes, whole lines."""
+    limit = len(text) if limit is None else limit
+    lines = text.splitlines(keepends=True)
+    start = 0
+    for index, line in enumerate(lines):
+        stamp = parse_stamp(line)
+        if stamp is not None:
+            if stamp >= since:
+                start = index
+                break
+            start = index + 1
+    kept = b"".join(lines[start:])
+    if len(kept) > limit:
+        kept = kept[len(kept) - limit :]
+        newline = kept.find(b"\n")
+        kept = kept[newline + 1 :] if 0 <= newline < len(kept) - 1 else kept
+    return kept
+
+
+def _read_whole_if_newer(path: Path, since: float, limit: int) -> bytes | None:
+    """A log file's last `limit` bytes (decompressed if .gz); b"" if it was last changed
+    before `since`; None if it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if st.st_mtime < since:
+            return b""
+        if path.name.endswith(".gz"):
+            with os.fdopen(os.dup(fd), "rb") as raw, gzip.GzipFile(fileobj=raw) as unzipped:
+                kept = bytearray()
+                while block := unzipped.read(_READ_BLOCK * 4):
+                    kept += block
+                    if len(kept) > 2 * limit:
+                        del kept[: len(kept) - limit]
+                return bytes(kept[-limit:])
+        size = min(st.st_size, limit)
+        return os.pread(fd, size, st.st_size - size)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    finally:
+        os.close(fd)
+
+
 def _last_lines(data: bytes, count: int) -> bytes:
     """The last `count` lines of `data`; a final line without its newline counts."""
     position = len(data) - 1 if data.endswith(b"\n") else len(data)
@@ -603,6 +1213,14 @@ def _shared_buffer() -> tuple[bytearray, memoryview]:
     return _read_buffer, _read_view
 
 
+class OutputSink(Protocol):
+    """What a PipeReader writes into: a LogSink or a LineSink."""
+
+    path: Path | None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+
 class PipeReader:
     """Moves a non-blocking pipe's bytes into a `LogSink`, a bounded amount per call.
 
@@ -621,7 +1239,7 @@ class PipeReader:
     def __init__(
         self,
         fd: int,
-        sink: LogSink,
+        sink: OutputSink,
         on_data: Callable[[bytes], None] | None = None,
         grow_pipe_to: int = BULK_PIPE_SIZE,
     ) -> None:

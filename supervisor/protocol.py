@@ -122,19 +122,31 @@ class ReloadParams(_Params):
 
 
 class TailParams(_Params):
-    """`bytes` or `lines` (not both; neither means DEFAULT_TAIL_BYTES bytes). Either way
-    the answer holds at most MAX_TAIL_BYTES bytes."""
+    """`bytes`, `lines` or `since` (one of them; none means DEFAULT_TAIL_BYTES bytes).
+    Either way the answer holds at most MAX_TAIL_BYTES bytes per process.
 
-    name: StrictStr
+    `name` is one process; `names` (instead) any number of processes, programs, globs
+    or "all": the answer then has one part per process in `processes`, and `follow`
+    sends the `output` notifications of all of them, each naming its process.
+    `since`: the output of the last `since` seconds (timestamps where present, the log
+    files' modification times otherwise)."""
+
+    name: StrictStr | None = None
+    names: Names | None = None
     stream: Stream = "stdout"
     bytes: int | None = Field(default=None, ge=0, le=MAX_TAIL_BYTES)
     lines: int | None = Field(default=None, ge=0, le=MAX_TAIL_BYTES)
+    since: float | None = Field(default=None, ge=0, le=10 * 365 * 86400, allow_inf_nan=False)
     follow: bool = False
 
     @model_validator(mode="after")
     def _bytes_or_lines(self) -> TailParams:
         if self.bytes is not None and self.lines is not None:
             raise ValueError("give bytes or lines, not both")
+        if self.since is not None and (self.bytes is not None or self.lines is not None):
+            raise ValueError("give since without bytes or lines")
+        if (self.name is None) == (self.names is None):
+            raise ValueError("give name or names, one of them")
         return self
 
 
@@ -143,6 +155,21 @@ class WaitParams(_Params):
 
     names: Names
     condition: Literal["started", "ready", "healthy", "completed"] = "ready"
+
+
+class LogsParams(_Params):
+    """`logs`: each process's log destination and files; `rotate` first cuts them."""
+
+    names: Names | None = None
+    rotate: bool = False
+
+
+class MaintailParams(_Params):
+    """`maintail`: supd's own recent log lines (from memory); `follow` sends each new
+    one as a `daemon_log` notification."""
+
+    lines: int | None = Field(default=None, ge=0, le=100_000)
+    follow: bool = False
 
 
 class PidParams(_Params):
@@ -190,6 +217,8 @@ Params = (
     | SignalParams
     | ReloadParams
     | TailParams
+    | LogsParams
+    | MaintailParams
     | PidParams
     | VersionParams
     | ShutdownParams
@@ -209,6 +238,8 @@ Method = Literal[
     "signal",
     "reload",
     "tail",
+    "logs",
+    "maintail",
     "pid",
     "version",
     "shutdown",
@@ -275,10 +306,40 @@ class ReloadResult(_Result):
     removed: list[str] = []
 
 
+class TailPart(_Result):
+    name: str
+    stream: Stream
+    data: str
+
+
 class TailResult(_Result):
     name: str
     stream: Stream
     data: str  # UTF-8 decoded with errors="replace"
+
+
+class TailManyResult(TailResult):
+    """The answer to a tail with `names`: `name` is the first name asked, `data` is ""."""
+
+    processes: list[TailPart]  # one part per process
+
+
+class LogFile(_Result):
+    path: str
+    size: int
+
+
+class LogEntry(_Result):
+    name: str
+    stream: Stream
+    destination: str  # a file path, /dev/stdout, /dev/stderr, journal, or none
+    files: list[LogFile] = []  # the current file and its backups, newest first
+    dropped_bytes: int = 0
+    rotated: bool | None = None  # with `rotate`: whether this log was cut
+
+
+class MaintailResult(_Result):
+    data: str  # lines, each ending in a newline
 
 
 class OutputParams(_Result):
@@ -394,7 +455,9 @@ RESULT_TYPES: Final[dict[str, Any]] = {
     "restart": list[ActionResult],
     "signal": list[ActionResult],
     "reload": ReloadResult,
-    "tail": TailResult,
+    "tail": TailManyResult | TailResult,
+    "logs": list[LogEntry],
+    "maintail": MaintailResult,
     "pid": PidResult,
     "version": VersionResult,
     "shutdown": ShutdownResult,
@@ -461,6 +524,16 @@ class _Tail(_Envelope):
     params: TailParams
 
 
+class _Logs(_Envelope):
+    method: Literal["logs"]
+    params: LogsParams = LogsParams()
+
+
+class _Maintail(_Envelope):
+    method: Literal["maintail"]
+    params: MaintailParams = MaintailParams()
+
+
 class _Pid(_Envelope):
     method: Literal["pid"]
     params: PidParams = PidParams()
@@ -514,6 +587,8 @@ _AnyEnvelope = Annotated[
     | _Signal
     | _Reload
     | _Tail
+    | _Logs
+    | _Maintail
     | _Pid
     | _Version
     | _Shutdown

@@ -759,7 +759,6 @@ def test_json_error_of_a_timeout_and_of_a_refused_reload(supctl: Any, fake: Serv
     [
         ("add", "add the [programs.NAME] table, then `supctl reload`"),
         ("remove", "delete the [programs.NAME] table, then `supctl reload`"),
-        ("maintail", "journalctl -u supd"),
     ],
 )
 def test_supervisorctl_commands_say_what_to_do(
