@@ -468,6 +468,8 @@ class Fleet:
 
     def _settle(self, name: str, changes: list[State]) -> None:
         """After a process moved: answer what it settled, drop it if it was retiring."""
+        if name not in self._claims and name not in self.retiring:
+            return  # the common case (a probe, a timer): nothing waits on it
         process = self.processes[name]
         claims = list(self._claims.get(name, ()))
         # A restart still to bring it up: a start waiting meanwhile sees it go down on
