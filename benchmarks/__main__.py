@@ -26,7 +26,16 @@ from pathlib import Path
 
 from benchmarks import procs, report, workloads
 from benchmarks.daemons import SUPERVISOR_VERSION
-from benchmarks.workloads import CAT, DAEMONS, FLOOR, PYLOOP, SUPD, SUPERVISORD, Session
+from benchmarks.workloads import (
+    CAT,
+    DAEMONS,
+    FLOOR,
+    PYLOOP,
+    SUPD,
+    SUPD_SESSIONS,
+    SUPERVISORD,
+    Session,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -110,7 +119,12 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
     steps = []
     if "respawn" in wanted:
         steps.append(
-            Step("respawn", (SUPD, SUPERVISORD, FLOOR), sizes.respawn_rounds, workloads.respawn)
+            Step(
+                "respawn",
+                (SUPD, SUPD_SESSIONS, SUPERVISORD, FLOOR),
+                sizes.respawn_rounds,
+                workloads.respawn,
+            )
         )
     if wanted & {"idle", "memory"}:
         window = sizes.idle_window_s if "idle" in wanted else 0.0
@@ -235,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = workloads.QUICK if args.quick else workloads.FULL
     subjects = {FLOOR, CAT, PYLOOP, *([args.only] if args.only else DAEMONS)}
+    if SUPD in subjects:  # supd once more, without cgroups (respawn only)
+        subjects.add(SUPD_SESSIONS)
     steps = plan(args.workloads or list(WORKLOADS), sizes, subjects)
     machine = report.machine()
     # Taken before the run: others may commit while it goes on.
@@ -252,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_step(session, step)
         finally:
             processes.close()
+            session.remove_cgroups()
             if not args.keep:
                 shutil.rmtree(scratch, ignore_errors=True)
     rows = report.build_rows(session.results, sizes)

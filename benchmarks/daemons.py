@@ -76,8 +76,9 @@ def _toml(value: object) -> str:
 class Supd:
     kind = "supd"
 
-    def __init__(self, workdir: Path, timeout_s: float = 30.0) -> None:
+    def __init__(self, workdir: Path, timeout_s: float = 30.0, cgroups: str = "auto") -> None:
         self.workdir = workdir
+        self.cgroups = cgroups
         self.config_path = workdir / "supd.toml"
         self.socket_path = workdir / "supd.sock"
         self.metrics_path = workdir / "metrics.sock"
@@ -91,6 +92,7 @@ class Supd:
             f"log_dir = {_toml(str(self.workdir / 'logs'))}",
             'log_level = "warning"',
             'log_format = "json"',
+            f"cgroups = {_toml(self.cgroups)}",
             f"metrics = {_toml(str(self.metrics_path))}",
         ]
         for program in programs:
@@ -102,6 +104,7 @@ class Supd:
                 f'autorestart = "{"always" if program.restart else "never"}"',
                 "startsecs = 0",
                 "backoff_initial = 0",
+                "restart_window = 0",  # restart forever: no crash-loop FATAL (issue 15)
             ]
             if program.stdout_logfile is not None:
                 lines.append(f"stdout_logfile = {_toml(str(program.stdout_logfile))}")

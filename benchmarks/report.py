@@ -18,6 +18,7 @@ from benchmarks.workloads import (
     FLOOR,
     PYLOOP,
     SUPD,
+    SUPD_SESSIONS,
     SUPERVISORD,
     Results,
     Sizes,
@@ -117,6 +118,31 @@ def _respawn(f: _Figures, sizes: Sizes) -> list[Row]:
     supd, floor = f.get(metric, SUPD), f.get(metric, FLOOR)
     target, passed = _ratio_target(supd, floor, 3, "<= 3x floor")
     floor_p99 = f.get(metric, FLOOR, p99)
+    sessions = f.get(metric, SUPD_SESSIONS)
+    # The cost of joining a cgroup at each spawn (and of waiting for it to be empty at
+    # each exit): supd with cgroups = "auto" against the same supd with "off".
+    without = (
+        []
+        if sessions is None
+        else [
+            Row(
+                name,
+                "latency median (ms), supd without cgroups",
+                sessions,
+                None,
+                _ref("with cgroups", supd),
+                digits=3,
+            ),
+            Row(
+                name,
+                "latency p99 (ms), supd without cgroups",
+                f.get(metric, SUPD_SESSIONS, p99),
+                None,
+                _ref("with cgroups", f.get(metric, SUPD, p99)),
+                digits=3,
+            ),
+        ]
+    )
     return [
         Row(
             name,
@@ -136,6 +162,7 @@ def _respawn(f: _Figures, sizes: Sizes) -> list[Row]:
             _ref("floor", floor_p99),
             digits=3,
         ),
+        *without,
     ]
 
 

@@ -34,6 +34,7 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 SUPD = "supd"
+SUPD_SESSIONS = "supd-sessions"  # supd with cgroups = "off" (the session fallback)
 SUPERVISORD = "supervisord"
 FLOOR = "floor"
 CAT = "cat"
@@ -145,6 +146,7 @@ class Session:
     sizes: Sizes
     results: Results = field(default_factory=Results)
     _runs: int = 0
+    supd_configs: list[Path] = field(default_factory=list)  # their cgroup trees, to remove
 
     def workdir(self, name: str) -> Path:
         self._runs += 1
@@ -153,9 +155,18 @@ class Session:
         return path
 
     def daemon(self, kind: str, workdir: Path) -> Daemon:
-        if kind == SUPD:
-            return Supd(workdir)
+        if kind in (SUPD, SUPD_SESSIONS):
+            supd = Supd(workdir, cgroups="off" if kind == SUPD_SESSIONS else "auto")
+            self.supd_configs.append(supd.config_path)
+            return supd
         return Supervisord(workdir, self.bench_venv)
+
+    def remove_cgroups(self) -> None:
+        """supd is SIGKILLed after each round: remove the cgroup trees it leaves."""
+        from supd import cgroups
+
+        for config in self.supd_configs:
+            cgroups.remove_tree(str(config))
 
     def stamps_env(self, stamps: Path) -> dict[str, str]:
         return {**os.environ, "HELPER_STAMPS": str(stamps)}

@@ -94,6 +94,42 @@ def detect() -> Hierarchy | None:
     return find_hierarchy(mounts, proc_cgroup)
 
 
+def controllers_for_programs(hierarchy: Hierarchy) -> set[str]:
+    """The controllers supd could give its programs' cgroups (what `--check` warns by).
+
+    Under supd's own delegated cgroup, those listed in its cgroup.controllers; at the
+    hierarchy's root, those the root already enables for its children (supd never
+    changes the root's own subtree_control: that is the host's).
+    """
+    name = "cgroup.subtree_control" if hierarchy.at_root else "cgroup.controllers"
+    try:
+        return set((hierarchy.own / name).read_text().split())
+    except OSError:
+        return set()
+
+
+def limit_problems(
+    hierarchy: Hierarchy | None, limits: dict[str, str], enabled: bool = True
+) -> list[str]:
+    """Why some of `limits` (memory_max...) cannot be applied here: one line each."""
+    if not limits:
+        return []
+    if not enabled:
+        return [f'{option} is not applied: cgroups = "off"' for option in limits]
+    if hierarchy is None:
+        return [f"{option} is not applied: no cgroup v2 hierarchy" for option in limits]
+    if not os.access(hierarchy.own, os.W_OK):
+        why = f"supd may not manage cgroups under {hierarchy.own}"
+        return [f"{option} is not applied: {why}" for option in limits]
+    available = controllers_for_programs(hierarchy)
+    return [
+        f"{option} is not applied: the {LIMIT_CONTROLLERS[option]} controller is not "
+        f"enabled for cgroup v2 here (on cgroup v1, or not delegated)"
+        for option in limits
+        if LIMIT_CONTROLLERS[option] not in available
+    ]
+
+
 # -- files ------------------------------------------------------------------------------
 
 
@@ -122,7 +158,7 @@ def _write(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def _cgroup_name(process_name: str) -> str:
+def cgroup_name(process_name: str) -> str:
     # Process names are [A-Za-z0-9_.-] plus ':'; "." and ".." alone are not folders.
     return process_name if process_name not in (".", "..") else f"_{process_name}"
 
@@ -135,7 +171,9 @@ class ProcessCgroup:
     """The cgroup of one supervised process (all its runs, one after the other)."""
 
     path: Path
-    events_fd: int | None = None  # cgroup.events, watched for EPOLLPRI by the daemon
+    # cgroup.events, open only while the daemon waits for the cgroup to empty (EPOLLPRI):
+    # a process that merely runs costs no fd (10,000 of them fit under 20,000 fds).
+    events_fd: int | None = None
 
     def open_events(self) -> int:
         """cgroup.events, open for the selector (PRIORITY); reading it clears the event."""
@@ -146,6 +184,10 @@ class ProcessCgroup:
     def open_procs(self) -> int:
         """cgroup.procs, open for writing: the spawner's child writes "0" to join."""
         return os.open(self.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+
+    def open_dir(self) -> int:
+        """The cgroup's directory, for the spawner (clone3's CLONE_INTO_CGROUP)."""
+        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
@@ -192,18 +234,28 @@ class ProcessCgroup:
                 _write(target, value)
             except FileNotFoundError:
                 controller = LIMIT_CONTROLLERS[option]
-                problems.append(f"{option}: the {controller} controller is not enabled here")
+                why = f"the {controller} controller is not enabled for supd's cgroups here"
+                problems.append(f"{option} is not applied: {why}")
             except OSError as exc:
-                problems.append(f"{option} = {value!r}: {exc.strerror or exc}")
+                problems.append(f"{option} = {value!r} is not applied: {exc.strerror or exc}")
         return problems
 
-    def stats(self) -> CgroupStats:
-        """CPU and memory of everything in it (what the metrics and `why` show)."""
+    def oom_kills(self) -> int | None:
+        """memory.events' oom_kill: None without the memory controller."""
+        return _read_or_empty(self.path / "memory.events").get("oom_kill")
+
+    def stats(self, memory_controller: bool = True) -> CgroupStats:
+        """CPU and memory of everything in it (what the metrics and `why` show).
+
+        `memory_controller=False` skips the memory files (absent without it): a status
+        of many processes reads one file per process instead of three.
+        """
         cpu = _read_or_empty(self.path / "cpu.stat")
-        memory = _read_or_empty(self.path / "memory.events")
+        memory = _read_or_empty(self.path / "memory.events") if memory_controller else {}
         current: int | None = None
-        with contextlib.suppress(OSError, ValueError):
-            current = int((self.path / "memory.current").read_text())
+        if memory_controller:
+            with contextlib.suppress(OSError, ValueError):
+                current = int((self.path / "memory.current").read_text())
         usage = cpu.get("usage_usec")
         return CgroupStats(
             cpu_seconds=usage / 1e6 if usage is not None else None,
@@ -256,10 +308,21 @@ class Leftover:
     command: str
 
 
+def tree_root(hierarchy: Hierarchy, instance: str) -> Path:
+    """ROOT: supd's own cgroup, or `supd-<hash of instance>` when supd is at the root."""
+    if not hierarchy.at_root:
+        return hierarchy.own
+    digest = hashlib.sha256(instance.encode()).hexdigest()[:12]
+    return hierarchy.own / f"supd-{digest}"
+
+
 @dataclass
 class CgroupTree:
     root: Path
     controllers: frozenset[str] = field(default_factory=frozenset)  # enabled for programs
+    # Where supd was before setup, when it made ROOT itself (supd at the hierarchy's
+    # root): it goes back there and removes the tree on a clean exit.
+    origin: Path | None = None
 
     @property
     def programs(self) -> Path:
@@ -272,11 +335,7 @@ class CgroupTree:
         `instance` names the tree when supd sits at the hierarchy's root (the config
         file's path: the same config finds the same tree after a crash).
         """
-        if hierarchy.at_root:
-            digest = hashlib.sha256(instance.encode()).hexdigest()[:12]
-            root = hierarchy.own / f"supd-{digest}"
-        else:
-            root = hierarchy.own
+        root = tree_root(hierarchy, instance)
         try:
             root.mkdir(exist_ok=True)
             (root / "daemon").mkdir(exist_ok=True)
@@ -285,7 +344,7 @@ class CgroupTree:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise CgroupUnavailable(f"cannot manage cgroups under {root}: {reason}") from None
-        tree = cls(root)
+        tree = cls(root, origin=hierarchy.own if hierarchy.at_root else None)
         tree.controllers = frozenset(tree._enable_controllers())
         return tree
 
@@ -303,7 +362,7 @@ class CgroupTree:
         return enabled
 
     def process(self, process_name: str) -> ProcessCgroup:
-        path = self.programs / _cgroup_name(process_name)
+        path = self.programs / cgroup_name(process_name)
         path.mkdir(exist_ok=True)
         return ProcessCgroup(path)
 
@@ -315,14 +374,17 @@ class CgroupTree:
                 found.append(Leftover(folder.name, pid, _command_line(pid)))
         return found
 
-    def kill_leftovers(self, timeout: float = 5.0) -> list[Leftover]:
+    def kill_leftovers(
+        self, timeout: float = 5.0, keep: frozenset[str] | set[str] = frozenset()
+    ) -> list[Leftover]:
         """Kill what `leftovers()` finds and wait (bounded) until they are gone.
 
         Start-up only, before the loop runs: the ports they hold must be free before the
-        programs start again. Returns what was killed.
+        programs start again. Returns what was killed. `keep`: cgroup names left alone
+        (processes whose program says leftovers = "keep").
         """
-        killed = self.leftovers()
-        folders = list(self._program_folders())
+        killed = [found for found in self.leftovers() if found.cgroup not in keep]
+        folders = [f for f in self._program_folders() if f.name not in keep]
         for folder in folders:
             ProcessCgroup(folder).kill()
         for folder in folders:
@@ -331,11 +393,48 @@ class CgroupTree:
                 folder.rmdir()
         return killed
 
+    def teardown(self) -> None:
+        """On a clean exit: remove the empty program cgroups; if supd made ROOT, move
+        back to where it was and remove ROOT (kept while a kept leftover lives in it)."""
+        for folder in self._program_folders():
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if self.origin is None:
+            return
+        _write(self.origin / "cgroup.procs", str(os.getpid()))
+        for folder in (self.root / "daemon", self.programs, self.root):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
     def _program_folders(self) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.programs):
                 if entry.is_dir(follow_symlinks=False):
                     yield Path(entry.path)
+
+
+def remove_tree(config_path: str) -> None:
+    """Kill and remove the tree a SIGKILLed supd on `config_path` left (test and
+    benchmark teardown; a new supd on that config would do the same at its start).
+
+    Only a tree supd made itself (`supd-<hash>`, supd at the hierarchy's root): a
+    delegated cgroup is its owner's (systemd's) to remove.
+    """
+    hierarchy = detect()
+    if hierarchy is None or not hierarchy.at_root:
+        return
+    root = tree_root(hierarchy, os.path.realpath(config_path))
+    if not root.is_dir():
+        return
+    for folder in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if folder.is_dir():
+            cgroup = ProcessCgroup(folder)
+            cgroup.kill()
+            wait_empty(cgroup, 5)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def wait_empty(cgroup: ProcessCgroup, timeout: float) -> bool:

@@ -61,6 +61,7 @@ class _Request(ctypes.Structure):
         ("parent_pid", ctypes.c_int),
         ("error", ctypes.c_int),
         ("step", ctypes.c_int),
+        ("into_cgroup", ctypes.c_int),
     ]
 
 
@@ -96,6 +97,9 @@ def _load() -> ctypes.CDLL | None:
 
 _library: Final = _load()
 
+# Whether the last spawn with a cgroup was born in it (clone3) rather than moved there.
+last_into_cgroup = False
+
 
 def available() -> bool:
     return _library is not None
@@ -116,7 +120,7 @@ def spawn(
     directory: str | None = None,
     umask: int | None = None,
     nofile: tuple[int, int] | None = None,
-    cgroup_procs_fd: int | None = None,
+    cgroup_fd: int | None = None,
     credentials: tuple[int, int, Sequence[int]] | None = None,
     pdeathsig: int = 0,
 ) -> int:
@@ -134,7 +138,9 @@ def spawn(
     if nofile is not None:
         request.set_nofile = 1
         request.nofile_cur, request.nofile_max = nofile
-    request.cgroup_fd = -1 if cgroup_procs_fd is None else cgroup_procs_fd
+    # A cgroup directory: the child is born in it (clone3 CLONE_INTO_CGROUP), or, where
+    # clone3 cannot, joins it (cgroup.procs) before exec.
+    request.cgroup_fd = -1 if cgroup_fd is None else cgroup_fd
     groups_array = None
     if credentials is not None:
         uid, gid, groups = credentials
@@ -146,6 +152,8 @@ def spawn(
     request.pdeathsig = pdeathsig
     request.parent_pid = os.getpid()
     pid: int = _library.supd_spawn(ctypes.byref(request))
+    global last_into_cgroup
+    last_into_cgroup = bool(request.into_cgroup)
     if pid < 0:
         step = STEPS[request.step] if 0 <= request.step < len(STEPS) else str(request.step)
         filename = path if step == "exec" else directory if step == "chdir" else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import __version__, daemonlog
@@ -66,6 +66,8 @@ class Snapshot:
     now: float  # monotonic
     wall: float  # time.time(), for the wall-clock time of an exit
     entries: list[tuple[Process, int | None]]  # (process, the signal that stopped it)
+    # Per process, what only the daemon knows: cgroup accounting and survivors.
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Core(Protocol):
@@ -176,7 +178,12 @@ class Commands:
             case StatusParams(names=names):
                 snapshot = core.snapshot(core.resolve(names))
                 now, wall = snapshot.now, snapshot.wall
-                responder.result([info(p, now, wall, stopped) for p, stopped in snapshot.entries])
+                extra = snapshot.extra
+                rows = [
+                    info(p, now, wall, stopped, extra.get(p.name))
+                    for p, stopped in snapshot.entries
+                ]
+                responder.result(rows)
             case (
                 StartParams(names=names, wait=wait)
                 | StopParams(names=names, wait=wait)

@@ -16,6 +16,7 @@ The file format (option names follow supervisord)::
     journal_socket = "/run/systemd/journal/socket"  # where "journal" log destinations go
     include = ["conf.d/*.toml"]   # globs; included files hold [programs.*] and [groups.*]
     subreaper = false             # become a child subreaper (automatic when PID 1)
+    cgroups = "auto"              # auto: a cgroup per process where supd may; off: sessions
     environment = { TZ = "UTC" }  # every program inherits it; a program's own wins
 
     [programs.web]
@@ -434,6 +435,8 @@ Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 ByteCount = Annotated[int, Field(ge=0)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 ExitCode = Annotated[int, Field(ge=0, le=255)]
+# Limits, stored as the cgroup files take them: "max", bytes, "QUOTA PERIOD" in µs.
+_CPU_MAX = re.compile(r"(max|[1-9][0-9]*)( [1-9][0-9]*)?")
 
 # ---------------------------------------------------------------------------
 # Models
@@ -456,6 +459,9 @@ class SupervisorConfig(BaseModel):
     journal_socket: Path = Path("/run/systemd/journal/socket")
     include: tuple[NonEmptyStr, ...] = ()  # glob patterns as written, relative to the file
     subreaper: bool = False
+    # "auto": a cgroup v2 per process where supd can manage one (root, Delegate=yes, a
+    # container's own cgroup namespace); "off": the session fallback (sessions.py).
+    cgroups: Literal["auto", "off"] = "auto"
     # Every program inherits it; the loader merges it into each ProgramConfig.environment.
     environment: dict[NonEmptyStr, str] = Field(default_factory=dict)
     # Serve GET /metrics: "HOST:PORT" (an IP address, or localhost) or a UNIX socket path.
@@ -811,6 +817,13 @@ class ProgramConfig(BaseModel):
     stopsignal: int = int(signal.SIGTERM)
     stopwaitsecs: Seconds = 10.0
     killasgroup: bool = True
+    # What the main process leaves behind when it exits or is stopped: "kill" (systemd's
+    # KillMode=control-group) or "keep" (KillMode=process).
+    leftovers: Literal["kill", "keep"] = "kill"
+    # cgroup v2 limits, written where the controller is enabled (else a warning).
+    memory_max: str | None = None
+    cpu_max: str | None = None
+    pids_max: str | None = None
     redirect_stderr: bool = False
     # The loader always fills these two in ({log_dir}/{process_name}.out.log, .err.log).
     stdout_logfile: str | None = None
@@ -1032,6 +1045,58 @@ class ProgramConfig(BaseModel):
     @classmethod
     def _parse_size(cls, value: Any) -> Any:
         return _parse_byte_size(value)
+
+    @field_validator("memory_max", mode="before")
+    @classmethod
+    def _parse_memory(cls, value: Any) -> Any:
+        """A size ('512MB'), a number of bytes or 'max' -> memory.max's text."""
+        hint = "should be a size like '512MB', a number of bytes, or 'max'"
+        if isinstance(value, str) and value.strip().lower() == "max":
+            return "max"
+        if not isinstance(value, str) and not _is_int(value):
+            raise ValueError(hint)
+        try:
+            size = _parse_byte_size(value)
+        except ValueError:
+            raise ValueError(hint) from None
+        if not _is_int(size) or size < 1:
+            raise ValueError(hint)
+        return str(size)
+
+    @field_validator("cpu_max", mode="before")
+    @classmethod
+    def _parse_cpu(cls, value: Any) -> Any:
+        """'50%' (of one CPU) -> '50000 100000'; 'max', 'QUOTA' or 'QUOTA PERIOD' as is."""
+        hint = "should be a share of one CPU like '50%' or '200%', 'QUOTA PERIOD' in µs, or 'max'"
+        if not isinstance(value, str):
+            raise ValueError(hint)
+        text = value.strip()
+        if text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                raise ValueError(hint) from None
+            if not 0 < percent <= 100_000:
+                raise ValueError(hint)
+            return f"{max(1000, round(percent * 1000))} 100000"
+        if _CPU_MAX.fullmatch(text) is None:
+            raise ValueError(hint)
+        return text
+
+    @field_validator("pids_max", mode="before")
+    @classmethod
+    def _parse_pids(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "max":
+            return "max"
+        if not _is_int(value) or value < 1:
+            raise ValueError("should be a number of processes (at least 1), or 'max'")
+        return str(value)
+
+    def cgroup_limits(self) -> dict[str, str]:
+        """The limits set, as written to the cgroup (memory.max, cpu.max, pids.max)."""
+        limits = {"memory_max": self.memory_max, "cpu_max": self.cpu_max}
+        limits["pids_max"] = self.pids_max
+        return {option: value for option, value in limits.items() if value is not None}
 
     @field_validator("stdout_logfile", "stderr_logfile", mode="before")
     @classmethod

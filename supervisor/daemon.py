@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import errno
 import gc
 import heapq
 import itertools
@@ -37,11 +39,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, assert_never
+from typing import Any, TypeVar, assert_never
 
 from . import (
     __version__,
     activation,
+    cgroups,
     childnotify,
     daemonlog,
     envfile,
@@ -49,7 +52,9 @@ from . import (
     linux,
     notify,
     probes,
+    sessions,
     spawn,
+    status,
 )
 from .commands import Commands, Snapshot
 from .config import JOURNAL, Config, ConfigError, ProgramConfig, Stream, load, summary
@@ -102,6 +107,8 @@ from .process import Exited, Probe, ProbeResult, Process, Spawned, SpawnFailed
 from .protocol import MAX_TAIL_BYTES, Request
 from .selector import Event, ReadyKey, Selector
 from .signals import name as signal_name
+
+T = TypeVar("T")
 
 # Signals the daemon reads through the signalfd.
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -187,6 +194,13 @@ class ChildNotifyTag:
 
 
 @dataclass(frozen=True, slots=True)
+class CgroupTag:
+    """A process's cgroup.events changed (EPOLLPRI): is it empty now?"""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class OwnLogTag:
     """supd's own log fd is writable again while lines wait for it (see daemonlog)."""
 
@@ -258,6 +272,12 @@ class Slot:
     operator_signals: set[int] = field(default_factory=set)  # supctl signal, this child
     oom_kills_at_spawn: int | None = None  # the cgroup's oom_kill counter then
     written_at_spawn: int = 0  # the death's stream's byte count then: its tail is this run's
+    leftovers: str = "kill"  # the program's `leftovers`
+    cgroup: cgroups.ProcessCgroup | None = None  # None: the session fallback
+    # The main process's end, held back until its cgroup is empty (leftovers = kill):
+    # the fleet only learns that a process is gone once all of it is.
+    pending_exit: SpawnFailed | Exited | None = None
+    cgroup_killed: bool = False  # cgroup.kill sent since the last spawn
 
     def sink(self, stream: str) -> Sink:
         return self.stdout if stream == "stdout" else self.stderr
@@ -293,6 +313,9 @@ class Daemon:
         # supd's environment as every child starts from it (minus systemd's variables)
         self.base_environment = spawn.child_environment(os.environ)
         self.subreaper = False
+        self.cgroup_tree: cgroups.CgroupTree | None = None  # None: the session fallback
+        self.journal: sessions.SessionJournal | None = None  # the fallback's record
+        self._spare_fd: int | None = None  # see _with_spare_fd (with cgroups only)
         self.running = False
         self.exit_code = EXIT_OK
         self._clock_fd: int | None = None
@@ -339,6 +362,8 @@ class Daemon:
             log=self.log,
         )
         self.control.open()
+        # After the socket is ours (no live supd uses it) and before anything starts.
+        self._contain()
         if settings.metrics is not None:
             self.metrics_server = MetricsServer(
                 self.selector,
@@ -401,6 +426,13 @@ class Daemon:
             self.metrics_server.close()
         for slot in list(self.slots.values()):
             self._drop_slot(slot)
+        if self.cgroup_tree is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup_tree.teardown()
+        if self.journal is not None:
+            self.journal.close(remove=not self.journal.live)
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
         for pid, (job, _sink) in list(self.compressing.items()):
             spawn.send_signal(pid, signal.SIGKILL, False)
             spawn.reap(pid)
@@ -431,6 +463,8 @@ class Daemon:
                 self._signal_received(signum)
             case WatchdogTag():
                 self.notifier.watchdog()
+            case CgroupTag(name=name):
+                self._cgroup_changed(name, woken=True)
             case OwnLogTag():
                 daemonlog.flush()
             case ChildNotifyTag():
@@ -485,6 +519,9 @@ class Daemon:
                     sink.flush_partial()  # its last line, without a newline
         except Exception:  # whatever happens, the exit is reaped and reported
             self.log.exception("output_drain_failed", process=name, pid=pid)
+        if slot.cgroup is None and slot.leftovers == "kill":
+            # Before the reap: the zombie keeps the pid (and so the session) ours.
+            self._kill_session(slot, pid)
         self.metrics.child_exiting(name, pid)  # the run's last CPU figure, from the zombie
         exit_code, exit_signal, core_dumped = spawn.reap_status(pid)
         self.metrics.exited(name, exit_code, exit_signal)
@@ -498,15 +535,197 @@ class Daemon:
             if slot.exec_error is not None:
                 self.log.error("spawn_failed", process=name, pid=pid, error=slot.exec_error)
         if slot.exec_error is not None:
-            self.queue.append(ChildEvent(name, SpawnFailed(slot.exec_error, time.time())))
+            self._gone_when_empty(slot, SpawnFailed(slot.exec_error, time.time()))
         else:
             # The `exited` log event comes with the fleet's classification (Died).
             ending = self._ending(slot, core_dumped)
-            self.queue.append(ChildEvent(name, Exited(exit_code, exit_signal, ending)))
+            self._gone_when_empty(slot, Exited(exit_code, exit_signal, ending))
         if self.subreaper:
             # Orphans that died with this child (a killed process group) were hidden
             # behind its zombie from _reap_orphans' peek; with it reaped, look again.
             self._reap_orphans()
+
+    # -- leaving nothing behind (cgroups.py; sessions.py without cgroups) ----------------
+
+    def _contain(self) -> None:
+        """Choose cgroups or the session fallback; kill what a dead supd left behind.
+
+        Start-up only, before any program starts: the ports the leftovers hold must be
+        free when the programs start again, so the waits here are bounded blocking ones.
+        """
+        settings = self.config.supervisor
+        keep = {
+            name
+            for program in self.config.programs.values()
+            if program.leftovers == "keep"
+            for name in program.process_names()
+        }
+        journal = sessions.SessionJournal(sessions.journal_path(settings.socket))
+        self._kill_journal_leftovers(journal)
+        reason = 'cgroups = "off"'
+        if settings.cgroups == "auto":
+            hierarchy = cgroups.detect()
+            reason = "no cgroup v2 hierarchy mounted"
+            if hierarchy is not None:
+                try:
+                    instance = os.path.realpath(
+                        self.config.path
+                    )  # one file, one tree (as the lock)
+                    self.cgroup_tree = cgroups.CgroupTree.setup(hierarchy, instance)
+                except cgroups.CgroupUnavailable as exc:
+                    reason = str(exc)
+        tree = self.cgroup_tree
+        if tree is None:
+            self.log.info("cgroups_unused", reason=reason, fallback="sessions")
+            for program in self.config.programs.values():
+                for option in program.cgroup_limits():
+                    problem = f"{option} is not applied: {reason}"
+                    self.log.warning("cgroup_limit_not_set", program=program.name, problem=problem)
+            journal.open()
+            self.journal = journal
+            return
+        self.log.info("cgroups_used", root=str(tree.root), controllers=sorted(tree.controllers))
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if "memory" in tree.controllers:  # an unexplained SIGKILL can be confirmed as OOM
+            self.oom_kills = self._cgroup_oom_kills
+        for leftover in tree.kill_leftovers(keep={cgroups.cgroup_name(n) for n in keep}):
+            self.log.warning(
+                "leftover_killed",
+                cgroup=leftover.cgroup,
+                pid=leftover.pid,
+                command=leftover.command,
+            )
+
+    def _kill_journal_leftovers(self, journal: sessions.SessionJournal) -> None:
+        """The sessions a dead supd's journal lists: kill what still lives in them."""
+        killed: list[int] = []
+        for session, start in journal.load().items():
+            for member in sessions.kill_session(session, start):
+                killed.append(member.pid)
+                self.log.warning(
+                    "leftover_killed", session=session, pid=member.pid, command=member.command
+                )
+        if killed and not sessions.wait_gone(killed, timeout=5.0):
+            self.log.warning("leftovers_survive", pids=[p for p in killed if sessions.alive(p)])
+
+    def _kill_session(self, slot: Slot, pid: int) -> None:
+        """Without cgroups: the exited leader's process group, then its session's members
+        (one /proc scan). Escapes what called setsid() again; cgroups catch those."""
+        start = self.journal.live.get(pid) if self.journal is not None else None
+        if start is None:
+            stat = sessions.read_stat(pid)
+            start = stat.start_time if stat is not None else None
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        members = sessions.kill_session(pid, start)
+        if members:
+            pids = [m.pid for m in members]
+            self.log.info("leftovers_killed", process=slot.name, pid=pid, pids=pids)
+        if self.journal is not None:
+            self.journal.ended(pid)
+
+    def _gone_when_empty(self, slot: Slot, event: SpawnFailed | Exited) -> None:
+        """Report the main process's end once nothing of it is left in its cgroup."""
+        cgroup = slot.cgroup
+        try:
+            if not self._contained(slot) or cgroup is None or not cgroup.populated():
+                self.queue.append(ChildEvent(slot.name, event))
+                return
+            self._kill_cgroup(slot, reason="main process exited")
+            fd = self._with_spare_fd(cgroup.open_events)
+            self.selector.register_handle(fd, Event.PRIORITY, CgroupTag(slot.name))
+        except OSError as exc:
+            # No fd to watch with (EMFILE) or the cgroup is gone: what is left was sent
+            # SIGKILL (or could not be), and the process is reported gone now.
+            cgroup_close(cgroup, self.selector)
+            self.log.warning("cgroup_wait_failed", process=slot.name, error=exc.strerror)
+            self.queue.append(ChildEvent(slot.name, event))
+            return
+        slot.pending_exit = event
+        self._cgroup_changed(slot.name)  # emptied already? (the read re-arms the event)
+
+    def _cgroup_changed(self, name: str, woken: bool = False) -> None:
+        """Empty yet? Asked once right after the kill, then on each EPOLLPRI wake-up."""
+        slot = self.slots.get(name)
+        cgroup = slot.cgroup if slot is not None else None
+        if slot is None or cgroup is None or cgroup.events_fd is None:
+            return
+        populated = cgroup.populated()
+        if woken:
+            self.log.debug("cgroup_events", process=name, populated=populated)
+        if populated:
+            return  # wait for the next change
+        cgroup_close(cgroup, self.selector)
+        event, slot.pending_exit = slot.pending_exit, None
+        if event is not None:
+            self.log.info("cgroup_empty", process=name, woken=woken)
+            self.queue.append(ChildEvent(name, event))
+
+    def _with_spare_fd(self, opener: Callable[[], T]) -> T:
+        """Open something even at EMFILE: one fd is held in reserve for that (the kill of
+        a stop, the watch of its end), given up for the call and taken back after."""
+        try:
+            return opener()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or self._spare_fd is None:
+                raise
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            return opener()
+        finally:
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _cgroup_oom_kills(self, name: str) -> int | None:
+        slot = self.slots.get(name)
+        return slot.cgroup.oom_kills() if slot is not None and slot.cgroup is not None else None
+
+    @staticmethod
+    def _contained(slot: Slot) -> bool:
+        """Whether this process's end means its whole cgroup's (leftovers = kill)."""
+        return slot.cgroup is not None and slot.leftovers == "kill"
+
+    def _kill_cgroup(self, slot: Slot, reason: str) -> None:
+        assert slot.cgroup is not None
+        cgroup = slot.cgroup
+        pids: list[int] | str = "?"
+        with contextlib.suppress(OSError):  # for the log only (at EMFILE, none)
+            pids = cgroup.pids()
+
+        self._with_spare_fd(cgroup.kill)
+        slot.cgroup_killed = True
+        self.log.info("cgroup_killed", process=slot.name, pids=pids, reason=reason)
+
+    def _open_cgroup(self, slot: Slot, program: ProgramConfig) -> None:
+        """The process's cgroup, its events fd (paused until a wait), and its limits."""
+        tree = self.cgroup_tree
+        if tree is None:
+            return
+        try:
+            cgroup = tree.process(slot.name)
+        except OSError as exc:
+            self.log.error("cgroup_failed", process=slot.name, error=exc.strerror or str(exc))
+            return
+        slot.cgroup = cgroup
+        for problem in cgroup.set_limits(program.cgroup_limits()):
+            self.log.warning("cgroup_limit_not_set", process=slot.name, problem=problem)
+
+    def _close_cgroup(self, slot: Slot) -> None:
+        cgroup, slot.cgroup = slot.cgroup, None
+        if cgroup is None:
+            return
+        cgroup_close(cgroup, self.selector)
+        if not cgroup.remove():  # leftovers = keep: they stay, in it
+            self.log.info("cgroup_kept", process=slot.name, pids=cgroup.pids())
+
+    def survivors(self, name: str) -> list[sessions.ProcStat] | None:
+        """What SIGKILL did not end (D state...), for `status`; None: nothing was killed."""
+        slot = self.slots.get(name)
+        if slot is None or not slot.cgroup_killed or slot.cgroup is None:
+            return None
+        found = [sessions.read_stat(pid) for pid in slot.cgroup.pids()]
+        return [stat for stat in found if stat is not None]
 
     def _ending(self, slot: Slot, core_dumped: bool) -> Ending:
         """What the death record needs besides the exit status."""
@@ -608,7 +827,7 @@ class Daemon:
             case Spawn(name=name, program=program):
                 self._spawn(name, program)
             case Kill(name=name, signum=signum, group=group):
-                self._signal(name, signum, group)
+                self._kill(name, signum, group)
             case Transitioned():
                 self.metrics.transitioned(effect)
                 self._log_transition(effect)
@@ -621,7 +840,9 @@ class Daemon:
                     name,
                     self._sink(program, name, "stdout"),
                     self._sink(program, name, "stderr"),
+                    leftovers=program.leftovers,
                 )
+                self._open_cgroup(self.slots[name], program)
             case DropSlot(name=name):
                 slot = self.slots.get(name)
                 if slot is not None:
@@ -682,12 +903,19 @@ class Daemon:
             redirect_stderr=program.redirect_stderr,
             configured_environment=frozenset(program.environment),
         )
+        cgroup_fd: int | None = None
         try:
+            if slot.cgroup is not None:
+                cgroup_fd = slot.cgroup.open_dir()
+                spec = dataclasses.replace(spec, cgroup_fd=cgroup_fd)
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
             self.log.error("spawn_failed", process=name, error=str(exc))
             self.queue.append(ChildEvent(name, SpawnFailed(str(exc), time.time())))
             return
+        finally:
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
         slot.child = child
         slot.exec_error = None
         self._notify_owners[child.pid] = name
@@ -699,6 +927,9 @@ class Daemon:
         slot.written_at_spawn = slot.sink(
             "stdout" if program.redirect_stderr else "stderr"
         ).bytes_written
+        slot.cgroup_killed = False
+        if self.journal is not None and slot.leftovers == "kill":
+            self.journal.started(child.pid)
         self.selector.register_process(child.pid, ChildTag(name, child.pid))
         if child.exec_error_fd is not None:
             tag = ExecReportTag(name, child.pid)
@@ -714,6 +945,18 @@ class Daemon:
                 self.selector.register_handle(fd, Event.READ, OutputTag(name, stream))
         self.log.info("spawned", process=name, pid=child.pid)
         self.queue.append(ChildEvent(name, Spawned(child.pid)))
+
+    def _kill(self, name: str, signum: int, group: bool) -> None:
+        """The fleet's stop signal, or its SIGKILL escalation, which with a cgroup (and
+        leftovers = kill) reaches everything in it, whatever session it made."""
+        slot = self.slots.get(name)
+        if signum == signal.SIGKILL and slot is not None and self._contained(slot):
+            try:
+                self._kill_cgroup(slot, reason="SIGKILL")
+                return
+            except OSError as exc:  # the cgroup is gone, or no fd even with the spare
+                self.log.error("cgroup_kill_failed", process=name, error=exc.strerror)
+        self._signal(name, signum, group)
 
     def _signal(self, name: str, signum: int, group: bool) -> bool:
         """Send `signum` to a process (or its group); False if it is not running."""
@@ -1025,6 +1268,7 @@ class Daemon:
             self._close_reader(slot, fd)
         slot.stdout.close()
         slot.stderr.close()
+        self._close_cgroup(slot)
         self.metrics.slot_dropped(slot.name, slot.stdout, slot.stderr)
         self.slots.pop(slot.name, None)
 
@@ -1342,7 +1586,15 @@ class Daemon:
             process = processes[name]
             pid = process.pid
             entries.append((process, spawn.stopped_by(pid) if check and pid else None))
-        return Snapshot(self.clock(), time.time(), entries)
+        extra = {}
+        if self.cgroup_tree is not None:
+            memory = "memory" in self.cgroup_tree.controllers
+            for name in names:
+                slot = self.slots.get(name)
+                if slot is not None and slot.cgroup is not None:
+                    stats = slot.cgroup.stats(memory)
+                    extra[name] = status.cgroup_extra(stats, self.survivors(name))
+        return Snapshot(self.clock(), time.time(), entries, extra)
 
     def submit(
         self,
@@ -1487,6 +1739,26 @@ def settings_metrics(daemon: Daemon) -> str | None:
     return None if server is None else server.configured
 
 
+def cgroup_close(cgroup: cgroups.ProcessCgroup | None, selector: Selector[Any]) -> None:
+    """Stop watching a cgroup's events and close its fd (if it was being watched)."""
+    if cgroup is not None and cgroup.events_fd is not None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            selector.unregister(cgroup.events_fd)
+        cgroup.close()
+
+
+def limit_warnings(config: Config) -> list[str]:
+    """The limits (memory_max, cpu_max, pids_max) this machine will not apply, per
+    program: `--check` prints them; supd starts the programs all the same."""
+    enabled = config.supervisor.cgroups != "off"
+    hierarchy = cgroups.detect() if enabled else None
+    return [
+        f"programs.{program.name}: {problem}"
+        for program in config.programs.values()
+        for problem in cgroups.limit_problems(hierarchy, program.cgroup_limits(), enabled)
+    ]
+
+
 def reset_inherited_signals() -> None:
     """Start from known signal state whatever the launcher left us.
 
@@ -1524,6 +1796,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.check:
         print(summary(config))
+        warning = "<4>" if error else ""
+        for warned in limit_warnings(config):
+            print(f"{warning}warning: {warned}", file=sys.stderr)
         return EXIT_OK
     try:
         lock = instancelock.InstanceLock.acquire(args.config)  # held until supd exits

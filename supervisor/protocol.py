@@ -262,6 +262,15 @@ class _Result(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class Survivor(_Result):
+    """A process left in a cgroup after cgroup.kill: uninterruptible (D), usually."""
+
+    pid: int
+    state: str  # /proc/PID/stat's state letter: "D"
+    wchan: str  # where in the kernel it waits ("0" when unknown)
+    command: str
+
+
 class ProcessInfo(_Result):
     """One row of `status`."""
 
@@ -286,6 +295,12 @@ class ProcessInfo(_Result):
     consecutive_failures: int = 0
     revive_in: float | None = None
     reason: str | None = None
+    # With cgroups (else absent): the whole cgroup's CPU time, memory and OOM kills
+    # (None where the memory controller is not enabled), and what survived SIGKILL.
+    cpu_seconds: float | None = None
+    memory_bytes: int | None = None
+    oom_kills: int | None = None
+    survivors: list[Survivor] | None = None
 
 
 class ActionResult(_Result):

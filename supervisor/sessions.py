@@ -21,8 +21,11 @@ gone, for members that started after it: a reused pid never makes supd kill a st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import select
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,7 @@ class ProcStat:
     session: int
     start_time: int  # clock ticks since boot
     state: str
-    command: str
+    command: str  # the short name (comm); kill_session gives the whole command line
 
 
 def parse_stat(text: str) -> ProcStat | None:
@@ -78,6 +81,56 @@ def session_members(session: int, leader_start: int | None = None) -> list[ProcS
     ]
 
 
+def wchan(pid: int) -> str:
+    """Where in the kernel `pid` waits (/proc/PID/wchan; "0" when running or hidden)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().strip() or "0"
+    except OSError:
+        return "?"
+
+
+def alive(pid: int) -> bool:
+    stat = read_stat(pid)
+    return stat is not None and stat.state != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float) -> bool:
+    """Block (start-up only) until every pid has ended, or `timeout` passes.
+
+    pidfds (Linux 5.3+) become readable when the process ends, even one that is not
+    our child; a pid that is already gone needs no wait.
+    """
+    poller = select.poll()
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # gone already (ESRCH), or no pidfds: checked below
+                continue
+            fds.append(fd)
+            poller.register(fd, select.POLLIN)
+        waiting = len(fds)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for fd, _ in poller.poll(left * 1000):
+                poller.unregister(fd)
+                waiting -= 1
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return not any(alive(pid) for pid in pids)
+
+
+def journal_path(socket: Path) -> Path:
+    """The journal of the supd serving `socket`: beside it, in the runtime directory."""
+    return socket.with_name(socket.name + ".sessions")
+
+
 def kill_session(session: int, leader_start: int | None = None) -> list[ProcStat]:
     """SIGKILL every live member of `session` (one /proc scan); returns them."""
     if leader_start is not None:
@@ -85,10 +138,23 @@ def kill_session(session: int, leader_start: int | None = None) -> list[ProcStat
         if leader is not None and leader.start_time != leader_start:
             return []  # the pid now leads another session: not ours
     members = session_members(session, leader_start)
+    found = []
     for member in members:
+        # Its whole command line, for the log, read while it is still there.
+        found.append(dataclasses.replace(member, command=command_line(member.pid, member.command)))
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(member.pid, signal.SIGKILL)
-    return members
+    return found
+
+
+def command_line(pid: int, default: str = "?") -> str:
+    """/proc/PID/cmdline with spaces; `default` (the short name) for a kernel thread."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return default
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or default
 
 
 class SessionJournal:

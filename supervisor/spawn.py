@@ -23,13 +23,15 @@ spawn), chosen once per daemon (`method()`; `supd --version` prints it):
 
 - ``clone``: supd's small C spawner (`_spawn.c`, bound in `clonespawn`), built at
   install time where a C compiler exists. clone(CLONE_VM | CLONE_VFORK) borrows the
-  daemon's memory instead of copying it, sets up everything above in C, and execs.
+  daemon's memory instead of copying it, sets up everything above in C, and execs;
+  with a cgroup, clone3 starts the child inside it (CLONE_INTO_CGROUP).
   A failed step (exec included) comes back as SpawnError at once, with its errno.
 - ``python``, where the C spawner was not built (or ``SUPD_SPAWN=python`` asks for it):
   `posix_spawn` through setpriv(1), which sets the parent-death signal (see
   `_posix_spawn`); `posix_spawn` of the program itself when supd is PID 1; else a
   plain `os.fork()` that sets everything up in Python and execs (`_fork`), for programs
-  that switch users and for systems without setpriv. On the fork path the child reports
+  that switch users, for systems without setpriv, and for a child that must join its
+  cgroup before exec (posix_spawn cannot). On the fork path the child reports
   a failed exec through a close-on-exec pipe (end of file means the exec succeeded),
   which the daemon reads when convenient: the parent never waits for the child. Running
   Python in a forked child is safe because the daemon is single-threaded. Through
@@ -113,6 +115,9 @@ class SpawnSpec:
     redirect_stderr: bool = False
     # Variables the program's config sets: a user switch does not override them.
     configured_environment: frozenset[str] = frozenset()
+    # An open directory fd of the process's cgroup (cgroups.py), or None: the child is
+    # born in it (clone3) or joins it before exec (fork); posix_spawn cannot, see `spawn`.
+    cgroup_fd: int | None = None
 
 
 @dataclass
@@ -253,8 +258,13 @@ def spawn(spec: SpawnSpec) -> Child:
         return _clone(spec, creds, executable, env)
     # As PID 1 (a container's init) the parent-death signal is moot: when PID 1 dies
     # the kernel kills everything in its namespace. Then exec the program directly.
-    direct = creds is None and os.getpid() == 1
-    setpriv = _setpriv() if creds is None and not direct else None
+    # posix_spawn runs no code of ours in the child, so it cannot join a cgroup before
+    # exec; the parent moving it right after the call loses a race under load (the
+    # program forks first, and its children stay in supd's cgroup: seen in the tests).
+    # A child that must join one goes the fork path, which joins before exec.
+    joins = spec.cgroup_fd is not None
+    direct = creds is None and os.getpid() == 1 and not joins
+    setpriv = _setpriv() if creds is None and not direct and not joins else None
     parent_fds: list[int] = []
     child_fds: list[int] = []
     try:
@@ -305,6 +315,7 @@ def _clone(
             directory=os.fspath(spec.directory) if spec.directory is not None else None,
             umask=spec.umask,
             nofile=_ORIGINAL_NOFILE,
+            cgroup_fd=spec.cgroup_fd,
             credentials=(creds.uid, creds.gid, creds.groups) if creds is not None else None,
             # As PID 1 the parent-death signal is moot: the kernel kills the namespace.
             pdeathsig=0 if os.getpid() == 1 else signal.SIGTERM,
@@ -475,6 +486,9 @@ def _become_program(
         if spec.umask is not None:
             os.umask(spec.umask)
         resource.setrlimit(resource.RLIMIT_NOFILE, _ORIGINAL_NOFILE)
+        if spec.cgroup_fd is not None:  # while still privileged
+            procs = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=spec.cgroup_fd)
+            os.write(procs, b"0")
         if creds is not None:
             os.setgroups(list(creds.groups))
             os.setgid(creds.gid)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .cgroups import CgroupStats
 from .deaths import Death, format_clock
 from .facts import State
 from .process import Process, Want
+from .sessions import ProcStat, command_line, wchan
 from .signals import name as signal_name
 
 
@@ -80,7 +82,11 @@ def _health_mark(process: Process) -> str:
 
 
 def info(
-    process: Process, now: float, wall_now: float, stopped_by: int | None = None
+    process: Process,
+    now: float,
+    wall_now: float,
+    stopped_by: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `ProcessInfo` (protocol.py) as a plain dict.
 
@@ -89,7 +95,7 @@ def info(
     against `protocol.ProcessInfo`.
     """
     started = process.started_at if process.pid is not None else None
-    return {
+    row: dict[str, Any] = {
         "name": process.name,
         "program": process.config.name,
         "state": process.state.value,
@@ -106,6 +112,13 @@ def info(
         "notify_status": process.notify_status,
         **schedule(process, now),
     }
+    if extra:
+        row.update(extra)
+        survivors = extra.get("survivors")
+        if survivors:
+            listed = ", ".join(f"pid {s['pid']} {s['state']} in {s['wchan']}" for s in survivors)
+            row["description"] = f"{row['description']}; survived SIGKILL: {listed}"
+    return row
 
 
 # -- crash loops and deaths: the schedule, what supd does next, the death records -------
@@ -196,3 +209,23 @@ def deaths_info(process: Process, now: float, wall_now: float, limit: int) -> di
         "blocking": [process.waiting_for] if process.waiting_for else [],  # dependencies
         "deaths": [death_info(d) for d in recent],
     }
+
+
+def cgroup_extra(stats: CgroupStats, survivors: list[ProcStat] | None) -> dict[str, Any]:
+    """What a process's cgroup adds to its `status` row (`ProcessInfo`'s last fields)."""
+    extra: dict[str, Any] = {
+        "cpu_seconds": stats.cpu_seconds,
+        "memory_bytes": stats.memory_bytes,
+        "oom_kills": stats.oom_kills,
+    }
+    if survivors:
+        extra["survivors"] = [
+            {
+                "pid": s.pid,
+                "state": s.state,
+                "wchan": wchan(s.pid),
+                "command": command_line(s.pid, s.command),
+            }
+            for s in survivors
+        ]
+    return extra

@@ -244,3 +244,11 @@ class Supd:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             kill_quietly(pid)
+        remove_cgroup_tree(self.config_path)
+
+
+def remove_cgroup_tree(config_path: Path) -> None:
+    """What a SIGKILLed supd on `config_path` left in the cgroup hierarchy: killed, removed."""
+    from supd import cgroups
+
+    cgroups.remove_tree(str(config_path))

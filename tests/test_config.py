@@ -110,6 +110,7 @@ def test_every_option_is_read(tmp_path: Path) -> None:
         log_level = "warn"
         include = ["more/*.toml"]
         subreaper = true
+        cgroups = "off"
 
         [programs.web]
         command = ["python3", "-m", "http.server", "8000"]
@@ -132,6 +133,10 @@ def test_every_option_is_read(tmp_path: Path) -> None:
         stopsignal = "INT"
         stopwaitsecs = 3
         killasgroup = false
+        leftovers = "keep"
+        memory_max = "512MB"
+        cpu_max = "150%"
+        pids_max = 64
         redirect_stderr = true
         stdout_logfile = "/var/log/web-{process_num}.log"
         stdout_logfile_maxbytes = "10MB"
@@ -150,8 +155,15 @@ def test_every_option_is_read(tmp_path: Path) -> None:
         log_level="warning",
         include=("more/*.toml",),
         subreaper=True,
+        cgroups="off",
     )
     web = config.programs["web"]
+    assert web.leftovers == "keep"
+    assert web.cgroup_limits() == {
+        "memory_max": str(512 * 1024**2),
+        "cpu_max": "150000 100000",
+        "pids_max": "64",
+    }
     assert web.command == ("python3", "-m", "http.server", "8000")
     assert web.process_names() == ["web:0", "web:1"]
     assert web.directory == Path("/srv/web")
@@ -976,3 +988,58 @@ def test_socket_path_must_not_be_a_file_or_folder_or_under_a_file(tmp_path: Path
     ):
         found = problems(tmp_path, f'[supervisor]\nsocket = "{socket}"\n')
         assert len(found) == 1 and message in found[0], found
+
+
+# -- leftovers and cgroup limits -------------------------------------------------------
+
+
+def test_leftovers_are_killed_and_cgroups_used_by_default(tmp_path: Path) -> None:
+    config = load_text(tmp_path, '[programs.web]\ncommand = "sleep 1"\n')
+    assert config.supervisor.cgroups == "auto"
+    assert config.programs["web"].leftovers == "kill"
+    assert config.programs["web"].cgroup_limits() == {}
+
+
+@pytest.mark.parametrize(
+    ("option", "written", "expected"),
+    [
+        ("memory_max", '"max"', "max"),
+        ("memory_max", "1048576", "1048576"),
+        ("memory_max", '"1GB"', str(1024**3)),
+        ("cpu_max", '"max"', "max"),
+        ("cpu_max", '"50%"', "50000 100000"),
+        ("cpu_max", '"20000 50000"', "20000 50000"),
+        ("cpu_max", '"max 100000"', "max 100000"),
+        ("pids_max", '"max"', "max"),
+        ("pids_max", "1", "1"),
+    ],
+)
+def test_limits_are_written_as_the_cgroup_files_take_them(
+    tmp_path: Path, option: str, written: str, expected: str
+) -> None:
+    web = program(tmp_path, f'command = "sleep 1"\n{option} = {written}\n')
+    assert web.cgroup_limits() == {option: expected}
+
+
+@pytest.mark.parametrize(
+    ("option", "written"),
+    [
+        ("memory_max", "0"),
+        ("memory_max", '"lots"'),
+        ("cpu_max", '"0%"'),
+        ("cpu_max", '"half"'),
+        ("cpu_max", '"100000 0"'),
+        ("pids_max", "0"),
+        ("leftovers", '"maybe"'),
+    ],
+)
+def test_bad_limits_and_leftovers_are_config_problems(
+    tmp_path: Path, option: str, written: str
+) -> None:
+    found = problems(tmp_path, f'[programs.web]\ncommand = "sleep 1"\n{option} = {written}\n')
+    assert len(found) == 1 and f"programs.web.{option}" in found[0] and ":3:" in found[0], found
+
+
+def test_cgroups_is_auto_or_off(tmp_path: Path) -> None:
+    [found] = problems(tmp_path, '[supervisor]\ncgroups = "on"\n')
+    assert "supervisor.cgroups" in found and ":2:" in found

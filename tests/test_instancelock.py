@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from supd.instancelock import AlreadyLocked, InstanceLock, lock_path_for
-from tests.helpers import PY, SLEEP, Supd, source_pythonpath, wait_until
+from tests.helpers import PY, SLEEP, Supd, remove_cgroup_tree, source_pythonpath, wait_until
 
 Factory = Callable[..., Supd]
 
@@ -92,6 +92,7 @@ def test_another_config_in_the_same_folder_runs(supd: Factory, tmp_path: Path) -
     finally:
         proc.kill()
         proc.wait()
+        remove_cgroup_tree(other)  # what the SIGKILLed supd leaves where it uses cgroups
 
 
 def test_the_lock_goes_with_the_daemon_even_on_sigkill(supd: Factory) -> None:

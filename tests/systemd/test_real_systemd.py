@@ -347,6 +347,38 @@ def test_watchdog_restarts_a_hung_supd(service: Service) -> None:
     )
 
 
+def test_programs_get_a_cgroup_each_and_nothing_is_left_after_stop(service: Service) -> None:
+    """Delegate=yes: supd in supd.service/daemon, each program in its own cgroup; what a
+    program leaves (a double-forked daemon, a setsid'd child) goes with the stop."""
+    escaper = "setsid sleep 1001 & ( ( sleep 1002 & ) & ); exec sleep 1000"
+    service.configure(sleeper("worker", command=["/bin/sh", "-c", escaper]))
+    service.systemctl("start", "supd.service")
+    wait(lambda: service.state("worker") == "RUNNING", "worker running")
+    messages = service.messages()
+    assert any("cgroups_used" in m for m in messages), messages
+    # Where cgroup2 is mounted in the container (/sys/fs/cgroup/unified when hybrid).
+    mounts = service.run("cat", "/proc/self/mounts").splitlines()
+    mount = next(line.split()[1] for line in mounts if line.split()[2] == "cgroup2")
+    root = mount + service.show("ControlGroup")
+    wait(
+        lambda: len(service.run("cat", f"{root}/programs/worker/cgroup.procs").split()) == 3,
+        "the program and both escapers in the program's cgroup",
+    )
+    daemon = service.run("cat", f"{root}/daemon/cgroup.procs").split()
+    assert daemon == [str(service.main_pid())]
+    # No process in the inner node. (Waited for: once a dying task of the service's
+    # previous run was seen there for a moment, listed as pid 0.)
+    wait(
+        lambda: service.run("cat", f"{root}/cgroup.procs").split() == [],
+        "no process in supd.service itself",
+    )
+    service.systemctl("stop", "supd.service")
+    assert service.show("Result") == "success"
+    # supd emptied every cgroup itself: nothing was left for systemd's SIGKILL.
+    assert not any("Killing process" in m for m in service.messages())
+    assert service.run("pgrep", "-c", "-f", "^sleep 100[0-2]$", check=False).strip() == "0"
+
+
 def test_recovery_after_kill_9(service: Service) -> None:
     service.configure(sleeper("worker"))
     service.systemctl("start", "supd.service")
@@ -625,7 +657,7 @@ def test_hardening_leaves_programs_running_as_other_users_alone(service: Service
 PROBED_UNDER_SUPD = [
     "refused: write /usr",  # ProtectSystem=yes
     "refused: read /proc/kallsyms",  # ProtectKernelTunables
-    "refused: mkdir in a cgroup",  # ProtectControlGroups
+    "allowed: mkdir in a cgroup",  # Delegate=yes: a program's own cgroup is writable
     "refused: SCHED_FIFO",  # RestrictRealtime
     "refused: chmod u+s",  # RestrictSUIDSGID
     "refused: chmod g+s",
