@@ -53,6 +53,7 @@ WORKLOADS = (
     "stdout",
     "storm",
     "selector",
+    "health",
     "scale",
     "reexec",
 )
@@ -148,6 +149,8 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
         steps.append(Step("storm", (SUPD, SUPERVISORD, FLOOR), sizes.storm_rounds, workloads.storm))
     if "selector" in wanted:
         steps.append(Step("selector", (SUPD,), 1, workloads.selector))
+    if "health" in wanted:  # supd only: supervisord has no health checks
+        steps.append(Step(f"health of {sizes.health_programs}", (SUPD,), 1, workloads.health))
     if "scale" in wanted:
         quick = sizes is workloads.QUICK
         run = functools.partial(workloads.scale, quick=quick)

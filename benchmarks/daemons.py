@@ -36,6 +36,7 @@ class Program:
     restart: bool = True  # supd autorestart = "always", supervisord autorestart = true
     stdout_logfile: Path | None = None  # None: the daemon's default place
     stdout_maxbytes: int | None = None  # 0 never rotates; None: the daemon's default
+    supd_only: tuple[str, ...] = ()  # extra TOML lines for supd (health checks, ...)
 
 
 class Daemon(Protocol):
@@ -109,6 +110,7 @@ class Supd:
                 lines.append(f"stdout_logfile = {_toml(str(program.stdout_logfile))}")
             if program.stdout_maxbytes is not None:
                 lines.append(f"stdout_logfile_maxbytes = {program.stdout_maxbytes}")
+            lines += program.supd_only
         (self.workdir / "logs").mkdir(exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
 

@@ -101,6 +101,7 @@ def build_rows(results: Results, sizes: Sizes) -> list[Row]:
     builders = (
         _respawn, _idle, _memory, _control, _startup, _log, _stdout, _storm, _selector, _scale,
         _reexec,
+        _health,
     )  # fmt: skip
     for builder in builders:
         rows += builder(_Figures(results), sizes)
@@ -432,6 +433,27 @@ def _reexec(f: _Figures, sizes: Sizes) -> list[Row]:
             "< 2 s",
             supd < 2,
         )
+    ]
+
+
+def _health(f: _Figures, sizes: Sizes) -> list[Row]:
+    cpu = f.get("health.cpu_percent", SUPD)
+    if cpu is None:
+        return []
+    workload = f"health ({sizes.health_programs:,} tcp checks every 1 s)"
+    rate = f.get("health.probes_per_s", SUPD)
+    return [
+        Row(workload, "daemon CPU (% of one core)", cpu, None, "", "< 5%", cpu < 5, 1),
+        Row(
+            workload,
+            "wake-ups per probe",
+            f.get("health.wakeups_per_probe", SUPD),
+            None,
+            _ref("probes/s", rate, 0),
+            "",
+            None,
+            3,
+        ),
     ]
 
 

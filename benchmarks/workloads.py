@@ -60,6 +60,8 @@ class Sizes:
     storm_window_s: float
     storm_rounds: int
     selector_calls: int
+    health_programs: int
+    health_window_s: float
 
 
 FULL = Sizes(
@@ -79,6 +81,8 @@ FULL = Sizes(
     storm_window_s=10.0,
     storm_rounds=2,
     selector_calls=20_000,
+    health_programs=1000,
+    health_window_s=10.0,
 )
 
 QUICK = Sizes(
@@ -98,6 +102,8 @@ QUICK = Sizes(
     storm_window_s=2.0,
     storm_rounds=1,
     selector_calls=5_000,
+    health_programs=200,
+    health_window_s=3.0,
 )
 
 # Things seen settle: supd's exec reports and supervisord's first loop turns.
@@ -778,6 +784,87 @@ def selector(session: Session, subject: str) -> str:
     session.results.add("selector.us", "epoll", [bare])
     session.results.add("selector.us", SUPD, [ours])
     return f"Selector.select {ours:.2f} us/call, bare epoll {bare:.2f} us/call"
+
+
+# -- 8. health checks: 1,000 programs, each with a 1 s tcp check ----------------------------
+
+# A listener that accepts and closes every connection (the probes never send anything),
+# in its own process so that it costs the daemon nothing; it counts what it accepted.
+ACCEPTOR = """
+import select, signal, socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", 0))
+listener.listen(4096)
+listener.setblocking(False)
+print(listener.getsockname()[1], flush=True)
+count = 0
+def report(*_):
+    print(count, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, report)
+signal.signal(signal.SIGUSR1, lambda *_: print(count, flush=True))
+poller = select.epoll()
+poller.register(listener, select.EPOLLIN)
+while True:
+    for _ in poller.poll():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                break
+            conn.close()
+            count += 1
+"""
+
+
+def health(session: Session, subject: str) -> str:
+    """The daemon's cost of `health_programs` tcp health checks a second, against one
+    listening socket: CPU as a share of one core, and wake-ups per probe."""
+    sizes = session.sizes
+    workdir = session.workdir(f"health-{subject}")
+    out = workdir / "acceptor.out"
+    acceptor = session.processes.start([sys.executable, "-c", ACCEPTOR], output=out)
+    try:
+        procs.wait_for(lambda: out.read_text().strip() != "", 10, "acceptor listening", 0.01)
+        port = int(out.read_text().split()[0])
+        check = f'health = {{ tcp = "127.0.0.1:{port}", interval = 1, start_grace = 0 }}'
+        programs = [
+            Program(p.name, p.argv, supd_only=(check,))
+            for p in sleepers(session.helper, sizes.health_programs)
+        ]
+        daemon = session.daemon(subject, workdir)
+        daemon.write_config(programs)
+        process = daemon.launch(session.processes, session.stamps_env(workdir / "stamps"))
+        try:
+            deadline_s = 60 + sizes.health_programs * 0.1
+            wait_until_all_running(daemon, sizes.health_programs, deadline_s, 0.05)
+            time.sleep(2 * SETTLE_S)  # the first probe of each is a second after RUNNING
+            acceptor.send_signal(10)  # SIGUSR1: how many so far
+            switches, cpu_ns = procs.context_switches(process.pid), procs.on_cpu_ns(process.pid)
+            time.sleep(sizes.health_window_s)
+            switches = procs.context_switches(process.pid) - switches
+            cpu_ms = (procs.on_cpu_ns(process.pid) - cpu_ns) / 1e6
+            acceptor.send_signal(10)
+            procs.wait_for(lambda: len(out.read_text().split()) >= 3, 10, "acceptor count", 0.01)
+            counts = [int(x) for x in out.read_text().split()[1:3]]
+            probes = counts[1] - counts[0]
+            healthy = sum(1 for state in daemon.states().values() if state == "RUNNING")
+        finally:
+            session.processes.kill(process)
+    finally:
+        session.processes.kill(acceptor)
+    window = sizes.health_window_s
+    cpu_share = cpu_ms / (window * 1000) * 100
+    per_probe = switches / probes if probes else float("nan")
+    results = session.results
+    results.add("health.cpu_percent", subject, [cpu_share])
+    results.add("health.wakeups_per_probe", subject, [per_probe])
+    results.add("health.probes_per_s", subject, [probes / window])
+    return (
+        f"{probes} probes in {window:g} s ({probes / window:.0f}/s, {healthy} RUNNING), "
+        f"{cpu_share:.1f}% of a core, {switches} wake-ups ({per_probe:.3f} per probe)"
+    )
 
 
 def _field(text: str, pattern: str) -> str:

@@ -56,6 +56,7 @@ from .protocol import (
     UsageParams,
     VersionParams,
     VersionResult,
+    WaitParams,
 )
 from .reloadplan import ReloadReport, report_data
 from .status import deaths_info, info
@@ -143,6 +144,12 @@ class Core(Protocol):
         """Call `listener` with new output until it returns False; returns unfollow."""
         ...
 
+    def await_condition(
+        self, names: list[str], condition: str, reply: Callable[[tuple[Outcome, ...]], None]
+    ) -> Callable[[], None]:
+        """`reply` once every process meets `condition` (one outcome each); returns a
+        cancel for a client that leaves first."""
+
     def clear(self, names: list[str]) -> None:
         """Forget the processes' deaths and failure counters."""
         ...
@@ -221,6 +228,13 @@ class Commands:
             case ShutdownParams():
                 responder.result(ShutdownResult(ok=True))
                 core.shutdown()
+            case WaitParams(names=names, condition=condition):
+                targets = core.resolve(names)
+
+                def reply(outcomes: tuple[Outcome, ...]) -> None:
+                    responder.result([_action_result(outcome) for outcome in outcomes])
+
+                responder.on_close(core.await_condition(targets, condition, reply))
             case DeathsParams(name=name, limit=limit):
                 [name] = self._one(name)
                 snapshot = core.snapshot([name])

@@ -65,6 +65,7 @@ import functools
 import glob
 import grp
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -582,6 +583,192 @@ def _socket_path_problem(path: Path) -> str | None:
         return None
 
 
+# -- readiness, health and dependencies (issue 14) ------------------------------------
+
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\s/\[\]]+)):(?P<port>\d{1,5})")
+_HTTP_URL = re.compile(r"http://(?P<hostport>[^/\s]+)(?P<path>/\S*)?")
+DependencyCondition = Literal["started", "ready", "healthy", "completed"]
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """'127.0.0.1:5432', 'localhost:80' or '[::1]:80' -> (host, port); ValueError else."""
+    match = _HOST_PORT.fullmatch(value)
+    if match is None:
+        raise ValueError(f"should be HOST:PORT, such as 127.0.0.1:5432 (got {value!r})")
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise ValueError(f"port should be 1 to 65535 (got {port})")
+    return match["v6"] or match["host"], port
+
+
+def parse_http_url(value: str) -> tuple[str, int, str]:
+    """'http://127.0.0.1:8000/healthz' -> (host, port, path); port 80 when omitted."""
+    match = _HTTP_URL.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            f"should be an http:// URL, such as http://127.0.0.1:8000/healthz (got {value!r})"
+        )
+    hostport = match["hostport"]
+    if not _HOST_PORT.fullmatch(hostport):
+        hostport += ":80"
+    host, port = parse_host_port(hostport)
+    return host, port, match["path"] or "/"
+
+
+class _ProbeTarget(BaseModel):
+    """What the probe kinds share: exactly one kind, its target checked at load."""
+
+    model_config = _MODEL_CONFIG
+
+    tcp: NonEmptyStr | None = None
+    http: NonEmptyStr | None = None
+    exec: tuple[NonEmptyStr, ...] | None = None
+    interval: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 1.0
+    timeout: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 1.0
+
+    @field_validator("tcp", "http", mode="before")
+    @classmethod
+    def _expand_target(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            return expand_variables(value, _context(info).environ)
+        return value
+
+    @field_validator("tcp")
+    @classmethod
+    def _tcp_target(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _http_target(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_http_url(value)
+        return value
+
+    @field_validator("exec", mode="before")
+    @classmethod
+    def _exec_command(cls, value: Any, info: ValidationInfo) -> Any:
+        environ = _context(info).environ
+        if isinstance(value, str):
+            return tuple(shlex.split(expand_variables(value, environ)))
+        if isinstance(value, list):
+            return tuple(expand_variables(a, environ) if isinstance(a, str) else a for a in value)
+        return value
+
+    @field_validator("exec")
+    @classmethod
+    def _exec_not_empty(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not value:
+            raise ValueError("should name a command")
+        return value
+
+    def kinds(self) -> list[str]:
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> Any:
+        kinds = self.kinds()
+        if len(kinds) != 1:
+            shown = ", ".join(kinds) if kinds else "none"
+            raise ValueError(f"should set exactly one probe kind (got {shown})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return self.kinds()[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_bytes_pattern(pattern: str) -> re.Pattern[bytes]:
+    return re.compile(pattern.encode())
+
+
+class ReadyConfig(_ProbeTarget):
+    """`ready = { tcp|http|exec|log|notify|file = ..., interval, timeout, ready_timeout }`."""
+
+    log: NonEmptyStr | None = None
+    notify: Literal[True] | None = None
+    file: NonEmptyStr | None = None
+    ready_timeout: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60.0
+
+    def kinds(self) -> list[str]:
+        fields = ("tcp", "http", "exec", "log", "notify", "file")
+        return [name for name in fields if getattr(self, name) is not None]
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _file_path(cls, value: Any, info: ValidationInfo) -> Any:
+        """${VAR} expanded; relative to the folder of the file it is written in."""
+        if not isinstance(value, str) or not value:
+            return value
+        context = _context(info)
+        return str(_normalised(context.base_dir, expand_variables(value, context.environ)))
+
+    @field_validator("log")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @property
+    def log_pattern(self) -> re.Pattern[bytes]:
+        return _compiled_bytes_pattern(self.log or "")
+
+    def describe(self) -> str:
+        match self.kind:
+            case "tcp":
+                return f"connect {self.tcp}"
+            case "http":
+                return f"GET {self.http}"
+            case "exec":
+                return f"exec {shlex.join(self.exec or ())}"
+            case "log":
+                return f"a line matching {self.log!r}"
+            case "notify":
+                return "READY=1"
+        return f"file {self.file}"
+
+
+class HealthConfig(_ProbeTarget):
+    """`health = { tcp|http|exec|log-silence = ..., interval, timeout, failures,
+    start_grace, on_unhealthy }`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    log_silence: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] | None = Field(
+        default=None, alias="log-silence"
+    )
+    failures: int = Field(default=3, ge=1)
+    start_grace: Seconds = 30.0
+    on_unhealthy: Literal["restart", "stop", "ignore"] = "restart"
+
+    def kinds(self) -> list[str]:
+        fields = ("tcp", "http", "exec", "log_silence")
+        return [name for name in fields if getattr(self, name) is not None]
+
+
+class Dependency(BaseModel):
+    """One `depends_on` entry: a program and the condition it must meet."""
+
+    model_config = _MODEL_CONFIG
+
+    program: NonEmptyStr
+    condition: DependencyCondition = "ready"
+
+
+def _dependency_list(value: Any) -> Any:
+    """ "db" is short for { program = "db" } (condition ready)."""
+    if not isinstance(value, list):
+        return value
+    return tuple({"program": item} if isinstance(item, str) else item for item in value)
+
+
 def _default_socket(context: _Context) -> Path:
     return Path(facts.socket_path(str(context.base_dir), None, context.environ))
 
@@ -651,11 +838,24 @@ class ProgramConfig(BaseModel):
     rotate_every: Seconds | None = None  # "1h", "1d", "7d": rotate by age as well as size
     max_total_size: ByteCount = 0  # cap on a log's current file and backups together; 0: none
     compress: bool = False  # gzip rotated backups (NAME.1.gz ...) in a helper process
+    # Readiness, health and dependencies (issue 14).
+    ready: ReadyConfig | None = None
+    health: HealthConfig | None = None
+    depends_on: tuple[Dependency, ...] = ()
+    on_dependency_restart: Literal["restart", "ignore"] = "ignore"
+    notify: bool = False  # NOTIFY_SOCKET for the program (sd_notify)
+    watchdog_sec: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] | None = None
 
     # The environment dict makes pydantic's generated hash fail; equal configs share
     # name and command, so hashing those keeps hash consistent with ==.
     def __hash__(self) -> int:
         return hash((self.name, self.command))
+
+    @property
+    def wants_notify_socket(self) -> bool:
+        """NOTIFY_SOCKET for its children: asked for, or needed by readiness/watchdog."""
+        waits_ready = self.ready is not None and self.ready.kind == "notify"
+        return self.notify or waits_ready or self.watchdog_sec is not None
 
     @property
     def group_name(self) -> str:
@@ -763,6 +963,11 @@ class ProgramConfig(BaseModel):
                 "(':' separates the process number)"
             )
         return value
+
+    @field_validator("depends_on", mode="before")
+    @classmethod
+    def _short_dependencies(cls, value: Any) -> Any:
+        return _dependency_list(value)
 
     @field_validator("command", mode="before")
     @classmethod
@@ -1480,6 +1685,32 @@ class _Loader:
                     break
                 owners[name] = program.name
 
+    def check_dependencies(self) -> None:
+        """depends_on names known programs, never itself, and makes no cycle.
+
+        A dependency on an `autostart = false` program is not an error: starting a
+        program starts what it depends on (at boot too), so nothing is left waiting on a
+        program that nobody would start (README, "Dependencies").
+        """
+        edges: dict[str, list[str]] = {}
+        for program in self.programs.values():
+            document = self.documents[program.name]
+            key = ("programs", program.name, "depends_on")
+            targets = []
+            for dependency in program.depends_on:
+                if dependency.program == program.name:
+                    self.problems.append(document.problem(key, "a program cannot depend on itself"))
+                elif dependency.program not in self.documents:
+                    message = f"names unknown program {dependency.program}"
+                    self.problems.append(document.problem(key, message))
+                elif dependency.program in self.programs:
+                    targets.append(dependency.program)
+            edges[program.name] = targets
+        for cycle in find_cycles(edges):
+            document = self.documents[cycle[0]]
+            message = "dependency cycle: " + " -> ".join([*cycle, cycle[0]])
+            self.problems.append(document.problem(("programs", cycle[0], "depends_on"), message))
+
     def check_process_total(self) -> bool:
         """At most MAX_PROCESSES in all; named at the program that goes over."""
         total = 0
@@ -1510,11 +1741,11 @@ class _Loader:
             return
         needed = reserve
         for program in self.programs.values():
-            needed += program.numprocs * (1 if program.redirect_stderr else 2)
+            needed += program.numprocs * _fds_per_process(program)
             if needed > limit:
                 key = ("programs", program.name, "numprocs")
                 total = reserve + sum(
-                    p.numprocs * (1 if p.redirect_stderr else 2) for p in self.programs.values()
+                    p.numprocs * _fds_per_process(p) for p in self.programs.values()
                 )
                 message = (
                     f"the programs' output pipes need {total} file descriptors with supd's "
@@ -1549,6 +1780,14 @@ class _Loader:
         for name, program in self.programs.items():
             merged = {**environment, **program.environment}
             self.programs[name] = program.model_copy(update={"environment": merged})
+
+
+def _fds_per_process(program: ProgramConfig) -> int:
+    """A running process's fds in the daemon: its output pipes, and the socket of a
+    ready or health probe in flight (one at a time: ready while STARTING, health after)."""
+    pipes = 1 if program.redirect_stderr else 2
+    probes = [c for c in (program.ready, program.health) if c is not None]
+    return pipes + (1 if any(c.kind in ("tcp", "http", "exec") for c in probes) else 0)
 
 
 def _without_duplicates_of(hints: list[Problem], problems: list[Problem]) -> list[Problem]:
@@ -1600,12 +1839,80 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     if loader.check_process_total():  # (over the total, the fd count says nothing new)
         metrics = supervisor is not None and supervisor.metrics is not None
         loader.check_fd_budget(FD_RESERVE + (METRICS_FD_RESERVE if metrics else 0))
+    loader.check_dependencies()
     problems.extend(loader.problems)
     problems = _without_duplicates_of(hints, problems)
     if problems or supervisor is None:
         raise ConfigError(_in_reading_order(problems, main_path))
     loader.inherit_environment(supervisor.environment)
     return Config(main_path, supervisor, loader.programs, loader.sources, loader.groups)
+
+
+def find_cycles(edges: Mapping[str, Iterable[str]]) -> list[list[str]]:
+    """Each cycle of the graph once, as its members in edge order, starting from the
+    first one in `edges`' order (so the message points at a stable place).
+
+    Tarjan's strongly connected components; a component of several nodes is a cycle
+    (every member named), and so is one node with an edge to itself.
+    """
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    counter = itertools.count()
+
+    def visit(root: str) -> None:
+        # Iterative, so a long chain of dependencies cannot hit the recursion limit.
+        work = [(root, iter(edges.get(root, ())))]
+        index[root] = low[root] = next(counter)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, successors = work[-1]
+            for successor in successors:
+                if successor not in index:
+                    index[successor] = low[successor] = next(counter)
+                    stack.append(successor)
+                    on_stack.add(successor)
+                    work.append((successor, iter(edges.get(successor, ()))))
+                    break
+                if successor in on_stack:
+                    low[node] = min(low[node], index[successor])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    components.append(component)
+
+    for node in edges:
+        if node not in index:
+            visit(node)
+    order = {name: i for i, name in enumerate(edges)}
+    cycles = []
+    for component in components:
+        if len(component) > 1 or component[0] in edges.get(component[0], ()):
+            members = set(component)
+            start = min(component, key=order.__getitem__)
+            cycle, node = [start], start
+            while True:  # walk edges inside the component, in config order
+                following = [n for n in edges.get(node, ()) if n in members and n not in cycle]
+                if not following:
+                    break
+                node = following[0]
+                cycle.append(node)
+            cycle += sorted(members - set(cycle), key=order.__getitem__)
+            cycles.append(cycle)
+    return sorted(cycles, key=lambda c: order[c[0]])
 
 
 def _in_reading_order(problems: list[Problem], main_path: Path) -> list[Problem]:

@@ -91,6 +91,7 @@ COMMANDS = (
     "pid",
     "version",
     "shutdown",
+    "wait",
     "why",
     "clear",
     "metrics",
@@ -277,6 +278,7 @@ _RESULT_SHAPES: dict[str, tuple[type, tuple[str, ...]]] = {
     "pid": (dict, ("pid",)),
     "version": (dict, ("version", "pid")),
     "shutdown": (dict, ()),
+    "wait": (list, ("name", "ok")),
     "deaths": (dict, ("name", "state", "next", "deaths")),
     "clear": (list, ("name", "ok")),
     "metrics": (dict, ("text",)),
@@ -724,6 +726,28 @@ def _report_actions(method: str, results: list[dict[str, Any]], out: Output, wai
 def cmd_control(client: Client, args: argparse.Namespace, out: Output) -> int:
     results = client.call(args.command, {"names": args.names, "wait": args.wait})
     return _report_actions(args.command, results, out, args.wait)
+
+
+def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Exit 0 once every process meets the condition; 1 at --timeout, or when one can
+    no longer meet it (FATAL; an exit counted as failure, for completed)."""
+    if args.wait_timeout is not None:
+        client.limit_s = args.wait_timeout or None  # 0: no bound
+    params = {"names": args.names, "condition": args.condition}
+    try:
+        results = client.call("wait", params)
+    except TimedOut:
+        out.failure("timed_out", f"not {args.condition} within {args.wait_timeout:g} s")
+        return EXIT_FAILED
+    if out.as_json:
+        out.json(results)
+        return EXIT_OK if all(item.get("ok") for item in results) else EXIT_FAILED
+    for item in results:
+        if item.get("ok"):
+            out.line(f"{item.get('name')}: {args.condition}")
+        else:
+            out.line(f"{item.get('name')}: ERROR ({item.get('error') or item.get('state')})")
+    return EXIT_OK if all(item.get("ok") for item in results) else EXIT_FAILED
 
 
 def cmd_signal(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -1397,6 +1421,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("names", nargs="+", metavar="NAME")
     command("shutdown", cmd_shutdown, "stop all processes and the daemon")
+    sub = command(
+        "wait",
+        cmd_wait,
+        "wait until processes are ready, healthy or completed (exit 1 at --timeout)",
+    )
+    sub.add_argument("names", nargs="+", metavar="NAME")
+    sub.add_argument(
+        "--for",
+        dest="condition",
+        choices=("started", "ready", "healthy", "completed"),
+        default="ready",
+        help="the condition (default: ready)",
+    )
+    sub.add_argument(
+        "--timeout",
+        dest="wait_timeout",
+        type=_timeout,
+        metavar="S",
+        help="give up after S seconds, with exit status 1",
+    )
     command(
         "reexec",
         cmd_reexec,
@@ -1654,6 +1698,7 @@ class Completer:
         "restart",
         "tail",
         "pid",
+        "wait",
         "why",
         "clear",
         "fg",

@@ -46,11 +46,13 @@ from . import (
     __version__,
     activation,
     cgroups,
+    childnotify,
     daemonlog,
     envfile,
     instancelock,
     linux,
     notify,
+    probes,
     reexec,
     sessions,
     spawn,
@@ -74,7 +76,9 @@ from .fleet import (
     Action,
     Adopt,
     Answer,
+    Await,
     Boot,
+    CancelProbe,
     ChildEvent,
     ClearHistory,
     CreateSlot,
@@ -84,17 +88,20 @@ from .fleet import (
     Fleet,
     FleetEffect,
     FleetEvent,
+    HealthChanged,
     Ignored,
     Kill,
     Outcome,
     Ready,
     Reload,
     ReloadPlanned,
+    RunProbe,
     Shutdown,
     Spawn,
     Submit,
     Tick,
     Transitioned,
+    Unawait,
     UpdateSlot,
     reload_diff,
 )
@@ -110,7 +117,7 @@ from .logs import (
     journal_socket,
 )
 from .metrics import Metrics, ProcessView
-from .process import Exited, Process, Spawned, SpawnFailed, Timer
+from .process import Exited, Probe, ProbeResult, Process, Spawned, SpawnFailed, Timer
 from .protocol import MAX_TAIL_BYTES, Request
 from .reloadplan import ReloadPlan, ReloadReport, reload_event, supervisor_changes
 from .selector import Event, ReadyKey, Selector
@@ -177,6 +184,37 @@ class WatchdogTag:
 class OutputTag:
     name: str
     stream: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTag:
+    """A probe's socket (`serial` tells a probe from a later one of the same process)."""
+
+    name: str
+    serial: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeChildTag:
+    """An exec probe's child."""
+
+    name: str
+    pid: int
+
+
+@dataclass(slots=True, eq=False)
+class ProbeRun:
+    """The one probe in flight for a process: a socket, or an exec probe's child."""
+
+    probe: Probe
+    serial: int
+    sock: probes.SocketProbe | None = None
+    child: spawn.Child | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChildNotifyTag:
+    """The socket programs send their sd_notify datagrams to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +290,9 @@ class Slot:
     child: spawn.Child | None = None
     readers: dict[int, PipeReader] = field(default_factory=dict)  # pipe fd -> reader
     exec_error: str | None = None  # the child's report that its exec failed
+    probe: ProbeRun | None = None  # the ready or health probe in flight
+    matcher: probes.LineMatcher | None = None  # ready = { log = ... } until it matched
+    last_output_at: float | None = None  # monotonic: health = { log-silence = ... }
     operator_signals: set[int] = field(default_factory=set)  # supctl signal, this child
     oom_kills_at_spawn: int | None = None  # the cgroup's oom_kill counter then
     written_at_spawn: int = 0  # the death's stream's byte count then: its tail is this run's
@@ -310,6 +351,13 @@ class Daemon:
         self._generation = 1  # 1 + how many re-execs this daemon has been through
         self.systemd: dict[str, str] = {}  # systemd's variables for supd (NOTIFY_SOCKET...)
         self.lock: instancelock.InstanceLock | None = None
+        self._probe_serials = 0
+        # sd_notify from programs (issue 14): the socket, made once some program asks;
+        # pid -> process for crediting (children, and the MAINPID each declared).
+        self.child_notify: childnotify.NotifySocket | None = None
+        self._notify_owners: dict[int, str] = {}
+        self._main_pids: dict[str, int] = {}
+        self._notify_strangers: set[int] = set()
         # Partial lines held for a shared stream: (deadline, serial, sink, hold number).
         # Deadlines of output work (partial-line flushes, stalled-stdout checks), on the
         # flush timer: (deadline, serial, what to do then).
@@ -349,6 +397,7 @@ class Daemon:
         self._open_metrics(settings)
         self._open_loop_sources()
         self.running = True
+        self._open_child_notify(self.config)
         self.queue.append(Boot(tuple(self.config.programs.values())))
         self._drain()
         self._release_memory()
@@ -435,6 +484,8 @@ class Daemon:
         self.compressing.clear()
         self.selector.close()
         self.notifier.close()
+        if self.child_notify is not None:
+            self.child_notify.close()
 
     # -- ready keys into fleet events ---------------------------------------------------
 
@@ -458,6 +509,13 @@ class Daemon:
                 self._cgroup_changed(name, woken=True)
             case OwnLogTag():
                 daemonlog.flush()
+            case ChildNotifyTag():
+                self._child_notifications()
+            case ProbeTag(name=name, serial=serial):
+                self._probe_ready(name, serial)
+            case ProbeChildTag(name=name, pid=pid):
+                self.selector.unregister(key.fd)
+                self._probe_child_exited(name, pid)
             case StreamTag(fd=fd):
                 for made in daemonlog.stream_writers():
                     if made.fd == fd:
@@ -496,6 +554,7 @@ class Daemon:
             self.log.warning("unknown_child_exited", process=name, pid=pid, status=spawn.reap(pid))
             return
         child, slot.child = slot.child, None
+        self._forget_notify_pids(name, child.pid)
         try:
             self._take_exec_report(slot, child)
             self._drain_output(slot)  # nothing the child wrote is lost to its exit
@@ -841,6 +900,17 @@ class Daemon:
                 self.log.info("ready", status=self.status_line())
             case Exit():
                 self.running = False
+            case RunProbe(name=name, program=program, probe=probe):
+                self._run_probe(name, program, probe)
+            case CancelProbe(name=name):
+                slot = self.slots.get(name)
+                if slot is not None:
+                    self._end_probe(slot)
+            case HealthChanged(name=name, healthy=healthy, message=message):
+                level = self.log.info if healthy else self.log.warning
+                level("health_changed", process=name, healthy=healthy, message=message)
+                if self.notifier.enabled:
+                    self.notifier.status(self.status_line())
             case Died(name=name, death=death):
                 self._log_death(name, death)
             case UpdateSlot(name=name, program=program):
@@ -858,6 +928,10 @@ class Daemon:
             "SUPD_PROCESS_NAME": name,
             "SUPD_PROGRAM": program.name,
         }
+        if self.child_notify is not None and program.wants_notify_socket:
+            env["NOTIFY_SOCKET"] = self.child_notify.address
+            if program.watchdog_sec is not None:
+                env["WATCHDOG_USEC"] = str(round(program.watchdog_sec * 1_000_000))
         if program.env_files:  # read at each start: a file changed since is seen now
             try:
                 from_files = envfile.load(program.env_files)
@@ -892,6 +966,7 @@ class Daemon:
                 os.close(cgroup_fd)
         slot.child = child
         slot.exec_error = None
+        self._notify_owners[child.pid] = name
         for sink in (slot.stdout, slot.stderr):
             if isinstance(sink, LineSink) and isinstance(sink.target, JournalTarget):
                 sink.target.pid = child.pid
@@ -907,9 +982,13 @@ class Daemon:
         if child.exec_error_fd is not None:
             tag = ExecReportTag(name, child.pid)
             self.selector.register_handle(child.exec_error_fd, Event.READ, tag)
+        ready = program.ready
+        slot.matcher = None
+        if ready is not None and ready.kind == "log":
+            slot.matcher = probes.LineMatcher(ready.log_pattern)
         for stream, fd in (("stdout", child.stdout_fd), ("stderr", child.stderr_fd)):
             if fd is not None:
-                hook = self.followers.hook(name, stream)
+                hook = self._output_hook(name, stream)
                 slot.readers[fd] = PipeReader(fd, slot.sink(stream), hook)
                 self.selector.register_handle(fd, Event.READ, OutputTag(name, stream))
         self.log.info("spawned", process=name, pid=child.pid)
@@ -997,6 +1076,7 @@ class Daemon:
         reader = slot.readers.get(key.fd) if slot is not None else None
         if slot is None or reader is None:
             return
+        slot.last_output_at = self.clock()
         reads = MAX_READS_PER_WAKEUP
         sink = reader.sink
         if isinstance(sink, LineSink) and isinstance(sink.target, StreamTarget):
@@ -1067,7 +1147,7 @@ class Daemon:
         sink = slot.sink(stream)
         for reader in slot.readers.values():
             if reader.sink is sink:
-                reader.on_data = self.followers.hook(name, stream)
+                reader.on_data = self._output_hook(name, stream)
 
     def _sink(self, program: ProgramConfig, name: str, stream: Stream) -> Sink:
         destination = program.log_destination(name, stream)
@@ -1230,6 +1310,7 @@ class Daemon:
         self.log.info("log_compressed", path=f"{source}.gz")
 
     def _drop_slot(self, slot: Slot) -> None:
+        self._end_probe(slot)
         self._drain_output(slot)
         for fd in list(slot.readers):
             self._close_reader(slot, fd)
@@ -1253,6 +1334,234 @@ class Daemon:
                     reader.sink = slot.sink(stream)
         for sink in old.values():
             sink.close()
+
+    # -- readiness and health probes (issue 14) ------------------------------------------
+
+    def _output_hook(self, name: str, stream: str) -> Callable[[bytes], None] | None:
+        """What sees a stream's bytes besides its log: `tail -f` followers, and the
+        ready line matcher until it matched (then no hook costs anything again)."""
+        follow = self.followers.hook(name, stream)
+        slot = self.slots.get(name)
+        if slot is None or slot.matcher is None:
+            return follow
+
+        def scan(data: bytes) -> None:
+            if follow is not None:
+                follow(data)
+            matcher = slot.matcher
+            if matcher is None:
+                return
+            line = matcher.feed(data)
+            if line is not None:
+                slot.matcher = None
+                self._refresh_hooks(name, "stdout")
+                self._refresh_hooks(name, "stderr")
+                self.queue.append(ChildEvent(name, ProbeResult(Probe.READY, True, line)))
+
+        return scan
+
+    def _run_probe(self, name: str, program: ProgramConfig, probe: Probe) -> None:
+        slot = self.slots.get(name)
+        config = program.ready if probe is Probe.READY else program.health
+        if slot is None or config is None:
+            return
+        self._end_probe(slot)
+        self._probe_serials += 1
+        run = ProbeRun(probe, self._probe_serials)
+        kind = config.kind
+        if kind == "file":
+            verdict = probes.file_verdict((program.ready.file if program.ready else None) or "")
+            self.queue.append(ChildEvent(name, ProbeResult(probe, verdict.ok, verdict.message)))
+            return
+        if kind == "log_silence":
+            self._log_silence_verdict(name, slot, program, probe)
+            return
+        if kind == "exec":
+            self._run_exec_probe(name, slot, run, program, config.exec or ())
+            return
+        try:
+            sock: probes.SocketProbe = (
+                probes.TcpProbe(config.tcp or "")
+                if kind == "tcp"
+                else probes.HttpProbe(config.http or "")
+            )
+        except OSError as exc:  # EMFILE, say: a failed check, never a daemon error
+            self.queue.append(ChildEvent(name, ProbeResult(probe, False, f"probe: {exc}")))
+            return
+        if sock.verdict is not None:
+            sock.close()
+            verdict = sock.verdict
+            self.queue.append(ChildEvent(name, ProbeResult(probe, verdict.ok, verdict.message)))
+            return
+        run.sock = sock
+        slot.probe = run
+        events = Event.WRITE if sock.wants_write else Event.READ
+        self.selector.register_handle(sock.fd, events, ProbeTag(name, run.serial))
+
+    def _probe_ready(self, name: str, serial: int) -> None:
+        slot = self.slots.get(name)
+        run = slot.probe if slot is not None else None
+        if slot is None or run is None or run.serial != serial or run.sock is None:
+            return
+        sock = run.sock
+        wanted_write = sock.wants_write
+        try:
+            verdict = sock.on_ready()
+        except OSError as exc:
+            verdict = probes.Verdict(False, f"{sock.what}: {exc}")
+        if verdict is None:
+            if sock.wants_write != wanted_write:
+                events = Event.WRITE if sock.wants_write else Event.READ
+                self.selector.update_handle(sock.fd, events)
+            return
+        self._end_probe(slot)
+        self.queue.append(ChildEvent(name, ProbeResult(run.probe, verdict.ok, verdict.message)))
+
+    def _run_exec_probe(
+        self, name: str, slot: Slot, run: ProbeRun, program: ProgramConfig, argv: tuple[str, ...]
+    ) -> None:
+        """Spawned like the program (same clean slate, user, directory, environment);
+        its output is not kept, and the fleet's PROBE_TIMEOUT kills it (CancelProbe)."""
+        env = {**self.base_environment, **program.environment, "SUPD_PROCESS_NAME": name}
+        spec = spawn.SpawnSpec(
+            argv=argv,
+            environment=env,
+            directory=program.directory,
+            user=program.user,
+            group=program.group,
+            umask=program.umask,
+            redirect_stderr=True,
+            configured_environment=frozenset(program.environment),
+        )
+        what = f"exec {' '.join(argv)}"
+        try:
+            child = spawn.spawn(spec)
+        except (spawn.SpawnError, OSError) as exc:
+            self.queue.append(ChildEvent(name, ProbeResult(run.probe, False, f"{what}: {exc}")))
+            return
+        for fd in (child.stdout_fd, child.stderr_fd):
+            if fd is not None:
+                os.close(fd)  # the probe writes into a closed pipe: EPIPE, never a block
+        child.stdout_fd = child.stderr_fd = None
+        run.child = child
+        slot.probe = run
+        self.selector.register_process(child.pid, ProbeChildTag(name, child.pid))
+
+    def _probe_child_exited(self, name: str, pid: int) -> None:
+        exit_code, exit_signal = spawn.reap(pid)
+        slot = self.slots.get(name)
+        run = slot.probe if slot is not None else None
+        if slot is None or run is None or run.child is None or run.child.pid != pid:
+            return
+        if run.child.exec_error_fd is not None:
+            error = run.child.read_exec_error()
+            if error is not None:
+                exit_code, exit_signal = 127, None
+        run.child = None
+        slot.probe = None
+        argv = self.fleet.processes[name].config if name in self.fleet.processes else None
+        command = ""
+        if argv is not None:
+            config = argv.ready if run.probe is Probe.READY else argv.health
+            command = " ".join(config.exec or ()) if config is not None else ""
+        if exit_signal is not None:
+            message = f"exec {command}: killed by {signal_name(exit_signal)}"
+        else:
+            message = f"exec {command}: exit status {exit_code}"
+        self.queue.append(ChildEvent(name, ProbeResult(run.probe, exit_code == 0, message)))
+
+    def _log_silence_verdict(
+        self, name: str, slot: Slot, program: ProgramConfig, probe: Probe
+    ) -> None:
+        silence = program.health.log_silence if program.health else None
+        process = self.fleet.processes.get(name)
+        if silence is None or process is None:
+            return
+        now = self.clock()
+        last = max(slot.last_output_at or 0.0, process.started_at or now)
+        quiet = now - last
+        if quiet >= silence:
+            message = f"printed nothing for {quiet:.0f} s (log-silence = {silence:g})"
+            self.queue.append(ChildEvent(name, ProbeResult(probe, False, message)))
+        else:
+            self.queue.append(ChildEvent(name, ProbeResult(probe, True, "printing")))
+
+    def _end_probe(self, slot: Slot) -> None:
+        run, slot.probe = slot.probe, None
+        if run is None:
+            return
+        if run.sock is not None:
+            self.selector.unregister(run.sock.fd)
+            run.sock.close()
+        if run.child is not None:
+            pid = run.child.pid
+            spawn.send_signal(pid, signal.SIGKILL, True)
+            # Its process key stays: _probe_child_exited reaps it once it is gone.
+            if run.child.exec_error_fd is not None:
+                os.close(run.child.exec_error_fd)
+                run.child.exec_error_fd = None
+
+    # -- sd_notify from programs (issue 14) ---------------------------------------------
+
+    def _open_child_notify(self, config: Config) -> None:
+        """Make the notify socket the first time a program of the config asks for it."""
+        if self.child_notify is not None:
+            return
+        if not any(p.wants_notify_socket for p in config.programs.values()):
+            return
+        try:
+            self.child_notify = childnotify.NotifySocket()
+        except OSError as exc:  # its programs then never get NOTIFY_SOCKET: logged
+            self.log.error("notify_socket_failed", error=str(exc))
+            return
+        self.selector.register_handle(self.child_notify.fd, Event.READ, ChildNotifyTag())
+        self.log.info("notify_socket_open", address=self.child_notify.address)
+
+    def _child_notifications(self) -> None:
+        if self.child_notify is None:
+            return
+        for pid, data in self.child_notify.receive():
+            name = None if pid is None else childnotify.credit(pid, self._notify_owners)
+            process = self.fleet.processes.get(name) if name is not None else None
+            if process is None or not process.config.wants_notify_socket:
+                self._stranger(pid, data)
+                continue
+            notified = childnotify.parse(data)
+            if notified is None:
+                continue
+            assert name is not None
+            if notified.main_pid is not None:
+                old = self._main_pids.pop(name, None)
+                if old is not None and self._notify_owners.get(old) == name:
+                    del self._notify_owners[old]
+                self._main_pids[name] = notified.main_pid
+                self._notify_owners.setdefault(notified.main_pid, name)
+            self.log.debug(
+                "notified", process=name, pid=pid, message=data[:200].decode(errors="replace")
+            )
+            self.queue.append(ChildEvent(name, notified))
+
+    def _stranger(self, pid: int | None, data: bytes) -> None:
+        """A datagram from a process supd does not supervise (or that did not ask):
+        ignored, and logged once per sender."""
+        key = -1 if pid is None else pid
+        if key in self._notify_strangers or len(self._notify_strangers) >= 1024:
+            return
+        self._notify_strangers.add(key)
+        message = data[:200].decode(errors="replace")
+        self.log.warning(
+            "notify_ignored",
+            pid=pid,
+            message=message,
+            reason="not a supervised process that asked for NOTIFY_SOCKET",
+        )
+
+    def _forget_notify_pids(self, name: str, pid: int) -> None:
+        if self._notify_owners.get(pid) == name:
+            del self._notify_owners[pid]
+        main = self._main_pids.pop(name, None)
+        if main is not None and self._notify_owners.get(main) == name:
+            del self._notify_owners[main]
 
     def rotate_logs(self, names: list[str]) -> list[tuple[str, str, bool]]:
         """Rotate the log files of these processes now: (process, stream, rotated)."""
@@ -1306,7 +1615,11 @@ class Daemon:
         linux.malloc_trim()
 
     def status_line(self) -> str:
-        return notify.status_line(self.fleet.status_counts())
+        """STATUS= for systemd: processes by state (RUNNING ones are ready: a ready
+        probe keeps a process STARTING), and how many are unhealthy."""
+        counts = self.fleet.status_counts()
+        counts["unhealthy"] = self.fleet.unhealthy_count()
+        return notify.status_line(counts)
 
     # -- the core commands.py talks to (commands.Core) ------------------------------------
 
@@ -1361,6 +1674,20 @@ class Daemon:
         self.replies[self._request_ids] = reply
         self.queue.append(Submit(self._request_ids, action, tuple(names), wait))
 
+    def await_condition(
+        self, names: list[str], condition: str, reply: Callable[[tuple[Outcome, ...]], None]
+    ) -> Callable[[], None]:
+        self._request_ids += 1
+        request = self._request_ids
+        self.replies[request] = reply
+        self.queue.append(Await(request, tuple(names), condition))
+
+        def cancel() -> None:
+            if self.replies.pop(request, None) is not None:
+                self.queue.append(Unawait(request))
+
+        return cancel
+
     def reload(self, dry_run: bool = False, preloaded: Config | None = None) -> ReloadReport:
         """SIGHUP / `supctl reload`: apply the config file's changes, exactly as planned;
         raises ConfigError or SocketUnusable, and then nothing changed. A dry run only
@@ -1398,6 +1725,7 @@ class Daemon:
             live.remove(change)  # a socket systemd passed: its settings are systemd's
             not_live.append(f"{change}: the socket is systemd's (socket activation)")
         old_settings, self.config = self.config.supervisor, new
+        self._open_child_notify(new)
         self.metrics.reloads += 1
         if new.supervisor.metrics != settings_metrics(self):
             self.log.warning(
@@ -1651,6 +1979,8 @@ class Daemon:
         self._open_metrics((current or self.config).supervisor)
         self._open_loop_sources()
         self.running = True
+        # A new socket: adopted children keep the old address (see docs/reexec.md).
+        self._open_child_notify(current or self.config)
         now = self.clock()
         base = reexec.time_base(state, now)
         processes: list[Process] = []

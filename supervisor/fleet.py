@@ -65,7 +65,7 @@ class ChildEvent:
     """Something happened to a process's child: spawned, failed to spawn, exited."""
 
     name: str
-    event: proc.Spawned | proc.SpawnFailed | proc.Exited
+    event: proc.Spawned | proc.SpawnFailed | proc.Exited | proc.ProbeResult | proc.Notified
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +102,22 @@ class Shutdown:
 
 
 @dataclass(frozen=True, slots=True)
+class Await:
+    """A client waits until each of `names` meets `condition` (`supctl wait`)."""
+
+    request: int
+    names: tuple[str, ...]
+    condition: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unawait:
+    """The client that sent `Await(request)` has gone: forget it."""
+
+    request: int
+
+
+@dataclass(frozen=True, slots=True)
 class ClearHistory:
     """`supctl clear`: forget these processes' deaths and failure counters."""
 
@@ -120,7 +136,9 @@ class Adopt:
     swaps: tuple[tuple[str, ProgramConfig], ...] = ()
 
 
-FleetEvent = Boot | ChildEvent | Tick | Submit | Reload | Shutdown | ClearHistory | Adopt
+FleetEvent = (
+    Boot | ChildEvent | Tick | Submit | Reload | Shutdown | ClearHistory | Await | Unawait | Adopt
+)
 
 
 # -- effects: what the daemon must do ------------------------------------------------------
@@ -200,6 +218,27 @@ class Exit:
 
 
 @dataclass(frozen=True, slots=True)
+class RunProbe:
+    """Run a ready or health probe for a process; answer with a ChildEvent(ProbeResult)."""
+
+    name: str
+    program: ProgramConfig
+    probe: proc.Probe
+
+
+@dataclass(frozen=True, slots=True)
+class CancelProbe:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChanged:
+    name: str
+    healthy: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Died:
     """A process's run ended (or never began): its death record, classified."""
 
@@ -235,6 +274,9 @@ FleetEffect = (
     | UpdateSlot
     | ReloadPlanned
     | Died
+    | RunProbe
+    | CancelProbe
+    | HealthChanged
 )
 
 
@@ -282,6 +324,7 @@ class _Request:
     planning: bool = False  # restart: its stops and starts are not all sent yet
     stop_groups: list[list[str]] = field(default_factory=list)  # restart, next first
     stopping: deque[str] = field(default_factory=deque)  # restart: the group going down
+    stop_after: list[str] = field(default_factory=list)  # stop: waiting for dependants
 
 
 # -- the fleet ----------------------------------------------------------------------------
@@ -317,6 +360,15 @@ class Fleet:
         self._serials = itertools.count()
         self._out: list[FleetEffect] = []
         self._now = 0.0  # the `now` of the event being handled
+        # Dependencies (issue 14): processes whose start waits for their dependencies
+        # (insertion-ordered), and dependencies that left RUNNING during this event.
+        self._held: dict[str, None] = {}
+        self._left_running: list[str] = []
+        self._unhealthy = 0  # processes with healthy False, kept by _send
+        # program -> the programs that restart with it (on_dependency_restart = restart)
+        self._restart_with: dict[str, list[str]] = {}
+        # `supctl wait`: request -> (condition, names not met yet, outcomes so far)
+        self._awaits: dict[int, tuple[str, tuple[str, ...], dict[str, Outcome]]] = {}
 
     # -- the interface -----------------------------------------------------------------
 
@@ -331,6 +383,7 @@ class Fleet:
                 for program in programs:
                     self.configs[program.name] = program
                     self._add(program)
+                self._index_restart_with()
                 self._autostart(programs, now)
             case ChildEvent(name=name, event=child_event):
                 if name in self.processes:
@@ -343,6 +396,10 @@ class Fleet:
                 self._reload(programs, now)
             case Shutdown():
                 self._shutdown(now)
+            case Await(request=request, names=names, condition=condition):
+                self._awaits[request] = (condition, names, {})
+            case Unawait(request=request):
+                self._awaits.pop(request, None)
             case ClearHistory(names=names):
                 for name in names:
                     if name in self.processes:
@@ -408,6 +465,10 @@ class Fleet:
     def status_counts(self) -> dict[str, int]:
         return {state.value: n for state, n in self.state_counts.items()}
 
+    def unhealthy_count(self) -> int:
+        """Processes whose health check failed (UNHEALTHY) now."""
+        return self._unhealthy
+
     # -- processes ---------------------------------------------------------------------
 
     def _add(self, program: ProgramConfig) -> None:
@@ -427,12 +488,15 @@ class Fleet:
         for program in sorted(programs, key=lambda p: p.start_order):
             if program.autostart:
                 for name in self.programs.get(program.name, []):
-                    self._send(name, proc.Start(), now)
+                    self._start(name, now)
 
     def _send(self, name: str, event: proc.ProcessEvent, now: float) -> None:
         """Feed one process; turn its effects into fleet effects and settle requests."""
         process = self.processes[name]
         changes: list[State] = []
+        if isinstance(event, proc.Stop):
+            self._unhold(name)
+        was_unhealthy = process.healthy is False
         last_death = process.history[-1] if process.history else None
         effects = process.handle(event, now)
         if process.history and process.history[-1] is not last_death:
@@ -451,6 +515,8 @@ class Fleet:
                     self.state_counts[old] -= 1
                     self.state_counts[new] += 1
                     changes.append(new)
+                    if old is State.RUNNING:
+                        self._left_running.append(name)
                     delay = None
                     if new is State.BACKOFF and process.backoff_until is not None:
                         delay = process.backoff_until - now
@@ -461,10 +527,19 @@ class Fleet:
                     )
                 case proc.Ignored(state=state, event=ignored):
                     self._out.append(Ignored(name, state, ignored))
+                case proc.RunProbe(probe=probe):
+                    self._out.append(RunProbe(name, process.config, probe))
+                case proc.CancelProbe():
+                    self._out.append(CancelProbe(name))
+                case proc.HealthChanged(healthy=healthy, message=message):
+                    self._out.append(HealthChanged(name, healthy, message))
+        self._unhealthy += (process.healthy is False) - was_unhealthy
         self._settle(name, changes)
 
     def _settle(self, name: str, changes: list[State]) -> None:
         """After a process moved: answer what it settled, drop it if it was retiring."""
+        if name not in self._claims and name not in self.retiring and name not in self.swaps:
+            return  # the common case (a probe, a timer): nothing waits on it
         process = self.processes[name]
         claims = list(self._claims.get(name, ()))
         # A restart still to bring it up: a start waiting meanwhile sees it go down on
@@ -491,6 +566,8 @@ class Fleet:
     def _drop(self, name: str) -> None:
         process = self.processes.pop(name)
         self.retiring.discard(name)
+        self._unhold(name)
+        self._unhealthy -= process.healthy is False
         self.state_counts[process.state] -= 1
         for timer in Timer:
             self._timers.pop((name, timer), None)
@@ -544,10 +621,13 @@ class Fleet:
                 self._supersede_conflicts(name, up, request)
         request.replied = not submit.wait  # wait=false: the answer below, at once
         match submit.action:
-            case Action.START | Action.STOP:
-                event = proc.Start() if up else proc.Stop()
+            case Action.START:
                 for name in list(request.parts):
-                    self._send(name, event, now)
+                    if name in request.parts:
+                        self._start(name, now)
+            case Action.STOP:
+                request.stop_after = list(request.parts)
+                self._stop_dependants_first(request, now)
             case Action.RESTART:
                 # Stop by priority groups, highest number first, each one down before
                 # the next; then start them all, lowest first (as boot and shutdown do).
@@ -640,7 +720,7 @@ class Fleet:
                 parts[name].phase = _Phase.WAIT
             for name in sorted(waiting, key=lambda n: self.processes[n].config.start_order):
                 if name in parts:
-                    self._send(name, proc.Start(), now)
+                    self._start(name, now)
 
     # -- reload ------------------------------------------------------------------------
 
@@ -805,6 +885,8 @@ class Fleet:
             return
         self.shutting_down = True
         self.parked.clear()
+        for name in list(self._held):
+            self._unhold(name)
         for request in list(self._requests.values()):
             for name, part in list(request.parts.items()):
                 if part.up:
@@ -827,6 +909,9 @@ class Fleet:
                         self._resolve(request, name, self._now_outcome(name))
                 self._out.append(Exit())
                 return
+            # Dependants before their dependencies, whatever the priorities say.
+            needed = {d.program for p in live for d in p.config.depends_on}
+            live = [p for p in live if p.config.name not in needed] or live
             top = max(p.config.start_order for p in live)
             group.extend(p.name for p in live if p.config.start_order == top)
             for name in list(group):
@@ -841,15 +926,187 @@ class Fleet:
     # -- after every event -------------------------------------------------------------
 
     def _follow_up(self, now: float) -> None:
+        self._dependencies_follow(now)
         for request in list(self._requests.values()):
             if request.planning:
                 self._advance_restart(request, now)
                 self._finish_if_done(request)
+            if request.stop_after:
+                self._stop_dependants_first(request, now)
         if self.shutting_down:
             self._shutdown_step(now)
-        if self.booted and not self.ready and not self.state_counts[State.STARTING]:
+        if self._awaits:
+            self._answer_awaits()
+        if (
+            self.booted
+            and not self.ready
+            and not self.state_counts[State.STARTING]
+            and all(self._stuck(name) for name in self._held)
+        ):
             self.ready = True
             self._out.append(Ready())
+
+    # -- dependencies (issue 14) -------------------------------------------------------
+    #
+    # A process starts only when every program it depends on meets its condition; until
+    # then it is held (STOPPED, "waiting for db (ready)"). Starting a process starts what
+    # it depends on first. After every event the held ones are looked at again: O(held)
+    # per event, and nothing is held in a config without dependencies.
+
+    def _start(self, name: str, now: float, seen: frozenset[str] = frozenset()) -> None:
+        """Start a process once its dependencies are met; start them first if need be."""
+        process = self.processes[name]
+        for dependency in process.config.depends_on:
+            for other in self.programs.get(dependency.program, []):
+                target = self.processes[other]
+                if other in seen or other in self._held or target.want is Want.UP:
+                    continue
+                if other in self.retiring or _condition_met(target, dependency.condition):
+                    continue
+                self._start(other, now, seen | {name})
+        reason = self._unmet(process)
+        if reason is None:
+            self._unhold(name)
+            self._send(name, proc.Start(), now)
+        else:
+            self._held[name] = None
+            process.waiting_for = reason
+
+    def _unhold(self, name: str) -> None:
+        if self._held.pop(name, 0) is None:
+            process = self.processes.get(name)
+            if process is not None:
+                process.waiting_for = None
+
+    def _unmet(self, process: Process) -> str | None:
+        """Why the process cannot start yet ("waiting for db (ready)"), or None."""
+        for dependency in process.config.depends_on:
+            waiting = f"waiting for {dependency.program} ({dependency.condition})"
+            if not self.programs.get(dependency.program) and dependency.program in self.configs:
+                return waiting  # being replaced by a reload: none of it is there now
+            for other in self.programs.get(dependency.program, []):
+                target = self.processes[other]
+                if _condition_met(target, dependency.condition):
+                    continue
+                if target.state is State.FATAL:
+                    return f"{waiting}: {other} is FATAL"
+                return waiting
+        return None
+
+    def _stuck(self, name: str, seen: frozenset[str] = frozenset()) -> bool:
+        """A held process that nothing will release without an operator: a dependency
+        is FATAL or down for good, or is itself stuck."""
+        process = self.processes.get(name)
+        if process is None:
+            return True
+        for dependency in process.config.depends_on:
+            for other in self.programs.get(dependency.program, []):
+                target = self.processes[other]
+                if _condition_met(target, dependency.condition) or other in seen:
+                    continue
+                if other in self._held:
+                    if self._stuck(other, seen | {name}):
+                        return True
+                elif target.state is State.FATAL or target.want is Want.DOWN:
+                    return True
+        return False
+
+    def _dependencies_follow(self, now: float) -> None:
+        """Restart dependants that asked for it, then start the held processes whose
+        dependencies are met now; a held one blocked by a FATAL dependency answers the
+        starts waiting on it (it still starts once the dependency recovers)."""
+        left, self._left_running = self._left_running, []
+        if left and self._restart_with and not self.shutting_down:
+            self._restart_dependants(left, now)
+        for name in list(self._held):
+            process = self.processes.get(name)
+            if process is None or not process.is_down():
+                continue  # a dependant restarting: held once it is down
+            reason = self._unmet(process)
+            process.waiting_for = reason
+            if reason is None:
+                self._unhold(name)
+                self._send(name, proc.Start(), now)
+                continue
+            if "is FATAL" in reason:
+                for request in list(self._claims.get(name, ())):
+                    part = request.parts.get(name)
+                    if part is not None and part.up and part.phase is _Phase.WAIT:
+                        outcome = Outcome(name, False, process.state, reason, ErrorCode.BAD_STATE)
+                        self._resolve(request, name, outcome)
+
+    def _restart_dependants(self, left: list[str], now: float) -> None:
+        """on_dependency_restart = "restart": a dependency left RUNNING, so its dependants
+        stop now and start again once it meets their condition (systemd's PartOf)."""
+        programs = {self.processes[n].config.name for n in left if n in self.processes}
+        dependants = {d for p in programs for d in self._restart_with.get(p, ())}
+        for program in dependants:
+            for name in list(self.programs.get(program, ())):
+                process = self.processes[name]
+                if process.want is not Want.UP or name in self.retiring:
+                    continue
+                self._send(name, proc.Stop(), now)
+                self._held[name] = None
+                process.waiting_for = self._unmet(process)
+
+    def _answer_awaits(self) -> None:
+        """`supctl wait`: answer once every process met the condition; a process that
+        can no longer meet it (FATAL; or, for completed, an exit it counts as failure)
+        fails its part at once rather than at the client's timeout."""
+        for request, (condition, names, outcomes) in list(self._awaits.items()):
+            for name in names:
+                if name in outcomes:
+                    continue
+                process = self.processes.get(name)
+                if process is None:
+                    outcome = self._superseded(name, "removed by a reload")
+                elif _condition_met(process, condition):
+                    outcome = Outcome(name, True, process.state)
+                elif process.state is State.FATAL or (
+                    condition == "completed" and process.state is State.EXITED
+                ):
+                    why = f"cannot become {condition}: {process.state.value}"
+                    outcome = Outcome(name, False, process.state, why, ErrorCode.BAD_STATE)
+                elif name in self._held and self._stuck(name):
+                    why = f"cannot become {condition}: {process.waiting_for}"
+                    outcome = Outcome(name, False, process.state, why, ErrorCode.BAD_STATE)
+                else:
+                    continue
+                outcomes[name] = outcome
+            if self.shutting_down:
+                for name in names:
+                    if name not in outcomes:
+                        outcomes[name] = self._superseded(name, "supd is shutting down")
+            if len(outcomes) == len(names):
+                del self._awaits[request]
+                self._out.append(Answer(request, tuple(outcomes[n] for n in names)))
+
+    def _index_restart_with(self) -> None:
+        self._restart_with = {}
+        for config in self.configs.values():
+            if config.on_dependency_restart == "restart":
+                for dependency in config.depends_on:
+                    self._restart_with.setdefault(dependency.program, []).append(config.name)
+
+    def _stop_dependants_first(self, request: _Request, now: float) -> None:
+        """A stop of several processes: each one once those that depend on it (in the
+        same request) are down."""
+        pending = [n for n in request.stop_after if n in request.parts]
+        programs = {self.processes[n].config.name for n in pending if n in self.processes}
+        busy = set()
+        for name in request.parts:  # the request's processes not down yet
+            process = self.processes.get(name)
+            if process is None or process.is_down():
+                continue
+            busy |= {d.program for d in process.config.depends_on if d.program in programs}
+        later = []
+        for name in pending:
+            process = self.processes.get(name)
+            if process is not None and process.config.name in busy:
+                later.append(name)
+            elif name in request.parts:
+                self._send(name, proc.Stop(), now)
+        request.stop_after = later
 
 
 def _judge(
@@ -872,6 +1129,23 @@ def _judge(
 
 def _new_step(program: ProgramConfig) -> Step:
     return Step.START if program.autostart else Step.ADD
+
+
+def _condition_met(process: Process, condition: str) -> bool:
+    """Does this dependency process meet a dependant's `depends_on` condition?"""
+    match condition:
+        case "started" | "ready":  # RUNNING means ready: a probe keeps it STARTING
+            return process.state is State.RUNNING
+        case "healthy":
+            healthy = process.config.health is None or process.healthy is True
+            return process.state is State.RUNNING and healthy
+        case "completed":
+            return (
+                process.state is State.EXITED
+                and process.exit_signal is None
+                and process.exit_code in process.config.exitcodes
+            )
+    return False
 
 
 def _failed(process: Process) -> Outcome:

@@ -37,6 +37,10 @@ from .signals import name as signal_name
 DOWN_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
 
 
+# Ready kinds the daemon runs on a timer; `log` and `notify` come as events.
+ACTIVE_READY_PROBES = frozenset({"tcp", "http", "exec", "file"})
+
+
 class Want(enum.Enum):
     UP = "up"
     DOWN = "down"
@@ -49,6 +53,21 @@ class Timer(enum.Enum):
     BACKOFF = "backoff"
     STOP_TIMEOUT = "stop_timeout"
     REVIVE = "revive"  # revive_after: a FATAL process tries again
+    # Readiness and health (issue 14): one probe at a time per process, a ready probe
+    # while STARTING and a health probe while RUNNING, so one kind of each suffices.
+    READY_TIMEOUT = "ready_timeout"
+    PROBE = "probe"  # the next probe is due
+    PROBE_TIMEOUT = "probe_timeout"  # the probe in flight has taken too long
+    WATCHDOG = "watchdog"  # WATCHDOG=1 not received in watchdog_sec
+
+
+# The timers of readiness and health: their events go to Process._probe_event.
+PROBE_TIMERS = frozenset({Timer.READY_TIMEOUT, Timer.PROBE, Timer.PROBE_TIMEOUT, Timer.WATCHDOG})
+
+
+class Probe(enum.Enum):
+    READY = "ready"
+    HEALTH = "health"
 
 
 # Events: what happened to the process.
@@ -96,7 +115,31 @@ class TimerFired:
     timer: Timer
 
 
-ProcessEvent = Start | Stop | ForceKill | Spawned | SpawnFailed | Exited | TimerFired
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """A probe's verdict (the daemon ran it), or a log line / READY=1 that means ready."""
+
+    probe: Probe
+    ok: bool
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Notified:
+    """The sd_notify assignments that count, from one datagram the process sent."""
+
+    ready: bool = False
+    status: str | None = None
+    watchdog: bool = False
+    stopping: bool = False
+    reloading: bool = False
+    extend_timeout_s: float | None = None
+    main_pid: int | None = None
+
+
+ProcessEvent = (
+    Start | Stop | ForceKill | Spawned | SpawnFailed | Exited | TimerFired | ProbeResult | Notified
+)
 
 
 # Effects: what the daemon must do.
@@ -137,7 +180,36 @@ class Ignored:
     event: ProcessEvent
 
 
-Effect = Spawn | Kill | ArmTimer | CancelTimer | Transitioned | Ignored
+@dataclass(frozen=True, slots=True)
+class RunProbe:
+    """Run the program's ready (STARTING) or health (RUNNING) probe; answer with a
+    `ProbeResult`. Its timeout is the fleet's PROBE_TIMEOUT timer."""
+
+    probe: Probe
+
+
+@dataclass(frozen=True, slots=True)
+class CancelProbe:
+    """Abandon the probe in flight (it timed out, or the process moved on)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChanged:
+    healthy: bool
+    message: str
+
+
+Effect = (
+    Spawn
+    | Kill
+    | ArmTimer
+    | CancelTimer
+    | Transitioned
+    | Ignored
+    | RunProbe
+    | CancelProbe
+    | HealthChanged
+)
 
 
 def backoff_delay(failures: int, config: ProgramConfig) -> float:
@@ -200,12 +272,38 @@ class Process:
     stop_asked_at: float | None = None  # monotonic time of that stop
     timed_out: bool = False  # this stop outlived stopwaitsecs
     blamed: tuple[Cause, str] | None = None  # readiness/health: the next death's cause
+    # Readiness, health, sd_notify, dependencies (issue 14).
+    ready: bool = False  # the ready probe passed during this run
+    startsecs_passed: bool = False  # startsecs elapsed during this run
+    ready_error: str | None = None  # the last failed ready probe's message
+    abandoned: str | None = None  # being stopped as a failed start / unhealthy: why
+    abandoned_start: bool = False  # ... and that counts as a failed start
+    healthy: bool | None = None  # None: unknown (no health check, or none yet)
+    health_failures: int = 0  # consecutive failed health checks (after start_grace)
+    health_error: str | None = None  # the last failed health check's message
+    notify_status: str | None = None  # the last STATUS= the process sent
+    main_pid: int | None = None  # MAINPID= the process sent
+    notify_state: str | None = None  # "reloading" / "stopping" (RELOADING=1, STOPPING=1)
+    ready_deadline: float | None = None  # when READY_TIMEOUT fires (EXTEND_TIMEOUT_USEC)
+    waiting_for: str | None = None  # set by the fleet: "waiting for db (ready)"
 
     # -- the transition table ---------------------------------------------------------
 
     def handle(self, event: ProcessEvent, now: float) -> list[Effect]:
         """Feed one event; returns what the daemon must do. Never raises on odd input."""
         self._note(event, now)
+        before = self.state
+        if isinstance(event, ProbeResult | Notified) or (
+            isinstance(event, TimerFired) and event.timer in PROBE_TIMERS
+        ):
+            effects = self._probe_event(event, now)  # issue 14's own table, below
+        else:
+            effects = self._transition(event, now)
+        if self.state is not before:
+            effects += self._probes_follow(before)
+        return effects
+
+    def _transition(self, event: ProcessEvent, now: float) -> list[Effect]:
         match self.state, event:
             case ((State.STOPPED | State.EXITED | State.FATAL), Start()):
                 return self._start(now, "start requested", reset=True)
@@ -233,6 +331,9 @@ class Process:
                 failed = self._failed_start(now, f"spawn failed: {error}")
                 return [CancelTimer(Timer.STARTSECS), *failed]
             case State.STARTING, TimerFired(timer=Timer.STARTSECS):
+                self.startsecs_passed = True
+                if not self._is_ready():
+                    return []  # still waiting for the ready probe
                 return self._running(now, f"stayed up {self.config.startsecs:g}s")
             case State.STARTING, Exited():
                 assert isinstance(event, Exited)
@@ -313,9 +414,19 @@ class Process:
         self.pid = self.last_pid = pid
         self.started_at = now
         self.exit_code = self.exit_signal = None
+        ready = self.config.ready
+        waits: list[Effect] = []
+        if ready is not None:
+            self.ready_deadline = now + ready.ready_timeout
+            waits.append(ArmTimer(Timer.READY_TIMEOUT, ready.ready_timeout))
+            if ready.kind in ACTIVE_READY_PROBES:
+                waits.append(ArmTimer(Timer.PROBE, 0.0))  # probe at once, via the loop
         if self.config.startsecs <= 0:
-            return self._running(now, "started")
-        return [ArmTimer(Timer.STARTSECS, self.config.startsecs)]
+            self.startsecs_passed = True
+            if ready is None:
+                return self._running(now, "started")
+            return waits
+        return [ArmTimer(Timer.STARTSECS, self.config.startsecs), *waits]
 
     def _running(self, now: float, reason: str) -> list[Effect]:
         self.start_failures = 0
@@ -386,6 +497,8 @@ class Process:
         return [Kill(signal.SIGKILL, group=self.config.killasgroup)]
 
     def _stopped(self, event: Exited, now: float, reason: str | None = None) -> list[Effect]:
+        if self.abandoned is not None and self.want is Want.UP:
+            return self._abandoned_exit(event, now)
         if self.spawn_error is None or event.exit_code is not None or event.exit_signal:
             self._record_exit(event, now)
         else:  # the failed exec reported while stopping: its death is recorded already
@@ -506,6 +619,190 @@ class Process:
         self.history.clear()
         self.failures = self.start_failures = 0
         self.window.clear()
+
+    # -- readiness, health and sd_notify (issue 14) -----------------------------------
+    #
+    # A process with `ready` stays STARTING until its probe passes and startsecs have
+    # passed; not ready by `ready_timeout`, it is stopped (stopsignal, then SIGKILL after
+    # stopwaitsecs) and that counts as a failed start. A process with `health` is probed
+    # every interval while RUNNING; failures count after start_grace, and `failures` in a
+    # row make it UNHEALTHY, after which `on_unhealthy` restarts it (through the backoff),
+    # stops it, or only reports it. Timers: PROBE (next probe due), PROBE_TIMEOUT (the probe
+    # in flight), READY_TIMEOUT, WATCHDOG. These methods sit together at the end of the class,
+    # apart from the core transitions.
+
+    def _probe_event(self, event: ProcessEvent, now: float) -> list[Effect]:
+        """The transitions of readiness, health and sd_notify events (kept apart from
+        the core table: a probe a second per process should not walk all of it)."""
+        match self.state, event:
+            case State.STARTING, TimerFired(timer=Timer.PROBE) if self.config.ready:
+                return self._run_probe(Probe.READY, self.config.ready.timeout)
+            case State.RUNNING, TimerFired(timer=Timer.PROBE) if self.config.health:
+                return self._run_probe(Probe.HEALTH, self.config.health.timeout)
+            case State.STARTING, ProbeResult(probe=Probe.READY) if self.config.ready:
+                assert isinstance(event, ProbeResult)
+                return self._ready_result(event.ok, event.message, now)
+            case State.RUNNING, ProbeResult(probe=Probe.HEALTH) if self.config.health:
+                assert isinstance(event, ProbeResult)
+                return self._health_result(event.ok, event.message, now)
+            case State.STARTING, TimerFired(timer=Timer.PROBE_TIMEOUT) if self.config.ready:
+                message = f"no answer in {self.config.ready.timeout:g} s"
+                return [CancelProbe(), *self._ready_result(False, message, now)]
+            case State.RUNNING, TimerFired(timer=Timer.PROBE_TIMEOUT) if self.config.health:
+                message = f"no answer in {self.config.health.timeout:g} s"
+                return [CancelProbe(), *self._health_result(False, message, now)]
+            case State.STARTING, TimerFired(timer=Timer.READY_TIMEOUT) if self.config.ready:
+                why = self.ready_error or f"no {self.config.ready.describe()}"
+                reason = f"not ready after {self.config.ready.ready_timeout:g} s: {why}"
+                return self._abandon(reason, failed_start=True)
+            case State.RUNNING, TimerFired(timer=Timer.WATCHDOG) if self.config.watchdog_sec:
+                rearm = ArmTimer(Timer.WATCHDOG, self.config.watchdog_sec)
+                message = f"watchdog: no WATCHDOG=1 in {self.config.watchdog_sec:g} s"
+                return [rearm, *self._health_result(False, message, now, from_probe=False)]
+            case ((State.STARTING | State.RUNNING | State.STOPPING), Notified()):
+                assert isinstance(event, Notified)
+                return self._notified(event, now)
+            case _:
+                return [Ignored(self.state, event)]
+
+    def _is_ready(self) -> bool:
+        return self.config.ready is None or self.ready
+
+    def _probes_follow(self, before: State) -> list[Effect]:
+        """After a transition: cancel the timers of the state left, arm those of the new."""
+        effects: list[Effect] = []
+        if before is State.STARTING and self.config.ready is not None:
+            effects += [CancelTimer(Timer.READY_TIMEOUT), CancelTimer(Timer.PROBE)]
+            effects += [CancelTimer(Timer.PROBE_TIMEOUT), CancelProbe()]
+        if before is State.RUNNING:
+            if self.config.health is not None:
+                effects += [
+                    CancelTimer(Timer.PROBE),
+                    CancelTimer(Timer.PROBE_TIMEOUT),
+                    CancelProbe(),
+                ]
+            if self.config.watchdog_sec is not None:
+                effects.append(CancelTimer(Timer.WATCHDOG))
+            self.health_failures = 0
+        if self.state is State.STARTING or self.state in DOWN_STATES:
+            self.healthy = None  # kept through STOPPING and BACKOFF: why it restarts
+        if self.state is State.STARTING:
+            self.ready = self.startsecs_passed = False
+            self.ready_error = self.abandoned = None
+            self.abandoned_start = False
+            self.notify_status = self.notify_state = None
+            self.main_pid = None
+        if self.state is State.RUNNING:
+            self.ready = True
+            self.health_error = None
+            if self.config.health is not None:
+                effects.append(ArmTimer(Timer.PROBE, self.config.health.interval))
+            if self.config.watchdog_sec is not None:
+                effects.append(ArmTimer(Timer.WATCHDOG, self.config.watchdog_sec))
+        return effects
+
+    def _run_probe(self, probe: Probe, timeout: float) -> list[Effect]:
+        return [RunProbe(probe), ArmTimer(Timer.PROBE_TIMEOUT, timeout)]
+
+    def _ready_result(self, ok: bool, message: str, now: float) -> list[Effect]:
+        ready = self.config.ready
+        if ready is None or self.ready:
+            return []
+        effects: list[Effect] = [CancelTimer(Timer.PROBE_TIMEOUT)]
+        if not ok:
+            self.ready_error = message
+            if ready.kind in ACTIVE_READY_PROBES:
+                effects.append(ArmTimer(Timer.PROBE, ready.interval))
+            return effects
+        self.ready = True
+        if not self.startsecs_passed:
+            return effects  # RUNNING once startsecs have passed too
+        return [*effects, *self._running(now, f"ready: {message or ready.describe()}")]
+
+    def _health_result(
+        self, ok: bool, message: str, now: float, from_probe: bool = True
+    ) -> list[Effect]:
+        health = self.config.health
+        effects: list[Effect] = []
+        if health is not None and from_probe:  # (a missed watchdog is no probe)
+            effects += [CancelTimer(Timer.PROBE_TIMEOUT), ArmTimer(Timer.PROBE, health.interval)]
+        if ok:
+            self.health_failures = 0
+            if self.healthy is not True:
+                self.healthy = True
+                effects.append(HealthChanged(True, message))
+            return effects
+        self.health_error = message
+        grace = health.start_grace if health is not None else 0.0
+        if self.uptime(now) < grace:
+            return effects  # like a startupProbe: failures do not count yet
+        self.health_failures += 1
+        threshold = health.failures if health is not None else 1
+        if self.health_failures < threshold or self.healthy is False:
+            return effects
+        self.healthy = False
+        effects.append(HealthChanged(False, message))
+        action = health.on_unhealthy if health is not None else "restart"
+        if action == "restart":
+            return [*effects, *self._abandon(f"unhealthy: {message}", failed_start=False)]
+        if action == "stop":
+            self.want = Want.DOWN  # a plain stop, with the reason
+            return [*effects, *self._abandon(f"unhealthy: {message}", failed_start=False)]
+        return effects
+
+    def _abandon(self, reason: str, *, failed_start: bool) -> list[Effect]:
+        """Stop a process that is up but must not stay (not ready in time, unhealthy);
+        `want` stays UP, so its exit leads to BACKOFF (or FATAL) instead of STOPPED.
+        Its death is recorded with the cause (`supctl why`)."""
+        cause = Cause.NOT_READY if failed_start else Cause.UNHEALTHY
+        self.blame(cause, reason.removeprefix("unhealthy: "))
+        self.abandoned = reason
+        self.abandoned_start = failed_start
+        effects: list[Effect] = []
+        if self.state is State.STARTING:
+            effects.append(CancelTimer(Timer.STARTSECS))
+        effects.append(self._enter(State.STOPPING, reason))
+        if self.config.stopwaitsecs <= 0:
+            return [*effects, *self._kill()]
+        effects.append(Kill(self.config.stopsignal, group=self.config.killasgroup))
+        effects.append(ArmTimer(Timer.STOP_TIMEOUT, self.config.stopwaitsecs))
+        return effects
+
+    def _abandoned_exit(self, event: Exited, now: float) -> list[Effect]:
+        reason = self.abandoned or "abandoned"
+        self.abandoned = None
+        self._record_exit(event, now)
+        effects: list[Effect] = [CancelTimer(Timer.STOP_TIMEOUT)]
+        if self.abandoned_start:
+            return [*effects, *self._failed_start(now, reason)]
+        self.failures += 1
+        return [*effects, *self._backoff(now, reason)]
+
+    def _notified(self, event: Notified, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        if event.status is not None:
+            self.notify_status = event.status
+        if event.main_pid is not None:
+            self.main_pid = event.main_pid
+        if event.watchdog and self.state is State.RUNNING and self.config.watchdog_sec:
+            effects.append(ArmTimer(Timer.WATCHDOG, self.config.watchdog_sec))
+        if event.reloading or event.stopping:
+            self.notify_state = "reloading" if event.reloading else "stopping"
+        elif event.ready:
+            self.notify_state = None
+        # EXTEND_TIMEOUT_USEC, systemd's rule: the timeout becomes at least that from now.
+        extend = event.extend_timeout_s
+        starting = self.state is State.STARTING and self.config.ready is not None
+        later = extend is not None and (
+            self.ready_deadline is None or now + extend > self.ready_deadline
+        )
+        if starting and later and extend is not None:
+            self.ready_deadline = now + extend
+            effects.append(ArmTimer(Timer.READY_TIMEOUT, extend))
+        ready = self.config.ready
+        if event.ready and self.state is State.STARTING and ready and ready.kind == "notify":
+            effects += self._ready_result(True, "READY=1", now)
+        return effects
 
 
 def describe_exit(event: Exited) -> str:

@@ -150,6 +150,13 @@ class TailParams(_Params):
         return self
 
 
+class WaitParams(_Params):
+    """Answer once every named process meets `condition` (issue 14)."""
+
+    names: Names
+    condition: Literal["started", "ready", "healthy", "completed"] = "ready"
+
+
 class LogsParams(_Params):
     """`logs`: each process's log destination and files; `rotate` first cuts them."""
 
@@ -219,6 +226,7 @@ Params = (
     | PidParams
     | VersionParams
     | ShutdownParams
+    | WaitParams
     | DeathsParams
     | ClearParams
     | MetricsParams
@@ -240,6 +248,7 @@ Method = Literal[
     "pid",
     "version",
     "shutdown",
+    "wait",
     "deaths",
     "clear",
     "metrics",
@@ -281,6 +290,11 @@ class ProcessInfo(_Result):
     restarts: int = 0  # automatic restarts only
     spawn_error: str | None = None
     description: str = ""  # "pid 4242, uptime 0:03:10"
+    # Readiness, health and dependencies (issue 14).
+    healthy: bool | None = None  # None: no health check, or none answered yet
+    health_error: str | None = None  # the last failed health check
+    waiting_for: str | None = None  # "waiting for db (ready)"
+    notify_status: str | None = None  # the last STATUS= the program sent
     # The crash-loop schedule: seconds to the pending restart (BACKOFF) or revival
     # (FATAL with revive_after), the failure count, why it is in its state.
     next_start_in: float | None = None
@@ -447,7 +461,7 @@ class DeathsResult(_Result):
     consecutive_failures: int = 0
     next_start_in: float | None = None
     revive_in: float | None = None
-    blocking: list[str] = []  # what keeps a start from happening (none yet)
+    blocking: list[str] = []  # what keeps a start from happening: "waiting for db (ready)"
     deaths: list[DeathInfo] = []  # newest first
 
 
@@ -495,6 +509,7 @@ RESULT_TYPES: Final[dict[str, Any]] = {
     "pid": PidResult,
     "version": VersionResult,
     "shutdown": ShutdownResult,
+    "wait": list[ActionResult],
     "deaths": DeathsResult,
     "clear": list[ActionResult],
     "metrics": MetricsResult,
@@ -583,6 +598,11 @@ class _Shutdown(_Envelope):
     params: ShutdownParams = ShutdownParams()
 
 
+class _Wait(_Envelope):
+    method: Literal["wait"]
+    params: WaitParams
+
+
 class _Deaths(_Envelope):
     method: Literal["deaths"]
     params: DeathsParams
@@ -627,6 +647,7 @@ _AnyEnvelope = Annotated[
     | _Version
     | _Shutdown
     | _Reexec
+    | _Wait
     | _Deaths
     | _Clear
     | _Metrics

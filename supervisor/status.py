@@ -33,11 +33,13 @@ def describe(process: Process, now: float, wall_now: float, stopped_by: int | No
     `stopped_by` is the signal that stopped a running child (SIGSTOP, SIGTSTP), if any.
     """
     state = process.state
+    if process.waiting_for is not None and process.pid is None:
+        return process.waiting_for  # a dependency not met yet (issue 14)
     if state in (State.RUNNING, State.STARTING, State.STOPPING) and process.pid is not None:
         running = f"pid {process.pid}, uptime {format_uptime(process.uptime(now))}"
         if stopped_by is not None:
             return f"{running}, stopped ({signal_name(stopped_by)})"
-        return running
+        return running + _health_mark(process)
     if state is State.BACKOFF and process.backoff_until is not None:
         wait = max(0.0, process.backoff_until - now)
         last = f" ({short_death(process.history[-1])})" if process.history else ""
@@ -60,6 +62,23 @@ def describe(process: Process, now: float, wall_now: float, stopped_by: int | No
     if state is State.FATAL:
         return f"{what} at {at}, exited too quickly"
     return f"{what} at {at}"
+
+
+def _health_mark(process: Process) -> str:
+    """ ", HEALTHY" / ", UNHEALTHY: why" for a process with a health check, and the
+    program's own STATUS= line if it sent one."""
+    mark = ""
+    if process.state is State.STARTING and process.ready_error:
+        mark = f", not ready: {process.ready_error}"
+    if process.healthy is True:
+        mark = ", HEALTHY"
+    elif process.healthy is False:
+        mark = f", UNHEALTHY: {process.health_error}"
+    if process.notify_state:
+        mark += f", {process.notify_state}"
+    if process.notify_status:
+        mark += f", {process.notify_status}"
+    return mark
 
 
 def info(
@@ -87,6 +106,10 @@ def info(
         "restarts": process.restarts,
         "spawn_error": process.spawn_error,
         "description": describe(process, now, wall_now, stopped_by),
+        "healthy": process.healthy,
+        "health_error": process.health_error,
+        "waiting_for": process.waiting_for,
+        "notify_status": process.notify_status,
         **schedule(process, now),
     }
     if extra:
@@ -135,8 +158,12 @@ def next_action(process: Process, now: float, wall_now: float) -> str:
     if state is State.FATAL and process.revive_at is not None:
         at = _clock(wall_now, now, process.revive_at)
         return f"revive at {at} (in {format_clock(process.revive_at - now)})"
+    if state is State.STARTING and process.config.ready is not None:
+        return f"wait for it to be ready ({process.config.ready.describe()}) and up (startsecs)"
     if state is State.STARTING:
         return "wait for it to be up (startsecs)"
+    if process.waiting_for is not None and process.pid is None:
+        return f"start it once its dependencies are met ({process.waiting_for})"
     if state is State.RUNNING:
         return "keep it running"
     if state is State.STOPPING:
@@ -179,7 +206,7 @@ def deaths_info(process: Process, now: float, wall_now: float, limit: int) -> di
         "description": describe(process, now, wall_now),
         "next": next_action(process, now, wall_now),
         **schedule(process, now),
-        "blocking": [],  # nothing blocks a start yet (no dependencies)
+        "blocking": [process.waiting_for] if process.waiting_for else [],  # dependencies
         "deaths": [death_info(d) for d in recent],
     }
 

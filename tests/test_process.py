@@ -10,14 +10,20 @@ import pytest
 from supd.config import ProgramConfig
 from supd.process import (
     ArmTimer,
+    CancelProbe,
     CancelTimer,
     Effect,
     Exited,
     ForceKill,
+    HealthChanged,
     Ignored,
     Kill,
+    Notified,
+    Probe,
+    ProbeResult,
     Process,
     ProcessEvent,
+    RunProbe,
     Spawn,
     Spawned,
     SpawnFailed,
@@ -316,6 +322,15 @@ EVENTS: dict[str, ProcessEvent] = {
     "startsecs": TimerFired(Timer.STARTSECS),
     "backoff": TimerFired(Timer.BACKOFF),
     "stop_timeout": TimerFired(Timer.STOP_TIMEOUT),
+    # Readiness, health, sd_notify (issue 14): without `ready`, `health` or
+    # `watchdog_sec` (TABLE_CONFIG) they mean nothing; tests/test_readiness.py has the rest.
+    "ready_probe": ProbeResult(Probe.READY, True, "ok"),
+    "health_probe": ProbeResult(Probe.HEALTH, False, "refused"),
+    "notified": Notified(status="warming up"),
+    "ready_timeout": TimerFired(Timer.READY_TIMEOUT),
+    "probe": TimerFired(Timer.PROBE),
+    "probe_timeout": TimerFired(Timer.PROBE_TIMEOUT),
+    "watchdog": TimerFired(Timer.WATCHDOG),
     "revive": TimerFired(Timer.REVIVE),
 }
 
@@ -402,6 +417,8 @@ TABLE: dict[tuple[State, str], tuple[State, list[Effect]] | str] = {
         [CancelTimer(Timer.STOP_TIMEOUT), t(S.STOPPING, S.STOPPED, "exited with status 1")],
     ),
     (S.STOPPING, "stop_timeout"): (S.STOPPING, [KILL]),
+    # sd_notify messages are recorded (STATUS=) while a process runs, whatever its config
+    **{(live, "notified"): (live, []) for live in (S.STARTING, S.RUNNING, S.STOPPING)},
 }
 
 
@@ -425,4 +442,138 @@ def test_transition_table(state: State, event: str) -> None:
         assert p.state is state
     else:
         assert not isinstance(expected, str)
+        assert (p.state, effects) == expected
+
+
+# --------------------------------------------------------------- the table, with probes
+#
+# The same states against issue 14's events, for a process with a ready probe, a health
+# check and a watchdog: the exact effects, or Ignored.
+
+PROBED_CONFIG = {
+    **TABLE_CONFIG,
+    "ready": {"tcp": "127.0.0.1:5432", "interval": 0.5, "timeout": 0.25, "ready_timeout": 10},
+    "health": {"tcp": "127.0.0.1:5432", "interval": 2, "timeout": 0.5, "failures": 1,
+               "start_grace": 0},
+    "watchdog_sec": 3,
+}  # fmt: skip
+READY_OK = ProbeResult(Probe.READY, True, "connected")
+
+
+def probed_in_state(state: State) -> Process:
+    p = Process("web", program(**PROBED_CONFIG))
+    if state is State.STOPPED:
+        return p
+    p.handle(Start(), 0.0)
+    p.handle(Spawned(100), 0.0)
+    if state is State.STARTING:
+        return p
+    if state is State.FATAL:
+        p.handle(Exited(1, None), 0.1)
+        p.handle(TimerFired(Timer.BACKOFF), 1.1)
+        p.handle(Spawned(101), 1.1)
+        p.handle(Exited(1, None), 1.2)
+        return p
+    p.handle(TimerFired(Timer.STARTSECS), 1.0)
+    p.handle(READY_OK, 1.0)
+    if state is State.BACKOFF:
+        p.handle(Exited(1, None), 10.0)
+    elif state is State.STOPPING:
+        p.handle(Stop(), 10.0)
+    elif state is State.EXITED:
+        p.handle(Exited(0, None), 10.0)
+    return p
+
+
+PROBE_EVENTS: dict[str, ProcessEvent] = {
+    "ready_ok": READY_OK,
+    "ready_failed": ProbeResult(Probe.READY, False, "refused"),
+    "health_ok": ProbeResult(Probe.HEALTH, True, "ok"),
+    "health_failed": ProbeResult(Probe.HEALTH, False, "refused"),
+    "notified_ready": Notified(ready=True),
+    "probe": TimerFired(Timer.PROBE),
+    "probe_timeout": TimerFired(Timer.PROBE_TIMEOUT),
+    "ready_timeout": TimerFired(Timer.READY_TIMEOUT),
+    "watchdog": TimerFired(Timer.WATCHDOG),
+}
+LEAVE_STARTING: list[Effect] = [
+    CancelTimer(Timer.READY_TIMEOUT),
+    CancelTimer(Timer.PROBE),
+    CancelTimer(Timer.PROBE_TIMEOUT),
+    CancelProbe(),
+]
+LEAVE_RUNNING: list[Effect] = [
+    CancelTimer(Timer.PROBE),
+    CancelTimer(Timer.PROBE_TIMEOUT),
+    CancelProbe(),
+    CancelTimer(Timer.WATCHDOG),
+]
+
+
+def unhealthy(message: str) -> list[Effect]:
+    return [
+        HealthChanged(False, message),
+        t(S.RUNNING, S.STOPPING, f"unhealthy: {message}"),
+        TERM,
+        ArmTimer(Timer.STOP_TIMEOUT, 5.0),
+        *LEAVE_RUNNING,
+    ]
+
+
+RESCHEDULE_HEALTH: list[Effect] = [CancelTimer(Timer.PROBE_TIMEOUT), ArmTimer(Timer.PROBE, 2.0)]
+PROBE_TABLE: dict[tuple[State, str], tuple[State, list[Effect]]] = {
+    (S.STARTING, "ready_ok"): (S.STARTING, [CancelTimer(Timer.PROBE_TIMEOUT)]),  # startsecs
+    (S.STARTING, "ready_failed"): (
+        S.STARTING,
+        [CancelTimer(Timer.PROBE_TIMEOUT), ArmTimer(Timer.PROBE, 0.5)],
+    ),
+    (S.STARTING, "notified_ready"): (S.STARTING, []),  # its readiness is tcp, not notify
+    (S.STARTING, "probe"): (
+        S.STARTING,
+        [RunProbe(Probe.READY), ArmTimer(Timer.PROBE_TIMEOUT, 0.25)],
+    ),
+    (S.STARTING, "probe_timeout"): (
+        S.STARTING,
+        [CancelProbe(), CancelTimer(Timer.PROBE_TIMEOUT), ArmTimer(Timer.PROBE, 0.5)],
+    ),
+    (S.STARTING, "ready_timeout"): (
+        S.STOPPING,
+        [
+            CancelTimer(Timer.STARTSECS),
+            t(S.STARTING, S.STOPPING, "not ready after 10 s: no connect 127.0.0.1:5432"),
+            TERM,
+            ArmTimer(Timer.STOP_TIMEOUT, 5.0),
+            *LEAVE_STARTING,
+        ],
+    ),
+    (S.RUNNING, "health_ok"): (S.RUNNING, [*RESCHEDULE_HEALTH, HealthChanged(True, "ok")]),
+    (S.RUNNING, "health_failed"): (S.STOPPING, [*RESCHEDULE_HEALTH, *unhealthy("refused")]),
+    (S.RUNNING, "notified_ready"): (S.RUNNING, []),
+    (S.RUNNING, "probe"): (
+        S.RUNNING,
+        [RunProbe(Probe.HEALTH), ArmTimer(Timer.PROBE_TIMEOUT, 0.5)],
+    ),
+    (S.RUNNING, "probe_timeout"): (
+        S.STOPPING,
+        [CancelProbe(), *RESCHEDULE_HEALTH, *unhealthy("no answer in 0.5 s")],
+    ),
+    (S.RUNNING, "watchdog"): (
+        S.STOPPING,
+        [ArmTimer(Timer.WATCHDOG, 3.0), *unhealthy("watchdog: no WATCHDOG=1 in 3 s")],
+    ),
+    (S.STOPPING, "notified_ready"): (S.STOPPING, []),
+}
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+@pytest.mark.parametrize("event", list(PROBE_EVENTS))
+def test_transition_table_with_probes(state: State, event: str) -> None:
+    p = probed_in_state(state)
+    assert p.state is state
+    effects = p.handle(PROBE_EVENTS[event], 20.0)
+    expected = PROBE_TABLE.get((state, event))
+    if expected is None:
+        assert effects == [Ignored(state, PROBE_EVENTS[event])]
+        assert p.state is state
+    else:
         assert (p.state, effects) == expected

@@ -3,7 +3,6 @@ the transitions it causes; conflicting calls supersede each other visibly."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import shutil
@@ -98,12 +97,11 @@ def test_concurrent_conflicting_calls_are_each_answered_and_never_double_run(
         client.join(timeout=60)
     assert not any(client.is_alive() for client in clients)
     assert not errors, "\n".join(errors)
+    # Never two instances: each one takes the lock before it sleeps, and one that finds
+    # it taken says so. (The daemon's own log is no witness here: 500 calls in a few
+    # seconds make identical spawned/exited events, which its rate limit thins out.)
     assert not double.exists(), f"two instances at once: {double.read_text()}"
-    # The daemon's own account: spawns and exits of web alternate.
-    events = [e for e in d.events() if e.get("process") == "web"]
-    order = [e["event"] for e in events if e["event"] in ("spawned", "exited")]
-    assert all(a != b for a, b in itertools.pairwise(order)), order
-    d.status()
+    assert "web" in d.status()  # and the daemon still answers
 
 
 def test_a_superseded_stop_says_so_in_supctl(supd: Factory, tmp_path: Path) -> None:
