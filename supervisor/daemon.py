@@ -755,6 +755,21 @@ class Daemon:
         for problem in cgroup.set_limits(program.cgroup_limits()):
             self.log.warning("cgroup_limit_not_set", process=slot.name, problem=problem)
 
+    def _renew_cgroup(self, slot: Slot, program: ProgramConfig) -> None:
+        """A fresh cgroup for the next run of a process whose cgroup was killed.
+
+        Linux (seen on 6.18) SIGKILLs every child later born into a cgroup that once got
+        `cgroup.kill` through clone3's CLONE_INTO_CGROUP: the fork compares the target's
+        kill count with the parent's. A new cgroup has never been killed. The old one is
+        empty by now (a run starts only once the previous one's cgroup emptied).
+        """
+        try:
+            self._close_cgroup(slot)
+        except OSError as exc:  # (not EBUSY: that one returns False)
+            self.log.error("cgroup_failed", process=slot.name, error=exc.strerror or str(exc))
+        slot.cgroup_killed = False
+        self._open_cgroup(slot, program)
+
     def _close_cgroup(self, slot: Slot) -> None:
         cgroup, slot.cgroup = slot.cgroup, None
         if cgroup is None:
@@ -951,6 +966,8 @@ class Daemon:
             redirect_stderr=program.redirect_stderr,
             configured_environment=frozenset(program.environment),
         )
+        if slot.cgroup is not None and slot.cgroup_killed:
+            self._renew_cgroup(slot, program)
         cgroup_fd: int | None = None
         try:
             if slot.cgroup is not None:

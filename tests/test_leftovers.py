@@ -9,6 +9,7 @@ called setsid() escapes the fallback: those tests say so by checking it survives
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,13 @@ def strays() -> Iterator[list[int]]:
     yield seen
     for pid in seen:
         kill_quietly(pid)
+
+
+def proc_comm(pid: int | None) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, TypeError):
+        return ""
 
 
 def free_port() -> int:
@@ -188,6 +196,32 @@ def test_a_program_that_exits_leaves_nothing_behind(
     if mode == "cgroups":  # EXITED is reported once the cgroup is empty
         assert not any(pid_alive(pid) for pid in found.values())
     expect_all_gone(found, mode)
+
+
+def test_the_next_run_after_its_leftovers_were_killed_lives(
+    supd: Factory, tmp_path: Path, mode: str, strays: list[int]
+) -> None:
+    """The first run exits leaving a background sleep, which supd kills (cgroup.kill);
+    the restart must then run normally. Linux SIGKILLs children born by clone3 into a
+    cgroup that was once killed, so supd gives the next run a fresh one."""
+    marker = tmp_path / "first-run-done"
+    script = f"sleep 100031 & if [ -e {marker} ]; then exec sleep 100032; fi; touch {marker}"
+    d = supd(f"""
+        {supervisor_table(mode)}
+        [programs.again]
+        command = {json.dumps(["/bin/sh", "-c", script])}
+        startsecs = 0
+        autorestart = "always"
+        backoff_initial = 0
+    """)
+    wait_until(marker.exists)
+    entry = d.wait_state("again", "RUNNING")
+    wait_until(lambda: proc_comm(d.status()["again"]["pid"]) == "sleep")
+    pid = d.status()["again"]["pid"]
+    strays.append(pid)
+    assert d.status()["again"]["state"] == "RUNNING" and pid_alive(pid), entry
+    deaths = d.rpc("deaths", {"name": "again"})["deaths"]
+    assert [death["cause"] for death in deaths] == ["exited"], deaths  # nothing killed it
 
 
 def test_shutdown_leaves_nothing_behind(
