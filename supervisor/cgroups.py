@@ -336,6 +336,12 @@ class CgroupTree:
         file's path: the same config finds the same tree after a crash).
         """
         root = tree_root(hierarchy, instance)
+        origin = hierarchy.own if hierarchy.at_root else None
+        if hierarchy.own.name == "daemon" and (hierarchy.own.parent / "programs").is_dir():
+            # Already in ROOT/daemon: the same supd after a re-exec takes its tree over.
+            root = hierarchy.own.parent
+            above = Hierarchy(hierarchy.mount, root.parent)
+            origin = root.parent if tree_root(above, instance) == root else None
         try:
             root.mkdir(exist_ok=True)
             (root / "daemon").mkdir(exist_ok=True)
@@ -344,7 +350,7 @@ class CgroupTree:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise CgroupUnavailable(f"cannot manage cgroups under {root}: {reason}") from None
-        tree = cls(root, origin=hierarchy.own if hierarchy.at_root else None)
+        tree = cls(root, origin=origin)
         tree.controllers = frozenset(tree._enable_controllers())
         return tree
 

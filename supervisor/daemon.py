@@ -591,11 +591,13 @@ class Daemon:
 
     # -- leaving nothing behind (cgroups.py; sessions.py without cgroups) ----------------
 
-    def _contain(self) -> None:
+    def _contain(self, adopting: bool = False) -> None:
         """Choose cgroups or the session fallback; kill what a dead supd left behind.
 
         Start-up only, before any program starts: the ports the leftovers hold must be
         free when the programs start again, so the waits here are bounded blocking ones.
+        After a re-exec (`adopting`) the same tree and journal are taken over instead:
+        what is in them is ours, adopted, not a dead supd's leftovers.
         """
         settings = self.config.supervisor
         keep = {
@@ -605,7 +607,10 @@ class Daemon:
             for name in program.process_names()
         }
         journal = sessions.SessionJournal(sessions.journal_path(settings.socket))
-        self._kill_journal_leftovers(journal)
+        if adopting:
+            journal.live = journal.load()  # the sessions of the adopted children
+        else:
+            self._kill_journal_leftovers(journal)
         reason = 'cgroups = "off"'
         if settings.cgroups == "auto":
             hierarchy = cgroups.detect()
@@ -632,6 +637,8 @@ class Daemon:
         self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         if "memory" in tree.controllers:  # an unexplained SIGKILL can be confirmed as OOM
             self.oom_kills = self._cgroup_oom_kills
+        if adopting:
+            return
         for leftover in tree.kill_leftovers(keep={cgroups.cgroup_name(n) for n in keep}):
             self.log.warning(
                 "leftover_killed",
@@ -1998,6 +2005,7 @@ class Daemon:
         self.running = True
         # A new socket: adopted children keep the old address (see docs/reexec.md).
         self._open_child_notify(current or self.config)
+        self._contain(adopting=True)  # before the slots: each gets its cgroup back
         now = self.clock()
         base = reexec.time_base(state, now)
         processes: list[Process] = []
@@ -2026,13 +2034,6 @@ class Daemon:
         for saved in state.processes:
             self._adopt_fds(saved)
         self.log.info("adopted", generation=self._generation, processes=len(processes))
-        if self.config.supervisor.cgroups != "off":
-            # Not yet carried across: setting containment up again would kill the
-            # adopted children as a dead supd's leftovers (see docs/reexec.md).
-            self.log.warning(
-                "containment_not_adopted",
-                reason="cgroups and the session journal are not re-attached after a re-exec",
-            )
         self._drain()
         with contextlib.suppress(ConfigError, SocketUnusable):  # logged; the old config stays
             self.reload(preloaded=current)  # (which also releases the parser's memory)

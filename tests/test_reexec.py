@@ -574,3 +574,45 @@ def test_a_partial_line_for_supds_stdout_is_not_lost_to_the_exec(
     text = d.log_path.read_text()
     assert text.count("head-of-line-") == 1 and text.count("end-of-line") == 1
     assert d.status()["writer"]["pid"] == pid
+
+
+@pytest.mark.parametrize("cgroups_option", ["auto", "off"])
+def test_containment_is_taken_over_by_the_new_daemon(
+    supd: Factory, tmp_path: Path, cgroups_option: str
+) -> None:
+    """After a re-exec, a stop still leaves nothing behind: the adopted process's cgroup
+    (or, without cgroups, its session in the journal) is the new daemon's, and nothing
+    it holds is killed as a dead supd's leftovers."""
+    from supd import cgroups
+
+    hierarchy = cgroups.detect()
+    if cgroups_option == "auto" and (hierarchy is None or not os.access(hierarchy.own, os.W_OK)):
+        pytest.skip("no writable cgroup v2 hierarchy here")
+    pids = tmp_path / "pids"
+    # A leftover out of the process group, so only containment catches it: with cgroups
+    # even in a session of its own; without, in the program's session (job control).
+    escape = "setsid sleep 100041 &" if cgroups_option == "auto" else "set -m; sleep 100041 &"
+    script = f"{escape} echo $! > {pids}; exec sleep 100042"
+    d = supd(f"""
+        [supervisor]
+        log_format = "json"
+        cgroups = "{cgroups_option}"
+        [programs.web]
+        command = {json.dumps(["/bin/sh", "-c", script])}
+        startsecs = 0
+    """)
+    main = d.wait_state("web", "RUNNING")["pid"]
+    wait_until(lambda: pids.exists() and pids.read_text().strip())
+    leftover = int(pids.read_text())
+    d.track(leftover)
+    reexec_by_supctl(d)
+    assert d.status()["web"]["pid"] == main and pid_alive(leftover)  # adopted, not killed
+    assert not d.events("leftover_killed") and not d.events("containment_not_adopted")
+    d.rpc("stop", {"names": ["web"]})
+    assert d.status()["web"]["state"] == "STOPPED"
+    wait_until(lambda: not pid_alive(leftover), describe="the adopted run's leftover killed")
+    if cgroups_option == "off":  # the new daemon keeps the journal a crash would need
+        d.rpc("start", {"names": ["web"]})
+        again = d.status()["web"]["pid"]
+        journal = Path(f"{d.socket}.sessions").read_text()
+        assert f"+ {again} " in journal, journal
