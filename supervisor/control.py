@@ -439,6 +439,7 @@ class ControlServer:
         self._deadlines: deque[tuple[float, int]] = deque()
         self._deadline_timer: int | None = None
         self._deadline_armed: float | None = None  # what the timer is set for
+        self._deadline_count = 0  # connections with a deadline (0: the timer is off)
         base_log = log if log is not None else structlog.get_logger("supd")
         self._log: Any = base_log.bind(component="control")
         self._listener: socket.socket | None = None
@@ -492,12 +493,15 @@ class ControlServer:
         self._selector.register_handle(self._listener.fileno(), Event.READ, Listener())
         self._doorbell = SelectEvent()
         self._selector.register_event(self._doorbell, Doorbell())
-        # Made now, not when needed: at EMFILE there is no fd left for a timerfd. It
-        # fires once shortly after start (ignored) and is re-armed on each pause.
+        # Made now, not when needed: at EMFILE there is no fd left for a timerfd. Both
+        # stay disarmed until needed (re-armed on each pause, or for the earliest
+        # deadline), so an idle daemon never wakes up for them.
         self._retry_timer = self._selector.register_timer(ACCEPT_RETRY_MS, True, AcceptRetry())
+        self._selector.disarm_timer(self._retry_timer)
         self._deadline_timer = self._selector.register_timer(
             ACCEPT_RETRY_MS, True, RequestTimeout()
         )
+        self._selector.disarm_timer(self._deadline_timer)
 
     def close(self) -> None:
         """Close the listener and every connection; unlink the socket if we made it.
@@ -859,9 +863,22 @@ class ControlServer:
         plus the same timeout), and the timer is set for the earliest one.
         """
         conn.deadline = time.monotonic() + self._request_timeout
+        self._deadline_count += 1
         self._deadlines.append((conn.deadline, conn.conn_id))
         if self._deadline_armed is None:
             self._arm_deadline_timer()
+
+    def _clear_deadline(self, conn: _Client) -> None:
+        """The connection met (or no longer has) its deadline. With none left, the timer
+        is turned off: an idle daemon must not wake up for a deadline nobody has."""
+        if conn.deadline is None:
+            return
+        conn.deadline = None
+        self._deadline_count -= 1
+        if self._deadline_count == 0 and self._deadline_timer is not None:
+            self._selector.disarm_timer(self._deadline_timer)
+            self._deadlines.clear()
+            self._deadline_armed = None
 
     def _arm_deadline_timer(self) -> None:
         if not self._deadlines or self._deadline_timer is None:
@@ -928,7 +945,7 @@ class ControlServer:
             return
         conn.scan_from = len(buf)
         if conn.served and not buf:
-            conn.deadline = None  # nothing unfinished: it may stay, e.g. for tail -f
+            self._clear_deadline(conn)  # nothing unfinished: it may stay, e.g. for tail -f
         elif conn.deadline is None:
             self._set_deadline(conn)  # a new line started: it has a while to finish it
 
@@ -965,7 +982,7 @@ class ControlServer:
         conn.reading = False
         conn.inbuf.clear()  # an unfinished last line can't be a request any more
         if conn.served:
-            conn.deadline = None  # nothing more can come: it only waits for its answers
+            self._clear_deadline(conn)  # nothing more can come: it only waits for answers
         if peer_has_closed(conn.sock):
             self._close(conn)
             return
@@ -1048,7 +1065,7 @@ class ControlServer:
             return
         conn.closed = True
         conn.reading = False
-        conn.deadline = None
+        self._clear_deadline(conn)
         del self._connections[conn.conn_id]
         self._per_uid[conn.peer_uid] -= 1
         if not self._per_uid[conn.peer_uid]:

@@ -574,6 +574,18 @@ class Selector(Generic[T]):
         self._keys[fd] = _Key(fd, _Kind.TIMER, _TIMER_ONESHOT if oneshot else _TIMER_PERIODIC, data)
         return fd
 
+    def disarm_timer(self, fd: int) -> None:
+        """Stop timer ``fd`` without unregistering it (it reports nothing until rearmed);
+        an expiry not yet reported is dropped. A disarmed timer is FINISHED."""
+        key = self._key(fd)
+        if key.kind is not _Kind.TIMER:
+            raise RegistrationError(f"{key.describe()} is not a timer")
+        try:
+            linux.timerfd_settime_ns(fd, initial=0, interval=0)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot disarm timer fd {fd}") from exc
+        key.events = _TIMER_FINISHED
+
     def rearm_timer(self, fd: int, timeout_ms: int, oneshot: bool) -> None:
         """Restart timer ``fd`` with a new setting (also a FINISHED oneshot timer),
         keeping its fd and data. An expiry not yet reported is dropped."""

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -1075,6 +1076,22 @@ def test_a_served_connection_may_stay_idle_and_a_new_line_gets_the_timeout(
             assert follower.call("pid")["result"]
         wait_until(lambda: loop.events("client_dropped"))
         assert [e["conn"] for e in loop.events("client_dropped")] == [2]
+    assert loop.error is None
+
+
+def test_no_wake_up_for_a_deadline_nobody_has_any_more(sock_path: Path) -> None:
+    """Served connections (idle, or gone) leave no deadline behind: the loop stays
+    asleep past the timeout instead of waking once for nothing."""
+    with ServerLoop(sock_path, request_timeout=0.2) as loop, RpcClient(sock_path) as idle:
+        assert idle.call("pid")["result"]
+        with RpcClient(sock_path) as gone:
+            assert gone.call("pid")["result"]
+        wait_until(lambda: loop.call(lambda: loop.server.connection_count) == 1)
+        woken = loop.call(lambda: (loop.iterations, dict(loop.seen)))
+        time.sleep(0.6)  # three timeouts: the test's subject is that nothing happens
+        after = loop.call(lambda: (loop.iterations, dict(loop.seen)))
+        assert after[0] == woken[0] + 1, str((woken, after))  # (only our own call)
+        assert idle.call("pid")["result"]  # and the idle one was not dropped
     assert loop.error is None
 
 

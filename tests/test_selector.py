@@ -465,6 +465,16 @@ def test_rearm_timer_restarts_a_finished_oneshot_on_the_same_fd(selector):
     assert key == ReadyKey(fd, Event.TIMER | Event.ONESHOT | Event.FINISHED, 0, "backoff")
 
 
+def test_disarm_timer_silences_it_until_rearmed(selector):
+    fd = selector.register_timer(30, False, "tick")
+    selector.disarm_timer(fd)
+    assert selector.select(120) == []  # four periods: nothing
+    assert fd in selector
+    selector.rearm_timer(fd, 10, True)
+    [key] = selector.select(1000)
+    assert (key.fd, key.data) == (fd, "tick")
+
+
 def test_rearm_timer_can_make_it_periodic(selector):
     fd = selector.register_timer(10_000, True, "t")
     selector.rearm_timer(fd, 20, oneshot=False)
