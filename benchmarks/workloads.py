@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks import floor, procs
 from benchmarks.daemons import Daemon, Program, Supd, Supervisord
 from benchmarks.helper import LINE_BYTES
-from supd.config import FD_RESERVE
+from supd.config import FD_RESERVE, METRICS_FD_RESERVE
 from supd.metrics import SAMPLE_INTERVAL_S
 
 MIB = 1 << 20
@@ -687,7 +687,8 @@ def scale_programs(quick: bool) -> int:
     import resource
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fitting = (hard - FD_RESERVE) // 2 if hard != resource.RLIM_INFINITY else 10**6
+    reserve = FD_RESERVE + METRICS_FD_RESERVE  # supd's config here serves metrics
+    fitting = (hard - reserve) // 2 if hard != resource.RLIM_INFINITY else 10**6
     return min(SCALE_MAX_PROGRAMS if not quick else 2_000, fitting)
 
 
@@ -707,9 +708,13 @@ def scale(session: Session, subject: str, quick: bool = False) -> str:
     process = daemon.launch(session.processes, session.stamps_env(stamps))
     try:
         deadline_s = 120 + programs * 0.02
-        procs.wait_for(
-            lambda: count_starts(stamps) >= programs, deadline_s, f"{subject}: all started", 0.05
-        )
+
+        def all_started() -> bool:
+            if process.poll() is not None:  # e.g. a config it refused: fail now, not later
+                raise RuntimeError(f"supd exited {process.returncode}: {workdir}/daemon.log")
+            return count_starts(stamps) >= programs
+
+        procs.wait_for(all_started, deadline_s, f"{subject}: all started", 0.05)
         wait_until_all_running(daemon, programs, deadline_s, 0.2)
         startup_s = time.monotonic() - launched
         results.add("scale.startup_ms_per_program", subject, [startup_s * 1000 / programs])
