@@ -86,7 +86,9 @@ class Core(Protocol):
         """Process names for processes, programs or "all"; raises UnknownNames."""
         ...
 
-    def snapshot(self, names: list[str]) -> Snapshot: ...
+    def snapshot(self, names: list[str], accounting: bool = False) -> Snapshot:
+        """The processes now; `accounting` adds their cgroups' CPU and memory."""
+        ...
 
     def submit(
         self,
@@ -187,8 +189,8 @@ class Commands:
     def _handle(self, request: Request, responder: Responder) -> None:
         core = self.core
         match request.params:
-            case StatusParams(names=names):
-                snapshot = core.snapshot(core.resolve(names))
+            case StatusParams(names=names, accounting=accounting):
+                snapshot = core.snapshot(core.resolve(names), accounting)
                 now, wall = snapshot.now, snapshot.wall
                 extra = snapshot.extra
                 rows = [

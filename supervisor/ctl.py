@@ -690,8 +690,9 @@ Handler = Callable[[Client, argparse.Namespace, Output], int]
 
 def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
     params = {"names": args.names} if args.names else {}
-    rows = client.call("status", params)
-    if getattr(args, "long", False):
+    long = getattr(args, "long", False)
+    rows = client.call("status", {**params, "accounting": True} if long else params)
+    if long:
         usage = {str(u.get("name")): u for u in client.call("usage", params)}
         rows = [{**row, "usage": usage.get(str(row.get("name")))} for row in rows]
     if out.as_json:

@@ -1669,7 +1669,7 @@ class Daemon:
     def resolve(self, names: list[str] | None) -> list[str]:
         return self.fleet.resolve(names)
 
-    def snapshot(self, names: list[str]) -> Snapshot:
+    def snapshot(self, names: list[str], accounting: bool = False) -> Snapshot:
         processes = self.fleet.processes
         check = spawn.any_stopped()  # almost never: then no syscall per process
         entries = []
@@ -1682,9 +1682,12 @@ class Daemon:
             memory = "memory" in self.cgroup_tree.controllers
             for name in names:
                 slot = self.slots.get(name)
-                if slot is not None and slot.cgroup is not None:
-                    stats = slot.cgroup.stats(memory)
-                    extra[name] = status.cgroup_extra(stats, self.survivors(name))
+                if slot is None or slot.cgroup is None:
+                    continue
+                survivors = self.survivors(name)  # (no file read unless it was killed)
+                if accounting or survivors:
+                    stats = slot.cgroup.stats(memory) if accounting else None
+                    extra[name] = status.cgroup_extra(stats, survivors)
         return Snapshot(self.clock(), time.time(), entries, extra)
 
     def submit(

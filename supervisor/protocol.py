@@ -90,6 +90,9 @@ def _canonical_signal(value: str | int) -> str:
 
 class StatusParams(_Params):
     names: Names | None = None
+    # With cgroups: each process's CPU, memory and OOM kills (a file read per process,
+    # so asked for, not sent by default: status of 1,000 must stay a few ms).
+    accounting: bool = False
 
 
 class StartParams(_Params):

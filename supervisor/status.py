@@ -211,13 +211,16 @@ def deaths_info(process: Process, now: float, wall_now: float, limit: int) -> di
     }
 
 
-def cgroup_extra(stats: CgroupStats, survivors: list[ProcStat] | None) -> dict[str, Any]:
-    """What a process's cgroup adds to its `status` row (`ProcessInfo`'s last fields)."""
-    extra: dict[str, Any] = {
-        "cpu_seconds": stats.cpu_seconds,
-        "memory_bytes": stats.memory_bytes,
-        "oom_kills": stats.oom_kills,
-    }
+def cgroup_extra(stats: CgroupStats | None, survivors: list[ProcStat] | None) -> dict[str, Any]:
+    """What a process's cgroup adds to its `status` row (`ProcessInfo`'s last fields):
+    accounting when asked for (`stats`), and what SIGKILL did not end."""
+    extra: dict[str, Any] = {}
+    if stats is not None:
+        extra |= {
+            "cpu_seconds": stats.cpu_seconds,
+            "memory_bytes": stats.memory_bytes,
+            "oom_kills": stats.oom_kills,
+        }
     if survivors:
         extra["survivors"] = [
             {

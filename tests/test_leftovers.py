@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -343,7 +344,13 @@ def test_status_reports_cgroup_accounting(supd: Factory) -> None:
         startsecs = 0
     """)
     d.wait_state("busy", "RUNNING")
-    entry = wait_until(lambda: (e := d.status()["busy"])["cpu_seconds"] > 0.05 and e)
+    assert "cpu_seconds" not in d.status()["busy"]  # asked for, not sent by default
+
+    def accounted() -> dict[str, Any]:
+        [entry] = d.rpc("status", {"names": ["busy"], "accounting": True})
+        return dict(entry)
+
+    entry = wait_until(lambda: (e := accounted())["cpu_seconds"] > 0.05 and e)
     assert "survivors" not in entry  # nothing was killed
     controllers = cgroups.controllers_for_programs(HIERARCHY) if HIERARCHY else set()
     if "memory" not in controllers:  # None, not 0: there is no memory accounting here
