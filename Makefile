@@ -26,7 +26,9 @@ CC_CHECK = command -v cc >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-g
 # "Editable installation ... folders with the same name as your package may take
 # precedence" notice on every install. No folder here is named supd, so the notice
 # never applies: it is filtered out (that one message only; other warnings still show).
-PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet
+# setuptools also calls its pyproject ext-modules table (the C spawner) experimental.
+PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation,ignore:\`[tool.setuptools.ext-modules]\`" \
+	$(BIN)/python -m pip install --quiet
 
 # The stamp files reinstall only when pyproject.toml or the C spawner changes.
 $(VENV)/.installed: pyproject.toml supervisor/_spawn.c | $(BIN)/python
