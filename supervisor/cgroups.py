@@ -181,10 +181,6 @@ class ProcessCgroup:
             self.events_fd = os.open(self.path / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
         return self.events_fd
 
-    def open_procs(self) -> int:
-        """cgroup.procs, open for writing: the spawner's child writes "0" to join."""
-        return os.open(self.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-
     def open_dir(self) -> int:
         """The cgroup's directory, for the spawner (clone3's CLONE_INTO_CGROUP)."""
         return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Commands whose arguments are process names; those where `all` makes sense.
-NAME_COMMANDS = ("status", "start", "stop", "restart", "signal", "tail", "pid", "fg", "usage")
-ALL_COMMANDS = ("start", "stop", "restart", "signal")
 SIGNALS = ("TERM", "HUP", "INT", "KILL", "QUIT", "USR1", "USR2", "STOP", "CONT")
 GLOBAL_OPTIONS = ("-s", "--socket", "-c", "--config", "--json", "--timeout", "--trust-uid")
 COMMAND_OPTIONS = {
@@ -76,11 +73,11 @@ _supctl() {
                 if (( ${#args[@]} == 0 )); then
                     candidates="$(_supctl_names)"
                 elif (( ${#args[@]} == 1 )); then candidates="stdout stderr"; fi ;;
-            pid|fg)
+            pid|fg|why)
                 (( ${#args[@]} == 0 )) && candidates="$(_supctl_names)" ;;
             start|stop|restart)
                 candidates="$(_supctl_names) all" ;;
-            status|usage)
+            status|usage|clear|wait|logs)
                 candidates="$(_supctl_names)" ;;
         esac
     fi
@@ -138,7 +135,7 @@ _supctl() {
                     elif (( CURRENT == 2 )); then _supctl_names
                     else compadd stdout stderr; fi ;;
                 start|stop|restart) _supctl_names all ;;
-                status|usage|pid|fg) _supctl_names ;;
+                status|usage|pid|fg|why|clear|wait|logs) _supctl_names ;;
             esac ;;
     esac
 }

@@ -159,8 +159,6 @@ def set_pipe_size(fd: int, size: int) -> None:
 
 # --- Timestamps --------------------------------------------------------------------------
 
-TIMESTAMP_STYLES = ("none", "iso", "iso-utc", "epoch")
-
 
 def format_stamp(style: str, wall: float) -> bytes:
     """The stamp put before a line read at `wall` (time.time()), with its space.
@@ -810,10 +808,6 @@ class LineSink:
     def tail_size(self) -> int:
         return self._tail.size
 
-    @property
-    def holding(self) -> bool:
-        return bool(self._held)
-
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
@@ -948,7 +942,6 @@ class StreamTarget:
 
 # -- journald ------------------------------------------------------------------------------
 
-JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 _PRIORITY_PREFIX = re.compile(rb"<([0-7])>")
 
 

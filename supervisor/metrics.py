@@ -42,7 +42,6 @@ from .process import Process, backoff_delay
 SAMPLE_INTERVAL_S: Final = 2.0
 CONTENT_TYPE: Final = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 RESTART_REASONS: Final = ("exited", "failed_start", "requested")
-STREAMS: Final = ("stdout", "stderr")
 
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")

@@ -393,6 +393,8 @@ def test_bash_completes_commands_and_process_names(supd: Factory, tmp_path: Path
     # bash splits words at ":": the reply holds what follows the last colon.
     assert sorted(complete(script, f"supctl -s {sock} start web:", tmp_path)) == ["*", "0", "1"]
     assert complete(script, f"supctl -s {sock} tail worker s", tmp_path) == ["stdout", "stderr"]
+    for command in ("why", "clear", "wait", "logs"):
+        assert "worker" in complete(script, f"supctl -s {sock} {command} wo", tmp_path), command
     assert complete(script, "supctl signal H", tmp_path) == ["HUP"]
     assert complete(script, "supctl status --l", tmp_path) == ["--long"]
 
