@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
@@ -62,6 +63,11 @@ class _Request(ctypes.Structure):
         ("error", ctypes.c_int),
         ("step", ctypes.c_int),
         ("into_cgroup", ctypes.c_int),
+        ("slots", ctypes.c_int * 4),
+        ("park_fd", ctypes.c_int),
+        ("child_fds", ctypes.c_int * 3),
+        ("child_cgroup_fd", ctypes.c_int),
+        ("share_files", ctypes.c_int),
     ]
 
 
@@ -99,6 +105,43 @@ _library: Final = _load()
 
 # Whether the last spawn with a cgroup was born in it (clone3) rather than moved there.
 last_into_cgroup = False
+# Whether the last spawn's child shared the fd table until it kept only the slots'
+# (see `reserve_slots`), rather than starting from a copy of the whole table.
+last_shared_files = False
+
+# Four fds low in the table, parked on /dev/null, through which a child gets its fds
+# 0-2 and its cgroup: the child then keeps only the fds up to the slots instead of a
+# copy of the daemon's whole table (thousands of pipes), see _spawn.c. None: not yet
+# reserved; () if they could not be.
+_slots: tuple[int, ...] | None = None
+_park_fd = -1
+_one_at_a_time = threading.Lock()
+
+
+def reserve_slots() -> None:
+    """Take the spawn slots now, while the fd table is nearly empty: a child copies the
+    fds below the highest slot, so the lower they are, the cheaper a spawn. Idempotent;
+    `spawn()` reserves them itself on first use otherwise (wherever they then land)."""
+    global _slots, _park_fd
+    if _slots is not None:
+        return
+    taken: list[int] = []
+    try:
+        _park_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        taken.append(_park_fd)
+        for _ in range(4):
+            taken.append(os.dup(_park_fd))  # the lowest free numbers, close-on-exec
+    except OSError:
+        for fd in taken:
+            os.close(fd)
+        _park_fd, _slots = -1, ()
+        return
+    _slots = tuple(taken[1:])
+
+
+def slots() -> tuple[int, ...]:
+    """The reserved slots (empty before `reserve_slots` or when it failed)."""
+    return _slots or ()
 
 
 def available() -> bool:
@@ -151,9 +194,18 @@ def spawn(
         request.groups = groups_array
     request.pdeathsig = pdeathsig
     request.parent_pid = os.getpid()
-    pid: int = _library.supd_spawn(ctypes.byref(request))
-    global last_into_cgroup
+    if _slots is None:
+        reserve_slots()
+    if _slots:
+        request.slots = (ctypes.c_int * 4)(*_slots)
+        request.park_fd = _park_fd
+    else:
+        request.slots = (ctypes.c_int * 4)(-1, -1, -1, -1)
+    with _one_at_a_time:  # one child stack, one set of slots (ctypes drops the GIL)
+        pid: int = _library.supd_spawn(ctypes.byref(request))
+    global last_into_cgroup, last_shared_files
     last_into_cgroup = bool(request.into_cgroup)
+    last_shared_files = bool(request.share_files)
     if pid < 0:
         step = STEPS[request.step] if 0 <= request.step < len(STEPS) else str(request.step)
         filename = path if step == "exec" else directory if step == "chdir" else None

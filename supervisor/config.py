@@ -128,9 +128,10 @@ MAX_NUMPROCS = 1000  # per program
 MAX_PROCESSES = 10000  # in all programs together
 # File descriptors supd needs for itself besides the programs' pipes: stdio, its log,
 # the selector's epoll, signalfd, timerfd and eventfd, the control socket and a few of
-# its clients, the instance lock, /dev/null. Clients beyond those take what is left
-# (accept() at EMFILE pauses the listener; it never stalls the loop).
-FD_RESERVE = 32
+# its clients, the instance lock, /dev/null, the C spawner's four slots and their
+# /dev/null. Clients beyond those take what is left (accept() at EMFILE pauses the
+# listener; it never stalls the loop).
+FD_RESERVE = 37
 # With `metrics` set: its listener, its timer and its 64 clients (httpmetrics.py), and
 # the one /proc file a sample has open at a time.
 METRICS_FD_RESERVE = 67

@@ -2212,6 +2212,7 @@ def main(argv: list[str] | None = None) -> int:
         for warned in limit_warnings(config):
             print(f"{warning}warning: {warned}", file=sys.stderr)
         return EXIT_OK
+    spawn.reserve_spawn_slots()  # before the lock, the log, the sockets: lowest fds
     try:
         lock = instancelock.InstanceLock.acquire(args.config)  # held until supd exits
     except instancelock.AlreadyLocked as exc:
@@ -2259,6 +2260,7 @@ def adopt_main(state_fd: int) -> int:
     finally:
         with contextlib.suppress(OSError):
             os.close(state_fd)
+    spawn.reserve_spawn_slots()  # in the holes the old image's slots left
     current = _current_config(state.config_path)
     config, programs = reexec.rebuild(state, current)
     daemonlog.configure(config.supervisor.log_format, config.supervisor.log_level)

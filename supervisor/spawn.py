@@ -579,6 +579,13 @@ def any_stopped() -> bool:
     return info is not None and info.si_code == os.CLD_STOPPED
 
 
+def reserve_spawn_slots() -> None:
+    """Call first thing in a daemon: the C spawner's fd slots, as low in the table as
+    they can be (a child copies the fds below them; see clonespawn.reserve_slots)."""
+    if _method == "clone":
+        clonespawn.reserve_slots()
+
+
 def original_fd_limit() -> tuple[int, int]:
     """The fd limit supd was started with, which every child gets."""
     return _ORIGINAL_NOFILE

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pwd
+import resource
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,13 +220,59 @@ def test_the_child_starts_from_a_clean_slate(children: list[spawn.Child], method
     standard = sum(1 << (s - 1) for s in spawn._RESETTABLE_SIGNALS if s not in python_ignores)
     assert found["sigign"] & standard == 0, hex(found["sigign"])
     # pytest's own inheritable fds (not supd's business: the daemon marks whatever it
-    # inherited close-on-exec at start) reach the child; the spawn's pipes never do.
+    # inherited close-on-exec at start) reach the child through the Python methods; the
+    # C spawner closes every fd above 2. The spawn's pipes never reach it.
     leaked_by_pytest = [
         fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2 and _inheritable(fd)
     ]
-    assert found["fds"] == [0, 1, 2, *sorted(leaked_by_pytest)]
+    if method == "clone":
+        assert found["fds"] == [0, 1, 2]
+    else:
+        assert found["fds"] == [0, 1, 2, *sorted(leaked_by_pytest)]
     assert found["own_session"]
     assert tuple(found["nofile"]) == spawn._ORIGINAL_NOFILE
+
+
+def _fd_table_size(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("FDSize:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no FDSize in /proc/{pid}/status")
+
+
+def test_the_c_spawner_never_copies_the_daemons_fd_table(
+    children: list[spawn.Child], method: str
+) -> None:
+    """With thousands of pipes open, a child gets a table as small as if supd held
+    none (its FDSize), so a spawn costs the same at 10 or 10,000 programs; the parent's
+    table is as it was: the slots are back on /dev/null and hold no end of the pipes."""
+    if method != "clone":
+        pytest.skip("the C spawner's way; the python methods copy the table")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 5000
+    if hard != resource.RLIM_INFINITY and hard < wanted + 100:
+        pytest.skip(f"the hard fd limit ({hard}) is too low for {wanted} fds")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted + 100), hard))
+    held: list[int] = []
+    try:
+        while len(held) < wanted:
+            held.extend(os.pipe2(os.O_CLOEXEC))
+        child = spawn.spawn(spec(["/bin/sleep", "60"]))
+        children.append(child)
+        assert clonespawn.last_shared_files
+        assert _fd_table_size(child.pid) < 1024 < _fd_table_size(os.getpid())
+        for slot in clonespawn.slots():
+            assert os.readlink(f"/proc/self/fd/{slot}") == "/dev/null"
+        os.kill(child.pid, signal.SIGKILL)
+        os.waitpid(child.pid, 0)
+        assert child.stdout_fd is not None and child.stderr_fd is not None
+        for fd in (child.stdout_fd, child.stderr_fd):
+            os.set_blocking(fd, False)
+            assert os.read(fd, 1) == b""  # end of file: no writer is left, in either process
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
