@@ -36,6 +36,8 @@ from . import process as proc
 from .config import ProgramConfig
 from .deaths import Death, no_jitter
 from .facts import ErrorCode, State
+from .names import ALL as ALL_NAMES
+from .names import is_pattern
 from .names import select as select_names
 from .process import DOWN_STATES, Process, Timer, Want
 from .reloadplan import (
@@ -425,10 +427,38 @@ class Fleet:
         names = list(names or ())
         if not names:
             return list(self.processes)
+        direct = self._resolve_directly(names)
+        if direct is not None:
+            return direct
         found, unknown = select_names(names, self._named_sets())
         if unknown:
             raise UnknownNames(unknown)
         return found
+
+    def _resolve_directly(self, names: list[str]) -> list[str] | None:
+        """`resolve` in O(len(names)) for the common names, None for the others.
+
+        `_named_sets` costs O(programs) (4.9 ms for `status NAME` at 10,000 programs).
+        A program's name means its processes before anything else but `all`; a name
+        with a colon cannot be a program's or a group's (config.py's name rule), so a
+        process named so means itself, and `PROGRAM:` / `PROGRAM:*` its program's.
+        Anything else (`all`, patterns, groups, a process named without a colon) goes
+        the long way, so the order of names.py's rules is kept."""
+        found: list[str] = []
+        for name in names:
+            if name == ALL_NAMES:
+                return None
+            members = self.programs.get(name)
+            if members is None:
+                program, colon, rest = name.rpartition(":")
+                if colon and rest in ("", "*"):
+                    members = self.programs.get(program)
+                elif colon and not is_pattern(name) and name in self.processes:
+                    members = [name]
+            if members is None:
+                return None
+            found += members
+        return list(dict.fromkeys(found))
 
     def _named_sets(self) -> dict[str, list[str]]:
         """Every name that stands for several processes: programs, then groups."""

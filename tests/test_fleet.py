@@ -11,6 +11,8 @@ from collections import deque
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from supd.config import ProgramConfig
 from supd.facts import ErrorCode, State
@@ -37,6 +39,7 @@ from supd.fleet import (
     Transitioned,
     UnknownNames,
 )
+from supd.names import select as select_names
 from supd.process import Exited, Spawned, SpawnFailed
 
 
@@ -183,6 +186,55 @@ def test_unknown_names_are_refused() -> None:
     with pytest.raises(UnknownNames) as caught:
         sim.fleet.resolve(["web", "nope"])
     assert caught.value.names == ["nope"]
+
+
+def _named_fleet() -> Fleet:
+    sim = Sim(
+        program("web", numprocs=2, autostart=False),
+        program("db", autostart=False),
+        program("api", process_name="front", autostart=False),
+        program("w1", process_group="workers", autostart=False),
+        program("w2", process_group="workers", numprocs=2, autostart=False),
+    )
+    return sim.fleet
+
+
+NAME_POOL = [
+    *("all", "web", "db", "api", "front", "w1", "w2", "workers", "nope", "web:1", "web:9"),
+    *("web:", "web:*", "db:", "db:*", "workers:", "workers:*", "workers:w1", "workers:w2_1"),
+    *("w*", "*:1", "web:[01]", "?b", "nope:", "nope:*", "api:front", "db:db"),
+]
+
+
+@given(st.lists(st.sampled_from(NAME_POOL), min_size=1, max_size=5))
+def test_resolve_says_what_names_py_says_for_any_names(names: list[str]) -> None:
+    """The direct path for common names must agree with the rules in names.py."""
+    fleet = _named_fleet()
+    expected, unknown = select_names(names, fleet._named_sets())
+    if unknown:
+        with pytest.raises(UnknownNames) as caught:
+            fleet.resolve(names)
+        assert caught.value.names == unknown
+    else:
+        assert fleet.resolve(names) == expected
+
+
+def test_resolving_a_program_or_process_name_does_not_look_at_every_program(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`status NAME` with 10,000 programs: O(names), not O(programs)."""
+    fleet = _named_fleet()
+
+    def every_program() -> dict[str, list[str]]:
+        raise AssertionError("resolved by looking at every program")
+
+    monkeypatch.setattr(fleet, "_named_sets", every_program)
+    assert fleet.resolve(["db", "web:1", "web:*", "workers:w1"]) == [
+        "db",
+        "web:1",
+        "web:0",
+        "workers:w1",
+    ]
 
 
 # --------------------------------------------------------------------------- answers
