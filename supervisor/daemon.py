@@ -447,8 +447,12 @@ class Daemon:
             # A deadline already due (a 0 s retry): look at what else is ready first,
             # without waiting, then tick; the timerfd is for deadlines still ahead.
             for key in self.selector.select(0 if self._due_now else -1):
+                exited = type(key.data) is ChildTag
+                started = time.perf_counter() if exited else 0.0
                 self._guarded(self._dispatch, key)
                 self._guarded(self._drain)
+                if exited:  # the exit reaped, told to the fleet, its answer carried out
+                    self.metrics.exit_handled(time.perf_counter() - started)
             if self._due_now:
                 self.queue.append(Tick())
                 self._guarded(self._drain)
@@ -1123,6 +1127,10 @@ class Daemon:
                 reads = 1  # one read's worth at a time, so what waits stays small
         if reader.pump(reads):
             self._close_reader(slot, key.fd)
+            if not slot.readers and slot.child is not None:
+                # Usually the child's exit: asked now, in case its SIGCHLD collapsed
+                # into another's and the selector's next peek is a while off.
+                self.selector.hint_exit(slot.child.pid)
 
     def _watch_for_stall(self, writer: daemonlog.LogWriter, mark: int) -> None:
         """In STREAM_STALL_S, if supd's stdout took nothing meanwhile, stop waiting for
@@ -2083,6 +2091,8 @@ class Daemon:
             views.append(
                 ProcessView(process, slot.stdout if slot else None, slot.stderr if slot else None)
             )
+        self.metrics.exit_peeks = self.selector.peeks
+        self.metrics.exit_peek_seconds = self.selector.peek_seconds
         return self.metrics.render(views, self.clock(), time.time())
 
     def _scrape(self) -> bytes:

@@ -282,6 +282,13 @@ class Metrics:
         self.reloads = 0
         self.reload_failures = 0
         self.started_wall = time.time()
+        # Loop time spent on child exits: from the exit's ready key until what the
+        # fleet answered (a restart armed, a state changed) was carried out; and the
+        # selector's peeks for exits whose SIGCHLD collapsed (copied in at a scrape).
+        self.exits_handled = 0
+        self.exit_handling_seconds = 0.0
+        self.exit_peeks = 0
+        self.exit_peek_seconds = 0.0
 
     def counters(self, name: str) -> ProcessCounters:
         found = self.processes.get(name)
@@ -290,6 +297,10 @@ class Metrics:
         return found
 
     # -- what the daemon reports ------------------------------------------------------
+
+    def exit_handled(self, seconds: float) -> None:
+        self.exits_handled += 1
+        self.exit_handling_seconds += seconds
 
     def transitioned(self, change: Transitioned) -> None:
         counters = self.counters(change.name)
@@ -473,6 +484,19 @@ class Metrics:
         add(f"supd_cpu_seconds_total {cpu:.2f}")
         _family(out, "supd_resident_memory_bytes", "gauge", "Resident memory of supd itself")
         add(f"supd_resident_memory_bytes {rss}")
+        _family(out, "supd_exits_handled", "counter", "Child exits the loop handled")
+        add(f"supd_exits_handled_total {self.exits_handled}")
+        _family(
+            out,
+            "supd_exit_handling_seconds",
+            "counter",
+            "Loop time from a child's exit event until what it caused was carried out",
+        )
+        add(f"supd_exit_handling_seconds_total {self.exit_handling_seconds:.6f}")
+        _family(out, "supd_exit_peeks", "counter", "Looks for exits whose SIGCHLD collapsed")
+        add(f"supd_exit_peeks_total {self.exit_peeks}")
+        _family(out, "supd_exit_peek_seconds", "counter", "Loop time those looks took")
+        add(f"supd_exit_peek_seconds_total {self.exit_peek_seconds:.6f}")
         _family(out, "supd_control_requests", "counter", "Control requests, per method")
         for method in sorted(self.requests):
             add(

@@ -698,7 +698,7 @@ def test_bad_config_lists_every_problem_with_file_and_line(tmp_path: Path, check
 def test_a_config_whose_pipes_cannot_fit_the_fd_limit_is_refused(
     tmp_path: Path, check: bool
 ) -> None:
-    """Each process holds two pipe fds (one with redirect_stderr), plus supd's own 32: under
+    """Each process holds two pipe fds (one with redirect_stderr), plus supd's own 37: under
     a hard limit of 100, 20 processes fit and 40 do not (an error, not EMFILE at run time)."""
     config = tmp_path / "supd.toml"
     config.write_text(
@@ -717,7 +717,7 @@ def test_a_config_whose_pipes_cannot_fit_the_fd_limit_is_refused(
         '[programs.many]\ncommand = "true"\nnumprocs = 20\nredirect_stderr = true\n'
     )
     fits = run_supd("-c", str(config), "--check", cwd=tmp_path, prefix=limited)
-    assert fits.returncode == 0, fits.stderr  # one pipe each: 40 + 32 <= 100
+    assert fits.returncode == 0, fits.stderr  # one pipe each: 40 + 37 <= 100
 
 
 def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:

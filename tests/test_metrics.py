@@ -48,6 +48,10 @@ ISSUE_METRICS = {
     "supd_cpu_seconds_total",
     "supd_resident_memory_bytes",
     "supd_control_requests_total",
+    "supd_exits_handled_total",
+    "supd_exit_handling_seconds_total",
+    "supd_exit_peeks_total",
+    "supd_exit_peek_seconds_total",
 }
 
 
@@ -143,6 +147,14 @@ def test_counters_only_go_up_across_restarts_and_reloads(supd: Factory) -> None:
     after_crash = scrape(d)
     assert value(after_crash, "supd_process_restarts_total", **LABELS, reason="exited") == 1
     assert value(after_crash, "supd_process_last_exit_code", **LABELS) == 128 + signal.SIGKILL
+    # The loop time of that exit, reaped and its restart armed, is counted.
+    assert (
+        value(after_crash, "supd_exits_handled_total")
+        == value(before, "supd_exits_handled_total") + 1
+    )
+    assert value(after_crash, "supd_exit_handling_seconds_total") > value(
+        before, "supd_exit_handling_seconds_total"
+    )
 
     d.rpc("restart", {"names": ["busy"]})  # a requested restart
     wait_for_hellos(d, 3)
@@ -650,9 +662,10 @@ def test_a_children_list_longer_than_one_read_is_read_whole() -> None:
 
 
 def test_the_fd_budget_counts_the_metrics_server(tmp_path: Path) -> None:
+    from supd.config import FD_RESERVE, METRICS_FD_RESERVE
     from tests.test_daemon import run_supd
 
-    # 28 processes with one pipe each: 28 + 32 fit under 120, 28 + 99 do not.
+    # 28 processes with one pipe each: 28 + 37 fit under 120, 28 + 104 do not.
     config = tmp_path / "supd.toml"
     program = '[programs.few]\ncommand = "true"\nnumprocs = 28\nredirect_stderr = true\n'
     limited = ("prlimit", "--nofile=120:120", "--")
@@ -661,7 +674,8 @@ def test_the_fd_budget_counts_the_metrics_server(tmp_path: Path) -> None:
     config.write_text('[supervisor]\nmetrics = "127.0.0.1:0"\n' + program)
     refused = run_supd("-c", str(config), "--check", cwd=tmp_path, prefix=limited)
     assert refused.returncode == 2
-    assert "supd's own 99, more than the hard limit of 120" in refused.stderr
+    own = FD_RESERVE + METRICS_FD_RESERVE
+    assert f"supd's own {own}, more than the hard limit of 120" in refused.stderr
 
 
 def test_sampling_some_trees_keeps_the_others_samples(tree: subprocess.Popen[bytes]) -> None:

@@ -819,6 +819,81 @@ def test_an_unwatched_zombie_does_not_hide_the_exits_behind_it(
     assert process_state(stray) == "Z"  # still there: not the selector's to reap
 
 
+def count_full_peeks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts waitid(P_ALL) calls, the kernel's walk of every child."""
+    calls: list[int] = []
+    real = os.waitid
+
+    def waitid(idtype: int, ident: int, options: int) -> Any:
+        if idtype == os.P_ALL:
+            calls.append(ident)
+        return real(idtype, ident, options)
+
+    monkeypatch.setattr(os, "waitid", waitid)
+    return calls
+
+
+def test_exits_told_by_their_sigchld_cost_no_walk_of_every_child_while_peeks_are_dear(
+    selector: Selector[Any], children: Children, fds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With thousands of children a peek costs milliseconds: exits one at a time are
+    each reported from their own SIGCHLD, and the peek that follows waits its turn."""
+    selector._peek_cost = 1.0  # as if the last empty peek took 1 s: the next waits 50 s
+    peeks = count_full_peeks(monkeypatch)
+    for exit_code in range(10):
+        r, w = os.pipe()
+        fds.extend((r, w))
+        pid = children.waiting_on(r, exit_code)
+        ident = selector.register_process(pid, pid)
+        os.close(w)
+        assert select_until(selector, bool) == [ReadyKey(ident, PROCESS_EXITED, 0, pid)]
+        selector.unregister(ident)
+        assert children.reap(pid) == exit_code
+    assert peeks == []
+
+
+def test_an_exit_whose_sigchld_collapsed_is_found_by_hint_exit_before_the_peek(
+    selector: Selector[Any], children: Children, fds: list[int]
+) -> None:
+    selector._peek_cost = 1.0  # the peek is 50 s away
+    r, w = os.pipe()
+    fds.extend((r, w))
+    pids = [children.waiting_on(r, exit_code=i) for i in (1, 2)]
+    idents = {pid: selector.register_process(pid, pid) for pid in pids}
+    os.close(w)
+    wait_until(lambda: all(process_state(pid) == "Z" for pid in pids), describe="both to exit")
+    # SIGCHLD was blocked all along: the two collapsed into one record naming one pid.
+    [first] = select_until(selector, bool)
+    selector.unregister(first.fd)
+    children.reap(first.data)
+    [other] = [pid for pid in pids if pid != first.data]
+    assert selector.select(0) == []  # only the peek would find it, and it is not due
+    selector.hint_exit(other)
+    selector.hint_exit(os.getpid())  # not a watched child: ignored
+    assert selector.select(0) == [ReadyKey(idents[other], PROCESS_EXITED, 0, other)]
+    assert children.reap(other) == (2 if other == pids[1] else 1)
+
+
+def test_a_select_waiting_forever_wakes_for_a_peek_that_comes_due(
+    selector: Selector[Any], children: Children, fds: list[int]
+) -> None:
+    """A collapsed exit is found by select(-1) itself, not by a caller that polls."""
+    selector._peek_cost = 0.004  # the peek waits 0.2 s
+    r, w = os.pipe()
+    fds.extend((r, w))
+    pids = [children.waiting_on(r) for _ in range(2)]
+    for pid in pids:
+        selector.register_process(pid, pid)
+    os.close(w)
+    wait_until(lambda: all(process_state(pid) == "Z" for pid in pids), describe="both to exit")
+    [first] = select_until(selector, bool)
+    selector.unregister(first.fd)
+    children.reap(first.data)
+    [second] = selector.select(-1)
+    assert {first.data, second.data} == set(pids)
+    children.reap(second.data)
+
+
 # ----------------------------------------------------------------------- user events
 
 
