@@ -1694,10 +1694,13 @@ class Daemon:
         extra = {}
         if self.cgroup_tree is not None:
             memory = "memory" in self.cgroup_tree.controllers
+            slots = self.slots
             for name in names:
-                slot = self.slots.get(name)
+                slot = slots.get(name)
                 if slot is None or slot.cgroup is None:
                     continue
+                if not accounting and not slot.cgroup_killed:
+                    continue  # no survivors to show (the common case, 10,000 times)
                 survivors = self.survivors(name)  # (no file read unless it was killed)
                 if accounting or survivors:
                     stats = slot.cgroup.stats(memory) if accounting else None
