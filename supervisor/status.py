@@ -16,7 +16,6 @@ from .process import Process, Want
 from .sessions import ProcStat, command_line, wchan
 from .signals import name as signal_name
 
-
 _STATE_NAMES = {state: state.value for state in State}
 
 
