@@ -429,3 +429,17 @@ def test_a_stop_is_forgotten_once_the_process_is_started_again() -> None:
     result = deaths_info(p, 5.0, 100.0, 20)
     assert result["next"] == "nothing: it exited and autorestart says not to restart it"
     assert result["deaths"][0]["then"] == "stays down (autorestart = never)"
+
+
+def test_a_process_that_never_restarted_holds_no_restart_times() -> None:
+    """10,000 quiet processes must not each hold an empty deque (770 bytes)."""
+    from supd.deaths import RestartWindow
+
+    window = RestartWindow()
+    config = ProgramConfig.model_validate({"name": "web", "command": ["x"], "restart_window": 60})
+    assert not window.full(0.0, config) and len(window) == 0
+    assert window._times is None
+    window.add(1.0)
+    assert len(window) == 1 and not window.full(2.0, config)
+    window.clear()
+    assert window._times is None and len(window) == 0
