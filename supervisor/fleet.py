@@ -34,7 +34,7 @@ from typing import assert_never
 
 from . import process as proc
 from .config import ProgramConfig
-from .deaths import Death, no_jitter
+from .deaths import Death, DeathRing, no_jitter
 from .facts import ErrorCode, State
 from .names import ALL as ALL_NAMES
 from .names import is_pattern
@@ -337,7 +337,7 @@ class Fleet:
         """`draw`: backoff jitter's randomness, in [0, 1] (the daemon's is random.random;
         the default gives every delay its upper bound)."""
         self.draw = draw
-        self.kept_deaths: dict[str, deque[Death]] = {}  # a replaced program's, by process
+        self.kept_deaths: dict[str, DeathRing] = {}  # a replaced program's, by process
         self.processes: dict[str, Process] = {}
         self.programs: dict[str, list[str]] = {}  # program -> its live process names
         self.configs: dict[str, ProgramConfig] = {}  # the config's programs, as desired

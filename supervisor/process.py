@@ -23,13 +23,12 @@ from __future__ import annotations
 import enum
 import math
 import signal
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import deaths
 from .config import ProgramConfig
-from .deaths import NO_ENDING, Cause, Death, Ending, RestartWindow
+from .deaths import NO_ENDING, Cause, Death, DeathRing, Ending, RestartWindow
 from .facts import State as State  # re-exported: the state machine's states
 from .signals import name as signal_name
 
@@ -267,7 +266,7 @@ class Process:
     window: RestartWindow = field(default_factory=RestartWindow)
     revive_at: float | None = None  # monotonic deadline of a pending revival
     reason: str | None = None  # why it is in its state (the last transition's reason)
-    history: deque[Death] = field(default_factory=lambda: deque(maxlen=deaths.DEATHS_KEPT))
+    history: DeathRing = field(default_factory=DeathRing)
     stop_by: deaths.StopBy | None = None  # who asked for the current (or last) stop
     stop_asked_at: float | None = None  # monotonic time of that stop
     timed_out: bool = False  # this stop outlived stopwaitsecs

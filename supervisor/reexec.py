@@ -48,7 +48,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .config import Config, ProgramConfig, SupervisorConfig
-from .deaths import RestartWindow
+from .deaths import Death, DeathRing, RestartWindow
 from .process import Process, Timer
 
 STATE_VERSION = 1
@@ -195,9 +195,18 @@ def _load_window(data: Any, base: float) -> RestartWindow:
     return window
 
 
+def _save_history(ring: DeathRing, now: float) -> Any:
+    return [_save(death, now) for death in ring]
+
+
+def _load_history(data: Any, base: float) -> DeathRing:
+    return DeathRing(_revive(Death, death, base) for death in data)
+
+
 # Fields the generic rules cannot handle: (save, load).
 _CODECS: dict[str, tuple[Callable[[Any, float], Any], Callable[[Any, float], Any]]] = {
     "window": (_save_window, _load_window),
+    "history": (_save_history, _load_history),
 }
 
 

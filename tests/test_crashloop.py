@@ -443,3 +443,20 @@ def test_a_process_that_never_restarted_holds_no_restart_times() -> None:
     assert len(window) == 1 and not window.full(2.0, config)
     window.clear()
     assert window._times is None and len(window) == 0
+
+
+def test_the_death_ring_keeps_the_last_twenty_and_holds_nothing_before_a_death() -> None:
+    from supd.deaths import DEATHS_KEPT, Death, DeathRing
+
+    ring = DeathRing()
+    assert ring._items is None and len(ring) == 0 and not ring and list(ring) == []
+    with pytest.raises(IndexError):
+        ring[-1]
+    deaths = [
+        Death(at=float(i), wall=0.0, pid=i, uptime=1.0, cause=Cause.EXITED, summary="x")
+        for i in range(DEATHS_KEPT + 5)
+    ]
+    ring.extend(deaths)
+    assert list(ring) == deaths[-DEATHS_KEPT:] and ring[-1] is deaths[-1] and ring[0] is deaths[5]
+    ring.clear()
+    assert ring._items is None
