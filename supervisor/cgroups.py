@@ -166,7 +166,7 @@ def cgroup_name(process_name: str) -> str:
 # -- one process's cgroup ----------------------------------------------------------------
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ProcessCgroup:
     """The cgroup of one supervised process (all its runs, one after the other)."""
 

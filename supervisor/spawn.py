@@ -132,7 +132,7 @@ class SpawnSpec:
     cgroup_fd: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Child:
     """A started child and the daemon's ends of its pipes (None when closed or unused:
     only the fork path has an exec report)."""
