@@ -277,6 +277,10 @@ os._exit(0)
 """
 
 
+# What a child got from `supctl signal` before any: one shared object (frozenset() is
+# not a singleton, and 10,000 slots would each hold one).
+NO_SIGNALS: frozenset[int] = frozenset()
+
 # `status` of at most this many names asks each pid whether it is stopped.
 ASK_EACH_IF_STOPPED = 8
 
@@ -298,7 +302,7 @@ class Slot:
     matcher: probes.LineMatcher | None = None  # ready = { log = ... } until it matched
     last_output_at: float | None = None  # monotonic: health = { log-silence = ... }
     # supctl signal, this child; a shared empty frozenset until then (a set is 216 bytes)
-    operator_signals: frozenset[int] = frozenset()
+    operator_signals: frozenset[int] = NO_SIGNALS
     oom_kills_at_spawn: int | None = None  # the cgroup's oom_kill counter then
     written_at_spawn: int = 0  # the death's stream's byte count then: its tail is this run's
     leftovers: str = "kill"  # the program's `leftovers`
@@ -1003,7 +1007,7 @@ class Daemon:
         for sink in (slot.stdout, slot.stderr):
             if isinstance(sink, LineSink) and isinstance(sink.target, JournalTarget):
                 sink.target.pid = child.pid
-        slot.operator_signals = frozenset()
+        slot.operator_signals = NO_SIGNALS
         slot.oom_kills_at_spawn = self.oom_kills(name)
         slot.written_at_spawn = slot.sink(
             "stdout" if program.redirect_stderr else "stderr"
