@@ -114,7 +114,16 @@ def info(
         "exit_signal": signal_name(exit_signal) if exit_signal else None,
         "restarts": process.restarts,
         "spawn_error": process.spawn_error,
-        "description": describe(process, now, wall_now, stopped_by),
+        "description": (
+            # describe()'s most common line, without its calls (10,000 rows at M8 size)
+            f"pid {pid}, uptime {format_uptime(now - started)}"
+            if state is State.RUNNING
+            and started is not None
+            and stopped_by is None
+            and process.waiting_for is None
+            and not (process.healthy is not None or process.notify_state or process.notify_status)
+            else describe(process, now, wall_now, stopped_by)
+        ),
         "healthy": process.healthy,
         "health_error": process.health_error,
         "waiting_for": process.waiting_for,

@@ -253,6 +253,29 @@ def test_describe_lines() -> None:
     assert describe(p, 5000.0, 0.0) == "restart 1 of 5 in 1.0 s (exited 1)"
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"healthy": True},
+        {"healthy": False, "health_error": "refused"},
+        {"notify_state": "reloading"},
+        {"notify_status": "42 requests"},
+        {"waiting_for": "db"},
+    ],
+)
+def test_status_rows_describe_a_running_process_as_describe_does(change: dict[str, Any]) -> None:
+    """info() has its own copy of the common RUNNING line (10,000 rows per status)."""
+    from supd.status import info
+
+    p = running(program(startsecs=1), now=0.0)
+    for key, value in change.items():
+        setattr(p, key, value)
+    for stopped_by in (None, signal.SIGSTOP):
+        row = info(p, 90061.5, 0.0, stopped_by)
+        assert row["description"] == describe(p, 90061.5, 0.0, stopped_by)
+
+
 def test_failed_exec_reported_while_stopping_ends_the_stop() -> None:
     """Review finding: SpawnFailed in STOPPING used to leave the process STOPPING."""
     p = running(program())
