@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import __version__, daemonlog
-from .config import ConfigError
 from .control import Responder, SocketUnusable
 from .facts import ErrorCode
 from .fleet import Action, Outcome, UnknownNames
@@ -59,6 +58,7 @@ from .protocol import (
     WaitParams,
 )
 from .reloadplan import ReloadReport, report_data
+from .settings import ConfigError
 from .status import deaths_info, info
 
 
@@ -100,9 +100,11 @@ class Core(Protocol):
         """Start, stop or restart; `reply` gets one outcome per process, exactly once."""
         ...
 
-    def reload(self, dry_run: bool = False) -> ReloadReport:
-        """The plan, applied (or only made, dry); raises ConfigError or SocketUnusable
-        and changes nothing."""
+    def reload(
+        self, dry_run: bool = False, done: Callable[[ReloadReport | Exception], None] | None = None
+    ) -> None:
+        """The plan, applied (or only made, dry), once the file is checked: `done` gets
+        the report, or the ConfigError or SocketUnusable after which nothing changed."""
         ...
 
     def shutdown(self) -> None: ...
@@ -288,16 +290,21 @@ class Commands:
         if self.core.shutting_down:
             responder.error(ErrorCode.SHUTTING_DOWN, "supd is shutting down")
             return
-        try:
-            report = self.core.reload(dry_run)
-        except ConfigError as exc:
-            problems = [str(p) for p in exc.problems]
-            responder.error(ErrorCode.CONFIG_INVALID, "invalid config; nothing changed", problems)
-            return
-        except SocketUnusable as exc:
-            responder.error(ErrorCode.CONFIG_INVALID, f"{exc}; nothing changed", [str(exc)])
-            return
-        responder.result(ReloadResult.model_validate(report_data(report)))
+
+        def done(outcome: ReloadReport | Exception) -> None:
+            if isinstance(outcome, ConfigError):
+                problems = [str(p) for p in outcome.problems]
+                message = "invalid config; nothing changed"
+                responder.error(ErrorCode.CONFIG_INVALID, message, problems)
+            elif isinstance(outcome, SocketUnusable):
+                message = f"{outcome}; nothing changed"
+                responder.error(ErrorCode.CONFIG_INVALID, message, [str(outcome)])
+            elif isinstance(outcome, Exception):
+                responder.error(ErrorCode.INTERNAL_ERROR, f"reload failed: {outcome}")
+            else:
+                responder.result(ReloadResult.model_validate(report_data(outcome)))
+
+        self.core.reload(dry_run, done)
 
     # -- reexec -----------------------------------------------------------------------
 

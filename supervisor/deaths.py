@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import ProgramConfig
+from .settings import Program
 from .signals import name as signal_name
 
 DEATHS_KEPT = 20  # per process
@@ -116,7 +116,7 @@ def classify(
     exit_code: int | None,
     exit_signal: int | None,
     ending: Ending,
-    config: ProgramConfig,
+    config: Program,
 ) -> tuple[Cause, str, str | None, bool | None]:
     """(cause, summary, sender, expected) of a run that ended."""
     core = " (core dumped)" if ending.core_dumped else ""
@@ -168,7 +168,7 @@ class RestartWindow:
     def __init__(self) -> None:
         self.times: deque[float] = deque()
 
-    def prune(self, now: float, config: ProgramConfig) -> int:
+    def prune(self, now: float, config: Program) -> int:
         """Forget restarts older than the window; returns how many remain."""
         horizon = now - config.restart_window
         times = self.times
@@ -176,7 +176,7 @@ class RestartWindow:
             times.popleft()
         return len(times)
 
-    def full(self, now: float, config: ProgramConfig) -> bool:
+    def full(self, now: float, config: Program) -> bool:
         """`max_restarts` restarts already happened within the window (a window of 0 s:
         no limit)."""
         if config.restart_window <= 0:
@@ -193,7 +193,7 @@ class RestartWindow:
         return len(self.times)
 
 
-def window_limit(config: ProgramConfig) -> int:
+def window_limit(config: Program) -> int:
     """Automatic restarts allowed within `restart_window`: `max_restarts`, by default
     max(5, startretries), so that consecutive failed starts meet `startretries` first
     (supervisord's behaviour) and the window catches what startretries never sees: a
@@ -203,5 +203,5 @@ def window_limit(config: ProgramConfig) -> int:
     return max(DEFAULT_MAX_RESTARTS, config.startretries)
 
 
-def crash_loop_reason(config: ProgramConfig) -> str:
+def crash_loop_reason(config: Program) -> str:
     return f"crash loop: {window_limit(config)} restarts in {config.restart_window:g} s"

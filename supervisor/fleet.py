@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import assert_never
 
 from . import process as proc
-from .config import ProgramConfig
 from .deaths import Death, no_jitter
 from .facts import ErrorCode, State
 from .names import select as select_names
@@ -49,6 +48,7 @@ from .reloadplan import (
     step_for_change,
     visible_changes,
 )
+from .settings import Program
 
 # -- events: what happened ---------------------------------------------------------------
 
@@ -57,7 +57,7 @@ from .reloadplan import (
 class Boot:
     """The daemon is up: create every program of the config and autostart them."""
 
-    programs: tuple[ProgramConfig, ...]
+    programs: tuple[Program, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +93,7 @@ class Submit:
 class Reload:
     """The config's new programs (already loaded and valid)."""
 
-    programs: tuple[ProgramConfig, ...]
+    programs: tuple[Program, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +129,11 @@ class Adopt:
     """A re-exec'd daemon takes over what the old one ran: processes already in their
     states (with their children), timers at their deadlines, reload work under way."""
 
-    programs: tuple[ProgramConfig, ...]
+    programs: tuple[Program, ...]
     processes: tuple[Process, ...]
     timers: tuple[tuple[str, Timer, float], ...] = ()  # (process, timer, deadline)
     retiring: tuple[str, ...] = ()
-    swaps: tuple[tuple[str, ProgramConfig], ...] = ()
+    swaps: tuple[tuple[str, Program], ...] = ()
 
 
 FleetEvent = (
@@ -149,7 +149,7 @@ class CreateSlot:
     """A new process: open its log sinks."""
 
     name: str
-    program: ProgramConfig
+    program: Program
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +162,7 @@ class DropSlot:
 @dataclass(frozen=True, slots=True)
 class Spawn:
     name: str
-    program: ProgramConfig
+    program: Program
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +222,7 @@ class RunProbe:
     """Run a ready or health probe for a process; answer with a ChildEvent(ProbeResult)."""
 
     name: str
-    program: ProgramConfig
+    program: Program
     probe: proc.Probe
 
 
@@ -251,7 +251,7 @@ class UpdateSlot:
     """A reload changed a live process's log settings: reopen its log sinks."""
 
     name: str
-    program: ProgramConfig
+    program: Program
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +287,7 @@ class UnknownNames(Exception):
 
 
 def reload_diff(
-    old: Mapping[str, ProgramConfig], new: Mapping[str, ProgramConfig]
+    old: Mapping[str, Program], new: Mapping[str, Program]
 ) -> tuple[list[str], list[str], list[str]]:
     """(added, changed, removed) program names, from the old config to the new."""
     added = [n for n in new if n not in old]
@@ -338,13 +338,13 @@ class Fleet:
         self.kept_deaths: dict[str, deque[Death]] = {}  # a replaced program's, by process
         self.processes: dict[str, Process] = {}
         self.programs: dict[str, list[str]] = {}  # program -> its live process names
-        self.configs: dict[str, ProgramConfig] = {}  # the config's programs, as desired
+        self.configs: dict[str, Program] = {}  # the config's programs, as desired
         self.retiring: set[str] = set()  # stopping for a reload; dropped once down
         # Restarting for a reload: once down, the process takes this config and starts.
-        self.swaps: dict[str, ProgramConfig] = {}
+        self.swaps: dict[str, Program] = {}
         # New processes whose names a stopping process still holds: (program, names),
         # created together once every one of those names is free.
-        self.parked: list[tuple[ProgramConfig, list[str]]] = []
+        self.parked: list[tuple[Program, list[str]]] = []
         self.state_counts: dict[State, int] = dict.fromkeys(State, 0)
         self.shutting_down = False
         self.exited = False
@@ -471,7 +471,7 @@ class Fleet:
 
     # -- processes ---------------------------------------------------------------------
 
-    def _add(self, program: ProgramConfig) -> None:
+    def _add(self, program: Program) -> None:
         names = program.process_names()
         self.programs[program.name] = names
         for name in names:
@@ -482,7 +482,7 @@ class Fleet:
             self.state_counts[State.STOPPED] += 1
             self._out.append(CreateSlot(name, program))
 
-    def _autostart(self, programs: Iterable[ProgramConfig], now: float) -> None:
+    def _autostart(self, programs: Iterable[Program], now: float) -> None:
         if self.shutting_down:
             return
         for program in sorted(programs, key=lambda p: p.start_order):
@@ -724,12 +724,12 @@ class Fleet:
 
     # -- reload ------------------------------------------------------------------------
 
-    def plan_reload(self, programs: Iterable[ProgramConfig]) -> ReloadPlan:
+    def plan_reload(self, programs: Iterable[Program]) -> ReloadPlan:
         """What `Reload(programs)` would do now, changing nothing (a dry run)."""
         return self._plan({p.name: p for p in programs})
 
-    def _plan(self, new: Mapping[str, ProgramConfig]) -> ReloadPlan:
-        desired: dict[str, ProgramConfig] = {}  # process name -> its new program
+    def _plan(self, new: Mapping[str, Program]) -> ReloadPlan:
+        desired: dict[str, Program] = {}  # process name -> its new program
         for program in new.values():
             for name in program.process_names():
                 desired[name] = program
@@ -762,7 +762,7 @@ class Fleet:
         stops.reverse()
         return ReloadPlan((*stops, *entries))
 
-    def _reload(self, programs: tuple[ProgramConfig, ...], now: float) -> None:
+    def _reload(self, programs: tuple[Program, ...], now: float) -> None:
         if self.shutting_down:
             return  # the daemon refuses it; a late one changes nothing
         new = {p.name: p for p in programs}
@@ -799,7 +799,7 @@ class Fleet:
         self._supersede_for_reload(name)
         self._send(name, proc.Stop(by="reload"), now)
 
-    def _restart_for_reload(self, name: str, target: ProgramConfig, now: float) -> None:
+    def _restart_for_reload(self, name: str, target: Program, now: float) -> None:
         """Stop it; once down it takes `target` and starts again (see _swap)."""
         first = name not in self.swaps
         self.swaps[name] = target
@@ -812,7 +812,7 @@ class Fleet:
             why = "being replaced or removed by a reload"
             self._resolve(request, name, self._superseded(name, why))
 
-    def _update_in_place(self, name: str, target: ProgramConfig) -> None:
+    def _update_in_place(self, name: str, target: Program) -> None:
         if name in self.swaps:  # still restarting: it comes back with the newest config
             self.swaps[name] = target
             return
@@ -1127,7 +1127,7 @@ def _judge(
     return None
 
 
-def _new_step(program: ProgramConfig) -> Step:
+def _new_step(program: Program) -> Step:
     return Step.START if program.autostart else Step.ADD
 
 

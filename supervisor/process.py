@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import deaths
-from .config import ProgramConfig
 from .deaths import NO_ENDING, Cause, Death, Ending, RestartWindow
 from .facts import State as State  # re-exported: the state machine's states
+from .settings import Program
 from .signals import name as signal_name
 
 # A process is "down" in these: none runs, and none will without a command.
@@ -212,7 +212,7 @@ Effect = (
 )
 
 
-def backoff_delay(failures: int, config: ProgramConfig) -> float:
+def backoff_delay(failures: int, config: Program) -> float:
     """Delay before the restart that follows the n-th consecutive failure (n >= 1):
     min(backoff_max, backoff_initial * backoff_factor ** (n - 1)), computed without
     ever forming a power that could overflow (a program crash-looping for days)."""
@@ -228,12 +228,12 @@ def backoff_delay(failures: int, config: ProgramConfig) -> float:
     return float(min(ceiling, initial * factor**steps))
 
 
-def gives_up(start_failures: int, config: ProgramConfig) -> bool:
+def gives_up(start_failures: int, config: Program) -> bool:
     """The first attempt plus `startretries` retries have all failed."""
     return start_failures > config.startretries
 
 
-def is_expected_exit(event: Exited, config: ProgramConfig) -> bool:
+def is_expected_exit(event: Exited, config: Program) -> bool:
     """An exit that `autorestart = "on-failure"` leaves alone.
 
     A signal death while RUNNING is never expected: the daemon only signals to stop, and
@@ -247,7 +247,7 @@ class Process:
     """The supervised life of one process slot (`name`), across its restarts."""
 
     name: str
-    config: ProgramConfig
+    config: Program
     state: State = State.STOPPED
     want: Want = Want.DOWN
     pid: int | None = None

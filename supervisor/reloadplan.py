@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ProgramConfig
+from .settings import PROGRAM_KEYS, SUPERVISOR_KEYS, Program
 
 
 class KeyEffect(enum.Enum):
@@ -145,10 +145,10 @@ def show(value: Any) -> str:
     return json.dumps(value, default=str, ensure_ascii=False, sort_keys=True)
 
 
-def changed_keys(old: ProgramConfig, new: ProgramConfig) -> list[KeyChange]:
+def changed_keys(old: Program, new: Program) -> list[KeyChange]:
     """Every key whose value differs (naming keys included), in the model's order."""
     changes = []
-    for key in type(new).model_fields:
+    for key in PROGRAM_KEYS:
         if key == "name":
             continue
         before, after = getattr(old, key), getattr(new, key)
@@ -173,12 +173,12 @@ def visible_changes(changes: Iterable[KeyChange]) -> tuple[KeyChange, ...]:
     return tuple(c for c in changes if key_effect(c.key) is not KeyEffect.NAMES)
 
 
-def logs_changed(old: ProgramConfig, new: ProgramConfig) -> bool:
+def logs_changed(old: Program, new: Program) -> bool:
     return any(key_effect(c.key) is KeyEffect.LOGS for c in changed_keys(old, new))
 
 
 def programs_diff(
-    old: Mapping[str, ProgramConfig], new: Mapping[str, ProgramConfig]
+    old: Mapping[str, Program], new: Mapping[str, Program]
 ) -> tuple[list[str], list[str], list[str]]:
     """(added, changed, removed) program names, from the old config to the new."""
     added = [n for n in new if n not in old]
@@ -224,7 +224,7 @@ def supervisor_changes(old: Any, new: Any) -> tuple[list[KeyChange], list[str]]:
     """(changes a reload applies, "KEY: why" for those it cannot) between two
     [supervisor] tables."""
     live, not_live = [], []
-    for key in type(new).model_fields:
+    for key in SUPERVISOR_KEYS:
         before, after = getattr(old, key), getattr(new, key)
         if before == after:
             continue

@@ -1,0 +1,144 @@
+"""The daemon's side of `supd --check --emit-json`: a config loaded in a child.
+
+pydantic validates the config (config.py), but once loaded into the daemon it would
+stay there for the daemon's whole life: about 16 MiB of RSS for something done once per
+load. So the daemon never imports config.py: it runs the checker, `python -m supd
+--check --emit-json -c FILE`, and builds plain objects (settings.py) from the one JSON
+line the checker prints last:
+
+    {"config": {...}}          the validated config, each table without its defaults
+    {"problems": [{...}, ...]} every problem, with its file, line, column and key
+
+At start-up the daemon waits for it (`load`; nothing runs yet). A reload and the reload
+that ends a re-exec must not block the loop: the daemon spawns the checker like any
+helper child (empty signal mask, fds 0-2 only), reads its stdout through the selector,
+watches its exit and a deadline, and completes the reload when all of it is in
+(`Check`, `result`). A checker that crashes, prints garbage or misses its deadline is a
+failed reload whose one problem says so; the running config stays.
+
+This module imports only the standard library and settings.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .settings import ConfigError, Problem, Settings, problems_from_data, settings_from_data
+
+EMIT_JSON_ARG = "--emit-json"
+# Validating 10,000 programs takes a few seconds on a loaded machine; a checker that
+# needs more than this is stuck (an include glob matching a FIFO, say).
+DEFAULT_TIMEOUT_S = 60.0
+# Overrides DEFAULT_TIMEOUT_S (tests; a very slow machine).
+TIMEOUT_ENV = "SUPD_CHECK_TIMEOUT_S"
+# What the daemon keeps of a checker's output: the JSON of 10,000 programs is a few MB.
+MAX_OUTPUT_BYTES = 256 << 20
+
+
+def timeout(environ: Mapping[str, str]) -> float:
+    try:
+        value = float(environ.get(TIMEOUT_ENV, ""))
+    except ValueError:
+        return DEFAULT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_TIMEOUT_S
+
+
+def argv(path: Path | str) -> list[str]:
+    """The checker: this interpreter, this package (`python -m supd`)."""
+    package = __package__ or "supd"
+    return [sys.executable, "-m", package, "--check", EMIT_JSON_ARG, "-c", str(path)]
+
+
+def result(path: Path | str, output: bytes, exit_status: str | None) -> Settings:
+    """The checker's answer: Settings, or raises ConfigError (the config's problems, or
+    one problem saying the checker failed). `exit_status` is None for a normal exit
+    (0, or the config error status), else how it ended ("killed by SIGKILL"...)."""
+    lines = output.decode(errors="replace").strip().splitlines()
+    answer: object = None
+    if exit_status is None and lines:
+        try:
+            answer = json.loads(lines[-1])
+        except ValueError:
+            answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("config"), dict):
+        try:
+            return settings_from_data(answer["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise failed(path, f"unreadable answer ({type(exc).__name__}: {exc})") from None
+    if isinstance(answer, dict) and isinstance(answer.get("problems"), list):
+        try:
+            problems = problems_from_data(answer["problems"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise failed(path, f"unreadable answer ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(problems)
+    said = next((line for line in reversed(lines) if line.strip()), "no output")
+    raise failed(path, f"{exit_status or 'no answer'}: {said[:500]}")
+
+
+def failed(path: Path | str, why: str) -> ConfigError:
+    return ConfigError([Problem(Path(path), None, None, "", f"the config check failed: {why}")])
+
+
+def load(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Run the checker and wait for it (start-up: nothing runs yet); raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    limit = timeout(environ)
+    try:
+        ran = subprocess.run(
+            argv(path),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=limit,
+            env=dict(environ),
+        )
+    except subprocess.TimeoutExpired:
+        raise failed(path, f"no answer within {limit:g} s") from None
+    except OSError as exc:
+        raise failed(path, f"cannot run {sys.executable}: {exc.strerror or exc}") from None
+    status = None if ran.returncode >= 0 else f"killed by signal {-ran.returncode}"
+    if ran.returncode > 0 and not ran.stdout.strip():
+        status = f"exit status {ran.returncode}"
+    output = ran.stdout if ran.stdout.strip() else ran.stderr
+    return result(path, output, status)
+
+
+Waiter = Callable[[Settings | ConfigError], None]
+
+
+@dataclass(slots=True, eq=False)
+class Check:
+    """One checker child in flight, as the daemon tracks it."""
+
+    path: Path
+    pid: int
+    output_fd: int | None  # its stdout (and stderr), until EOF
+    deadline_fd: int | None = None  # the selector's oneshot timer
+    waiters: list[Waiter] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    exit_status: str | None = None  # None: exited normally, or not yet
+    exited: bool = False
+    timed_out: bool = False
+
+    def take(self, data: bytes) -> None:
+        if self.size < MAX_OUTPUT_BYTES:
+            self.chunks.append(data)
+            self.size += len(data)
+
+    @property
+    def done(self) -> bool:
+        return self.exited and self.output_fd is None
+
+    def outcome(self, limit: float) -> Settings | ConfigError:
+        if self.timed_out:
+            return failed(self.path, f"no answer within {limit:g} s")
+        try:
+            return result(self.path, b"".join(self.chunks), self.exit_status)
+        except ConfigError as exc:
+            return exc
