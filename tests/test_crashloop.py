@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supd.config import ProgramConfig
+from supd.config import ProgramConfig, runtime
 from supd.deaths import Cause, Ending, jittered, window_limit
 from supd.facts import State
 from supd.fleet import Action, Died, Reload
@@ -36,7 +36,9 @@ from tests.test_fleet import program as fleet_program
 
 
 def program(**options: Any) -> ProgramConfig:
-    return ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
+    return runtime(
+        ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
+    )
 
 
 def running(config: ProgramConfig, now: float = 0.0, pid: int = 100) -> Process:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from supd.config import ProgramConfig
+from supd.config import ProgramConfig, runtime
 from supd.facts import ErrorCode, State
 from supd.fleet import (
     Action,
@@ -42,7 +42,7 @@ from supd.process import Exited, Spawned, SpawnFailed
 
 def program(name: str, **options: Any) -> ProgramConfig:
     options.setdefault("command", ["/bin/prog", name])
-    return ProgramConfig.model_validate({"name": name, **options})
+    return runtime(ProgramConfig.model_validate({"name": name, **options}))
 
 
 class Sim:

@@ -7,7 +7,7 @@ from typing import Any, get_args
 
 import pytest
 
-from supd.config import ProgramConfig
+from supd.config import ProgramConfig, runtime
 from supd.process import (
     ArmTimer,
     CancelProbe,
@@ -41,7 +41,9 @@ from supd.status import describe
 
 
 def program(**options: Any) -> ProgramConfig:
-    return ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
+    return runtime(
+        ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
+    )
 
 
 def states(effects: list[Effect]) -> list[State]:

@@ -16,7 +16,7 @@ import pytest
 
 from supd import fleet as f
 from supd import process as proc
-from supd.config import ConfigError, ProgramConfig, load
+from supd.config import ConfigError, ProgramConfig, load, runtime
 from supd.facts import State
 from tests.helpers import PY, SLEEP, Supd, cmd, source_pythonpath, toml_list, wait_until
 
@@ -290,7 +290,9 @@ def test_cycles_and_unknown_names_are_rejected_with_file_and_line(tmp_path: Path
 
 
 def program(name: str, **options: object) -> ProgramConfig:
-    return ProgramConfig.model_validate({"name": name, "command": ["/bin/true"], **options})
+    return runtime(
+        ProgramConfig.model_validate({"name": name, "command": ["/bin/true"], **options})
+    )
 
 
 def spawned(fleet: f.Fleet, effects: list[f.FleetEffect], now: float) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from supd import reexec
-from supd.config import ProgramConfig
+from supd.config import ProgramConfig, runtime
 from supd.facts import State
 from supd.process import Process, Want
 from tests.helpers import PY, REPO, SLEEP, Supd, cmd, kill_quietly, pid_alive, wait_until
@@ -260,7 +260,7 @@ def test_a_program_changed_in_the_file_is_reloaded_by_the_new_daemon(supd: Facto
 
 
 def test_a_process_crosses_with_its_fields_and_its_times_relative() -> None:
-    config = ProgramConfig.model_validate({"name": "web", "command": ["x"]})
+    config = runtime(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
     process = Process("web", config, state=State.BACKOFF, want=Want.UP, failures=3)
     process.backoff_until, process.started_at, process.last_pid = 105.0, 90.0, 1234
     saved = reexec.process_fields(process, now=100.0)
@@ -279,7 +279,7 @@ def test_a_process_crosses_with_its_fields_and_its_times_relative() -> None:
 def test_the_death_ring_and_the_restart_window_cross_with_their_times() -> None:
     from supd.deaths import Cause, Death
 
-    config = ProgramConfig.model_validate({"name": "web", "command": ["x"]})
+    config = runtime(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
     process = Process("web", config)
     died = Death(at=95.0, wall=1.7e9, pid=7, uptime=2.0, cause=next(iter(Cause)), summary="x")
     process.history.append(died)
@@ -310,7 +310,8 @@ def test_the_state_is_versioned_and_tolerant() -> None:
 
 
 def test_a_program_saved_with_a_key_this_version_lacks_is_still_read() -> None:
-    data = reexec.program_data(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
+    program = runtime(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
+    data = reexec.program_data(program)
     data["readiness_of_a_later_version"] = {"tcp": 80}
     assert reexec.program_from(data).name == "web"
 
