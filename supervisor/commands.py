@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import __version__, daemonlog
+from .configcheck import Cancelled
 from .control import Responder, SocketUnusable
 from .facts import ErrorCode
 from .fleet import Action, Outcome, UnknownNames
@@ -299,6 +300,9 @@ class Commands:
             elif isinstance(outcome, SocketUnusable):
                 message = f"{outcome}; nothing changed"
                 responder.error(ErrorCode.CONFIG_INVALID, message, [str(outcome)])
+            elif isinstance(outcome, Cancelled):  # shutdown, or a re-exec took over
+                code = ErrorCode.SHUTTING_DOWN if outcome.shutdown else ErrorCode.SUPERSEDED
+                responder.error(code, f"reload cancelled: {outcome}; nothing changed")
             elif isinstance(outcome, Exception):
                 responder.error(ErrorCode.INTERNAL_ERROR, f"reload failed: {outcome}")
             else:

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .settings import ConfigError, Problem, Settings, problems_from_data, settings_from_data
 
@@ -108,7 +109,17 @@ def load(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings
     return result(path, output, status)
 
 
-Waiter = Callable[[Settings | ConfigError], None]
+class Cancelled(Exception):
+    """A reload's check was cut short: supd is shutting down, or re-executing."""
+
+    def __init__(self, why: str, shutdown: bool) -> None:
+        super().__init__(why)
+        self.shutdown = shutdown
+
+
+# A reload waiting for a check: dry run or not, and where its outcome goes (a report,
+# or the ConfigError, SocketUnusable or Cancelled after which nothing changed).
+Reload = tuple[bool, Callable[[Any], None]]
 
 
 @dataclass(slots=True, eq=False)
@@ -118,8 +129,9 @@ class Check:
     path: Path
     pid: int
     output_fd: int | None  # its stdout (and stderr), until EOF
+    exit_key: int | None = None  # the selector's process key
     deadline_fd: int | None = None  # the selector's oneshot timer
-    waiters: list[Waiter] = field(default_factory=list)
+    reloads: list[Reload] = field(default_factory=list)
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
     exit_status: str | None = None  # None: exited normally, or not yet

@@ -476,6 +476,7 @@ class Daemon:
                 self.log.exception("event_failed", action=action.__name__, args=repr(args))
 
     def close(self) -> None:
+        self._cancel_check("supd is exiting")  # answered while the socket is still open
         if self.control is not None:
             self.control.close()
         if self.metrics_server is not None:
@@ -496,7 +497,6 @@ class Daemon:
             with contextlib.suppress(OSError):
                 os.unlink(job.temporary)
         self.compressing.clear()
-        self._cancel_check("supd is exiting")
         self.selector.close()
         self.notifier.close()
         if self.child_notify is not None:
@@ -1748,18 +1748,10 @@ class Daemon:
             self._start_check()
 
     def _start_check(self) -> None:
-        waiting, self._reloads_waiting = self._reloads_waiting, []
-        if not all(dry for dry, _ in waiting):
+        reloads, self._reloads_waiting = self._reloads_waiting, []
+        if not all(dry for dry, _ in reloads):
             self.notifier.reloading(self.status_line())
         path = self.config.path
-
-        def finish(outcome: Settings | ConfigError) -> None:
-            for dry_run, answer in waiting:
-                try:
-                    answer(self._reload_with(outcome, dry_run))
-                except (ConfigError, SocketUnusable) as exc:
-                    answer(exc)
-
         spec = spawn.SpawnSpec(
             argv=tuple(configcheck.argv(path)),
             environment=dict(os.environ),
@@ -1768,14 +1760,15 @@ class Daemon:
         try:
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
-            finish(configcheck.failed(path, f"cannot run {sys.executable}: {exc}"))
+            problem = configcheck.failed(path, f"cannot run {sys.executable}: {exc}")
+            self._finish_reloads(reloads, problem)
             return
         for fd in (child.stderr_fd, child.exec_error_fd):
             if fd is not None:
                 os.close(fd)
-        check = configcheck.Check(path, child.pid, child.stdout_fd, waiters=[finish])
+        check = configcheck.Check(path, child.pid, child.stdout_fd, reloads=reloads)
         self._check = check
-        self.selector.register_process(child.pid, CheckTag(child.pid, "exit"))
+        check.exit_key = self.selector.register_process(child.pid, CheckTag(child.pid, "exit"))
         if check.output_fd is not None:
             os.set_blocking(check.output_fd, False)
             tag = CheckTag(child.pid, "output")
@@ -1785,6 +1778,15 @@ class Daemon:
         )
         self.log.debug("config_check_started", pid=child.pid)
 
+    def _finish_reloads(
+        self, reloads: list[configcheck.Reload], outcome: Settings | ConfigError
+    ) -> None:
+        for dry_run, answer in reloads:
+            try:
+                answer(self._reload_with(outcome, dry_run))
+            except (ConfigError, SocketUnusable) as exc:
+                answer(exc)
+
     def _check_event(self, tag: CheckTag, key: ReadyKey[Any]) -> None:
         check = self._check
         if check is None or check.pid != tag.pid:
@@ -1792,6 +1794,7 @@ class Daemon:
         match tag.what:
             case "exit":
                 self.selector.unregister(key.fd)
+                check.exit_key = None
                 _code, signum = spawn.reap(check.pid)
                 check.exited = True
                 if signum is not None:
@@ -1832,9 +1835,7 @@ class Daemon:
                 self.selector.unregister(check.deadline_fd)
             check.deadline_fd = None
         self._check = None
-        outcome = check.outcome(self._check_timeout)
-        for finish in check.waiters:
-            finish(outcome)
+        self._finish_reloads(check.reloads, check.outcome(self._check_timeout))
         if self._metrics_after_check:  # after a re-exec: the address the file names now
             self._metrics_after_check = False
             self._open_metrics(self.config.supervisor)
@@ -1842,28 +1843,25 @@ class Daemon:
         if self._reloads_waiting and not self.fleet.shutting_down:
             self._start_check()
 
-    def _cancel_check(self, why: str) -> None:
+    def _cancel_check(self, why: str, shutdown: bool = True) -> None:
         """Shutdown or re-exec with a check in flight: kill it, answer its reloads."""
         check, self._check = self._check, None
-        if check is None:
-            return
-        spawn.send_signal(check.pid, signal.SIGKILL, False)
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self.selector.unregister(check.pid)
-        spawn.reap(check.pid)
-        for fd in (check.output_fd, check.deadline_fd):
-            if fd is not None:
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    self.selector.unregister(fd)
-        if check.output_fd is not None:
-            os.close(check.output_fd)
-        problem = configcheck.failed(check.path, why)
-        waiting = [answer for _, answer in self._reloads_waiting]
-        self._reloads_waiting.clear()
-        for finish in check.waiters:
-            finish(problem)
-        for answer in waiting:
-            answer(problem)
+        reloads, self._reloads_waiting = self._reloads_waiting, []
+        if check is not None:
+            reloads = check.reloads + reloads
+            for key in (check.exit_key, check.output_fd, check.deadline_fd):
+                if key is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self.selector.unregister(key)
+            if check.exit_key is not None:  # not reaped yet
+                spawn.send_signal(check.pid, signal.SIGKILL, False)
+                spawn.reap(check.pid)
+            if check.output_fd is not None:
+                os.close(check.output_fd)
+        if reloads:
+            self.log.warning("reload_cancelled", reason=why, reloads=len(reloads))
+        for _dry_run, answer in reloads:
+            answer(configcheck.Cancelled(why, shutdown))
 
     def _reload_with(self, outcome: Settings | ConfigError, dry_run: bool) -> ReloadReport:
         """Apply (or, dry, only plan) the checked config; raises ConfigError or
@@ -2000,7 +1998,7 @@ class Daemon:
         reason; then nothing has changed."""
         if self.fleet.shutting_down:
             return "supd is shutting down"
-        self._cancel_check("supd is re-executing; reload again after it")
+        self._cancel_check("supd is re-executing; reload again after it", shutdown=False)
         self._drain()
         state, fds = self._export_state()
         data = reexec.encode(state)
@@ -2336,7 +2334,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(reexec.PROBE_ARG, action="store_true", help=argparse.SUPPRESS)
     version = f"supd {__version__} (spawn method: {spawn.method()})"
     parser.add_argument("--version", action="version", version=version)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.emit_json and not args.check:
+        parser.error(f"{configcheck.EMIT_JSON_ARG} goes with --check")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from supd import config, configcheck, settings
-from supd.facts import EXIT_CONFIG
+from supd.facts import EXIT_CONFIG, ErrorCode
 from supd.settings import ConfigError
 from tests.helpers import PY, SLEEP, Supd, children_of, source_pythonpath, wait_until
 
@@ -285,6 +286,7 @@ def test_a_reload_waits_for_its_check_without_blocking_the_loop(
     """While the checker is stuck, the daemon answers status at once."""
     env = dict(os.environ, **{configcheck.TIMEOUT_ENV: "30"})
     d = supd(f"[programs.web]\ncommand = {SLEEP}\nstartsecs = 0\n", env=env)
+    d.wait_state("web", "RUNNING")  # the loop runs: SIGHUP is read through the signalfd
     os.mkfifo(tmp_path / "stuck.toml")
     d.write_config(f"""
         [supervisor]
@@ -317,3 +319,31 @@ def test_the_daemon_reads_the_checker_output_of_many_programs(
 def test_python_running_the_checker_is_this_interpreter() -> None:
     argv = configcheck.argv("/x.toml")
     assert argv[0] == sys.executable and argv[1:3] == ["-m", "supd"]
+
+
+def test_shutdown_cancels_a_reload_in_flight_and_leaves_no_checker(
+    supd: Factory, tmp_path: Path
+) -> None:
+    env = dict(os.environ, **{configcheck.TIMEOUT_ENV: "30"})
+    d = supd(f"[programs.web]\ncommand = {SLEEP}\nstartsecs = 0\n", env=env)
+    d.wait_state("web", "RUNNING")
+    os.mkfifo(tmp_path / "stuck.toml")
+    d.write_config(f'[supervisor]\ninclude = ["stuck.toml"]\n[programs.web]\ncommand = {SLEEP}\n')
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(30)
+        client.connect(str(d.socket))
+        client.sendall(b'{"jsonrpc":"2.0","id":1,"method":"reload","params":{}}\n')
+        [checker] = wait_until(lambda: checkers_of(d.pid), describe=d.describe)
+        d.signal(signal.SIGTERM)
+        reply = json.loads(client.makefile("rb").readline())
+    assert reply["error"]["code"] == ErrorCode.SHUTTING_DOWN, reply
+    assert "cancelled" in reply["error"]["message"]
+    assert d.wait_exit() == 0
+    assert not Path(f"/proc/{checker}").exists()  # killed and reaped, not left behind
+
+
+def test_emit_json_goes_with_check(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=source_pythonpath())
+    argv = [PY, "-m", "supd", configcheck.EMIT_JSON_ARG, "-c", str(tmp_path / "x.toml")]
+    ran = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert ran.returncode == 2 and "goes with --check" in ran.stderr
