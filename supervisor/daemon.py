@@ -1838,7 +1838,10 @@ class Daemon:
         self._finish_reloads(check.reloads, check.outcome(self._check_timeout))
         if self._metrics_after_check:  # after a re-exec: the address the file names now
             self._metrics_after_check = False
-            self._open_metrics(self.config.supervisor)
+            try:
+                self._open_metrics(self.config.supervisor)
+            except SocketUnusable as exc:  # the programs matter more than their metrics
+                self.log.error("metrics_unavailable", problem=str(exc))
         self._release_memory()  # the checker's output, parsed and dropped
         if self._reloads_waiting and not self.fleet.shutting_down:
             self._start_check()
@@ -1897,7 +1900,9 @@ class Daemon:
         old_settings, self.config = self.config.supervisor, new
         self._open_child_notify(new)
         self.metrics.reloads += 1
-        if not self._metrics_after_check and new.supervisor.metrics != settings_metrics(self):
+        if self._metrics_after_check:  # after a re-exec: opened at the new address next
+            not_live = [entry for entry in not_live if not entry.startswith("metrics:")]
+        elif new.supervisor.metrics != settings_metrics(self):
             self.log.warning(
                 "metrics_address_unchanged",
                 reason="the metrics address is set at start; `supctl reexec` applies it",

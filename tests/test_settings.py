@@ -347,3 +347,37 @@ def test_emit_json_goes_with_check(tmp_path: Path) -> None:
     argv = [PY, "-m", "supd", configcheck.EMIT_JSON_ARG, "-c", str(tmp_path / "x.toml")]
     ran = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     assert ran.returncode == 2 and "goes with --check" in ran.stderr
+
+
+def metrics_answer(path: Path) -> bytes | None:
+    """The answer to GET /metrics on the socket at `path`; None while nobody listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_after_a_reexec_metrics_move_to_the_address_the_file_names_now(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """The file is read by the reload that ends the adoption, in a child; the metrics
+    endpoint opens once it has been read, at its address."""
+    program = f"[programs.web]\ncommand = {SLEEP}\nstartsecs = 0\n"
+    d = supd(f'[supervisor]\nmetrics = "./old.sock"\n{program}')
+    d.wait_state("web", "RUNNING")
+    pid = d.status()["web"]["pid"]
+    d.write_config(f'[supervisor]\nmetrics = "./new.sock"\n{program}')
+    assert d.rpc("reexec")["generation"] == 2
+    answer = wait_until(lambda: metrics_answer(tmp_path / "new.sock"), describe=d.describe)
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert d.status()["web"]["pid"] == pid
+    assert not d.events("metrics_address_unchanged")
+    [reloaded] = d.events("config_reloaded")  # the adoption's: metrics was applied
+    assert not any(entry.startswith("metrics") for entry in reloaded["not_applied"])
