@@ -1,7 +1,9 @@
 """Load and validate supd's TOML configuration.
 
-This module imports only the standard library and pydantic: the daemon, the process
-state machine and the control server all import it, never the other way round.
+This module imports only the standard library, pydantic and settings.py (the runtime
+objects, whose behaviour the models share). `supd --check`, `supd import` and the tests
+import it; the daemon never does: it runs `supd --check --emit-json` in a child and
+builds settings.py's plain objects from the answer (configcheck.py).
 
 The file format (option names follow supervisord)::
 

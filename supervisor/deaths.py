@@ -12,7 +12,7 @@ stop it ran itself, and `supctl signal` (which goes through supd). Any other sig
 process, or the program itself (abort()). A SIGKILL is called an OOM kill only when the
 process's cgroup counted one (memory.events oom_kill rose during the run).
 
-This module imports the config model and the signal names only.
+This module imports the runtime config (settings) and the signal names only.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Rules said once, here: `stopwaitsecs = 0` means no grace period: a stop is SIGKI
 once (the stop signal is not sent). A restart delay of 0 is still a timer: every retry
 goes back through the daemon's loop, so a crash loop cannot starve anything else.
 
-This module imports nothing from supd but the config model, the state names (facts)
+This module imports nothing from supd but the runtime config (settings), the state names (facts)
 and the signal names; it reads no clock (`now` comes with every event).
 """
 
