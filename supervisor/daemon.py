@@ -2330,7 +2330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="supd import FILE [-o OUT]: convert a supervisord config to supd's TOML "
         "(supd import --help)",
     )
-    parser.add_argument("-c", "--config", default="/etc/supd/supd.toml", help="config file")
+    parser.add_argument("-c", "--config", default=configcheck.DEFAULT_CONFIG, help="config file")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     # With --check: print the validated config (or its problems) as one JSON line, for
     # the daemon, which never imports the validator itself (configcheck.py).
@@ -2347,7 +2347,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     state_fd = reexec.take_state_fd(os.environ)  # set by the supd we replace
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit:  # --help, --version, a usage error
+        configcheck.discard_early()
+        raise
+    if args.check or args.reexec_probe or state_fd is not None:
+        configcheck.discard_early()  # (entry.py only starts it for a plain start)
     if args.reexec_probe:
         return probe_main()
     if state_fd is not None:
@@ -2389,14 +2395,10 @@ def main(argv: list[str] | None = None) -> int:
 def check_main(path: str, emit_json: bool, error: str) -> int:
     """`supd --check`: validate, say so (and warn of limits this machine won't apply).
     With --emit-json, one JSON line for the daemon instead (configcheck.py)."""
-    import json
-
+    if emit_json:
+        return configcheck.emit_json_main([path])
     from . import config as validator  # pydantic: only in this short-lived process
 
-    if emit_json:
-        result = validator.check_result(path)
-        print(json.dumps(result, separators=(",", ":")))
-        return EXIT_CONFIG if "problems" in result else EXIT_OK
     try:
         config = validator.load(path)
     except ConfigError as exc:

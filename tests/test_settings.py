@@ -381,3 +381,26 @@ def test_after_a_reexec_metrics_move_to_the_address_the_file_names_now(
     assert not d.events("metrics_address_unchanged")
     [reloaded] = d.events("config_reloaded")  # the adoption's: metrics was applied
     assert not any(entry.startswith("metrics") for entry in reloaded["not_applied"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "path"),
+    [
+        ([], configcheck.DEFAULT_CONFIG),
+        (["-c", "a.toml"], "a.toml"),
+        (["--config", "a.toml"], "a.toml"),
+        (["--config=a.toml"], "a.toml"),
+        (["-ca.toml"], "a.toml"),
+        (["-c", "a.toml", "--check"], None),
+        (["--version"], None),
+        (["-c"], None),
+        (["--conf", "a.toml"], None),  # argparse's abbreviation: no early start, no harm
+    ],
+)
+def test_entry_starts_the_checker_early_only_for_a_plain_start(
+    argv: list[str], path: str | None
+) -> None:
+    from supd import entry, reexec
+
+    assert entry._REEXEC_STATE == reexec.ENV_STATE_FD
+    assert entry._daemon_config(argv, configcheck.DEFAULT_CONFIG) == path
