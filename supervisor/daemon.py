@@ -93,6 +93,7 @@ from .fleet import (
     Kill,
     Outcome,
     Ready,
+    ReadyProbeChanged,
     Reload,
     ReloadPlanned,
     RunProbe,
@@ -937,6 +938,11 @@ class Daemon:
                 self._log_death(name, death)
             case UpdateSlot(name=name, program=program):
                 self._update_slot(name, program)
+            case ReadyProbeChanged(name=name):
+                slot = self.slots.get(name)
+                process = self.fleet.processes.get(name)
+                if slot is not None and process is not None:
+                    self._watch_ready_line(slot, process)
             case ReloadPlanned():
                 pass  # reported by reload(), which made it
             case _:

@@ -255,6 +255,14 @@ class UpdateSlot:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadyProbeChanged:
+    """A reload changed the ready probe of a process still waiting to be ready: the
+    daemon watches its output for the new probe's line (`log`), or stops watching."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReloadPlanned:
     """What a reload does to each process; the fleet applies exactly this plan."""
 
@@ -272,12 +280,20 @@ FleetEffect = (
     | Ready
     | Exit
     | UpdateSlot
+    | ReadyProbeChanged
     | ReloadPlanned
     | Died
     | RunProbe
     | CancelProbe
     | HealthChanged
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Reconfigure:
+    """For `_send`: a reload's new program for a live process (Process.reconfigure)."""
+
+    config: ProgramConfig
 
 
 class UnknownNames(Exception):
@@ -461,6 +477,7 @@ class Fleet:
                 self._arm(name, timer, deadline)
         self.retiring = {n for n in adopt.retiring if n in self.processes}
         self.swaps = {n: p for n, p in adopt.swaps if n in self.processes}
+        self._index_restart_with()
 
     def status_counts(self) -> dict[str, int]:
         return {state.value: n for state, n in self.state_counts.items()}
@@ -490,7 +507,7 @@ class Fleet:
                 for name in self.programs.get(program.name, []):
                     self._start(name, now)
 
-    def _send(self, name: str, event: proc.ProcessEvent, now: float) -> None:
+    def _send(self, name: str, event: proc.ProcessEvent | _Reconfigure, now: float) -> None:
         """Feed one process; turn its effects into fleet effects and settle requests."""
         process = self.processes[name]
         changes: list[State] = []
@@ -498,7 +515,10 @@ class Fleet:
             self._unhold(name)
         was_unhealthy = process.healthy is False
         last_death = process.history[-1] if process.history else None
-        effects = process.handle(event, now)
+        if isinstance(event, _Reconfigure):
+            effects = process.reconfigure(event.config, now)
+        else:
+            effects = process.handle(event, now)
         if process.history and process.history[-1] is not last_death:
             self._out.append(Died(name, process.history[-1]))
         for effect in effects:
@@ -769,6 +789,7 @@ class Fleet:
         plan = self._plan(new)
         self._out.append(ReloadPlanned(plan))
         self.configs = new
+        self._index_restart_with()  # on_dependency_restart, from now on
         self.parked = []  # re-planned below from the newest config
         desired = {name: p for p in programs for name in p.process_names()}
         fresh: dict[str, list[str]] = {}
@@ -792,6 +813,12 @@ class Fleet:
         parked = {n for _, names in self.parked for n in names}
         self.kept_deaths = {n: h for n, h in self.kept_deaths.items() if n in parked}
         self._unpark()
+        # A process held for its dependencies waits for its new ones, which are started
+        # first as for any start (those it no longer has hold it back no more).
+        for name in list(self._held):
+            process = self.processes.get(name)
+            if process is not None and process.is_down() and name not in self.retiring:
+                self._start(name, now)
 
     def _retire(self, name: str, now: float) -> None:
         """Stop a process for good; it is dropped once down."""
@@ -817,8 +844,15 @@ class Fleet:
             self.swaps[name] = target
             return
         process = self.processes[name]
-        old, process.config = process.config, target
-        if old != target and logs_changed(old, target):
+        old = process.config
+        if old is target or old == target:
+            process.config = target
+            return
+        # The run under way follows the new readiness and health checks at once.
+        self._send(name, _Reconfigure(target), self._now)
+        if process.state is State.STARTING and old.ready != target.ready:
+            self._out.append(ReadyProbeChanged(name))
+        if logs_changed(old, target):
             self._out.append(UpdateSlot(name, target))
 
     def _swap(self, name: str) -> None:

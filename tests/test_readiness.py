@@ -600,7 +600,12 @@ def test_a_reload_that_replaces_a_dependency_holds_its_new_dependants() -> None:
     db = program("db", startsecs=0)
     run = Run(db, program("web", startsecs=0, depends_on=["db"]))
     new_db = program("db", startsecs=0, command=["/bin/echo"])
-    web2 = program("web", startsecs=0, depends_on=[{"program": "db", "condition": "started"}])
+    web2 = program(
+        "web",
+        startsecs=0,
+        command=["/bin/web", "v2"],  # restarts (a new depends_on alone is applied in place)
+        depends_on=[{"program": "db", "condition": "started"}],
+    )
     run.feed(f.Reload((new_db, web2)))
     assert run.spawned() == ["db", "web", "db", "web"]
     spawns = [e for e in run.log if isinstance(e, f.Spawn)]
