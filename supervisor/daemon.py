@@ -1976,6 +1976,8 @@ class Daemon:
                     else:
                         saved.stderr_fd = fd
                     fds.append(fd)
+                if slot.probe is not None and slot.probe.child is not None:
+                    saved.probe_pid = slot.probe.child.pid
                 if slot.child is not None:
                     saved.child_pid = slot.child.pid
                     saved.via_setpriv = slot.child.via_setpriv
@@ -2087,6 +2089,11 @@ class Daemon:
         self.notifier.ready(self.status_line())
 
     def _adopt_fds(self, saved: reexec.ProcessState) -> None:
+        if saved.probe_pid is not None:  # the old image's exec probe: no zombie left
+            spawn.send_signal(saved.probe_pid, signal.SIGKILL, True)
+            self.selector.register_process(
+                saved.probe_pid, ProbeChildTag(saved.name, saved.probe_pid)
+            )
         slot = self.slots.get(saved.name)
         if slot is None:
             for fd in (saved.stdout_fd, saved.stderr_fd, saved.exec_error_fd):

@@ -473,7 +473,11 @@ class Fleet:
             self.state_counts[process.state] += 1
             self._out.append(CreateSlot(process.name, process.config))
         for name, timer, deadline in adopt.timers:
-            if name in self.processes:
+            if name not in self.processes:
+                continue
+            if timer is Timer.PROBE_TIMEOUT:  # its probe was the old image's: probe anew
+                self._arm(name, Timer.PROBE, self._now)
+            else:
                 self._arm(name, timer, deadline)
         self.retiring = {n for n in adopt.retiring if n in self.processes}
         self.swaps = {n: p for n, p in adopt.swaps if n in self.processes}

@@ -80,6 +80,9 @@ class ProcessState(_Tolerant):
     stderr_fd: int | None = None
     exec_error_fd: int | None = None
     via_setpriv: bool = False
+    # An exec probe in flight: its answer would go to the old image, so the new one
+    # kills and reaps it (and probes again at once: fleet.Adopt).
+    probe_pid: int | None = None
 
 
 class DaemonState(_Tolerant):

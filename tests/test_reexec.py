@@ -818,3 +818,35 @@ def test_the_notify_socket_is_taken_over_with_the_datagrams_waiting_in_it() -> N
         NotifySocket(reader)  # not a socket: refused, and closed
     with pytest.raises(OSError):
         os.fstat(reader)
+
+
+def test_a_health_check_in_flight_during_a_reexec_is_run_again_not_failed(
+    supd: Factory, tmp_path: Path
+) -> None:
+    # Every check takes a while, so one is in flight when the daemon is replaced. Its
+    # answer would go to the old image; the new one must not count it as "no answer"
+    # (with failures = 1 that would restart the program), nor leave it a zombie.
+    started = tmp_path / "started"
+    # (the shell's $$, its pid, is written $$$$: supd reads $$ as a $)
+    check = json.dumps(["/bin/sh", "-c", f"echo $$$$ >> {started}; sleep 0.3"])
+    d = supd(f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        health = {{ exec = {check}, interval = 0.01, timeout = 2, failures = 1, start_grace = 0 }}
+    """)
+    pid = d.wait_state("web", "RUNNING")["pid"]
+    wait_until(lambda: d.status()["web"]["healthy"] is True, describe=d.describe)
+
+    def checks() -> list[int]:
+        return [int(p) for p in started.read_text().split()]
+
+    reexec_by_supctl(d)
+    before = checks()
+    # 8 checks of 0.3 s since: past the 2 s timeout of the one in flight at the exec
+    wait_until(lambda: len(checks()) >= len(before) + 8, timeout=20, describe=d.describe)
+    entry = d.status()["web"]
+    assert (entry["pid"], entry["healthy"]) == (pid, True)
+    assert [e["healthy"] for e in d.events("health_changed")] == [True]
+    assert len(d.events("spawned")) == 1
+    assert not [p for p in before if Path(f"/proc/{p}").exists()]  # reaped, every one

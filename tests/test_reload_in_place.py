@@ -303,3 +303,25 @@ def test_on_dependency_restart_crosses_a_reexec() -> None:
     sim.post(Adopt(programs, processes))
     sim.exit("db", 1)
     assert kills(sim) == ["web"]
+
+
+def test_a_probe_in_flight_at_a_reexec_is_run_again_by_the_new_image() -> None:
+    health = {**CHECK, "timeout": 5, "failures": 1}
+    sim = Sim(program("web", health=health, **FAST))
+    sim.advance(2.6)  # RUNNING at 0.5, the check at 2.5 is in flight
+    assert probes(sim, 0) and sim.fleet.armed_timers()["web"][0][0] is proc.Timer.PROBE_TIMEOUT
+    timers = tuple(
+        (name, timer, deadline)
+        for name, armed in sim.fleet.armed_timers().items()
+        for timer, deadline in armed
+    )
+    processes = tuple(sim.fleet.processes.values())
+    sim.fleet = Fleet()
+    sim.slots.clear()
+    mark = len(sim.effects)
+    sim.post(Adopt((program("web", health=health, **FAST),), processes, timers))
+    sim.advance(0)  # probed again at once, not failed 5 s later
+    assert [run.probe for run in probes(sim, mark)] == [Probe.HEALTH]
+    answer(sim, Probe.HEALTH, True, "connected")
+    sim.advance(1.9)  # (the next check is due at 2 s: the fake children never answer)
+    assert kills(sim) == [] and sim.fleet.processes["web"].healthy is True
