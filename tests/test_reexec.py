@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from supd import reexec
+from supd.childnotify import parent_pid
 from supd.config import ProgramConfig
 from supd.facts import State
 from supd.process import Process, Want
@@ -850,3 +851,46 @@ def test_a_health_check_in_flight_during_a_reexec_is_run_again_not_failed(
     assert [e["healthy"] for e in d.events("health_changed")] == [True]
     assert len(d.events("spawned")) == 1
     assert not [p for p in before if Path(f"/proc/{p}").exists()]  # reaped, every one
+
+
+def test_a_declared_mainpid_is_still_credited_after_a_reexec(
+    supd: Factory, tmp_path: Path
+) -> None:
+    # The daemon it forks is not its descendant any more (double fork: init adopts it),
+    # so only MAINPID= credits that daemon's messages to the program.
+    go = tmp_path / "go"
+    program = cmd(
+        NOTIFY
+        + f"""
+reader, writer = os.pipe()
+if os.fork() == 0:
+    if os.fork() == 0:
+        os.write(writer, str(os.getpid()).encode())
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.01)
+        send("STATUS=from the daemon it forked")
+        time.sleep(1000)
+    os._exit(0)
+os.wait()
+main = int(os.read(reader, 32))
+send(f"MAINPID={{main}}\\nSTATUS=forked {{main}}")
+time.sleep(1000)
+"""
+    )
+    d = supd(f"""
+        [programs.app]
+        command = {program}
+        startsecs = 0
+        notify = true
+    """)
+    wait_until(lambda: "forked" in (d.status()["app"]["notify_status"] or ""), describe=d.describe)
+    main = int(d.status()["app"]["notify_status"].split()[1])
+    d.track(main)
+    assert parent_pid(main) != d.status()["app"]["pid"]  # not its child: init's
+    reexec_by_supctl(d)
+    go.touch()
+    wait_until(
+        lambda: d.status()["app"]["notify_status"] == "from the daemon it forked",
+        describe=d.describe,
+    )
+    assert not d.events("notify_ignored")
