@@ -853,9 +853,7 @@ def test_a_health_check_in_flight_during_a_reexec_is_run_again_not_failed(
     assert not [p for p in before if Path(f"/proc/{p}").exists()]  # reaped, every one
 
 
-def test_a_declared_mainpid_is_still_credited_after_a_reexec(
-    supd: Factory, tmp_path: Path
-) -> None:
+def test_a_declared_mainpid_is_still_credited_after_a_reexec(supd: Factory, tmp_path: Path) -> None:
     # The daemon it forks is not its descendant any more (double fork: init adopts it),
     # so only MAINPID= credits that daemon's messages to the program.
     go = tmp_path / "go"
