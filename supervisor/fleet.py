@@ -853,8 +853,9 @@ class Fleet:
             process.config = target
             return
         # The run under way follows the new readiness and health checks at once.
+        starting = process.state is State.STARTING
         self._send(name, _Reconfigure(target), self._now)
-        if process.state is State.STARTING and old.ready != target.ready:
+        if starting and old.ready != target.ready:  # (RUNNING now, if ready was removed)
             self._out.append(ReadyProbeChanged(name))
         if logs_changed(old, target):
             self._out.append(UpdateSlot(name, target))

@@ -183,8 +183,11 @@ def test_ready_removed_while_starting_is_running_at_once_and_answers_the_start()
     start = sim.submit(Action.START, "web")
     sim.advance(1)  # startsecs passed; not ready
     assert sim.state("web") is State.STARTING
+    mark = len(sim.effects)
     reload(sim, program("web", autostart=False, **FAST))
     assert sim.state("web") is State.RUNNING
+    # (so the daemon drops a `log` probe's line matcher)
+    assert [e.name for e in sim.effects[mark:] if isinstance(e, ReadyProbeChanged)] == ["web"]
     assert sim.fleet.processes["web"].reason == "ready check removed by a reload"
     [outcome] = sim.answer(start)
     assert outcome.ok and outcome.state is State.RUNNING
