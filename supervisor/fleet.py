@@ -792,6 +792,7 @@ class Fleet:
         new = {p.name: p for p in programs}
         plan = self._plan(new)
         self._out.append(ReloadPlanned(plan))
+        held = {n: self.processes[n].config.depends_on for n in self._held}
         self.configs = new
         self._index_restart_with()  # on_dependency_restart, from now on
         self.parked = []  # re-planned below from the newest config
@@ -817,11 +818,14 @@ class Fleet:
         parked = {n for _, names in self.parked for n in names}
         self.kept_deaths = {n: h for n, h in self.kept_deaths.items() if n in parked}
         self._unpark()
-        # A process held for its dependencies waits for its new ones, which are started
-        # first as for any start (those it no longer has hold it back no more).
-        for name in list(self._held):
+        # A process held for its dependencies that a reload gave new ones waits for
+        # those, started first as for any start (those it no longer has hold it back no
+        # more). The others wait as they did: a reload restarts no FATAL dependency.
+        for name, depends_on in held.items():
             process = self.processes.get(name)
-            if process is not None and process.is_down() and name not in self.retiring:
+            if process is None or name not in self._held or name in self.retiring:
+                continue
+            if process.is_down() and process.config.depends_on != depends_on:
                 self._start(name, now)
 
     def _retire(self, name: str, now: float) -> None:

@@ -21,6 +21,7 @@ from supd.fleet import (
     Reload,
     ReloadPlanned,
     RunProbe,
+    Spawn,
     Transitioned,
 )
 from supd.process import Probe, ProbeResult
@@ -291,6 +292,20 @@ def test_a_held_process_waits_for_the_dependencies_a_reload_gives_it() -> None:
     assert sim.fleet.processes["web"].waiting_for == "waiting for cache (ready)"
     sim.advance(1)
     assert [name for _, name, _ in sim.spawned] == ["cache", "web"]
+
+
+def test_a_reload_leaves_a_fatal_dependency_of_a_held_process_alone() -> None:
+    programs = (
+        program("db", startretries=0, **FAST),
+        program("web", depends_on=["db"], **FAST),
+    )
+    sim = Sim(*programs, fail_spawn=("db",))
+    spawns = [e for e in sim.effects if isinstance(e, Spawn)]
+    assert [e.name for e in spawns] == ["db"] and sim.state("db") is State.FATAL
+    mark = len(sim.effects)
+    reload(sim, *programs, program("other", autostart=False, **FAST))
+    assert not [e for e in sim.effects[mark:] if isinstance(e, Spawn)]
+    assert sim.fleet.processes["web"].waiting_for == "waiting for db (ready): db is FATAL"
 
 
 def test_on_dependency_restart_crosses_a_reexec() -> None:
