@@ -792,7 +792,7 @@ class Fleet:
         new = {p.name: p for p in programs}
         plan = self._plan(new)
         self._out.append(ReloadPlanned(plan))
-        held = {n: self.processes[n].config.depends_on for n in self._held}
+        held = {n: self.processes[n].config.depends_on for n in self._held if n in self.processes}
         self.configs = new
         self._index_restart_with()  # on_dependency_restart, from now on
         self.parked = []  # re-planned below from the newest config
