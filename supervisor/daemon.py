@@ -84,6 +84,7 @@ from .fleet import (
     Kill,
     Outcome,
     Ready,
+    ReadyProbeChanged,
     Reload,
     ReloadPlanned,
     RunProbe,
@@ -953,6 +954,11 @@ class Daemon:
                 self._log_death(name, death)
             case UpdateSlot(name=name, program=program):
                 self._update_slot(name, program)
+            case ReadyProbeChanged(name=name):
+                slot = self.slots.get(name)
+                process = self.fleet.processes.get(name)
+                if slot is not None and process is not None:
+                    self._watch_ready_line(slot, process)
             case ReloadPlanned():
                 pass  # reported by reload(), which made it
             case _:
@@ -1400,6 +1406,25 @@ class Daemon:
 
         return scan
 
+    def _watch_ready_line(self, slot: Slot, process: Process) -> None:
+        """Scan the output for a `log` ready probe's line while the process waits for
+        it: set after a re-exec (the matcher of the old image is gone) and after a
+        reload that changed the probe; the readers' hooks follow."""
+        ready = process.config.ready
+        waits = (
+            process.state is State.STARTING
+            and process.pid is not None
+            and not process.ready
+            and ready is not None
+            and ready.kind == "log"
+        )
+        if not waits or ready is None:
+            slot.matcher = None
+        elif slot.matcher is None or slot.matcher.pattern != ready.log_pattern:
+            slot.matcher = probes.LineMatcher(ready.log_pattern)
+        self._refresh_hooks(slot.name, "stdout")
+        self._refresh_hooks(slot.name, "stderr")
+
     def _run_probe(self, name: str, program: Program, probe: Probe) -> None:
         slot = self.slots.get(name)
         config = program.ready if probe is Probe.READY else program.health
@@ -1541,19 +1566,29 @@ class Daemon:
 
     # -- sd_notify from programs (issue 14) ---------------------------------------------
 
-    def _open_child_notify(self, config: Settings) -> None:
-        """Make the notify socket the first time a program of the config asks for it."""
+    def _open_child_notify(self, config: Settings, inherited: int | None = None) -> None:
+        """Make the notify socket the first time a program of the config asks for it;
+        after a re-exec, take over the old image's (`inherited`), asked for or not now:
+        adopted children may still use it."""
         if self.child_notify is not None:
             return
-        if not any(p.wants_notify_socket for p in config.programs.values()):
-            return
-        try:
-            self.child_notify = childnotify.NotifySocket()
-        except OSError as exc:  # its programs then never get NOTIFY_SOCKET: logged
-            self.log.error("notify_socket_failed", error=str(exc))
-            return
+        event = "notify_socket_open"
+        if inherited is not None:
+            try:
+                self.child_notify = childnotify.NotifySocket(inherited)
+                event = "notify_socket_adopted"
+            except OSError as exc:  # then a new one, as if none had been passed
+                self.log.error("notify_socket_not_adopted", fd=inherited, error=str(exc))
+        if self.child_notify is None:
+            if not any(p.wants_notify_socket for p in config.programs.values()):
+                return
+            try:
+                self.child_notify = childnotify.NotifySocket()
+            except OSError as exc:  # its programs then never get NOTIFY_SOCKET: logged
+                self.log.error("notify_socket_failed", error=str(exc))
+                return
         self.selector.register_handle(self.child_notify.fd, Event.READ, ChildNotifyTag())
-        self.log.info("notify_socket_open", address=self.child_notify.address)
+        self.log.info(event, address=self.child_notify.address)
 
     def _child_notifications(self) -> None:
         if self.child_notify is None:
@@ -2091,6 +2126,8 @@ class Daemon:
                     else:
                         saved.stderr_fd = fd
                     fds.append(fd)
+                if slot.probe is not None and slot.probe.child is not None:
+                    saved.probe_pid = slot.probe.child.pid
                 if slot.child is not None:
                     saved.child_pid = slot.child.pid
                     saved.via_setpriv = slot.child.via_setpriv
@@ -2108,6 +2145,10 @@ class Daemon:
             lock_fd, lock_path = self.lock.fd_and_path()
             if lock_fd is not None:
                 fds.append(lock_fd)
+        child_notify_fd = None
+        if self.child_notify is not None:
+            child_notify_fd = self.child_notify.fd
+            fds.append(child_notify_fd)
         state = reexec.DaemonState(
             version=reexec.STATE_VERSION,
             generation=self._generation + 1,
@@ -2123,6 +2164,7 @@ class Daemon:
             socket_inode=inode,
             lock_fd=lock_fd,
             lock_path=lock_path,
+            child_notify_fd=child_notify_fd,
             systemd=self.systemd,
             subreaper=self.subreaper,
             fd_limit=spawn.original_fd_limit(),
@@ -2155,8 +2197,9 @@ class Daemon:
         self._metrics_after_check = True
         self._open_loop_sources()
         self.running = True
-        # A new socket: adopted children keep the old address (see docs/reexec.md).
-        self._open_child_notify(self.config)
+        # The same socket: adopted children keep its address, and what they sent during
+        # the exec waits in it (docs/reexec.md).
+        self._open_child_notify(self.config, inherited=state.child_notify_fd)
         self._contain(adopting=True)  # before the slots: each gets its cgroup back
         now = self.clock()
         base = reexec.time_base(state, now)
@@ -2186,11 +2229,19 @@ class Daemon:
         for saved in state.processes:
             self._adopt_fds(saved)
         self.log.info("adopted", generation=self._generation, processes=len(processes))
+        # What the children sent while supd was being replaced first, then the timers:
+        # a WATCHDOG=1 waiting in the socket is not a missed watchdog.
+        self._child_notifications()
         self._drain()
         self.reload()  # checked in a child; a failure is logged and the old config stays
         self.notifier.ready(self.status_line())
 
     def _adopt_fds(self, saved: reexec.ProcessState) -> None:
+        if saved.probe_pid is not None:  # the old image's exec probe: no zombie left
+            spawn.send_signal(saved.probe_pid, signal.SIGKILL, True)
+            self.selector.register_process(
+                saved.probe_pid, ProbeChildTag(saved.name, saved.probe_pid)
+            )
         slot = self.slots.get(saved.name)
         if slot is None:
             for fd in (saved.stdout_fd, saved.stderr_fd, saved.exec_error_fd):
@@ -2205,16 +2256,23 @@ class Daemon:
             )
             child.via_setpriv = saved.via_setpriv
             slot.child = child
+            self._notify_owners[child.pid] = name  # sd_notify: its messages are its own
             # Registration looks once: a child that exited during the exec is reported now,
             # and reaped with its real status.
             self.selector.register_process(child.pid, ChildTag(name, child.pid))
             if child.exec_error_fd is not None:
                 tag = ExecReportTag(name, child.pid)
                 self.selector.register_handle(child.exec_error_fd, Event.READ, tag)
+        process = self.fleet.processes.get(name)
+        if process is not None and process.main_pid is not None:  # MAINPID= it sent
+            self._main_pids[name] = process.main_pid
+            self._notify_owners.setdefault(process.main_pid, name)
+        if process is not None:
+            self._watch_ready_line(slot, process)  # a `log` ready probe still waiting
         for stream, fd in (("stdout", saved.stdout_fd), ("stderr", saved.stderr_fd)):
             if fd is not None:
                 os.set_blocking(fd, False)
-                hook = self.followers.hook(name, stream)
+                hook = self._output_hook(name, stream)
                 slot.readers[fd] = PipeReader(fd, slot.sink(stream), hook)
                 self.selector.register_handle(fd, Event.READ, OutputTag(name, stream))
 

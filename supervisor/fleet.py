@@ -255,6 +255,14 @@ class UpdateSlot:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadyProbeChanged:
+    """A reload changed the ready probe of a process still waiting to be ready: the
+    daemon watches its output for the new probe's line (`log`), or stops watching."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReloadPlanned:
     """What a reload does to each process; the fleet applies exactly this plan."""
 
@@ -272,12 +280,20 @@ FleetEffect = (
     | Ready
     | Exit
     | UpdateSlot
+    | ReadyProbeChanged
     | ReloadPlanned
     | Died
     | RunProbe
     | CancelProbe
     | HealthChanged
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Reconfigure:
+    """For `_send`: a reload's new program for a live process (Process.reconfigure)."""
+
+    config: Program
 
 
 class UnknownNames(Exception):
@@ -457,10 +473,15 @@ class Fleet:
             self.state_counts[process.state] += 1
             self._out.append(CreateSlot(process.name, process.config))
         for name, timer, deadline in adopt.timers:
-            if name in self.processes:
+            if name not in self.processes:
+                continue
+            if timer is Timer.PROBE_TIMEOUT:  # its probe was the old image's: probe anew
+                self._arm(name, Timer.PROBE, self._now)
+            else:
                 self._arm(name, timer, deadline)
         self.retiring = {n for n in adopt.retiring if n in self.processes}
         self.swaps = {n: p for n, p in adopt.swaps if n in self.processes}
+        self._index_restart_with()
 
     def status_counts(self) -> dict[str, int]:
         return {state.value: n for state, n in self.state_counts.items()}
@@ -490,7 +511,7 @@ class Fleet:
                 for name in self.programs.get(program.name, []):
                     self._start(name, now)
 
-    def _send(self, name: str, event: proc.ProcessEvent, now: float) -> None:
+    def _send(self, name: str, event: proc.ProcessEvent | _Reconfigure, now: float) -> None:
         """Feed one process; turn its effects into fleet effects and settle requests."""
         process = self.processes[name]
         changes: list[State] = []
@@ -498,7 +519,10 @@ class Fleet:
             self._unhold(name)
         was_unhealthy = process.healthy is False
         last_death = process.history[-1] if process.history else None
-        effects = process.handle(event, now)
+        if isinstance(event, _Reconfigure):
+            effects = process.reconfigure(event.config, now)
+        else:
+            effects = process.handle(event, now)
         if process.history and process.history[-1] is not last_death:
             self._out.append(Died(name, process.history[-1]))
         for effect in effects:
@@ -768,7 +792,9 @@ class Fleet:
         new = {p.name: p for p in programs}
         plan = self._plan(new)
         self._out.append(ReloadPlanned(plan))
+        held = {n: self.processes[n].config.depends_on for n in self._held if n in self.processes}
         self.configs = new
+        self._index_restart_with()  # on_dependency_restart, from now on
         self.parked = []  # re-planned below from the newest config
         desired = {name: p for p in programs for name in p.process_names()}
         fresh: dict[str, list[str]] = {}
@@ -792,6 +818,15 @@ class Fleet:
         parked = {n for _, names in self.parked for n in names}
         self.kept_deaths = {n: h for n, h in self.kept_deaths.items() if n in parked}
         self._unpark()
+        # A process held for its dependencies that a reload gave new ones waits for
+        # those, started first as for any start (those it no longer has hold it back no
+        # more). The others wait as they did: a reload restarts no FATAL dependency.
+        for name, depends_on in held.items():
+            process = self.processes.get(name)
+            if process is None or name not in self._held or name in self.retiring:
+                continue
+            if process.is_down() and process.config.depends_on != depends_on:
+                self._start(name, now)
 
     def _retire(self, name: str, now: float) -> None:
         """Stop a process for good; it is dropped once down."""
@@ -817,8 +852,16 @@ class Fleet:
             self.swaps[name] = target
             return
         process = self.processes[name]
-        old, process.config = process.config, target
-        if old != target and logs_changed(old, target):
+        old = process.config
+        if old is target or old == target:
+            process.config = target
+            return
+        # The run under way follows the new readiness and health checks at once.
+        starting = process.state is State.STARTING
+        self._send(name, _Reconfigure(target), self._now)
+        if starting and old.ready != target.ready:  # (RUNNING now, if ready was removed)
+            self._out.append(ReadyProbeChanged(name))
+        if logs_changed(old, target):
             self._out.append(UpdateSlot(name, target))
 
     def _swap(self, name: str) -> None:

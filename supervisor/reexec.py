@@ -16,8 +16,9 @@ supd inherits (its number in $SUPD_REEXEC_STATE):
   does not know is ignored (a missing one keeps its default);
 - each child's pipe fds (stdout, stderr, the fork path's exec report);
 - the control socket's listening fd (and the inode supd bound, so it can still unlink
-  or move it), the instance lock's fd, systemd's variables for supd (NOTIFY_SOCKET,
-  WATCHDOG_*: they were taken out of the environment at start), and a generation count.
+  or move it), the instance lock's fd, the programs' sd_notify socket's fd, systemd's
+  variables for supd (NOTIFY_SOCKET, WATCHDOG_*: they were taken out of the environment
+  at start), and a generation count.
 
 Exactly those fds are made inheritable; everything else supd holds is close-on-exec and
 goes away with the old image (the epoll fd, signalfd, timerfds, log files, client
@@ -74,6 +75,9 @@ class ProcessState:
     stderr_fd: int | None = None
     exec_error_fd: int | None = None
     via_setpriv: bool = False
+    # An exec probe in flight: its answer would go to the old image, so the new one
+    # kills and reaps it (and probes again at once: fleet.Adopt).
+    probe_pid: int | None = None
 
 
 @dataclass
@@ -96,6 +100,9 @@ class DaemonState:
     socket_inode: tuple[int, int] | None = None
     lock_fd: int | None = None
     lock_path: str | None = None
+    # The programs' sd_notify socket (childnotify.py): the children hold its address,
+    # and what they sent during the exec waits in it.
+    child_notify_fd: int | None = None
     systemd: dict[str, str] = default(default_factory=dict)
     subreaper: bool = False
     fd_limit: tuple[int, int] | None = None  # what supd started with (children get it)

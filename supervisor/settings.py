@@ -43,6 +43,7 @@ __all__ = [
     "build",
     "dump",
     "settings_from_data",
+    "toml_data",
 ]
 
 Stream = Literal["stdout", "stderr"]
@@ -543,6 +544,15 @@ def dump(obj: Any) -> dict[str, Any]:
             continue
         out[f.name] = _plain(value)
     return out
+
+
+# Keys spelt otherwise in TOML than in Python (config.py's pydantic aliases).
+_TOML_NAMES = {"log_silence": "log-silence"}
+
+
+def toml_data(obj: Any) -> dict[str, Any]:
+    """dump(), with keys as the TOML file spells them (what a reload plan shows)."""
+    return {_TOML_NAMES.get(key, key): value for key, value in dump(obj).items()}
 
 
 def _plain(value: Any) -> Any:

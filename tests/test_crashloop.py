@@ -30,18 +30,19 @@ from supd.process import (
     Want,
 )
 from supd.protocol import DeathsResult, ProcessInfo
+from supd.settings import Program
 from supd.status import deaths_info, describe, info
 from tests.test_fleet import Sim
 from tests.test_fleet import program as fleet_program
 
 
-def program(**options: Any) -> ProgramConfig:
+def program(**options: Any) -> Program:
     return runtime(
         ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
     )
 
 
-def running(config: ProgramConfig, now: float = 0.0, pid: int = 100) -> Process:
+def running(config: Program, now: float = 0.0, pid: int = 100) -> Process:
     p = Process("web", config)
     p.handle(Start(), now)
     p.handle(Spawned(pid), now)
@@ -180,7 +181,7 @@ def test_a_tighter_window_stops_failed_starts_before_startretries() -> None:
 # --------------------------------------------------------------------------- revive
 
 
-def fatal(config: ProgramConfig) -> Process:
+def fatal(config: Program) -> Process:
     p = Process("web", config)
     p.handle(Start(), 0.0)
     p.handle(SpawnFailed("No such file or directory: /nope"), 0.0)

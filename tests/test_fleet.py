@@ -38,9 +38,10 @@ from supd.fleet import (
     UnknownNames,
 )
 from supd.process import Exited, Spawned, SpawnFailed
+from supd.settings import Program
 
 
-def program(name: str, **options: Any) -> ProgramConfig:
+def program(name: str, **options: Any) -> Program:
     options.setdefault("command", ["/bin/prog", name])
     return runtime(ProgramConfig.model_validate({"name": name, **options}))
 
@@ -48,7 +49,7 @@ def program(name: str, **options: Any) -> ProgramConfig:
 class Sim:
     """A daemon without an OS: the fleet, a fake clock and fake children."""
 
-    def __init__(self, *programs: ProgramConfig, fail_spawn: tuple[str, ...] = ()) -> None:
+    def __init__(self, *programs: Program, fail_spawn: tuple[str, ...] = ()) -> None:
         self.fleet = Fleet()
         self.now = 0.0
         self.queue: deque[FleetEvent] = deque()
