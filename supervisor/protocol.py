@@ -649,11 +649,11 @@ def _encode(message: dict[str, Any]) -> bytes:
     # size), except where a string holds a lone surrogate (a client's odd id, say),
     # which UTF-8 cannot carry: then json's escapes. Values that are not JSON at all
     # raise TypeError, from here.
-    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), default=_plain)
+    text = _UTF8.encode(message)
     try:
         return text.encode() + b"\n"
     except UnicodeEncodeError:
-        return json.dumps(message, separators=(",", ":"), default=_plain).encode() + b"\n"
+        return _ASCII.encode(message).encode() + b"\n"
 
 
 def _plain(value: Any) -> Any:
@@ -670,3 +670,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# Made once: json.dumps would build an encoder per answer. No circularity check (our
+# answers are trees; a cycle would still raise, as RecursionError).
+_UTF8: Final = json.JSONEncoder(
+    ensure_ascii=False, check_circular=False, separators=(",", ":"), default=_plain
+)
+_ASCII: Final = json.JSONEncoder(check_circular=False, separators=(",", ":"), default=_plain)
