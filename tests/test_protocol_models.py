@@ -310,3 +310,48 @@ def test_the_daemon_loads_pydantic_only_through_the_config_path() -> None:
     stubbed = ("supd.config", "supd.reexec")
     assert loaded_pydantic("supd.daemon", stubbed) == []
     assert "pydantic" in loaded_pydantic("supd.protocol_models")  # the check can fail
+
+
+_answers = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+
+
+@given(st.integers() | st.text(max_size=5), _answers)
+def test_answers_are_the_bytes_pydantic_wrote(request_id: int | str, result: Any) -> None:
+    """Plain data through json is byte for byte what pydantic_core.to_json wrote (text
+    as UTF-8, control characters escaped, one line)."""
+    import pydantic_core
+
+    message = {"jsonrpc": "2.0", "id": request_id, "result": result}
+    ours = protocol.encode_result(request_id, result)
+    assert ours == pydantic_core.to_json(message) + b"\n"
+    assert ours.count(b"\n") == 1
+
+
+@given(st.lists(st.floats(allow_nan=False), max_size=5))
+def test_numbers_read_back_as_pydantic_wrote_them(numbers: list[float]) -> None:
+    """Floats may be spelled differently (1e-07, 1e-7), never read back differently."""
+    import pydantic_core
+
+    ours = protocol.encode_notification("x", numbers)
+    theirs = pydantic_core.to_json({"jsonrpc": "2.0", "method": "x", "params": numbers})
+    assert json.loads(ours) == json.loads(theirs)
+
+
+def test_answers_carry_models_dataclasses_enums_and_paths() -> None:
+    from pathlib import Path
+
+    info = protocol_models.ProcessInfo(name="w", program="w", state="RUNNING")
+    params = protocol.TailParams(name="w")
+    raw = protocol.encode_result(1, [info, params, ErrorCode.BAD_STATE, Path("/x"), {"a"}])
+    assert json.loads(raw)["result"] == [
+        info.model_dump(mode="json"),
+        dataclasses.asdict(params),
+        2,
+        "/x",
+        ["a"],
+    ]
+    assert json.loads(protocol.encode_error("\ud800", 1, "x"))["id"] == "\ud800"
