@@ -591,8 +591,10 @@ def _load(line: bytes) -> Any:
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         return ErrorResponse(None, ErrorCode.PARSE_ERROR, f"parse error: {exc.msg} at {where}")
-    except (ValueError, RecursionError) as exc:  # an int of 5,000 digits; deep nesting
-        return ErrorResponse(None, ErrorCode.PARSE_ERROR, f"parse error: {exc}")
+    except ValueError:  # json's only other complaint: an int of over 4,300 digits
+        return ErrorResponse(None, ErrorCode.PARSE_ERROR, "parse error: number out of range")
+    except RecursionError:
+        return ErrorResponse(None, ErrorCode.PARSE_ERROR, "parse error: nested too deeply")
     # json reads "\ud800" as a lone surrogate, which no UTF-8 text can hold: refused,
     # as the schema's parser does, so that no name or id carries one into the daemon.
     if "\\u" in text and _has_lone_surrogate(value):

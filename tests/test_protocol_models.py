@@ -203,6 +203,11 @@ def test_invalid_params_give_the_same_error(method: str, params: Any) -> None:
         b'{"jsonrpc":"2.0","id":1,"method":"pid","params":[]}',
         b'{"jsonrpc":"2.0","id":1,"method":"pid","params":null}',
         b'{"jsonrpc":"2.0","id":1,"method":"pid","params":"x"}',
+        b'{"jsonrpc":"2.0","id":' + b"9" * 5000 + b',"method":"pid"}',
+        b'{"jsonrpc":"2.0","id":1,"method":"signal","params":{"names":["a"],"signal":"'
+        + b"9" * 5000
+        + b'"}}',
+        b"[" * 100_000 + b"]" * 100_000,
     ],
 )
 def test_lines_get_the_same_answer(raw: bytes) -> None:
