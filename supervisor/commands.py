@@ -149,11 +149,11 @@ class Core(Protocol):
         ...
 
     def usage(self, names: list[str]) -> list[dict[str, Any]]:
-        """Each process tree's CPU and memory (protocol.ProcessUsage rows)."""
+        """Each process tree's CPU and memory (protocol_models.ProcessUsage rows)."""
         ...
 
     def avail(self) -> list[dict[str, Any]]:
-        """The running config's programs (protocol.ProgramAvail rows)."""
+        """The running config's programs (protocol_models.ProgramAvail rows)."""
         ...
 
 
