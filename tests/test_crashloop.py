@@ -29,7 +29,7 @@ from supd.process import (
     TimerFired,
     Want,
 )
-from supd.protocol import DeathsResult, ProcessInfo
+from supd.protocol_models import DeathsResult, ProcessInfo
 from supd.status import deaths_info, describe, info
 from tests.test_fleet import Sim
 from tests.test_fleet import program as fleet_program
