@@ -206,7 +206,7 @@ class Responder:
             self._conn.on_close.append(callback)
 
     def result(self, value: Any) -> None:
-        """Answer with a result: a pydantic model, a list of them, a dict, None..."""
+        """Answer with a result: plain data (dicts, lists, dataclasses, None...)."""
         if self._begin_answer():
             self._server._answer(self._conn, self._encode_result(value))
 

@@ -29,7 +29,7 @@ from supd.process import (
     TimerFired,
     Want,
 )
-from supd.protocol import DeathsResult, ProcessInfo
+from supd.protocol_models import DeathsResult, ProcessInfo
 from supd.settings import Program
 from supd.status import deaths_info, describe, info
 from tests.test_fleet import Sim

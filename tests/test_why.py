@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from supd.protocol import RESULT_ADAPTERS
+from supd.protocol_models import RESULT_ADAPTERS
 from tests.helpers import SLEEP, Supd, cmd, wait_until
 from tests.test_e2e_supctl import supctl
 
