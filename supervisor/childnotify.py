@@ -96,10 +96,19 @@ def credit(
 
 
 class NotifySocket:
-    """The datagram socket programs send their notifications to."""
+    """The datagram socket programs send their notifications to.
 
-    def __init__(self) -> None:
+    `inherited`: the fd of the one a re-exec'd supd's old image made (docs/reexec.md).
+    It is taken over as it is, with what waits in it: the children keep its address,
+    and a datagram sent while the daemon was being replaced is still there to read."""
+
+    def __init__(self, inherited: int | None = None) -> None:
         self.address = f"@supd/{os.getpid()}/notify"
+        if inherited is not None:
+            self.sock = _adopted(inherited)
+            self.address = _address(self.sock)
+            self.fd = self.sock.fileno()
+            return
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             self.sock.setblocking(False)
@@ -131,3 +140,37 @@ class NotifySocket:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def _adopted(fd: int) -> socket.socket:
+    """The inherited fd as our notify socket again, or OSError if it is not one (the
+    fd is then closed): close-on-exec, non-blocking, credentials on."""
+    try:
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_DGRAM:
+            raise OSError(f"fd {fd} is not a datagram socket")
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        _address(sock)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _address(sock: socket.socket) -> str:
+    """NOTIFY_SOCKET's value for a bound socket: "@name" for an abstract one."""
+    name = sock.getsockname()
+    if isinstance(name, bytes):  # abstract: a leading NUL
+        if not name.startswith(b"\0") or len(name) < 2:
+            raise OSError("the notify socket is not bound")
+        return "@" + name[1:].decode()
+    if not name:
+        raise OSError("the notify socket is not bound")
+    return str(name)

@@ -17,48 +17,37 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import __version__, daemonlog
-from .config import ConfigError
+from .configcheck import Cancelled
 from .control import Responder, SocketUnusable
-from .facts import ErrorCode
+from .facts import ErrorCode, State
 from .fleet import Action, Outcome, UnknownNames
 from .metrics import CONTENT_TYPE
 from .process import Process
 from .protocol import (
     DEFAULT_TAIL_BYTES,
-    ActionResult,
     AvailParams,
     ClearParams,
     DeathsParams,
     LogsParams,
     MaintailParams,
-    MaintailResult,
     MetricsParams,
-    OutputParams,
     PidParams,
-    PidResult,
-    ProcessPid,
     ReexecParams,
-    ReexecResult,
     ReloadParams,
-    ReloadResult,
     Request,
     RestartParams,
     ShutdownParams,
-    ShutdownResult,
     SignalParams,
     StartParams,
     StatusParams,
     StopParams,
-    TailManyResult,
     TailParams,
-    TailPart,
-    TailResult,
     UsageParams,
     VersionParams,
-    VersionResult,
     WaitParams,
 )
 from .reloadplan import ReloadReport, report_data
+from .settings import ConfigError
 from .status import deaths_info, info
 
 
@@ -100,9 +89,11 @@ class Core(Protocol):
         """Start, stop or restart; `reply` gets one outcome per process, exactly once."""
         ...
 
-    def reload(self, dry_run: bool = False) -> ReloadReport:
-        """The plan, applied (or only made, dry); raises ConfigError or SocketUnusable
-        and changes nothing."""
+    def reload(
+        self, dry_run: bool = False, done: Callable[[ReloadReport | Exception], None] | None = None
+    ) -> None:
+        """The plan, applied (or only made, dry), once the file is checked: `done` gets
+        the report, or the ConfigError or SocketUnusable after which nothing changed."""
         ...
 
     def shutdown(self) -> None: ...
@@ -161,11 +152,11 @@ class Core(Protocol):
         ...
 
     def usage(self, names: list[str]) -> list[dict[str, Any]]:
-        """Each process tree's CPU and memory (protocol.ProcessUsage rows)."""
+        """Each process tree's CPU and memory (protocol_models.ProcessUsage rows)."""
         ...
 
     def avail(self) -> list[dict[str, Any]]:
-        """The running config's programs (protocol.ProgramAvail rows)."""
+        """The running config's programs (protocol_models.ProgramAvail rows)."""
         ...
 
 
@@ -218,17 +209,17 @@ class Commands:
                 responder.result(self._pid(name))
             case VersionParams():
                 responder.result(
-                    VersionResult(
-                        version=__version__,
-                        pid=os.getpid(),
-                        config=core.config_path,
-                        generation=core.generation,
-                    )
+                    {
+                        "version": __version__,
+                        "pid": os.getpid(),
+                        "config": core.config_path,
+                        "generation": core.generation,
+                    }
                 )
             case ReexecParams():
                 self._reexec(responder)
             case ShutdownParams():
-                responder.result(ShutdownResult(ok=True))
+                responder.result({"ok": True})
                 core.shutdown()
             case WaitParams(names=names, condition=condition):
                 targets = core.resolve(names)
@@ -246,9 +237,7 @@ class Commands:
                 targets = core.resolve(names)
                 core.clear(targets)
                 entries = core.snapshot(targets).entries
-                responder.result(
-                    [ActionResult(name=p.name, ok=True, state=p.state) for p, _ in entries]
-                )
+                responder.result([_action(p.name, True, p.state) for p, _ in entries])
             case MetricsParams():
                 responder.result({"text": core.metrics_text(), "content_type": CONTENT_TYPE})
             case UsageParams(names=names):
@@ -271,7 +260,7 @@ class Commands:
 
     # -- signal -----------------------------------------------------------------------
 
-    def _signal(self, signum: int, names: list[str]) -> list[ActionResult]:
+    def _signal(self, signum: int, names: list[str]) -> list[dict[str, Any]]:
         results = []
         for name in self.core.resolve(names):
             sent = self.core.signal(name, signum)
@@ -279,7 +268,7 @@ class Commands:
             state = process.state
             error = None if sent else f"not running ({state.value})"
             code = None if sent else ErrorCode.BAD_STATE
-            results.append(ActionResult(name=name, ok=sent, state=state, error=error, code=code))
+            results.append(_action(name, sent, state, error, code))
         return results
 
     # -- reload -----------------------------------------------------------------------
@@ -288,16 +277,24 @@ class Commands:
         if self.core.shutting_down:
             responder.error(ErrorCode.SHUTTING_DOWN, "supd is shutting down")
             return
-        try:
-            report = self.core.reload(dry_run)
-        except ConfigError as exc:
-            problems = [str(p) for p in exc.problems]
-            responder.error(ErrorCode.CONFIG_INVALID, "invalid config; nothing changed", problems)
-            return
-        except SocketUnusable as exc:
-            responder.error(ErrorCode.CONFIG_INVALID, f"{exc}; nothing changed", [str(exc)])
-            return
-        responder.result(ReloadResult.model_validate(report_data(report)))
+
+        def done(outcome: ReloadReport | Exception) -> None:
+            if isinstance(outcome, ConfigError):
+                problems = [str(p) for p in outcome.problems]
+                message = "invalid config; nothing changed"
+                responder.error(ErrorCode.CONFIG_INVALID, message, problems)
+            elif isinstance(outcome, SocketUnusable):
+                message = f"{outcome}; nothing changed"
+                responder.error(ErrorCode.CONFIG_INVALID, message, [str(outcome)])
+            elif isinstance(outcome, Cancelled):  # shutdown, or a re-exec took over
+                code = ErrorCode.SHUTTING_DOWN if outcome.shutdown else ErrorCode.SUPERSEDED
+                responder.error(code, f"reload cancelled: {outcome}; nothing changed")
+            elif isinstance(outcome, Exception):
+                responder.error(ErrorCode.INTERNAL_ERROR, f"reload failed: {outcome}")
+            else:
+                responder.result(report_data(outcome))
+
+        self.core.reload(dry_run, done)
 
     # -- reexec -----------------------------------------------------------------------
 
@@ -309,7 +306,7 @@ class Commands:
 
         def done(problem: str | None) -> None:
             if problem is None:
-                responder.result(ReexecResult(pid=os.getpid(), generation=generation))
+                responder.result({"pid": os.getpid(), "generation": generation})
             else:
                 responder.error(ErrorCode.REEXEC_FAILED, problem)
 
@@ -329,13 +326,13 @@ class Commands:
             else:
                 data = self.core.tail(name, params.stream, None, None, since=params.since)
             text = data.decode(errors="replace")
-            parts.append(TailPart(name=name, stream=params.stream, data=text))
+            parts.append({"name": name, "stream": params.stream, "data": text})
         if names is not None:
-            responder.result(TailResult(name=names[0], stream=params.stream, data=parts[0].data))
+            responder.result(parts[0])
         else:
             asked = params.names[0] if params.names else ""
             responder.result(
-                TailManyResult(name=asked, stream=params.stream, data="", processes=parts)
+                {"name": asked, "stream": params.stream, "data": "", "processes": parts}
             )
         if params.follow and not responder.closed:
             for name in processes:
@@ -354,7 +351,7 @@ class Commands:
 
     def _maintail(self, params: MaintailParams, responder: Responder) -> None:
         lines = daemonlog.RECENT.last(params.lines)
-        responder.result(MaintailResult(data="".join(line + "\n" for line in lines)))
+        responder.result({"data": "".join(line + "\n" for line in lines)})
         if params.follow and not responder.closed:
 
             def forward(line: str) -> bool:
@@ -364,12 +361,12 @@ class Commands:
 
             responder.on_close(daemonlog.RECENT.follow(forward))
 
-    def _pid(self, name: str | None) -> PidResult:
+    def _pid(self, name: str | None) -> dict[str, Any]:
         if name is None:
-            return PidResult(pid=os.getpid())
+            return {"pid": os.getpid(), "processes": []}
         entries = self.core.snapshot(self.core.resolve([name])).entries
-        found = [ProcessPid(name=process.name, pid=process.pid) for process, _ in entries]
-        return PidResult(pid=found[0].pid if len(found) == 1 else None, processes=found)
+        found = [{"name": process.name, "pid": process.pid} for process, _ in entries]
+        return {"pid": found[0]["pid"] if len(found) == 1 else None, "processes": found}
 
     def _one(self, name: str) -> list[str]:
         """A process by its own name (a program of one process by the program's);
@@ -392,12 +389,23 @@ class SeveralProcesses(Exception):
 
 
 def _action_result(outcome: Outcome) -> dict[str, Any]:
+    return _action(outcome.name, outcome.ok, outcome.state, outcome.error, outcome.code)
+
+
+def _action(
+    name: str,
+    ok: bool,
+    state: State | None,
+    error: str | None = None,
+    code: ErrorCode | None = None,
+) -> dict[str, Any]:
+    """One `ActionResult` (protocol_models.py) as a plain dict."""
     return {
-        "name": outcome.name,
-        "ok": outcome.ok,
-        "state": outcome.state.value if outcome.state is not None else None,
-        "error": outcome.error,
-        "code": int(outcome.code) if outcome.code is not None else None,
+        "name": name,
+        "ok": ok,
+        "state": state.value if state is not None else None,
+        "error": error,
+        "code": int(code) if code is not None else None,
     }
 
 
@@ -414,6 +422,6 @@ def _follower(name: str, stream: str, responder: Responder) -> Callable[[bytes],
         text = decoder.decode(data)
         if not text:
             return True
-        return responder.notify("output", OutputParams(name=name, stream=stream, data=text))
+        return responder.notify("output", {"name": name, "stream": stream, "data": text})
 
     return forward

@@ -1,7 +1,9 @@
 """Load and validate supd's TOML configuration.
 
-This module imports only the standard library and pydantic: the daemon, the process
-state machine and the control server all import it, never the other way round.
+This module imports only the standard library, pydantic and settings.py (the runtime
+objects, whose behaviour the models share). `supd --check`, `supd import` and the tests
+import it; the daemon never does: it runs `supd --check --emit-json` in a child and
+builds settings.py's plain objects from the answer (configcheck.py).
 
 The file format (option names follow supervisord)::
 
@@ -61,7 +63,6 @@ Rules worth knowing:
 from __future__ import annotations
 
 import difflib
-import functools
 import glob
 import grp
 import ipaddress
@@ -73,8 +74,6 @@ import resource
 import shlex
 import signal
 import stat
-import string
-import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +91,27 @@ from pydantic import (
     model_validator,
 )
 
-from . import facts, signals, supervisord_syntax
+from . import facts, settings, signals, supervisord_syntax
 from .facts import expand_variables
+from .settings import (
+    DEFAULT_LOG_BACKUPS,
+    DEFAULT_LOG_MAXBYTES,
+    DEFAULT_LOG_PREFIX,
+    JOURNAL,
+    SUPD_STREAMS,
+    ConfigError,
+    DependencyCondition,
+    HealthMethods,
+    Problem,
+    ProgramMethods,
+    ReadyMethods,
+    Stream,
+    Timestamps,
+    is_stream_path,
+    parse_host_port,
+    parse_http_url,
+    template_fields,
+)
 from .tomlkeys import KeyLocator, KeyPath
 
 try:
@@ -102,6 +120,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef, import-not-found, unused-ignore]
 
 __all__ = [
+    "JOURNAL",
+    "SUPD_STREAMS",
     "Config",
     "ConfigError",
     "GroupConfig",
@@ -109,18 +129,20 @@ __all__ = [
     "ProgramConfig",
     "Stream",
     "SupervisorConfig",
+    "check_result",
+    "config_data",
     "expand_variables",
     "load",
+    "parse_host_port",
+    "parse_http_url",
+    "runtime",
     "summary",
+    "to_settings",
 ]
-
-Stream = Literal["stdout", "stderr"]
 
 # Durations end up in timerfds; a year is far beyond any sane setting and far from
 # any overflow.
 MAX_SECONDS = 365 * 24 * 3600.0
-DEFAULT_LOG_MAXBYTES = 50 * 1024 * 1024
-DEFAULT_LOG_BACKUPS = 10
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 # numprocs bounds: 200,000 processes froze the loop for 2.5 s and made a 40 MB status.
@@ -146,17 +168,9 @@ def hard_fd_limit() -> int | None:
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LOG_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group"})
 _NAME_PLACEHOLDERS = frozenset({"program", "process_num", "group"})
-# Where log output goes to a stream rather than a file: any number of writers may
-# share it, and it is never renamed. /dev/stdout and /dev/stderr go to supd's own fds.
-_STREAM_PATHS = re.compile(r"/dev/.*|/proc/self/fd/\d+|journal")
-JOURNAL = "journal"  # the stdout_logfile / stderr_logfile value for journald
-SUPD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2, "/proc/self/fd/1": 1, "/proc/self/fd/2": 2}
-SUPD_STREAMS |= {"/dev/fd/1": 1, "/dev/fd/2": 2}
-DEFAULT_LOG_PREFIX = "{process_name} | "
 _PREFIX_PLACEHOLDERS = frozenset({"process_name", "program", "process_num", "group", "stream"})
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-Timestamps = Literal["none", "iso", "iso-utc", "epoch"]
 _PER_PROCESS_PLACEHOLDERS = frozenset({"process_name", "process_num"})
 _SIZE = re.compile(r"(\d+)\s*(KB|MB|GB|B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -165,33 +179,6 @@ _AUTORESTART_ALIASES = {"true": "always", "false": "never", "unexpected": "on-fa
 # ---------------------------------------------------------------------------
 # Problems
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the configuration, located as precisely as possible."""
-
-    file: Path
-    line: int | None
-    column: int | None
-    key: str  # dotted TOML path such as "programs.web.startsecs"; "" when none applies
-    message: str
-
-    def __str__(self) -> str:
-        where = str(self.file)
-        if self.line is not None:
-            where += f":{self.line}"
-            if self.column is not None:
-                where += f":{self.column}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; ``problems`` lists everything found wrong."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("\n".join(str(problem) for problem in problems))
-        self.problems = problems
 
 
 class _OptionProblems(ValueError):
@@ -347,9 +334,7 @@ def _escape_braces(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-def _template_fields(template: str) -> set[str]:
-    """Names of the {placeholders} in a log file template; ValueError if malformed."""
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+_template_fields = template_fields
 
 
 def _check_log_template(template: str) -> None:
@@ -586,35 +571,6 @@ def _socket_path_problem(path: Path) -> str | None:
 
 # -- readiness, health and dependencies (issue 14) ------------------------------------
 
-_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\s/\[\]]+)):(?P<port>\d{1,5})")
-_HTTP_URL = re.compile(r"http://(?P<hostport>[^/\s]+)(?P<path>/\S*)?")
-DependencyCondition = Literal["started", "ready", "healthy", "completed"]
-
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """'127.0.0.1:5432', 'localhost:80' or '[::1]:80' -> (host, port); ValueError else."""
-    match = _HOST_PORT.fullmatch(value)
-    if match is None:
-        raise ValueError(f"should be HOST:PORT, such as 127.0.0.1:5432 (got {value!r})")
-    port = int(match["port"])
-    if not 0 < port < 65536:
-        raise ValueError(f"port should be 1 to 65535 (got {port})")
-    return match["v6"] or match["host"], port
-
-
-def parse_http_url(value: str) -> tuple[str, int, str]:
-    """'http://127.0.0.1:8000/healthz' -> (host, port, path); port 80 when omitted."""
-    match = _HTTP_URL.fullmatch(value)
-    if match is None:
-        raise ValueError(
-            f"should be an http:// URL, such as http://127.0.0.1:8000/healthz (got {value!r})"
-        )
-    hostport = match["hostport"]
-    if not _HOST_PORT.fullmatch(hostport):
-        hostport += ":80"
-    host, port = parse_host_port(hostport)
-    return host, port, match["path"] or "/"
-
 
 class _ProbeTarget(BaseModel):
     """What the probe kinds share: exactly one kind, its target checked at load."""
@@ -666,7 +622,7 @@ class _ProbeTarget(BaseModel):
         return value
 
     def kinds(self) -> list[str]:
-        raise NotImplementedError
+        raise NotImplementedError  # ReadyMethods, HealthMethods
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> Any:
@@ -676,27 +632,14 @@ class _ProbeTarget(BaseModel):
             raise ValueError(f"should set exactly one probe kind (got {shown})")
         return self
 
-    @property
-    def kind(self) -> str:
-        return self.kinds()[0]
 
-
-@functools.lru_cache(maxsize=256)
-def _compiled_bytes_pattern(pattern: str) -> re.Pattern[bytes]:
-    return re.compile(pattern.encode())
-
-
-class ReadyConfig(_ProbeTarget):
+class ReadyConfig(ReadyMethods, _ProbeTarget):
     """`ready = { tcp|http|exec|log|notify|file = ..., interval, timeout, ready_timeout }`."""
 
     log: NonEmptyStr | None = None
     notify: Literal[True] | None = None
     file: NonEmptyStr | None = None
     ready_timeout: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60.0
-
-    def kinds(self) -> list[str]:
-        fields = ("tcp", "http", "exec", "log", "notify", "file")
-        return [name for name in fields if getattr(self, name) is not None]
 
     @field_validator("file", mode="before")
     @classmethod
@@ -717,26 +660,8 @@ class ReadyConfig(_ProbeTarget):
                 raise ValueError(f"not a valid regular expression: {exc}") from None
         return value
 
-    @property
-    def log_pattern(self) -> re.Pattern[bytes]:
-        return _compiled_bytes_pattern(self.log or "")
 
-    def describe(self) -> str:
-        match self.kind:
-            case "tcp":
-                return f"connect {self.tcp}"
-            case "http":
-                return f"GET {self.http}"
-            case "exec":
-                return f"exec {shlex.join(self.exec or ())}"
-            case "log":
-                return f"a line matching {self.log!r}"
-            case "notify":
-                return "READY=1"
-        return f"file {self.file}"
-
-
-class HealthConfig(_ProbeTarget):
+class HealthConfig(HealthMethods, _ProbeTarget):
     """`health = { tcp|http|exec|log-silence = ..., interval, timeout, failures,
     start_grace, on_unhealthy }`."""
 
@@ -748,10 +673,6 @@ class HealthConfig(_ProbeTarget):
     failures: int = Field(default=3, ge=1)
     start_grace: Seconds = 30.0
     on_unhealthy: Literal["restart", "stop", "ignore"] = "restart"
-
-    def kinds(self) -> list[str]:
-        fields = ("tcp", "http", "exec", "log_silence")
-        return [name for name in fields if getattr(self, name) is not None]
 
 
 class Dependency(BaseModel):
@@ -774,7 +695,7 @@ def _default_socket(context: _Context) -> Path:
     return Path(facts.socket_path(str(context.base_dir), None, context.environ))
 
 
-class ProgramConfig(BaseModel):
+class ProgramConfig(ProgramMethods, BaseModel):
     """One [programs.NAME] table. Frozen; == compares every option, which is how a
     reload tells changed programs from unchanged ones.
 
@@ -851,107 +772,6 @@ class ProgramConfig(BaseModel):
     # name and command, so hashing those keeps hash consistent with ==.
     def __hash__(self) -> int:
         return hash((self.name, self.command))
-
-    @property
-    def wants_notify_socket(self) -> bool:
-        """NOTIFY_SOCKET for its children: asked for, or needed by readiness/watchdog."""
-        waits_ready = self.ready is not None and self.ready.kind == "notify"
-        return self.notify or waits_ready or self.watchdog_sec is not None
-
-    @property
-    def group_name(self) -> str:
-        """The [groups.NAME] this program is in, else its own name (supervisord's rule)."""
-        return self.process_group or self.name
-
-    @property
-    def start_order(self) -> tuple[int, int]:
-        """supervisord's order: groups by group priority (an ungrouped program is a group
-        of its own with its own priority), then by the program's priority within."""
-        group = self.priority if self.process_group is None else self.group_priority
-        return (group, self.priority)
-
-    def default_process_name(self) -> str:
-        if self.numprocs == 1:
-            return "{program}"
-        return "{process_num}" if self.process_group is None else "{program}_{process_num}"
-
-    def processes(self) -> list[tuple[str, int]]:
-        """(name, process_num) of each process, in process_num order.
-
-        A name is GROUP:BASE, or BASE alone when it equals the group's name: "web",
-        "web:0", "site:web", "celery:worker_00". BASE is the process_name template.
-        """
-        template = self.process_name or self.default_process_name()
-        table = _process_table(
-            self.name, self.group_name, template, self.numprocs_start, self.numprocs
-        )
-        return list(table.items())
-
-    def process_names(self) -> list[str]:
-        """["web"] for numprocs = 1, else ["web:0", "web:1", ...] (see processes())."""
-        return [name for name, _ in self.processes()]
-
-    def log_path(self, process_name: str, stream: Stream) -> Path | None:
-        """Absolute log file of one process's stream; None means discard it (or, for
-        stderr with redirect_stderr, that stderr shares the stdout pipe)."""
-        if stream == "stderr" and self.redirect_stderr:
-            return None
-        template = self.stdout_logfile if stream == "stdout" else self.stderr_logfile
-        if template is None or template == JOURNAL:
-            return None
-        process_num = self._process_num(process_name)
-        return Path(
-            template.format(
-                process_name=process_name,
-                program=self.name,
-                process_num=process_num,
-                group=self.group_name,
-            )
-        )
-
-    def log_destination(self, process_name: str, stream: Stream) -> Path | int | str | None:
-        """Where a process's stream goes: a file Path, 1 or 2 for supd's own stdout or
-        stderr, JOURNAL, or None (discarded, or stderr redirected into stdout)."""
-        if stream == "stderr" and self.redirect_stderr:
-            return None
-        template = self.stdout_logfile if stream == "stdout" else self.stderr_logfile
-        if template is None:
-            return None
-        if template == JOURNAL:
-            return JOURNAL
-        if template in SUPD_STREAMS:
-            return SUPD_STREAMS[template]
-        return self.log_path(process_name, stream)
-
-    def prefix(self, process_name: str, stream: Stream) -> str:
-        """The log_prefix of one process's stream: "web:0 | " by default."""
-        return self.log_prefix.format(
-            process_name=process_name,
-            program=self.name,
-            process_num=self._process_num(process_name),
-            group=self.group_name,
-            stream=stream,
-        )
-
-    def log_maxbytes(self, stream: Stream) -> int:
-        """Rotate when the file would exceed this size; 0 disables rotation."""
-        if stream == "stdout":
-            return self.stdout_logfile_maxbytes
-        return self.stderr_logfile_maxbytes
-
-    def log_backups(self, stream: Stream) -> int:
-        """How many rotated files (NAME.1 ... NAME.N) to keep."""
-        return self.stdout_logfile_backups if stream == "stdout" else self.stderr_logfile_backups
-
-    def _process_num(self, process_name: str) -> int:
-        template = self.process_name or self.default_process_name()
-        table = _process_table(
-            self.name, self.group_name, template, self.numprocs_start, self.numprocs
-        )
-        number = table.get(process_name)
-        if number is None:
-            raise ValueError(f"{process_name!r} is not a process of {self.name!r}")
-        return number
 
     # -- normalisation of raw TOML values ------------------------------------
 
@@ -1093,12 +913,6 @@ class ProgramConfig(BaseModel):
             raise ValueError("should be a number of processes (at least 1), or 'max'")
         return str(value)
 
-    def cgroup_limits(self) -> dict[str, str]:
-        """The limits set, as written to the cgroup (memory.max, cpu.max, pids.max)."""
-        limits = {"memory_max": self.memory_max, "cpu_max": self.cpu_max}
-        limits["pids_max"] = self.pids_max
-        return {option: value for option, value in limits.items() if value is not None}
-
     @field_validator("stdout_logfile", "stderr_logfile", mode="before")
     @classmethod
     def _resolve_logfile(cls, value: Any, info: ValidationInfo) -> Any:
@@ -1238,20 +1052,7 @@ def _parse_duration(value: object) -> object:
     return value
 
 
-@functools.lru_cache(maxsize=4096)
-def _process_table(
-    program: str, group: str, template: str, start: int, count: int
-) -> Mapping[str, int]:
-    """Process name -> process_num; cached, as the daemon asks once per process."""
-    table: dict[str, int] = {}
-    for number in range(start, start + count):
-        base = template.format(program=program, process_num=number, group=group)
-        table[base if base == group else f"{group}:{base}"] = number
-    return types.MappingProxyType(table)
-
-
-def _is_stream_path(path: str | Path | None) -> bool:
-    return path is not None and _STREAM_PATHS.fullmatch(str(path)) is not None
+_is_stream_path = is_stream_path
 
 
 def _per_process(template: str) -> bool:
@@ -1934,3 +1735,45 @@ def summary(config: Config) -> str:
         f"config OK: {programs} program{'s' if programs != 1 else ''}, "
         f"{processes} process{'es' if processes != 1 else ''} ({config.path}{files})"
     )
+
+
+# ---------------------------------------------------------------------------
+# The daemon's view: plain data (settings.py), never these models
+# ---------------------------------------------------------------------------
+
+
+def config_data(config: Config) -> dict[str, Any]:
+    """The validated config as JSON data, each model without its defaults: what `supd
+    --check --emit-json` prints and settings.settings_from_data reads."""
+
+    def data(model: BaseModel) -> dict[str, Any]:
+        dumped: dict[str, Any] = model.model_dump(mode="json", exclude_defaults=True)
+        return dumped
+
+    return {
+        "path": str(config.path),
+        "supervisor": data(config.supervisor),
+        "programs": [data(program) for program in config.programs.values()],
+        "sources": {name: str(path) for name, path in config.sources.items()},
+        "groups": [data(group) for group in config.groups.values()],
+    }
+
+
+def check_result(path: str | Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`supd --check --emit-json`: {"config": ...} or {"problems": [...]}."""
+    try:
+        config = load(path, environ)
+    except ConfigError as exc:
+        return {"problems": settings.problems_data(exc.problems)}
+    return {"config": config_data(config)}
+
+
+def to_settings(config: Config) -> settings.Settings:
+    """The daemon's runtime objects for `config`, through the same plain data the
+    checker prints."""
+    return settings.settings_from_data(config_data(config))
+
+
+def runtime(program: ProgramConfig) -> settings.Program:
+    """One program as the daemon holds it."""
+    return settings.build(settings.Program, program.model_dump(mode="json", exclude_defaults=True))

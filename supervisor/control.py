@@ -66,9 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-import structlog
-
-from . import protocol
+from . import daemonlog, protocol
 from .protocol import ErrorCode, ErrorResponse, Request
 from .selector import Event, ReadyKey, SelectEvent, Selector
 
@@ -208,7 +206,7 @@ class Responder:
             self._conn.on_close.append(callback)
 
     def result(self, value: Any) -> None:
-        """Answer with a result: a pydantic model, a list of them, a dict, None..."""
+        """Answer with a result: plain data (dicts, lists, dataclasses, None...)."""
         if self._begin_answer():
             self._server._answer(self._conn, self._encode_result(value))
 
@@ -440,7 +438,7 @@ class ControlServer:
         self._deadline_timer: int | None = None
         self._deadline_armed: float | None = None  # what the timer is set for
         self._deadline_count = 0  # connections with a deadline (0: the timer is off)
-        base_log = log if log is not None else structlog.get_logger("supd")
+        base_log = log if log is not None else daemonlog.get_logger()
         self._log: Any = base_log.bind(component="control")
         self._listener: socket.socket | None = None
         self._bound_inode: tuple[int, int] | None = None  # (st_dev, st_ino) if we made it

@@ -264,7 +264,7 @@ def _looks_like_supervisord(config_path: str) -> bool:
 
 
 # What each method's result must look like before supctl uses it: a list of objects
-# with these keys, or an object with these keys (protocol.RESULT_ADAPTERS, in short).
+# with these keys, or an object with these keys (protocol_models.RESULT_ADAPTERS, in short).
 _RESULT_SHAPES: dict[str, tuple[type, tuple[str, ...]]] = {
     "status": (list, ("name", "state")),
     "start": (list, ("name", "ok")),

@@ -47,6 +47,7 @@ from . import (
     activation,
     cgroups,
     childnotify,
+    configcheck,
     daemonlog,
     envfile,
     instancelock,
@@ -59,16 +60,6 @@ from . import (
     status,
 )
 from .commands import Commands, Snapshot
-from .config import (
-    JOURNAL,
-    Config,
-    ConfigError,
-    ProgramConfig,
-    Stream,
-    SupervisorConfig,
-    load,
-    summary,
-)
 from .control import ControlServer, Responder, SocketUnusable
 from .deaths import TAIL_BYTES, Cause, Death, Ending
 from .facts import EXIT_CONFIG, EXIT_OK, ErrorCode, State
@@ -93,6 +84,7 @@ from .fleet import (
     Kill,
     Outcome,
     Ready,
+    ReadyProbeChanged,
     Reload,
     ReloadPlanned,
     RunProbe,
@@ -121,6 +113,15 @@ from .process import Exited, Probe, ProbeResult, Process, Spawned, SpawnFailed, 
 from .protocol import MAX_TAIL_BYTES, Request
 from .reloadplan import ReloadPlan, ReloadReport, reload_event, supervisor_changes
 from .selector import Event, ReadyKey, Selector
+from .settings import (
+    JOURNAL,
+    ConfigError,
+    Program,
+    Settings,
+    Stream,
+    Supervisor,
+    dump,
+)
 from .signals import name as signal_name
 
 # How long a re-exec gives a slow reader of supd's stdout/stderr for what waits.
@@ -253,6 +254,15 @@ class CompressTag:
     rotation: int
 
 
+@dataclass(frozen=True, slots=True)
+class CheckTag:
+    """The config checker child of a reload (configcheck.py): its exit ("exit"), its
+    stdout ("output") and its deadline ("deadline")."""
+
+    pid: int
+    what: str
+
+
 Sink = LogSink | LineSink
 
 # The gzip helper, a short-lived child: stdlib only, lowest priority. It reads the
@@ -319,7 +329,7 @@ class Slot:
 class Daemon:
     def __init__(
         self,
-        config: Config,
+        config: Settings,
         *,
         clock: Callable[[], float] = time.monotonic,
         notifier: notify.Notifier | None = None,
@@ -382,6 +392,11 @@ class Daemon:
         self._paused: dict[int, set[tuple[str, int]]] = {}
         self._journal_warned = False
         self.compressing: dict[int, tuple[CompressTag, LogSink]] = {}
+        # Reloads: the config checker in flight, the reloads waiting for the next one.
+        self._check: configcheck.Check | None = None
+        self._reloads_waiting: list[tuple[bool, Callable[[ReloadReport | Exception], None]]] = []
+        self._check_timeout = configcheck.timeout(os.environ)
+        self._metrics_after_check = False  # adopted: the file's metrics address, once read
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -411,7 +426,7 @@ class Daemon:
         self._drain()
         self._release_memory()
 
-    def _open_metrics(self, settings: SupervisorConfig) -> None:
+    def _open_metrics(self, settings: Supervisor) -> None:
         if settings.metrics is not None:
             self.metrics_server = MetricsServer(
                 self.selector,
@@ -475,6 +490,7 @@ class Daemon:
                 self.log.exception("event_failed", action=action.__name__, args=repr(args))
 
     def close(self) -> None:
+        self._cancel_check("supd is exiting")  # answered while the socket is still open
         if self.control is not None:
             self.control.close()
         if self.metrics_server is not None:
@@ -538,6 +554,8 @@ class Daemon:
             case CompressTag() as job:
                 self.selector.unregister(key.fd)
                 self._compressed(job)
+            case CheckTag() as tag:
+                self._check_event(tag, key)
             case data if self.control is not None and self.control.owns(data):
                 self.control.on_ready(key)
             case data if self.metrics_server is not None and self.metrics_server.owns(data):
@@ -553,8 +571,7 @@ class Daemon:
         if signum in SHUTDOWN_SIGNALS:
             self.shutdown()
         elif signum == signal.SIGHUP:
-            with contextlib.suppress(ConfigError):  # logged by reload(); nothing changed
-                self.reload()
+            self.reload()  # a failure is logged by the reload; nothing changes
         elif signum == signal.SIGUSR2:
             self.reopen_logs()
         elif signum == signal.SIGUSR1:
@@ -761,7 +778,7 @@ class Daemon:
         slot.cgroup_killed = True
         self.log.info("cgroup_killed", process=slot.name, pids=pids, reason=reason)
 
-    def _open_cgroup(self, slot: Slot, program: ProgramConfig) -> None:
+    def _open_cgroup(self, slot: Slot, program: Program) -> None:
         """The process's cgroup, its events fd (paused until a wait), and its limits."""
         tree = self.cgroup_tree
         if tree is None:
@@ -775,7 +792,7 @@ class Daemon:
         for problem in cgroup.set_limits(program.cgroup_limits()):
             self.log.warning("cgroup_limit_not_set", process=slot.name, problem=problem)
 
-    def _renew_cgroup(self, slot: Slot, program: ProgramConfig) -> None:
+    def _renew_cgroup(self, slot: Slot, program: Program) -> None:
         """A fresh cgroup for the next run of a process whose cgroup was killed.
 
         Linux (seen on 6.18) SIGKILLs every child later born into a cgroup that once got
@@ -950,12 +967,17 @@ class Daemon:
                 self._log_death(name, death)
             case UpdateSlot(name=name, program=program):
                 self._update_slot(name, program)
+            case ReadyProbeChanged(name=name):
+                slot = self.slots.get(name)
+                process = self.fleet.processes.get(name)
+                if slot is not None and process is not None:
+                    self._watch_ready_line(slot, process)
             case ReloadPlanned():
                 pass  # reported by reload(), which made it
             case _:
                 assert_never(effect)
 
-    def _spawn(self, name: str, program: ProgramConfig) -> None:
+    def _spawn(self, name: str, program: Program) -> None:
         slot = self.slots[name]
         env = {
             **self.base_environment,
@@ -1190,7 +1212,7 @@ class Daemon:
             if reader.sink is sink:
                 reader.on_data = self._output_hook(name, stream)
 
-    def _sink(self, program: ProgramConfig, name: str, stream: Stream) -> Sink:
+    def _sink(self, program: Program, name: str, stream: Stream) -> Sink:
         destination = program.log_destination(name, stream)
         if isinstance(destination, int):
             writer = daemonlog.stream_writer(destination)
@@ -1362,7 +1384,7 @@ class Daemon:
         self.metrics.slot_dropped(slot.name, slot.stdout, slot.stderr)
         self.slots.pop(slot.name, None)
 
-    def _update_slot(self, name: str, program: ProgramConfig) -> None:
+    def _update_slot(self, name: str, program: Program) -> None:
         """A reload changed a process's log settings: new sinks, the pipes kept."""
         slot = self.slots.get(name)
         if slot is None:
@@ -1402,7 +1424,26 @@ class Daemon:
 
         return scan
 
-    def _run_probe(self, name: str, program: ProgramConfig, probe: Probe) -> None:
+    def _watch_ready_line(self, slot: Slot, process: Process) -> None:
+        """Scan the output for a `log` ready probe's line while the process waits for
+        it: set after a re-exec (the matcher of the old image is gone) and after a
+        reload that changed the probe; the readers' hooks follow."""
+        ready = process.config.ready
+        waits = (
+            process.state is State.STARTING
+            and process.pid is not None
+            and not process.ready
+            and ready is not None
+            and ready.kind == "log"
+        )
+        if not waits or ready is None:
+            slot.matcher = None
+        elif slot.matcher is None or slot.matcher.pattern != ready.log_pattern:
+            slot.matcher = probes.LineMatcher(ready.log_pattern)
+        self._refresh_hooks(slot.name, "stdout")
+        self._refresh_hooks(slot.name, "stderr")
+
+    def _run_probe(self, name: str, program: Program, probe: Probe) -> None:
         slot = self.slots.get(name)
         config = program.ready if probe is Probe.READY else program.health
         if slot is None or config is None:
@@ -1460,7 +1501,7 @@ class Daemon:
         self.queue.append(ChildEvent(name, ProbeResult(run.probe, verdict.ok, verdict.message)))
 
     def _run_exec_probe(
-        self, name: str, slot: Slot, run: ProbeRun, program: ProgramConfig, argv: tuple[str, ...]
+        self, name: str, slot: Slot, run: ProbeRun, program: Program, argv: tuple[str, ...]
     ) -> None:
         """Spawned like the program (same clean slate, user, directory, environment);
         its output is not kept, and the fleet's PROBE_TIMEOUT kills it (CancelProbe)."""
@@ -1512,9 +1553,7 @@ class Daemon:
             message = f"exec {command}: exit status {exit_code}"
         self.queue.append(ChildEvent(name, ProbeResult(run.probe, exit_code == 0, message)))
 
-    def _log_silence_verdict(
-        self, name: str, slot: Slot, program: ProgramConfig, probe: Probe
-    ) -> None:
+    def _log_silence_verdict(self, name: str, slot: Slot, program: Program, probe: Probe) -> None:
         silence = program.health.log_silence if program.health else None
         process = self.fleet.processes.get(name)
         if silence is None or process is None:
@@ -1545,19 +1584,29 @@ class Daemon:
 
     # -- sd_notify from programs (issue 14) ---------------------------------------------
 
-    def _open_child_notify(self, config: Config) -> None:
-        """Make the notify socket the first time a program of the config asks for it."""
+    def _open_child_notify(self, config: Settings, inherited: int | None = None) -> None:
+        """Make the notify socket the first time a program of the config asks for it;
+        after a re-exec, take over the old image's (`inherited`), asked for or not now:
+        adopted children may still use it."""
         if self.child_notify is not None:
             return
-        if not any(p.wants_notify_socket for p in config.programs.values()):
-            return
-        try:
-            self.child_notify = childnotify.NotifySocket()
-        except OSError as exc:  # its programs then never get NOTIFY_SOCKET: logged
-            self.log.error("notify_socket_failed", error=str(exc))
-            return
+        event = "notify_socket_open"
+        if inherited is not None:
+            try:
+                self.child_notify = childnotify.NotifySocket(inherited)
+                event = "notify_socket_adopted"
+            except OSError as exc:  # then a new one, as if none had been passed
+                self.log.error("notify_socket_not_adopted", fd=inherited, error=str(exc))
+        if self.child_notify is None:
+            if not any(p.wants_notify_socket for p in config.programs.values()):
+                return
+            try:
+                self.child_notify = childnotify.NotifySocket()
+            except OSError as exc:  # its programs then never get NOTIFY_SOCKET: logged
+                self.log.error("notify_socket_failed", error=str(exc))
+                return
         self.selector.register_handle(self.child_notify.fd, Event.READ, ChildNotifyTag())
-        self.log.info("notify_socket_open", address=self.child_notify.address)
+        self.log.info(event, address=self.child_notify.address)
 
     def _child_notifications(self) -> None:
         if self.child_notify is None:
@@ -1738,24 +1787,156 @@ class Daemon:
 
         return cancel
 
-    def reload(self, dry_run: bool = False, preloaded: Config | None = None) -> ReloadReport:
-        """SIGHUP / `supctl reload`: apply the config file's changes, exactly as planned;
-        raises ConfigError or SocketUnusable, and then nothing changed. A dry run only
-        says what a reload would do now."""
+    def reload(
+        self, dry_run: bool = False, done: Callable[[ReloadReport | Exception], None] | None = None
+    ) -> None:
+        """SIGHUP / `supctl reload`: apply the config file's changes, exactly as planned.
+        The file is checked in a child (configcheck.py) while the loop goes on; `done`
+        gets the report, or the ConfigError or SocketUnusable after which nothing
+        changed. A dry run only says what a reload would do then. Reloads asked for
+        while a check runs share the next check (so each sees the file as it is after
+        it was asked)."""
+        answer = done or (lambda outcome: None)
         if self.fleet.shutting_down:
             self.log.warning("reload_ignored", reason="shutting down")
-            empty = ReloadPlan(())
-            return ReloadReport(empty, [], [], [], [], [], dry_run)
-        if not dry_run:
+            answer(ReloadReport(ReloadPlan(()), [], [], [], [], [], dry_run))
+            return
+        self._reloads_waiting.append((dry_run, answer))
+        if self._check is None:
+            self._start_check()
+
+    def _start_check(self) -> None:
+        reloads, self._reloads_waiting = self._reloads_waiting, []
+        if not all(dry for dry, _ in reloads):
             self.notifier.reloading(self.status_line())
+        path = self.config.path
+        spec = spawn.SpawnSpec(
+            argv=tuple(configcheck.argv(path)),
+            environment=dict(os.environ),
+            redirect_stderr=True,
+        )
         try:
-            new = preloaded or load(self.config.path)
-        except ConfigError as exc:
-            self.log.error("reload_failed", problems=[str(p) for p in exc.problems])
+            child = spawn.spawn(spec)
+        except (spawn.SpawnError, OSError) as exc:
+            problem = configcheck.failed(path, f"cannot run {sys.executable}: {exc}")
+            self._finish_reloads(reloads, problem)
+            return
+        for fd in (child.stderr_fd, child.exec_error_fd):
+            if fd is not None:
+                os.close(fd)
+        check = configcheck.Check(path, child.pid, child.stdout_fd, reloads=reloads)
+        self._check = check
+        check.exit_key = self.selector.register_process(child.pid, CheckTag(child.pid, "exit"))
+        if check.output_fd is not None:
+            os.set_blocking(check.output_fd, False)
+            tag = CheckTag(child.pid, "output")
+            self.selector.register_handle(check.output_fd, Event.READ, tag)
+        check.deadline_fd = self.selector.register_timer(
+            max(1, round(self._check_timeout * 1000)), True, CheckTag(child.pid, "deadline")
+        )
+        self.log.debug("config_check_started", pid=child.pid)
+
+    def _finish_reloads(
+        self, reloads: list[configcheck.Reload], outcome: Settings | ConfigError
+    ) -> None:
+        for dry_run, answer in reloads:
+            try:
+                answer(self._reload_with(outcome, dry_run))
+            except (ConfigError, SocketUnusable) as exc:
+                answer(exc)
+
+    def _check_event(self, tag: CheckTag, key: ReadyKey[Any]) -> None:
+        check = self._check
+        if check is None or check.pid != tag.pid:
+            return
+        match tag.what:
+            case "exit":
+                self.selector.unregister(key.fd)
+                check.exit_key = None
+                _code, signum = spawn.reap(check.pid)
+                check.exited = True
+                if signum is not None:
+                    check.exit_status = f"killed by {signal_name(signum)}"
+                self._read_check_output(check)  # what it wrote before it exited
+            case "output":
+                self._read_check_output(check)
+            case "deadline":
+                check.timed_out = True
+                spawn.send_signal(check.pid, signal.SIGKILL, False)
+                return  # its exit comes next
+        if check.done:
+            self._end_check(check)
+
+    def _read_check_output(self, check: configcheck.Check) -> None:
+        fd = check.output_fd
+        if fd is None:
+            return
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                if not check.exited:
+                    return
+                data = b""  # exited, yet the pipe is open: a grandchild holds it
+            except OSError:
+                data = b""
+            if not data:
+                self.selector.unregister(fd)
+                os.close(fd)
+                check.output_fd = None
+                return
+            check.take(data)
+
+    def _end_check(self, check: configcheck.Check) -> None:
+        if check.deadline_fd is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.selector.unregister(check.deadline_fd)
+            check.deadline_fd = None
+        self._check = None
+        self._finish_reloads(check.reloads, check.outcome(self._check_timeout))
+        if self._metrics_after_check:  # after a re-exec: the address the file names now
+            self._metrics_after_check = False
+            try:
+                self._open_metrics(self.config.supervisor)
+            except SocketUnusable as exc:  # the programs matter more than their metrics
+                self.log.error("metrics_unavailable", problem=str(exc))
+        self._release_memory()  # the checker's output, parsed and dropped
+        if self._reloads_waiting and not self.fleet.shutting_down:
+            self._start_check()
+
+    def _cancel_check(self, why: str, shutdown: bool = True) -> None:
+        """Shutdown or re-exec with a check in flight: kill it, answer its reloads."""
+        check, self._check = self._check, None
+        reloads, self._reloads_waiting = self._reloads_waiting, []
+        if check is not None:
+            reloads = check.reloads + reloads
+            for key in (check.exit_key, check.output_fd, check.deadline_fd):
+                if key is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self.selector.unregister(key)
+            if check.exit_key is not None:  # not reaped yet
+                spawn.send_signal(check.pid, signal.SIGKILL, False)
+                spawn.reap(check.pid)
+            if check.output_fd is not None:
+                os.close(check.output_fd)
+        if reloads:
+            self.log.warning("reload_cancelled", reason=why, reloads=len(reloads))
+        for _dry_run, answer in reloads:
+            answer(configcheck.Cancelled(why, shutdown))
+
+    def _reload_with(self, outcome: Settings | ConfigError, dry_run: bool) -> ReloadReport:
+        """Apply (or, dry, only plan) the checked config; raises ConfigError or
+        SocketUnusable, and then nothing changed."""
+        if isinstance(outcome, ConfigError):
+            self.log.error("reload_failed", problems=[str(p) for p in outcome.problems])
             self.metrics.reload_failures += 1
             if not dry_run:
                 self.notifier.ready(self.status_line())  # still running, on the old config
-            raise
+            raise outcome
+        new = outcome
+        if self.fleet.shutting_down:
+            self.log.warning("reload_ignored", reason="shutting down")
+            return ReloadReport(ReloadPlan(()), [], [], [], [], [], dry_run)
         self._drain()  # the plan is made and applied on the same fleet state
         live, not_live = supervisor_changes(self.config.supervisor, new.supervisor)
         added, changed, removed = reload_diff(self.fleet.configs, new.programs)
@@ -1777,7 +1958,9 @@ class Daemon:
         old_settings, self.config = self.config.supervisor, new
         self._open_child_notify(new)
         self.metrics.reloads += 1
-        if new.supervisor.metrics != settings_metrics(self):
+        if self._metrics_after_check:  # after a re-exec: opened at the new address next
+            not_live = [entry for entry in not_live if not entry.startswith("metrics:")]
+        elif new.supervisor.metrics != settings_metrics(self):
             self.log.warning(
                 "metrics_address_unchanged",
                 reason="the metrics address is set at start; `supctl reexec` applies it",
@@ -1800,7 +1983,7 @@ class Daemon:
         self.notifier.ready(self.status_line())
         return report
 
-    def _apply_supervisor(self, new: Config) -> list[str]:
+    def _apply_supervisor(self, new: Settings) -> list[str]:
         """The [supervisor] keys a reload applies live, the socket first; returns the
         socket keys applied."""
         settings = new.supervisor
@@ -1829,6 +2012,7 @@ class Daemon:
         else:
             self.notifier.stopping(self.status_line())
             self.log.info("shutdown_started")
+            self._cancel_check("supd is shutting down")
         self.queue.append(Shutdown())
 
     def signal(self, name: str, signum: int) -> bool:
@@ -1877,6 +2061,7 @@ class Daemon:
         reason; then nothing has changed."""
         if self.fleet.shutting_down:
             return "supd is shutting down"
+        self._cancel_check("supd is re-executing; reload again after it", shutdown=False)
         self._drain()
         state, fds = self._export_state()
         data = reexec.encode(state)
@@ -1964,6 +2149,8 @@ class Daemon:
                     else:
                         saved.stderr_fd = fd
                     fds.append(fd)
+                if slot.probe is not None and slot.probe.child is not None:
+                    saved.probe_pid = slot.probe.child.pid
                 if slot.child is not None:
                     saved.child_pid = slot.child.pid
                     saved.via_setpriv = slot.child.via_setpriv
@@ -1981,11 +2168,15 @@ class Daemon:
             lock_fd, lock_path = self.lock.fd_and_path()
             if lock_fd is not None:
                 fds.append(lock_fd)
+        child_notify_fd = None
+        if self.child_notify is not None:
+            child_notify_fd = self.child_notify.fd
+            fds.append(child_notify_fd)
         state = reexec.DaemonState(
             version=reexec.STATE_VERSION,
             generation=self._generation + 1,
             config_path=str(self.config.path),
-            supervisor=self.config.supervisor.model_dump(mode="json", exclude_defaults=True),
+            supervisor=dump(self.config.supervisor),
             programs=[reexec.program_data(p) for p in fleet.configs.values()],
             process_programs=process_programs,
             sources={k: str(v) for k, v in self.config.sources.items()},
@@ -1996,6 +2187,7 @@ class Daemon:
             socket_inode=inode,
             lock_fd=lock_fd,
             lock_path=lock_path,
+            child_notify_fd=child_notify_fd,
             systemd=self.systemd,
             subreaper=self.subreaper,
             fd_limit=spawn.original_fd_limit(),
@@ -2006,8 +2198,7 @@ class Daemon:
     def adopt(
         self,
         state: reexec.DaemonState,
-        configs: list[ProgramConfig],
-        current: Config | None = None,
+        configs: list[Program],
     ) -> None:
         """The new supd's setup: take over the socket, the children, their pipes and the
         timers, then reload the config file (a changed program is handled like a reload)."""
@@ -2025,12 +2216,13 @@ class Daemon:
         self.control.adopt(state.socket_inode)
         self.control.open()
         # Closed by the exec (it keeps no state a client needs): opened afresh, at the
-        # address the config file names now.
-        self._open_metrics((current or self.config).supervisor)
+        # address the config file names now, once the reload below has read it.
+        self._metrics_after_check = True
         self._open_loop_sources()
         self.running = True
-        # A new socket: adopted children keep the old address (see docs/reexec.md).
-        self._open_child_notify(current or self.config)
+        # The same socket: adopted children keep its address, and what they sent during
+        # the exec waits in it (docs/reexec.md).
+        self._open_child_notify(self.config, inherited=state.child_notify_fd)
         self._contain(adopting=True)  # before the slots: each gets its cgroup back
         now = self.clock()
         base = reexec.time_base(state, now)
@@ -2060,12 +2252,19 @@ class Daemon:
         for saved in state.processes:
             self._adopt_fds(saved)
         self.log.info("adopted", generation=self._generation, processes=len(processes))
+        # What the children sent while supd was being replaced first, then the timers:
+        # a WATCHDOG=1 waiting in the socket is not a missed watchdog.
+        self._child_notifications()
         self._drain()
-        with contextlib.suppress(ConfigError, SocketUnusable):  # logged; the old config stays
-            self.reload(preloaded=current)  # (which also releases the parser's memory)
+        self.reload()  # checked in a child; a failure is logged and the old config stays
         self.notifier.ready(self.status_line())
 
     def _adopt_fds(self, saved: reexec.ProcessState) -> None:
+        if saved.probe_pid is not None:  # the old image's exec probe: no zombie left
+            spawn.send_signal(saved.probe_pid, signal.SIGKILL, True)
+            self.selector.register_process(
+                saved.probe_pid, ProbeChildTag(saved.name, saved.probe_pid)
+            )
         slot = self.slots.get(saved.name)
         if slot is None:
             for fd in (saved.stdout_fd, saved.stderr_fd, saved.exec_error_fd):
@@ -2080,16 +2279,23 @@ class Daemon:
             )
             child.via_setpriv = saved.via_setpriv
             slot.child = child
+            self._notify_owners[child.pid] = name  # sd_notify: its messages are its own
             # Registration looks once: a child that exited during the exec is reported now,
             # and reaped with its real status.
             self.selector.register_process(child.pid, ChildTag(name, child.pid))
             if child.exec_error_fd is not None:
                 tag = ExecReportTag(name, child.pid)
                 self.selector.register_handle(child.exec_error_fd, Event.READ, tag)
+        process = self.fleet.processes.get(name)
+        if process is not None and process.main_pid is not None:  # MAINPID= it sent
+            self._main_pids[name] = process.main_pid
+            self._notify_owners.setdefault(process.main_pid, name)
+        if process is not None:
+            self._watch_ready_line(slot, process)  # a `log` ready probe still waiting
         for stream, fd in (("stdout", saved.stdout_fd), ("stderr", saved.stderr_fd)):
             if fd is not None:
                 os.set_blocking(fd, False)
-                hook = self.followers.hook(name, stream)
+                hook = self._output_hook(name, stream)
                 slot.readers[fd] = PipeReader(fd, slot.sink(stream), hook)
                 self.selector.register_handle(fd, Event.READ, OutputTag(name, stream))
 
@@ -2177,7 +2383,7 @@ def cgroup_close(cgroup: cgroups.ProcessCgroup | None, selector: Selector[Any]) 
         cgroup.close()
 
 
-def limit_warnings(config: Config) -> list[str]:
+def limit_warnings(config: Settings) -> list[str]:
     """The limits (memory_max, cpu_max, pids_max) this machine will not apply, per
     program: `--check` prints them; supd starts the programs all the same."""
     enabled = config.supervisor.cgroups != "off"
@@ -2207,36 +2413,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="supd import FILE [-o OUT]: convert a supervisord config to supd's TOML "
         "(supd import --help)",
     )
-    parser.add_argument("-c", "--config", default="/etc/supd/supd.toml", help="config file")
+    parser.add_argument("-c", "--config", default=configcheck.DEFAULT_CONFIG, help="config file")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    # With --check: print the validated config (or its problems) as one JSON line, for
+    # the daemon, which never imports the validator itself (configcheck.py).
+    parser.add_argument(configcheck.EMIT_JSON_ARG, action="store_true", help=argparse.SUPPRESS)
     # The new code's check before a re-exec: reads the state on stdin (reexec.py).
     parser.add_argument(reexec.PROBE_ARG, action="store_true", help=argparse.SUPPRESS)
     version = f"supd {__version__} (spawn method: {spawn.method()})"
     parser.add_argument("--version", action="version", version=version)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.emit_json and not args.check:
+        parser.error(f"{configcheck.EMIT_JSON_ARG} goes with --check")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     state_fd = reexec.take_state_fd(os.environ)  # set by the supd we replace
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit:  # --help, --version, a usage error
+        configcheck.discard_early()
+        raise
+    if args.check or args.reexec_probe or state_fd is not None:
+        configcheck.discard_early()  # (entry.py only starts it for a plain start)
     if args.reexec_probe:
         return probe_main()
     if state_fd is not None:
         return adopt_main(state_fd)
     # In the journal (ExecReload's --check too), errors must be errors: "<3>".
     error = "<3>" if daemonlog.stderr_is_journal(sys.stderr, os.environ) else ""
+    if args.check:
+        return check_main(args.config, args.emit_json, error)
     try:
-        config = load(args.config)
+        config = configcheck.load(args.config)  # in a child: pydantic stays out of supd
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{error}{problem}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.check:
-        print(summary(config))
-        warning = "<4>" if error else ""
-        for warned in limit_warnings(config):
-            print(f"{warning}warning: {warned}", file=sys.stderr)
-        return EXIT_OK
     spawn.reserve_spawn_slots()  # before the lock, the log, the sockets: lowest fds
     try:
         lock = instancelock.InstanceLock.acquire(args.config)  # held until supd exits
@@ -2262,12 +2476,32 @@ def main(argv: list[str] | None = None) -> int:
         lock.release()
 
 
+def check_main(path: str, emit_json: bool, error: str) -> int:
+    """`supd --check`: validate, say so (and warn of limits this machine won't apply).
+    With --emit-json, one JSON line for the daemon instead (configcheck.py)."""
+    if emit_json:
+        return configcheck.emit_json_main([path])
+    from . import config as validator  # pydantic: only in this short-lived process
+
+    try:
+        config = validator.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{error}{problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(validator.summary(config))
+    warning = "<4>" if error else ""
+    for warned in limit_warnings(validator.to_settings(config)):
+        print(f"{warning}warning: {warned}", file=sys.stderr)
+    return EXIT_OK
+
+
 def probe_main() -> int:
     """`supd --reexec-probe`: can this code adopt the state on stdin? Exit 0 and print
     PROBE_ANSWER if so; exit 3 with the reason otherwise (then nothing is exec'd)."""
     try:
         state = reexec.decode(sys.stdin.buffer.read())
-        config, programs = reexec.rebuild(state, _current_config(state.config_path))
+        config, programs = reexec.rebuild(state)
         for saved in state.processes:
             reexec.restore_process(saved.name, programs[saved.config], saved.fields, 0.0)
         Daemon(config)  # everything the daemon imports, imported
@@ -2286,8 +2520,7 @@ def adopt_main(state_fd: int) -> int:
         with contextlib.suppress(OSError):
             os.close(state_fd)
     spawn.reserve_spawn_slots()  # in the holes the old image's slots left
-    current = _current_config(state.config_path)
-    config, programs = reexec.rebuild(state, current)
+    config, programs = reexec.rebuild(state)
     daemonlog.configure(config.supervisor.log_format, config.supervisor.log_level)
     keep_daemon_signals_blocked()
     spawn.mark_inherited_fds_cloexec()  # the adopted fds too: no child may inherit them
@@ -2298,21 +2531,12 @@ def adopt_main(state_fd: int) -> int:
     daemon = Daemon(config, notifier=notify.Notifier.from_environ(state.systemd))
     daemon.systemd, daemon.lock = state.systemd, lock
     try:
-        daemon.adopt(state, programs, current)
+        daemon.adopt(state, programs)
         return daemon.run()
     finally:
         daemon.close()
         if lock is not None:
             lock.release()
-
-
-def _current_config(path: str) -> Config | None:
-    """The config file as it is now; None if it is invalid (the reload after adopting
-    then reports why, and the config in force stays)."""
-    try:
-        return load(path)
-    except ConfigError:
-        return None
 
 
 def keep_daemon_signals_blocked() -> None:

@@ -12,18 +12,17 @@ stop it ran itself, and `supctl signal` (which goes through supd). Any other sig
 process, or the program itself (abort()). A SIGKILL is called an OOM kill only when the
 process's cgroup counted one (memory.events oom_kill rose during the run).
 
-This module imports the config model and the signal names only.
+This module imports the runtime config (settings) and the signal names only.
 """
 
 from __future__ import annotations
 
 import enum
 import signal
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from .config import ProgramConfig
+from .settings import Program
 from .signals import name as signal_name
 
 DEATHS_KEPT = 20  # per process
@@ -116,7 +115,7 @@ def classify(
     exit_code: int | None,
     exit_signal: int | None,
     ending: Ending,
-    config: ProgramConfig,
+    config: Program,
 ) -> tuple[Cause, str, str | None, bool | None]:
     """(cause, summary, sender, expected) of a run that ended."""
     core = " (core dumped)" if ending.core_dumped else ""
@@ -205,30 +204,25 @@ class DeathRing:
 class RestartWindow:
     """The times of automatic restarts within the last `restart_window` seconds."""
 
-    __slots__ = ("_times",)
+    __slots__ = ("times",)
 
     def __init__(self) -> None:
-        # Made at the first restart: an empty deque costs 770 bytes, 7.5 MiB for 10,000
-        # processes that never restart.
-        self._times: deque[float] | None = None
+        # A list, not a deque: an empty deque holds a 64-slot block (0.7 KiB for every
+        # process, most of which never restart), and the window holds a handful.
+        self.times: list[float] = []
 
-    @property
-    def times(self) -> deque[float]:
-        if self._times is None:
-            self._times = deque()
-        return self._times
-
-    def prune(self, now: float, config: ProgramConfig) -> int:
+    def prune(self, now: float, config: Program) -> int:
         """Forget restarts older than the window; returns how many remain."""
-        times = self._times
-        if times is None:
-            return 0
         horizon = now - config.restart_window
-        while times and times[0] <= horizon:
-            times.popleft()
+        times = self.times
+        old = 0
+        while old < len(times) and times[old] <= horizon:
+            old += 1
+        if old:
+            del times[:old]
         return len(times)
 
-    def full(self, now: float, config: ProgramConfig) -> bool:
+    def full(self, now: float, config: Program) -> bool:
         """`max_restarts` restarts already happened within the window (a window of 0 s:
         no limit)."""
         if config.restart_window <= 0:
@@ -239,13 +233,13 @@ class RestartWindow:
         self.times.append(now)
 
     def clear(self) -> None:
-        self._times = None
+        self.times.clear()
 
     def __len__(self) -> int:
-        return 0 if self._times is None else len(self._times)
+        return len(self.times)
 
 
-def window_limit(config: ProgramConfig) -> int:
+def window_limit(config: Program) -> int:
     """Automatic restarts allowed within `restart_window`: `max_restarts`, by default
     max(5, startretries), so that consecutive failed starts meet `startretries` first
     (supervisord's behaviour) and the window catches what startretries never sees: a
@@ -255,5 +249,5 @@ def window_limit(config: ProgramConfig) -> int:
     return max(DEFAULT_MAX_RESTARTS, config.startretries)
 
 
-def crash_loop_reason(config: ProgramConfig) -> str:
+def crash_loop_reason(config: Program) -> str:
     return f"crash loop: {window_limit(config)} restarts in {config.restart_window:g} s"

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import assert_never
 
 from . import process as proc
-from .config import ProgramConfig
 from .deaths import Death, DeathRing, no_jitter
 from .facts import ErrorCode, State
 from .names import ALL as ALL_NAMES
@@ -51,6 +50,7 @@ from .reloadplan import (
     step_for_change,
     visible_changes,
 )
+from .settings import Program
 
 # -- events: what happened ---------------------------------------------------------------
 
@@ -59,7 +59,7 @@ from .reloadplan import (
 class Boot:
     """The daemon is up: create every program of the config and autostart them."""
 
-    programs: tuple[ProgramConfig, ...]
+    programs: tuple[Program, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +95,7 @@ class Submit:
 class Reload:
     """The config's new programs (already loaded and valid)."""
 
-    programs: tuple[ProgramConfig, ...]
+    programs: tuple[Program, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +131,11 @@ class Adopt:
     """A re-exec'd daemon takes over what the old one ran: processes already in their
     states (with their children), timers at their deadlines, reload work under way."""
 
-    programs: tuple[ProgramConfig, ...]
+    programs: tuple[Program, ...]
     processes: tuple[Process, ...]
     timers: tuple[tuple[str, Timer, float], ...] = ()  # (process, timer, deadline)
     retiring: tuple[str, ...] = ()
-    swaps: tuple[tuple[str, ProgramConfig], ...] = ()
+    swaps: tuple[tuple[str, Program], ...] = ()
 
 
 FleetEvent = (
@@ -151,7 +151,7 @@ class CreateSlot:
     """A new process: open its log sinks."""
 
     name: str
-    program: ProgramConfig
+    program: Program
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +164,7 @@ class DropSlot:
 @dataclass(frozen=True, slots=True)
 class Spawn:
     name: str
-    program: ProgramConfig
+    program: Program
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +224,7 @@ class RunProbe:
     """Run a ready or health probe for a process; answer with a ChildEvent(ProbeResult)."""
 
     name: str
-    program: ProgramConfig
+    program: Program
     probe: proc.Probe
 
 
@@ -253,7 +253,15 @@ class UpdateSlot:
     """A reload changed a live process's log settings: reopen its log sinks."""
 
     name: str
-    program: ProgramConfig
+    program: Program
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyProbeChanged:
+    """A reload changed the ready probe of a process still waiting to be ready: the
+    daemon watches its output for the new probe's line (`log`), or stops watching."""
+
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,12 +282,20 @@ FleetEffect = (
     | Ready
     | Exit
     | UpdateSlot
+    | ReadyProbeChanged
     | ReloadPlanned
     | Died
     | RunProbe
     | CancelProbe
     | HealthChanged
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Reconfigure:
+    """For `_send`: a reload's new program for a live process (Process.reconfigure)."""
+
+    config: Program
 
 
 class UnknownNames(Exception):
@@ -289,7 +305,7 @@ class UnknownNames(Exception):
 
 
 def reload_diff(
-    old: Mapping[str, ProgramConfig], new: Mapping[str, ProgramConfig]
+    old: Mapping[str, Program], new: Mapping[str, Program]
 ) -> tuple[list[str], list[str], list[str]]:
     """(added, changed, removed) program names, from the old config to the new."""
     added = [n for n in new if n not in old]
@@ -340,13 +356,13 @@ class Fleet:
         self.kept_deaths: dict[str, DeathRing] = {}  # a replaced program's, by process
         self.processes: dict[str, Process] = {}
         self.programs: dict[str, list[str]] = {}  # program -> its live process names
-        self.configs: dict[str, ProgramConfig] = {}  # the config's programs, as desired
+        self.configs: dict[str, Program] = {}  # the config's programs, as desired
         self.retiring: set[str] = set()  # stopping for a reload; dropped once down
         # Restarting for a reload: once down, the process takes this config and starts.
-        self.swaps: dict[str, ProgramConfig] = {}
+        self.swaps: dict[str, Program] = {}
         # New processes whose names a stopping process still holds: (program, names),
         # created together once every one of those names is free.
-        self.parked: list[tuple[ProgramConfig, list[str]]] = []
+        self.parked: list[tuple[Program, list[str]]] = []
         self.state_counts: dict[State, int] = dict.fromkeys(State, 0)
         self.shutting_down = False
         self.exited = False
@@ -487,10 +503,15 @@ class Fleet:
             self.state_counts[process.state] += 1
             self._out.append(CreateSlot(process.name, process.config))
         for name, timer, deadline in adopt.timers:
-            if name in self.processes:
+            if name not in self.processes:
+                continue
+            if timer is Timer.PROBE_TIMEOUT:  # its probe was the old image's: probe anew
+                self._arm(name, Timer.PROBE, self._now)
+            else:
                 self._arm(name, timer, deadline)
         self.retiring = {n for n in adopt.retiring if n in self.processes}
         self.swaps = {n: p for n, p in adopt.swaps if n in self.processes}
+        self._index_restart_with()
 
     def status_counts(self) -> dict[str, int]:
         return {state.value: n for state, n in self.state_counts.items()}
@@ -501,7 +522,7 @@ class Fleet:
 
     # -- processes ---------------------------------------------------------------------
 
-    def _add(self, program: ProgramConfig) -> None:
+    def _add(self, program: Program) -> None:
         names = program.process_names()
         self.programs[program.name] = names
         for name in names:
@@ -512,7 +533,7 @@ class Fleet:
             self.state_counts[State.STOPPED] += 1
             self._out.append(CreateSlot(name, program))
 
-    def _autostart(self, programs: Iterable[ProgramConfig], now: float) -> None:
+    def _autostart(self, programs: Iterable[Program], now: float) -> None:
         if self.shutting_down:
             return
         for program in sorted(programs, key=lambda p: p.start_order):
@@ -520,7 +541,7 @@ class Fleet:
                 for name in self.programs.get(program.name, []):
                     self._start(name, now)
 
-    def _send(self, name: str, event: proc.ProcessEvent, now: float) -> None:
+    def _send(self, name: str, event: proc.ProcessEvent | _Reconfigure, now: float) -> None:
         """Feed one process; turn its effects into fleet effects and settle requests."""
         process = self.processes[name]
         changes: list[State] = []
@@ -528,7 +549,10 @@ class Fleet:
             self._unhold(name)
         was_unhealthy = process.healthy is False
         last_death = process.history[-1] if process.history else None
-        effects = process.handle(event, now)
+        if isinstance(event, _Reconfigure):
+            effects = process.reconfigure(event.config, now)
+        else:
+            effects = process.handle(event, now)
         if process.history and process.history[-1] is not last_death:
             self._out.append(Died(name, process.history[-1]))
         for effect in effects:
@@ -754,12 +778,12 @@ class Fleet:
 
     # -- reload ------------------------------------------------------------------------
 
-    def plan_reload(self, programs: Iterable[ProgramConfig]) -> ReloadPlan:
+    def plan_reload(self, programs: Iterable[Program]) -> ReloadPlan:
         """What `Reload(programs)` would do now, changing nothing (a dry run)."""
         return self._plan({p.name: p for p in programs})
 
-    def _plan(self, new: Mapping[str, ProgramConfig]) -> ReloadPlan:
-        desired: dict[str, ProgramConfig] = {}  # process name -> its new program
+    def _plan(self, new: Mapping[str, Program]) -> ReloadPlan:
+        desired: dict[str, Program] = {}  # process name -> its new program
         for program in new.values():
             for name in program.process_names():
                 desired[name] = program
@@ -792,13 +816,15 @@ class Fleet:
         stops.reverse()
         return ReloadPlan((*stops, *entries))
 
-    def _reload(self, programs: tuple[ProgramConfig, ...], now: float) -> None:
+    def _reload(self, programs: tuple[Program, ...], now: float) -> None:
         if self.shutting_down:
             return  # the daemon refuses it; a late one changes nothing
         new = {p.name: p for p in programs}
         plan = self._plan(new)
         self._out.append(ReloadPlanned(plan))
+        held = {n: self.processes[n].config.depends_on for n in self._held if n in self.processes}
         self.configs = new
+        self._index_restart_with()  # on_dependency_restart, from now on
         self.parked = []  # re-planned below from the newest config
         desired = {name: p for p in programs for name in p.process_names()}
         fresh: dict[str, list[str]] = {}
@@ -822,6 +848,15 @@ class Fleet:
         parked = {n for _, names in self.parked for n in names}
         self.kept_deaths = {n: h for n, h in self.kept_deaths.items() if n in parked}
         self._unpark()
+        # A process held for its dependencies that a reload gave new ones waits for
+        # those, started first as for any start (those it no longer has hold it back no
+        # more). The others wait as they did: a reload restarts no FATAL dependency.
+        for name, depends_on in held.items():
+            process = self.processes.get(name)
+            if process is None or name not in self._held or name in self.retiring:
+                continue
+            if process.is_down() and process.config.depends_on != depends_on:
+                self._start(name, now)
 
     def _retire(self, name: str, now: float) -> None:
         """Stop a process for good; it is dropped once down."""
@@ -829,7 +864,7 @@ class Fleet:
         self._supersede_for_reload(name)
         self._send(name, proc.Stop(by="reload"), now)
 
-    def _restart_for_reload(self, name: str, target: ProgramConfig, now: float) -> None:
+    def _restart_for_reload(self, name: str, target: Program, now: float) -> None:
         """Stop it; once down it takes `target` and starts again (see _swap)."""
         first = name not in self.swaps
         self.swaps[name] = target
@@ -842,13 +877,21 @@ class Fleet:
             why = "being replaced or removed by a reload"
             self._resolve(request, name, self._superseded(name, why))
 
-    def _update_in_place(self, name: str, target: ProgramConfig) -> None:
+    def _update_in_place(self, name: str, target: Program) -> None:
         if name in self.swaps:  # still restarting: it comes back with the newest config
             self.swaps[name] = target
             return
         process = self.processes[name]
-        old, process.config = process.config, target
-        if old != target and logs_changed(old, target):
+        old = process.config
+        if old is target or old == target:
+            process.config = target
+            return
+        # The run under way follows the new readiness and health checks at once.
+        starting = process.state is State.STARTING
+        self._send(name, _Reconfigure(target), self._now)
+        if starting and old.ready != target.ready:  # (RUNNING now, if ready was removed)
+            self._out.append(ReadyProbeChanged(name))
+        if logs_changed(old, target):
             self._out.append(UpdateSlot(name, target))
 
     def _swap(self, name: str) -> None:
@@ -1157,7 +1200,7 @@ def _judge(
     return None
 
 
-def _new_step(program: ProgramConfig) -> Step:
+def _new_step(program: Program) -> Step:
     return Step.START if program.autostart else Step.ADD
 
 

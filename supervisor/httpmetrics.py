@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import structlog
-
+from . import daemonlog
 from .control import SocketUnusable
 from .metrics import CONTENT_TYPE
 from .selector import Event, ReadyKey, Selector
@@ -135,7 +134,7 @@ class MetricsServer:
         self._max_request = max_request
         self._timeout = timeout
         self._max_connections = max_connections
-        self._log: Any = (log if log is not None else structlog.get_logger("supd")).bind(
+        self._log: Any = (log if log is not None else daemonlog.get_logger()).bind(
             component="metrics"
         )
         self._listener: socket.socket | None = None

@@ -46,10 +46,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-import structlog
+from . import daemonlog
 
-# Unbound proxy: resolves the daemon's structlog configuration at each (rare) call.
-log = structlog.get_logger("supd")
+# Follows the daemon's log configuration at each (rare) call.
+log = daemonlog.get_logger()
 
 DEFAULT_TAIL_SIZE = 64 * 1024
 # Busy pipes grow to this (the unprivileged /proc/sys/fs/pipe-max-size default)...

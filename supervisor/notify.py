@@ -20,7 +20,7 @@ Three rules shape this module:
   (NotifyAccess=main drops that, but noisily), and one that saw LISTEN_FDS could grab
   fd 3.
 
-Imports the standard library and structlog only; daemon.py is its only user.
+Imports the standard library, facts and daemonlog only; daemon.py is its only user.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-import structlog
-
+from . import daemonlog
 from .facts import SYSTEMD_ENVIRONMENT
 
 __all__ = [
@@ -108,7 +107,7 @@ class Notifier:
         self.address = address
         self._watchdog_usec = watchdog_usec
         self._watchdog_pid = watchdog_pid
-        self._log: Any = (log if log is not None else structlog.get_logger("supd")).bind(
+        self._log: Any = (log if log is not None else daemonlog.get_logger()).bind(
             component="notify"
         )
         self._sock: socket.socket | None = None

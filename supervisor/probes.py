@@ -26,7 +26,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .config import parse_host_port, parse_http_url
+from .settings import parse_host_port, parse_http_url
 
 # How much of an HTTP answer is read to find the status line.
 MAX_STATUS_LINE = 4096

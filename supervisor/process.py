@@ -14,7 +14,7 @@ Rules said once, here: `stopwaitsecs = 0` means no grace period: a stop is SIGKI
 once (the stop signal is not sent). A restart delay of 0 is still a timer: every retry
 goes back through the daemon's loop, so a crash loop cannot starve anything else.
 
-This module imports nothing from supd but the config model, the state names (facts)
+This module imports nothing from supd but the runtime config (settings), the state names (facts)
 and the signal names; it reads no clock (`now` comes with every event).
 """
 
@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import deaths
-from .config import ProgramConfig
 from .deaths import NO_ENDING, Cause, Death, DeathRing, Ending, RestartWindow
 from .facts import State as State  # re-exported: the state machine's states
+from .settings import Health, Program
 from .signals import name as signal_name
 
 # A process is "down" in these: none runs, and none will without a command.
@@ -211,7 +211,7 @@ Effect = (
 )
 
 
-def backoff_delay(failures: int, config: ProgramConfig) -> float:
+def backoff_delay(failures: int, config: Program) -> float:
     """Delay before the restart that follows the n-th consecutive failure (n >= 1):
     min(backoff_max, backoff_initial * backoff_factor ** (n - 1)), computed without
     ever forming a power that could overflow (a program crash-looping for days)."""
@@ -227,12 +227,12 @@ def backoff_delay(failures: int, config: ProgramConfig) -> float:
     return float(min(ceiling, initial * factor**steps))
 
 
-def gives_up(start_failures: int, config: ProgramConfig) -> bool:
+def gives_up(start_failures: int, config: Program) -> bool:
     """The first attempt plus `startretries` retries have all failed."""
     return start_failures > config.startretries
 
 
-def is_expected_exit(event: Exited, config: ProgramConfig) -> bool:
+def is_expected_exit(event: Exited, config: Program) -> bool:
     """An exit that `autorestart = "on-failure"` leaves alone.
 
     A signal death while RUNNING is never expected: the daemon only signals to stop, and
@@ -246,7 +246,7 @@ class Process:
     """The supervised life of one process slot (`name`), across its restarts."""
 
     name: str
-    config: ProgramConfig
+    config: Program
     state: State = State.STOPPED
     want: Want = Want.DOWN
     pid: int | None = None
@@ -284,6 +284,7 @@ class Process:
     main_pid: int | None = None  # MAINPID= the process sent
     notify_state: str | None = None  # "reloading" / "stopping" (RELOADING=1, STOPPING=1)
     ready_deadline: float | None = None  # when READY_TIMEOUT fires (EXTEND_TIMEOUT_USEC)
+    notified_ready: bool = False  # READY=1 came during this run (whatever `ready` says)
     waiting_for: str | None = None  # set by the fleet: "waiting for db (ready)"
 
     # -- the transition table ---------------------------------------------------------
@@ -688,7 +689,7 @@ class Process:
         if self.state is State.STARTING:
             self.ready = self.startsecs_passed = False
             self.ready_error = self.abandoned = None
-            self.abandoned_start = False
+            self.abandoned_start = self.notified_ready = False
             self.notify_status = self.notify_state = None
             self.main_pid = None
         if self.state is State.RUNNING:
@@ -789,6 +790,8 @@ class Process:
             self.notify_state = "reloading" if event.reloading else "stopping"
         elif event.ready:
             self.notify_state = None
+        if event.ready:
+            self.notified_ready = True  # kept: a reload may make READY=1 its readiness
         # EXTEND_TIMEOUT_USEC, systemd's rule: the timeout becomes at least that from now.
         extend = event.extend_timeout_s
         starting = self.state is State.STARTING and self.config.ready is not None
@@ -802,6 +805,82 @@ class Process:
         if event.ready and self.state is State.STARTING and ready and ready.kind == "notify":
             effects += self._ready_result(True, "READY=1", now)
         return effects
+
+    # -- a reload's new config, applied in place (reloadplan.py, docs/reload.md) -------
+    #
+    # Most keys are read when next needed and need nothing here. Readiness and health
+    # belong to the run under way, so they follow the new config at once:
+    # - `ready` while STARTING (the spawn reported): the wait starts over on the new
+    #   probe, from the reload: the old probe's timers and a probe in flight are
+    #   cancelled, an active probe runs at once, the ready timeout still counts from the
+    #   spawn (or a later EXTEND_TIMEOUT_USEC), a READY=1 that came already counts for a
+    #   notify probe. With `ready` removed, the process is RUNNING as soon as startsecs
+    #   have passed. In any other state, the new `ready` is for the next start.
+    # - `health` while RUNNING: added, the first check is one interval after the reload;
+    #   removed, the checks stop and the health state is cleared; changed, a check in
+    #   flight is abandoned and the next is one (new) interval after the reload. The
+    #   failures counted so far stay when the same thing is checked (kind and target),
+    #   and are cleared, with the verdict, when another thing is. `start_grace` counts
+    #   from the start of the run, as always. In any other state, the new `health` is
+    #   for the next RUNNING.
+
+    def reconfigure(self, config: Program, now: float) -> list[Effect]:
+        """A reload changed this process's program without restarting it."""
+        old, self.config = self.config, config
+        before = self.state
+        effects: list[Effect] = []
+        if before is State.STARTING and self.pid is not None and old.ready != config.ready:
+            effects += self._ready_reconfigured(old, now)
+        if before is State.RUNNING and old.health != config.health:
+            effects += self._health_reconfigured(old)
+        if self.state is not before:
+            effects += self._probes_follow(before)
+        return effects
+
+    def _ready_reconfigured(self, old: Program, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        extended = None  # an EXTEND_TIMEOUT_USEC beyond the old ready timeout holds
+        if old.ready is not None:
+            effects += [CancelTimer(Timer.READY_TIMEOUT), CancelTimer(Timer.PROBE)]
+            effects += [CancelTimer(Timer.PROBE_TIMEOUT), CancelProbe()]
+            spawned = self.started_at if self.started_at is not None else now
+            deadline = self.ready_deadline
+            if deadline is not None and deadline > spawned + old.ready.ready_timeout:
+                extended = deadline
+        self.ready = False
+        self.ready_error = None
+        ready = self.config.ready
+        if ready is None:
+            self.ready_deadline = None
+            if self.startsecs_passed:
+                effects += self._running(now, "ready check removed by a reload")
+            return effects
+        spawned = self.started_at if self.started_at is not None else now
+        self.ready_deadline = max(spawned + ready.ready_timeout, extended or 0.0)
+        effects.append(ArmTimer(Timer.READY_TIMEOUT, max(0.0, self.ready_deadline - now)))
+        if ready.kind in ACTIVE_READY_PROBES:
+            effects.append(ArmTimer(Timer.PROBE, 0.0))  # at once, via the loop
+        elif ready.kind == "notify" and self.notified_ready:
+            effects += self._ready_result(True, "READY=1", now)
+        return effects
+
+    def _health_reconfigured(self, old: Program) -> list[Effect]:
+        effects: list[Effect] = []
+        if old.health is not None:
+            effects += [CancelTimer(Timer.PROBE), CancelTimer(Timer.PROBE_TIMEOUT), CancelProbe()]
+        health = self.config.health
+        if health is None or old.health is None or _checked(old.health) != _checked(health):
+            self.healthy = None  # nothing known yet about what is checked now
+            self.health_failures = 0
+            self.health_error = None
+        if health is not None:
+            effects.append(ArmTimer(Timer.PROBE, health.interval))
+        return effects
+
+
+def _checked(health: Health) -> tuple[object, ...]:
+    """What a health check looks at (its kind and target), apart from its timing."""
+    return (health.tcp, health.http, health.exec, health.log_silence)
 
 
 def describe_exit(event: Exited) -> str:

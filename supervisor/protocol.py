@@ -1,46 +1,47 @@
 """The control protocol: JSON-RPC 2.0, one JSON object per line.
 
-This module is the wire format only: pydantic models for every method's params and
-result, and the helpers that turn bytes into a
-`Request` and answers into bytes. It does no I/O, and it must not import `selector`,
-`linux`, `daemon` or ctypes: the daemon's control server (`control.py`) and the tests
-use it, and it stays cheap enough to import anywhere. (`ctl.py` avoids even pydantic; the
-error codes and state names it shares with this module live in `facts.py`.)
+This module is the wire format only, as the daemon uses it: every method's params as a
+plain slotted dataclass, a hand-written validator that turns bytes into a `Request` (or
+the JSON-RPC error the line earns), and the helpers that turn answers into bytes. It
+does no I/O and imports the standard library only: not pydantic (about 16 MiB of a
+long-running daemon's memory, issue 19), not `selector`, `linux`, `daemon` or ctypes.
+`ctl.py` speaks the same protocol without importing this module; the error codes and
+state names it shares with this one live in `facts.py`.
+
+The schema for people and tests is `protocol_models.py`: pydantic models of every
+method's params and result. Its reference parser and this module's must agree on every
+line (same params accepted, same error code, same messages); tests/test_protocol.py
+checks that with a table and with hypothesis. docs/protocol.md is the reference for
+people; keep all three in step.
 
 Framing: every message is one UTF-8 JSON object followed by b"\\n". JSON never needs a
-raw newline inside a value, so a line is a message. docs/protocol.md is the reference
-for people; keep it in step with this file.
+raw newline inside a value, so a line is a message.
 
 Decisions beyond the JSON-RPC 2.0 spec:
 
 - Params are always an object (by-name); an array is "invalid params". Unknown fields
-  are rejected, and types are strict (no "5" for 5, no 1 for true).
+  are rejected, and types are strict (no "5" for 5, no 1 for true, no 1.0 for 1).
 - Batch requests (a JSON array) are not supported: answered with "invalid request".
 - A request without an "id" member is a notification: it is executed, and nothing is
   ever written back for it, not even an error (the spec's rule). `shutdown` sent as a
   notification is a fire-and-forget stop. Lines whose kind can't be told (unparsable
   JSON, not an object) are answered with id null, as the spec says.
 - The server sends notifications of its own: `output` while a `tail` follows.
+
+Error messages name the field the way pydantic's would ("names.1: Input should be a
+valid string"), so that the schema models and this validator read alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
+import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal
-
-import pydantic_core
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictInt,
-    StrictStr,
-    TypeAdapter,
-    ValidationError,
-    model_validator,
-)
+from typing import Any, Final, Literal, cast
 
 from . import signals
 from .facts import ErrorCode as ErrorCode  # re-exported: the codes on the wire
@@ -53,166 +54,149 @@ JSONRPC_VERSION: Final = "2.0"
 MAX_TAIL_BYTES: Final = 1 << 20
 #: A tail without `bytes` or `lines` (supervisorctl's default).
 DEFAULT_TAIL_BYTES: Final = 1600
+#: The longest `since` a tail may ask for: ten years.
+MAX_TAIL_SINCE: Final = 10 * 365 * 86400
+#: The most lines `maintail` may ask for.
+MAX_MAINTAIL_LINES: Final = 100_000
+#: The deaths kept per process, and so the largest `limit` of `deaths`.
+MAX_DEATHS: Final = 20
 
 RequestId = int | str
-
 
 # The codes and state names are shared with supctl (facts.py); re-exported here.
 ProcessState = State
 
-
 Stream = Literal["stdout", "stderr"]
+STREAMS: Final[tuple[str, ...]] = ("stdout", "stderr")
+Condition = Literal["started", "ready", "healthy", "completed"]
+CONDITIONS: Final[tuple[str, ...]] = ("started", "ready", "healthy", "completed")
 
 
 # --------------------------------------------------------------------------- params
 #
-# Params arrive from clients: strict types, no unknown fields, frozen.
+# What a valid request carries, by method; `match request.params:` tells the method.
+# Frozen and slotted: one is made per request.
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-def _non_empty_names(names: list[str]) -> list[str]:
-    if not names:
-        raise ValueError("at least one name is required")
-    if any(not name for name in names):
-        raise ValueError("names must not be empty strings")
-    return names
-
-
-Names = Annotated[list[StrictStr], AfterValidator(_non_empty_names)]
-
-
-def _canonical_signal(value: str | int) -> str:
-    return signals.name(signals.parse(value))
-
-
-class StatusParams(_Params):
-    names: Names | None = None
+@dataclass(frozen=True, slots=True)
+class StatusParams:
+    names: list[str] | None = None
     # With cgroups: each process's CPU, memory and OOM kills (a file read per process,
     # so asked for, not sent by default: status of 1,000 must stay a few ms).
     accounting: bool = False
 
 
-class StartParams(_Params):
-    names: Names
+@dataclass(frozen=True, slots=True)
+class StartParams:
+    names: list[str]
     wait: bool = True
 
 
-class StopParams(_Params):
-    names: Names
+@dataclass(frozen=True, slots=True)
+class StopParams:
+    names: list[str]
     wait: bool = True
 
 
-class RestartParams(_Params):
-    names: Names
+@dataclass(frozen=True, slots=True)
+class RestartParams:
+    names: list[str]
     wait: bool = True
 
 
-class SignalParams(_Params):
+@dataclass(frozen=True, slots=True)
+class SignalParams:
     # Normalised to the canonical name ("SIGHUP") whatever form the client sent.
-    signal: Annotated[StrictStr | StrictInt, AfterValidator(_canonical_signal)]
-    names: Names
+    signal: str
+    names: list[str]
 
     @property
     def signum(self) -> int:
         return signals.parse(self.signal)
 
 
-class ReloadParams(_Params):
+@dataclass(frozen=True, slots=True)
+class ReloadParams:
     dry_run: bool = False  # only say what the reload would do
 
 
-class TailParams(_Params):
-    """`bytes`, `lines` or `since` (one of them; none means DEFAULT_TAIL_BYTES bytes).
-    Either way the answer holds at most MAX_TAIL_BYTES bytes per process.
+@dataclass(frozen=True, slots=True)
+class TailParams:
+    """`bytes`, `lines` or `since` (one of them; none means DEFAULT_TAIL_BYTES bytes),
+    and `name` or `names` (protocol_models.TailParams says what each means)."""
 
-    `name` is one process; `names` (instead) any number of processes, programs, globs
-    or "all": the answer then has one part per process in `processes`, and `follow`
-    sends the `output` notifications of all of them, each naming its process.
-    `since`: the output of the last `since` seconds (timestamps where present, the log
-    files' modification times otherwise)."""
-
-    name: StrictStr | None = None
-    names: Names | None = None
+    name: str | None = None
+    names: list[str] | None = None
     stream: Stream = "stdout"
-    bytes: int | None = Field(default=None, ge=0, le=MAX_TAIL_BYTES)
-    lines: int | None = Field(default=None, ge=0, le=MAX_TAIL_BYTES)
-    since: float | None = Field(default=None, ge=0, le=10 * 365 * 86400, allow_inf_nan=False)
+    bytes: int | None = None
+    lines: int | None = None
+    since: float | None = None
     follow: bool = False
 
-    @model_validator(mode="after")
-    def _bytes_or_lines(self) -> TailParams:
-        if self.bytes is not None and self.lines is not None:
-            raise ValueError("give bytes or lines, not both")
-        if self.since is not None and (self.bytes is not None or self.lines is not None):
-            raise ValueError("give since without bytes or lines")
-        if (self.name is None) == (self.names is None):
-            raise ValueError("give name or names, one of them")
-        return self
 
-
-class WaitParams(_Params):
+@dataclass(frozen=True, slots=True)
+class WaitParams:
     """Answer once every named process meets `condition` (issue 14)."""
 
-    names: Names
-    condition: Literal["started", "ready", "healthy", "completed"] = "ready"
+    names: list[str]
+    condition: Condition = "ready"
 
 
-class LogsParams(_Params):
-    """`logs`: each process's log destination and files; `rotate` first cuts them."""
-
-    names: Names | None = None
+@dataclass(frozen=True, slots=True)
+class LogsParams:
+    names: list[str] | None = None
     rotate: bool = False
 
 
-class MaintailParams(_Params):
-    """`maintail`: supd's own recent log lines (from memory); `follow` sends each new
-    one as a `daemon_log` notification."""
-
-    lines: int | None = Field(default=None, ge=0, le=100_000)
+@dataclass(frozen=True, slots=True)
+class MaintailParams:
+    lines: int | None = None
     follow: bool = False
 
 
-class PidParams(_Params):
-    name: StrictStr | None = None
+@dataclass(frozen=True, slots=True)
+class PidParams:
+    name: str | None = None
 
 
-class VersionParams(_Params):
+@dataclass(frozen=True, slots=True)
+class VersionParams:
     pass
 
 
-class ReexecParams(_Params):
+@dataclass(frozen=True, slots=True)
+class ReexecParams:
     pass
 
 
-class ShutdownParams(_Params):
+@dataclass(frozen=True, slots=True)
+class ShutdownParams:
     pass
 
 
-class DeathsParams(_Params):
-    """A process's recent deaths, newest first (at most `limit`; 20 are kept)."""
-
-    name: StrictStr
-    limit: int = Field(default=20, ge=1, le=20)
-
-
-class ClearParams(_Params):
-    """Forget the processes' deaths and failure counters."""
-
-    names: Names
+@dataclass(frozen=True, slots=True)
+class DeathsParams:
+    name: str
+    limit: int = MAX_DEATHS
 
 
-class MetricsParams(_Params):
+@dataclass(frozen=True, slots=True)
+class ClearParams:
+    names: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsParams:
     pass
 
 
-class UsageParams(_Params):
-    names: Names | None = None
+@dataclass(frozen=True, slots=True)
+class UsageParams:
+    names: list[str] | None = None
 
 
-class AvailParams(_Params):
+@dataclass(frozen=True, slots=True)
+class AvailParams:
     pass
 
 
@@ -261,408 +245,6 @@ Method = Literal[
 ]
 
 
-# --------------------------------------------------------------------------- results
-#
-# Results are built by the daemon, so they validate in the ordinary (lax) mode:
-# `ProcessInfo(state="RUNNING", ...)` is fine. Unknown fields are still typos.
-
-
-class _Result(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Survivor(_Result):
-    """A process left in a cgroup after cgroup.kill: uninterruptible (D), usually."""
-
-    pid: int
-    state: str  # /proc/PID/stat's state letter: "D"
-    wchan: str  # where in the kernel it waits ("0" when unknown)
-    command: str
-
-
-class ProcessInfo(_Result):
-    """One row of `status`."""
-
-    name: str  # "web:1"
-    program: str  # "web"
-    state: ProcessState
-    pid: int | None = None
-    uptime: float | None = None  # seconds in the current run
-    exit_code: int | None = None
-    exit_signal: str | None = None  # "SIGKILL"
-    restarts: int = 0  # automatic restarts only
-    spawn_error: str | None = None
-    description: str = ""  # "pid 4242, uptime 0:03:10"
-    # Readiness, health and dependencies (issue 14).
-    healthy: bool | None = None  # None: no health check, or none answered yet
-    health_error: str | None = None  # the last failed health check
-    waiting_for: str | None = None  # "waiting for db (ready)"
-    notify_status: str | None = None  # the last STATUS= the program sent
-    # The crash-loop schedule: seconds to the pending restart (BACKOFF) or revival
-    # (FATAL with revive_after), the failure count, why it is in its state.
-    next_start_in: float | None = None
-    consecutive_failures: int = 0
-    revive_in: float | None = None
-    reason: str | None = None
-    # With cgroups (else absent): the whole cgroup's CPU time, memory and OOM kills
-    # (None where the memory controller is not enabled), and what survived SIGKILL.
-    cpu_seconds: float | None = None
-    memory_bytes: int | None = None
-    oom_kills: int | None = None
-    survivors: list[Survivor] | None = None
-
-
-class ActionResult(_Result):
-    """One process's outcome of `start`, `stop`, `restart` or `signal`."""
-
-    name: str
-    ok: bool
-    state: ProcessState | None = None  # None when the name matched nothing
-    error: str | None = None
-    # Why not ok: BAD_STATE (it did not reach its target: FATAL, a spawn error, it
-    # exited) or SUPERSEDED (a later conflicting command, a reload or shutdown took over).
-    code: int | None = None
-
-
-class KeyChangeResult(_Result):
-    key: str
-    old: str  # JSON text of the value
-    new: str
-
-
-class PlanStepResult(_Result):
-    """One process's step: start, add, stop, restart, update in place, unchanged."""
-
-    name: str
-    program: str
-    step: str
-    changes: list[KeyChangeResult] = []
-
-
-class ReloadResult(_Result):
-    added: list[str] = []  # programs
-    changed: list[str] = []
-    removed: list[str] = []
-    plan: list[PlanStepResult] = []  # one per process
-    supervisor: list[KeyChangeResult] = []  # [supervisor] keys applied
-    not_applied: list[str] = []  # "KEY: why", what needs `supctl reexec`
-    dry_run: bool = False
-
-
-class TailPart(_Result):
-    name: str
-    stream: Stream
-    data: str
-
-
-class TailResult(_Result):
-    name: str
-    stream: Stream
-    data: str  # UTF-8 decoded with errors="replace"
-
-
-class TailManyResult(TailResult):
-    """The answer to a tail with `names`: `name` is the first name asked, `data` is ""."""
-
-    processes: list[TailPart]  # one part per process
-
-
-class LogFile(_Result):
-    path: str
-    size: int
-
-
-class LogEntry(_Result):
-    name: str
-    stream: Stream
-    destination: str  # a file path, /dev/stdout, /dev/stderr, journal, or none
-    files: list[LogFile] = []  # the current file and its backups, newest first
-    dropped_bytes: int = 0
-    rotated: bool | None = None  # with `rotate`: whether this log was cut
-
-
-class MaintailResult(_Result):
-    data: str  # lines, each ending in a newline
-
-
-class OutputParams(_Result):
-    """Params of the server's `output` notification while a tail follows."""
-
-    name: str
-    stream: Stream
-    data: str
-
-
-class ProcessPid(_Result):
-    name: str
-    pid: int | None  # None when the process is not running
-
-
-class PidResult(_Result):
-    """`pid`: supd's own, or the one process's the name matched (None when it is not
-    running, or when the name matched several processes); `processes`: every process
-    the name matched (empty for supd's own pid)."""
-
-    pid: int | None
-    processes: list[ProcessPid] = []
-
-
-class VersionResult(_Result):
-    version: str
-    pid: int
-    config: str | None = None  # path of the config file in use
-    generation: int = 1  # 1 + the re-execs this daemon has been through
-
-
-class ReexecResult(_Result):
-    """Sent just before the execve; the connection then closes."""
-
-    pid: int
-    generation: int  # the new daemon's: `version` answers it once it has adopted
-
-
-class ShutdownResult(_Result):
-    ok: bool = True
-
-
-class DeathInfo(_Result):
-    """One death of a process (`deaths`)."""
-
-    time: float | None  # Unix time of the death
-    uptime: float | None  # seconds the run lasted; None: it never ran (a spawn error)
-    pid: int | None
-    cause: Literal[
-        "exited",
-        "stopped",
-        "stop-timeout",
-        "killed",
-        "signalled",
-        "oom",
-        "spawn-error",
-        "not-ready",
-        "unhealthy",
-    ]
-    summary: str  # "exited 1, unexpected", "SIGKILL not sent by supd (possibly OOM)"
-    exit_code: int | None = None
-    exit_signal: str | None = None
-    core_dumped: bool = False
-    expected: bool | None = None  # exited: the code is in exitcodes
-    sender: str | None = None  # "supd", "operator", "kernel", "not supd"
-    stopped_by: str | None = None  # stopped: "operator", "reload" or "shutdown"
-    then: str = ""  # what supd did next: "restart 3 of 5 in 4.0 s", "FATAL: ..."
-    tail: str = ""  # the last 2 KiB of stderr (stdout with redirect_stderr)
-
-
-class DeathsResult(_Result):
-    """`deaths`: the process now, what supd will do next, and its recent deaths."""
-
-    name: str
-    state: ProcessState
-    description: str
-    next: str  # "restart in 4.0 s", "revive in 9:41", "nothing: stopped by operator at ..."
-    reason: str | None = None
-    consecutive_failures: int = 0
-    next_start_in: float | None = None
-    revive_in: float | None = None
-    blocking: list[str] = []  # what keeps a start from happening: "waiting for db (ready)"
-    deaths: list[DeathInfo] = []  # newest first
-
-
-class MetricsResult(_Result):
-    """`metrics`: the OpenMetrics exposition, as `GET /metrics` serves it."""
-
-    text: str
-    content_type: str
-
-
-class ProcessUsage(_Result):
-    """One row of `usage`: a process and its descendants, sampled from /proc."""
-
-    name: str
-    pid: int | None
-    cpu_seconds: float  # the current run's tree
-    cpu_percent: float | None  # since the previous sample, or the run's average
-    rss_bytes: int | None
-    processes: int  # in the tree
-
-
-class ProgramAvail(_Result):
-    """One row of `avail`: a program of the running config."""
-
-    program: str
-    group: str
-    autostart: bool
-    processes: list[str]
-    running: int  # processes RUNNING
-    active: bool  # any process not down (STOPPED, EXITED, FATAL)
-
-
-#: The Python type of each method's result; `RESULT_ADAPTERS[m].validate_json(...)`
-#: checks an answer (tests, and clients that want models).
-RESULT_TYPES: Final[dict[str, Any]] = {
-    "status": list[ProcessInfo],
-    "start": list[ActionResult],
-    "stop": list[ActionResult],
-    "restart": list[ActionResult],
-    "signal": list[ActionResult],
-    "reload": ReloadResult,
-    "tail": TailManyResult | TailResult,
-    "logs": list[LogEntry],
-    "maintail": MaintailResult,
-    "pid": PidResult,
-    "version": VersionResult,
-    "shutdown": ShutdownResult,
-    "wait": list[ActionResult],
-    "deaths": DeathsResult,
-    "clear": list[ActionResult],
-    "metrics": MetricsResult,
-    "usage": list[ProcessUsage],
-    "avail": list[ProgramAvail],
-    "reexec": ReexecResult,
-}
-RESULT_ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
-    method: TypeAdapter(result_type) for method, result_type in RESULT_TYPES.items()
-}
-
-
-# --------------------------------------------------------------------------- requests
-#
-# One envelope model per method, joined in a union discriminated by "method", so a
-# whole line is checked by a single `validate_json` call, and pydantic's error
-# locations tell which JSON-RPC error it was: a location under "params" is invalid
-# params, anything else an invalid request.
-
-
-class _Envelope(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-    jsonrpc: Literal["2.0"]
-    # Absent means notification; present-but-null is a (discouraged) request.
-    id: StrictInt | StrictStr | None = None
-
-
-class _Status(_Envelope):
-    method: Literal["status"]
-    params: StatusParams = StatusParams()
-
-
-class _Start(_Envelope):
-    method: Literal["start"]
-    params: StartParams
-
-
-class _Stop(_Envelope):
-    method: Literal["stop"]
-    params: StopParams
-
-
-class _Restart(_Envelope):
-    method: Literal["restart"]
-    params: RestartParams
-
-
-class _Signal(_Envelope):
-    method: Literal["signal"]
-    params: SignalParams
-
-
-class _Reload(_Envelope):
-    method: Literal["reload"]
-    params: ReloadParams = ReloadParams()
-
-
-class _Tail(_Envelope):
-    method: Literal["tail"]
-    params: TailParams
-
-
-class _Logs(_Envelope):
-    method: Literal["logs"]
-    params: LogsParams = LogsParams()
-
-
-class _Maintail(_Envelope):
-    method: Literal["maintail"]
-    params: MaintailParams = MaintailParams()
-
-
-class _Pid(_Envelope):
-    method: Literal["pid"]
-    params: PidParams = PidParams()
-
-
-class _Version(_Envelope):
-    method: Literal["version"]
-    params: VersionParams = VersionParams()
-
-
-class _Shutdown(_Envelope):
-    method: Literal["shutdown"]
-    params: ShutdownParams = ShutdownParams()
-
-
-class _Wait(_Envelope):
-    method: Literal["wait"]
-    params: WaitParams
-
-
-class _Deaths(_Envelope):
-    method: Literal["deaths"]
-    params: DeathsParams
-
-
-class _Clear(_Envelope):
-    method: Literal["clear"]
-    params: ClearParams
-
-
-class _Metrics(_Envelope):
-    method: Literal["metrics"]
-    params: MetricsParams = MetricsParams()
-
-
-class _Usage(_Envelope):
-    method: Literal["usage"]
-    params: UsageParams = UsageParams()
-
-
-class _Avail(_Envelope):
-    method: Literal["avail"]
-    params: AvailParams = AvailParams()
-
-
-class _Reexec(_Envelope):
-    method: Literal["reexec"]
-    params: ReexecParams = ReexecParams()
-
-
-_AnyEnvelope = Annotated[
-    _Status
-    | _Start
-    | _Stop
-    | _Restart
-    | _Signal
-    | _Reload
-    | _Tail
-    | _Logs
-    | _Maintail
-    | _Pid
-    | _Version
-    | _Shutdown
-    | _Reexec
-    | _Wait
-    | _Deaths
-    | _Clear
-    | _Metrics
-    | _Usage
-    | _Avail,
-    Field(discriminator="method"),
-]
-_ENVELOPE: Final[TypeAdapter[_AnyEnvelope]] = TypeAdapter(_AnyEnvelope)
-
-METHODS: Final[tuple[str, ...]] = tuple(RESULT_TYPES)
-
-
 @dataclass(frozen=True, slots=True)
 class Request:
     """A valid request. `match request.params:` tells the method by its params type."""
@@ -688,37 +270,260 @@ class ErrorResponse:
         return encode_error(self.id, self.code, self.message, self.data)
 
 
+# --------------------------------------------------------------------------- validation
+#
+# One checker per kind of field. A checker returns the value as the params keep it, or
+# appends its problems ("where: what", `where` relative to params) and returns _BAD.
+# The messages are pydantic's words for the same failure (see the module docstring).
+
+
+class _Bad(enum.Enum):
+    BAD = enum.auto()
+
+
+_BAD: Final = _Bad.BAD
+_REQUIRED: Final = object()  # a field's default: the field must be given
+
+Problems = list[str]
+Checker = Callable[[Any, str, Problems], Any]
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but `true` is not a number.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _strict_str(value: Any, where: str, problems: Problems) -> Any:
+    if isinstance(value, str):
+        return value
+    problems.append(f"{where}: Input should be a valid string")
+    return _BAD
+
+
+def _strict_bool(value: Any, where: str, problems: Problems) -> Any:
+    if isinstance(value, bool):
+        return value
+    problems.append(f"{where}: Input should be a valid boolean")
+    return _BAD
+
+
+def _names(value: Any, where: str, problems: Problems) -> Any:
+    if not isinstance(value, list):
+        problems.append(f"{where}: Input should be a valid array")
+        return _BAD
+    before = len(problems)
+    for index, item in enumerate(value):
+        _strict_str(item, f"{where}.{index}", problems)
+    if len(problems) > before:
+        return _BAD
+    if not value:
+        problems.append(f"{where}: at least one name is required")
+        return _BAD
+    if any(not name for name in value):
+        problems.append(f"{where}: names must not be empty strings")
+        return _BAD
+    return value
+
+
+def _bounded(value: Any, where: str, problems: Problems, low: int, high: int) -> Any:
+    if value < low:
+        problems.append(f"{where}: Input should be greater than or equal to {low}")
+        return _BAD
+    if value > high:
+        problems.append(f"{where}: Input should be less than or equal to {high}")
+        return _BAD
+    return value
+
+
+def _int(low: int, high: int) -> Checker:
+    def check(value: Any, where: str, problems: Problems) -> Any:
+        if not _is_int(value):
+            problems.append(f"{where}: Input should be a valid integer")
+            return _BAD
+        return _bounded(value, where, problems, low, high)
+
+    return check
+
+
+def _finite_float(low: int, high: int) -> Checker:
+    def check(value: Any, where: str, problems: Problems) -> Any:
+        if not (_is_int(value) or isinstance(value, float)):
+            problems.append(f"{where}: Input should be a valid number")
+            return _BAD
+        if not math.isfinite(value):
+            problems.append(f"{where}: Input should be a finite number")
+            return _BAD
+        return _bounded(float(value), where, problems, low, high)
+
+    return check
+
+
+def _literal(choices: tuple[str, ...]) -> Checker:
+    quoted = [repr(choice) for choice in choices]
+    expected = ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+    def check(value: Any, where: str, problems: Problems) -> Any:
+        if isinstance(value, str) and value in choices:
+            return value
+        problems.append(f"{where}: Input should be {expected}")
+        return _BAD
+
+    return check
+
+
+def _signal(value: Any, where: str, problems: Problems) -> Any:
+    if not (isinstance(value, str) or _is_int(value)):
+        problems.append(f"{where}.str: Input should be a valid string")
+        problems.append(f"{where}.int: Input should be a valid integer")
+        return _BAD
+    try:
+        return signals.name(signals.parse(value))
+    except ValueError as exc:
+        problems.append(f"{where}: {exc}")
+        return _BAD
+
+
+def _optional(check: Checker) -> Checker:
+    def optional(value: Any, where: str, problems: Problems) -> Any:
+        return None if value is None else check(value, where, problems)
+
+    return optional
+
+
+def _tail_rules(values: dict[str, Any]) -> str | None:
+    """TailParams' rules across fields (checked once every field is valid)."""
+    if values["bytes"] is not None and values["lines"] is not None:
+        return "give bytes or lines, not both"
+    if values["since"] is not None and (values["bytes"] is not None or values["lines"] is not None):
+        return "give since without bytes or lines"
+    if (values["name"] is None) == (values["names"] is None):
+        return "give name or names, one of them"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A method's params: its dataclass, each field's checker and default, whether
+    `params` may be left out, and the rule across fields, if any."""
+
+    params: type[Any]
+    fields: tuple[tuple[str, Checker, Any], ...]
+    optional: bool = True
+    rule: Callable[[dict[str, Any]], str | None] | None = None
+
+
+_NAMES: Final = ("names", _names, _REQUIRED)
+_SOME_NAMES: Final = ("names", _optional(_names), None)
+_WAIT: Final = ("wait", _strict_bool, True)
+
+SHAPES: Final[dict[str, _Shape]] = {
+    "status": _Shape(StatusParams, (_SOME_NAMES, ("accounting", _strict_bool, False))),
+    "start": _Shape(StartParams, (_NAMES, _WAIT), optional=False),
+    "stop": _Shape(StopParams, (_NAMES, _WAIT), optional=False),
+    "restart": _Shape(RestartParams, (_NAMES, _WAIT), optional=False),
+    "signal": _Shape(SignalParams, (("signal", _signal, _REQUIRED), _NAMES), optional=False),
+    "reload": _Shape(ReloadParams, (("dry_run", _strict_bool, False),)),
+    "tail": _Shape(
+        TailParams,
+        (
+            ("name", _optional(_strict_str), None),
+            _SOME_NAMES,
+            ("stream", _literal(STREAMS), "stdout"),
+            ("bytes", _optional(_int(0, MAX_TAIL_BYTES)), None),
+            ("lines", _optional(_int(0, MAX_TAIL_BYTES)), None),
+            ("since", _optional(_finite_float(0, MAX_TAIL_SINCE)), None),
+            ("follow", _strict_bool, False),
+        ),
+        optional=False,
+        rule=_tail_rules,
+    ),
+    "logs": _Shape(LogsParams, (_SOME_NAMES, ("rotate", _strict_bool, False))),
+    "maintail": _Shape(
+        MaintailParams,
+        (("lines", _optional(_int(0, MAX_MAINTAIL_LINES)), None), ("follow", _strict_bool, False)),
+    ),
+    "pid": _Shape(PidParams, (("name", _optional(_strict_str), None),)),
+    "version": _Shape(VersionParams, ()),
+    "shutdown": _Shape(ShutdownParams, ()),
+    "wait": _Shape(
+        WaitParams, (_NAMES, ("condition", _literal(CONDITIONS), "ready")), optional=False
+    ),
+    "deaths": _Shape(
+        DeathsParams,
+        (("name", _strict_str, _REQUIRED), ("limit", _int(1, MAX_DEATHS), MAX_DEATHS)),
+        optional=False,
+    ),
+    "clear": _Shape(ClearParams, (_NAMES,), optional=False),
+    "metrics": _Shape(MetricsParams, ()),
+    "usage": _Shape(UsageParams, (_SOME_NAMES,)),
+    "avail": _Shape(AvailParams, ()),
+    "reexec": _Shape(ReexecParams, ()),
+}
+
+#: Every method, in the order the "method not found" error lists them.
+METHODS: Final[tuple[str, ...]] = (
+    "status",
+    "start",
+    "stop",
+    "restart",
+    "signal",
+    "reload",
+    "tail",
+    "logs",
+    "maintail",
+    "pid",
+    "version",
+    "shutdown",
+    "wait",
+    "deaths",
+    "clear",
+    "metrics",
+    "usage",
+    "avail",
+    "reexec",
+)
+
+_ENVELOPE: Final = frozenset({"jsonrpc", "id", "method", "params"})
+
+
+def _check_params(shape: _Shape, raw: Any, problems: Problems) -> Any:
+    """The params object for `raw`, or _BAD with the problems (under "params")."""
+    if not isinstance(raw, dict):
+        problems.append("params: Input should be an object")
+        return _BAD
+    before = len(problems)
+    values: dict[str, Any] = {}
+    for name, check, default in shape.fields:
+        if name in raw:
+            values[name] = check(raw[name], f"params.{name}", problems)
+        elif default is _REQUIRED:
+            problems.append(f"params.{name}: Field required")
+        else:
+            values[name] = default
+    known = {name for name, _, _ in shape.fields}
+    problems.extend(
+        f"params.{key}: Extra inputs are not permitted" for key in raw if key not in known
+    )
+    if len(problems) > before:
+        return _BAD
+    if shape.rule is not None and (broken := shape.rule(values)) is not None:
+        problems.append(f"params: {broken}")
+        return _BAD
+    return shape.params(**values)
+
+
 def parse_request(line: bytes) -> Request | ErrorResponse:
     """Validate one line (with or without its b"\\n"). Never raises."""
     try:
-        envelope = _ENVELOPE.validate_json(line)
-    except ValidationError as exc:
-        return _classify_safely(line, exc)
-    except Exception as exc:  # a pydantic bug must not reach the daemon's loop
+        return _parse(line)
+    except Exception as exc:  # a bug here must not reach the daemon's loop
         return ErrorResponse(None, ErrorCode.INTERNAL_ERROR, f"internal error: {exc}")
-    return Request(
-        id=envelope.id,
-        method=envelope.method,
-        params=envelope.params,
-        notification="id" not in envelope.model_fields_set,
-    )
 
 
-def _classify_safely(line: bytes, exc: ValidationError) -> ErrorResponse:
-    try:
-        return _classify(line, exc)
-    except (ValueError, RecursionError):
-        # Our second look with json.loads can disagree with pydantic's parser on
-        # exotic input (nesting depth, say); such a line is no request either way.
-        return ErrorResponse(None, ErrorCode.INVALID_REQUEST, "invalid request")
-
-
-def _classify(line: bytes, exc: ValidationError) -> ErrorResponse:
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)
-    if errors[0]["type"] == "json_invalid":
-        return ErrorResponse(None, ErrorCode.PARSE_ERROR, f"parse error: {errors[0]['msg']}")
-    # The line is JSON: now the id (and whether it is a notification) can be recovered.
-    raw = json.loads(line)
+def _parse(line: bytes) -> Request | ErrorResponse:
+    raw = _load(line)
+    if isinstance(raw, ErrorResponse):
+        return raw
     if not isinstance(raw, dict):
         what = "batch requests are not supported" if isinstance(raw, list) else "not an object"
         return ErrorResponse(None, ErrorCode.INVALID_REQUEST, f"invalid request: {what}")
@@ -730,54 +535,100 @@ def _classify(line: bytes, exc: ValidationError) -> ErrorResponse:
         return ErrorResponse(
             request_id, ErrorCode.INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"'
         )
-    if errors[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        method = raw.get("method")
-        if isinstance(method, str):
-            return ErrorResponse(
-                request_id,
-                ErrorCode.METHOD_NOT_FOUND,
-                f"method not found: {method!r}",
-                data=list(METHODS),
-                notification=notification,
-            )
+    method = raw.get("method")
+    if not isinstance(method, str):
         problem = "must be a string" if "method" in raw else "is required"
         return ErrorResponse(
             request_id, ErrorCode.INVALID_REQUEST, f"invalid request: 'method' {problem}"
         )
-    problems = [_describe(error["loc"][1:], error["msg"]) for error in errors]
-    if all(error["loc"][1:2] == ("params",) for error in errors):
+    shape = SHAPES.get(method)
+    if shape is None:
+        return ErrorResponse(
+            request_id,
+            ErrorCode.METHOD_NOT_FOUND,
+            f"method not found: {method!r}",
+            data=list(METHODS),
+            notification=notification,
+        )
+    id_problems: Problems = []
+    if "id" in raw and raw["id"] is not None and request_id is None:
+        id_problems.append("id.int: Input should be a valid integer")
+        id_problems.append("id.str: Input should be a valid string")
+    params_problems: Problems = []
+    params: Any = None
+    if "params" in raw:
+        params = _check_params(shape, raw["params"], params_problems)
+    elif shape.optional:
+        params = shape.params()
+    else:
+        params_problems.append("params: Field required")
+    extra = [f"{key}: Extra inputs are not permitted" for key in raw if key not in _ENVELOPE]
+    if not (id_problems or params_problems or extra):
+        return Request(request_id, cast(Method, method), params, notification)
+    if not (id_problems or extra):
+        detail = [problem.removeprefix("params.") for problem in params_problems]
         return ErrorResponse(
             request_id,
             ErrorCode.INVALID_PARAMS,
-            "invalid params: " + "; ".join(p.removeprefix("params.") for p in problems),
-            data=[p.removeprefix("params.") for p in problems],
+            "invalid params: " + "; ".join(detail),
+            data=detail,
             notification=notification,
         )
+    problems = id_problems + params_problems + extra
     return ErrorResponse(
         request_id, ErrorCode.INVALID_REQUEST, "invalid request: " + "; ".join(problems), problems
     )
 
 
+def _load(line: bytes) -> Any:
+    """The JSON value of a line, or the parse error it earns."""
+    try:
+        text = line.decode()
+    except UnicodeDecodeError as exc:
+        return ErrorResponse(None, ErrorCode.PARSE_ERROR, f"parse error: not UTF-8: {exc.reason}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        return ErrorResponse(None, ErrorCode.PARSE_ERROR, f"parse error: {exc.msg} at {where}")
+    except ValueError:  # json's only other complaint: an int of over 4,300 digits
+        return ErrorResponse(None, ErrorCode.PARSE_ERROR, "parse error: number out of range")
+    except RecursionError:
+        return ErrorResponse(None, ErrorCode.PARSE_ERROR, "parse error: nested too deeply")
+    # json reads "\ud800" as a lone surrogate, which no UTF-8 text can hold: refused,
+    # as the schema's parser does, so that no name or id carries one into the daemon.
+    if "\\u" in text and _has_lone_surrogate(value):
+        return ErrorResponse(None, ErrorCode.PARSE_ERROR, "parse error: lone surrogate in a string")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    return False
+
+
 def _usable_id(value: object) -> RequestId | None:
-    # bool is an int subclass, but `true` is not a valid id.
-    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
+    if isinstance(value, str) or _is_int(value):
+        return value  # type: ignore[return-value]
     return None
-
-
-def _describe(loc: tuple[int | str, ...], msg: str) -> str:
-    """("params", "names", 0), "Input should be..." → "params.names.0: Input should be..."."""
-    where = ".".join(str(part) for part in loc)
-    # A value error from our own validators reads "Value error, unknown signal 'X'".
-    msg = msg.removeprefix("Value error, ")
-    return f"{where}: {msg}" if where else msg
 
 
 # --------------------------------------------------------------------------- encoding
 
 
 def encode_result(request_id: RequestId | None, result: Any) -> bytes:
-    """A success response line. `result` may be a model, a list of models, a dict..."""
+    """A success response line. `result` is plain data: dicts, lists, str, numbers,
+    None, enums, dataclasses (and anything with pydantic's `model_dump`: the schema
+    models, which tests use)."""
     return _encode({"jsonrpc": JSONRPC_VERSION, "id": request_id, "result": result})
 
 
@@ -795,12 +646,37 @@ def encode_notification(method: str, params: Any) -> bytes:
 
 
 def _encode(message: dict[str, Any]) -> bytes:
-    # to_json serialises models, enums and containers of them. Compact JSON escapes
-    # control characters, so the only b"\n" is the terminator.
+    # Compact JSON escapes control characters, so the only b"\n" is the terminator.
+    # Text goes out as UTF-8, not as \u escapes (a tail of non-ASCII output stays its
+    # size), except where a string holds a lone surrogate (a client's odd id, say),
+    # which UTF-8 cannot carry: then json's escapes. Values that are not JSON at all
+    # raise TypeError, from here.
+    text = _UTF8.encode(message)
     try:
-        return pydantic_core.to_json(message) + b"\n"
-    except pydantic_core.PydanticSerializationError:
-        # Strings with lone surrogates (a client's odd id, say) can't be UTF-8; json
-        # escapes them. Values that are not JSON at all still raise, from here.
-        plain = pydantic_core.to_jsonable_python(message)
-        return json.dumps(plain, separators=(",", ":")).encode() + b"\n"
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        return _ASCII.encode(message).encode() + b"\n"
+
+
+def _plain(value: Any) -> Any:
+    """What json cannot write by itself, as plain data (json's `default` hook)."""
+    dump = getattr(value, "model_dump", None)
+    if dump is not None:
+        return dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, set | frozenset):
+        return list(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# Made once: json.dumps would build an encoder per answer. No circularity check (our
+# answers are trees; a cycle would still raise, as RecursionError).
+_UTF8: Final = json.JSONEncoder(
+    ensure_ascii=False, check_circular=False, separators=(",", ":"), default=_plain
+)
+_ASCII: Final = json.JSONEncoder(check_circular=False, separators=(",", ":"), default=_plain)

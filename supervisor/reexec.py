@@ -16,8 +16,9 @@ supd inherits (its number in $SUPD_REEXEC_STATE):
   does not know is ignored (a missing one keeps its default);
 - each child's pipe fds (stdout, stderr, the fork path's exec report);
 - the control socket's listening fd (and the inode supd bound, so it can still unlink
-  or move it), the instance lock's fd, systemd's variables for supd (NOTIFY_SOCKET,
-  WATCHDOG_*: they were taken out of the environment at start), and a generation count.
+  or move it), the instance lock's fd, the programs' sd_notify socket's fd, systemd's
+  variables for supd (NOTIFY_SOCKET, WATCHDOG_*: they were taken out of the environment
+  at start), and a generation count.
 
 Exactly those fds are made inheritable; everything else supd holds is close-on-exec and
 goes away with the old image (the epoll fd, signalfd, timerfds, log files, client
@@ -42,14 +43,14 @@ import types
 import typing
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from dataclasses import field as default
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from .config import Config, ProgramConfig, SupervisorConfig
 from .deaths import Death, DeathRing, RestartWindow
 from .process import Process, Timer
+from .settings import Program, Settings, Supervisor, build, dump
 
 STATE_VERSION = 1
 ENV_STATE_FD = "SUPD_REEXEC_STATE"
@@ -61,44 +62,48 @@ PROBE_TIMEOUT_S = 10.0
 _TIME_SUFFIXES = ("_at", "_until")
 
 
-class _Tolerant(BaseModel):
-    """Unknown fields (from a newer or older supd) are ignored; missing ones default."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
-class ProcessState(_Tolerant):
+@dataclass
+class ProcessState:
     name: str
     program: str
     # Its program's config: an index into DaemonState.programs + process_programs.
     config: int = -1
     child_pid: int | None = None  # the live (or exited, not yet reaped) child
-    fields: dict[str, Any] = {}  # the Process dataclass's own fields (times relative)
-    timers: dict[str, float] = {}  # timer kind -> seconds left
+    fields: dict[str, Any] = default(default_factory=dict)  # the Process's own (times relative)
+    timers: dict[str, float] = default(default_factory=dict)  # timer kind -> seconds left
     stdout_fd: int | None = None
     stderr_fd: int | None = None
     exec_error_fd: int | None = None
     via_setpriv: bool = False
+    # An exec probe in flight: its answer would go to the old image, so the new one
+    # kills and reaps it (and probes again at once: fleet.Adopt).
+    probe_pid: int | None = None
 
 
-class DaemonState(_Tolerant):
+@dataclass
+class DaemonState:
+    """Unknown fields (from a newer or older supd) are ignored; missing ones default."""
+
     version: int
-    generation: int = 1  # how many re-execs this daemon has been through
     config_path: str
     supervisor: dict[str, Any]
     programs: list[dict[str, Any]]  # the config in force
+    generation: int = 1  # how many re-execs this daemon has been through
     # Programs processes run with that are not in the config any more (a removed
     # program still stopping); indexed after `programs`.
-    process_programs: list[dict[str, Any]] = []
-    sources: dict[str, str] = {}
-    processes: list[ProcessState] = []
-    retiring: list[str] = []
-    swaps: dict[str, dict[str, Any]] = {}  # process -> the program it restarts into
+    process_programs: list[dict[str, Any]] = default(default_factory=list)
+    sources: dict[str, str] = default(default_factory=dict)
+    processes: list[ProcessState] = default(default_factory=list)
+    retiring: list[str] = default(default_factory=list)
+    swaps: dict[str, dict[str, Any]] = default(default_factory=dict)  # process -> its next program
     listen_fd: int | None = None
     socket_inode: tuple[int, int] | None = None
     lock_fd: int | None = None
     lock_path: str | None = None
-    systemd: dict[str, str] = {}
+    # The programs' sd_notify socket (childnotify.py): the children hold its address,
+    # and what they sent during the exec waits in it.
+    child_notify_fd: int | None = None
+    systemd: dict[str, str] = default(default_factory=dict)
     subreaper: bool = False
     fd_limit: tuple[int, int] | None = None  # what supd started with (children get it)
     # The daemon's monotonic clock when the times above were taken. CLOCK_MONOTONIC is
@@ -226,7 +231,7 @@ def process_fields(process: Process, now: float) -> dict[str, Any]:
 
 
 def restore_process(
-    name: str, config: ProgramConfig, saved: dict[str, Any], base: float, **init: Any
+    name: str, config: Program, saved: dict[str, Any], base: float, **init: Any
 ) -> Process:
     """A Process with the saved fields this version knows (others keep their defaults;
     a value that no longer fits its field is dropped, not guessed). `init`: what the
@@ -253,60 +258,30 @@ def restore_process(
 # -- the whole state ---------------------------------------------------------------------
 
 
-def program_data(program: ProgramConfig) -> dict[str, Any]:
-    """A program as data: only what differs from the defaults (some options' validators
-    refuse their own default written out, such as `memory_max = null`)."""
-    data: dict[str, Any] = program.model_dump(mode="json", exclude_defaults=True)
-    return data
+def program_data(program: Program) -> dict[str, Any]:
+    """A program as data: only what differs from the defaults."""
+    return dump(program)
 
 
-def program_from(data: dict[str, Any]) -> ProgramConfig:
-    """A program as saved; keys this version does not know are dropped, and so are
-    nulls a validator refuses."""
-    try:
-        return ProgramConfig.model_validate(data)
-    except ValidationError:
-        fields = ProgramConfig.model_fields
-        known = {k: v for k, v in data.items() if k in fields and v is not None}
-        return ProgramConfig.model_validate(known)
+def program_from(data: dict[str, Any]) -> Program:
+    """A program as saved; keys this version does not know are dropped."""
+    return build(Program, data)
 
 
-def rebuild(state: DaemonState, current: Config | None) -> tuple[Config, list[ProgramConfig]]:
-    """The config in force before the exec, and every process's program by index.
-
-    Validating a thousand programs costs a quarter of a second; the config file, which
-    the new supd loads anyway (to reload it), usually holds the very same programs. So a
-    saved program equal, as data, to the file's is that object; only the others are
-    validated."""
-    by_name: dict[str, tuple[ProgramConfig, dict[str, Any]]] = {}
-    if current is not None:
-        by_name = {p.name: (p, program_data(p)) for p in current.programs.values()}
-
-    def revive(data: dict[str, Any]) -> ProgramConfig:
-        known = by_name.get(str(data.get("name")))
-        if known is not None and known[1] == data:
-            return known[0]
-        return program_from(data)
-
-    programs = [revive(d) for d in state.programs]
-    extras = [revive(d) for d in state.process_programs]
-    dumped = current.supervisor.model_dump(mode="json", exclude_defaults=True) if current else None
-    if current is not None and dumped == state.supervisor:
-        supervisor = current.supervisor
-    else:
-        try:
-            supervisor = SupervisorConfig.model_validate(state.supervisor)
-        except ValidationError:
-            fields = SupervisorConfig.model_fields
-            known = {k: v for k, v in state.supervisor.items() if k in fields and v is not None}
-            supervisor = SupervisorConfig.model_validate(known)
+def rebuild(state: DaemonState) -> tuple[Settings, list[Program]]:
+    """The config in force before the exec, and every process's program by index. The
+    saved data was the old daemon's runtime config, validated when it was loaded; the
+    file itself is checked again by the reload that ends the adoption."""
+    programs = [program_from(d) for d in state.programs]
+    extras = [program_from(d) for d in state.process_programs]
+    supervisor = build(Supervisor, state.supervisor)
     sources = {k: Path(v) for k, v in state.sources.items()}
-    config = Config(Path(state.config_path), supervisor, {p.name: p for p in programs}, sources)
+    config = Settings(Path(state.config_path), supervisor, {p.name: p for p in programs}, sources)
     return config, programs + extras
 
 
 def encode(state: DaemonState) -> bytes:
-    return state.model_dump_json().encode()
+    return json.dumps(dataclasses.asdict(state), separators=(",", ":")).encode()
 
 
 def decode(data: bytes) -> DaemonState:
@@ -319,9 +294,12 @@ def decode(data: bytes) -> DaemonState:
     if raw["version"] > STATE_VERSION:
         raise StateError(f"state version {raw['version']} is newer than {STATE_VERSION}")
     try:
-        return DaemonState.model_validate(raw)
-    except ValidationError as exc:
-        raise StateError(f"the saved state is invalid: {exc}") from None
+        state = _revive(DaemonState, raw, 0.0)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise StateError(f"the saved state is invalid: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, DaemonState) or not isinstance(state.config_path, str):
+        raise StateError("the saved state is invalid")
+    return state
 
 
 def write_memfd(data: bytes) -> int:

@@ -8,7 +8,8 @@ A reload compares every live process with the new config and gives it one step:
 - `restart`: a key that shapes the running process changed (`command`, `environment`,
   `directory`, `user`, ...): it is stopped, then started again with the new config;
 - `update in place`: only keys that apply without a restart changed (stop settings,
-  backoff, priority, log files...): same pid, same pipes;
+  backoff, priority, log files, readiness, health, dependencies...): same pid, same
+  pipes;
 - `unchanged`.
 
 Which key does what is one table, `KEY_EFFECTS`. A key the table does not know restarts
@@ -20,13 +21,18 @@ dry run and the real reload agree by construction (tests/test_reloadplan.py).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ProgramConfig
+from .settings import PROGRAM_KEYS, SUPERVISOR_KEYS, Program, toml_data
+
+# Not a program key: whether the child's environment gets NOTIFY_SOCKET, which three keys
+# decide (Program.wants_notify_socket). changed_keys shows it when it changes.
+NOTIFY_SOCKET = "NOTIFY_SOCKET"
 
 
 class KeyEffect(enum.Enum):
@@ -91,6 +97,22 @@ KEY_EFFECTS: dict[str, KeyEffect] = {
     "cpu_max": KeyEffect.RESTART,
     "pids_max": KeyEffect.RESTART,
     "leftovers": KeyEffect.RESTART,
+    # readiness, health, dependencies (issue 14): applied in place, to the run under
+    # way too (Process.reconfigure says how: a STARTING process waits on the new ready
+    # probe, a RUNNING one is checked by the new health check from the reload on);
+    # dependencies order the starts and stops from now on
+    "ready": KeyEffect.IN_PLACE,
+    "health": KeyEffect.IN_PLACE,
+    "depends_on": KeyEffect.IN_PLACE,
+    "on_dependency_restart": KeyEffect.IN_PLACE,
+    # sd_notify: what the child's environment holds is fixed at its spawn. WATCHDOG_USEC
+    # is watchdog_sec (the program feeds at the rate it was told). `notify` (and `ready`)
+    # decide whether the child gets NOTIFY_SOCKET: a change that gives or takes it away
+    # shows as the derived key NOTIFY_SOCKET (see changed_keys), which restarts; one
+    # that does not (another key already gives it) has nothing to change in the child.
+    "watchdog_sec": KeyEffect.RESTART,
+    "notify": KeyEffect.IN_PLACE,
+    NOTIFY_SOCKET: KeyEffect.RESTART,
 }
 
 
@@ -139,21 +161,36 @@ class ReloadPlan:
 
 
 def show(value: Any) -> str:
-    """A config value as the operator reads it: JSON (sets sorted, paths as text)."""
+    """A config value as the operator reads it: JSON (sets sorted, paths as text, a
+    table such as `ready` as the keys set in it)."""
     if isinstance(value, frozenset | set):
         value = sorted(value)
-    return json.dumps(value, default=str, ensure_ascii=False, sort_keys=True)
+    return json.dumps(value, default=_as_data, ensure_ascii=False, sort_keys=True)
 
 
-def changed_keys(old: ProgramConfig, new: ProgramConfig) -> list[KeyChange]:
-    """Every key whose value differs (naming keys included), in the model's order."""
+def _as_data(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return toml_data(value)  # a table: `ready`, `health`, a dependency
+    dump = getattr(value, "model_dump", None)  # the same, as config.py's model
+    if dump is not None:
+        return dump(mode="json", by_alias=True, exclude_defaults=True)
+    return str(value)
+
+
+def changed_keys(old: Program, new: Program) -> list[KeyChange]:
+    """Every key whose value differs (naming keys included), in the model's order; then
+    NOTIFY_SOCKET (true/false: whether the child gets it) if that changes."""
     changes = []
-    for key in type(new).model_fields:
+    for key in PROGRAM_KEYS:
         if key == "name":
             continue
         before, after = getattr(old, key), getattr(new, key)
         if before != after:
             changes.append(KeyChange(key, show(before), show(after)))
+    if old.wants_notify_socket != new.wants_notify_socket:
+        changes.append(
+            KeyChange(NOTIFY_SOCKET, show(old.wants_notify_socket), show(new.wants_notify_socket))
+        )
     return changes
 
 
@@ -173,12 +210,12 @@ def visible_changes(changes: Iterable[KeyChange]) -> tuple[KeyChange, ...]:
     return tuple(c for c in changes if key_effect(c.key) is not KeyEffect.NAMES)
 
 
-def logs_changed(old: ProgramConfig, new: ProgramConfig) -> bool:
+def logs_changed(old: Program, new: Program) -> bool:
     return any(key_effect(c.key) is KeyEffect.LOGS for c in changed_keys(old, new))
 
 
 def programs_diff(
-    old: Mapping[str, ProgramConfig], new: Mapping[str, ProgramConfig]
+    old: Mapping[str, Program], new: Mapping[str, Program]
 ) -> tuple[list[str], list[str], list[str]]:
     """(added, changed, removed) program names, from the old config to the new."""
     added = [n for n in new if n not in old]
@@ -224,7 +261,7 @@ def supervisor_changes(old: Any, new: Any) -> tuple[list[KeyChange], list[str]]:
     """(changes a reload applies, "KEY: why" for those it cannot) between two
     [supervisor] tables."""
     live, not_live = [], []
-    for key in type(new).model_fields:
+    for key in SUPERVISOR_KEYS:
         before, after = getattr(old, key), getattr(new, key)
         if before == after:
             continue

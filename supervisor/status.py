@@ -90,11 +90,11 @@ def info(
     stopped_by: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One `ProcessInfo` (protocol.py) as a plain dict.
+    """One `ProcessInfo` (protocol_models.py) as a plain dict.
 
     `status` of 1,000 processes must answer in milliseconds; validating a thousand
     models we built ourselves would be most of that time. tests/ check the shape
-    against `protocol.ProcessInfo`.
+    against `protocol_models.ProcessInfo`.
     """
     # Called 10,000 times for one `status` at M8 size: schedule() is inlined and the
     # enum's value looked up in a dict (Enum.value is a descriptor call).
@@ -200,7 +200,7 @@ def next_action(process: Process, now: float, wall_now: float) -> str:
 
 
 def death_info(death: Death) -> dict[str, Any]:
-    """One `DeathInfo` (protocol.py) as a plain dict."""
+    """One `DeathInfo` (protocol_models.py) as a plain dict."""
     return {
         "time": death.wall,
         "uptime": None if death.uptime is None else round(death.uptime, 3),
@@ -219,7 +219,7 @@ def death_info(death: Death) -> dict[str, Any]:
 
 
 def deaths_info(process: Process, now: float, wall_now: float, limit: int) -> dict[str, Any]:
-    """One `DeathsResult` (protocol.py) as a plain dict: what `supctl why` shows."""
+    """One `DeathsResult` (protocol_models.py) as a plain dict: what `supctl why` shows."""
     recent = list(process.history)[-limit:][::-1]
     return {
         "name": process.name,

@@ -41,26 +41,29 @@ from supd.control import (
     SocketUnusable,
 )
 from supd.protocol import (
-    ActionResult,
     ErrorCode,
-    OutputParams,
     PidParams,
-    PidResult,
-    ProcessInfo,
-    ProcessPid,
     ReloadParams,
-    ReloadResult,
     Request,
     RestartParams,
     ShutdownParams,
-    ShutdownResult,
     SignalParams,
     StartParams,
     StatusParams,
     StopParams,
     TailParams,
-    TailResult,
     VersionParams,
+)
+from supd.protocol_models import (
+    RESULT_ADAPTERS,
+    ActionResult,
+    OutputParams,
+    PidResult,
+    ProcessInfo,
+    ProcessPid,
+    ReloadResult,
+    ShutdownResult,
+    TailResult,
     VersionResult,
 )
 from supd.selector import SelectEvent, Selector
@@ -431,7 +434,7 @@ def test_status_round_trip(served: ServerLoop) -> None:
         answer = client.call("status")
     assert answer["jsonrpc"] == "2.0"
     assert answer["id"] == 1
-    infos = protocol.RESULT_ADAPTERS["status"].validate_python(answer["result"])
+    infos = RESULT_ADAPTERS["status"].validate_python(answer["result"])
     assert [info.name for info in infos] == ["web:0", "web:1"]
 
 

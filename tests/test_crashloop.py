@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supd.config import ProgramConfig
+from supd.config import ProgramConfig, runtime
 from supd.deaths import Cause, Ending, jittered, window_limit
 from supd.facts import State
 from supd.fleet import Action, Died, Reload
@@ -29,17 +29,20 @@ from supd.process import (
     TimerFired,
     Want,
 )
-from supd.protocol import DeathsResult, ProcessInfo
+from supd.protocol_models import DeathsResult, ProcessInfo
+from supd.settings import Program
 from supd.status import deaths_info, describe, info
 from tests.test_fleet import Sim
 from tests.test_fleet import program as fleet_program
 
 
-def program(**options: Any) -> ProgramConfig:
-    return ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
+def program(**options: Any) -> Program:
+    return runtime(
+        ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
+    )
 
 
-def running(config: ProgramConfig, now: float = 0.0, pid: int = 100) -> Process:
+def running(config: Program, now: float = 0.0, pid: int = 100) -> Process:
     p = Process("web", config)
     p.handle(Start(), now)
     p.handle(Spawned(pid), now)
@@ -178,7 +181,7 @@ def test_a_tighter_window_stops_failed_starts_before_startretries() -> None:
 # --------------------------------------------------------------------------- revive
 
 
-def fatal(config: ProgramConfig) -> Process:
+def fatal(config: Program) -> Process:
     p = Process("web", config)
     p.handle(Start(), 0.0)
     p.handle(SpawnFailed("No such file or directory: /nope"), 0.0)
@@ -429,20 +432,6 @@ def test_a_stop_is_forgotten_once_the_process_is_started_again() -> None:
     result = deaths_info(p, 5.0, 100.0, 20)
     assert result["next"] == "nothing: it exited and autorestart says not to restart it"
     assert result["deaths"][0]["then"] == "stays down (autorestart = never)"
-
-
-def test_a_process_that_never_restarted_holds_no_restart_times() -> None:
-    """10,000 quiet processes must not each hold an empty deque (770 bytes)."""
-    from supd.deaths import RestartWindow
-
-    window = RestartWindow()
-    config = ProgramConfig.model_validate({"name": "web", "command": ["x"], "restart_window": 60})
-    assert not window.full(0.0, config) and len(window) == 0
-    assert window._times is None
-    window.add(1.0)
-    assert len(window) == 1 and not window.full(2.0, config)
-    window.clear()
-    assert window._times is None and len(window) == 0
 
 
 def test_the_death_ring_keeps_the_last_twenty_and_holds_nothing_before_a_death() -> None:

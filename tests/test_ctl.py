@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from supd import ctl, protocol
-from supd.protocol import ProcessInfo
+from supd import ctl, protocol, protocol_models
+from supd.protocol_models import ProcessInfo
 from tests.helpers import source_pythonpath, wait_until
 from tests.test_control import SYSTEM_PYTHON, ServerLoop, needs_root, traversable_socket_dir
 
@@ -361,7 +361,7 @@ def test_status_exits_3_when_a_process_is_not_running(supctl: Any, fake: ServerL
 def test_status_json(supctl: Any, fake: ServerLoop) -> None:
     ran = supctl("-s", str(fake.path), "status", "--json")
     assert ran.code == 0
-    infos = protocol.RESULT_ADAPTERS["status"].validate_python(ran.json())
+    infos = protocol_models.RESULT_ADAPTERS["status"].validate_python(ran.json())
     assert [info.name for info in infos] == ["web:0", "web:1"]
     assert supctl("-s", str(fake.path), "--json", "status").json() == ran.json()
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-import structlog
 
 from supd import daemonlog
 from tests.helpers import PY, SLEEP, Supd, cmd, source_pythonpath, wait_until
@@ -135,7 +134,7 @@ def test_rate_limiter_lets_a_burst_through_then_counts() -> None:
     def passes(event: str, **kw: Any) -> dict[str, Any] | None:
         try:
             return dict(limiter(None, "warning", {"event": event, **kw}))
-        except structlog.DropEvent:
+        except daemonlog.DropEvent:
             return None
 
     written = [passes("client_refused", pid=n, uid=65534) for n in range(10)]
@@ -183,7 +182,7 @@ def test_a_log_call_never_raises_into_the_caller() -> None:
         daemonlog.get_logger().info("fine")
         assert [json.loads(line)["event"] for line in stream.lines] == ["fine"]
     finally:
-        structlog.reset_defaults()
+        daemonlog.reset()
 
 
 def test_json_timestamps_are_utc_with_z() -> None:
@@ -195,7 +194,7 @@ def test_json_timestamps_are_utc_with_z() -> None:
         assert record["timestamp"].endswith("Z")
         assert record["event"] == "hello"
     finally:
-        structlog.reset_defaults()
+        daemonlog.reset()
 
 
 # -- supd end to end ------------------------------------------------------------------

@@ -28,3 +28,18 @@ def test_readme_points_at_the_design_note_and_nothing_outside() -> None:
     readme = (REPO / "README.md").read_text()
     assert "(docs/design.md)" in readme
     assert "shared/" not in readme and "workspace" not in readme
+
+
+def test_no_merge_conflict_markers_are_left_in_the_repository() -> None:
+    # A conflict marker once sat in the README for a whole session: catch it here.
+    marker = re.compile(r"^(<{7}|>{7}|={7})( |$)", re.MULTILINE)
+    tracked = [
+        *DOCUMENTS,
+        *(REPO / "supervisor").glob("*.py"),
+        *(REPO / "tests").rglob("*.py"),
+        *(REPO / "benchmarks").glob("*.py"),
+        *(REPO / "benchmarks").glob("*.md"),
+    ]
+    for path in tracked:
+        found = marker.search(path.read_text())
+        assert found is None, f"{path}: conflict marker {found.group(0)!r}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from supd.facts import ErrorCode
-from supd.protocol import RESULT_ADAPTERS
+from supd.protocol_models import RESULT_ADAPTERS
 from tests.helpers import (
     PY,
     REPO,

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supd.config import ProgramConfig
+from supd.config import ProgramConfig, runtime
 from supd.facts import ErrorCode, State
 from supd.fleet import (
     Action,
@@ -41,17 +41,18 @@ from supd.fleet import (
 )
 from supd.names import select as select_names
 from supd.process import Exited, Spawned, SpawnFailed
+from supd.settings import Program
 
 
-def program(name: str, **options: Any) -> ProgramConfig:
+def program(name: str, **options: Any) -> Program:
     options.setdefault("command", ["/bin/prog", name])
-    return ProgramConfig.model_validate({"name": name, **options})
+    return runtime(ProgramConfig.model_validate({"name": name, **options}))
 
 
 class Sim:
     """A daemon without an OS: the fleet, a fake clock and fake children."""
 
-    def __init__(self, *programs: ProgramConfig, fail_spawn: tuple[str, ...] = ()) -> None:
+    def __init__(self, *programs: Program, fail_spawn: tuple[str, ...] = ()) -> None:
         self.fleet = Fleet()
         self.now = 0.0
         self.queue: deque[FleetEvent] = deque()

@@ -289,7 +289,7 @@ def test_update_applies_and_reread_changes_nothing(supd: Factory) -> None:
     d.write_config(config("two"))
     reread = supctl(d, "reread")
     assert d.status()["busy"]["pid"] == pid  # nothing applied
-    from supd.protocol import ReloadParams
+    from supd.protocol_models import ReloadParams
 
     if "dry_run" in ReloadParams.model_fields:
         assert reread.returncode == 0, reread.stderr

@@ -7,7 +7,7 @@ from typing import Any, get_args
 
 import pytest
 
-from supd.config import ProgramConfig
+from supd.config import ProgramConfig, runtime
 from supd.process import (
     ArmTimer,
     CancelProbe,
@@ -37,18 +37,21 @@ from supd.process import (
     backoff_delay,
     gives_up,
 )
+from supd.settings import Program
 from supd.status import describe
 
 
-def program(**options: Any) -> ProgramConfig:
-    return ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
+def program(**options: Any) -> Program:
+    return runtime(
+        ProgramConfig.model_validate({"name": "web", "command": ["/bin/true"], **options})
+    )
 
 
 def states(effects: list[Effect]) -> list[State]:
     return [e.new for e in effects if isinstance(e, Transitioned)]
 
 
-def running(config: ProgramConfig, now: float = 0.0) -> Process:
+def running(config: Program, now: float = 0.0) -> Process:
     p = Process("web", config)
     p.handle(Start(), now)
     p.handle(Spawned(100), now)

@@ -12,14 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supd import facts, protocol, signals
+from supd import facts, protocol, protocol_models, signals
 from supd.protocol import (
-    ActionResult,
     ErrorCode,
     ErrorResponse,
-    OutputParams,
     PidParams,
-    ProcessInfo,
     ProcessState,
     ReloadParams,
     Request,
@@ -36,6 +33,7 @@ from supd.protocol import (
     encode_result,
     parse_request,
 )
+from supd.protocol_models import ActionResult, OutputParams, ProcessInfo
 
 
 def line(**message: Any) -> bytes:
@@ -90,7 +88,11 @@ def test_every_method_parses_to_its_params(method: str, params: Any, expected: A
 
 
 def test_every_method_has_a_result_type() -> None:
-    assert set(protocol.METHODS) == set(protocol.RESULT_TYPES) == set(protocol.RESULT_ADAPTERS)
+    assert (
+        set(protocol.METHODS)
+        == set(protocol_models.RESULT_TYPES)
+        == set(protocol_models.RESULT_ADAPTERS)
+    )
 
 
 def test_request_without_id_is_a_notification() -> None:
@@ -276,7 +278,7 @@ def test_encode_result_serialises_models() -> None:
     answer = json.loads(raw)
     assert answer["id"] == 1
     assert answer["result"][0]["state"] == "RUNNING"
-    assert protocol.RESULT_ADAPTERS["status"].validate_python(answer["result"]) == [info]
+    assert protocol_models.RESULT_ADAPTERS["status"].validate_python(answer["result"]) == [info]
 
 
 def test_encode_result_accepts_plain_values() -> None:

@@ -16,8 +16,9 @@ import pytest
 
 from supd import fleet as f
 from supd import process as proc
-from supd.config import ConfigError, ProgramConfig, load
+from supd.config import ConfigError, ProgramConfig, load, runtime
 from supd.facts import State
+from supd.settings import Program
 from tests.helpers import PY, SLEEP, Supd, cmd, source_pythonpath, toml_list, wait_until
 
 Factory = Callable[..., Supd]
@@ -289,8 +290,10 @@ def test_cycles_and_unknown_names_are_rejected_with_file_and_line(tmp_path: Path
 # -- the decisions as data (fake clock) ---------------------------------------------------
 
 
-def program(name: str, **options: object) -> ProgramConfig:
-    return ProgramConfig.model_validate({"name": name, "command": ["/bin/true"], **options})
+def program(name: str, **options: object) -> Program:
+    return runtime(
+        ProgramConfig.model_validate({"name": name, "command": ["/bin/true"], **options})
+    )
 
 
 def spawned(fleet: f.Fleet, effects: list[f.FleetEffect], now: float) -> list[str]:
@@ -485,7 +488,7 @@ def test_supctl_wait_for_ready_and_completed_and_its_timeout(
 class Run:
     """A fleet driven by hand: every Spawn gets a pid, every Kill an exit."""
 
-    def __init__(self, *configs: ProgramConfig) -> None:
+    def __init__(self, *configs: Program) -> None:
         self.fleet = f.Fleet()
         self.now = 0.0
         self.log: list[f.FleetEffect] = []
@@ -600,7 +603,12 @@ def test_a_reload_that_replaces_a_dependency_holds_its_new_dependants() -> None:
     db = program("db", startsecs=0)
     run = Run(db, program("web", startsecs=0, depends_on=["db"]))
     new_db = program("db", startsecs=0, command=["/bin/echo"])
-    web2 = program("web", startsecs=0, depends_on=[{"program": "db", "condition": "started"}])
+    web2 = program(
+        "web",
+        startsecs=0,
+        command=["/bin/web", "v2"],  # restarts (a new depends_on alone is applied in place)
+        depends_on=[{"program": "db", "condition": "started"}],
+    )
     run.feed(f.Reload((new_db, web2)))
     assert run.spawned() == ["db", "web", "db", "web"]
     spawns = [e for e in run.log if isinstance(e, f.Spawn)]
@@ -626,7 +634,7 @@ def test_completed_needs_a_successful_exit() -> None:
 # -- the process state machine: readiness and health --------------------------------------
 
 
-def started(config: ProgramConfig) -> tuple[proc.Process, list[proc.Effect]]:
+def started(config: Program) -> tuple[proc.Process, list[proc.Effect]]:
     p = proc.Process("web", config)
     p.handle(proc.Start(), 0.0)
     return p, p.handle(proc.Spawned(10), 0.0)

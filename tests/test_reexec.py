@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import Callable
 from datetime import datetime
@@ -17,7 +18,8 @@ from typing import Any
 import pytest
 
 from supd import reexec
-from supd.config import ProgramConfig
+from supd.childnotify import parent_pid
+from supd.config import ProgramConfig, runtime
 from supd.facts import State
 from supd.process import Process, Want
 from tests.helpers import PY, REPO, SLEEP, Supd, cmd, kill_quietly, pid_alive, wait_until
@@ -260,7 +262,7 @@ def test_a_program_changed_in_the_file_is_reloaded_by_the_new_daemon(supd: Facto
 
 
 def test_a_process_crosses_with_its_fields_and_its_times_relative() -> None:
-    config = ProgramConfig.model_validate({"name": "web", "command": ["x"]})
+    config = runtime(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
     process = Process("web", config, state=State.BACKOFF, want=Want.UP, failures=3)
     process.backoff_until, process.started_at, process.last_pid = 105.0, 90.0, 1234
     saved = reexec.process_fields(process, now=100.0)
@@ -279,7 +281,7 @@ def test_a_process_crosses_with_its_fields_and_its_times_relative() -> None:
 def test_the_death_ring_and_the_restart_window_cross_with_their_times() -> None:
     from supd.deaths import Cause, Death
 
-    config = ProgramConfig.model_validate({"name": "web", "command": ["x"]})
+    config = runtime(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
     process = Process("web", config)
     died = Death(at=95.0, wall=1.7e9, pid=7, uptime=2.0, cause=next(iter(Cause)), summary="x")
     process.history.append(died)
@@ -310,7 +312,8 @@ def test_the_state_is_versioned_and_tolerant() -> None:
 
 
 def test_a_program_saved_with_a_key_this_version_lacks_is_still_read() -> None:
-    data = reexec.program_data(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
+    program = runtime(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
+    data = reexec.program_data(program)
     data["readiness_of_a_later_version"] = {"tcp": 80}
     assert reexec.program_from(data).name == "web"
 
@@ -616,3 +619,277 @@ def test_containment_is_taken_over_by_the_new_daemon(
         again = d.status()["web"]["pid"]
         journal = Path(f"{d.socket}.sessions").read_text()
         assert f"+ {again} " in journal, journal
+
+
+# -- the programs' sd_notify socket crosses the exec ----------------------------------------
+
+# sd_notify as libsystemd does it: one datagram, errors ignored (a program must not die
+# of its supervisor's notify socket).
+NOTIFY = """
+import os, socket, sys, time
+def send(message):
+    address = os.environ["NOTIFY_SOCKET"]
+    if address.startswith("@"):
+        address = "\\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        print("send failed:", exc, file=sys.stderr, flush=True)
+"""
+
+# True while supd checks its new code (the probe is its child): during the re-exec.
+PROBING = """
+def probing():
+    parent = os.getppid()
+    try:
+        kids = open(f"/proc/{parent}/task/{parent}/children").read().split()
+    except OSError:
+        return False
+    for kid in kids:
+        try:
+            # (spelt in two halves: this very command line must not match)
+            if b"--reexec-" + b"probe" in open(f"/proc/{kid}/cmdline", "rb").read():
+                return True
+        except OSError:
+            pass
+    return False
+"""
+
+
+def stderr_of(tmp_path: Path, name: str) -> str:
+    log = tmp_path / "logs" / f"{name}.err.log"  # (made at the first byte written)
+    return log.read_text() if log.exists() else ""
+
+
+def test_a_program_that_notifies_after_a_reexec_is_heard_by_the_new_daemon(
+    supd: Factory, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    program = cmd(
+        NOTIFY
+        + f"""
+send("STATUS=warming up")
+while not os.path.exists({str(go)!r}):
+    time.sleep(0.01)
+send("READY=1\\nSTATUS=serving")
+time.sleep(1000)
+"""
+    )
+    d = supd(f"""
+        [programs.app]
+        command = {program}
+        startsecs = 0
+        ready = {{ notify = true, ready_timeout = 120 }}
+    """)
+    wait_until(lambda: d.status()["app"]["notify_status"] == "warming up", describe=d.describe)
+    pid = d.status()["app"]["pid"]
+    address = d.events("notify_socket_open")[0]["address"]
+    reexec_by_supctl(d)
+    assert d.events("notify_socket_adopted")[0]["address"] == address
+    assert d.state("app") == "STARTING"
+    go.touch()
+    entry = d.wait_state("app", "RUNNING")
+    assert (entry["pid"], entry["notify_status"]) == (pid, "serving")
+    reasons = [e["reason"] for e in d.events("state_changed") if e["to_state"] == "RUNNING"]
+    assert reasons == ["ready: READY=1"]
+    assert not d.events("notify_ignored")
+
+
+def test_a_notification_sent_during_the_reexec_waits_for_the_new_daemon(
+    supd: Factory, tmp_path: Path
+) -> None:
+    # Sent while the old daemon checks the new code, so it is never read by the old one:
+    # only the very socket, passed across the exec, still holds it for the new one.
+    program = cmd(
+        NOTIFY
+        + PROBING
+        + """
+send("STATUS=before")
+while not probing():
+    time.sleep(0.002)
+send("STATUS=sent during the re-exec")
+time.sleep(1000)
+"""
+    )
+    d = supd(f"""
+        [programs.app]
+        command = {program}
+        startsecs = 0
+        notify = true
+    """)
+    wait_until(lambda: d.status()["app"]["notify_status"] == "before", describe=d.describe)
+    reexec_by_supctl(d)
+    wait_until(
+        lambda: d.status()["app"]["notify_status"] == "sent during the re-exec",
+        describe=d.describe,
+    )
+    assert "send failed" not in stderr_of(tmp_path, "app")
+
+
+def test_a_watchdog_fed_across_reexecs_is_never_missed(supd: Factory, tmp_path: Path) -> None:
+    # A re-exec takes longer than watchdog_sec here: the feeds sent meanwhile wait in
+    # the socket, and the new daemon reads them before its first timer fires.
+    program = cmd(
+        NOTIFY
+        + """
+assert os.environ["WATCHDOG_USEC"] == "1000000"
+send("READY=1")
+n = 0
+while True:
+    n += 1
+    send(f"WATCHDOG=1\\nSTATUS=fed {n}")
+    time.sleep(0.05)
+"""
+    )
+    d = supd(f"""
+        [programs.app]
+        command = {program}
+        startsecs = 0
+        watchdog_sec = 1
+        ready = {{ notify = true }}
+    """)
+
+    def fed() -> int:
+        status = d.status()["app"]["notify_status"] or "fed 0"
+        return int(status.split()[1])
+
+    def fed_beyond(count: int) -> Callable[[], bool]:
+        return lambda: fed() > count
+
+    pid = d.wait_state("app", "RUNNING")["pid"]
+    for i in range(3):
+        (reexec_by_supctl if i % 2 == 0 else reexec_by_signal)(d)
+        wait_until(fed_beyond(fed()), describe=d.describe)  # heard again
+    # a second and a half more: a missed watchdog would have fired by then
+    wait_until(fed_beyond(fed() + 30), describe=d.describe)
+    entry = d.status()["app"]
+    assert (entry["state"], entry["pid"], entry["healthy"]) == ("RUNNING", pid, None)
+    assert not d.events("health_changed") and not d.events("exited")
+    assert len(d.events("adopted")) == 3
+    assert "send failed" not in stderr_of(tmp_path, "app")
+
+
+def test_a_log_ready_probe_still_waiting_is_watched_by_the_new_daemon(
+    supd: Factory, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    program = cmd(
+        f"""
+import os, time
+print("warming up", flush=True)
+while not os.path.exists({str(go)!r}):
+    time.sleep(0.01)
+print("listening on port 8000", flush=True)
+time.sleep(1000)
+"""
+    )
+    d = supd(f"""
+        [programs.app]
+        command = {program}
+        startsecs = 0
+        ready = {{ log = "listening on port \\\\d+", ready_timeout = 120 }}
+    """)
+    pid = d.wait_state("app", "STARTING")["pid"]
+    wait_until(lambda: (tmp_path / "logs" / "app.out.log").exists(), describe=d.describe)
+    reexec_by_supctl(d)
+    go.touch()
+    assert d.wait_state("app", "RUNNING")["pid"] == pid
+    reasons = [e["reason"] for e in d.events("state_changed") if e["to_state"] == "RUNNING"]
+    assert reasons == ["ready: listening on port 8000"]
+
+
+def test_the_notify_socket_is_taken_over_with_the_datagrams_waiting_in_it() -> None:
+    from supd.childnotify import NotifySocket
+
+    old = NotifySocket()
+    inherited = os.dup(old.fd)  # what the exec keeps: the same socket, another number
+    os.set_inheritable(inherited, True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.sendto(b"STATUS=queued", "\0" + old.address[1:])
+    old.close()  # the old image's own handle goes with the exec
+    new = NotifySocket(inherited)
+    try:
+        assert new.address == old.address and not os.get_inheritable(new.fd)
+        assert new.receive() == [(os.getpid(), b"STATUS=queued")]
+    finally:
+        new.close()
+    reader, writer = os.pipe()
+    os.close(writer)
+    with pytest.raises(OSError):
+        NotifySocket(reader)  # not a socket: refused, and closed
+    with pytest.raises(OSError):
+        os.fstat(reader)
+
+
+def test_a_health_check_in_flight_during_a_reexec_is_run_again_not_failed(
+    supd: Factory, tmp_path: Path
+) -> None:
+    # Every check takes a while, so one is in flight when the daemon is replaced. Its
+    # answer would go to the old image; the new one must not count it as "no answer"
+    # (with failures = 1 that would restart the program), nor leave it a zombie.
+    started = tmp_path / "started"
+    # (the shell's $$, its pid, is written $$$$: supd reads $$ as a $)
+    check = json.dumps(["/bin/sh", "-c", f"echo $$$$ >> {started}; sleep 0.3"])
+    d = supd(f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        health = {{ exec = {check}, interval = 0.01, timeout = 2, failures = 1, start_grace = 0 }}
+    """)
+    pid = d.wait_state("web", "RUNNING")["pid"]
+    wait_until(lambda: d.status()["web"]["healthy"] is True, describe=d.describe)
+
+    def checks() -> list[int]:
+        return [int(p) for p in started.read_text().split()]
+
+    reexec_by_supctl(d)
+    before = checks()
+    # 8 checks of 0.3 s since: past the 2 s timeout of the one in flight at the exec
+    wait_until(lambda: len(checks()) >= len(before) + 8, timeout=20, describe=d.describe)
+    entry = d.status()["web"]
+    assert (entry["pid"], entry["healthy"]) == (pid, True)
+    assert [e["healthy"] for e in d.events("health_changed")] == [True]
+    assert len(d.events("spawned")) == 1
+    assert not [p for p in before if Path(f"/proc/{p}").exists()]  # reaped, every one
+
+
+def test_a_declared_mainpid_is_still_credited_after_a_reexec(supd: Factory, tmp_path: Path) -> None:
+    # The daemon it forks is not its descendant any more (double fork: init adopts it),
+    # so only MAINPID= credits that daemon's messages to the program.
+    go = tmp_path / "go"
+    program = cmd(
+        NOTIFY
+        + f"""
+reader, writer = os.pipe()
+if os.fork() == 0:
+    if os.fork() == 0:
+        os.write(writer, str(os.getpid()).encode())
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.01)
+        send("STATUS=from the daemon it forked")
+        time.sleep(1000)
+    os._exit(0)
+os.wait()
+main = int(os.read(reader, 32))
+send(f"MAINPID={{main}}\\nSTATUS=forked {{main}}")
+time.sleep(1000)
+"""
+    )
+    d = supd(f"""
+        [programs.app]
+        command = {program}
+        startsecs = 0
+        notify = true
+    """)
+    wait_until(lambda: "forked" in (d.status()["app"]["notify_status"] or ""), describe=d.describe)
+    main = int(d.status()["app"]["notify_status"].split()[1])
+    d.track(main)
+    assert parent_pid(main) != d.status()["app"]["pid"]  # not its child: init's
+    reexec_by_supctl(d)
+    go.touch()
+    wait_until(
+        lambda: d.status()["app"]["notify_status"] == "from the daemon it forked",
+        describe=d.describe,
+    )
+    assert not d.events("notify_ignored")

@@ -256,3 +256,157 @@ def test_a_new_log_dir_moves_the_logs_that_derive_from_it_in_place(
     wait_until(lambda: new_log.exists() and len(numbers(new_log)) > 3, describe=d.describe)
     status = d.status()
     assert (status["ticker"]["pid"], status["fixed"]["pid"]) == (pid, fixed)
+
+
+# -- readiness, health and dependencies change in place -------------------------------------
+
+
+def reload_both(d: Supd) -> dict[str, dict[str, Any]]:
+    """`reload --dry-run --json`, then the real reload: the same plan; by process."""
+    dry = supctl(d, "--json", "reload", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    real = supctl(d, "--json", "reload")
+    assert real.returncode == 0, real.stderr
+    planned, applied = json.loads(dry.stdout)["plan"], json.loads(real.stdout)["plan"]
+    assert planned == applied
+    return {entry["name"]: entry for entry in applied}
+
+
+def lines_in(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_a_health_check_added_changed_and_removed_by_reload_keeps_the_process(
+    supd: Factory, tmp_path: Path
+) -> None:
+    # Each check of web's appends a line to `checks`; clock's, to `ticks` (a clock that
+    # says time has passed without a fixed sleep).
+    checks, ticks = tmp_path / "checks", tmp_path / "ticks"
+
+    def check(log: Path, status: int) -> str:
+        return json.dumps(["/bin/sh", "-c", f"echo >> {log}; exit {status}"])
+
+    config = f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        {{health}}
+        [programs.clock]
+        command = {SLEEP}
+        startsecs = 0
+        health = {{{{ exec = {check(ticks, 0)}, interval = 0.1 }}}}
+    """
+    health = "health = {{ exec = {}, interval = 0.1, start_grace = 0, failures = 1{} }}"
+    d = supd(config.format(health=""))
+    pid = d.wait_state("web", "RUNNING")["pid"]
+
+    d.write_config(config.format(health=health.format(check(checks, 0), "")))
+    web = reload_both(d)["web"]
+    assert web["step"] == "update in place"
+    assert [c["key"] for c in web["changes"]] == ["health"]
+    wait_until(lambda: d.status()["web"]["healthy"] is True, describe=d.describe)
+    entry = d.status()["web"]
+    assert entry["pid"] == pid and "HEALTHY" in entry["description"]
+
+    failing = health.format(check(checks, 1), ', on_unhealthy = "ignore"')
+    d.write_config(config.format(health=failing))
+    assert reload_both(d)["web"]["step"] == "update in place"
+    wait_until(lambda: d.status()["web"]["healthy"] is False, describe=d.describe)
+    entry = d.status()["web"]
+    assert entry["pid"] == pid and "UNHEALTHY" in entry["description"]
+    assert entry["health_error"].endswith("exit 1: exit status 1")
+
+    d.write_config(config.format(health=""))
+    assert reload_both(d)["web"]["step"] == "update in place"
+    entry = d.status()["web"]
+    assert (entry["pid"], entry["healthy"], entry["health_error"]) == (pid, None, None)
+    checked, ticked = lines_in(checks), lines_in(ticks)
+    wait_until(lambda: lines_in(ticks) >= ticked + 10, describe=d.describe)  # a second on
+    assert lines_in(checks) == checked  # web is checked no more
+    entry = d.status()["web"]
+    assert (entry["pid"], entry["healthy"], entry["state"]) == (pid, None, "RUNNING")
+
+
+def test_a_process_waiting_to_be_ready_waits_on_the_probe_a_reload_gives_it(
+    supd: Factory, tmp_path: Path
+) -> None:
+    exists = tmp_path / "exists"
+    exists.touch()
+    config = f"""
+        [programs.filed]
+        command = {SLEEP}
+        startsecs = 0
+        ready = {{{{ file = "{{filed}}", interval = 0.05, ready_timeout = 120 }}}}
+        [programs.logged]
+        command = {TICKER}
+        startsecs = 0
+        ready = {{{{ {{logged}}, ready_timeout = 120 }}}}
+    """
+    missing = tmp_path / "missing"
+    d = supd(config.format(filed=missing, logged=f'file = "{missing}"'))
+    filed = d.wait_state("filed", "STARTING")["pid"]
+    logged = d.wait_state("logged", "STARTING")["pid"]
+    wait_until(lambda: "not ready" in d.status()["filed"]["description"], describe=d.describe)
+    d.write_config(config.format(filed=exists, logged='log = "^[0-9]*5$"'))
+    plan = reload_both(d)
+    assert plan["filed"]["step"] == plan["logged"]["step"] == "update in place"
+    assert d.wait_state("filed", "RUNNING")["pid"] == filed
+    assert d.wait_state("logged", "RUNNING")["pid"] == logged  # a line printed since
+    reasons = {
+        e["process"]: e["reason"] for e in d.events("state_changed") if e["to_state"] == "RUNNING"
+    }
+    assert reasons["filed"] == f"ready: file {exists} exists"
+    assert reasons["logged"].startswith("ready: ") and reasons["logged"].endswith("5")
+
+
+def test_dependencies_added_by_reload_apply_from_then_on_without_a_restart(
+    supd: Factory,
+) -> None:
+    config = f"""
+        [programs.db]
+        command = {SLEEP}
+        startsecs = 0
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        priority = 1
+        {{depends}}
+    """
+    d = supd(config.format(depends=""))
+    before = {name: d.wait_state(name, "RUNNING")["pid"] for name in ("db", "web")}
+    d.write_config(config.format(depends='depends_on = ["db"]\non_dependency_restart = "restart"'))
+    plan = reload_both(d)
+    assert (plan["db"]["step"], plan["web"]["step"]) == ("unchanged", "update in place")
+    assert [c["key"] for c in plan["web"]["changes"]] == ["depends_on", "on_dependency_restart"]
+    assert pids(d) == before
+    ran = supctl(d, "restart", "db")  # web goes down and comes back with it (PartOf)
+    assert ran.returncode == 0, ran.stderr
+    wait_until(lambda: d.status()["web"]["pid"] not in (None, before["web"]), describe=d.describe)
+    d.wait_state("web", "RUNNING")
+    stops = [e["process"] for e in d.events("state_changed") if e["to_state"] == "STOPPING"]
+    assert sorted(stops) == ["db", "web"]
+    ran = supctl(d, "stop", "all")  # dependants first, whatever the priorities say
+    assert ran.returncode == 0, ran.stderr
+    stopped = [e["process"] for e in d.events("state_changed") if e["to_state"] == "STOPPED"]
+    assert stopped[-2:] == ["web", "db"]
+
+
+def test_notify_added_by_reload_restarts_with_notify_socket(supd: Factory) -> None:
+    config = f"""
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        {{notify}}
+    """
+    d = supd(config.format(notify=""))
+    pid = d.wait_state("web", "RUNNING")["pid"]
+    d.write_config(config.format(notify="notify = true"))
+    dry = supctl(d, "reload", "--dry-run")
+    [line] = [line for line in dry.stdout.splitlines() if line.startswith("web")]
+    assert line.split()[:2] == ["web", "restart"]
+    assert "notify: false → true" in line and "NOTIFY_SOCKET: false → true" in line
+    assert reload_both(d)["web"]["step"] == "restart"
+    wait_until(lambda: d.status()["web"]["pid"] not in (None, pid), describe=d.describe)
+    new = d.wait_state("web", "RUNNING")["pid"]
+    environ = Path(f"/proc/{new}/environ").read_bytes().split(b"\0")
+    assert any(v.startswith(b"NOTIFY_SOCKET=@supd/") for v in environ)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from supd.protocol import RESULT_ADAPTERS
+from supd.protocol_models import RESULT_ADAPTERS
 from tests.helpers import SLEEP, Supd, cmd, wait_until
 from tests.test_e2e_supctl import supctl
 
@@ -309,12 +309,12 @@ def test_deaths_and_clear_params_are_checked() -> None:
 def test_the_oom_hook_confirms_an_oom_kill_only_when_the_counter_rose(tmp_path: Path) -> None:
     """Daemon.oom_kills is the cgroup code's hook (memory.events oom_kill): a rise
     between spawn and exit makes the SIGKILL an OOM kill; no counter, no claim."""
-    from supd.config import load
+    from supd.config import load, to_settings
     from supd.daemon import Daemon, Slot
     from supd.logs import LogSink
 
     (tmp_path / "supd.toml").write_text(f"[programs.web]\ncommand = {SLEEP}\n")
-    daemon = Daemon(load(tmp_path / "supd.toml"))
+    daemon = Daemon(to_settings(load(tmp_path / "supd.toml")))
     try:
         slot = Slot("web", LogSink(None, 0, 0), LogSink(None, 0, 0))
         slot.stderr.write(b"old run\n")
