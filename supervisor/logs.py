@@ -307,6 +307,7 @@ class LogSink:
         "_stamper",
         "_tail",
         "_truncate_on_open",
+        "_where",
         "_write_failing",
         "backups",
         "bytes_written",
@@ -316,7 +317,6 @@ class LogSink:
         "max_total_size",
         "maxbytes",
         "on_rotated",
-        "path",
         "rotate_every",
         "rotations",
     )
@@ -333,7 +333,10 @@ class LogSink:
         max_total_size: int = 0,
         compress: bool = False,
     ) -> None:
-        self.path = path
+        # The file's name as a str: a Path costs 0.4 KiB (its parts, its cached string)
+        # against 0.1, and there are two per process; `path` makes one when needed (to
+        # open, rotate, read back: never per write).
+        self._where = None if path is None else os.fspath(path)
         if max_total_size and (maxbytes == 0 or maxbytes > max_total_size // 2):
             maxbytes = max(1, max_total_size // 2)  # room for the current file and a backup
         self.maxbytes = maxbytes
@@ -364,6 +367,15 @@ class LogSink:
 
     # -- public --
 
+    @property
+    def path(self) -> Path | None:
+        """The log file (None: the output is discarded)."""
+        return None if self._where is None else Path(self._where)
+
+    def _file(self) -> Path:
+        assert self._where is not None
+        return Path(self._where)
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append `data`, rotating as needed. Never raises OSError (see module doc)."""
         chunk = memoryview(data) if not isinstance(data, memoryview) else data
@@ -375,7 +387,7 @@ class LogSink:
         if self._stamper is not None:
             chunk = self._stamped(chunk)
         self._tail.append(chunk)
-        if self.path is not None:
+        if self._where is not None:
             self._write_file(chunk)
 
     def _stamped(self, chunk: memoryview) -> memoryview:
@@ -393,7 +405,7 @@ class LogSink:
     def rotate_now(self) -> bool:
         """Cut the file now (`supctl logs rotate`). False if there is nothing to cut or
         the rename failed (logged)."""
-        if self.path is None or self._is_stream():
+        if self._where is None or self._is_stream():
             return False
         if self._fd is None and not self._open():
             return False
@@ -403,17 +415,17 @@ class LogSink:
 
     def files(self) -> list[tuple[Path, int]]:
         """The current file and its backups that exist, with their sizes."""
-        if self.path is None:
+        if self._where is None:
             return []
         found = []
         for number in range(self.backups + 1):
-            for candidate in _numbered(self.path, number):
+            for candidate in _numbered(self._file(), number):
                 with contextlib.suppress(OSError):
                     found.append((candidate, os.stat(candidate).st_size))
         return found
 
     def _is_stream(self) -> bool:
-        return self.path is not None and is_stream_destination(self.path)
+        return self._where is not None and is_stream_destination(self._file())
 
     def _rotates_at_all(self) -> bool:
         return self._regular and not self._is_stream()
@@ -431,8 +443,10 @@ class LogSink:
         back than the memory tail; from memory when there is no file, it cannot be read,
         or writing to it is failing (the memory tail then holds what the file lacks).
         """
-        if self.path is not None and self.last_error is None:
-            data = read_log_tail(self.path, self.backups, nbytes=nbytes, nlines=nlines, limit=limit)
+        if self._where is not None and self.last_error is None:
+            data = read_log_tail(
+                self._file(), self.backups, nbytes=nbytes, nlines=nlines, limit=limit
+            )
             if data is not None:
                 return data
         if nlines is None:
@@ -442,8 +456,8 @@ class LogSink:
     def read_since(self, since: float, *, limit: int) -> bytes:
         """What was written at or after wall time `since` (see read_log_since); from
         memory when there is no readable file."""
-        if self.path is not None and self.last_error is None:
-            data = read_log_since(self.path, self.backups, since, limit=limit)
+        if self._where is not None and self.last_error is None:
+            data = read_log_since(self._file(), self.backups, since, limit=limit)
             if data is not None:
                 return data
         return lines_since(self._tail.last(limit), since)
@@ -460,7 +474,7 @@ class LogSink:
         """
         was_in_use = self._fd is not None or self._write_failing
         self.close()
-        if self.path is not None and was_in_use:
+        if self._where is not None and was_in_use:
             self._open()
 
     def close(self) -> None:
@@ -538,9 +552,9 @@ class LogSink:
         return True
 
     def _open(self) -> bool:
-        assert self.path is not None
+        assert self._where is not None
         try:
-            fd, st = _open_log_file(self.path, self._truncate_on_open)
+            fd, st = _open_log_file(self._file(), self._truncate_on_open)
         except OSError as exc:
             self._write_failed(exc, 0)
             return False
@@ -563,8 +577,8 @@ class LogSink:
     def _last_rotation(self) -> float:
         """When the current file was started, as far as the disk tells: NAME.1 stopped
         changing when it was cut (a restart of supd keeps the age), else now."""
-        assert self.path is not None
-        for candidate in _numbered(self.path, 1):
+        assert self._where is not None
+        for candidate in _numbered(self._file(), 1):
             with contextlib.suppress(OSError):
                 return min(time.time(), os.stat(candidate).st_mtime)
         return time.time()
@@ -596,7 +610,7 @@ class LogSink:
     def _check_still_linked(self) -> None:
         """If our file was deleted (or its folder removed), write to a new one from now
         on, with what went into the deleted one since the last check copied over."""
-        assert self._fd is not None and self.path is not None
+        assert self._fd is not None and self._where is not None
         try:
             if os.fstat(self._fd).st_nlink > 0:
                 self._checked_size = self._size
@@ -616,20 +630,20 @@ class LogSink:
             recovered = _copy_range(old_fd, new_fd, first, end)
             self._size += recovered
         except OSError as exc:
-            log.warning("log_recovery_failed", path=str(self.path), error=str(exc))
+            log.warning("log_recovery_failed", path=str(self._file()), error=str(exc))
         finally:
             os.close(old_fd)
         self._checked_size = self._size
-        log.warning("log_file_deleted", path=str(self.path), reopened=True, recovered=recovered)
+        log.warning("log_file_deleted", path=str(self._file()), reopened=True, recovered=recovered)
 
     # -- rotation --
 
     def _rotate(self) -> bool:
         """Start a new current file. False (and the file unchanged) if that failed."""
-        assert self.path is not None
+        assert self._where is not None
         if self.backups > 0:
             try:
-                self._shift_backups(self.path)
+                self._shift_backups(self._file())
             except OSError as exc:
                 self._rotate_failed(exc)
                 return False
@@ -649,14 +663,14 @@ class LogSink:
     def enforce_total_size(self) -> None:
         """Delete the oldest backups while the log and its backups could pass
         max_total_size (counting the current file at its full maxbytes)."""
-        if not self.max_total_size or self.path is None:
+        if not self.max_total_size or self._where is None:
             return
         files = self.files()
         # The current file will grow to maxbytes: keep room for it.
-        current = sum(size for path, size in files if path == self.path)
+        current = sum(size for path, size in files if path == self._file())
         total = sum(size for _, size in files) - current + max(current, self.maxbytes)
         for path, size in reversed(files):
-            if total <= self.max_total_size or path == self.path:
+            if total <= self.max_total_size or path == self._file():
                 break
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -690,25 +704,25 @@ class LogSink:
         self.last_error = exc
         if not self._write_failing:
             self._write_failing = True
-            log.warning("log_write_failed", path=str(self.path), error=str(exc))
+            log.warning("log_write_failed", path=str(self._file()), error=str(exc))
 
     def _write_recovered(self) -> None:
         self._write_failing = False
         if not self._rotate_failing:
             self.last_error = None
-        log.info("log_write_recovered", path=str(self.path), dropped_bytes=self.dropped_bytes)
+        log.info("log_write_recovered", path=str(self._file()), dropped_bytes=self.dropped_bytes)
 
     def _rotate_failed(self, exc: OSError) -> None:
         self.last_error = exc
         if not self._rotate_failing:
             self._rotate_failing = True
-            log.warning("log_rotate_failed", path=str(self.path), error=str(exc))
+            log.warning("log_rotate_failed", path=str(self._file()), error=str(exc))
 
     def _rotate_recovered(self) -> None:
         self._rotate_failing = False
         if not self._write_failing:
             self.last_error = None
-        log.info("log_rotate_recovered", path=str(self.path))
+        log.info("log_rotate_recovered", path=str(self._file()))
 
 
 def _backup_path(path: Path, number: int) -> Path:
@@ -1209,7 +1223,8 @@ def _shared_buffer() -> tuple[bytearray, memoryview]:
 class OutputSink(Protocol):
     """What a PipeReader writes into: a LogSink or a LineSink."""
 
-    path: Path | None
+    @property
+    def path(self) -> Path | None: ...
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
 
