@@ -230,7 +230,9 @@ class TailBuffer:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._data = bytearray()
+        # The shared empty bytes until the first append: two streams per process, most
+        # of them quiet, would each hold an empty bytearray (56 bytes) otherwise.
+        self._data: bytearray | bytes = b""
         # Once full: where the next byte goes, which is also where the oldest byte is.
         self._end = 0
 
@@ -238,26 +240,29 @@ class TailBuffer:
         return len(self._data)
 
     def append(self, chunk: memoryview) -> None:
+        data = self._data
+        if not isinstance(data, bytearray):
+            data = self._data = bytearray()
         size = self.size
         if len(chunk) >= size:
-            self._data[:] = chunk[len(chunk) - size :]
+            data[:] = chunk[len(chunk) - size :]
             self._end = 0
             return
-        missing = size - len(self._data)
+        missing = size - len(data)
         if missing > 0:
-            self._data += chunk[:missing]
+            data += chunk[:missing]
             chunk = chunk[missing:]
             if not chunk:
                 return
-        self._overwrite_oldest(chunk)
+        self._overwrite_oldest(data, chunk)
 
-    def _overwrite_oldest(self, chunk: memoryview) -> None:
+    def _overwrite_oldest(self, data: bytearray, chunk: memoryview) -> None:
         end = self._end
         first = min(len(chunk), self.size - end)
-        self._data[end : end + first] = chunk[:first]
+        data[end : end + first] = chunk[:first]
         wrapped = len(chunk) - first
         if wrapped:
-            self._data[:wrapped] = chunk[first:]
+            data[:wrapped] = chunk[first:]
         self._end = (end + len(chunk)) % self.size
 
     def last(self, nbytes: int) -> bytes:
