@@ -311,6 +311,7 @@ class LogSink:
         "_size",
         "_stamper",
         "_tail",
+        "_tail_size",
         "_truncate_on_open",
         "_where",
         "_write_failing",
@@ -358,7 +359,9 @@ class LogSink:
         self.bytes_written = 0  # every byte ever given to write(), kept or dropped
         self.dropped_bytes = 0  # bytes that could not be written to the file
         self.last_error: OSError | None = None  # set while the file is failing
-        self._tail = TailBuffer(tail_size)
+        # Made at the first write (most programs are quiet; 56 bytes a stream saved).
+        self._tail: TailBuffer | None = None
+        self._tail_size = tail_size
         self._fd: int | None = None
         self._size = 0
         self._rotates = False  # whether the open file is regular and maxbytes > 0
@@ -391,7 +394,10 @@ class LogSink:
         self.bytes_written += len(chunk)
         if self._stamper is not None:
             chunk = self._stamped(chunk)
-        self._tail.append(chunk)
+        tail = self._tail
+        if tail is None:
+            tail = self._tail = TailBuffer(self._tail_size)
+        tail.append(chunk)
         if self._where is not None:
             self._write_file(chunk)
 
@@ -437,7 +443,7 @@ class LogSink:
 
     def tail(self, nbytes: int) -> bytes:
         """The last `nbytes` bytes of output (at most `tail_size`)."""
-        return self._tail.last(nbytes)
+        return self._last(nbytes)
 
     def read_back(
         self, *, nbytes: int | None = None, nlines: int | None = None, limit: int
@@ -455,8 +461,8 @@ class LogSink:
             if data is not None:
                 return data
         if nlines is None:
-            return self._tail.last(limit if nbytes is None else min(nbytes, limit))
-        return _last_lines(self._tail.last(limit), nlines)
+            return self._last(limit if nbytes is None else min(nbytes, limit))
+        return _last_lines(self._last(limit), nlines)
 
     def read_since(self, since: float, *, limit: int) -> bytes:
         """What was written at or after wall time `since` (see read_log_since); from
@@ -465,11 +471,14 @@ class LogSink:
             data = read_log_since(self._file(), self.backups, since, limit=limit)
             if data is not None:
                 return data
-        return lines_since(self._tail.last(limit), since)
+        return lines_since(self._last(limit), since)
 
     @property
     def tail_size(self) -> int:
-        return self._tail.size
+        return self._tail_size
+
+    def _last(self, nbytes: int) -> bytes:
+        return b"" if self._tail is None else self._tail.last(nbytes)
 
     def reopen(self) -> None:
         """Close and reopen the path, creating it: for SIGUSR2 after logrotate moved it.

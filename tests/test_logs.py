@@ -392,9 +392,10 @@ def test_tail_buffer_matches_the_end_of_the_stream(
 
 def test_tail_memory_starts_empty_and_grows_only_with_output() -> None:
     sink = LogSink(None, maxbytes=0, backups=0)
-    assert len(sink._tail) == 0
+    assert sink._tail is None and sink.tail(10) == b""  # no buffer at all until then
     sink.write(b"hello")
-    assert len(sink._tail) == 5
+    assert sink._tail is not None and len(sink._tail) == 5 and sink.tail(10) == b"hello"
+    assert TailBuffer(8)._data == b"" and not isinstance(TailBuffer(8)._data, bytearray)
 
 
 def test_discard_mode_keeps_only_the_tail(tmp_path: Path) -> None:
