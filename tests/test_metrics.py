@@ -23,7 +23,7 @@ from supd.config import ConfigError, load
 from supd.facts import State
 from supd.fleet import Transitioned
 from supd.httpmetrics import MetricsServer
-from supd.metrics import Metrics, ProcSampler
+from supd.metrics import NO_COUNTS, Metrics, ProcSampler
 from supd.selector import Selector
 from tests.helpers import SLEEP, Supd, cmd, kill_quietly, python_command, wait_until
 
@@ -206,6 +206,10 @@ def test_restart_reasons_from_transitions() -> None:
     change(State.STOPPING, State.STOPPED)
     change(State.STOPPED, State.STARTING)  # started again by the operator
     assert metrics.counters("web").restarts == {"failed_start": 1, "exited": 1, "requested": 1}
+    # A process that never restarted shares the one empty Counter, which stays empty.
+    change_other = Transitioned("db", State.STOPPED, State.STARTING, "", None, 0, None)
+    metrics.transitioned(change_other)
+    assert metrics.counters("db").restarts is NO_COUNTS and not NO_COUNTS
 
 
 # --------------------------------------------------------------------------- /proc
