@@ -1,11 +1,4 @@
-"""The daemon's own log: one event per line on stderr, structlog's way, without structlog.
-
-`get_logger(**context)` gives a logger with structlog's interface (`bind`, `debug`,
-`info`, `warning`, `error`, `exception`): an event name and fields, which a small chain
-of processors turns into one line. supd used structlog itself until its import cost
-was measured: structlog imports asyncio (for its async logging methods, which supd
-never calls), and that is 5 of its 7 MiB of RSS in a daemon meant to stay small; the
-part supd used is the chain below (benchmarks/RESULTS.md, "Memory").
+"""The daemon's own log: structlog, one event per line on stderr.
 
 On a terminal: key=value lines with colours. Otherwise JSON (log_format = "auto"), so a
 collector can parse it. Timestamps are UTC, ISO 8601 with a `Z`. Under systemd (stderr
@@ -29,6 +22,10 @@ program with it, so its log must not be able to kill it):
   `WINDOW_S`; the next one that passes carries `suppressed=N`,
   and counts left over when the flood stops come out as `log_events_suppressed`.
 - A processor or renderer that raises loses its one event (counted as dropped).
+
+structlog is imported without asyncio (`_import_structlog`): its stdlib module imports
+asyncio for async logging methods supd never calls, and asyncio with ssl is about 5 MiB
+of the daemon's RSS (benchmarks/RESULTS.md, "Memory").
 """
 
 from __future__ import annotations
@@ -37,20 +34,54 @@ import atexit
 import contextlib
 import errno
 import fcntl
-import json
+import logging
 import os
 import select
 import stat
 import sys
 import time
-import traceback
+import types
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
-# The numbers are the logging module's (which supd does not need to import).
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+def _import_structlog() -> types.ModuleType:
+    """structlog, imported while a stand-in holds asyncio's place in sys.modules.
+
+    structlog.stdlib and structlog._native say `import asyncio` at the top but use it
+    only inside their async methods. The stand-in they bind imports the real asyncio the
+    first time anything reads from it, so nothing breaks; it just never happens in supd.
+    """
+    if "asyncio" in sys.modules:  # already paid for (tests, an embedding program)
+        import structlog as already
+
+        return already
+    stand_in = types.ModuleType("asyncio", "stand-in: the real asyncio on first use")
+
+    def real_asyncio(name: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module("asyncio"), name)
+
+    setattr(stand_in, "__getattr__", real_asyncio)  # noqa: B010 (a module's __getattr__)
+    sys.modules["asyncio"] = stand_in
+    try:
+        import structlog as imported
+    finally:
+        if sys.modules.get("asyncio") is stand_in:
+            del sys.modules["asyncio"]
+    return imported
+
+
+if TYPE_CHECKING:
+    import structlog
+else:
+    structlog = _import_structlog()
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+LEVELS["error"] = logging.ERROR
 
 # sd-daemon(3) priorities.
 _SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
@@ -379,8 +410,17 @@ class RecentLines:
 RECENT = RecentLines()
 
 
-class DropEvent(Exception):
-    """A processor's way to drop the event (structlog's convention)."""
+class _LineLogger:
+    """structlog's final logger: hands every rendered line to the writer (and the ring)."""
+
+    def __init__(self, writer: LogWriter | _StreamWriter) -> None:
+        self.writer = writer
+
+    def msg(self, message: str) -> None:
+        RECENT.add(message)
+        self.writer.write_line(message)
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
 
 
 # --------------------------------------------------------------------------- rate limit
@@ -401,7 +441,7 @@ class _Window:
 
 
 class RateLimiter:
-    """A processor: at most `burst` identical events per `window_s`."""
+    """A structlog processor: at most `burst` identical events per `window_s`."""
 
     def __init__(
         self,
@@ -429,7 +469,7 @@ class RateLimiter:
             if window.count > self.burst:
                 window.suppressed += 1
                 self._next_report = min(self._next_report, window.end)
-                raise DropEvent
+                raise structlog.DropEvent
         else:
             if window is not None and window.suppressed:
                 event_dict["suppressed"] = window.suppressed
@@ -498,198 +538,24 @@ class _JournalRenderer:
         return f"<{priority}>{self.inner(logger, method, event_dict)}"
 
 
-Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
-
-
-def _add_log_level(
-    _logger: Any, method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    event_dict["level"] = method
-    return event_dict
-
-
-def _add_timestamp(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """UTC, ISO 8601 with microseconds and a `Z`, as structlog's TimeStamper made it."""
-    now = time.time()
-    seconds = int(now)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    event_dict["timestamp"] = f"{stamp}.{int((now - seconds) * 1e6):06d}Z"
-    return event_dict
-
-
-def _format_exc_info(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """`exc_info=True` (log.exception) -> the traceback as text, under `exception`."""
-    exc_info = event_dict.pop("exc_info", None)
-    if exc_info:
-        event_dict["exception"] = _traceback(exc_info)
-    return event_dict
-
-
-def _traceback(exc_info: Any) -> str:
-    if isinstance(exc_info, BaseException):
-        return "".join(traceback.format_exception(exc_info)).rstrip("\n")
-    return traceback.format_exc().rstrip("\n")
-
-
-def _json_default(value: Any) -> Any:
-    return repr(value)
-
-
-def _render_json(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
-    return json.dumps(event_dict, default=_json_default)
-
-
-_LEVEL_STYLES = {
-    "debug": "\x1b[32m",
-    "info": "\x1b[32m",
-    "warning": "\x1b[33m",
-    "error": "\x1b[31m",
-    "critical": "\x1b[31;1m",
-}
-_RESET, _BRIGHT, _DIM, _KEY, _VALUE = "\x1b[0m", "\x1b[1m", "\x1b[2m", "\x1b[36m", "\x1b[35m"
-
-
-class _ConsoleRenderer:
-    """`TIMESTAMP [level    ] event                          key=value ...`, as
-    structlog's ConsoleRenderer lays it out (keys sorted, strings bare, the rest repr),
-    coloured on a terminal; a traceback follows on the next lines."""
-
-    def __init__(self, colors: bool) -> None:
-        self.colors = colors
-
-    def __call__(self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
-        def paint(style: str, text: str) -> str:
-            return f"{style}{text}{_RESET}" if self.colors else text
-
-        event_dict = dict(event_dict)
-        exc_info = event_dict.pop("exc_info", None)
-        timestamp = event_dict.pop("timestamp", None)
-        level = str(event_dict.pop("level", ""))
-        event = str(event_dict.pop("event", ""))
-        parts = []
-        if timestamp is not None:
-            parts.append(paint(_DIM, str(timestamp)))
-        if level:
-            parts.append("[" + paint(_LEVEL_STYLES.get(level, ""), f"{level:<9}") + "]")
-        fields = " ".join(
-            paint(_KEY, key) + "=" + paint(_VALUE, value if isinstance(value, str) else repr(value))
-            for key, value in sorted(event_dict.items())
-        )
-        parts.append(paint(_BRIGHT, f"{event:<30}") if fields else paint(_BRIGHT, event))
-        if fields:
-            parts.append(fields)
-        line = " ".join(parts)
-        if exc_info:
-            line += "\n" + _traceback(exc_info)
-        return line
-
-
-@dataclass(slots=True)
-class _Chain:
-    """What every logger does with an event: the level below which it is ignored, the
-    processors (the last one renders the line), and where the line goes."""
-
-    level: int
-    processors: list[Processor]
-    writer: LogWriter | _StreamWriter
-
-
 _writer: LogWriter | _StreamWriter | None = None
 _limiter: RateLimiter | None = None
-_chain: _Chain | None = None  # None until configure(): stderr, console, every level
-_captured: list[dict[str, Any]] | None = None  # capture(): events as data, nothing written
 
 
-def _emit(method: str, context: Mapping[str, Any], event: Any, fields: dict[str, Any]) -> None:
-    """Never raises: a processor or renderer that fails loses its one event (counted)."""
-    chain = _chain or _default_chain()
-    if LEVELS.get(method, 40) < chain.level:
-        return
-    event_dict: dict[str, Any] = {**context, **fields}
-    if event is not None:
-        event_dict["event"] = event
-    if _captured is not None:
-        event_dict["log_level"] = method
-        _captured.append(event_dict)
-        return
-    try:
-        result: Any = event_dict
-        for processor in chain.processors:
-            result = processor(None, method, result)
-    except DropEvent:
-        return
-    except Exception:
-        chain.writer.drop()
-        return
-    line = str(result)
-    RECENT.add(line)
-    chain.writer.write_line(line)
+def _safe_wrapper(level: int) -> type[Any]:
+    """The filtering bound logger, made unable to raise: a failing processor drops."""
+    base: Any = structlog.make_filtering_bound_logger(level)
 
+    class SafeBoundLogger(base):  # type: ignore[misc]
+        def _proxy_to_logger(self, method_name: str, event: Any = None, **kw: Any) -> Any:
+            try:
+                return super()._proxy_to_logger(method_name, event, **kw)
+            except Exception:
+                if _writer is not None:
+                    _writer.drop()
+                return None
 
-def _default_chain() -> _Chain:
-    global _chain
-    _chain = _Chain(
-        LEVELS["debug"],
-        [_add_log_level, _add_timestamp, _ConsoleRenderer(colors=False)],
-        _StreamWriter(sys.stderr),
-    )
-    return _chain
-
-
-class Logger:
-    """A logger with bound fields; every call goes through the current chain (so a
-    logger made before `configure` follows it, as structlog's lazy proxies did)."""
-
-    __slots__ = ("_context",)
-
-    def __init__(self, context: Mapping[str, Any] | None = None) -> None:
-        self._context: Mapping[str, Any] = context or {}
-
-    def bind(self, **fields: Any) -> Logger:
-        return Logger({**self._context, **fields})
-
-    def debug(self, event: Any = None, **fields: Any) -> None:
-        _emit("debug", self._context, event, fields)
-
-    def info(self, event: Any = None, **fields: Any) -> None:
-        _emit("info", self._context, event, fields)
-
-    def warning(self, event: Any = None, **fields: Any) -> None:
-        _emit("warning", self._context, event, fields)
-
-    warn = warning
-
-    def error(self, event: Any = None, **fields: Any) -> None:
-        _emit("error", self._context, event, fields)
-
-    def critical(self, event: Any = None, **fields: Any) -> None:
-        _emit("critical", self._context, event, fields)
-
-    def exception(self, event: Any = None, **fields: Any) -> None:
-        fields.setdefault("exc_info", True)
-        _emit("error", self._context, event, fields)
-
-
-@contextlib.contextmanager
-def capture() -> Iterator[list[dict[str, Any]]]:
-    """Every event as data (with `log_level`), unfiltered and unwritten (tests)."""
-    global _captured
-    saved, _captured = _captured, []
-    try:
-        yield _captured
-    finally:
-        _captured = saved
-
-
-def reset() -> None:
-    """Back to the state before configure() (tests)."""
-    global _chain, _limiter
-    _chain = None
-    _limiter = None
+    return SafeBoundLogger
 
 
 def configure(
@@ -698,28 +564,36 @@ def configure(
     stream: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> None:
-    global _writer, _limiter, _chain
+    global _writer, _limiter
     stream = stream or sys.stderr
     environ = os.environ if environ is None else environ
     journal = stderr_is_journal(stream, environ)
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
     limiter = RateLimiter()
-    processors: list[Processor] = [_add_log_level, limiter]
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        limiter,
+    ]
     if not journal:
-        processors.append(_add_timestamp)
-    renderer: Processor
+        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
     if log_format == "console":
-        renderer = _ConsoleRenderer(colors=stream.isatty() and not journal)
+        renderer: Any = structlog.dev.ConsoleRenderer(colors=stream.isatty() and not journal)
     else:
-        processors.append(_format_exc_info)
-        renderer = _render_json
+        processors.append(structlog.processors.format_exc_info)
+        renderer = structlog.processors.JSONRenderer()
     if journal:
         processors.append(_add_journal_priority)
         renderer = _JournalRenderer(renderer)
     processors.append(renderer)
     writer = _writer_for(stream)
-    _chain = _Chain(LEVELS.get(log_level, LEVELS["info"]), processors, writer)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=_safe_wrapper(LEVELS.get(log_level, logging.INFO)),
+        logger_factory=lambda *_args: _LineLogger(writer),
+        cache_logger_on_first_use=False,
+    )
     if isinstance(writer, LogWriter):
         writer.announce = lambda count: get_logger().warning("log_events_dropped", count=count)
     limiter.report = lambda event, process, count, like: get_logger().warning(
@@ -828,5 +702,8 @@ def shutdown() -> None:
         _writer.close()
 
 
-def get_logger(**context: Any) -> Logger:
-    return Logger(context)
+def get_logger(**context: Any) -> Any:
+    """Without context: structlog's lazy proxy, which follows `configure` (and a test's
+    `capture_logs`) at each call; `bind` would fix the configuration of the moment."""
+    proxy = structlog.get_logger("supd")
+    return proxy.bind(**context) if context else proxy

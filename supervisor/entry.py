@@ -1,8 +1,8 @@
 """The `supd` command: a small launcher in front of supd.daemon.
 
 supd never speaks TLS and never needs OpenSSL's hashes, but its dependencies import
-both at start-up (pydantic -> secrets -> hmac -> hashlib; asyncio -> ssl, should
-anything import asyncio again),
+both at start-up (pydantic -> secrets -> hmac -> hashlib in the config checker;
+asyncio -> ssl, should anything import asyncio: daemonlog keeps structlog from it),
 which maps OpenSSL's libcrypto into a daemon that should stay small: about 4 MB of RSS,
 a tenth of the whole. Marking the two OpenSSL bindings as unavailable before anything
 is imported keeps them out; both importers already handle their absence (asyncio runs

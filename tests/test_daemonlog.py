@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+import structlog
 
 from supd import daemonlog
 from tests.helpers import PY, SLEEP, Supd, cmd, source_pythonpath, wait_until
@@ -134,7 +135,7 @@ def test_rate_limiter_lets_a_burst_through_then_counts() -> None:
     def passes(event: str, **kw: Any) -> dict[str, Any] | None:
         try:
             return dict(limiter(None, "warning", {"event": event, **kw}))
-        except daemonlog.DropEvent:
+        except structlog.DropEvent:
             return None
 
     written = [passes("client_refused", pid=n, uid=65534) for n in range(10)]
@@ -182,7 +183,7 @@ def test_a_log_call_never_raises_into_the_caller() -> None:
         daemonlog.get_logger().info("fine")
         assert [json.loads(line)["event"] for line in stream.lines] == ["fine"]
     finally:
-        daemonlog.reset()
+        structlog.reset_defaults()
 
 
 def test_json_timestamps_are_utc_with_z() -> None:
@@ -194,7 +195,7 @@ def test_json_timestamps_are_utc_with_z() -> None:
         assert record["timestamp"].endswith("Z")
         assert record["event"] == "hello"
     finally:
-        daemonlog.reset()
+        structlog.reset_defaults()
 
 
 # -- supd end to end ------------------------------------------------------------------
@@ -382,3 +383,33 @@ def test_full_disk_under_supd_log_does_not_kill_it(make_supd: Any, tiny_tmpfs: P
     )
     assert records[0]["count"] > 0
     assert d.rpc("stop", {"names": ["crash"]}) is not None
+
+
+def test_structlog_comes_without_asyncio_and_asyncio_still_works_if_touched() -> None:
+    # asyncio (with ssl) is ~5 MiB of the daemon's RSS; structlog only needs it in
+    # async methods supd never calls. The stand-in must hand over the real module.
+    probe = (
+        "import sys\n"
+        "from supd import daemonlog\n"
+        "assert 'asyncio' not in sys.modules and 'ssl' not in sys.modules, 'loaded'\n"
+        "daemonlog.configure('json', 'info')\n"
+        "daemonlog.get_logger(process='p').info('hello', n=1)\n"
+        "daemonlog.shutdown()\n"
+        "assert 'asyncio' not in sys.modules, 'logging pulled asyncio in'\n"
+        "import structlog.stdlib\n"
+        "loop = structlog.stdlib.asyncio.get_running_loop\n"
+        "import asyncio\n"
+        "assert loop is asyncio.get_running_loop, 'not the real asyncio'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [PY, "-c", probe],
+        env={**os.environ, "PYTHONPATH": source_pythonpath()},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "ok"
+    logged = json.loads(result.stderr.splitlines()[0])
+    assert (logged["event"], logged["n"], logged["process"]) == ("hello", 1, "p")

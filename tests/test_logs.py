@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from supd import logs
-from supd.daemonlog import capture as capture_logs
 from supd.logs import LogSink, PipeReader, TailBuffer, set_pipe_size
 from tests.helpers import python_command
 

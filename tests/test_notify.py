@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from supd import activation, facts, notify
-from supd.daemonlog import capture as capture_logs
 from supd.notify import Notifier, status_line, take_systemd_environment
 from tests.helpers import PY, REPO
 

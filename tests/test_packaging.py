@@ -27,7 +27,7 @@ def run(*argv: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def venv(tmp_path: Path) -> Path:
-    """A fresh venv whose dependency (pydantic) comes from the test venv.
+    """A fresh venv whose dependencies (pydantic, structlog) come from the test venv.
 
     Only supd and Supervisor are installed into it, with --no-deps, which keeps this
     test to a couple of seconds.
