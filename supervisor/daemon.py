@@ -359,6 +359,8 @@ class Daemon:
         self._sigchld_key: int | None = None  # as a subreaper: every SIGCHLD
         self.cgroup_tree: cgroups.CgroupTree | None = None  # None: the session fallback
         self.journal: sessions.SessionJournal | None = None  # the fallback's record
+        # A select's session scan, by leader pid, until each exit takes its share.
+        self._scanned_sessions: dict[int, list[sessions.ProcStat]] = {}
         self._spare_fd: int | None = None  # see _with_spare_fd (with cgroups only)
         self.running = False
         self.exit_code = EXIT_OK
@@ -466,13 +468,16 @@ class Daemon:
             self._guarded(self._arm_clock)
             # A deadline already due (a 0 s retry): look at what else is ready first,
             # without waiting, then tick; the timerfd is for deadlines still ahead.
-            for key in self.selector.select(0 if self._due_now else -1):
+            ready = self.selector.select(0 if self._due_now else -1)
+            self._guarded(self._scan_sessions_of, ready)
+            for key in ready:
                 exited = type(key.data) is ChildTag
                 started = time.perf_counter() if exited else 0.0
                 self._guarded(self._dispatch, key)
                 self._guarded(self._drain)
                 if exited:  # the exit reaped, told to the fleet, its answer carried out
                     self.metrics.exit_handled(time.perf_counter() - started)
+            self._scanned_sessions.clear()  # a share not taken must not outlive its pid
             if self._due_now:
                 self.queue.append(Tick())
                 self._guarded(self._drain)
@@ -689,16 +694,42 @@ class Daemon:
         if killed and not sessions.wait_gone(killed, timeout=5.0):
             self.log.warning("leftovers_survive", pids=[p for p in killed if sessions.alive(p)])
 
-    def _kill_session(self, slot: Slot, pid: int) -> None:
-        """Without cgroups: the exited leader's process group, then its session's members
-        (one /proc scan). Escapes what called setsid() again; cgroups catch those."""
+    def _scan_sessions_of(self, ready: list[ReadyKey[Any]]) -> None:
+        """Without cgroups: the leftovers of every exit this select found, with one /proc
+        scan for all of them (`_kill_session` takes its share). A scan costs O(processes
+        on the host), ~0.1 s at 10,000: one per exit made a shutdown of that many take
+        hours. The zombies are not reaped yet, so each session id is still ours."""
+        leaders: dict[int, int | None] = {}
+        for key in ready:
+            if type(key.data) is not ChildTag:
+                continue
+            slot = self.slots.get(key.data.name)
+            pid = key.data.pid
+            if slot is None or slot.child is None or slot.child.pid != pid:
+                continue
+            if slot.cgroup is None and slot.leftovers == "kill":
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+                leaders[pid] = self._session_start(pid)
+        if leaders:
+            self._scanned_sessions = sessions.kill_sessions(leaders)
+
+    def _session_start(self, pid: int) -> int | None:
         start = self.journal.live.get(pid) if self.journal is not None else None
         if start is None:
             stat = sessions.read_stat(pid)
             start = stat.start_time if stat is not None else None
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
-        members = sessions.kill_session(pid, start)
+        return start
+
+    def _kill_session(self, slot: Slot, pid: int) -> None:
+        """Without cgroups: the exited leader's process group, then its session's members
+        (found by this select's scan, or one /proc scan of its own). Escapes what called
+        setsid() again; cgroups catch those."""
+        members = self._scanned_sessions.pop(pid, None)
+        if members is None:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            members = sessions.kill_session(pid, self._session_start(pid))
         if members:
             pids = [m.pid for m in members]
             self.log.info("leftovers_killed", process=slot.name, pid=pid, pids=pids)

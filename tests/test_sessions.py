@@ -46,6 +46,46 @@ def test_session_members_are_found_and_killed(leader: int) -> None:
     wait_until(lambda: not any(pid_alive(pid) for pid in members))
 
 
+def test_many_sessions_are_emptied_with_one_scan_of_proc(
+    leader: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shutdown of thousands without cgroups must not scan /proc once per exit.
+    second = os.posix_spawn(
+        "/bin/sh", ["sh", "-c", "sleep 100013 & exec sleep 100014"], os.environ,
+        setsid=True, setsigmask=(),
+    )  # fmt: skip
+    try:
+        for pid in (leader, second):
+            wait_until(lambda pid=pid: len(sessions.session_members(pid)) == 2)
+        members = {pid: {p.pid for p in sessions.session_members(pid)} for pid in (leader, second)}
+        starts = {}
+        for pid in (leader, second):
+            stat = sessions.read_stat(pid)
+            assert stat is not None
+            starts[pid] = stat.start_time
+        scans = 0
+        real = sessions.all_processes
+
+        def counted() -> Iterator[sessions.ProcStat]:
+            nonlocal scans
+            scans += 1
+            return real()
+
+        monkeypatch.setattr(sessions, "all_processes", counted)
+        killed = sessions.kill_sessions({leader: starts[leader], second: starts[second]})
+        assert scans == 1
+        assert {pid: {p.pid for p in found} for pid, found in killed.items()} == members
+        for pid in (leader, second):
+            os.waitpid(pid, 0)
+        everyone = members[leader] | members[second]
+        wait_until(lambda: not any(pid_alive(pid) for pid in everyone))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(second, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(second, 0)
+
+
 def test_a_reused_leader_pid_is_not_killed(leader: int) -> None:
     wait_until(lambda: len(sessions.session_members(leader)) == 2)
     stat = sessions.read_stat(leader)
