@@ -32,6 +32,7 @@ from .protocol import (
     MaintailParams,
     MetricsParams,
     PidParams,
+    RawJSON,
     ReexecParams,
     ReloadParams,
     Request,
@@ -48,7 +49,7 @@ from .protocol import (
 )
 from .reloadplan import ReloadReport, report_data
 from .settings import ConfigError
-from .status import deaths_info, info
+from .status import deaths_info, rows_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,13 +183,8 @@ class Commands:
         match request.params:
             case StatusParams(names=names, accounting=accounting):
                 snapshot = core.snapshot(core.resolve(names), accounting)
-                now, wall = snapshot.now, snapshot.wall
-                extra = snapshot.extra
-                rows = [
-                    info(p, now, wall, stopped, extra.get(p.name))
-                    for p, stopped in snapshot.entries
-                ]
-                responder.result(rows)
+                rows = rows_json(snapshot.entries, snapshot.now, snapshot.wall, snapshot.extra)
+                responder.result(RawJSON(rows))
             case (
                 StartParams(names=names, wait=wait)
                 | StopParams(names=names, wait=wait)

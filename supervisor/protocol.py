@@ -625,10 +625,20 @@ def _usable_id(value: object) -> RequestId | None:
 # --------------------------------------------------------------------------- encoding
 
 
+class RawJSON(str):
+    """A result already written as ASCII JSON text (a big `status`: status.rows_json),
+    put into the answer as it is."""
+
+    __slots__ = ()
+
+
 def encode_result(request_id: RequestId | None, result: Any) -> bytes:
     """A success response line. `result` is plain data: dicts, lists, str, numbers,
     None, enums, dataclasses (and anything with pydantic's `model_dump`: the schema
-    models, which tests use)."""
+    models, which tests use), or `RawJSON`."""
+    if isinstance(result, RawJSON):
+        envelope = _encode({"jsonrpc": JSONRPC_VERSION, "id": request_id, "result": 0})
+        return envelope[: -len(b"0}\n")] + result.encode("ascii") + b"}\n"
     return _encode({"jsonrpc": JSONRPC_VERSION, "id": request_id, "result": result})
 
 

@@ -6,7 +6,9 @@ an exit (with the local time zone) happens here, at the edge, and nowhere else.
 
 from __future__ import annotations
 
+import json
 import time
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
 from .cgroups import CgroupStats
@@ -117,11 +119,7 @@ def info(
         "description": (
             # describe()'s most common line, without its calls (10,000 rows at M8 size)
             f"pid {pid}, uptime {format_uptime(now - started)}"
-            if state is State.RUNNING
-            and started is not None
-            and stopped_by is None
-            and process.waiting_for is None
-            and not (process.healthy is not None or process.notify_state or process.notify_status)
+            if started is not None and _plainly_running(process, stopped_by)
             else describe(process, now, wall_now, stopped_by)
         ),
         "healthy": process.healthy,
@@ -140,6 +138,67 @@ def info(
             listed = ", ".join(f"pid {s['pid']} {s['state']} in {s['wchan']}" for s in survivors)
             row["description"] = f"{row['description']}; survived SIGKILL: {listed}"
     return row
+
+
+def _plainly_running(process: Process, stopped_by: int | None) -> bool:
+    """RUNNING with nothing to add to `pid N, uptime T`: most rows of a big status."""
+    return (
+        process.state is State.RUNNING
+        and process.pid is not None
+        and stopped_by is None
+        and process.waiting_for is None
+        and process.healthy is None
+        and not process.notify_state
+        and not process.notify_status
+    )
+
+
+# Rows that are not plainly running go through json; ASCII escapes keep every row
+# encodable as UTF-8, whatever a reason or an error message holds.
+_ROW_ENCODER = json.JSONEncoder(check_circular=False, separators=(",", ":"))
+
+
+def rows_json(
+    entries: list[tuple[Process, int | None]],
+    now: float,
+    wall_now: float,
+    extra: dict[str, dict[str, Any]],
+) -> str:
+    """The `status` result for `entries` as JSON text: the list of `info()` rows.
+
+    At 10,000 processes, building 10,000 dicts and encoding them is most of a `status`
+    (26 + 20 ms here). A plainly running process's row is written straight from its
+    fields instead, which halves that; tests hold every row equal to `info()`'s.
+    """
+    out: list[str] = []
+    for process, stopped_by in entries:
+        more = extra.get(process.name)
+        started = process.started_at
+        if more or started is None or not _plainly_running(process, stopped_by):
+            out.append(_ROW_ENCODER.encode(info(process, now, wall_now, stopped_by, more)))
+            continue
+        up = now - started
+        out.append(
+            f'{{"name":{_json_str(process.name)},"program":{_json_str(process.config.name)},'
+            f'"state":"RUNNING","pid":{process.pid},"uptime":{round(up, 3)!r},'
+            f'"exit_code":{_json_int(process.exit_code)},"exit_signal":'
+            f"{_json_opt_str(signal_name(process.exit_signal) if process.exit_signal else None)},"
+            f'"restarts":{process.restarts},"spawn_error":{_json_opt_str(process.spawn_error)},'
+            f'"description":"pid {process.pid}, uptime {format_uptime(up)}",'
+            f'"healthy":null,"health_error":{_json_opt_str(process.health_error)},'
+            f'"waiting_for":null,"notify_status":null,"next_start_in":null,'
+            f'"consecutive_failures":{process.failures},"revive_in":null,'
+            f'"reason":{_json_opt_str(process.reason)}}}'
+        )
+    return "[" + ",".join(out) + "]"
+
+
+def _json_int(value: int | None) -> str:
+    return "null" if value is None else str(int(value))
+
+
+def _json_opt_str(value: str | None) -> str:
+    return "null" if value is None else _json_str(value)
 
 
 # -- crash loops and deaths: the schedule, what supd does next, the death records -------

@@ -279,6 +279,47 @@ def test_status_rows_describe_a_running_process_as_describe_does(change: dict[st
         assert row["description"] == describe(p, 90061.5, 0.0, stopped_by)
 
 
+def test_status_rows_written_as_json_are_info_rows() -> None:
+    """status.rows_json writes plainly running rows itself (10,000 rows per status):
+    every row must read back as info()'s, whatever the process holds."""
+    import json
+
+    from supd import protocol
+    from supd.status import info, rows_json
+
+    def variant(**change: Any) -> Process:
+        p = running(program(startsecs=1), now=0.0)
+        for key, value in change.items():
+            setattr(p, key, value)
+        return p
+
+    stopped = Process("web", program())
+    entries: list[tuple[Process, int | None]] = [
+        (variant(), None),
+        (variant(), signal.SIGSTOP),
+        (variant(exit_code=3, exit_signal=signal.SIGKILL, restarts=7, failures=2), None),
+        (variant(name="wéb:0", reason="exited \udcff 1", health_error='"q"\n'), None),
+        (variant(spawn_error="no such file: /x\u2028"), None),
+        (variant(healthy=True), None),
+        (variant(healthy=False, health_error="refused"), None),
+        (variant(notify_status="42 requests"), None),
+        (variant(waiting_for="db"), None),
+        (variant(started_at=-90061.25), None),
+        (stopped, None),
+    ]
+    extra = {"web:acct": {"memory_bytes": 4096, "survivors": []}}
+    entries.append((variant(name="web:acct"), None))
+    now, wall = 90061.5, 1_700_000_000.0
+    text = rows_json(entries, now, wall, extra)
+    expected = [info(p, now, wall, by, extra.get(p.name)) for p, by in entries]
+    assert json.loads(text) == expected
+    # And as an answer: the same as the rows encoded as data, for any id.
+    for request_id in (1, "x", "\udcff", None):
+        raw = protocol.encode_result(request_id, protocol.RawJSON(text))
+        assert raw.endswith(b"}\n") and raw.count(b"\n") == 1
+        assert json.loads(raw) == json.loads(protocol.encode_result(request_id, expected))
+
+
 def test_failed_exec_reported_while_stopping_ends_the_stop() -> None:
     """Review finding: SpawnFailed in STOPPING used to leave the process STOPPING."""
     p = running(program())
