@@ -17,7 +17,9 @@ How a request travels:
 Commands run in `run_queued()` only, never while reading: the daemon sees each command
 as one more event of its loop, after the read that produced it has finished.
 
-Rules that keep one client from hurting the loop or the others:
+Rules that keep one client from hurting the loop or the others (accepting, the
+deadlines and buffered writing are `sockserver.StreamServer`'s, shared with the
+metrics responder; what is said here of lines, uids and answers is this module's):
 
 - Everything is non-blocking; each wake-up reads at most one chunk per connection and
   accepts at most a batch of clients, so a busy client or a connect storm cannot starve
@@ -59,7 +61,6 @@ import select
 import socket
 import stat
 import struct
-import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,22 +70,16 @@ from typing import Any, Final, Protocol
 from . import daemonlog, protocol
 from .protocol import ErrorCode, ErrorResponse, Request
 from .selector import Event, ReadyKey, SelectEvent, Selector
+from .sockserver import Conn, StreamServer, Tags, refuse
 
 READ_CHUNK: Final = 1 << 16  # bytes read per connection per wake-up
-ACCEPTS_PER_WAKEUP: Final = 64
 COMMANDS_PER_RING: Final = 64  # the rest ring the doorbell again
-ACCEPT_RETRY_MS: Final = 100
 PROBE_TIMEOUT_S: Final = 1.0  # asking a live daemon on our path for its pid
 REQUEST_TIMEOUT_S: Final = 10.0  # to send a first complete request, or finish a line
 # Of the connection cap: what one unprivileged uid may hold, and what only root and
 # supd's own user may use (so they always get in, whoever floods the socket).
 UID_SHARE: Final = 4  # one uid: at most 1/4 of the cap
 PRIVILEGED_RESERVE: Final = 16  # at most this many, and at most 1/8 of the cap
-
-# accept() errors that mean "no resources now": pause rather than spin.
-_RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# accept() errors about one client that gave up while queued: just go on.
-_CLIENT_GONE_ERRORS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -261,45 +256,18 @@ class Responder:
 # --------------------------------------------------------------------------- internals
 
 
-class _Client:
-    """The server's record of one connection."""
+class _Client(Conn):
+    """The server's record of one connection: who is at the other end, and its lines."""
 
-    __slots__ = (
-        "closed",
-        "closing",
-        "conn_id",
-        "deadline",
-        "fd",
-        "inbuf",
-        "interest",
-        "on_close",
-        "outbuf",
-        "outstanding",
-        "peer_pid",
-        "peer_uid",
-        "reading",
-        "scan_from",
-        "served",
-        "sock",
-    )
+    __slots__ = ("on_close", "peer_pid", "peer_uid", "scan_from", "served")
 
-    def __init__(self, conn_id: int, sock: socket.socket, peer_pid: int, peer_uid: int) -> None:
-        self.conn_id = conn_id
-        self.sock = sock
-        self.fd = sock.fileno()
+    def __init__(self, sock: socket.socket, peer_pid: int, peer_uid: int) -> None:
+        Conn.__init__(self, sock)  # not super(): 1% of a status request (callgrind)
         self.peer_pid = peer_pid
         self.peer_uid = peer_uid
-        self.inbuf = bytearray()
         self.scan_from = 0  # inbuf[:scan_from] holds no b"\n"
-        self.outbuf = bytearray()
-        self.interest = Event.READ
-        self.outstanding = 0  # requests received and not yet answered
-        self.reading = True  # False after the peer's EOF, or when closing
-        self.closing = False  # close as soon as the output is written
-        self.closed = False
         self.on_close: list[Callable[[], None]] = []  # e.g. stop following output
         self.served = False  # a valid request came in: the connection earned its slot
-        self.deadline: float | None = None  # close unless a request completes by then
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -398,7 +366,15 @@ def _probe(path: Path) -> _ProbeResult:
 # --------------------------------------------------------------------------- server
 
 
-class ControlServer:
+_TAGS: Final = Tags(
+    listener=Listener(),
+    accept_retry=AcceptRetry(),
+    deadline=RequestTimeout(),
+    connection=Connection,
+)
+
+
+class ControlServer(StreamServer[_Client]):
     """The control socket server. Not thread-safe: use it from the loop's thread."""
 
     def __init__(
@@ -418,37 +394,30 @@ class ControlServer:
         reserved: int | None = None,
         log: Any = None,
     ) -> None:
+        base_log = log if log is not None else daemonlog.get_logger()
+        super().__init__(
+            selector,
+            _TAGS,
+            request_timeout=request_timeout,
+            max_output=max_output,
+            log=base_log.bind(component="control"),
+        )
         self.path = Path(path)
-        self._selector = selector
         self._handler = handler
         self._mode = mode
         self._group = group
         self._listen_fd = listen_fd
         self._max_connections = max_connections
         self._max_line = max_line
-        self._max_output = max_output
-        self._request_timeout = request_timeout
         # Defaults: a quarter of the cap per uid; 16 (at most an eighth) kept for root.
         self._uid_limit = max_per_uid or max(1, max_connections // UID_SHARE)
         default_reserve = min(PRIVILEGED_RESERVE, max_connections // 8)
         self._reserve = default_reserve if reserved is None else reserved
         self._per_uid: Counter[int] = Counter()
-        # (deadline, conn_id) in deadline order: every deadline is now + one constant.
-        self._deadlines: deque[tuple[float, int]] = deque()
-        self._deadline_timer: int | None = None
-        self._deadline_armed: float | None = None  # what the timer is set for
-        self._deadline_count = 0  # connections with a deadline (0: the timer is off)
-        base_log = log if log is not None else daemonlog.get_logger()
-        self._log: Any = base_log.bind(component="control")
-        self._listener: socket.socket | None = None
         self._bound_inode: tuple[int, int] | None = None  # (st_dev, st_ino) if we made it
         self._group_gid: int | None = None
         self._doorbell: SelectEvent | None = None
         self._bell_rung = False
-        self._retry_timer: int | None = None
-        self._accept_paused = False
-        self._connections: dict[int, _Client] = {}
-        self._next_conn_id = 1
         self._queue: deque[tuple[Request, Responder]] = deque()
 
     # -- lifecycle ----------------------------------------------------------------
@@ -477,53 +446,28 @@ class ControlServer:
                 raise SocketUnusable(
                     f"cannot create the control socket at {self.path}: {reason}"
                 ) from exc
-        listener.setblocking(False)
-        self._listener = listener
         try:
-            self._register()
+            self._listen(listener)
+            self._doorbell = SelectEvent()
+            self._selector.register_event(self._doorbell, Doorbell())
         except BaseException:
             self.close()
             raise
         self._log.info("control_listening", path=str(self.path), activated=not self._bound_inode)
-
-    def _register(self) -> None:
-        assert self._listener is not None
-        self._selector.register_handle(self._listener.fileno(), Event.READ, Listener())
-        self._doorbell = SelectEvent()
-        self._selector.register_event(self._doorbell, Doorbell())
-        # Made now, not when needed: at EMFILE there is no fd left for a timerfd. Both
-        # stay disarmed until needed (re-armed on each pause, or for the earliest
-        # deadline), so an idle daemon never wakes up for them.
-        self._retry_timer = self._selector.register_timer(ACCEPT_RETRY_MS, True, AcceptRetry())
-        self._selector.disarm_timer(self._retry_timer)
-        self._deadline_timer = self._selector.register_timer(
-            ACCEPT_RETRY_MS, True, RequestTimeout()
-        )
-        self._selector.disarm_timer(self._deadline_timer)
 
     def close(self) -> None:
         """Close the listener and every connection; unlink the socket if we made it.
 
         Queued requests that have not run are dropped.
         """
-        for conn in list(self._connections.values()):
-            self._close(conn)
+        listening = self._listener is not None
+        super().close()
         self._queue.clear()
-        if self._retry_timer is not None:
-            self._unregister(self._retry_timer)  # closes the timerfd
-            self._retry_timer = None
-        if self._deadline_timer is not None:
-            self._unregister(self._deadline_timer)
-            self._deadline_timer = None
-        self._deadlines.clear()
         if self._doorbell is not None:
             self._unregister(self._doorbell)
             self._doorbell.close()
             self._doorbell = None
-        if self._listener is not None:
-            self._unregister(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
+        if listening:
             self._unlink_our_socket()
 
     # -- re-exec: the listener crosses an execve ------------------------------------
@@ -592,23 +536,13 @@ class ControlServer:
                 raise
             reason = exc.strerror or str(exc)
             raise SocketUnusable(f"cannot create the control socket at {path}: {reason}") from exc
-        listener.setblocking(False)
         new_inode = self._bound_inode
-        old = self._listener
-        if old is not None:
-            self._unregister(old.fileno())
-            old.close()
-        self._listener = listener
-        self._selector.register_handle(listener.fileno(), Event.READ, Listener())
+        self._replace_listener(listener)
         # Unlink the old path only if it is still the socket we made there.
         self.path, self._bound_inode = old_path, old_inode
         self._unlink_our_socket()
         self.path, self._bound_inode = path, new_inode
         self._log.info("control_moved", old=str(old_path), path=str(path))
-
-    def _unregister(self, target: int | SelectEvent) -> None:
-        with contextlib.suppress(KeyError):  # never registered (open() failed half-way)
-            self._selector.unregister(target)
 
     def _unlink_our_socket(self) -> None:
         # Only if the file is still the one we bound: a newer daemon may own the path.
@@ -619,15 +553,6 @@ class ControlServer:
             if (st.st_dev, st.st_ino) == self._bound_inode:
                 os.unlink(self.path)
         self._bound_inode = None
-
-    @property
-    def connection_count(self) -> int:
-        return len(self._connections)
-
-    @property
-    def accepting(self) -> bool:
-        """False while accept is paused after EMFILE/ENFILE."""
-        return self._listener is not None and not self._accept_paused
 
     # -- creating the socket ------------------------------------------------------
 
@@ -752,37 +677,6 @@ class ControlServer:
 
     # -- accepting ----------------------------------------------------------------
 
-    def _accept_batch(self) -> None:
-        assert self._listener is not None
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _CLIENT_GONE_ERRORS:
-                    continue
-                # Out of fds (or something unexpected): the listener stays readable,
-                # so retrying now would spin. Pause it; the timer resumes it.
-                self._pause_accepting(exc)
-                return
-            self._admit(sock)
-
-    def _pause_accepting(self, exc: OSError) -> None:
-        assert self._listener is not None and self._retry_timer is not None
-        level = "warning" if exc.errno in _RESOURCE_ERRORS else "error"
-        getattr(self._log, level)(
-            "accept_paused", error=exc.strerror, errno=exc.errno, retry_ms=ACCEPT_RETRY_MS
-        )
-        self._accept_paused = True
-        self._selector.update_handle(self._listener.fileno(), Event(0))
-        self._selector.rearm_timer(self._retry_timer, ACCEPT_RETRY_MS, True)
-
-    def _resume_accepting(self) -> None:
-        if self._accept_paused and self._listener is not None:
-            self._accept_paused = False
-            self._selector.update_handle(self._listener.fileno(), Event.READ)
-
     def _admit(self, sock: socket.socket) -> None:
         try:
             sock.setblocking(False)
@@ -799,17 +693,10 @@ class ControlServer:
             self._log.warning("client_refused", reason=crowded, uid=uid, pid=pid)
             self._refuse(sock, ErrorCode.TOO_MANY_CONNECTIONS, crowded)
             return
-        conn = _Client(self._next_conn_id, sock, pid, uid)
-        self._next_conn_id += 1
-        try:
-            self._selector.register_handle(conn.fd, Event.READ, Connection(conn.conn_id))
-        except (OSError, ValueError):
-            self._log.exception("client_not_registered", uid=uid, pid=pid)
-            sock.close()
+        conn = _Client(sock, pid, uid)
+        if not self._add(conn):
             return
-        self._connections[conn.conn_id] = conn
         self._per_uid[uid] += 1
-        self._set_deadline(conn)
         self._log.debug("client_connected", conn=conn.conn_id, uid=uid, pid=pid)
 
     def _crowded(self, uid: int) -> str | None:
@@ -847,54 +734,7 @@ class ControlServer:
 
     @staticmethod
     def _refuse(sock: socket.socket, code: int, message: str) -> None:
-        # A fresh socket's send buffer is empty: one short line always fits.
-        with contextlib.suppress(OSError):
-            sock.send(protocol.encode_error(None, code, message), socket.MSG_NOSIGNAL)
-        sock.close()
-
-    # -- request deadlines --------------------------------------------------------
-
-    def _set_deadline(self, conn: _Client) -> None:
-        """Close `conn` unless a request completes within the timeout.
-
-        One timerfd for all connections: the deadlines queue up in order (each is now
-        plus the same timeout), and the timer is set for the earliest one.
-        """
-        conn.deadline = time.monotonic() + self._request_timeout
-        self._deadline_count += 1
-        self._deadlines.append((conn.deadline, conn.conn_id))
-        if self._deadline_armed is None:
-            self._arm_deadline_timer()
-
-    def _clear_deadline(self, conn: _Client) -> None:
-        """The connection met (or no longer has) its deadline. With none left, the timer
-        is turned off: an idle daemon must not wake up for a deadline nobody has."""
-        if conn.deadline is None:
-            return
-        conn.deadline = None
-        self._deadline_count -= 1
-        if self._deadline_count == 0 and self._deadline_timer is not None:
-            self._selector.disarm_timer(self._deadline_timer)
-            self._deadlines.clear()
-            self._deadline_armed = None
-
-    def _arm_deadline_timer(self) -> None:
-        if not self._deadlines or self._deadline_timer is None:
-            self._deadline_armed = None
-            return
-        due = self._deadlines[0][0]
-        delay_ms = max(1, int((due - time.monotonic()) * 1000) + 1)
-        self._selector.rearm_timer(self._deadline_timer, delay_ms, True)
-        self._deadline_armed = due
-
-    def _deadline_passed(self) -> None:
-        now = time.monotonic()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            due, conn_id = self._deadlines.popleft()
-            conn = self._connections.get(conn_id)
-            if conn is not None and conn.deadline == due:  # else: met, or re-set later
-                self._close(conn, f"no complete request within {self._request_timeout:g} s")
-        self._arm_deadline_timer()
+        refuse(sock, protocol.encode_error(None, code, message))
 
     # -- reading ------------------------------------------------------------------
 
@@ -995,84 +835,15 @@ class ControlServer:
             self._send(conn, line)
         self._close_if_done(conn)
 
-    def _send(self, conn: _Client, data: bytes) -> bool:
-        """Write now as far as the socket takes it, buffer the rest. False: client gone."""
-        if conn.closed:
-            return False
-        if len(conn.outbuf) > self._max_output:
-            self._close(conn, f"client not reading: over {self._max_output} bytes pending")
-            return False
-        if not conn.outbuf:
-            try:
-                sent = conn.sock.send(data, socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._close(conn, f"write failed: {exc.strerror}")
-                return False
-            if sent == len(data):
-                return True
-            data = data[sent:]
-        conn.outbuf += data
-        self._update_interest(conn)
-        return True
-
-    def _flush(self, conn: _Client) -> None:
-        try:
-            sent = conn.sock.send(conn.outbuf, socket.MSG_NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._close(conn, f"write failed: {exc.strerror}")
-            return
-        del conn.outbuf[:sent]
-        if not conn.outbuf:
-            self._update_interest(conn)
-            self._close_if_done(conn)
-
-    def _update_interest(self, conn: _Client) -> None:
-        if conn.closed:
-            return
-        wanted = Event(0)
-        if conn.reading:
-            wanted |= Event.READ
-        if conn.outbuf:
-            wanted |= Event.WRITE
-        if wanted != conn.interest:
-            self._selector.update_handle(conn.fd, wanted)
-            conn.interest = wanted
-
     # -- closing ------------------------------------------------------------------
 
-    def _close_after_output(self, conn: _Client) -> None:
-        conn.reading = False
-        conn.closing = True
-        self._update_interest(conn)
-        self._close_if_done(conn)
+    def _log_context(self, conn: _Client) -> dict[str, object]:
+        return {"conn": conn.conn_id, "uid": conn.peer_uid, "pid": conn.peer_pid}
 
-    def _close_if_done(self, conn: _Client) -> None:
-        """Close a connection that will receive nothing more: it stopped sending, all
-        its output is written, and it waits for no answer (or is being closed)."""
-        if conn.closed or conn.reading or conn.outbuf:
-            return
-        if conn.closing or conn.outstanding <= 0:
-            self._close(conn)
-
-    def _close(self, conn: _Client, problem: str | None = None) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        conn.reading = False
-        self._clear_deadline(conn)
-        del self._connections[conn.conn_id]
+    def _closed(self, conn: _Client, problem: str | None) -> None:
         self._per_uid[conn.peer_uid] -= 1
         if not self._per_uid[conn.peer_uid]:
             del self._per_uid[conn.peer_uid]
-        with contextlib.suppress(KeyError):
-            self._selector.unregister(conn.fd)
-        conn.sock.close()
-        conn.inbuf.clear()
-        conn.outbuf.clear()
         callbacks, conn.on_close = conn.on_close, []
         for callback in callbacks:
             try:
