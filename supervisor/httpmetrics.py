@@ -6,10 +6,12 @@ thread: the listener and each connection are selector handles under this module'
 (`HttpTag`), routed by the daemon to `on_ready()`, like the control server's.
 
 Every response closes its connection (`Connection: close`), which keeps the state of a
-connection to "reading the request" then "writing the answer". The limits follow the
-control socket's: a request (line and headers) larger than `max_request` gets 431 and
-is closed; a connection that has not sent a complete request within `timeout` seconds
-is closed (slowloris); beyond `max_connections` a new connection gets 503 at once.
+connection to "reading the request" then "writing the answer". Accepting (in batches,
+paused at EMFILE), the deadline and writing are `sockserver.StreamServer`'s, as for
+the control server, so the limits follow the control socket's: a request (line and
+headers) larger than `max_request` gets 431 and is closed; a connection that has not
+sent a complete request, and read its answer, within `timeout` seconds is closed
+(slowloris); beyond `max_connections` a new connection gets 503 at once.
 Only GET and HEAD are answered (405 otherwise, with `Allow`); any path other than
 /metrics (a query string is ignored) gets 404. A request body is never read.
 
@@ -20,13 +22,10 @@ log says so once, at start, with a warning. Must not import `daemon`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import os
 import socket
 import stat
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,12 @@ from . import daemonlog
 from .control import SocketUnusable
 from .metrics import CONTENT_TYPE
 from .selector import Event, ReadyKey, Selector
+from .sockserver import Conn, StreamServer, Tags, refuse
 
 MAX_REQUEST: Final = 8192  # request line and headers
 TIMEOUT_S: Final = 10.0
 MAX_CONNECTIONS: Final = 64
-ACCEPTS_PER_WAKEUP: Final = 64
-ACCEPT_RETRY_S: Final = 0.1
+READ_CHUNK: Final = 4096
 PATH: Final = "/metrics"
 
 _REASONS: Final = {
@@ -73,19 +72,21 @@ class HttpConnection(HttpTag):
 
 
 @dataclass(frozen=True, slots=True)
-class HttpTimer(HttpTag):
-    """The earliest request deadline (or the end of an accept pause) has come."""
+class HttpAcceptRetry(HttpTag):
+    """The pause after EMFILE/ENFILE is over."""
 
 
-class _Conn:
-    __slots__ = ("deadline", "inbuf", "outbuf", "sock", "writing")
+@dataclass(frozen=True, slots=True)
+class HttpTimeout(HttpTag):
+    """The earliest request deadline has passed."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.inbuf = bytearray()
-        self.outbuf = b""
-        self.deadline = deadline
-        self.writing = False
+
+_TAGS: Final = Tags(
+    listener=HttpListener(),
+    accept_retry=HttpAcceptRetry(),
+    deadline=HttpTimeout(),
+    connection=HttpConnection,
+)
 
 
 def response(status: int, body: bytes = b"", *, head: bool = False, **headers: str) -> bytes:
@@ -110,8 +111,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class MetricsServer:
-    """The HTTP listener and its connections. Use it from the loop's thread only."""
+class MetricsServer(StreamServer[Conn]):
+    """The HTTP listener and its connections. Use it from the loop's thread only.
+
+    A connection's deadline covers reading the request and writing the answer: it is
+    never cleared, only met by closing.
+    """
 
     def __init__(
         self,
@@ -126,24 +131,18 @@ class MetricsServer:
         max_connections: int = MAX_CONNECTIONS,
         log: Any = None,
     ) -> None:
+        super().__init__(
+            selector,
+            _TAGS,
+            request_timeout=timeout,
+            log=(log if log is not None else daemonlog.get_logger()).bind(component="metrics"),
+        )
         self.configured = address
-        self._selector = selector
         self._render = render
         self._mode = mode
         self._group = group
         self._max_request = max_request
-        self._timeout = timeout
         self._max_connections = max_connections
-        self._log: Any = (log if log is not None else daemonlog.get_logger()).bind(
-            component="metrics"
-        )
-        self._listener: socket.socket | None = None
-        self._timer: int | None = None
-        self._timer_due: float | None = None
-        self._paused_until: float | None = None
-        self._conns: dict[int, _Conn] = {}
-        self._deadlines: deque[tuple[float, int]] = deque()
-        self._next_id = 1
         self._unix_path: Path | None = None
         self.bound: str = address  # the address as bound (the port the OS chose for :0)
 
@@ -159,11 +158,11 @@ class MetricsServer:
             raise SocketUnusable(
                 f"cannot serve metrics on {self.configured}: {exc.strerror or exc}"
             ) from exc
-        listener.setblocking(False)
-        self._listener = listener
-        self._selector.register_handle(listener.fileno(), Event.READ, HttpListener())
-        self._timer = self._selector.register_timer(1, True, HttpTimer())
-        self._timer_due = time.monotonic()
+        try:
+            self._listen(listener)
+        except BaseException:
+            self.close()
+            raise
         self._log.info("metrics_listening", address=self.bound, path=PATH)
 
     def _bind(self) -> socket.socket:
@@ -228,25 +227,11 @@ class MetricsServer:
         return sock
 
     def close(self) -> None:
-        for conn_id in list(self._conns):
-            self._close(conn_id)
-        if self._timer is not None:
-            with contextlib.suppress(KeyError):
-                self._selector.unregister(self._timer)
-            self._timer = None
-        if self._listener is not None:
-            with contextlib.suppress(KeyError):
-                self._selector.unregister(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
+        super().close()
         if self._unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._unix_path)
             self._unix_path = None
-
-    @property
-    def connection_count(self) -> int:
-        return len(self._conns)
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -257,102 +242,56 @@ class MetricsServer:
     def on_ready(self, key: ReadyKey[Any]) -> None:
         match key.data:
             case HttpConnection(conn_id=conn_id):
-                if conn_id in self._conns:
-                    self._ready(conn_id, key.events)
+                conn = self._connections.get(conn_id)
+                if conn is not None:  # else: closed earlier in this same batch
+                    self._connection_ready(conn, key.events)
             case HttpListener():
-                self._accept()
-            case HttpTimer():
-                self._timer_due = None
-                self._timer_fired()
+                self._accept_batch()
+            case HttpAcceptRetry():
+                self._resume_accepting()
+            case HttpTimeout():
+                self._deadline_passed()
 
     # -- accepting ----------------------------------------------------------------
 
-    def _accept(self) -> None:
-        assert self._listener is not None
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                # Out of fds: pause rather than spin on a listener that stays readable.
-                self._log.warning("metrics_accept_paused", error=exc.strerror)
-                self._selector.update_handle(self._listener.fileno(), Event(0))
-                self._paused_until = time.monotonic() + ACCEPT_RETRY_S
-                self._arm()
-                return
-            sock.setblocking(False)
-            if len(self._conns) >= self._max_connections:
-                with contextlib.suppress(OSError):  # a fresh socket takes a short answer
-                    sock.send(response(503, b"too many connections\n"), socket.MSG_NOSIGNAL)
-                sock.close()
-                self._log.warning("metrics_client_refused", reason="too many connections")
-                continue
-            conn_id = self._next_id
-            self._next_id += 1
-            conn = _Conn(sock, time.monotonic() + self._timeout)
-            self._selector.register_handle(sock.fileno(), Event.READ, HttpConnection(conn_id))
-            self._conns[conn_id] = conn
-            self._deadlines.append((conn.deadline, conn_id))
-            if self._timer_due is None:
-                self._arm()
-
-    # -- deadlines ----------------------------------------------------------------
-
-    def _arm(self) -> None:
-        first = self._deadlines[0][0] if self._deadlines else None
-        dues = [due for due in (self._paused_until, first) if due is not None]
-        if not dues or self._timer is None:
-            self._timer_due = None
+    def _admit(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if len(self._connections) >= self._max_connections:
+            refuse(sock, response(503, b"too many connections\n"))
+            self._log.warning("metrics_client_refused", reason="too many connections")
             return
-        due = min(dues)
-        delay_ms = max(1, int((due - time.monotonic()) * 1000) + 1)
-        self._selector.rearm_timer(self._timer, delay_ms, True)
-        self._timer_due = due
+        self._add(Conn(sock))
 
-    def _timer_fired(self) -> None:
-        now = time.monotonic()
-        if self._paused_until is not None and self._paused_until <= now:
-            self._paused_until = None
-            if self._listener is not None:
-                self._selector.update_handle(self._listener.fileno(), Event.READ)
-        while self._deadlines and self._deadlines[0][0] <= now:
-            due, conn_id = self._deadlines.popleft()
-            conn = self._conns.get(conn_id)
-            if conn is not None and conn.deadline == due:
-                # No complete request in time, or its answer not read in time.
-                self._log.info("metrics_client_dropped", reason="timeout", writing=conn.writing)
-                self._close(conn_id)
-        self._arm()
+    def _deadline_missed(self, conn: Conn) -> None:
+        # No complete request in time, or its answer not read in time.
+        self._log.info("metrics_client_dropped", reason="timeout", writing=conn.closing)
+        self._close(conn)
 
     # -- one connection -----------------------------------------------------------
 
-    def _ready(self, conn_id: int, events: Event) -> None:
-        conn = self._conns[conn_id]
-        if conn.writing:
+    def _connection_ready(self, conn: Conn, events: Event) -> None:
+        if conn.closing:  # the answer is being written
             if events & (Event.WRITE | Event.ERROR):
-                self._flush(conn_id, conn)
+                self._flush(conn)
             return
         try:
-            chunk = conn.sock.recv(4096)
+            chunk = conn.sock.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._close(conn_id)
+            self._close(conn)
             return
         if not chunk:
-            self._close(conn_id)  # gone before its request was complete
+            self._close(conn)  # gone before its request was complete
             return
         conn.inbuf += chunk
         end = conn.inbuf.find(b"\r\n\r\n")
         if end < 0:
             end = conn.inbuf.find(b"\n\n")
         if (end < 0 and len(conn.inbuf) > self._max_request) or end > self._max_request:
-            self._respond(conn_id, conn, response(431, b"request too large\n"))
+            self._respond(conn, response(431, b"request too large\n"))
         elif end >= 0:
-            self._respond(conn_id, conn, self._answer(bytes(conn.inbuf[:end])))
+            self._respond(conn, self._answer(bytes(conn.inbuf[:end])))
 
     def _answer(self, head: bytes) -> bytes:
         request_line = head.split(b"\n", 1)[0].rstrip(b"\r")
@@ -373,32 +312,17 @@ class MetricsServer:
             return response(500, b"internal error\n")
         return response(200, body, head=method == b"HEAD", Content_Type=CONTENT_TYPE)
 
-    def _respond(self, conn_id: int, conn: _Conn, data: bytes) -> None:
-        conn.writing = True
-        conn.inbuf.clear()
-        conn.outbuf = data
-        self._selector.update_handle(conn.sock.fileno(), Event.WRITE)
-        self._flush(conn_id, conn)
+    def _respond(self, conn: Conn, data: bytes) -> None:
+        conn.inbuf.clear()  # a body or a pipelined request is never read
+        conn.reading = False  # so a partial write waits for WRITE alone
+        self._send(conn, data)
+        self._close_after_output(conn)
 
-    def _flush(self, conn_id: int, conn: _Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.outbuf, socket.MSG_NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(conn_id)
-            return
-        conn.outbuf = conn.outbuf[sent:]
-        if not conn.outbuf:
-            self._close(conn_id)
-
-    def _close(self, conn_id: int) -> None:
-        conn = self._conns.pop(conn_id)
-        with contextlib.suppress(KeyError, OSError):
-            self._selector.unregister(conn.sock.fileno())
-        with contextlib.suppress(OSError):
-            conn.sock.shutdown(socket.SHUT_WR)
-            # Unread input (a body, a pipelined request) would turn close() into a
-            # reset that can destroy the answer still in flight: read it away.
-            conn.sock.recv(1 << 16)
-        conn.sock.close()
+    def _close(self, conn: Conn, problem: str | None = None) -> None:
+        if not conn.closed:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+                # Unread input (a body, a pipelined request) would turn close() into a
+                # reset that can destroy the answer still in flight: read it away.
+                conn.sock.recv(1 << 16)
+        super()._close(conn, problem)
