@@ -70,7 +70,16 @@ from typing import Any, Final, Protocol
 from . import daemonlog, protocol
 from .protocol import ErrorCode, ErrorResponse, Request
 from .selector import Event, ReadyKey, SelectEvent, Selector
-from .sockserver import Conn, StreamServer, Tags, refuse
+from .sockserver import (
+    AcceptRetryTag,
+    Conn,
+    ConnectionTag,
+    DeadlineTag,
+    ListenerTag,
+    StreamServer,
+    Tags,
+    refuse,
+)
 
 READ_CHUNK: Final = 1 << 16  # bytes read per connection per wake-up
 COMMANDS_PER_RING: Final = 64  # the rest ring the doorbell again
@@ -94,15 +103,13 @@ class ControlTag:
 
 
 @dataclass(frozen=True, slots=True)
-class Listener(ControlTag):
+class Listener(ControlTag, ListenerTag):
     """The listening socket is readable: clients wait in the accept queue."""
 
 
 @dataclass(frozen=True, slots=True)
-class Connection(ControlTag):
+class Connection(ControlTag, ConnectionTag):
     """A client connection; ids are never reused, so a stale key can't hit a new client."""
-
-    conn_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +118,12 @@ class Doorbell(ControlTag):
 
 
 @dataclass(frozen=True, slots=True)
-class AcceptRetry(ControlTag):
+class AcceptRetry(ControlTag, AcceptRetryTag):
     """The pause after EMFILE/ENFILE is over: accept again."""
 
 
 @dataclass(frozen=True, slots=True)
-class RequestTimeout(ControlTag):
+class RequestTimeout(ControlTag, DeadlineTag):
     """The earliest request deadline has passed: close the connections that missed it."""
 
 
@@ -634,23 +641,12 @@ class ControlServer(StreamServer[_Client]):
         """Whether a ready key's data is one of the server's tags."""
         return isinstance(data, ControlTag)
 
-    def on_ready(self, key: ReadyKey[Any]) -> None:
-        """Handle a ready key whose data is a `ControlTag`."""
-        match key.data:
-            case Connection(conn_id=conn_id):
-                conn = self._connections.get(conn_id)
-                if conn is not None:  # else: closed earlier in this same batch
-                    self._connection_ready(conn, key.events)
-            case Listener():
-                self._accept_batch()
-            case Doorbell():
-                self.run_queued()
-            case AcceptRetry():
-                self._resume_accepting()
-            case RequestTimeout():
-                self._deadline_passed()
-            case _:
-                self._log.warning("unknown_control_key", data=repr(key.data))
+    def _other_ready(self, key: ReadyKey[Any]) -> None:
+        """The doorbell (the base's `on_ready` serves the other `ControlTag`s)."""
+        if isinstance(key.data, Doorbell):
+            self.run_queued()
+        else:
+            self._log.warning("unknown_control_key", data=repr(key.data))
 
     def run_queued(self) -> None:
         """Run queued requests: the ONE place where commands are executed."""

@@ -34,8 +34,17 @@ from typing import Any, Final
 from . import daemonlog
 from .control import SocketUnusable
 from .metrics import CONTENT_TYPE
-from .selector import Event, ReadyKey, Selector
-from .sockserver import Conn, StreamServer, Tags, refuse
+from .selector import Event, Selector
+from .sockserver import (
+    AcceptRetryTag,
+    Conn,
+    ConnectionTag,
+    DeadlineTag,
+    ListenerTag,
+    StreamServer,
+    Tags,
+    refuse,
+)
 
 MAX_REQUEST: Final = 8192  # request line and headers
 TIMEOUT_S: Final = 10.0
@@ -62,23 +71,23 @@ class HttpTag:
 
 
 @dataclass(frozen=True, slots=True)
-class HttpListener(HttpTag):
+class HttpListener(HttpTag, ListenerTag):
     pass
 
 
 @dataclass(frozen=True, slots=True)
-class HttpConnection(HttpTag):
-    conn_id: int
+class HttpConnection(HttpTag, ConnectionTag):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
-class HttpAcceptRetry(HttpTag):
-    """The pause after EMFILE/ENFILE is over."""
+class HttpAcceptRetry(HttpTag, AcceptRetryTag):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
-class HttpTimeout(HttpTag):
-    """The earliest request deadline has passed."""
+class HttpTimeout(HttpTag, DeadlineTag):
+    pass
 
 
 _TAGS: Final = Tags(
@@ -238,19 +247,6 @@ class MetricsServer(StreamServer[Conn]):
     @staticmethod
     def owns(data: object) -> bool:
         return isinstance(data, HttpTag)
-
-    def on_ready(self, key: ReadyKey[Any]) -> None:
-        match key.data:
-            case HttpConnection(conn_id=conn_id):
-                conn = self._connections.get(conn_id)
-                if conn is not None:  # else: closed earlier in this same batch
-                    self._connection_ready(conn, key.events)
-            case HttpListener():
-                self._accept_batch()
-            case HttpAcceptRetry():
-                self._resume_accepting()
-            case HttpTimeout():
-                self._deadline_passed()
 
     # -- accepting ----------------------------------------------------------------
 

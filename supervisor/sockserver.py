@@ -23,11 +23,12 @@ what neither protocol decides:
 
 Both timers are made when the server starts listening and stay disarmed until needed:
 at EMFILE there is no fd left for a timerfd. A server registers everything under its
-own tags (`Tags`), so the daemon routes each ready key to the server that owns it, and
+own tags (`Tags`: its own subclasses of the tag classes here), so the daemon routes
+each ready key to the server that owns it, and `on_ready` to what it means. A server
 supplies what its protocol decides: who is admitted (`_admit`), what a ready
-connection reads (`_connection_ready`), and optionally `_deadline_missed` and
-`_closed`. Everything runs on the loop's thread. Imports only the selector: must not
-import `daemon`, `control` or `httpmetrics`.
+connection reads (`_connection_ready`), and optionally `_deadline_missed`, `_closed`
+and `_other_ready` (a key of its own). Everything runs on the loop's thread. Imports
+only the selector: must not import `daemon`, `control` or `httpmetrics`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
-from .selector import Event, Selector
+from .selector import Event, ReadyKey, Selector
 
 ACCEPTS_PER_WAKEUP: Final = 64
 ACCEPT_RETRY_MS: Final = 100
@@ -54,15 +55,40 @@ RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 CLIENT_GONE_ERRORS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
+# What a server's own tag classes derive from (each also from the server's tag base).
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTag:
+    """The listening socket is readable: clients wait in the accept queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTag:
+    """A client connection; ids are never reused, so a stale key can't hit a new client."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptRetryTag:
+    """The pause after EMFILE/ENFILE is over: accept again."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineTag:
+    """The earliest request deadline has passed: close the connections that missed it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Tags:
     """The selector data a server registers its sources under: instances of its own
     tag classes, so that ready keys find their way back to it."""
 
-    listener: object  # the listening socket is readable
-    accept_retry: object  # the pause after EMFILE/ENFILE is over
-    deadline: object  # the earliest request deadline has passed
-    connection: Callable[[int], object]  # the tag of connection `conn_id`
+    listener: ListenerTag
+    accept_retry: AcceptRetryTag
+    deadline: DeadlineTag
+    connection: Callable[[int], ConnectionTag]
 
 
 class Conn:
@@ -152,9 +178,31 @@ class StreamServer(Generic[C]):
     def _closed(self, conn: C, problem: str | None) -> None:
         """`conn` was just closed (`problem`: why, if it was dropped)."""
 
+    def _other_ready(self, key: ReadyKey[Any]) -> None:
+        """A key of the server's that is none of the base's tags."""
+        self._log.warning("unknown_key", data=repr(key.data))
+
     def _log_context(self, conn: C) -> dict[str, object]:
         """Who is at the other end of `conn`, for a log entry about it."""
         return {"conn": conn.conn_id}
+
+    # -- dispatch -----------------------------------------------------------------
+
+    def on_ready(self, key: ReadyKey[Any]) -> None:
+        """Handle a ready key whose data is one of this server's tags."""
+        match key.data:
+            case ConnectionTag(conn_id=conn_id):
+                conn = self._connections.get(conn_id)
+                if conn is not None:  # else: closed earlier in this same batch
+                    self._connection_ready(conn, key.events)
+            case ListenerTag():
+                self._accept_batch()
+            case AcceptRetryTag():
+                self._resume_accepting()
+            case DeadlineTag():
+                self._deadline_passed()
+            case _:
+                self._other_ready(key)
 
     # -- listening ----------------------------------------------------------------
 

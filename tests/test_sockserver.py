@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import resource
+import select
 import socket
 import time
 from collections import Counter
@@ -26,7 +27,17 @@ import structlog
 from structlog.testing import LogCapture
 
 from supd.selector import Event, ReadyKey, Selector
-from supd.sockserver import ACCEPT_RETRY_MS, ACCEPTS_PER_WAKEUP, Conn, StreamServer, Tags
+from supd.sockserver import (
+    ACCEPT_RETRY_MS,
+    ACCEPTS_PER_WAKEUP,
+    AcceptRetryTag,
+    Conn,
+    ConnectionTag,
+    DeadlineTag,
+    ListenerTag,
+    StreamServer,
+    Tags,
+)
 from tests.helpers import wait_until
 
 
@@ -35,23 +46,28 @@ class EchoTag:
 
 
 @dataclass(frozen=True, slots=True)
-class EchoListener(EchoTag):
+class EchoListener(EchoTag, ListenerTag):
     pass
 
 
 @dataclass(frozen=True, slots=True)
-class EchoRetry(EchoTag):
+class EchoRetry(EchoTag, AcceptRetryTag):
     pass
 
 
 @dataclass(frozen=True, slots=True)
-class EchoTimeout(EchoTag):
+class EchoTimeout(EchoTag, DeadlineTag):
     pass
 
 
 @dataclass(frozen=True, slots=True)
-class EchoConnection(EchoTag):
-    conn_id: int
+class EchoConnection(EchoTag, ConnectionTag):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class EchoOther(EchoTag):
+    pass
 
 
 class EchoServer(StreamServer[Conn]):
@@ -64,6 +80,7 @@ class EchoServer(StreamServer[Conn]):
         self.missed: list[tuple[int, float]] = []  # (conn_id, when)
         self.closed: dict[int, str | None] = {}  # conn_id: problem
         self.seen: Counter[str] = Counter()  # ready keys by tag
+        self.others: list[object] = []  # keys of its own that are not the base's
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         listener.bind(os.fspath(path))
         listener.listen(256)
@@ -71,17 +88,10 @@ class EchoServer(StreamServer[Conn]):
 
     def on_ready(self, key: ReadyKey[Any]) -> None:
         self.seen[type(key.data).__name__] += 1
-        match key.data:
-            case EchoConnection(conn_id=conn_id):
-                conn = self._connections.get(conn_id)
-                if conn is not None:
-                    self._connection_ready(conn, key.events)
-            case EchoListener():
-                self._accept_batch()
-            case EchoRetry():
-                self._resume_accepting()
-            case EchoTimeout():
-                self._deadline_passed()
+        super().on_ready(key)
+
+    def _other_ready(self, key: ReadyKey[Any]) -> None:
+        self.others.append(key.data)
 
     def _admit(self, sock: socket.socket) -> None:
         self.admitted += 1
@@ -166,12 +176,10 @@ def connect(server: EchoServer, clients: list[socket.socket]) -> socket.socket:
 
 
 def readable(sock: socket.socket) -> bool:
-    """Something (or the end) waits to be read on `sock`, without consuming it."""
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return False
-    return True
+    """Something (or the end) waits to be read on `sock`: a poll that does not wait."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def until(server: EchoServer, selector: Selector[Any], condition: Any) -> Any:
@@ -331,3 +339,22 @@ def test_a_client_that_stops_reading_is_dropped_when_more_output_comes(
     client.sendall(b"more")  # its echo is more output for a client that reads none
     until(server, selector, lambda: server.closed)
     assert server.closed == {1: f"client not reading: over {1 << 16} bytes pending"}
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_keys_come_back_with_the_servers_own_tags_and_its_other_keys_go_to_it(
+    make_server: Any, selector: Selector[Any], clients: list[socket.socket]
+) -> None:
+    server = make_server()
+    other_fd = selector.register_timer(1, True, EchoOther())
+    try:
+        client = connect(server, clients)
+        client.sendall(b"hi")
+        until(server, selector, lambda: readable(client) and server.others)
+        assert server.others == [EchoOther()]
+        assert server.seen["EchoListener"] == 1 and server.seen["EchoConnection"] >= 1
+        assert client.recv(2) == b"hi"
+    finally:
+        selector.unregister(other_fd)
