@@ -515,3 +515,122 @@ def test_survivors_of_sigkill_are_reported_while_supd_serves_everything_else(
         kill_quietly(leftover)
         wait_until(lambda: not (freezer / "cgroup.procs").read_text().split())
         freezer.rmdir()
+
+
+# -- exec probes: in the program's cgroup, and gone with it ---------------------------------
+
+# A hung exec probe: it records its pid, a background child's and (with cgroups) a
+# setsid'd one's, and its own cgroup (/proc/$$/cgroup), then sleeps "forever". ($$$$:
+# the config's "$$" is a literal "$".)
+PROBE = (
+    "sleep 1000006 & bg=$!; {escape}"
+    "cat /proc/$$$$/cgroup > {dir}/probe.cgroup; "
+    "echo $$$$ $bg $sid > {dir}/probe.tmp; mv {dir}/probe.tmp {dir}/probe.pids; "
+    "exec sleep 1000007"
+)
+
+
+def hung_probe(tmp_path: Path, mode: str) -> list[str]:
+    # Without cgroups a probe that leaves its session is out of reach (as a program's
+    # would be): the fallback's scenario has none.
+    escape = "setsid sleep 1000008 & sid=$!; " if mode == "cgroups" else ""
+    return ["/bin/sh", "-c", PROBE.format(escape=escape, dir=tmp_path)]
+
+
+def probe_pids(tmp_path: Path, strays: list[int]) -> list[int]:
+    pids = tmp_path / "probe.pids"
+    found = [int(pid) for pid in wait_until(lambda: pids.exists() and pids.read_text().split())]
+    strays.extend(found)
+    return found
+
+
+def health_table(probe: list[str], on_unhealthy: str) -> str:
+    # timeout: an hour, so anything waiting on the probe would hang the test.
+    return f"""
+        [programs.web.health]
+        exec = {toml_list(probe)}
+        interval = 0.05
+        timeout = 3600
+        failures = 1
+        start_grace = 0
+        on_unhealthy = "{on_unhealthy}"
+    """
+
+
+def cgroup_line(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("0::"))
+
+
+def test_an_exec_probe_runs_in_the_programs_cgroup_and_a_stop_takes_a_hung_one_along(
+    supd: Factory, tmp_path: Path, mode: str, spawn_env: dict[str, str], strays: list[int]
+) -> None:
+    d = supd(
+        f"""
+        {supervisor_table(mode)}
+        [programs.web]
+        command = "/bin/sleep 1000"
+        startsecs = 0
+        {health_table(hung_probe(tmp_path, mode), "ignore")}
+        """,
+        env=spawn_env,
+    )
+    main = int(d.wait_state("web", "RUNNING")["pid"])
+    found = probe_pids(tmp_path, strays)
+    probe = found[0]
+    seen_from_probe = cgroup_line((tmp_path / "probe.cgroup").read_text())
+    if mode == "cgroups":
+        cgroup = cgroup_of(d, "web")
+        assert seen_from_probe.endswith("/programs/web"), seen_from_probe
+        assert {main, *found} <= set(cgroup.pids()), (found, cgroup.pids())
+    else:  # unchanged: where supd itself is
+        assert seen_from_probe == cgroup_line(Path(f"/proc/{d.pid}/cgroup").read_text())
+    assert pid_alive(probe) and d.status()["web"]["healthy"] is None  # still in flight
+
+    [stopped] = d.rpc("stop", {"names": ["web"]})  # never waits for the hour
+    assert stopped["ok"] and stopped["state"] == "STOPPED", stopped
+    if mode == "cgroups":  # answered once the cgroup (probe included) was empty
+        assert cgroup_of(d, "web").pids() == []
+    wait_until(
+        lambda: not any(pid_alive(pid) for pid in found),
+        describe=lambda: f"{[pid for pid in found if pid_alive(pid)]} still alive",
+    )
+    [death] = d.rpc("deaths", {"name": "web"})["deaths"]
+    assert death["cause"] == "stopped", death
+    assert not [e for e in d.events("health_changed") if not e["healthy"]]
+    for killed in d.events("cgroup_killed"):  # the probe's are never the program's
+        assert probe not in killed["pids"] and found[1] not in killed["pids"], killed
+
+
+def test_a_program_that_exits_while_its_exec_probe_runs_is_not_blamed_on_the_probe(
+    supd: Factory, tmp_path: Path, mode: str, spawn_env: dict[str, str], strays: list[int]
+) -> None:
+    """The probe in flight is ended with the program: with cgroups the exit is held back
+    until the cgroup is empty, and a verdict on the dead program meanwhile would be a
+    false failure, blamed for the death (on_unhealthy = restart)."""
+    wait_for_probe = f"while [ ! -e {tmp_path}/probe.pids ]; do sleep 0.01; done"
+    d = supd(
+        f"""
+        {supervisor_table(mode)}
+        [programs.web]
+        command = {toml_list(["/bin/sh", "-c", f"{wait_for_probe}; exit 3"])}
+        startsecs = 0
+        autorestart = "never"
+        {health_table(hung_probe(tmp_path, mode), "restart")}
+        """,
+        env=spawn_env,
+    )
+    found = probe_pids(tmp_path, strays)
+    exited = d.wait_state("web", "EXITED")
+    assert exited["exit_code"] == 3, exited
+    if mode == "cgroups":
+        assert cgroup_of(d, "web").pids() == []
+    wait_until(
+        lambda: not any(pid_alive(pid) for pid in found),
+        describe=lambda: f"{[pid for pid in found if pid_alive(pid)]} still alive",
+    )
+    [death] = d.rpc("deaths", {"name": "web"})["deaths"]
+    assert death["cause"] == "exited" and death["exit_code"] == 3, death
+    assert not [e for e in d.events("health_changed") if not e["healthy"]], d.describe()
+    for killed in d.events("cgroup_killed"):
+        assert found[0] not in killed["pids"] and found[1] not in killed["pids"], killed
+        assert set(killed.get("probe_pids", [])) <= set(found), killed
