@@ -544,12 +544,12 @@ def probe_pids(tmp_path: Path, strays: list[int]) -> list[int]:
     return found
 
 
-def health_table(probe: list[str], on_unhealthy: str) -> str:
+def health_table(probe: list[str], on_unhealthy: str, interval: float = 0.05) -> str:
     # timeout: an hour, so anything waiting on the probe would hang the test.
     return f"""
         [programs.web.health]
         exec = {toml_list(probe)}
-        interval = 0.05
+        interval = {interval}
         timeout = 3600
         failures = 1
         start_grace = 0
@@ -634,3 +634,92 @@ def test_a_program_that_exits_while_its_exec_probe_runs_is_not_blamed_on_the_pro
     for killed in d.events("cgroup_killed"):
         assert found[0] not in killed["pids"] and found[1] not in killed["pids"], killed
         assert set(killed.get("probe_pids", [])) <= set(found), killed
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """`pid` frozen by the v1 freezer (D state: it survives SIGKILL) until the end."""
+    freezer = FREEZER_V1 / f"supd-test-{os.getpid()}-{pid}"
+    freezer.mkdir()
+    try:
+        (freezer / "cgroup.procs").write_text(str(pid))
+        (freezer / "freezer.state").write_text("FROZEN")
+        wait_until(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            (freezer / "freezer.state").write_text("THAWED")
+        kill_quietly(pid)
+        wait_until(lambda: not (freezer / "cgroup.procs").read_text().split())
+        freezer.rmdir()
+
+
+def reaped(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+@needs_cgroups
+@pytest.mark.skipif(
+    not (FREEZER_V1 / "cgroup.procs").exists() or not os.access(FREEZER_V1, os.W_OK),
+    reason="needs the cgroup v1 freezer (writable) to hold a process in D state",
+)
+@pytest.mark.parametrize("probe_kind", ["hung", "quick"])
+def test_no_probe_verdict_while_an_exit_waits_for_the_cgroup_to_empty(
+    supd: Factory, tmp_path: Path, spawn_env: dict[str, str], strays: list[int], probe_kind: str
+) -> None:
+    """The main process exited, and a frozen leftover keeps its cgroup populated: the
+    fleet hears of the exit only once it is empty. Meanwhile the probe in flight (hung)
+    ends without a verdict, and due probes (quick) do not run: a verdict on the dead
+    program would be a failure, blamed for the death (on_unhealthy = restart)."""
+    leftover_file, go, armed = tmp_path / "leftover", tmp_path / "go", tmp_path / "armed"
+    # The quick probe, once armed, tells the program to exit (writing its pid to `go`);
+    # the program exits once that probe is reaped, well before the next one is due (so
+    # none is in flight then), which falls due while the exit waits. For the hung one,
+    # the test says go.
+    quick = ["/bin/sh", "-c", f"[ ! -e {armed} ] || [ -e {go} ] || echo $$$$ > {go}"]
+    probe = hung_probe(tmp_path, "cgroups") if probe_kind == "hung" else quick
+    interval = 0.05 if probe_kind == "hung" else 0.5
+    script = (
+        f"sleep 1000009 & echo $! > {leftover_file}; "
+        f"while [ ! -s {go} ]; do sleep 0.01; done; "
+        f"p=$(cat {go}); while [ -e /proc/$p ]; do sleep 0.01; done; exit 3"
+    )
+    d = supd(
+        f"""
+        {supervisor_table("cgroups")}
+        [programs.web]
+        command = {toml_list(["/bin/sh", "-c", script])}
+        startsecs = 0
+        autorestart = "never"
+        {health_table(probe, "restart", interval)}
+        """,
+        env=spawn_env,
+    )
+    leftover = int(wait_until(lambda: leftover_file.exists() and leftover_file.read_text()))
+    strays.append(leftover)
+    if probe_kind == "hung":
+        found = probe_pids(tmp_path, strays)
+    else:
+        wait_until(lambda: d.status()["web"]["healthy"] is True, describe=d.describe)
+    with frozen(leftover):
+        if probe_kind == "hung":
+            go.write_text("0")
+        else:
+            armed.touch()
+        if probe_kind == "hung":  # killed with the main process's end, and reaped
+            wait_until(lambda: all(reaped(pid) for pid in found), describe=d.describe)
+        else:  # the probe timer fired meanwhile, and nothing ran
+            wait_until(lambda: d.events("probe_skipped"), describe=d.describe)
+        entry = d.status()["web"]
+        assert entry["state"] == "RUNNING" and entry["healthy"] is not False, entry
+        assert cgroup_of(d, "web").pids() == [leftover]  # (no probe born there)
+        [killed] = d.events("cgroup_killed")  # the probe's pids are never the program's
+        assert leftover in killed["pids"], killed
+        if probe_kind == "hung":  # (its setsid'd one left its group: it cannot be told)
+            assert not set(found[:2]) & set(killed["pids"]), killed
+            assert set(killed.get("probe_pids", [])) <= set(found), killed
+    exited = d.wait_state("web", "EXITED")
+    assert exited["exit_code"] == 3, exited
+    [death] = d.rpc("deaths", {"name": "web"})["deaths"]
+    assert death["cause"] == "exited", death
+    assert not [e for e in d.events("health_changed") if not e["healthy"]], d.describe()
