@@ -723,3 +723,37 @@ def test_no_probe_verdict_while_an_exit_waits_for_the_cgroup_to_empty(
     [death] = d.rpc("deaths", {"name": "web"})["deaths"]
     assert death["cause"] == "exited", death
     assert not [e for e in d.events("health_changed") if not e["healthy"]], d.describe()
+
+
+@pytest.mark.skipif(
+    not MEMORY_ON_V2,
+    reason="the memory controller is not available on cgroup v2 here (it is on cgroup v1)",
+)
+def test_an_exec_probe_counts_against_memory_max_and_its_oom_kill_is_not_the_programs(
+    supd: Factory, tmp_path: Path, spawn_env: dict[str, str], strays: list[int]
+) -> None:
+    # Only the first run hogs (later ones fail at once): no OOM kill after the first.
+    once = tmp_path / "hogged"
+    hog = [PY, "-c", f"open({str(once)!r}, 'x'); x = b'x' * (256 << 20)"]
+    d = supd(
+        f"""
+        {supervisor_table("cgroups")}
+        [programs.web]
+        command = "/bin/sleep 1000"
+        startsecs = 0
+        autorestart = "never"
+        memory_max = "32MB"
+        {health_table(hog, "ignore", 0.2)}
+        """,
+        env=spawn_env,
+    )
+    main = int(d.wait_state("web", "RUNNING")["pid"])
+    strays.append(main)
+    wait_until(lambda: d.status()["web"]["healthy"] is False, describe=d.describe)
+    [failed] = [e for e in d.events("health_changed") if not e["healthy"]]
+    assert "killed by SIGKILL (out of memory" in failed["message"], failed
+    assert d.status()["web"]["oom_kills"] >= 1
+    os.kill(main, signal.SIGKILL)  # a signal supd did not send: not the probe's OOM kill
+    d.wait_state("web", "EXITED")
+    death = d.rpc("deaths", {"name": "web"})["deaths"][0]
+    assert death["cause"] == "killed", death
