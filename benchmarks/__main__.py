@@ -56,6 +56,7 @@ WORKLOADS = (
     "health",
     "scale",
     "reexec",
+    "churn",
 )
 
 
@@ -158,6 +159,8 @@ def plan(selected: list[str], sizes: workloads.Sizes, subjects: set[str]) -> lis
     if "reexec" in wanted:
         name = f"reexec of {sizes.fleet_programs}"
         steps.append(Step(name, (SUPD,), sizes.fleet_rounds, workloads.reexec))
+    if "churn" in wanted:  # supd only: its RSS over time, under restarts, status, reloads
+        steps.append(Step("churn", (SUPD,), 1, workloads.churn))
     kept = [
         Step(s.name, tuple(x for x in s.subjects if x in subjects), s.rounds, s.run) for s in steps
     ]

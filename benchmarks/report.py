@@ -102,6 +102,7 @@ def build_rows(results: Results, sizes: Sizes) -> list[Row]:
         _respawn, _idle, _memory, _control, _startup, _log, _stdout, _storm, _selector, _scale,
         _reexec,
         _health,
+        _churn,
     )  # fmt: skip
     for builder in builders:
         rows += builder(_Figures(results), sizes)
@@ -556,3 +557,26 @@ def _scale(f: _Figures, sizes: Sizes) -> list[Row]:
         Row(name, "SIGTERM shutdown of all (s)", shutdown, None, "", "< 10 s",
             under(shutdown, 10), 1),
     ]  # fmt: skip
+
+
+def _churn(f: _Figures, sizes: Sizes) -> list[Row]:
+    slope = f.get("churn.slope_kib_per_min", SUPD)
+    if slope is None:
+        return []
+    workload = (
+        f"churn ({sizes.churn_window_s:g} s: ~100 restarts/s, 50 status/s, a reload every 5 s)"
+    )
+    start, end = f.get("churn.rss_start_mib", SUPD), f.get("churn.rss_end_mib", SUPD)
+    # Flat: less than 1 MiB an hour, extrapolated from the slope after the warm-up.
+    return [
+        Row(
+            workload,
+            "RSS slope after warm-up (KiB/min)",
+            slope,
+            None,
+            f"RSS {start:.1f} -> {end:.1f} MiB" if start is not None and end is not None else "",
+            "< 17 KiB/min (1 MiB/h)",
+            slope < 17,
+            1,
+        )
+    ]

@@ -62,6 +62,7 @@ class Sizes:
     selector_calls: int
     health_programs: int
     health_window_s: float
+    churn_window_s: float
 
 
 FULL = Sizes(
@@ -83,6 +84,7 @@ FULL = Sizes(
     selector_calls=20_000,
     health_programs=1000,
     health_window_s=10.0,
+    churn_window_s=180.0,
 )
 
 QUICK = Sizes(
@@ -104,6 +106,7 @@ QUICK = Sizes(
     selector_calls=5_000,
     health_programs=200,
     health_window_s=3.0,
+    churn_window_s=20.0,
 )
 
 # Things seen settle: supd's exec reports and supervisord's first loop turns.
@@ -912,3 +915,88 @@ def scratch_dir() -> Path:
 
 
 Runner = Callable[[Session, str], str]
+
+
+# -- 10. churn: RSS over time while everything that allocates keeps happening --------------
+
+CHURN_SLEEPERS = 100
+CHURN_EXITERS = 10  # each exits after CHURN_LIFETIME_MS and is restarted at once
+CHURN_LIFETIME_MS = 100
+CHURN_STATUS_PER_S = 50  # the issue's hour: 10/s; here faster, over minutes
+CHURN_RELOAD_EVERY_S = 5.0  # the issue's hour: one a minute; each adds or removes one
+CHURN_SAMPLE_EVERY_S = 2.0
+CHURN_WARMUP_FRACTION = 0.25  # the first quarter: caches and the allocator settle
+
+
+def churn(session: Session, subject: str) -> str:
+    """supd only: RSS must stay flat while programs restart (~100 a second), `status` is
+    called CHURN_STATUS_PER_S times a second and the config is reloaded every few
+    seconds (a program added, then removed again). Reports the RSS slope after the
+    warm-up, by least squares over the samples."""
+    sizes = session.sizes
+    workdir = session.workdir(f"churn-{subject}")
+    daemon = Supd(workdir)
+    base = [
+        *sleepers(session.helper, CHURN_SLEEPERS),
+        *(
+            Program(f"x{p.name}", p.argv)
+            for p in exiters(session.helper, CHURN_EXITERS, CHURN_LIFETIME_MS)
+        ),
+    ]
+    extra = Program("extra", [*session.helper, "sleep", "9999"])
+    daemon.write_config(base)
+    process = daemon.launch(session.processes, session.stamps_env(workdir / "stamps"))
+    samples: list[tuple[float, float]] = []  # (seconds since start, MiB)
+    reloads = calls = 0
+    try:
+
+        def sleepers_running() -> bool:
+            try:
+                states = daemon.states()
+            except OSError:
+                return False  # not listening yet
+            running = [n for n, state in states.items() if state == "RUNNING"]
+            return sum(1 for n in running if not n.startswith("x")) == CHURN_SLEEPERS
+
+        procs.wait_for(sleepers_running, 60, f"{subject}: sleepers RUNNING", 0.05)
+        started = time.monotonic()
+        next_sample = next_reload = started
+        with_extra = False
+        while (now := time.monotonic()) < started + sizes.churn_window_s:
+            if now >= next_sample:
+                samples.append((now - started, procs.rss_bytes(process.pid) / MIB))
+                next_sample += CHURN_SAMPLE_EVERY_S
+            if now >= next_reload and now > started:
+                with_extra = not with_extra
+                daemon.write_config([*base, extra] if with_extra else base)
+                daemon.call("reload", {})
+                reloads += 1
+                next_reload += CHURN_RELOAD_EVERY_S
+            daemon.status_round_trip()
+            calls += 1
+            time.sleep(max(0.0, 1 / CHURN_STATUS_PER_S - (time.monotonic() - now)))
+        samples.append((time.monotonic() - started, procs.rss_bytes(process.pid) / MIB))
+        if process.poll() is not None:
+            raise RuntimeError("supd is gone during the churn")
+    finally:
+        session.processes.kill(process)
+    steady = samples[int(len(samples) * CHURN_WARMUP_FRACTION) :]
+    slope = _least_squares_slope(steady) * 60 * 1024  # KiB per minute
+    results = session.results
+    results.add("churn.slope_kib_per_min", subject, [slope])
+    results.add("churn.rss_start_mib", subject, [steady[0][1]])
+    results.add("churn.rss_end_mib", subject, [steady[-1][1]])
+    window = sizes.churn_window_s
+    return (
+        f"{calls} status calls and {reloads} reloads in {window:g} s; RSS "
+        f"{samples[0][1]:.1f} -> {steady[0][1]:.1f} (after warm-up) -> {samples[-1][1]:.1f} "
+        f"MiB, slope {slope:+.1f} KiB/min"
+    )
+
+
+def _least_squares_slope(points: list[tuple[float, float]]) -> float:
+    xs = [x for x, _ in points]
+    ys = [y for _, y in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0

@@ -78,32 +78,7 @@ NOT_IN_SUPD = {
     " `supctl reload`",
 }
 
-COMMANDS = (
-    "status",
-    "start",
-    "stop",
-    "restart",
-    "signal",
-    "reload",
-    "tail",
-    "logs",
-    "maintail",
-    "pid",
-    "version",
-    "shutdown",
-    "wait",
-    "why",
-    "clear",
-    "metrics",
-    "usage",
-    "avail",
-    "reread",
-    "update",
-    "fg",
-    "completion",
-    "reexec",
-    "help",
-)
+COMMANDS = tuple(command for command, _ in facts.COMMAND_METHODS)  # (and the methods)
 SHELL_ONLY = ("quit", "exit")
 NAMES_HELP = "process, program, PROGRAM:*, glob, or 'all'"
 DEFAULT_TAIL_LINES = 10

@@ -321,6 +321,9 @@ class Slot:
     # the fleet only learns that a process is gone once all of it is.
     pending_exit: SpawnFailed | Exited | None = None
     cgroup_killed: bool = False  # cgroup.kill sent since the last spawn
+    # The process group of this run's last exec probe (its pid), which ran in the
+    # cgroup: what of it a cgroup.kill finds is logged as the probe's, not the program's.
+    probe_group: int | None = None
 
     def sink(self, stream: str) -> Sink:
         return self.stdout if stream == "stdout" else self.stderr
@@ -739,6 +742,11 @@ class Daemon:
     def _gone_when_empty(self, slot: Slot, event: SpawnFailed | Exited) -> None:
         """Report the main process's end once nothing of it is left in its cgroup."""
         cgroup = slot.cgroup
+        if self._contained(slot):
+            # The fleet learns of the exit only once the cgroup is empty: a probe in
+            # flight until then would judge a dead program (a false failure, which
+            # would be blamed for the death), and an exec probe is in the cgroup.
+            self._end_probe(slot)
         try:
             if not self._contained(slot) or cgroup is None or not cgroup.populated():
                 self.queue.append(ChildEvent(slot.name, event))
@@ -801,13 +809,20 @@ class Daemon:
     def _kill_cgroup(self, slot: Slot, reason: str) -> None:
         assert slot.cgroup is not None
         cgroup = slot.cgroup
-        pids: list[int] | str = "?"
+        found: list[int] | None = None
         with contextlib.suppress(OSError):  # for the log only (at EMFILE, none)
-            pids = cgroup.pids()
-
+            found = cgroup.pids()
+        # An exec probe's, dying: not the program's leftovers.
+        probe_pids = _members_of(slot.probe_group, found or [])
+        pids = "?" if found is None else [pid for pid in found if pid not in probe_pids]
         self._with_spare_fd(cgroup.kill)
         slot.cgroup_killed = True
-        self.log.info("cgroup_killed", process=slot.name, pids=pids, reason=reason)
+        if probe_pids:
+            self.log.info(
+                "cgroup_killed", process=slot.name, pids=pids, probe_pids=probe_pids, reason=reason
+            )
+        else:
+            self.log.info("cgroup_killed", process=slot.name, pids=pids, reason=reason)
 
     def _open_cgroup(self, slot: Slot, program: Program) -> None:
         """The process's cgroup, its events fd (paused until a wait), and its limits."""
@@ -1066,6 +1081,7 @@ class Daemon:
             "stdout" if program.redirect_stderr else "stderr"
         ).bytes_written
         slot.cgroup_killed = False
+        slot.probe_group = None
         if self.journal is not None and slot.leftovers == "kill":
             self.journal.started(child.pid)
         self.selector.register_process(child.pid, ChildTag(name, child.pid))
@@ -1480,6 +1496,11 @@ class Daemon:
         if slot is None or config is None:
             return
         self._end_probe(slot)
+        if slot.pending_exit is not None:
+            # The main process is gone; its end waits for the cgroup to empty, and the
+            # fleet learns of it next: nothing to probe (a verdict would be false).
+            self.log.debug("probe_skipped", process=name, probe=probe.value)
+            return
         self._probe_serials += 1
         run = ProbeRun(probe, self._probe_serials)
         kind = config.kind
@@ -1534,8 +1555,11 @@ class Daemon:
     def _run_exec_probe(
         self, name: str, slot: Slot, run: ProbeRun, program: Program, argv: tuple[str, ...]
     ) -> None:
-        """Spawned like the program (same clean slate, user, directory, environment);
-        its output is not kept, and the fleet's PROBE_TIMEOUT kills it (CancelProbe)."""
+        """Spawned like the program (same clean slate, user, directory, environment)
+        and, with cgroups, in the program's cgroup (as systemd runs ExecStartPost): its
+        memory and pids count against the program's limits, and the program's stop
+        (cgroup.kill) takes it along. Its output is not kept, and the fleet's
+        PROBE_TIMEOUT kills it (CancelProbe)."""
         env = {**self.base_environment, **program.environment, "SUPD_PROCESS_NAME": name}
         spec = spawn.SpawnSpec(
             argv=argv,
@@ -1548,11 +1572,26 @@ class Daemon:
             configured_environment=frozenset(program.environment),
         )
         what = f"exec {' '.join(argv)}"
+        cgroup = slot.cgroup
+        if cgroup is not None and (slot.child is None or slot.cgroup_killed):
+            # No program left to probe, and a cgroup that got cgroup.kill kills what
+            # clone3 starts in it: the fleet hears of the exit next.
+            self.log.debug("probe_skipped", process=name, probe=run.probe.value)
+            return
+        cgroup_fd: int | None = None
         try:
+            if cgroup is not None:
+                cgroup_fd = cgroup.open_dir()
+                spec = dataclasses.replace(spec, cgroup_fd=cgroup_fd)
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
             self.queue.append(ChildEvent(name, ProbeResult(run.probe, False, f"{what}: {exc}")))
             return
+        finally:
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
+        if cgroup is not None:
+            slot.probe_group = child.pid
         for fd in (child.stdout_fd, child.stderr_fd):
             if fd is not None:
                 os.close(fd)  # the probe writes into a closed pipe: EPIPE, never a block
@@ -1562,8 +1601,14 @@ class Daemon:
         self.selector.register_process(child.pid, ProbeChildTag(name, child.pid))
 
     def _probe_child_exited(self, name: str, pid: int) -> None:
-        exit_code, exit_signal = spawn.reap(pid)
         slot = self.slots.get(name)
+        if slot is not None and slot.probe_group == pid:
+            # In the program's cgroup, what the probe left in its process group would
+            # count against the program's limits until the program's end: killed now,
+            # before the reap (the zombie keeps the group's id ours).
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+        exit_code, exit_signal = spawn.reap(pid)
         run = slot.probe if slot is not None else None
         if slot is None or run is None or run.child is None or run.child.pid != pid:
             return
@@ -1580,9 +1625,21 @@ class Daemon:
             command = " ".join(config.exec or ()) if config is not None else ""
         if exit_signal is not None:
             message = f"exec {command}: killed by {signal_name(exit_signal)}"
+            if exit_signal == signal.SIGKILL and self._probe_oom_killed(slot):
+                message += " (out of memory: the probe runs in the program's cgroup)"
         else:
             message = f"exec {command}: exit status {exit_code}"
         self.queue.append(ChildEvent(name, ProbeResult(run.probe, exit_code == 0, message)))
+
+    def _probe_oom_killed(self, slot: Slot) -> bool:
+        """Whether the cgroup's OOM killer took a probe: then the OOM kill is the
+        probe's, and the program's next death is not blamed on it."""
+        before = slot.oom_kills_at_spawn
+        now = self.oom_kills(slot.name) if before is not None else None
+        if before is None or now is None or now <= before:
+            return False
+        slot.oom_kills_at_spawn = now
+        return True
 
     def _log_silence_verdict(self, name: str, slot: Slot, program: Program, probe: Probe) -> None:
         silence = program.health.log_silence if program.health else None
@@ -2297,6 +2354,8 @@ class Daemon:
                 saved.probe_pid, ProbeChildTag(saved.name, saved.probe_pid)
             )
         slot = self.slots.get(saved.name)
+        if slot is not None and saved.probe_pid is not None and slot.cgroup is not None:
+            slot.probe_group = saved.probe_pid
         if slot is None:
             for fd in (saved.stdout_fd, saved.stderr_fd, saved.exec_error_fd):
                 if fd is not None:
@@ -2404,6 +2463,18 @@ def _probe_new_code(data: bytes) -> str | None:
         return None
     lines = (ran.stderr or ran.stdout).decode(errors="replace").strip().splitlines()
     return f"exit status {ran.returncode}: {lines[-1] if lines else 'no message'}"
+
+
+def _members_of(group: int | None, pids: list[int]) -> list[int]:
+    """Those of `pids` in process group `group` (an exec probe's, dying in the cgroup)."""
+    if group is None:
+        return []
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == group:
+                found.append(pid)
+    return found
 
 
 def cgroup_close(cgroup: cgroups.ProcessCgroup | None, selector: Selector[Any]) -> None:

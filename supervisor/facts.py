@@ -59,6 +59,40 @@ EXIT_TIMED_OUT: Final = 5  # --timeout expired while supd was still working on t
 EXIT_CONFIG: Final = 2
 
 
+# supctl's commands, in the order its help lists them, each with the control method it
+# calls, said once: protocol.METHODS (what the daemon serves) and ctl.COMMANDS (what
+# supctl offers, completion included) are both read from it. None: a command of supctl's
+# own (supervisorctl's names built on other methods, and what needs no daemon). Here, not
+# in protocol.py, because supctl must not import the protocol module (about 20 ms of
+# start-up: its dataclasses).
+COMMAND_METHODS: Final[tuple[tuple[str, str | None], ...]] = (
+    ("status", "status"),
+    ("start", "start"),
+    ("stop", "stop"),
+    ("restart", "restart"),
+    ("signal", "signal"),
+    ("reload", "reload"),
+    ("tail", "tail"),
+    ("logs", "logs"),
+    ("maintail", "maintail"),
+    ("pid", "pid"),
+    ("version", "version"),
+    ("shutdown", "shutdown"),
+    ("wait", "wait"),
+    ("why", "deaths"),
+    ("clear", "clear"),
+    ("metrics", "metrics"),
+    ("usage", "usage"),
+    ("avail", "avail"),
+    ("reread", None),  # reload --dry-run
+    ("update", None),  # reload
+    ("fg", None),  # tail --follow, with signals passed on
+    ("completion", None),  # prints a script: no daemon
+    ("reexec", "reexec"),
+    ("help", None),
+)
+
+
 SOCKET_NAME: Final = "supd.sock"
 
 

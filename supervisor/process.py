@@ -455,7 +455,7 @@ class Process:
     def _backoff(self, now: float, reason: str) -> list[Effect]:
         if self.window.full(now, self.config):  # every automatic restart passes here
             return self._fatal(now, deaths.crash_loop_reason(self.config))
-        self.window.add(now)
+        self.window.add(now, self.config)
         base = backoff_delay(self.failures, self.config)
         delay = deaths.jittered(base, self.config.backoff_jitter, self.draw)
         self.backoff_until = now + delay

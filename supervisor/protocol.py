@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
 from . import signals
+from .facts import COMMAND_METHODS, State
 from .facts import ErrorCode as ErrorCode  # re-exported: the codes on the wire
-from .facts import State
 
 JSONRPC_VERSION: Final = "2.0"
 
@@ -460,28 +460,9 @@ SHAPES: Final[dict[str, _Shape]] = {
     "reexec": _Shape(ReexecParams, ()),
 }
 
-#: Every method, in the order the "method not found" error lists them.
-METHODS: Final[tuple[str, ...]] = (
-    "status",
-    "start",
-    "stop",
-    "restart",
-    "signal",
-    "reload",
-    "tail",
-    "logs",
-    "maintail",
-    "pid",
-    "version",
-    "shutdown",
-    "wait",
-    "deaths",
-    "clear",
-    "metrics",
-    "usage",
-    "avail",
-    "reexec",
-)
+#: Every method, in the order the "method not found" error lists them (supctl's order,
+#: facts.COMMAND_METHODS, the one list of both).
+METHODS: Final[tuple[str, ...]] = tuple(method for _, method in COMMAND_METHODS if method)
 
 _ENVELOPE: Final = frozenset({"jsonrpc", "id", "method", "params"})
 

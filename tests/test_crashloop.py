@@ -149,6 +149,18 @@ def test_a_window_of_zero_seconds_is_no_window() -> None:
     assert p.state is State.RUNNING
 
 
+def test_restarts_without_a_window_are_not_kept_and_with_one_stay_bounded() -> None:
+    # The churn benchmark found a float kept per restart, for ever, with no window.
+    forever = running(program(startsecs=0, restart_window=0, backoff_initial=0))
+    for n in range(500):
+        crash_and_respawn(forever, float(n), 100 + n)
+    assert forever.state is State.RUNNING and len(forever.window) == 0
+    windowed = running(program(startsecs=0, max_restarts=5, restart_window=10, backoff_initial=0))
+    for n in range(500):
+        crash_and_respawn(windowed, float(n) * 3, 100 + n)  # 3 s apart: never five in 10 s
+    assert windowed.state is State.RUNNING and len(windowed.window) <= 5
+
+
 def test_the_default_keeps_startretries_in_charge_of_failed_starts() -> None:
     for retries in (0, 3, 12):
         config = program(startsecs=1, startretries=retries, backoff_initial=0)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from supd import ctl, protocol, protocol_models
+from supd import ctl, facts, protocol, protocol_models
 from supd.protocol_models import ProcessInfo
 from tests.helpers import source_pythonpath, wait_until
 from tests.test_control import SYSTEM_PYTHON, ServerLoop, needs_root, traversable_socket_dir
@@ -96,11 +96,19 @@ def set_state(loop: ServerLoop, name: str, state: str, description: str = "") ->
 
 
 def test_supctl_knows_every_method() -> None:
+    """One table (facts.COMMAND_METHODS) gives both lists: every method the daemon
+    parses has a supctl command, and the commands of supctl's own are the few known."""
+    assert set(protocol.METHODS) == set(protocol.SHAPES)
+    assert tuple(command for command, _ in facts.COMMAND_METHODS) == ctl.COMMANDS
+    assert len(set(ctl.COMMANDS)) == len(ctl.COMMANDS)
+    methods = {command: method for command, method in facts.COMMAND_METHODS}
     # `why` is supctl's face of the `deaths` method; supervisorctl's names built on other
-    # methods (reread and update on reload, fg on tail), and completion, which needs no
-    # daemon for its scripts.
-    built_on_others = {"reread", "update", "fg", "completion"}
-    assert set(ctl.COMMANDS) == {*protocol.METHODS, "help", "why", *built_on_others} - {"deaths"}
+    # methods (reread and update on reload, fg on tail), completion, which needs no
+    # daemon for its scripts, and help.
+    assert methods["why"] == "deaths"
+    own = {command for command, method in methods.items() if method is None}
+    assert own == {"reread", "update", "fg", "completion", "help"}
+    assert all(methods[m] == m for m in protocol.METHODS if m != "deaths")
 
 
 def test_supctl_imports_neither_pydantic_nor_the_daemon() -> None:

@@ -515,3 +515,245 @@ def test_survivors_of_sigkill_are_reported_while_supd_serves_everything_else(
         kill_quietly(leftover)
         wait_until(lambda: not (freezer / "cgroup.procs").read_text().split())
         freezer.rmdir()
+
+
+# -- exec probes: in the program's cgroup, and gone with it ---------------------------------
+
+# A hung exec probe: it records its pid, a background child's and (with cgroups) a
+# setsid'd one's, and its own cgroup (/proc/$$/cgroup), then sleeps "forever". ($$$$:
+# the config's "$$" is a literal "$".)
+PROBE = (
+    "sleep 1000006 & bg=$!; {escape}"
+    "cat /proc/$$$$/cgroup > {dir}/probe.cgroup; "
+    "echo $$$$ $bg $sid > {dir}/probe.tmp; mv {dir}/probe.tmp {dir}/probe.pids; "
+    "exec sleep 1000007"
+)
+
+
+def hung_probe(tmp_path: Path, mode: str) -> list[str]:
+    # Without cgroups a probe that leaves its session is out of reach (as a program's
+    # would be): the fallback's scenario has none.
+    escape = "setsid sleep 1000008 & sid=$!; " if mode == "cgroups" else ""
+    return ["/bin/sh", "-c", PROBE.format(escape=escape, dir=tmp_path)]
+
+
+def probe_pids(tmp_path: Path, strays: list[int]) -> list[int]:
+    pids = tmp_path / "probe.pids"
+    found = [int(pid) for pid in wait_until(lambda: pids.exists() and pids.read_text().split())]
+    strays.extend(found)
+    return found
+
+
+def health_table(probe: list[str], on_unhealthy: str, interval: float = 0.05) -> str:
+    # timeout: an hour, so anything waiting on the probe would hang the test.
+    return f"""
+        [programs.web.health]
+        exec = {toml_list(probe)}
+        interval = {interval}
+        timeout = 3600
+        failures = 1
+        start_grace = 0
+        on_unhealthy = "{on_unhealthy}"
+    """
+
+
+def cgroup_line(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("0::"))
+
+
+def test_an_exec_probe_runs_in_the_programs_cgroup_and_a_stop_takes_a_hung_one_along(
+    supd: Factory, tmp_path: Path, mode: str, spawn_env: dict[str, str], strays: list[int]
+) -> None:
+    d = supd(
+        f"""
+        {supervisor_table(mode)}
+        [programs.web]
+        command = "/bin/sleep 1000"
+        startsecs = 0
+        {health_table(hung_probe(tmp_path, mode), "ignore")}
+        """,
+        env=spawn_env,
+    )
+    main = int(d.wait_state("web", "RUNNING")["pid"])
+    found = probe_pids(tmp_path, strays)
+    probe = found[0]
+    seen_from_probe = cgroup_line((tmp_path / "probe.cgroup").read_text())
+    if mode == "cgroups":
+        cgroup = cgroup_of(d, "web")
+        assert seen_from_probe.endswith("/programs/web"), seen_from_probe
+        assert {main, *found} <= set(cgroup.pids()), (found, cgroup.pids())
+    else:  # unchanged: where supd itself is
+        assert seen_from_probe == cgroup_line(Path(f"/proc/{d.pid}/cgroup").read_text())
+    assert pid_alive(probe) and d.status()["web"]["healthy"] is None  # still in flight
+
+    [stopped] = d.rpc("stop", {"names": ["web"]})  # never waits for the hour
+    assert stopped["ok"] and stopped["state"] == "STOPPED", stopped
+    if mode == "cgroups":  # answered once the cgroup (probe included) was empty
+        assert cgroup_of(d, "web").pids() == []
+    wait_until(
+        lambda: not any(pid_alive(pid) for pid in found),
+        describe=lambda: f"{[pid for pid in found if pid_alive(pid)]} still alive",
+    )
+    [death] = d.rpc("deaths", {"name": "web"})["deaths"]
+    assert death["cause"] == "stopped", death
+    assert not [e for e in d.events("health_changed") if not e["healthy"]]
+    for killed in d.events("cgroup_killed"):  # the probe's are never the program's
+        assert probe not in killed["pids"] and found[1] not in killed["pids"], killed
+
+
+def test_a_program_that_exits_while_its_exec_probe_runs_is_not_blamed_on_the_probe(
+    supd: Factory, tmp_path: Path, mode: str, spawn_env: dict[str, str], strays: list[int]
+) -> None:
+    """The probe in flight is ended with the program: with cgroups the exit is held back
+    until the cgroup is empty, and a verdict on the dead program meanwhile would be a
+    false failure, blamed for the death (on_unhealthy = restart)."""
+    wait_for_probe = f"while [ ! -e {tmp_path}/probe.pids ]; do sleep 0.01; done"
+    d = supd(
+        f"""
+        {supervisor_table(mode)}
+        [programs.web]
+        command = {toml_list(["/bin/sh", "-c", f"{wait_for_probe}; exit 3"])}
+        startsecs = 0
+        autorestart = "never"
+        {health_table(hung_probe(tmp_path, mode), "restart")}
+        """,
+        env=spawn_env,
+    )
+    found = probe_pids(tmp_path, strays)
+    exited = d.wait_state("web", "EXITED")
+    assert exited["exit_code"] == 3, exited
+    if mode == "cgroups":
+        assert cgroup_of(d, "web").pids() == []
+    wait_until(
+        lambda: not any(pid_alive(pid) for pid in found),
+        describe=lambda: f"{[pid for pid in found if pid_alive(pid)]} still alive",
+    )
+    [death] = d.rpc("deaths", {"name": "web"})["deaths"]
+    assert death["cause"] == "exited" and death["exit_code"] == 3, death
+    assert not [e for e in d.events("health_changed") if not e["healthy"]], d.describe()
+    for killed in d.events("cgroup_killed"):
+        assert found[0] not in killed["pids"] and found[1] not in killed["pids"], killed
+        assert set(killed.get("probe_pids", [])) <= set(found), killed
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """`pid` frozen by the v1 freezer (D state: it survives SIGKILL) until the end."""
+    freezer = FREEZER_V1 / f"supd-test-{os.getpid()}-{pid}"
+    freezer.mkdir()
+    try:
+        (freezer / "cgroup.procs").write_text(str(pid))
+        (freezer / "freezer.state").write_text("FROZEN")
+        wait_until(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            (freezer / "freezer.state").write_text("THAWED")
+        kill_quietly(pid)
+        wait_until(lambda: not (freezer / "cgroup.procs").read_text().split())
+        freezer.rmdir()
+
+
+def reaped(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+@needs_cgroups
+@pytest.mark.skipif(
+    not (FREEZER_V1 / "cgroup.procs").exists() or not os.access(FREEZER_V1, os.W_OK),
+    reason="needs the cgroup v1 freezer (writable) to hold a process in D state",
+)
+@pytest.mark.parametrize("probe_kind", ["hung", "quick"])
+def test_no_probe_verdict_while_an_exit_waits_for_the_cgroup_to_empty(
+    supd: Factory, tmp_path: Path, spawn_env: dict[str, str], strays: list[int], probe_kind: str
+) -> None:
+    """The main process exited, and a frozen leftover keeps its cgroup populated: the
+    fleet hears of the exit only once it is empty. Meanwhile the probe in flight (hung)
+    ends without a verdict, and due probes (quick) do not run: a verdict on the dead
+    program would be a failure, blamed for the death (on_unhealthy = restart)."""
+    leftover_file, go, armed = tmp_path / "leftover", tmp_path / "go", tmp_path / "armed"
+    # The quick probe, once armed, tells the program to exit (writing its pid to `go`);
+    # the program exits once that probe is reaped, well before the next one is due (so
+    # none is in flight then), which falls due while the exit waits. For the hung one,
+    # the test says go.
+    quick = ["/bin/sh", "-c", f"[ ! -e {armed} ] || [ -e {go} ] || echo $$$$ > {go}"]
+    probe = hung_probe(tmp_path, "cgroups") if probe_kind == "hung" else quick
+    interval = 0.05 if probe_kind == "hung" else 0.5
+    script = (
+        f"sleep 1000009 & echo $! > {leftover_file}; "
+        f"while [ ! -s {go} ]; do sleep 0.01; done; "
+        f"p=$(cat {go}); while [ -e /proc/$p ]; do sleep 0.01; done; exit 3"
+    )
+    d = supd(
+        f"""
+        {supervisor_table("cgroups")}
+        [programs.web]
+        command = {toml_list(["/bin/sh", "-c", script])}
+        startsecs = 0
+        autorestart = "never"
+        {health_table(probe, "restart", interval)}
+        """,
+        env=spawn_env,
+    )
+    leftover = int(wait_until(lambda: leftover_file.exists() and leftover_file.read_text()))
+    strays.append(leftover)
+    if probe_kind == "hung":
+        found = probe_pids(tmp_path, strays)
+    else:
+        wait_until(lambda: d.status()["web"]["healthy"] is True, describe=d.describe)
+    with frozen(leftover):
+        if probe_kind == "hung":
+            go.write_text("0")
+        else:
+            armed.touch()
+        if probe_kind == "hung":  # killed with the main process's end, and reaped
+            wait_until(lambda: all(reaped(pid) for pid in found), describe=d.describe)
+        else:  # the probe timer fired meanwhile, and nothing ran
+            wait_until(lambda: d.events("probe_skipped"), describe=d.describe)
+        entry = d.status()["web"]
+        assert entry["state"] == "RUNNING" and entry["healthy"] is not False, entry
+        assert cgroup_of(d, "web").pids() == [leftover]  # (no probe born there)
+        [killed] = d.events("cgroup_killed")  # the probe's pids are never the program's
+        assert leftover in killed["pids"], killed
+        if probe_kind == "hung":  # (its setsid'd one left its group: it cannot be told)
+            assert not set(found[:2]) & set(killed["pids"]), killed
+            assert set(killed.get("probe_pids", [])) <= set(found), killed
+    exited = d.wait_state("web", "EXITED")
+    assert exited["exit_code"] == 3, exited
+    [death] = d.rpc("deaths", {"name": "web"})["deaths"]
+    assert death["cause"] == "exited", death
+    assert not [e for e in d.events("health_changed") if not e["healthy"]], d.describe()
+
+
+@pytest.mark.skipif(
+    not MEMORY_ON_V2,
+    reason="the memory controller is not available on cgroup v2 here (it is on cgroup v1)",
+)
+def test_an_exec_probe_counts_against_memory_max_and_its_oom_kill_is_not_the_programs(
+    supd: Factory, tmp_path: Path, spawn_env: dict[str, str], strays: list[int]
+) -> None:
+    # Only the first run hogs (later ones fail at once): no OOM kill after the first.
+    once = tmp_path / "hogged"
+    hog = [PY, "-c", f"open({str(once)!r}, 'x'); x = b'x' * (256 << 20)"]
+    d = supd(
+        f"""
+        {supervisor_table("cgroups")}
+        [programs.web]
+        command = "/bin/sleep 1000"
+        startsecs = 0
+        autorestart = "never"
+        memory_max = "32MB"
+        {health_table(hog, "ignore", 0.2)}
+        """,
+        env=spawn_env,
+    )
+    main = int(d.wait_state("web", "RUNNING")["pid"])
+    strays.append(main)
+    wait_until(lambda: d.status()["web"]["healthy"] is False, describe=d.describe)
+    [failed] = [e for e in d.events("health_changed") if not e["healthy"]]
+    assert "killed by SIGKILL (out of memory" in failed["message"], failed
+    assert d.status()["web"]["oom_kills"] >= 1
+    os.kill(main, signal.SIGKILL)  # a signal supd did not send: not the probe's OOM kill
+    d.wait_state("web", "EXITED")
+    death = d.rpc("deaths", {"name": "web"})["deaths"][0]
+    assert death["cause"] == "killed", death
