@@ -703,7 +703,14 @@ def test_children_on_supds_stderr_and_its_own_log_never_split_each_other(
     )
     try:
         daemon.start()
-        wait_until(lambda: b"err 029999\n" in daemon.log_path.read_bytes(), 30, daemon.describe)
+
+        def flood_and_events_in() -> bool:
+            # Both writers must have had their turn: the whole flood, and supd's own
+            # events (the churn's; the flood may end before many are written).
+            text = daemon.log_path.read_bytes()
+            return b"err 029999\n" in text and text.count(b"\n{") > 10
+
+        wait_until(flood_and_events_in, 30, daemon.describe)
     finally:
         daemon.kill()
     numbers = []
