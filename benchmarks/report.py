@@ -561,22 +561,26 @@ def _scale(f: _Figures, sizes: Sizes) -> list[Row]:
 
 def _churn(f: _Figures, sizes: Sizes) -> list[Row]:
     slope = f.get("churn.slope_kib_per_min", SUPD)
-    if slope is None:
+    start, end = f.get("churn.rss_start_mib", SUPD), f.get("churn.rss_end_mib", SUPD)
+    if slope is None or start is None or end is None:
         return []
     workload = (
         f"churn ({sizes.churn_window_s:g} s: ~100 restarts/s, 50 status/s, a reload every 5 s)"
     )
-    start, end = f.get("churn.rss_start_mib", SUPD), f.get("churn.rss_end_mib", SUPD)
-    # Flat: less than 1 MiB an hour, extrapolated from the slope after the warm-up.
+    # Flat: the steady part of the run (after the warm-up) ends within 1% of where it
+    # began. The slope is shown too, but over minutes it mostly measures the allocator's
+    # steps (pymalloc takes memory 256 KiB at a time), not a trend.
+    growth = (end - start) / start * 100
     return [
         Row(
             workload,
-            "RSS slope after warm-up (KiB/min)",
-            slope,
+            "RSS growth after warm-up (%)",
+            growth,
             None,
-            f"RSS {start:.1f} -> {end:.1f} MiB" if start is not None and end is not None else "",
-            "< 17 KiB/min (1 MiB/h)",
-            slope < 17,
-            1,
-        )
+            f"RSS {start:.1f} -> {end:.1f} MiB",
+            "< 1%",
+            growth < 1,
+            2,
+        ),
+        Row(workload, "RSS slope after warm-up (KiB/min)", slope, None, "", "", None, 1),
     ]
