@@ -118,7 +118,7 @@ def _respawn(f: _Figures, sizes: Sizes) -> list[Row]:
     )
     name = f"respawn (exit after {sizes.respawn_lifetime_ms} ms; restarts measured: {counts})"
     supd, floor = f.get(metric, SUPD), f.get(metric, FLOOR)
-    target, passed = _ratio_target(supd, floor, 3, "<= 3x floor")
+    target, passed = _ratio_target(supd, floor, 2, "<= 2x floor")
     floor_p99 = f.get(metric, FLOOR, p99)
     sessions = f.get(metric, SUPD_SESSIONS)
     # The cost of joining a cgroup at each spawn (and of waiting for it to be empty at
