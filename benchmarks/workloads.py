@@ -228,12 +228,17 @@ def count_starts(path: Path) -> int:
 # -- shared steps -------------------------------------------------------------------------
 
 
-def wait_until_all_running(daemon: Daemon, count: int, deadline_s: float, poll_s: float) -> None:
+def wait_until_all_running(
+    daemon: Daemon, count: int, deadline_s: float, poll_s: float, prefix: str = ""
+) -> None:
+    """`count` programs (those named `prefix`..., when given) are all RUNNING."""
+
     def all_running() -> bool:
         try:
             states = daemon.states()
         except OSError:
             return False  # not listening yet
+        states = {n: s for n, s in states.items() if n.startswith(prefix)}
         return len(states) == count and all(s == "RUNNING" for s in states.values())
 
     procs.wait_for(all_running, deadline_s, f"{daemon.kind}: {count} programs RUNNING", poll_s)
@@ -949,16 +954,7 @@ def churn(session: Session, subject: str) -> str:
     samples: list[tuple[float, float]] = []  # (seconds since start, MiB)
     reloads = calls = 0
     try:
-
-        def sleepers_running() -> bool:
-            try:
-                states = daemon.states()
-            except OSError:
-                return False  # not listening yet
-            running = [n for n, state in states.items() if state == "RUNNING"]
-            return sum(1 for n in running if not n.startswith("x")) == CHURN_SLEEPERS
-
-        procs.wait_for(sleepers_running, 60, f"{subject}: sleepers RUNNING", 0.05)
+        wait_until_all_running(daemon, CHURN_SLEEPERS, 60, 0.05, prefix="p")  # not the x...
         started = time.monotonic()
         next_sample = next_reload = started
         with_extra = False

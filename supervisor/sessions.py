@@ -72,13 +72,16 @@ def all_processes() -> Iterator[ProcStat]:
 
 def session_members(session: int, leader_start: int | None = None) -> list[ProcStat]:
     """Live processes of `session`, started no earlier than its leader (if known)."""
-    return [
-        p
-        for p in all_processes()
-        if p.session == session
-        and p.state != "Z"
-        and (leader_start is None or p.start_time >= leader_start)
-    ]
+    return [p for p in all_processes() if _member(p, {session: leader_start})]
+
+
+def _member(stat: ProcStat, leaders: Mapping[int, int | None]) -> bool:
+    """A live process of one of `leaders`' sessions, started no earlier than its leader
+    (when that is known): a reused session id never claims an older stranger."""
+    if stat.session not in leaders or stat.state == "Z":
+        return False
+    leader_start = leaders[stat.session]
+    return leader_start is None or stat.start_time >= leader_start
 
 
 def wchan(pid: int) -> str:
@@ -154,10 +157,7 @@ def kill_sessions(leaders: Mapping[int, int | None]) -> dict[int, list[ProcStat]
     if not ours:
         return found
     for member in all_processes():
-        if member.session not in ours or member.state == "Z":
-            continue
-        leader_start = ours[member.session]
-        if leader_start is not None and member.start_time < leader_start:
+        if not _member(member, ours):
             continue
         # Its whole command line, for the log, read while it is still there.
         full = dataclasses.replace(member, command=command_line(member.pid, member.command))
