@@ -2149,14 +2149,15 @@ class Daemon:
         reason; then nothing has changed."""
         if self.fleet.shutting_down:
             return "supd is shutting down"
-        self._cancel_check("supd is re-executing; reload again after it", shutdown=False)
         self._drain()
         state, fds = self._export_state()
         data = reexec.encode(state)
         probing = time.monotonic()
         problem = _probe_new_code(data)
-        if problem is not None:
+        if problem is not None:  # a reload being checked goes on: nothing replaced it
             return f"the new supd failed its check, so this one carries on: {problem}"
+        # The new supd reads the file again once it has adopted everything.
+        self._cancel_check("supd is re-executing; reload again after it", shutdown=False)
         self.log.info(
             "reexec",
             generation=state.generation,
