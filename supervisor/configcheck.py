@@ -81,17 +81,20 @@ def result(path: Path | str, output: bytes, exit_status: str | None) -> Settings
     if exit_status is None and lines:
         try:
             answer = json.loads(lines[-1])
-        except ValueError:
+        except (ValueError, RecursionError):  # (nested deeper than json recurses)
             answer = None
+    # Whatever its shape, an answer that cannot be read is a failed check, never an
+    # exception in the daemon (which would leave the reloads waiting on it unanswered):
+    # the checker on disk may even be another version of supd than the daemon.
     if isinstance(answer, dict) and isinstance(answer.get("config"), dict):
         try:
             return settings_from_data(answer["config"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:
             raise failed(path, f"unreadable answer ({type(exc).__name__}: {exc})") from None
     if isinstance(answer, dict) and isinstance(answer.get("problems"), list):
         try:
             problems = problems_from_data(answer["problems"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:
             raise failed(path, f"unreadable answer ({type(exc).__name__}: {exc})") from None
         raise ConfigError(problems)
     said = next((line for line in reversed(lines) if line.strip()), "no output")

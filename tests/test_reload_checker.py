@@ -46,6 +46,12 @@ def _misbehave(mode):
         sys.stdout.write(line[: len(line) // 2])
         sys.stdout.flush()
         os._exit(0)
+    elif mode == "bad-shape":  # JSON, but not the answer's shape (another version's?)
+        print('{"config": {"path": "/x", "supervisor": {}, "programs": ["web"]}}')
+        os._exit(0)
+    elif mode == "deep":  # JSON nested deeper than json.loads recurses
+        print("[" * 100000 + "]" * 100000)
+        os._exit(0)
     elif mode == "killed":
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
@@ -179,6 +185,8 @@ def refused(d: Supd, dry_run: bool = False) -> dict[str, Any]:
         ("crash", "ModuleNotFoundError"),
         ("garbage", "this is not JSON"),
         ("truncated", "no answer"),
+        ("bad-shape", "unreadable answer"),
+        ("deep", "no answer: [[[["),
         ("killed", "killed by SIGKILL"),
         ("hang", "no answer within 1.5 s"),
         ("flood-garbage", "noise yyy"),

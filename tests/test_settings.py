@@ -210,6 +210,9 @@ def test_a_checker_that_fails_is_one_clear_problem(tmp_path: Path) -> None:
         (b"Traceback (most recent call last):\nImportError: no module\n", None),
         (b"", "killed by SIGKILL"),
         (b'{"config": {"path": 1}}\n', None),
+        (b'{"config": {"path": "/x", "supervisor": {}, "programs": ["web"]}}\n', None),
+        (b'{"problems": [{"file": {}, "key": "k", "message": "m"}]}\n', None),
+        (b"[" * 100000 + b"]" * 100000 + b"\n", None),  # deeper than json recurses
     ]:
         with pytest.raises(ConfigError) as raised:
             configcheck.result(path, output, status)
