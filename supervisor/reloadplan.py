@@ -234,6 +234,7 @@ LIVE_SUPERVISOR_KEYS = frozenset(
         "socket_group",
         "subreaper",
         "log_dir",  # through the programs' log paths, which derive from it
+        "log_timestamps",  # through the programs' log_timestamps, whose default it is
         "environment",  # through the programs' environments, which include it
         "include",  # through which programs the config has
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -410,3 +411,28 @@ def test_notify_added_by_reload_restarts_with_notify_socket(supd: Factory) -> No
     new = d.wait_state("web", "RUNNING")["pid"]
     environ = Path(f"/proc/{new}/environ").read_bytes().split(b"\0")
     assert any(v.startswith(b"NOTIFY_SOCKET=@supd/") for v in environ)
+
+
+def test_supervisor_log_timestamps_is_applied_through_the_programs(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """[supervisor] log_timestamps is every program's default: a reload gives it to the
+    programs in place, so it is applied, not "needs `supctl reexec`"."""
+    program = f"[programs.tick]\ncommand = {TICKER}\nstartsecs = 0\n"
+    d = supd(program)
+    pid = d.wait_state("tick", "RUNNING")["pid"]
+    log = tmp_path / "logs" / "tick.out.log"
+    wait_until(lambda: numbers(log), describe=d.describe)
+    d.write_config('[supervisor]\nlog_timestamps = "epoch"\n' + program)
+    ran = supctl(d, "--json", "reload")
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert [c["key"] for c in report["supervisor"]] == ["log_timestamps"], report
+    assert report["not_applied"] == [], report
+    assert [(e["name"], e["step"]) for e in report["plan"]] == [("tick", "update in place")]
+    stamped = re.compile(r"\d{9,11}\.\d{3} \d+")
+    wait_until(
+        lambda: any(stamped.fullmatch(line) for line in log.read_text().splitlines()),
+        describe=lambda: log.read_text()[-500:],
+    )
+    assert d.status()["tick"]["pid"] == pid
