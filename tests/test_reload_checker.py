@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,18 @@ import pytest
 
 from supd import configcheck
 from supd.facts import ErrorCode
-from tests.helpers import SLEEP, RpcError, Supd, children_of, source_pythonpath, wait_until
+from tests.helpers import (
+    PY,
+    SLEEP,
+    RpcError,
+    Supd,
+    children_of,
+    kill_quietly,
+    remove_cgroup_tree,
+    rpc,
+    source_pythonpath,
+    wait_until,
+)
 
 Factory = Callable[..., Supd]
 
@@ -406,3 +418,65 @@ def test_a_reload_in_flight_at_a_reexec_is_superseded_and_the_new_daemon_reloads
     wait_until(lambda: "new" in d.status(), describe=d.describe)
     assert d.status()["web"]["pid"] == pid
     wait_until(lambda: not checkers_of(d.pid) and not zombies_of(d.pid), describe=d.describe)
+
+
+# -- the checker reads the file as the daemon's start did ----------------------------------
+
+
+def test_a_reload_resolves_the_file_as_the_start_did(tmp_path: Path) -> None:
+    """supd started from its folder with a relative `-c`, an include glob, ${VAR}s and
+    the socket under $RUNTIME_DIRECTORY: a reload of the unchanged file changes nothing
+    (same paths, same environment, same defaults), and an edit of an included file is
+    seen."""
+    folder, runtime = tmp_path / "etc", tmp_path / "run"
+    (folder / "conf.d").mkdir(parents=True)
+    runtime.mkdir()
+    included = folder / "conf.d" / "a.toml"
+    included.write_text(
+        f'[programs.a]\ncommand = {SLEEP}\nenvironment = {{ V = "${{MYVAR}}" }}\n'
+        'stdout_logfile = "a.log"\n'
+    )
+    (folder / "supd.toml").write_text(
+        '[supervisor]\ninclude = ["conf.d/*.toml"]\nenvironment = { X = "${MYVAR:-none}" }\n'
+        f'[programs.web]\ncommand = {SLEEP}\ndirectory = "."\nstartsecs = 0\n'
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=source_pythonpath(),
+        MYVAR="hello",
+        RUNTIME_DIRECTORY=str(runtime),
+    )
+    log = tmp_path / "supd.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen(
+            [PY, "-m", "supd", "-c", "supd.toml"],
+            cwd=folder,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    sock = runtime / "supd.sock"
+    try:
+        wait_until(lambda: sock.exists() or daemon.poll() is not None, describe=log.read_text)
+        web = wait_until(
+            lambda: [e for e in rpc(sock, "status") if e["name"] == "web" and e["pid"]],
+            describe=log.read_text,
+        )[0]
+        for dry_run in (True, False):
+            report = rpc(sock, "reload", {"dry_run": dry_run})
+            assert {e["step"] for e in report["plan"]} == {"unchanged"}, report
+            assert report["supervisor"] == report["not_applied"] == [], report
+        included.write_text(included.read_text().replace("a.log", "b.log"))
+        report = rpc(sock, "reload")
+        assert report["changed"] == ["a"], report
+        [entry] = [e for e in report["plan"] if e["name"] == "a"]
+        assert entry["changes"][0]["new"] == json.dumps(str(folder / "conf.d" / "b.log"))
+        assert [e["pid"] for e in rpc(sock, "status") if e["name"] == "web"] == [web["pid"]]
+    finally:
+        pids = children_of(daemon.pid)
+        kill_quietly(daemon.pid)
+        daemon.wait()
+        for pid in pids:
+            kill_quietly(pid)
+        remove_cgroup_tree(folder / "supd.toml")
