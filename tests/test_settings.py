@@ -141,6 +141,168 @@ def test_the_plain_data_survives_a_round_trip_unchanged(tmp_path: Path) -> None:
     assert settings.settings_from_data(data) == settings.settings_from_data(again)
 
 
+# Every field of every model away from its default somewhere (the probe kinds exclude
+# each other: one program each), so a field the checker's answer lost, or one read back
+# with another type, cannot hide behind its default.
+EVERY = """
+[supervisor]
+socket = "s/supd.sock"
+socket_mode = "0660"
+socket_group = "root"
+log_dir = "mylogs"
+log_format = "json"
+log_level = "debug"
+log_timestamps = "iso"
+journal_socket = "/run/j.sock"
+include = ["conf.d/*.toml"]
+subreaper = true
+cgroups = "off"
+environment = { TZ = "UTC" }
+metrics = "127.0.0.1:9101"
+
+[groups.site]
+programs = ["web", "worker"]
+priority = 5
+
+[programs.web]
+command = ["/bin/sleep", "1000"]
+numprocs = 2
+numprocs_start = 1
+process_name = "web-{process_num}"
+directory = "/tmp"
+environment = { A = "1" }
+user = "root"
+group = "root"
+umask = "022"
+priority = 3
+autostart = false
+autorestart = "always"
+exitcodes = [0, 3]
+startsecs = 2
+startretries = 5
+backoff_initial = 2
+backoff_factor = 3
+backoff_max = 30
+backoff_reset = 30
+backoff_jitter = 0.2
+max_restarts = 9
+restart_window = 30
+revive_after = 600
+env_files = ["/dev/null"]
+stopsignal = "INT"
+stopwaitsecs = 5
+killasgroup = false
+leftovers = "keep"
+memory_max = "512MB"
+cpu_max = "50%"
+pids_max = 100
+stdout_logfile = "{process_name}.out"
+stdout_logfile_maxbytes = "1MB"
+stdout_logfile_backups = 2
+stderr_logfile = "{process_name}.err"
+stderr_logfile_maxbytes = "2MB"
+stderr_logfile_backups = 3
+log_prefix = "[{process_name}] "
+log_timestamps = "epoch"
+rotate_every = "1d"
+max_total_size = "10MB"
+compress = true
+ready = { tcp = "127.0.0.1:8000", interval = 2, timeout = 3, ready_timeout = 30 }
+depends_on = [{ program = "worker", condition = "started" }]
+on_dependency_restart = "restart"
+notify = true
+watchdog_sec = 30
+
+[programs.web.health]
+tcp = "127.0.0.1:8000"
+interval = 2
+timeout = 3
+failures = 2
+start_grace = 5
+on_unhealthy = "stop"
+
+[programs.worker]
+command = "sleep 1"
+redirect_stderr = true
+ready = { http = "http://127.0.0.1:8000/up" }
+health = { http = "http://127.0.0.1:8000/up" }
+
+[programs.r1]
+command = "sleep 1"
+ready = { exec = ["true"] }
+health = { exec = ["true"] }
+
+[programs.r2]
+command = "sleep 1"
+ready = { log = "ready" }
+health = { log-silence = 5 }
+
+[programs.r3]
+command = "sleep 1"
+ready = { notify = true }
+
+[programs.r4]
+command = "sleep 1"
+ready = { file = "up.flag" }
+"""
+
+
+def _runtime_classes(plain: settings.Settings) -> dict[type[Any], list[Any]]:
+    programs = list(plain.programs.values())
+    return {
+        settings.Supervisor: [plain.supervisor],
+        settings.Program: programs,
+        settings.Ready: [p.ready for p in programs if p.ready is not None],
+        settings.Health: [p.health for p in programs if p.health is not None],
+        settings.Dependency: [d for p in programs for d in p.depends_on],
+        settings.Group: list(plain.groups.values()),
+    }
+
+
+def _same(model: BaseModel, plain: Any, where: str) -> list[str]:
+    """Where `plain` differs from `model` in a value or a type, recursively."""
+    differences = []
+    for f in dataclasses.fields(plain):
+        expected, value = getattr(model, f.name), getattr(plain, f.name)
+        if isinstance(expected, BaseModel):
+            differences += _same(expected, value, f"{where}.{f.name}")
+        elif isinstance(expected, tuple) and expected and isinstance(expected[0], BaseModel):
+            assert len(value) == len(expected), f"{where}.{f.name}"
+            for i, (one, other) in enumerate(zip(expected, value, strict=True)):
+                differences += _same(one, other, f"{where}.{f.name}[{i}]")
+        elif value != expected or type(value) is not type(expected):
+            differences.append(f"{where}.{f.name}: {expected!r} read back as {value!r}")
+    return differences
+
+
+def test_every_field_crosses_from_the_checker_with_its_value_and_type(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    path = tmp_path / "supd.toml"
+    path.write_text(EVERY)
+    ran = run_check(path)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    plain = configcheck.result(path, ran.stdout.encode(), None)
+    for cls, objects in _runtime_classes(plain).items():
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                continue  # required: always given
+            assert any(getattr(o, f.name) != default for o in objects), (
+                f"{cls.__name__}.{f.name} is at its default: EVERY must set it, or the "
+                "checker's answer lost it"
+            )
+    loaded = config.load(path)
+    differences = _same(loaded.supervisor, plain.supervisor, "supervisor")
+    for name, program in loaded.programs.items():
+        differences += _same(program, plain.programs[name], f"programs.{name}")
+    for name, group in loaded.groups.items():
+        differences += _same(group, plain.groups[name], f"groups.{name}")
+    assert differences == []
+
+
 def test_the_daemons_config_modules_import_no_pydantic() -> None:
     """Everything the daemon uses to hold, load and reload a config, re-exec included."""
     modules = ["settings", "configcheck", "process", "fleet", "deaths", "reloadplan"]
