@@ -2027,6 +2027,11 @@ class Daemon:
             return ReloadReport(ReloadPlan(()), [], [], [], [], [], dry_run)
         self._drain()  # the plan is made and applied on the same fleet state
         live, not_live = supervisor_changes(self.config.supervisor, new.supervisor)
+        if self.control is not None and self.control.listening()[1] is None:
+            # Known before applying anything, so that a dry run says it too.
+            for change in [c for c in live if c.key in SOCKET_KEYS]:
+                live.remove(change)  # a socket systemd passed: its settings are systemd's
+                not_live.append(f"{change}: the socket is systemd's (socket activation)")
         added, changed, removed = reload_diff(self.fleet.configs, new.programs)
         programs = tuple(new.programs.values())
         if dry_run:

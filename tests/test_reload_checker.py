@@ -480,3 +480,33 @@ def test_a_reload_resolves_the_file_as_the_start_did(tmp_path: Path) -> None:
         for pid in pids:
             kill_quietly(pid)
         remove_cgroup_tree(folder / "supd.toml")
+
+
+# -- the dry run says what the reload does -------------------------------------------------
+
+
+def test_a_dry_run_reports_a_systemd_sockets_settings_as_the_reload_does(
+    tmp_path: Path,
+) -> None:
+    """The socket systemd passed keeps systemd's path, mode and group: the dry run says
+    so (not applied) as the real reload does, instead of announcing them applied."""
+    from tests.test_systemd_daemon import activated_supd
+
+    activated_path = tmp_path / "activated.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(str(activated_path))
+        listening.listen()
+        config = f'[supervisor]\nlog_format = "json"\n{PROGRAM}'
+        with activated_supd(tmp_path, config, listening) as d:
+            d.socket = activated_path
+            wait_until(lambda: d.answers() and d.status().get("web"), describe=d.describe)
+            d.write_config(
+                config.replace('"json"\n', f'"json"\nsocket = "{tmp_path / "x.sock"}"\n') + NEW
+            )
+            dry = d.rpc("reload", {"dry_run": True})
+            real = d.rpc("reload")
+            assert dry["dry_run"] and not real["dry_run"]
+            assert {**dry, "dry_run": False} == real
+            assert real["supervisor"] == [] and real["added"] == ["new"], real
+            [problem] = real["not_applied"]
+            assert problem.startswith("socket:") and "systemd" in problem
