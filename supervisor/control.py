@@ -508,8 +508,11 @@ class ControlServer(StreamServer[_Client]):
             self._move(path, mode, gid)
             self._group = group
             return changed
-        if gid != self._group_gid and gid is not None:
-            os.chown(self.path, -1, gid, follow_symlinks=False)  # lchown: no symlink
+        if gid != self._group_gid:
+            # No socket_group any more: supd's own group, as a socket bound without one
+            # has; the old group's members must not keep their access.
+            owner = gid if gid is not None else os.getegid()
+            os.chown(self.path, -1, owner, follow_symlinks=False)  # lchown: no symlink
             changed.append("socket_group")
         self._group, self._group_gid = group, gid
         if mode != self._mode:

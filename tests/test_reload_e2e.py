@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import PY, REPO, SLEEP, Supd, cmd, wait_until
 
 Factory = Callable[..., Supd]
@@ -436,3 +438,21 @@ def test_supervisor_log_timestamps_is_applied_through_the_programs(
         describe=lambda: log.read_text()[-500:],
     )
     assert d.status()["tick"]["pid"] == pid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the socket another group needs root")
+def test_a_socket_group_removed_by_reload_is_taken_back(supd: Factory, tmp_path: Path) -> None:
+    """Without socket_group the socket has supd's group, as at a start: the old group's
+    members lose the access the reload took from them (here socket_mode keeps 0660)."""
+    program = f"[programs.web]\ncommand = {SLEEP}\nstartsecs = 0\n"
+    d = supd(f'[supervisor]\nsocket_group = "1"\nsocket_mode = "0660"\n{program}')
+    d.wait_state("web", "RUNNING")
+    assert d.socket.stat().st_gid == 1
+    d.write_config(f'[supervisor]\nsocket_mode = "0660"\n{program}')
+    ran = supctl(d, "--json", "reload")
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert [c["key"] for c in report["supervisor"]] == ["socket_group"], report
+    assert report["not_applied"] == [], report
+    assert d.socket.stat().st_gid == os.getegid()
+    assert (d.socket.stat().st_mode & 0o777) == 0o660
