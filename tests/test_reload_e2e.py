@@ -58,6 +58,9 @@ def test_dry_run_prints_the_plan_changes_nothing_and_matches_the_reload(supd: Fa
         d.wait_state(name, "RUNNING")
     before = pids(d)
     d.write_config(f"""
+        [supervisor]
+        log_level = "debug"
+        journal_socket = "/run/elsewhere.sock"
         [programs.web]
         command = {SLEEP}
         startsecs = 0
@@ -86,7 +89,10 @@ def test_dry_run_prints_the_plan_changes_nothing_and_matches_the_reload(supd: Fa
     real = supctl(d, "--json", "reload")
     assert real.returncode == 0, real.stderr
     applied = json.loads(real.stdout)
-    assert dry_json["plan"] == applied["plan"] and dry_json["dry_run"] and not applied["dry_run"]
+    assert dry_json["dry_run"] and not applied["dry_run"]
+    assert {**dry_json, "dry_run": False} == applied  # the plan and all the rest
+    assert [c["key"] for c in applied["supervisor"]] == ["log_level"]
+    assert [n.split(":")[0] for n in applied["not_applied"]] == ["journal_socket"]
     [event] = d.events("config_reloaded")
     assert event["plan"] == [e for e in applied["plan"] if e["step"] != "unchanged"]
     d.wait_state("web:2", "RUNNING")
