@@ -37,6 +37,7 @@ from tests.helpers import (
     source_pythonpath,
     wait_until,
 )
+from tests.test_reload_e2e import supctl
 
 Factory = Callable[..., Supd]
 
@@ -258,6 +259,8 @@ def test_a_config_with_problems_names_each_file_line_and_key(supd: Factory, tmp_
     error = refused(d)
     assert error["code"] == ErrorCode.CONFIG_INVALID
     problems = error["data"]
+    ran = supctl(d, "reload")  # as the operator sees them
+    assert ran.returncode == 1 and all(p in ran.stderr for p in problems), ran.stderr
     assert any(p.startswith(f"{d.config_path}:6: programs.web.startretries: ") for p in problems)
     assert any(
         p.startswith(f"{tmp_path / 'more.toml'}:3: programs.more.stopsignal: ") for p in problems
