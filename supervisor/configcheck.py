@@ -40,6 +40,9 @@ DEFAULT_CONFIG = "/etc/supd/supd.toml"
 DEFAULT_TIMEOUT_S = 60.0
 # Overrides DEFAULT_TIMEOUT_S (tests; a very slow machine).
 TIMEOUT_ENV = "SUPD_CHECK_TIMEOUT_S"
+# The longest it may say (`inf`, meant as no limit, means this): the start-up wait goes
+# through epoll, which waits at most 2**31 ms (24.8 days).
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 # What the daemon keeps of a checker's output: the JSON of 10,000 programs is a few MB.
 MAX_OUTPUT_BYTES = 256 << 20
 
@@ -49,7 +52,7 @@ def timeout(environ: Mapping[str, str]) -> float:
         value = float(environ.get(TIMEOUT_ENV, ""))
     except ValueError:
         return DEFAULT_TIMEOUT_S
-    return value if value > 0 else DEFAULT_TIMEOUT_S
+    return min(value, MAX_TIMEOUT_S) if value > 0 else DEFAULT_TIMEOUT_S  # (nan > 0: no)
 
 
 def argv(path: Path | str) -> list[str]:

@@ -513,3 +513,16 @@ def test_a_dry_run_reports_a_systemd_sockets_settings_as_the_reload_does(
             assert real["supervisor"] == [] and real["added"] == ["new"], real
             [problem] = real["not_applied"]
             assert problem.startswith("socket:") and "systemd" in problem
+
+
+@pytest.mark.parametrize("setting", ["inf", "1e300"])
+def test_a_check_timeout_too_long_for_a_timer_means_a_year(
+    supd: Factory, tmp_path: Path, setting: str
+) -> None:
+    """$SUPD_CHECK_TIMEOUT_S = inf (no limit, meant) is capped, not a crash at start."""
+    assert configcheck.timeout({configcheck.TIMEOUT_ENV: setting}) == configcheck.MAX_TIMEOUT_S
+    c = start(supd, tmp_path, timeout_s=float(setting))
+    d = c.d
+    d.wait_state("web", "RUNNING")
+    d.write_config(PROGRAM + NEW)
+    assert d.rpc("reload")["added"] == ["new"]
