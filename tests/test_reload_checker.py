@@ -526,3 +526,25 @@ def test_a_check_timeout_too_long_for_a_timer_means_a_year(
     d.wait_state("web", "RUNNING")
     d.write_config(PROGRAM + NEW)
     assert d.rpc("reload")["added"] == ["new"]
+
+
+def test_a_checker_failing_after_a_reexec_keeps_the_adopted_config(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """The reload that ends a re-exec reads the file through the checker too: garbage
+    there is a failed reload, logged, and the new supd runs on the config it adopted."""
+    c = start(supd, tmp_path)
+    d = c.d
+    pid = d.wait_state("web", "RUNNING")["pid"]
+    d.write_config(PROGRAM + NEW)
+    c.misbehave("garbage")
+    assert d.rpc("reexec")["generation"] == 2
+    wait_until(
+        lambda: [e for e in d.events("reload_failed") if "this is not JSON" in json.dumps(e)],
+        describe=d.describe,
+    )
+    assert set(d.status()) == {"web"} and d.status()["web"]["pid"] == pid
+    before = settled(d)
+    c.behave()
+    assert d.rpc("reload")["added"] == ["new"]
+    assert settled(d) == before
