@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from .facts import EXIT_CONFIG, EXIT_OK, EXIT_USAGE
-from .settings import ConfigError, Problem, Settings, problems_from_data, settings_from_data
+from .settings import (
+    ConfigError,
+    Problem,
+    Settings,
+    problems_from_data,
+    settings_from_data,
+    unknown_keys,
+)
 
 EMIT_JSON_ARG = "--emit-json"
 DEFAULT_CONFIG = "/etc/supd/supd.toml"
@@ -91,9 +98,13 @@ def result(path: Path | str, output: bytes, exit_status: str | None) -> Settings
     # the checker on disk may even be another version of supd than the daemon.
     if isinstance(answer, dict) and isinstance(answer.get("config"), dict):
         try:
-            return settings_from_data(answer["config"])
+            unknown = unknown_keys(answer["config"])
+            settings = settings_from_data(answer["config"])
         except Exception as exc:
             raise failed(path, f"unreadable answer ({type(exc).__name__}: {exc})") from None
+        if unknown:
+            raise ConfigError([_unknown(path, settings, *where) for where in unknown])
+        return settings
     if isinstance(answer, dict) and isinstance(answer.get("problems"), list):
         try:
             problems = problems_from_data(answer["problems"])
@@ -102,6 +113,12 @@ def result(path: Path | str, output: bytes, exit_status: str | None) -> Settings
         raise ConfigError(problems)
     said = next((line for line in reversed(lines) if line.strip()), "no output")
     raise failed(path, f"{exit_status or 'no answer'}: {said[:500]}")
+
+
+def _unknown(path: Path | str, settings: Settings, program: str, key: str) -> Problem:
+    file = settings.sources.get(program, Path(path))
+    why = "this running supd does not know it (the supd on disk is newer): `supctl reexec`"
+    return Problem(file, None, None, key, f"{why}, then reload")
 
 
 def failed(path: Path | str, why: str) -> ConfigError:

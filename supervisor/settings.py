@@ -581,6 +581,38 @@ def settings_from_data(data: Mapping[str, Any]) -> Settings:
     )
 
 
+def unknown_keys(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(program or "", dotted key) of each option in the checker's `config` object that
+    these classes lack: the checker is the code on disk, which after an upgrade may be
+    newer than the daemon, and build() would drop what it does not know."""
+
+    def extra(cls: type, table: object, prefix: str) -> list[str]:
+        if not isinstance(table, Mapping):
+            return []
+        return [f"{prefix}{key}" for key in table if key not in _hints(cls)]
+
+    found = [("", key) for key in data if key not in _CONFIG_KEYS]
+    found += [("", key) for key in extra(Supervisor, data.get("supervisor"), "supervisor.")]
+    for program in data.get("programs", []):
+        if not isinstance(program, Mapping):
+            continue  # (build() fails on it, and says so)
+        name = str(program.get("name"))
+        prefix = f"programs.{name}."
+        keys = extra(Program, program, prefix)
+        keys += extra(Ready, program.get("ready"), prefix + "ready.")
+        keys += extra(Health, program.get("health"), prefix + "health.")
+        for i, dependency in enumerate(program.get("depends_on") or []):
+            keys += extra(Dependency, dependency, f"{prefix}depends_on[{i}].")
+        found += [(name, key) for key in keys]
+    for group in data.get("groups", []):
+        if isinstance(group, Mapping):
+            found += [("", k) for k in extra(Group, group, f"groups.{group.get('name')}.")]
+    return found
+
+
+_CONFIG_KEYS = ("path", "supervisor", "programs", "sources", "groups")
+
+
 def settings_data(settings: Settings) -> dict[str, Any]:
     """The inverse of settings_from_data (what the checker prints)."""
     return {

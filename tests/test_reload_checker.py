@@ -65,6 +65,14 @@ def _misbehave(mode):
     elif mode == "deep":  # JSON nested deeper than json.loads recurses
         print("[" * 100000 + "]" * 100000)
         os._exit(0)
+    elif mode == "newer":  # a later supd on disk: it knows an option this one lacks
+        from supd import config
+        import json
+        answer = config.check_result(sys.orig_argv[-1])
+        answer["config"]["programs"][-1]["frobnicate"] = 3
+        answer["config"]["programs"][-1]["health"] = {"tcp": "127.0.0.1:1", "jitter": 1}
+        print(json.dumps(answer))
+        os._exit(0)
     elif mode == "killed":
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
@@ -548,3 +556,26 @@ def test_a_checker_failing_after_a_reexec_keeps_the_adopted_config(
     c.behave()
     assert d.rpc("reload")["added"] == ["new"]
     assert settled(d) == before
+
+
+def test_an_option_this_supd_does_not_know_refuses_the_reload(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """After an upgrade on disk, the checker is the new code and the daemon the old one
+    until `supctl reexec`: an option only the new code knows must not be dropped
+    without a word (the reload would apply less than the file says)."""
+    c = start(supd, tmp_path)
+    d = c.d
+    pid = d.wait_state("web", "RUNNING")["pid"]
+    d.write_config(PROGRAM + NEW)
+    c.misbehave("newer")
+    error = refused(d)
+    assert error["code"] == ErrorCode.CONFIG_INVALID, error
+    problems = error["data"]
+    assert len(problems) == 2, problems
+    for key in ("programs.new.frobnicate", "programs.new.health.jitter"):
+        assert any(p.startswith(f"{d.config_path}: {key}: ") for p in problems), problems
+    assert all("supctl reexec" in p for p in problems), problems
+    assert set(d.status()) == {"web"} and d.status()["web"]["pid"] == pid
+    c.behave()
+    assert d.rpc("reload")["added"] == ["new"]

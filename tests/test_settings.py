@@ -303,6 +303,27 @@ def test_every_field_crosses_from_the_checker_with_its_value_and_type(tmp_path: 
     assert differences == []
 
 
+def test_the_options_a_newer_checker_knows_are_found_at_every_level(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    path = tmp_path / "supd.toml"
+    path.write_text(EVERY)
+    data = config.config_data(config.load(path))
+    assert settings.unknown_keys(data) == []  # the same code never trips it
+    web = next(p for p in data["programs"] if p["name"] == "web")
+    web["depends_on"][0]["when"] = 1
+    web["ready"]["retries"] = 1
+    data["supervisor"]["pidfile"] = "x"
+    data["groups"][0]["weight"] = 1
+    data["events"] = []
+    assert sorted(settings.unknown_keys(data)) == [
+        ("", "events"),
+        ("", "groups.site.weight"),
+        ("", "supervisor.pidfile"),
+        ("web", "programs.web.depends_on[0].when"),
+        ("web", "programs.web.ready.retries"),
+    ]
+
+
 def test_the_daemons_config_modules_import_no_pydantic() -> None:
     """Everything the daemon uses to hold, load and reload a config, re-exec included."""
     modules = ["settings", "configcheck", "process", "fleet", "deaths", "reloadplan"]
