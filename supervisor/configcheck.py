@@ -85,7 +85,8 @@ def emit_json_main(args: list[str]) -> int:
 def result(path: Path | str, output: bytes, exit_status: str | None) -> Settings:
     """The checker's answer: Settings, or raises ConfigError (the config's problems, or
     one problem saying the checker failed). `exit_status` is None for a normal exit
-    (0, or the config error status), else how it ended ("killed by SIGKILL"...)."""
+    (0, or the config error status), else how it ended ("killed by SIGKILL", "exit
+    status 1"...)."""
     lines = output.decode(errors="replace").strip().splitlines()
     answer: object = None
     if exit_status is None and lines:

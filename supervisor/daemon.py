@@ -1941,10 +1941,12 @@ class Daemon:
             case "exit":
                 self.selector.unregister(key.fd)
                 check.exit_key = None
-                _code, signum = spawn.reap(check.pid)
+                code, signum = spawn.reap(check.pid)
                 check.exited = True
                 if signum is not None:
                     check.exit_status = f"killed by {signal_name(signum)}"
+                elif code not in (None, EXIT_OK, EXIT_CONFIG):  # not emit_json_main's end
+                    check.exit_status = f"exit status {code}"
                 self._read_check_output(check)  # what it wrote before it exited
             case "output":
                 self._read_check_output(check)

@@ -48,6 +48,8 @@ import os, sys
 def _misbehave(mode):
     if mode == "crash":  # the validator cannot be imported: a real traceback, exit 1
         sys.modules["supd.config"] = None
+    elif mode == "silent":
+        os._exit(5)
     elif mode == "garbage":
         sys.stdout.write("hello\\nthis is not JSON\\n")
         sys.stdout.flush()
@@ -203,14 +205,15 @@ def refused(d: Supd, dry_run: bool = False) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("mode", "says"),
     [
-        ("crash", "ModuleNotFoundError"),
+        ("crash", "exit status 1: ModuleNotFoundError"),
+        ("silent", "exit status 5: no output"),
         ("garbage", "this is not JSON"),
         ("truncated", "no answer"),
         ("bad-shape", "unreadable answer"),
         ("deep", "no answer: [[[["),
         ("killed", "killed by SIGKILL"),
         ("hang", "no answer within 3 s"),
-        ("flood-garbage", "noise yyy"),
+        ("flood-garbage", "exit status 1: noise yyy"),
     ],
 )
 def test_a_checker_that_fails_refuses_the_reload_and_leaves_nothing(
