@@ -350,10 +350,14 @@ def _finite_float(low: int, high: int) -> Checker:
         if not (_is_int(value) or isinstance(value, float)):
             problems.append(f"{where}: Input should be a valid number")
             return _BAD
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond 1.8e308
+            number = math.inf
+        if not math.isfinite(number):
             problems.append(f"{where}: Input should be a finite number")
             return _BAD
-        return _bounded(float(value), where, problems, low, high)
+        return _bounded(number, where, problems, low, high)
 
     return check
 

@@ -227,6 +227,21 @@ def test_invalid_params_name_the_field(method: str, params: Any, problem: str) -
     assert problem in error.message
 
 
+@pytest.mark.parametrize("digits", [310, 400, 4000])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_an_integer_beyond_floats_range_is_not_a_finite_since(digits: int, sign: str) -> None:
+    """float() of a 310-digit int overflows: that is an invalid `since`, with the
+    request's id, not an internal error."""
+    raw = (
+        b'{"jsonrpc":"2.0","id":7,"method":"tail","params":{"name":"w","since":'
+        + f"{sign}1{'0' * (digits - 1)}".encode()
+        + b"}}"
+    )
+    error = rejected(raw)
+    assert (error.code, error.id) == (ErrorCode.INVALID_PARAMS, 7)
+    assert error.data == ["since: Input should be a finite number"]
+
+
 def test_bad_notifications_are_flagged_silent() -> None:
     """JSON-RPC: the server never answers a notification, not even with an error."""
     assert rejected(line(method="frobnicate")).notification

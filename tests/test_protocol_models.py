@@ -208,6 +208,13 @@ def test_invalid_params_give_the_same_error(method: str, params: Any) -> None:
         + b"9" * 5000
         + b'"}}',
         b"[" * 100_000 + b"]" * 100_000,
+        # Integers beyond a float's range where a number is wanted.
+        b'{"jsonrpc":"2.0","id":1,"method":"tail","params":{"name":"w","since":1'
+        + b"0" * 400
+        + b"}}",
+        b'{"jsonrpc":"2.0","id":1,"method":"tail","params":{"name":"w","since":-1'
+        + b"0" * 308
+        + b"}}",
     ],
 )
 def test_lines_get_the_same_answer(raw: bytes) -> None:
