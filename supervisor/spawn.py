@@ -266,6 +266,11 @@ def spawn(spec: SpawnSpec) -> Child:
     if spec.directory is not None and not os.path.isdir(spec.directory):
         raise SpawnError(f"No such directory: {spec.directory}")
     executable = resolve_executable(spec.argv[0], env, spec.directory)
+    # Not root, supd may only name itself (resolve_credentials): there is nothing to
+    # switch, and setgroups, even to the same groups, would be refused (supervisord's
+    # rule too). The passwd entry still gives the environment above.
+    if os.geteuid() != 0:
+        creds = None
     if _method == "clone":
         return _clone(spec, creds, executable, env)
     # As PID 1 (a container's init) the parent-death signal is moot: when PID 1 dies

@@ -7,11 +7,13 @@ through setpriv or fork); the C one is skipped, with the reason, where it was no
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import pwd
 import resource
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 from supd import clonespawn, spawn
-from tests.helpers import wait_until
+from tests.helpers import source_pythonpath, wait_until
 
 
 @pytest.fixture(autouse=True, params=spawn.METHODS)
@@ -283,3 +285,61 @@ def test_switching_users_sets_uid_gid_groups_and_keeps_the_parent_death_signal(
     found = probe_child(children, user="nobody")
     assert found["pdeathsig"] == signal.SIGTERM
     assert found["ids"] == [nobody.pw_uid, nobody.pw_gid, [nobody.pw_gid]]
+
+
+AS_SUPD_WITHOUT_ROOT = """
+import json, os, sys
+from supd import clonespawn, spawn
+method, user, group = sys.argv[1], sys.argv[2] or None, sys.argv[3] or None
+if method == "clone" and not clonespawn.available():
+    print(json.dumps({"skip": "the C spawner does not load in the system python"}))
+    sys.exit()
+spawn.use_method(method)
+environment = {"PATH": "/usr/bin:/bin"}
+argv = ["/bin/sh", "-c", "id -u; id -g; id -G"]
+try:
+    child = spawn.spawn(spawn.SpawnSpec(argv=argv, environment=environment, user=user, group=group))
+except spawn.SpawnError as exc:
+    print(json.dumps({"spawn_error": str(exc)}))
+    sys.exit()
+os.set_blocking(child.stdout_fd, True)
+with open(child.stdout_fd, "rb", closefd=False) as stdout:
+    out = stdout.read().decode()
+if child.exec_error_fd is not None:
+    os.set_blocking(child.exec_error_fd, True)
+code, _ = spawn.reap(child.pid)
+report = child.read_exec_error()
+print(json.dumps({"out": out.split(), "exit": code, "exec_error": report}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+@pytest.mark.parametrize(
+    ("user", "group"), [("nobody", ""), ("", "nogroup"), ("nobody", "nogroup")]
+)
+def test_a_supd_that_is_not_root_may_name_its_own_user_and_group(
+    tmp_path: Path, method: str, user: str, group: str
+) -> None:
+    """supervisord's rule: `user` naming the user supd already runs as is no switch,
+    and works without root. (setgroups needs CAP_SETGID even to set the same groups,
+    so a spawn that called it failed: "cannot setgroups: Operation not permitted".)"""
+    nobody = pwd.getpwnam("nobody")
+    if nobody.pw_gid != grp.getgrnam("nogroup").gr_gid:
+        pytest.skip("nobody's group is not nogroup here")
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", AS_SUPD_WITHOUT_ROOT, method, user, group],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        env={"PYTHONPATH": source_pythonpath(), "PATH": "/usr/bin:/bin"},
+        user="nobody",
+        group="nogroup",
+        extra_groups=[],
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    if "skip" in found:
+        pytest.skip(found["skip"])
+    ids = [str(nobody.pw_uid), str(nobody.pw_gid), str(nobody.pw_gid)]
+    assert found == {"out": ids, "exit": 0, "exec_error": None}
