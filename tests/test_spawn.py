@@ -343,3 +343,51 @@ def test_a_supd_that_is_not_root_may_name_its_own_user_and_group(
         pytest.skip(found["skip"])
     ids = [str(nobody.pw_uid), str(nobody.pw_gid), str(nobody.pw_gid)]
     assert found == {"out": ids, "exit": 0, "exec_error": None}
+
+
+def _close_pipes(children: list[spawn.Child]) -> None:
+    for child in children:
+        for fd in (child.stdout_fd, child.stderr_fd, child.exec_error_fd):
+            if fd is not None:
+                os.close(fd)
+        child.stdout_fd = child.stderr_fd = child.exec_error_fd = None
+
+
+@pytest.mark.parametrize("free", range(6))
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"redirect_stderr": True}, {"directory": "/"}, {"user": "root"}],
+    ids=["plain", "redirect_stderr", "directory", "user"],
+)
+def test_at_the_fd_limit_a_spawn_fails_cleanly_and_leaks_no_fd(
+    children: list[spawn.Child], method: str, free: int, options: dict[str, object]
+) -> None:
+    """With only `free` fds left (EMFILE while making the pipes, the exec report, the
+    way back to the folder): a SpawnError naming the cause, or a child; never another
+    exception, and the fd table as it was, whichever."""
+    if options.get("user") and os.geteuid() != 0:
+        pytest.skip("user = root needs root")
+    children.append(spawn.spawn(spec(["true"], **options)))  # opens what is kept
+    _close_pipes(children)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    while (fd := os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) < top:
+        filler.append(fd)
+    os.close(fd)  # every fd below `fd` is open now, none above: `free` more can be
+    before = sorted(os.listdir("/proc/self/fd"))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd + free, hard))
+        try:
+            children.append(spawn.spawn(spec(["sh", "-c", "exit 7"], **options)))
+        except spawn.SpawnError as exc:
+            assert "Too many open files" in str(exc)
+        else:
+            assert free >= 2, "a child without its pipes"
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        _close_pipes(children)
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        for fd in filler:
+            os.close(fd)
