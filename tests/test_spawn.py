@@ -7,6 +7,7 @@ through setpriv or fork); the C one is skipped, with the reason, where it was no
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import json
 import os
@@ -14,6 +15,7 @@ import pwd
 import resource
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -391,3 +393,78 @@ def test_at_the_fd_limit_a_spawn_fails_cleanly_and_leaks_no_fd(
     finally:
         for fd in filler:
             os.close(fd)
+
+
+WITHOUT_CLOSE_RANGE = """
+import ctypes, json, os, platform, struct, sys, time
+from supd import clonespawn, spawn
+
+# A seccomp filter failing close_range(2) with the given errno, as on Linux < 5.9
+# (ENOSYS) or under a container's filter that predates it (EPERM).
+NR_CLOSE_RANGE = 436  # x86_64 (and every architecture's generic table)
+program = [
+    (0x20, 0, 0, 0),  # load seccomp_data.nr
+    (0x15, 0, 1, NR_CLOSE_RANGE),  # if nr == close_range:
+    (0x06, 0, 0, 0x00050000 | int(sys.argv[1])),  #   return SECCOMP_RET_ERRNO | errno
+    (0x06, 0, 0, 0x7FFF0000),  # return SECCOMP_RET_ALLOW
+]
+code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+class Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+fprog = Program(len(program), ctypes.addressof(code))
+assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
+assert libc.syscall(NR_CLOSE_RANGE, 3, 3, 0) == -1 and ctypes.get_errno() == int(sys.argv[1])
+
+spawn.mark_inherited_fds_cloexec()  # as the daemon does first
+spawn.use_method("clone")
+clonespawn.reserve_slots()
+spawn._stdin()  # opened at the first spawn, then kept
+held = [fd for _ in range(200) for fd in os.pipe2(os.O_CLOEXEC)]
+before = sorted(os.listdir("/proc/self/fd"))
+# The program lists its own fds (exec closes the close-on-exec ones after the parent
+# resumes: a listing from here could still see them).
+probe = "import os; print(sorted(int(fd) for fd in os.listdir('/proc/self/fd') "
+probe += "if os.path.exists(f'/proc/self/fd/{fd}')))"
+argv = [sys.argv[2], "-S", "-c", probe]
+child = spawn.spawn(spawn.SpawnSpec(argv=argv, environment={}))
+shared = clonespawn.last_shared_files
+with open(child.stdout_fd, "rb") as stdout:
+    os.set_blocking(child.stdout_fd, True)
+    fds = json.loads(stdout.read())
+assert spawn.reap(child.pid) == (0, None)
+os.close(child.stderr_fd)
+print(json.dumps({
+    "shared": shared,
+    "fds": fds,
+    "slots": [os.readlink(f"/proc/self/fd/{slot}") for slot in clonespawn.slots()],
+    "table_kept": sorted(os.listdir("/proc/self/fd")) == before,
+}))
+"""
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSYS", "EPERM", "EINVAL"])
+def test_without_close_range_the_c_spawner_still_gives_only_fds_0_to_2(
+    method: str, errno_name: str
+) -> None:
+    """Where close_range(CLOSE_RANGE_UNSHARE) fails (old kernel, seccomp), the child
+    unshares the whole table instead and close-on-exec drops the rest: it still gets
+    only 0-2, and the daemon's table (400 pipes here) is untouched."""
+    if method != "clone":
+        pytest.skip("the C spawner's fallback")
+    if os.uname().machine != "x86_64":
+        pytest.skip("the seccomp filter uses x86_64's system call number")
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_CLOSE_RANGE, str(getattr(errno, errno_name)), SYSTEM_PYTHON],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "shared": True,
+        "fds": [0, 1, 2],
+        "slots": ["/dev/null"] * 4,
+        "table_kept": True,
+    }
