@@ -16,14 +16,14 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from supd import clonespawn, spawn
-from tests.helpers import source_pythonpath, wait_until
+from tests.helpers import Supd, source_pythonpath, toml_list, wait_until
 
 
 @pytest.fixture(autouse=True, params=spawn.METHODS)
@@ -468,3 +468,69 @@ def test_without_close_range_the_c_spawner_still_gives_only_fds_0_to_2(
         "slots": ["/dev/null"] * 4,
         "table_kept": True,
     }
+
+
+LISTS_ITS_FDS = [
+    SYSTEM_PYTHON,
+    "-S",
+    "-c",
+    "import os, time; print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')"
+    " if os.path.exists(f'/proc/self/fd/{fd}')), flush=True); time.sleep(1000)",
+]
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_daemon_keeps_no_fd_of_starts_restarts_and_spawn_errors(
+    supd: Callable[..., Supd], tmp_path: Path, method: str
+) -> None:
+    """A real daemon, each method: every child lists only its fds 0-2, and rounds of
+    restarts and failed spawns (an exec that fails) leave the daemon's fd count as it
+    was after the first round (which opens what is kept: log files, the stdin)."""
+    script = tmp_path / "bad"
+    script.write_text("#!/nonexistent/interpreter\n")
+    script.chmod(0o755)
+    d = supd(
+        f"""
+        [programs.lister]
+        command = {toml_list(LISTS_ITS_FDS)}
+        numprocs = 2
+        startsecs = 0
+        stdout_logfile = "{tmp_path}/{{process_name}}.fds"
+        [programs.bad]
+        command = "{script}"
+        autostart = false
+        startretries = 0
+        """,
+        env={**os.environ, "SUPD_SPAWN": method},
+    )
+    names = ["lister:0", "lister:1"]
+
+    def listed() -> list[str]:
+        return [(tmp_path / f"{name}.fds").read_text() for name in names]
+
+    def one_round(round_number: int) -> None:
+        [failed] = d.rpc("start", {"names": ["bad"]})
+        assert failed["state"] == "FATAL", failed
+        assert d.status()["bad"]["spawn_error"] == f"No such file or directory: {script}"
+        for entry in d.rpc("restart", {"names": ["lister"]}):
+            assert entry["state"] == "RUNNING", entry
+        wait_until(
+            lambda: all(text.count("\n") == round_number for text in listed()), describe=listed
+        )
+
+    for name in names:
+        d.wait_state(name, "RUNNING")
+    wait_until(lambda: all(text.count("\n") == 1 for text in listed()), describe=listed)
+    one_round(2)
+    settled = _fd_count(d.pid)
+    for round_number in range(3, 6):
+        one_round(round_number)
+    assert all(text.splitlines() == ["[0, 1, 2]"] * 5 for text in listed()), listed()
+    # The connections of d.rpc are closed by the daemon once it sees the client go.
+    wait_until(
+        lambda: _fd_count(d.pid) == settled,
+        describe=lambda: f"{_fd_count(d.pid)} fds, {settled} before",
+    )
