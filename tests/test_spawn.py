@@ -508,8 +508,9 @@ def test_a_daemon_keeps_no_fd_of_starts_restarts_and_spawn_errors(
     )
     names = ["lister:0", "lister:1"]
 
-    def listed() -> list[str]:
-        return [(tmp_path / f"{name}.fds").read_text() for name in names]
+    def listed() -> list[str]:  # the log files appear with the first line
+        files = [tmp_path / f"{name}.fds" for name in names]
+        return [file.read_text() if file.exists() else "" for file in files]
 
     def one_round(round_number: int) -> None:
         [failed] = d.rpc("start", {"names": ["bad"]})
@@ -526,11 +527,12 @@ def test_a_daemon_keeps_no_fd_of_starts_restarts_and_spawn_errors(
     wait_until(lambda: all(text.count("\n") == 1 for text in listed()), describe=listed)
     one_round(2)
     settled = _fd_count(d.pid)
-    for round_number in range(3, 6):
+    for round_number in range(3, 8):
         one_round(round_number)
-    assert all(text.splitlines() == ["[0, 1, 2]"] * 5 for text in listed()), listed()
-    # The connections of d.rpc are closed by the daemon once it sees the client go.
+    assert all(text.splitlines() == ["[0, 1, 2]"] * 7 for text in listed()), listed()
+    # Either count may include a moment's fd (a connection of d.rpc the daemon has not
+    # seen close yet, an exec report not yet read); a leak of one fd a round is five.
     wait_until(
-        lambda: _fd_count(d.pid) == settled,
-        describe=lambda: f"{_fd_count(d.pid)} fds, {settled} before",
+        lambda: _fd_count(d.pid) <= settled,
+        describe=lambda: f"{_fd_count(d.pid)} fds, {settled} after the first round",
     )
