@@ -536,3 +536,59 @@ def test_a_daemon_keeps_no_fd_of_starts_restarts_and_spawn_errors(
         lambda: _fd_count(d.pid) <= settled,
         describe=lambda: f"{_fd_count(d.pid)} fds, {settled} after the first round",
     )
+
+
+PARENT_GONE = """
+import ctypes, json, os, struct, sys
+from supd import clonespawn, spawn
+
+# getppid(2) answers as if supd had died between the clone and the prctl: the child,
+# reparented, must not exec (nobody would stop it), and the spawn fails at once.
+NR_GETPPID = 110  # x86_64
+program = [
+    (0x20, 0, 0, 0),
+    (0x15, 0, 1, NR_GETPPID),
+    (0x06, 0, 0, 0x00050000 | 1),  # -1: no parent of ours
+    (0x06, 0, 0, 0x7FFF0000),
+]
+code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+class Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+fprog = Program(len(program), ctypes.addressof(code))
+assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # SECCOMP_MODE_FILTER
+spawn.use_method("clone")
+spawn._stdin()
+clonespawn.reserve_slots()
+before = sorted(os.listdir("/proc/self/fd"))
+try:
+    spawn.spawn(spawn.SpawnSpec(argv=["/bin/true"], environment={}))
+except spawn.SpawnError as exc:
+    error = str(exc)
+try:
+    os.waitpid(-1, os.WNOHANG)
+    children = True
+except ChildProcessError:
+    children = False
+print(json.dumps({"error": error, "children": children,
+                  "table_kept": sorted(os.listdir("/proc/self/fd")) == before}))
+"""
+
+
+def test_a_child_whose_parent_is_gone_before_the_death_signal_is_set_never_execs(
+    method: str,
+) -> None:
+    if method != "clone":
+        pytest.skip("the C spawner's check (the fork path's is the same, in Python)")
+    if os.uname().machine != "x86_64":
+        pytest.skip("the seccomp filter uses x86_64's system call number")
+    done = subprocess.run(
+        [sys.executable, "-c", PARENT_GONE], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "error": "cannot check the parent: No such process",
+        "children": False,  # the failed child is reaped
+        "table_kept": True,
+    }
