@@ -592,3 +592,29 @@ def test_a_child_whose_parent_is_gone_before_the_death_signal_is_set_never_execs
         "children": False,  # the failed child is reaped
         "table_kept": True,
     }
+
+
+@pytest.mark.parametrize("closed", [(0, 1, 2), (2,), (0, 1)], ids=["0-2", "2", "0-1"])
+def test_a_daemon_started_without_fds_0_to_2_runs_and_its_children_get_them(
+    supd: Callable[..., Supd], tmp_path: Path, method: str, closed: tuple[int, ...]
+) -> None:
+    """An init or a shell may start supd with stdin, stdout or stderr closed. supd puts
+    /dev/null there first: else it died at start for want of a sys.stderr, and the
+    first files it opened (spawn slots, the lock, sockets) took the numbers 0-2."""
+    redirections = " ".join(f"{fd}>&-" for fd in closed)
+    d = supd(
+        f"""
+        [programs.lister]
+        command = {toml_list(LISTS_ITS_FDS)}
+        startsecs = 0
+        stdout_logfile = "{tmp_path}/lister.fds"
+        """,
+        env={**os.environ, "SUPD_SPAWN": method},
+        launcher=["/bin/sh", "-c", f'exec "$@" {redirections}', "sh", sys.executable, "-m", "supd"],
+    )
+    d.wait_state("lister", "RUNNING")
+    listing = tmp_path / "lister.fds"
+    wait_until(lambda: listing.exists() and listing.read_text().endswith("\n"))
+    assert listing.read_text() == "[0, 1, 2]\n"
+    for fd in closed:
+        assert os.readlink(f"/proc/{d.pid}/fd/{fd}") == "/dev/null"
