@@ -302,10 +302,14 @@ def spawn(spec: SpawnSpec) -> Child:
         parent_fds.append(report_r)
         child_fds.append(report_w)
         pid = _fork(spec, creds, executable, env, (_stdin(), out_w, err_w, report_w))
-    except OSError as exc:
+    # ValueError: resource.setrlimit's word for EPERM and EINVAL (the fd limit supd
+    # started with is above its hard limit, lowered since), and posix_spawn's for argv
+    # or environment strings it cannot pass.
+    except (OSError, ValueError) as exc:
         for fd in parent_fds:
             os.close(fd)
-        raise SpawnError(f"cannot spawn: {exc.strerror or exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        raise SpawnError(f"cannot spawn: {reason or exc}") from None
     finally:
         for fd in child_fds:
             os.close(fd)
