@@ -141,7 +141,21 @@ def recorded(pids: Path, strays: list[int]) -> dict[str, int]:
     )
     found = {kind: int(pid) for kind, pid in (line.split() for line in lines)}  # in any order
     strays.extend(found.values())
+    # The shell writes $! as soon as it forked: the setsid one may not have left the
+    # session yet (under load), and a stop then would rightly take it along.
+    setsid = found["setsid"]
+    wait_until(
+        lambda: session_of(setsid) == setsid,
+        describe=lambda: f"setsid escaper {setsid} in session {session_of(setsid)}",
+    )
     return found
+
+
+def session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def expect_all_gone(found: dict[str, int], mode: str) -> None:
