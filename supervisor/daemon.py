@@ -604,8 +604,8 @@ class Daemon:
         if slot.cgroup is None and slot.leftovers == "kill":
             # Before the reap: the zombie keeps the pid (and so the session) ours.
             self._kill_session(slot, pid)
-        self.metrics.child_exiting(name, pid)  # the run's last CPU figure, from the zombie
-        exit_code, exit_signal, core_dumped = spawn.reap_status(pid)
+        exit_code, exit_signal, core_dumped, cpu_seconds = spawn.reap_status(pid)
+        self.metrics.child_reaped(name, pid, cpu_seconds)  # the run's last CPU figure
         self.metrics.exited(name, exit_code, exit_signal)
         if slot.exec_error is None:
             process = self.fleet.processes.get(name)

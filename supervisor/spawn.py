@@ -540,19 +540,26 @@ def reap(pid: int) -> tuple[int | None, int | None]:
 
     Only after the selector reported the exit: the zombie is there, so this cannot block.
     """
-    exit_code, exit_signal, _ = reap_status(pid)
+    exit_code, exit_signal, _, _ = reap_status(pid)
     return exit_code, exit_signal
 
 
-def reap_status(pid: int) -> tuple[int | None, int | None, bool]:
-    """`reap`, and whether the kernel wrote a core dump (WCOREDUMP)."""
+def reap_status(pid: int) -> tuple[int | None, int | None, bool, float | None]:
+    """`reap`, whether the kernel wrote a core dump (WCOREDUMP), and the CPU seconds the
+    child used, its own reaped children included (None if the status is lost).
+
+    The CPU figure is wait4's rusage of the zombie: the same sum as utime + stime +
+    cutime + cstime in /proc/PID/stat, in microseconds rather than ticks, and without
+    opening a file on the way from an exit to its restart.
+    """
     try:
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
     except ChildProcessError:  # reaped behind our back: the status is lost
-        return None, None, False
+        return None, None, False, None
+    cpu_seconds = usage.ru_utime + usage.ru_stime
     if os.WIFSIGNALED(status):
-        return None, os.WTERMSIG(status), os.WCOREDUMP(status)
-    return os.waitstatus_to_exitcode(status), None, False
+        return None, os.WTERMSIG(status), os.WCOREDUMP(status), cpu_seconds
+    return os.waitstatus_to_exitcode(status), None, False, cpu_seconds
 
 
 def stopped_by(pid: int) -> int | None:
