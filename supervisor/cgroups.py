@@ -143,6 +143,15 @@ def read_keyed(path: Path) -> dict[str, int]:
     return values
 
 
+def _populated(events: bytes) -> bool:
+    """The `populated` key of cgroup.events ("populated 1\nfrozen 0\n"); 0 if absent."""
+    for line in events.splitlines():
+        key, _, value = line.partition(b" ")
+        if key == b"populated":
+            return value.strip() == b"1"
+    return False
+
+
 def read_pids(folder: Path) -> list[int]:
     try:
         return [int(line) for line in (folder / "cgroup.procs").read_text().split()]
@@ -195,20 +204,25 @@ class ProcessCgroup:
 
     def open_dir(self) -> int:
         """The cgroup's directory, for the spawner (clone3's CLONE_INTO_CGROUP)."""
-        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(self._folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
 
     def populated(self) -> bool:
-        """Whether any process is left; re-reads (and so re-arms) cgroup.events."""
+        """Whether any process is left; re-reads (and so re-arms) cgroup.events.
+
+        Asked at every exit, on the way to the restart: the watched fd when there is
+        one (pread at 0), else a plain open, read and close (a Path and a text file
+        cost the respawn more than the kernel's side of it).
+        """
         if self.events_fd is not None:
-            data = os.pread(self.events_fd, 4096, 0)
-            for line in data.decode().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "populated":
-                    return value.strip() == "1"
-        return read_keyed(self.path / "cgroup.events").get("populated", 0) == 1
+            return _populated(os.pread(self.events_fd, 4096, 0))
+        fd = os.open(f"{self._folder}/cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _populated(os.read(fd, 4096))
+        finally:
+            os.close(fd)
 
     def pids(self) -> list[int]:
         return read_pids(self.path)
