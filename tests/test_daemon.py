@@ -118,6 +118,25 @@ def test_zero_backoff_restarts_within_milliseconds(supd: Factory, tmp_path: Path
     assert gaps and max(gaps) < 0.2, gaps  # the default backoff would be 1 s
 
 
+def test_a_start_failing_at_once_is_retried_at_once_but_through_the_loop(
+    supd: Factory, tmp_path: Path
+) -> None:
+    # No delay between failed starts, and a due restart is ticked in the turn that made
+    # it due; yet each retry goes back through the loop (one select between two ticks),
+    # so requests are answered while the retries go on.
+    d = supd(f"""
+        [programs.ghost]
+        command = ["{tmp_path / "missing"}"]
+        startretries = 1000000
+        backoff_initial = 0
+    """)
+    first = d.status()["ghost"]["restarts"]
+    wait_until(lambda: d.status()["ghost"]["restarts"] >= first + 20, describe=d.describe)
+    assert d.status()["ghost"]["state"] in ("STARTING", "BACKOFF")  # still retrying
+    d.rpc("stop", {"names": ["ghost"]})
+    d.wait_state("ghost", "STOPPED")
+
+
 @pytest.mark.parametrize(
     ("exit_code", "restarted"),
     [(0, False), (3, False), (4, True)],
