@@ -341,7 +341,9 @@ class Daemon:
         self.notifier = notifier or notify.Notifier.disabled()
         self.clock = clock
         self.log = daemonlog.get_logger()
-        self.selector: Selector[Any] = Selector()
+        # A supervisor spawns children all its life: SIGCHLD stays ours between a last
+        # exit and the respawn that follows (no mask churn per respawn).
+        self.selector: Selector[Any] = Selector(keep_sigchld=True)
         self.fleet = Fleet(draw=random.random)  # backoff jitter
         # The OOM hook: the oom_kill count of a process's cgroup (memory.events), or
         # None where there is none to read. Cgroup support sets it; until then an

@@ -36,6 +36,9 @@ Must not import anything from ``supervisor`` except ``linux``.
 # before unblocking, any instance of it that is still pending (arrived, never read) is
 # discarded with sigtimedwait(timeout=0): unblocking would otherwise hand it to the old
 # disposition, and for most signals that disposition is "terminate the process".
+# SIGCHLD is held for processes while any is watched; with ``keep_sigchld`` from the
+# first one until close(), so that an owner whose only child exits and is respawned
+# does not give it back and take it again each time (five system calls).
 #
 # There is one signalfd for all signals; its mask is rewritten with each registration.
 # Reading it inside select() means callers only ever see SIGNAL ready keys.
@@ -339,7 +342,7 @@ class SelectorStatistics:
     processes: int
     user_events: int
     pending_events: int
-    signalfd: int  # -1 when no signal or process is watched
+    signalfd: int  # -1 when no signal or process is watched (nor SIGCHLD kept)
     peeks: int = 0  # waitid(P_ALL) peeks for exits whose SIGCHLD collapsed, so far
     peek_seconds: float = 0.0  # and the time they took
 
@@ -512,11 +515,20 @@ class Selector(Generic[T]):
     thread that owns the signal mask (see the module notes).
     """
 
-    def __init__(self, max_events: int = 256) -> None:
-        """``max_events`` caps the ready keys one ``select()`` returns."""
+    def __init__(self, max_events: int = 256, *, keep_sigchld: bool = False) -> None:
+        """``max_events`` caps the ready keys one ``select()`` returns.
+
+        ``keep_sigchld``: once a process is watched, SIGCHLD stays blocked and in the
+        signalfd until ``close()``, instead of being given back each time the last
+        watched process goes. For an owner that spawns children all its life (a
+        supervisor restarting its one program): giving SIGCHLD back and taking it
+        again costs five system calls per respawn. The mask is restored by ``close()``.
+        """
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, not {max_events}")
         self._max_events = max_events
+        self._keep_sigchld = keep_sigchld
+        self._sigchld_kept = False  # with keep_sigchld, SIGCHLD was taken for processes
         self._epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
         self._keys: dict[int, _Key[T]] = {}
         self._signals: dict[int, _Key[T]] = {}  # signal number -> key
@@ -634,7 +646,7 @@ class Selector(Generic[T]):
             raise AlreadyRegisteredError(
                 f"{name} is already registered as {self._signals[signum].describe()}"
             )
-        shared = signum == signal.SIGCHLD and bool(self._processes)  # already in the fd
+        shared = signum == signal.SIGCHLD and self._sigchld_for_processes()  # already in
         try:
             if not shared:
                 self._signalfd.add(signum)
@@ -654,7 +666,7 @@ class Selector(Generic[T]):
             raise AlreadyRegisteredError(
                 f"pid {pid} is already watched as {self._processes[pid].describe()}"
             )
-        first = not self._processes and signal.SIGCHLD not in self._signals
+        first = not self._sigchld_for_processes() and signal.SIGCHLD not in self._signals
         if first:
             try:
                 self._signalfd.add(signal.SIGCHLD)
@@ -672,6 +684,7 @@ class Selector(Generic[T]):
             ) from exc
         key = _Key(next(self._virtual_ids), _Kind.PROCESS, _PROCESS_WATCHED, data, pid)
         self._keys[key.ident] = self._processes[pid] = key
+        self._sigchld_kept = self._keep_sigchld
         if exited:
             self._finish_process(key, 0)
         return key.ident
@@ -717,12 +730,17 @@ class Selector(Generic[T]):
             self._forget_fd(key.ident)
         elif kind is _Kind.SIGNAL:
             del self._signals[key.param]
-            if not (key.param == signal.SIGCHLD and self._processes):
+            if not (key.param == signal.SIGCHLD and self._sigchld_for_processes()):
                 self._signalfd.remove(key.param)
         else:
             del self._processes[key.param]
-            if not self._processes and signal.SIGCHLD not in self._signals:
+            if not self._sigchld_for_processes() and signal.SIGCHLD not in self._signals:
                 self._signalfd.remove(signal.SIGCHLD)
+
+    def _sigchld_for_processes(self) -> bool:
+        """Whether process watching holds SIGCHLD in the signalfd: while any process is
+        watched, and with keep_sigchld from the first one on."""
+        return bool(self._processes) or self._sigchld_kept
 
     def _forget_fd(self, fd: int) -> None:
         try:
@@ -1018,6 +1036,7 @@ class Selector(Generic[T]):
             except Exception as exc:  # keep releasing the rest; report the first
                 failures.append(exc)
         try:
+            self._sigchld_kept = False
             self._signalfd.remove_all()
         finally:
             self._pending.clear()

@@ -751,6 +751,54 @@ def test_sigchld_is_blocked_only_while_processes_are_watched(selector, children)
     assert signal.SIGCHLD not in blocked_signals()
 
 
+def test_keep_sigchld_holds_it_from_the_first_process_until_close(children):
+    """A supervisor restarting its one program: the last exit does not give SIGCHLD
+    back, the next child is watched on the same signalfd, and close() restores all."""
+    assert signal.SIGCHLD not in blocked_signals()
+    with Selector[Any](keep_sigchld=True) as sel:
+        r, w = os.pipe()
+        try:
+            first = children.waiting_on(r)
+            ident = sel.register_process(first, "first")
+            signalfd = sel.statistics().signalfd
+            os.close(w)
+            w = -1
+            assert collect_until(sel, lambda got: got) == [
+                ReadyKey(ident, PROCESS_EXITED, 0, "first")
+            ]
+            children.reap(first)
+            sel.unregister(ident)
+            assert signal.SIGCHLD in blocked_signals()  # kept, though nothing is watched
+            assert sel.statistics().signalfd == signalfd
+            stranger = children.exited()  # an exit nobody watches: no event, no harm
+            assert sel.select(0) == []
+            children.reap(stranger)
+            r2, w2 = os.pipe()
+            try:
+                second = children.waiting_on(r2, exit_code=3)
+                ident = sel.register_process(second, "second")
+                assert sel.statistics().signalfd == signalfd
+                os.close(w2)
+                w2 = -1
+                assert collect_until(sel, lambda got: got) == [
+                    ReadyKey(ident, PROCESS_EXITED, 0, "second")
+                ]
+                assert children.reap(second) == 3
+            finally:
+                os.close(r2)
+                if w2 >= 0:
+                    os.close(w2)
+            sel.unregister(ident)
+            chld = sel.register_signal(signal.SIGCHLD, "chld")  # shares the kept one
+            sel.unregister(chld)
+            assert signal.SIGCHLD in blocked_signals()  # still kept for processes
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+    assert signal.SIGCHLD not in blocked_signals()
+
+
 def test_select_into_delivers_what_did_not_fit_on_the_next_calls(selector, children, fds):
     r, w = os.pipe()
     fds.extend((r, w))
