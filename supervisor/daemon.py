@@ -616,7 +616,7 @@ class Daemon:
         exit_code, exit_signal, core_dumped, cpu_seconds = spawn.reap_status(pid)
         self.metrics.child_reaped(name, pid, cpu_seconds)  # the run's last CPU figure
         self.metrics.exited(name, exit_code, exit_signal)
-        if slot.exec_error is None:
+        if slot.exec_error is None and child.via_setpriv:  # (its tail only then)
             process = self.fleet.processes.get(name)
             redirected = process is not None and process.config.redirect_stderr
             stream = "stdout" if redirected else "stderr"
@@ -1053,23 +1053,23 @@ class Daemon:
                 return
             # systemd's rule: the files override the configured environment.
             env = {**env, **from_files, "SUPD_PROCESS_NAME": name, "SUPD_PROGRAM": program.name}
-        spec = spawn.SpawnSpec(
-            argv=program.command,
-            environment=env,
-            directory=program.directory,
-            user=program.user,
-            group=program.group,
-            umask=program.umask,
-            redirect_stderr=program.redirect_stderr,
-            configured_environment=frozenset(program.environment),
-        )
         if slot.cgroup is not None and slot.cgroup_killed:
             self._renew_cgroup(slot, program)
         cgroup_fd: int | None = None
         try:
             if slot.cgroup is not None:
                 cgroup_fd = slot.cgroup.open_dir()
-                spec = dataclasses.replace(spec, cgroup_fd=cgroup_fd)
+            spec = spawn.SpawnSpec(
+                argv=program.command,
+                environment=env,
+                directory=program.directory,
+                user=program.user,
+                group=program.group,
+                umask=program.umask,
+                redirect_stderr=program.redirect_stderr,
+                configured_environment=frozenset(program.environment),
+                cgroup_fd=cgroup_fd,
+            )
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
             self.log.error("spawn_failed", process=name, error=str(exc))

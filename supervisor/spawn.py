@@ -56,6 +56,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -225,9 +226,11 @@ def resolve_executable(argv0: str, env: Mapping[str, str], directory: Path | Non
     """The path execve will run, looked up like execvp does; SpawnError if there is none."""
     if "/" in argv0:
         path = argv0 if directory is None else os.path.join(directory, argv0)
-        if not os.path.exists(path):
-            raise SpawnError(f"No such file or directory: {argv0}")
-        if os.path.isdir(path) or not os.access(path, os.X_OK):
+        try:
+            mode = os.stat(path).st_mode  # one stat for "exists" and "is a folder"
+        except (OSError, ValueError):  # what os.path.exists() calls missing
+            raise SpawnError(f"No such file or directory: {argv0}") from None
+        if stat.S_ISDIR(mode) or not os.access(path, os.X_OK):
             raise SpawnError(f"Permission denied: {argv0}")
         return path
     search = env.get("PATH", os.defpath)
