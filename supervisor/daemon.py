@@ -483,12 +483,13 @@ class Daemon:
                 if exited:  # the exit reaped, told to the fleet, its answer carried out
                     self.metrics.exit_handled(time.perf_counter() - started)
             self._scanned_sessions.clear()  # a share not taken must not outlive its pid
-            if not self._due_now:
+            if not self._due_now and self.running:
                 # What this turn handled may have set a deadline that is due at once (an
                 # exit with a restart delay of 0): the select above has just served what
                 # else was ready, so tick now instead of after one more epoll turn. Still
                 # one select between two ticks, so a start that fails at once and is
-                # retried at once goes back through the loop each time.
+                # retried at once goes back through the loop each time. (Not once the
+                # fleet said Exit: nothing is ticked after the end of a shutdown.)
                 self._guarded(self._arm_clock)
             if self._due_now:
                 self.queue.append(Tick())
