@@ -1076,6 +1076,11 @@ class Daemon:
             self.log.error("spawn_failed", process=name, error=str(exc))
             self.queue.append(ChildEvent(name, SpawnFailed(str(exc), time.time())))
             return
+        except Exception as exc:  # a bug of ours: the process must still get a state
+            self.log.exception("spawn_failed", process=name, error=repr(exc))
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            self.queue.append(ChildEvent(name, SpawnFailed(reason, time.time())))
+            return
         finally:
             if cgroup_fd is not None:
                 os.close(cgroup_fd)

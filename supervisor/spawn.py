@@ -344,10 +344,14 @@ def _clone(
             # As PID 1 the parent-death signal is moot: the kernel kills the namespace.
             pdeathsig=0 if os.getpid() == 1 else signal.SIGTERM,
         )
-    except OSError as exc:
+    # ValueError: a string the spawner cannot pass (an embedded NUL), as on the
+    # posix_spawn path; the pipes are closed whatever the failure.
+    except (OSError, ValueError) as exc:
         for fd in (out_r, err_r):
             if fd is not None:
                 os.close(fd)
+        if isinstance(exc, ValueError):
+            raise SpawnError(f"cannot spawn: {exc}") from None
         raise SpawnError(_clone_failure(exc, spec)) from None
     finally:
         os.close(out_w)
