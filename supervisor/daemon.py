@@ -150,6 +150,10 @@ MAX_READS_PER_WAKEUP = 8
 # their lines are dropped (counted) until it reads again.
 STREAM_STALL_S = 3.0
 
+# Without cgroups, an exit's leftovers are found in /proc; when that cannot be read (no
+# fd left: EMFILE), the exit is reported anyway and the scan is tried again this often.
+LEFTOVER_SCAN_RETRY_S = 1.0
+
 
 # -- registration tags: what a ready key means ------------------------------------------
 
@@ -715,7 +719,9 @@ class Daemon:
                     os.killpg(pid, signal.SIGKILL)
                 leaders[pid] = self._session_start(pid)
         if leaders:
-            self._scanned_sessions = sessions.kill_sessions(leaders)
+            # OSError: no fd for /proc (EMFILE); each exit's _kill_session deals with it.
+            with contextlib.suppress(OSError):
+                self._scanned_sessions = sessions.kill_sessions(leaders)
 
     def _session_start(self, pid: int) -> int | None:
         start = self.journal.live.get(pid) if self.journal is not None else None
@@ -732,12 +738,44 @@ class Daemon:
         if members is None:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
-            members = sessions.kill_session(pid, self._session_start(pid))
+            start = self._session_start(pid)
+            try:
+                members = sessions.kill_session(pid, start)
+            except OSError as exc:
+                # No fd for /proc (EMFILE): the exit must still be reaped and reported
+                # (the caller does that next), so the session waits for a later scan.
+                self.log.warning("leftovers_unchecked", process=slot.name, pid=pid, error=str(exc))
+                self._scan_session_later(slot.name, pid, start)
+                return
+        self._session_ended(slot.name, pid, members)
+
+    def _session_ended(
+        self, name: str, pid: int, members: list[sessions.ProcStat], journal: bool = True
+    ) -> None:
         if members:
             pids = [m.pid for m in members]
-            self.log.info("leftovers_killed", process=slot.name, pid=pid, pids=pids)
-        if self.journal is not None:
+            self.log.info("leftovers_killed", process=name, pid=pid, pids=pids)
+        if journal and self.journal is not None:
             self.journal.ended(pid)
+
+    def _scan_session_later(self, name: str, pid: int, start: int | None) -> None:
+        """Kill the session of reaped leader `pid` once /proc can be read. Only with its
+        start time known: the pid may be reused by then, and the start time is what
+        tells its members from a stranger's (they stay in the journal otherwise)."""
+        if start is None:
+            return
+
+        def scan() -> None:
+            try:
+                members = sessions.kill_session(pid, start)
+            except OSError:
+                self._after(LEFTOVER_SCAN_RETRY_S, scan)
+                return
+            # The pid may lead a newer session of ours by now: then its entry stays.
+            newer = self.journal is not None and self.journal.live.get(pid, start) != start
+            self._session_ended(name, pid, members, journal=not newer)
+
+        self._after(LEFTOVER_SCAN_RETRY_S, scan)
 
     def _gone_when_empty(self, slot: Slot, event: SpawnFailed | Exited) -> None:
         """Report the main process's end once nothing of it is left in its cgroup."""
