@@ -574,6 +574,11 @@ class Daemon:
                 self.metrics_server.on_ready(key)
             case _:
                 self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
+        if self.subreaper and key.events & Event.PROCESS:
+            # Orphans that died with this child (a killed process group), or meanwhile,
+            # were hidden from _reap_orphans' peek behind its zombie (a main process's,
+            # a probe's, the checker's...): with it reaped, look again.
+            self._reap_orphans()
 
     def _signal_received(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
@@ -626,10 +631,6 @@ class Daemon:
             # The `exited` log event comes with the fleet's classification (Died).
             ending = self._ending(slot, core_dumped)
             self._gone_when_empty(slot, Exited(exit_code, exit_signal, ending))
-        if self.subreaper:
-            # Orphans that died with this child (a killed process group) were hidden
-            # behind its zombie from _reap_orphans' peek; with it reaped, look again.
-            self._reap_orphans()
 
     # -- leaving nothing behind (cgroups.py; sessions.py without cgroups) ----------------
 
@@ -954,8 +955,8 @@ class Daemon:
         waitid(P_ALL, WNOWAIT) only peeks at one exited child. An orphan is reaped at
         once; one of our programs is left alone (its PROCESS event is queued and its
         owner reaps it, keeping the exact exit status), and since the peek would keep
-        naming it, the remaining orphans wait for the next loop iteration, which that
-        queued event guarantees.
+        naming it, the remaining orphans wait until that child's exit is dispatched
+        (which looks again, whatever the child was).
         """
         while True:
             try:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -24,6 +25,7 @@ from tests.helpers import (
     cmd,
     pid_alive,
     source_pythonpath,
+    toml_list,
     wait_until,
 )
 
@@ -820,6 +822,60 @@ def test_subreaper_reaps_orphans_killed_with_their_program(supd: Factory, tmp_pa
     wait_until(lambda: proc_status(orphan)["PPid"] == str(d.pid), describe="adopted")
     d.rpc("stop", {"names": ["forker"]})
     wait_until(lambda: not Path(f"/proc/{orphan}").exists(), describe="orphan killed and reaped")
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+def test_subreaper_reaps_an_orphan_that_died_behind_a_probes_zombie(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """supd's peek for orphans stops at the first zombie that is its own, to be reaped by
+    its owner; only a main process's reap looked again, so an orphan that exited together
+    with an exec probe, behind it in supd's list of children, stayed a zombie until some
+    later SIGCHLD (with nothing else exiting: for ever)."""
+    probe_pid, orphan_pid, release = tmp_path / "probe", tmp_path / "orphan", tmp_path / "go"
+    probe = [PY, "-c", textwrap.dedent(f"""
+        import os, time
+        def record(path):
+            open(path + ".tmp", "w").write(str(os.getpid()))
+            os.rename(path + ".tmp", path)
+        record({str(probe_pid)!r})
+        middle = os.fork()
+        if middle == 0:
+            if os.fork() == 0:  # orphaned at once, so adopted by supd after the probe
+                record({str(orphan_pid)!r})
+                while not os.path.exists({str(release)!r}):
+                    time.sleep(0.01)
+            os._exit(0)
+        os.waitpid(middle, 0)
+        while not os.path.exists({str(release)!r}):
+            time.sleep(0.01)
+    """)]  # fmt: skip
+    d = supd(f"""
+        [supervisor]
+        subreaper = true
+        cgroups = "off"  # (with cgroups the probe's group is killed at its exit: a SIGCHLD)
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        ready = {{ exec = {toml_list(probe)}, timeout = 60, ready_timeout = 60 }}
+    """)
+    probe_child = int(wait_until(lambda: probe_pid.exists() and probe_pid.read_text()))
+    orphan = int(wait_until(lambda: orphan_pid.exists() and orphan_pid.read_text()))
+    d.track(probe_child, orphan)
+    wait_until(lambda: proc_status(orphan)["PPid"] == str(d.pid), describe="adopted")
+    # Both exit while supd is stopped, so that it meets both zombies at once.
+    d.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: process_state(d.pid) == "T", describe="supd stopped")
+        release.touch()
+        wait_until(lambda: {process_state(probe_child), process_state(orphan)} == {"Z"})
+    finally:
+        d.signal(signal.SIGCONT)
+    d.wait_state("web", "RUNNING")  # the probe's exit was handled
+    wait_until(lambda: not Path(f"/proc/{orphan}").exists(), describe="orphan reaped by supd")
 
 
 # -- reload and shutdown edge cases (regressions from review) ---------------------------
