@@ -400,7 +400,8 @@ class Daemon:
         # Pipes not read while supd's stdout catches up: writer fd -> {(process, pipe fd)}.
         self._paused: dict[int, set[tuple[str, int]]] = {}
         self._journal_warned = False
-        self.compressing: dict[int, tuple[CompressTag, LogSink]] = {}
+        # The gzip helpers running: pid -> (its tag, its sink, its selector key).
+        self.compressing: dict[int, tuple[CompressTag, LogSink, int]] = {}
         # Reloads: the config checker in flight, the reloads waiting for the next one.
         self._check: configcheck.Check | None = None
         self._reloads_waiting: list[tuple[bool, Callable[[ReloadReport | Exception], None]]] = []
@@ -516,13 +517,7 @@ class Daemon:
             self.journal.close(remove=not self.journal.live)
         if self._spare_fd is not None:
             os.close(self._spare_fd)
-        for pid, (job, _sink) in list(self.compressing.items()):
-            spawn.send_signal(pid, signal.SIGKILL, False)
-            spawn.reap(pid)
-            os.close(job.source_fd)
-            with contextlib.suppress(OSError):
-                os.unlink(job.temporary)
-        self.compressing.clear()
+        self._cancel_compressions()
         self.selector.close()
         self.notifier.close()
         if self.child_notify is not None:
@@ -1420,14 +1415,26 @@ class Daemon:
             if fd is not None:
                 os.close(fd)
         job = CompressTag(child.pid, str(source), source_fd, str(temporary), sink.rotations)
-        self.compressing[child.pid] = (job, sink)
-        self.selector.register_process(child.pid, job)
+        key = self.selector.register_process(child.pid, job)
+        self.compressing[child.pid] = (job, sink, key)
         self.log.debug("log_compress_started", path=str(source), pid=child.pid)
+
+    def _cancel_compressions(self) -> None:
+        """Exit or re-exec: end the gzip helpers (the new image would not know them: no
+        reap, a zombie) and drop their partial results; the plain backups stay."""
+        for pid, (job, _sink, key) in list(self.compressing.items()):
+            self.selector.unregister(key)  # (if the exec fails, no stale event comes)
+            spawn.send_signal(pid, signal.SIGKILL, False)
+            spawn.reap(pid)
+            os.close(job.source_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(job.temporary)
+        self.compressing.clear()
 
     def _compressed(self, job: CompressTag) -> None:
         """The helper is done: put NAME.N.gz where NAME.N now is (later rotations moved it
         on), then drop the plain copy. Renames only: cheap enough for the loop."""
-        _job, sink = self.compressing.pop(job.pid)
+        _job, sink, _key = self.compressing.pop(job.pid)
         exit_code, exit_signal = spawn.reap(job.pid)
         assert sink.path is not None
         number = 1 + sink.rotations - job.rotation
@@ -2205,6 +2212,7 @@ class Daemon:
             probe_s=round(time.monotonic() - probing, 3),
         )
         self.notifier.reloading(self.status_line())
+        self._cancel_compressions()
         memfd = reexec.write_memfd(data)
         os.environ[reexec.ENV_STATE_FD] = str(memfd)
         os.environ[spawn.ENV_ORIGINAL_NOFILE] = ",".join(map(str, spawn.original_fd_limit()))
