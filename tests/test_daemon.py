@@ -1068,6 +1068,41 @@ def test_an_idle_daemon_does_not_wake_up(supd: Factory) -> None:
     assert quiet_for(1.0)  # the measurement itself: nothing happens in a whole second
 
 
+def test_a_daemon_goes_idle_after_exits_whose_sigchlds_collapsed(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """Twenty programs exit together (their SIGCHLDs collapse, so the selector peeks for
+    the exits no SIGCHLD named): every exit is reported, and then nothing is left armed
+    that wakes the daemon (no peek, no timer)."""
+    go = tmp_path / "go"
+    quitter = cmd(f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)")
+    d = supd(f"""
+        [programs.quitter]
+        command = {quitter}
+        numprocs = 20
+        startsecs = 0
+        autorestart = false
+        [programs.stays]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    for i in range(20):
+        d.wait_state(f"quitter:{i}", "RUNNING")
+    go.touch()
+    for i in range(20):
+        d.wait_state(f"quitter:{i}", "EXITED")
+    peeks = re.search(r"^supd_exit_peeks_total (\d+)", d.rpc("metrics")["text"], re.M)
+    assert peeks is not None and int(peeks[1]) >= 1  # the peeks ran (and must have ended)
+
+    def quiet_for(seconds: float) -> bool:
+        before = context_switches(d.pid)
+        time.sleep(seconds)  # a measurement window, not a wait for an event
+        return context_switches(d.pid) == before
+
+    wait_until(lambda: quiet_for(0.3), describe="the daemon to go quiet")
+    assert quiet_for(1.0)
+
+
 def test_programs_start_in_priority_order(supd: Factory, tmp_path: Path) -> None:
     order = tmp_path / "order"
     programs = "".join(
