@@ -63,8 +63,9 @@ Must not import anything from ``supervisor`` except ``linux``.
 #    children in a tight loop, 1.8 ms in a busy daemon whose task structs are cold,
 #    which alone would be most of an exit's loop time. So the first peek after a
 #    SIGCHLD waits PEEK_SPACING times what the last empty peek cost, and every SIGCHLD
-#    in between shares it: peeking takes at most 1/PEEK_SPACING of the loop's time
-#    however fast children exit, and a hinted exit is reported at once. The cost is
+#    in between shares it: peeks that find nothing take at most 1/PEEK_SPACING of the
+#    loop's time however fast children exit (one that finds an exit is paid for by
+#    it), and a hinted exit is reported at once. The cost is
 #    the peek's CPU time (thread_time), not its wall time: a peek descheduled for 20 ms
 #    on a busy machine would otherwise put the next one a second off. Measured cold
 #    (caches flushed between peeks, as in a busy daemon): 1.75 ms with 10,000 children,
