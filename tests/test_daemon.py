@@ -1103,6 +1103,48 @@ def test_a_daemon_goes_idle_after_exits_whose_sigchlds_collapsed(
     assert quiet_for(1.0)
 
 
+def test_exits_whose_sigchlds_collapsed_are_reported_with_their_pipes_still_open(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """Two programs exit while supd is stopped, so one SIGCHLD stands for both, and a
+    child of each keeps its output pipes open (no EOF, no hint_exit): the exit no
+    SIGCHLD names is found by the selector's peek, which wakes an idle daemon by itself."""
+    go = tmp_path / "go"
+    holders = tmp_path / "holders"
+    holders.mkdir()
+    program = cmd(f"""
+        import os, time
+        holder = os.fork()
+        if holder == 0:  # keeps stdout and stderr open after the program's exit
+            time.sleep(1000)
+            os._exit(0)
+        open(os.path.join({str(holders)!r}, str(holder)), "w").close()
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.01)
+        os._exit(3)
+    """)
+    d = supd(f"""
+        [programs.quitter]
+        command = {program}
+        numprocs = 2
+        startsecs = 0
+        autorestart = false
+        leftovers = "keep"  # (killing them would close the pipes: an EOF, a hint)
+    """)
+    mains = [d.wait_state(f"quitter:{i}", "RUNNING")["pid"] for i in range(2)]
+    wait_until(lambda: len(list(holders.iterdir())) == 2)
+    d.track(*(int(p.name) for p in holders.iterdir()))
+    d.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: process_state(d.pid) == "T", describe="supd stopped")
+        go.touch()
+        wait_until(lambda: {process_state(pid) for pid in mains} == {"Z"})
+    finally:
+        d.signal(signal.SIGCONT)
+    for i in range(2):
+        assert d.wait_state(f"quitter:{i}", "EXITED")["exit_code"] == 3
+
+
 def test_programs_start_in_priority_order(supd: Factory, tmp_path: Path) -> None:
     order = tmp_path / "order"
     programs = "".join(
