@@ -868,7 +868,8 @@ def test_a_log_compression_in_flight_leaves_no_child_behind_the_exec(
     os.mkfifo(partial)
     d = supd(f"""
         [programs.writer]
-        command = {cmd("import sys, time; print('x' * 2000, flush=True); time.sleep(1000)")}
+        command = {cmd("import sys, time; print('x' * 1500, flush=True); time.sleep(1000)")}
+        # (1,501 bytes: one rotation at 1KB, so one helper)
         stdout_logfile = "{logs}/writer.out.log"
         stdout_logfile_maxbytes = "1KB"
         compress = true
@@ -890,6 +891,7 @@ def test_a_log_compression_in_flight_leaves_no_child_behind_the_exec(
     wait_until(lambda: not Path(f"/proc/{compressing}").exists(), describe=d.describe)
     assert not partial.exists()
     assert (logs / "writer.out.log.1").exists()  # not compressed, not lost
+    assert sorted(p.name for p in logs.iterdir()) == ["writer.out.log", "writer.out.log.1"]
     assert d.state("writer") == "RUNNING"
 
 

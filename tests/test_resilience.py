@@ -182,7 +182,8 @@ def test_out_of_fds_without_cgroups_an_exit_is_reported_and_its_leftovers_killed
         for sock in [first, *held]:
             sock.close()
     wait_until(lambda: not pid_alive(leftover), describe=d.describe)
-    [killed] = d.events("leftovers_killed")
+    # (killed first, logged next: the line may come a moment after the kill)
+    [killed] = wait_until(lambda: d.events("leftovers_killed"), describe=d.describe)
     assert killed["pid"] == main and killed["pids"] == [leftover]
 
 
