@@ -97,6 +97,19 @@ struct supd_spawn_request {
 #define CLOSE_RANGE_UNSHARE (1U << 1)
 #endif
 
+/* Where both exist (i386, 32-bit arm...), the plain SYS_setresuid and the others take
+ * 16-bit ids, which would turn uid 100000 into 34464: glibc itself calls the 32-bit
+ * ones there. x86_64 has only the 32-bit calls, under the plain names. */
+#ifdef SYS_setresuid32
+#define SUPD_SYS_SETGROUPS SYS_setgroups32
+#define SUPD_SYS_SETRESGID SYS_setresgid32
+#define SUPD_SYS_SETRESUID SYS_setresuid32
+#else
+#define SUPD_SYS_SETGROUPS SYS_setgroups
+#define SUPD_SYS_SETRESGID SYS_setresgid
+#define SUPD_SYS_SETRESUID SYS_setresuid
+#endif
+
 static char child_stack[64 * 1024] __attribute__((aligned(16)));
 
 static int fail(struct supd_spawn_request *req, int step)
@@ -165,11 +178,11 @@ static int child_main(void *arg)
         close(procs);
     }
     if (req->switch_user) {
-        if (syscall(SYS_setgroups, req->ngroups, req->groups) < 0)
+        if (syscall(SUPD_SYS_SETGROUPS, req->ngroups, req->groups) < 0)
             fail(req, STEP_GROUPS);
-        if (syscall(SYS_setresgid, req->gid, req->gid, req->gid) < 0)
+        if (syscall(SUPD_SYS_SETRESGID, req->gid, req->gid, req->gid) < 0)
             fail(req, STEP_GID);
-        if (syscall(SYS_setresuid, req->uid, req->uid, req->uid) < 0)
+        if (syscall(SUPD_SYS_SETRESUID, req->uid, req->uid, req->uid) < 0)
             fail(req, STEP_UID);
     }
     /* After the uid change, which clears it. */

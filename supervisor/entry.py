@@ -19,6 +19,7 @@ _UNUSED_EXTENSIONS = ("_ssl", "_hashlib")
 
 
 def main(argv: list[str] | None = None) -> int:
+    _open_standard_fds()
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["import"]:  # `supd import FILE`: a converter, not the daemon
         from . import importer
@@ -38,6 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     from . import daemon
 
     return daemon.main(args)
+
+
+def _open_standard_fds() -> None:
+    """/dev/null as fd 0, 1 or 2 where supd was started without it (an init, a shell's
+    `2>&-`): else the first files supd opens take those numbers (stray writes to
+    stderr would land in a socket or a lock file), and Python, which found no stderr,
+    leaves sys.stderr None, which supd's logging cannot write to."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)  # the lowest: `fd`
+        if getattr(sys, name) is None:
+            stream = open(fd, mode, closefd=False, errors="backslashreplace")  # noqa: SIM115
+            setattr(sys, name, stream)  # for as long as supd runs
 
 
 # reexec.ENV_STATE_FD (not imported here: this runs before the daemon's modules load).

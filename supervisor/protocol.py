@@ -60,6 +60,10 @@ MAX_TAIL_SINCE: Final = 10 * 365 * 86400
 MAX_MAINTAIL_LINES: Final = 100_000
 #: The deaths kept per process, and so the largest `limit` of `deaths`.
 MAX_DEATHS: Final = 20
+#: How deep a value may sit in a line (the line's own value is at depth 1, what an
+#: array or object holds one deeper): what the schema's parser (pydantic's, used by
+#: protocol_models) reads; json.loads would go on to about 1,000.
+MAX_NESTING: Final = 201
 
 RequestId = int | str
 
@@ -350,10 +354,14 @@ def _finite_float(low: int, high: int) -> Checker:
         if not (_is_int(value) or isinstance(value, float)):
             problems.append(f"{where}: Input should be a valid number")
             return _BAD
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond 1.8e308
+            number = math.inf
+        if not math.isfinite(number):
             problems.append(f"{where}: Input should be a finite number")
             return _BAD
-        return _bounded(float(value), where, problems, low, high)
+        return _bounded(number, where, problems, low, high)
 
     return check
 
@@ -576,11 +584,29 @@ def _load(line: bytes) -> Any:
         return ErrorResponse(None, ErrorCode.PARSE_ERROR, "parse error: number out of range")
     except RecursionError:
         return ErrorResponse(None, ErrorCode.PARSE_ERROR, "parse error: nested too deeply")
+    # Counting brackets is cheap, and a line nesting too deeply has many of them.
+    if text.count("[") + text.count("{") >= MAX_NESTING and _nesting(value) > MAX_NESTING:
+        return ErrorResponse(None, ErrorCode.PARSE_ERROR, "parse error: nested too deeply")
     # json reads "\ud800" as a lone surrogate, which no UTF-8 text can hold: refused,
     # as the schema's parser does, so that no name or id carries one into the daemon.
     if "\\u" in text and _has_lone_surrogate(value):
         return ErrorResponse(None, ErrorCode.PARSE_ERROR, "parse error: lone surrogate in a string")
     return value
+
+
+def _nesting(value: Any) -> int:
+    """The depth of the deepest value in `value` (see MAX_NESTING), found without
+    recursion: a deep value must not cost a RecursionError."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def _has_lone_surrogate(value: Any) -> bool:

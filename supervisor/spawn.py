@@ -266,6 +266,11 @@ def spawn(spec: SpawnSpec) -> Child:
     if spec.directory is not None and not os.path.isdir(spec.directory):
         raise SpawnError(f"No such directory: {spec.directory}")
     executable = resolve_executable(spec.argv[0], env, spec.directory)
+    # Not root, supd may only name itself (resolve_credentials): there is nothing to
+    # switch, and setgroups, even to the same groups, would be refused (supervisord's
+    # rule too). The passwd entry still gives the environment above.
+    if os.geteuid() != 0:
+        creds = None
     if _method == "clone":
         return _clone(spec, creds, executable, env)
     # As PID 1 (a container's init) the parent-death signal is moot: when PID 1 dies
@@ -297,10 +302,14 @@ def spawn(spec: SpawnSpec) -> Child:
         parent_fds.append(report_r)
         child_fds.append(report_w)
         pid = _fork(spec, creds, executable, env, (_stdin(), out_w, err_w, report_w))
-    except OSError as exc:
+    # ValueError: resource.setrlimit's word for EPERM and EINVAL (the fd limit supd
+    # started with is above its hard limit, lowered since), and posix_spawn's for argv
+    # or environment strings it cannot pass.
+    except (OSError, ValueError) as exc:
         for fd in parent_fds:
             os.close(fd)
-        raise SpawnError(f"cannot spawn: {exc.strerror or exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        raise SpawnError(f"cannot spawn: {reason or exc}") from None
     finally:
         for fd in child_fds:
             os.close(fd)

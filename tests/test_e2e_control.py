@@ -335,6 +335,54 @@ def test_garbage_and_slow_clients_do_not_disturb_the_daemon(daemon: Supd) -> Non
             s.close()
 
 
+# Malformed lines, each with the error code and id the daemon must answer with.
+MALFORMED: list[tuple[bytes, int, int | None]] = [
+    (b"\xff\xfe{}", ErrorCode.PARSE_ERROR, None),
+    (b'{"jsonrpc":"2.0","id":1,"method":"pid"', ErrorCode.PARSE_ERROR, None),
+    (b'{"jsonrpc":"2.0","id":' + b"9" * 5000 + b',"method":"pid"}', ErrorCode.PARSE_ERROR, None),
+    (b"[" * 100_000 + b"]" * 100_000, ErrorCode.PARSE_ERROR, None),
+    (b'{"jsonrpc":"2.0","id":2,"method":"pid","params":{"name":' + b"[" * 500 + b"]" * 500
+     + b"}}", ErrorCode.PARSE_ERROR, None),
+    (b'{"jsonrpc":"2.0","id":3,"method":"pid","params":{"name":"\\udc80"}}',
+     ErrorCode.PARSE_ERROR, None),
+    (b'{"jsonrpc":"2.0","id":4,"method":"tail","params":{"name":"ticker","since":1' + b"0" * 400
+     + b"}}", ErrorCode.INVALID_PARAMS, 4),
+    (b'{"jsonrpc":"2.0","id":5,"method":"tail","params":{"name":"ticker","since":NaN}}',
+     ErrorCode.INVALID_PARAMS, 5),
+    (b'{"jsonrpc":"2.0","id":6,"method":"tail","params":{"name":"ticker","bytes":1e999}}',
+     ErrorCode.INVALID_PARAMS, 6),
+    (b'{"jsonrpc":"2.0","id":7,"method":"deaths","params":{"name":"ticker","limit":true}}',
+     ErrorCode.INVALID_PARAMS, 7),
+    (b'{"jsonrpc":"2.0","id":8,"method":"start","params":{"names":["idle"],"names":[1]}}',
+     ErrorCode.INVALID_PARAMS, 8),
+    (b'{"jsonrpc":"2.0","id":9,"method":"signal","params":{"names":["idle"],"signal":1'
+     + b"0" * 400 + b"}}", ErrorCode.INVALID_PARAMS, 9),
+    (b'{"jsonrpc":"2.0","id":10,"method":"pid","params":{"name":1},"x":[]}',
+     ErrorCode.INVALID_REQUEST, 10),
+    (b'{"jsonrpc":"2.0","id":NaN,"method":"pid"}', ErrorCode.INVALID_REQUEST, None),
+    (b'{"jsonrpc":"2.0","id":11,"method":"\\u0000"}', ErrorCode.METHOD_NOT_FOUND, 11),
+    (b'{"jsonrpc":"2.0","id":12,"method":"status","params":{"names":["' + b"x" * 900_000
+     + b'"]}}', ErrorCode.NO_SUCH_PROCESS, 12),
+]  # fmt: skip
+
+
+def test_malformed_requests_get_protocol_errors_and_the_daemon_carries_on(daemon: Supd) -> None:
+    """Over the real socket, on one connection: every malformed line is answered with
+    its protocol error (none an internal error), and the next request still works."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(daemon.socket))
+        reader = sock.makefile("rb")
+        for raw, code, request_id in MALFORMED:
+            sock.sendall(raw + b"\n")
+            answer = json.loads(reader.readline())
+            assert (answer["error"]["code"], answer["id"]) == (code, request_id), (raw[:80], answer)
+        sock.sendall(b'{"jsonrpc":"2.0","id":"last","method":"pid"}\n')
+        last = json.loads(reader.readline())
+        assert (last["id"], last["result"]["pid"]) == ("last", daemon.pid)
+    assert daemon.status()["ticker"]["state"] == "RUNNING"
+
+
 def test_tail_follow_keeps_a_split_utf8_character_whole(supd: Factory, tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     code = f"""

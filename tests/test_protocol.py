@@ -227,6 +227,47 @@ def test_invalid_params_name_the_field(method: str, params: Any, problem: str) -
     assert problem in error.message
 
 
+@pytest.mark.parametrize("digits", [310, 400, 4000])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_an_integer_beyond_floats_range_is_not_a_finite_since(digits: int, sign: str) -> None:
+    """float() of a 310-digit int overflows: that is an invalid `since`, with the
+    request's id, not an internal error."""
+    raw = (
+        b'{"jsonrpc":"2.0","id":7,"method":"tail","params":{"name":"w","since":'
+        + f"{sign}1{'0' * (digits - 1)}".encode()
+        + b"}}"
+    )
+    error = rejected(raw)
+    assert (error.code, error.id) == (ErrorCode.INVALID_PARAMS, 7)
+    assert error.data == ["since: Input should be a finite number"]
+
+
+@pytest.mark.parametrize(("depth", "refused"), [(201, False), (202, True), (500, True)])
+def test_nesting_deeper_than_the_schemas_parser_allows_is_a_parse_error(
+    depth: int, refused: bool
+) -> None:
+    """pydantic's JSON parser (the reference, protocol_models) refuses a line nesting
+    more than 201 arrays and objects; json.loads goes on to about 1,000. Deeper than
+    201 is a parse error here too, wherever the nesting is."""
+    inner = depth - 2  # the envelope and params objects are two levels
+    raw = (
+        b'{"jsonrpc":"2.0","id":1,"method":"pid","params":{"name":'
+        + b"[" * inner
+        + b"]" * inner
+        + b"}}"
+    )
+    error = rejected(raw)
+    if refused:
+        assert (error.code, error.id) == (ErrorCode.PARSE_ERROR, None)
+        assert "nested too deeply" in error.message
+    else:
+        assert (error.code, error.id) == (ErrorCode.INVALID_PARAMS, 1)
+    # Brackets inside strings are no nesting.
+    assert parsed(jsonrpc="2.0", id=1, method="pid", params={"name": "[" * 500}).params == (
+        protocol.PidParams(name="[" * 500)
+    )
+
+
 def test_bad_notifications_are_flagged_silent() -> None:
     """JSON-RPC: the server never answers a notification, not even with an error."""
     assert rejected(line(method="frobnicate")).notification

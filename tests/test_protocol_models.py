@@ -208,6 +208,29 @@ def test_invalid_params_give_the_same_error(method: str, params: Any) -> None:
         + b"9" * 5000
         + b'"}}',
         b"[" * 100_000 + b"]" * 100_000,
+        # Nesting around pydantic's limit (201 levels), in params and elsewhere.
+        b'{"jsonrpc":"2.0","id":1,"method":"pid","params":{"name":'
+        + b"[" * 199
+        + b"]" * 199
+        + b"}}",
+        b'{"jsonrpc":"2.0","id":1,"method":"pid","params":{"name":'
+        + b"[" * 200
+        + b"]" * 200
+        + b"}}",
+        b'{"jsonrpc":"2.0","id":1,"method":"pid","x":' + b'{"a":' * 200 + b"1" + b"}" * 200 + b"}",
+        b"[" * 201 + b"]" * 201,
+        b"[" * 202 + b"]" * 202,
+        b'{"jsonrpc":"2.0","id":1,"method":"start","params":{"names":'
+        + b"[" * 600
+        + b"]" * 600
+        + b"}}",
+        # Integers beyond a float's range where a number is wanted.
+        b'{"jsonrpc":"2.0","id":1,"method":"tail","params":{"name":"w","since":1'
+        + b"0" * 400
+        + b"}}",
+        b'{"jsonrpc":"2.0","id":1,"method":"tail","params":{"name":"w","since":-1'
+        + b"0" * 308
+        + b"}}",
     ],
 )
 def test_lines_get_the_same_answer(raw: bytes) -> None:
