@@ -65,14 +65,19 @@ Must not import anything from ``supervisor`` except ``linux``.
 #    the kernel walks every child for a peek that finds nothing: 0.25 ms with 10,000
 #    children in a tight loop, 1.8 ms in a busy daemon whose task structs are cold,
 #    which alone would be most of an exit's loop time. So the first peek after a
-#    SIGCHLD waits PEEK_SPACING times what the last empty peek cost (about 90 ms with
-#    10,000 children, well under a millisecond with a few hundred), and every SIGCHLD
-#    in between shares it: peeking takes at most 1/PEEK_SPACING of the loop's time
-#    however fast children exit, and a hinted exit is reported at once. The price is
-#    that an exit whose SIGCHLD collapsed into another's is reported up to that long
-#    after it happened (callers that have their own reason to think a child is gone,
-#    such as its pipes closing, can say so with hint_exit(), which asks that pid at
-#    once). select() never sleeps past a peek that is due.
+#    SIGCHLD waits PEEK_SPACING times what the last empty peek cost, and every SIGCHLD
+#    in between shares it: peeks that find nothing take at most 1/PEEK_SPACING of the
+#    loop's time however fast children exit (one that finds an exit is paid for by
+#    it), and a hinted exit is reported at once. The cost is
+#    the peek's CPU time (thread_time), not its wall time: a peek descheduled for 20 ms
+#    on a busy machine would otherwise put the next one a second off. Measured cold
+#    (caches flushed between peeks, as in a busy daemon): 1.75 ms with 10,000 children,
+#    so about 90 ms between peeks, and 0.07 ms with 300, about 3.5 ms; warm (a tight
+#    loop) 0.23 and 0.004 ms, so 11 and 0.2 ms. The price is that an exit whose SIGCHLD
+#    collapsed into another's is reported up to that long after it happened, plus
+#    whatever the loop is busy with (callers that have their own reason to think a
+#    child is gone, such as its pipes closing, can say so with hint_exit(), which asks
+#    that pid at once). select() never sleeps past a peek that is due.
 # 3. Sweep. A peek that names a zombie it cannot see past (an exit already reported
 #    but not yet reaped, or a child nobody watches, like a subreaper's adopted orphan)
 #    falls back to asking every watched pid once, as before: always correct, only
@@ -540,7 +545,7 @@ class Selector(Generic[T]):
         self._children_exited = False
         self._exit_hints: list[int] = []  # ssi_pid of each SIGCHLD record read
         # Look for exits the hints missed at this monotonic time (None: no need), and
-        # what the last peek that found nothing cost, in seconds (see the notes above).
+        # what the last peek that found nothing cost, in CPU seconds (see the notes above).
         self._peek_due: float | None = None
         self._peek_cost = 0.0
         self.peeks = 0  # how many peeks so far, and the time they took (for metrics)
@@ -910,19 +915,22 @@ class Selector(Generic[T]):
             self._check_process(pid, key)
 
     def _peek_for_exits(self) -> None:
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.thread_time()
+        no_child = False
         try:
             info = os.waitid(os.P_ALL, 0, _WAITID_OPTIONS)
         except ChildProcessError:
-            info = None  # no child at all: any watched pid was reaped behind our back
-            if any(key.events == _PROCESS_WATCHED for key in self._processes.values()):
-                self._sweep_processes()
-        took = time.monotonic() - started
+            info, no_child = None, True
+        # The kernel's walk costs CPU time; wall time would also count whatever ran
+        # while we were descheduled, and the next peek would wait 50 times that too.
+        cost = time.thread_time() - cpu_started
         self.peeks += 1
-        self.peek_seconds += took
+        self.peek_seconds += time.monotonic() - started
+        if no_child and any(key.events == _PROCESS_WATCHED for key in self._processes.values()):
+            self._sweep_processes()  # no child at all: watched pids were reaped behind our back
         if info is None:
             self._peek_due = None
-            self._peek_cost = took
+            self._peek_cost = cost
             return
         key = self._processes.get(info.si_pid)
         if key is not None and key.events == _PROCESS_WATCHED:

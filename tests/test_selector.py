@@ -942,6 +942,47 @@ def test_a_select_waiting_forever_wakes_for_a_peek_that_comes_due(
     children.reap(second.data)
 
 
+def test_a_peek_descheduled_midway_does_not_put_the_next_one_far_off(
+    selector: Selector[Any], children: Children, fds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next peek waits 50x what the last empty one cost: its CPU time, the kernel's
+    walk. Counted in wall time, a peek descheduled for 0.2 s (a busy machine; here a
+    sleep in the call) would put the next 10 s off, and an exit whose SIGCHLD collapsed
+    would go unreported that long."""
+    real = os.waitid
+
+    def descheduled(idtype: int, ident: int, options: int) -> Any:
+        if idtype == os.P_ALL:
+            time.sleep(0.2)
+        return real(idtype, ident, options)
+
+    monkeypatch.setattr(os, "waitid", descheduled)
+    r, w = os.pipe()
+    fds.extend((r, w))
+    alone = children.waiting_on(r)
+    selector.register_process(alone, alone)
+    os.close(w)
+    [key] = select_until(selector, bool)  # its own SIGCHLD names it
+    selector.unregister(key.fd)
+    children.reap(alone)
+    peeks = selector.peeks
+    assert selector.select(0) == []  # the peek that follows: due at once, finds nothing
+    assert selector.peeks == peeks + 1
+    r, w = os.pipe()
+    fds.extend((r, w))
+    pids = [children.waiting_on(r) for _ in range(2)]
+    for pid in pids:
+        selector.register_process(pid, pid)
+    os.close(w)
+    wait_until(lambda: all(process_state(pid) == "Z" for pid in pids), describe="both to exit")
+    [first] = select_until(selector, bool)  # one SIGCHLD for the two: one is hinted
+    selector.unregister(first.fd)
+    children.reap(first.data)
+    [second] = select_until(selector, bool, timeout=5)  # the other waits for the peek
+    assert {first.data, second.data} == set(pids)
+    children.reap(second.data)
+
+
 # ----------------------------------------------------------------------- user events
 
 
