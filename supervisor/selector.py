@@ -57,27 +57,26 @@ Must not import anything from ``supervisor`` except ``linux``.
 #
 # 1. Hints. Each SIGCHLD record's ssi_pid, if watched, is asked about at once: the
 #    common case, one exit per SIGCHLD, costs one waitid.
-# 2. Peeks. After any SIGCHLD, a later select() begins with one P_ALL peek, which
-#    names some zombie child, if any. The owner has reaped what the previous
-#    select() reported by then, so a watched zombie the peek names is an exit the
-#    hints missed (a collapsed SIGCHLD): it is reported, and the next select() peeks
-#    again; the first peek that finds no zombie ends the search. One syscall, but
-#    the kernel walks every child for a peek that finds nothing: 0.25 ms with 10,000
-#    children in a tight loop, 1.8 ms in a busy daemon whose task structs are cold,
-#    which alone would be most of an exit's loop time. So the first peek after a
-#    SIGCHLD waits PEEK_SPACING times what the last empty peek cost, and every SIGCHLD
-#    in between shares it: peeks that find nothing take at most 1/PEEK_SPACING of the
-#    loop's time however fast children exit (one that finds an exit is paid for by
-#    it), and a hinted exit is reported at once. The cost is
-#    the peek's CPU time (thread_time), not its wall time: a peek descheduled for 20 ms
-#    on a busy machine would otherwise put the next one a second off. Measured cold
-#    (caches flushed between peeks, as in a busy daemon): 1.75 ms with 10,000 children,
-#    so about 90 ms between peeks, and 0.07 ms with 300, about 3.5 ms; warm (a tight
-#    loop) 0.23 and 0.004 ms, so 11 and 0.2 ms. The price is that an exit whose SIGCHLD
-#    collapsed into another's is reported up to that long after it happened, plus
-#    whatever the loop is busy with (callers that have their own reason to think a
-#    child is gone, such as its pipes closing, can say so with hint_exit(), which asks
-#    that pid at once). select() never sleeps past a peek that is due.
+# 2. Peeks. After any SIGCHLD, a later select() begins with one P_ALL peek, which names
+#    some zombie child, if any. The owner has reaped what the previous select() reported
+#    by then, so a watched zombie the peek names is an exit the hints missed (a
+#    collapsed SIGCHLD): it is reported, and the next select() peeks again; the first
+#    peek that finds no zombie ends the search. One syscall, but the kernel walks every
+#    child for a peek that finds nothing: 0.25 ms with 10,000 children in a tight loop,
+#    1.8 ms in a busy daemon whose task structs are cold, which alone would be most of
+#    an exit's loop time. So the first peek after a SIGCHLD waits PEEK_SPACING times
+#    what the last empty peek cost, and every SIGCHLD in between shares it: peeks that
+#    find nothing take at most 1/PEEK_SPACING of the loop's time however fast children
+#    exit (one that finds an exit is paid for by it), and a hinted exit is reported at
+#    once. The cost is the peek's CPU time (thread_time), not its wall time: a peek
+#    descheduled for 20 ms on a busy machine would otherwise put the next one a second
+#    off. Measured cold (caches flushed between peeks, as in a busy daemon): 1.75 ms
+#    with 10,000 children, so about 90 ms between peeks, and 0.07 ms with 300, about 3.5
+#    ms; warm (a tight loop) 0.23 and 0.004 ms, so 11 and 0.2 ms. The price is that an
+#    exit whose SIGCHLD collapsed into another's is reported up to that long after it
+#    happened, plus whatever the loop is busy with (callers that have their own reason
+#    to think a child is gone, such as its pipes closing, can say so with hint_exit(),
+#    which asks that pid at once). select() never sleeps past a peek that is due.
 # 3. Sweep. A peek that names a zombie it cannot see past (an exit already reported
 #    but not yet reaped, or a child nobody watches, like a subreaper's adopted orphan)
 #    falls back to asking every watched pid once, as before: always correct, only
