@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 CGROUP2 = "cgroup2"
 LIMIT_FILES = {"memory_max": "memory.max", "cpu_max": "cpu.max", "pids_max": "pids.max"}
@@ -133,14 +134,38 @@ def limit_problems(
 # -- files ------------------------------------------------------------------------------
 
 
-def read_keyed(path: Path) -> dict[str, int]:
-    """A flat-keyed cgroup file ("populated 1\\nfrozen 0", cpu.stat, memory.events)."""
+def read_keyed(path: Path | str) -> dict[str, int]:
+    """A flat-keyed cgroup file ("populated 1\\nfrozen 0", cpu.stat, memory.events).
+
+    Plain fds rather than a text file object: memory.events is read at every spawn
+    and exit of a process where the memory controller is on (its OOM count).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = chunk = os.read(fd, _KEYED_READ)
+        while chunk:  # these files are small: one read, and the one that says EOF
+            chunk = os.read(fd, _KEYED_READ)
+            data += chunk
+    finally:
+        os.close(fd)
     values: dict[str, int] = {}
-    for line in path.read_text().splitlines():
-        key, _, value = line.partition(" ")
+    for line in data.split(b"\n"):
+        key, _, value = line.partition(b" ")
         with contextlib.suppress(ValueError):
-            values[key] = int(value)
+            values[key.decode()] = int(value)
     return values
+
+
+_KEYED_READ: Final = 4096
+
+
+def _populated(events: bytes) -> bool:
+    """The `populated` key of cgroup.events ("populated 1\nfrozen 0\n"); 0 if absent."""
+    for line in events.splitlines():
+        key, _, value = line.partition(b" ")
+        if key == b"populated":
+            return value.strip() == b"1"
+    return False
 
 
 def read_pids(folder: Path) -> list[int]:
@@ -195,20 +220,25 @@ class ProcessCgroup:
 
     def open_dir(self) -> int:
         """The cgroup's directory, for the spawner (clone3's CLONE_INTO_CGROUP)."""
-        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(self._folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
 
     def populated(self) -> bool:
-        """Whether any process is left; re-reads (and so re-arms) cgroup.events."""
+        """Whether any process is left; re-reads (and so re-arms) cgroup.events.
+
+        Asked at every exit, on the way to the restart: the watched fd when there is
+        one (pread at 0), else a plain open, read and close (a Path and a text file
+        cost the respawn more than the kernel's side of it).
+        """
         if self.events_fd is not None:
-            data = os.pread(self.events_fd, 4096, 0)
-            for line in data.decode().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "populated":
-                    return value.strip() == "1"
-        return read_keyed(self.path / "cgroup.events").get("populated", 0) == 1
+            return _populated(os.pread(self.events_fd, 4096, 0))
+        fd = os.open(f"{self._folder}/cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _populated(os.read(fd, 4096))
+        finally:
+            os.close(fd)
 
     def pids(self) -> list[int]:
         return read_pids(self.path)
@@ -250,7 +280,7 @@ class ProcessCgroup:
 
     def oom_kills(self) -> int | None:
         """memory.events' oom_kill: None without the memory controller."""
-        return _read_or_empty(self.path / "memory.events").get("oom_kill")
+        return _read_or_empty(f"{self._folder}/memory.events").get("oom_kill")
 
     def stats(self, memory_controller: bool = True) -> CgroupStats:
         """CPU and memory of everything in it (what the metrics and `why` show).
@@ -297,7 +327,7 @@ class CgroupStats:
     oom_kills: int | None  # None: no memory controller (the OOM kill is then a guess)
 
 
-def _read_or_empty(path: Path) -> dict[str, int]:
+def _read_or_empty(path: Path | str) -> dict[str, int]:
     try:
         return read_keyed(path)
     except OSError:

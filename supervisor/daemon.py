@@ -150,6 +150,10 @@ MAX_READS_PER_WAKEUP = 8
 # their lines are dropped (counted) until it reads again.
 STREAM_STALL_S = 3.0
 
+# Without cgroups, an exit's leftovers are found in /proc; when that cannot be read (no
+# fd left: EMFILE), the exit is reported anyway and the scan is tried again this often.
+LEFTOVER_SCAN_RETRY_S = 1.0
+
 
 # -- registration tags: what a ready key means ------------------------------------------
 
@@ -341,7 +345,9 @@ class Daemon:
         self.notifier = notifier or notify.Notifier.disabled()
         self.clock = clock
         self.log = daemonlog.get_logger()
-        self.selector: Selector[Any] = Selector()
+        # A supervisor spawns children all its life: SIGCHLD stays ours between a last
+        # exit and the respawn that follows (no mask churn per respawn).
+        self.selector: Selector[Any] = Selector(keep_sigchld=True)
         self.fleet = Fleet(draw=random.random)  # backoff jitter
         # The OOM hook: the oom_kill count of a process's cgroup (memory.events), or
         # None where there is none to read. Cgroup support sets it; until then an
@@ -396,7 +402,8 @@ class Daemon:
         # Pipes not read while supd's stdout catches up: writer fd -> {(process, pipe fd)}.
         self._paused: dict[int, set[tuple[str, int]]] = {}
         self._journal_warned = False
-        self.compressing: dict[int, tuple[CompressTag, LogSink]] = {}
+        # The gzip helpers running: pid -> (its tag, its sink, its selector key).
+        self.compressing: dict[int, tuple[CompressTag, LogSink, int]] = {}
         # Reloads: the config checker in flight, the reloads waiting for the next one.
         self._check: configcheck.Check | None = None
         self._reloads_waiting: list[tuple[bool, Callable[[ReloadReport | Exception], None]]] = []
@@ -481,6 +488,14 @@ class Daemon:
                 if exited:  # the exit reaped, told to the fleet, its answer carried out
                     self.metrics.exit_handled(time.perf_counter() - started)
             self._scanned_sessions.clear()  # a share not taken must not outlive its pid
+            if not self._due_now and self.running:
+                # What this turn handled may have set a deadline that is due at once (an
+                # exit with a restart delay of 0): the select above has just served what
+                # else was ready, so tick now instead of after one more epoll turn. Still
+                # one select between two ticks, so a start that fails at once and is
+                # retried at once goes back through the loop each time. (Not once the
+                # fleet said Exit: nothing is ticked after the end of a shutdown.)
+                self._guarded(self._arm_clock)
             if self._due_now:
                 self.queue.append(Tick())
                 self._guarded(self._drain)
@@ -512,13 +527,7 @@ class Daemon:
             self.journal.close(remove=not self.journal.live)
         if self._spare_fd is not None:
             os.close(self._spare_fd)
-        for pid, (job, _sink) in list(self.compressing.items()):
-            spawn.send_signal(pid, signal.SIGKILL, False)
-            spawn.reap(pid)
-            os.close(job.source_fd)
-            with contextlib.suppress(OSError):
-                os.unlink(job.temporary)
-        self.compressing.clear()
+        self._cancel_compressions()
         self.selector.close()
         self.notifier.close()
         if self.child_notify is not None:
@@ -570,6 +579,11 @@ class Daemon:
                 self.metrics_server.on_ready(key)
             case _:
                 self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
+        if self.subreaper and key.events & Event.PROCESS:
+            # Orphans that died with this child (a killed process group), or meanwhile,
+            # were hidden from _reap_orphans' peek behind its zombie (a main process's,
+            # a probe's, the checker's...): with it reaped, look again.
+            self._reap_orphans()
 
     def _signal_received(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
@@ -604,10 +618,10 @@ class Daemon:
         if slot.cgroup is None and slot.leftovers == "kill":
             # Before the reap: the zombie keeps the pid (and so the session) ours.
             self._kill_session(slot, pid)
-        self.metrics.child_exiting(name, pid)  # the run's last CPU figure, from the zombie
-        exit_code, exit_signal, core_dumped = spawn.reap_status(pid)
+        exit_code, exit_signal, core_dumped, cpu_seconds = spawn.reap_status(pid)
+        self.metrics.child_reaped(name, pid, cpu_seconds)  # the run's last CPU figure
         self.metrics.exited(name, exit_code, exit_signal)
-        if slot.exec_error is None:
+        if slot.exec_error is None and child.via_setpriv:  # (its tail only then)
             process = self.fleet.processes.get(name)
             redirected = process is not None and process.config.redirect_stderr
             stream = "stdout" if redirected else "stderr"
@@ -622,10 +636,6 @@ class Daemon:
             # The `exited` log event comes with the fleet's classification (Died).
             ending = self._ending(slot, core_dumped)
             self._gone_when_empty(slot, Exited(exit_code, exit_signal, ending))
-        if self.subreaper:
-            # Orphans that died with this child (a killed process group) were hidden
-            # behind its zombie from _reap_orphans' peek; with it reaped, look again.
-            self._reap_orphans()
 
     # -- leaving nothing behind (cgroups.py; sessions.py without cgroups) ----------------
 
@@ -715,7 +725,9 @@ class Daemon:
                     os.killpg(pid, signal.SIGKILL)
                 leaders[pid] = self._session_start(pid)
         if leaders:
-            self._scanned_sessions = sessions.kill_sessions(leaders)
+            # OSError: no fd for /proc (EMFILE); each exit's _kill_session deals with it.
+            with contextlib.suppress(OSError):
+                self._scanned_sessions = sessions.kill_sessions(leaders)
 
     def _session_start(self, pid: int) -> int | None:
         start = self.journal.live.get(pid) if self.journal is not None else None
@@ -732,12 +744,44 @@ class Daemon:
         if members is None:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
-            members = sessions.kill_session(pid, self._session_start(pid))
+            start = self._session_start(pid)
+            try:
+                members = sessions.kill_session(pid, start)
+            except OSError as exc:
+                # No fd for /proc (EMFILE): the exit must still be reaped and reported
+                # (the caller does that next), so the session waits for a later scan.
+                self.log.warning("leftovers_unchecked", process=slot.name, pid=pid, error=str(exc))
+                self._scan_session_later(slot.name, pid, start)
+                return
+        self._session_ended(slot.name, pid, members)
+
+    def _session_ended(
+        self, name: str, pid: int, members: list[sessions.ProcStat], journal: bool = True
+    ) -> None:
         if members:
             pids = [m.pid for m in members]
-            self.log.info("leftovers_killed", process=slot.name, pid=pid, pids=pids)
-        if self.journal is not None:
+            self.log.info("leftovers_killed", process=name, pid=pid, pids=pids)
+        if journal and self.journal is not None:
             self.journal.ended(pid)
+
+    def _scan_session_later(self, name: str, pid: int, start: int | None) -> None:
+        """Kill the session of reaped leader `pid` once /proc can be read. Only with its
+        start time known: the pid may be reused by then, and the start time is what
+        tells its members from a stranger's (they stay in the journal otherwise)."""
+        if start is None:
+            return
+
+        def scan() -> None:
+            try:
+                members = sessions.kill_session(pid, start)
+            except OSError:
+                self._after(LEFTOVER_SCAN_RETRY_S, scan)
+                return
+            # The pid may lead a newer session of ours by now: then its entry stays.
+            newer = self.journal is not None and self.journal.live.get(pid, start) != start
+            self._session_ended(name, pid, members, journal=not newer)
+
+        self._after(LEFTOVER_SCAN_RETRY_S, scan)
 
     def _gone_when_empty(self, slot: Slot, event: SpawnFailed | Exited) -> None:
         """Report the main process's end once nothing of it is left in its cgroup."""
@@ -916,8 +960,8 @@ class Daemon:
         waitid(P_ALL, WNOWAIT) only peeks at one exited child. An orphan is reaped at
         once; one of our programs is left alone (its PROCESS event is queued and its
         owner reaps it, keeping the exact exit status), and since the peek would keep
-        naming it, the remaining orphans wait for the next loop iteration, which that
-        queued event guarantees.
+        naming it, the remaining orphans wait until that child's exit is dispatched
+        (which looks again, whatever the child was).
         """
         while True:
             try:
@@ -1044,27 +1088,32 @@ class Daemon:
                 return
             # systemd's rule: the files override the configured environment.
             env = {**env, **from_files, "SUPD_PROCESS_NAME": name, "SUPD_PROGRAM": program.name}
-        spec = spawn.SpawnSpec(
-            argv=program.command,
-            environment=env,
-            directory=program.directory,
-            user=program.user,
-            group=program.group,
-            umask=program.umask,
-            redirect_stderr=program.redirect_stderr,
-            configured_environment=frozenset(program.environment),
-        )
         if slot.cgroup is not None and slot.cgroup_killed:
             self._renew_cgroup(slot, program)
         cgroup_fd: int | None = None
         try:
             if slot.cgroup is not None:
                 cgroup_fd = slot.cgroup.open_dir()
-                spec = dataclasses.replace(spec, cgroup_fd=cgroup_fd)
+            spec = spawn.SpawnSpec(
+                argv=program.command,
+                environment=env,
+                directory=program.directory,
+                user=program.user,
+                group=program.group,
+                umask=program.umask,
+                redirect_stderr=program.redirect_stderr,
+                configured_environment=frozenset(program.environment),
+                cgroup_fd=cgroup_fd,
+            )
             child = spawn.spawn(spec)
         except (spawn.SpawnError, OSError) as exc:
             self.log.error("spawn_failed", process=name, error=str(exc))
             self.queue.append(ChildEvent(name, SpawnFailed(str(exc), time.time())))
+            return
+        except Exception as exc:  # a bug of ours: the process must still get a state
+            self.log.exception("spawn_failed", process=name, error=repr(exc))
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            self.queue.append(ChildEvent(name, SpawnFailed(reason, time.time())))
             return
         finally:
             if cgroup_fd is not None:
@@ -1381,14 +1430,26 @@ class Daemon:
             if fd is not None:
                 os.close(fd)
         job = CompressTag(child.pid, str(source), source_fd, str(temporary), sink.rotations)
-        self.compressing[child.pid] = (job, sink)
-        self.selector.register_process(child.pid, job)
+        key = self.selector.register_process(child.pid, job)
+        self.compressing[child.pid] = (job, sink, key)
         self.log.debug("log_compress_started", path=str(source), pid=child.pid)
+
+    def _cancel_compressions(self) -> None:
+        """Exit or re-exec: end the gzip helpers (the new image would not know them: no
+        reap, a zombie) and drop their partial results; the plain backups stay."""
+        for pid, (job, _sink, key) in list(self.compressing.items()):
+            self.selector.unregister(key)  # (if the exec fails, no stale event comes)
+            spawn.send_signal(pid, signal.SIGKILL, False)
+            spawn.reap(pid)
+            os.close(job.source_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(job.temporary)
+        self.compressing.clear()
 
     def _compressed(self, job: CompressTag) -> None:
         """The helper is done: put NAME.N.gz where NAME.N now is (later rotations moved it
         on), then drop the plain copy. Renames only: cheap enough for the loop."""
-        _job, sink = self.compressing.pop(job.pid)
+        _job, sink, _key = self.compressing.pop(job.pid)
         exit_code, exit_signal = spawn.reap(job.pid)
         assert sink.path is not None
         number = 1 + sink.rotations - job.rotation
@@ -2174,6 +2235,7 @@ class Daemon:
             probe_s=round(time.monotonic() - probing, 3),
         )
         self.notifier.reloading(self.status_line())
+        self._cancel_compressions()
         memfd = reexec.write_memfd(data)
         os.environ[reexec.ENV_STATE_FD] = str(memfd)
         os.environ[spawn.ENV_ORIGINAL_NOFILE] = ",".join(map(str, spawn.original_fd_limit()))

@@ -109,12 +109,6 @@ else:
     _libc.timerfd_gettime.argtypes = [ctypes.c_int, ctypes.POINTER(_Itimerspec)]
     _libc.timerfd_gettime.restype = ctypes.c_int
 
-    def _timespec_from_ns(name: str, ns: int) -> _Timespec:
-        if ns < 0:
-            raise ValueError(f"{name} must be non-negative, not {ns}")
-        seconds, nanoseconds = divmod(ns, _NS_PER_SECOND)
-        return _Timespec(seconds, nanoseconds)
-
     def _ns_from_timespec(spec: _Timespec) -> int:
         return int(spec.tv_sec) * _NS_PER_SECOND + int(spec.tv_nsec)
 
@@ -132,12 +126,20 @@ else:
 
         Returns the previous setting as ``(initial, interval)``.
         """
-        new = _Itimerspec(
-            _timespec_from_ns("interval", interval), _timespec_from_ns("initial", initial)
-        )
+        # Armed at every start and exit of a process with a timer (startsecs, backoff):
+        # the struct is built from plain (seconds, nanoseconds) pairs, not a Python call
+        # and a _Timespec object per field.
+        if initial < 0 or interval < 0:
+            name, ns = ("interval", interval) if interval < 0 else ("initial", initial)
+            raise ValueError(f"{name} must be non-negative, not {ns}")
+        new = _Itimerspec(divmod(interval, _NS_PER_SECOND), divmod(initial, _NS_PER_SECOND))
         old = _Itimerspec()
         _check(_libc.timerfd_settime(fd, flags, ctypes.byref(new), ctypes.byref(old)))
-        return _ns_from_timespec(old.it_value), _ns_from_timespec(old.it_interval)
+        value, period = old.it_value, old.it_interval
+        return (
+            value.tv_sec * _NS_PER_SECOND + value.tv_nsec,
+            period.tv_sec * _NS_PER_SECOND + period.tv_nsec,
+        )
 
     def timerfd_settime(
         fd: int, /, *, flags: int = 0, initial: float = 0.0, interval: float = 0.0

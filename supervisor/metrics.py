@@ -144,12 +144,6 @@ class ProcSampler:
         self._latest.pop(pid, None)
         self._previous.pop(pid, None)
 
-    def root_cpu_seconds(self, pid: int) -> float | None:
-        """CPU seconds of one process alone, reaped children included (a zombie too)."""
-        raw = _read(f"{self.proc}/{pid}/stat")
-        parsed = None if raw is None else _parse_stat(raw)
-        return None if parsed is None else parsed[1] / _TICKS
-
     def _has_children_files(self, pid: int) -> bool:
         if self._children_files is None:
             # Probe on supd itself: the file exists (maybe empty) where the kernel has it.
@@ -325,11 +319,10 @@ class Metrics:
                 counters.restarts["requested"] += 1
             counters.started = True
 
-    def child_exiting(self, name: str, pid: int) -> None:
-        """Before supd reaps `pid`: the run's last CPU figure, read from the zombie."""
-        seconds = self.sampler.root_cpu_seconds(pid)
-        if seconds is not None:
-            self.counters(name).cpu_seen(pid, seconds)
+    def child_reaped(self, name: str, pid: int, cpu_seconds: float | None) -> None:
+        """`pid` was reaped: its run's last CPU figure (wait4's, from the zombie)."""
+        if cpu_seconds is not None:
+            self.counters(name).cpu_seen(pid, cpu_seconds)
         self.sampler.forget(pid)
 
     def exited(self, name: str, exit_code: int | None, exit_signal: int | None) -> None:

@@ -36,6 +36,9 @@ Must not import anything from ``supervisor`` except ``linux``.
 # before unblocking, any instance of it that is still pending (arrived, never read) is
 # discarded with sigtimedwait(timeout=0): unblocking would otherwise hand it to the old
 # disposition, and for most signals that disposition is "terminate the process".
+# SIGCHLD is held for processes while any is watched; with ``keep_sigchld`` from the
+# first one until close(), so that an owner whose only child exits and is respawned
+# does not give it back and take it again each time (five system calls).
 #
 # There is one signalfd for all signals; its mask is rewritten with each registration.
 # Reading it inside select() means callers only ever see SIGNAL ready keys.
@@ -54,22 +57,26 @@ Must not import anything from ``supervisor`` except ``linux``.
 #
 # 1. Hints. Each SIGCHLD record's ssi_pid, if watched, is asked about at once: the
 #    common case, one exit per SIGCHLD, costs one waitid.
-# 2. Peeks. After any SIGCHLD, a later select() begins with one P_ALL peek, which
-#    names some zombie child, if any. The owner has reaped what the previous
-#    select() reported by then, so a watched zombie the peek names is an exit the
-#    hints missed (a collapsed SIGCHLD): it is reported, and the next select() peeks
-#    again; the first peek that finds no zombie ends the search. One syscall, but
-#    the kernel walks every child for a peek that finds nothing: 0.25 ms with 10,000
-#    children in a tight loop, 1.8 ms in a busy daemon whose task structs are cold,
-#    which alone would be most of an exit's loop time. So the first peek after a
-#    SIGCHLD waits PEEK_SPACING times what the last empty peek cost (about 90 ms with
-#    10,000 children, well under a millisecond with a few hundred), and every SIGCHLD
-#    in between shares it: peeking takes at most 1/PEEK_SPACING of the loop's time
-#    however fast children exit, and a hinted exit is reported at once. The price is
-#    that an exit whose SIGCHLD collapsed into another's is reported up to that long
-#    after it happened (callers that have their own reason to think a child is gone,
-#    such as its pipes closing, can say so with hint_exit(), which asks that pid at
-#    once). select() never sleeps past a peek that is due.
+# 2. Peeks. After any SIGCHLD, a later select() begins with one P_ALL peek, which names
+#    some zombie child, if any. The owner has reaped what the previous select() reported
+#    by then, so a watched zombie the peek names is an exit the hints missed (a
+#    collapsed SIGCHLD): it is reported, and the next select() peeks again; the first
+#    peek that finds no zombie ends the search. One syscall, but the kernel walks every
+#    child for a peek that finds nothing: 0.25 ms with 10,000 children in a tight loop,
+#    1.8 ms in a busy daemon whose task structs are cold, which alone would be most of
+#    an exit's loop time. So the first peek after a SIGCHLD waits PEEK_SPACING times
+#    what the last empty peek cost, and every SIGCHLD in between shares it: peeks that
+#    find nothing take at most 1/PEEK_SPACING of the loop's time however fast children
+#    exit (one that finds an exit is paid for by it), and a hinted exit is reported at
+#    once. The cost is the peek's CPU time (thread_time), not its wall time: a peek
+#    descheduled for 20 ms on a busy machine would otherwise put the next one a second
+#    off. Measured cold (caches flushed between peeks, as in a busy daemon): 1.75 ms
+#    with 10,000 children, so about 90 ms between peeks, and 0.07 ms with 300, about 3.5
+#    ms; warm (a tight loop) 0.23 and 0.004 ms, so 11 and 0.2 ms. The price is that an
+#    exit whose SIGCHLD collapsed into another's is reported up to that long after it
+#    happened, plus whatever the loop is busy with (callers that have their own reason
+#    to think a child is gone, such as its pipes closing, can say so with hint_exit(),
+#    which asks that pid at once). select() never sleeps past a peek that is due.
 # 3. Sweep. A peek that names a zombie it cannot see past (an exit already reported
 #    but not yet reaped, or a child nobody watches, like a subreaper's adopted orphan)
 #    falls back to asking every watched pid once, as before: always correct, only
@@ -339,7 +346,7 @@ class SelectorStatistics:
     processes: int
     user_events: int
     pending_events: int
-    signalfd: int  # -1 when no signal or process is watched
+    signalfd: int  # -1 when no signal or process is watched (nor SIGCHLD kept)
     peeks: int = 0  # waitid(P_ALL) peeks for exits whose SIGCHLD collapsed, so far
     peek_seconds: float = 0.0  # and the time they took
 
@@ -512,11 +519,20 @@ class Selector(Generic[T]):
     thread that owns the signal mask (see the module notes).
     """
 
-    def __init__(self, max_events: int = 256) -> None:
-        """``max_events`` caps the ready keys one ``select()`` returns."""
+    def __init__(self, max_events: int = 256, *, keep_sigchld: bool = False) -> None:
+        """``max_events`` caps the ready keys one ``select()`` returns.
+
+        ``keep_sigchld``: once a process is watched, SIGCHLD stays blocked and in the
+        signalfd until ``close()``, instead of being given back each time the last
+        watched process goes. For an owner that spawns children all its life (a
+        supervisor restarting its one program): giving SIGCHLD back and taking it
+        again costs five system calls per respawn. The mask is restored by ``close()``.
+        """
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, not {max_events}")
         self._max_events = max_events
+        self._keep_sigchld = keep_sigchld
+        self._sigchld_kept = False  # with keep_sigchld, SIGCHLD was taken for processes
         self._epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
         self._keys: dict[int, _Key[T]] = {}
         self._signals: dict[int, _Key[T]] = {}  # signal number -> key
@@ -528,7 +544,7 @@ class Selector(Generic[T]):
         self._children_exited = False
         self._exit_hints: list[int] = []  # ssi_pid of each SIGCHLD record read
         # Look for exits the hints missed at this monotonic time (None: no need), and
-        # what the last peek that found nothing cost, in seconds (see the notes above).
+        # what the last peek that found nothing cost, in CPU seconds (see the notes above).
         self._peek_due: float | None = None
         self._peek_cost = 0.0
         self.peeks = 0  # how many peeks so far, and the time they took (for metrics)
@@ -634,7 +650,7 @@ class Selector(Generic[T]):
             raise AlreadyRegisteredError(
                 f"{name} is already registered as {self._signals[signum].describe()}"
             )
-        shared = signum == signal.SIGCHLD and bool(self._processes)  # already in the fd
+        shared = signum == signal.SIGCHLD and self._sigchld_for_processes()  # already in
         try:
             if not shared:
                 self._signalfd.add(signum)
@@ -654,7 +670,7 @@ class Selector(Generic[T]):
             raise AlreadyRegisteredError(
                 f"pid {pid} is already watched as {self._processes[pid].describe()}"
             )
-        first = not self._processes and signal.SIGCHLD not in self._signals
+        first = not self._sigchld_for_processes() and signal.SIGCHLD not in self._signals
         if first:
             try:
                 self._signalfd.add(signal.SIGCHLD)
@@ -672,6 +688,7 @@ class Selector(Generic[T]):
             ) from exc
         key = _Key(next(self._virtual_ids), _Kind.PROCESS, _PROCESS_WATCHED, data, pid)
         self._keys[key.ident] = self._processes[pid] = key
+        self._sigchld_kept = self._keep_sigchld
         if exited:
             self._finish_process(key, 0)
         return key.ident
@@ -717,12 +734,17 @@ class Selector(Generic[T]):
             self._forget_fd(key.ident)
         elif kind is _Kind.SIGNAL:
             del self._signals[key.param]
-            if not (key.param == signal.SIGCHLD and self._processes):
+            if not (key.param == signal.SIGCHLD and self._sigchld_for_processes()):
                 self._signalfd.remove(key.param)
         else:
             del self._processes[key.param]
-            if not self._processes and signal.SIGCHLD not in self._signals:
+            if not self._sigchld_for_processes() and signal.SIGCHLD not in self._signals:
                 self._signalfd.remove(signal.SIGCHLD)
+
+    def _sigchld_for_processes(self) -> bool:
+        """Whether process watching holds SIGCHLD in the signalfd: while any process is
+        watched, and with keep_sigchld from the first one on."""
+        return bool(self._processes) or self._sigchld_kept
 
     def _forget_fd(self, fd: int) -> None:
         try:
@@ -892,19 +914,22 @@ class Selector(Generic[T]):
             self._check_process(pid, key)
 
     def _peek_for_exits(self) -> None:
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.thread_time()
+        no_child = False
         try:
             info = os.waitid(os.P_ALL, 0, _WAITID_OPTIONS)
         except ChildProcessError:
-            info = None  # no child at all: any watched pid was reaped behind our back
-            if any(key.events == _PROCESS_WATCHED for key in self._processes.values()):
-                self._sweep_processes()
-        took = time.monotonic() - started
+            info, no_child = None, True
+        # The kernel's walk costs CPU time; wall time would also count whatever ran
+        # while we were descheduled, and the next peek would wait 50 times that too.
+        cost = time.thread_time() - cpu_started
         self.peeks += 1
-        self.peek_seconds += took
+        self.peek_seconds += time.monotonic() - started
+        if no_child and any(key.events == _PROCESS_WATCHED for key in self._processes.values()):
+            self._sweep_processes()  # no child at all: watched pids were reaped behind our back
         if info is None:
             self._peek_due = None
-            self._peek_cost = took
+            self._peek_cost = cost
             return
         key = self._processes.get(info.si_pid)
         if key is not None and key.events == _PROCESS_WATCHED:
@@ -1018,6 +1043,7 @@ class Selector(Generic[T]):
             except Exception as exc:  # keep releasing the rest; report the first
                 failures.append(exc)
         try:
+            self._sigchld_kept = False
             self._signalfd.remove_all()
         finally:
             self._pending.clear()

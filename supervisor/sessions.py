@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import select
 import signal
@@ -56,18 +57,31 @@ def parse_stat(text: str) -> ProcStat | None:
 
 def read_stat(pid: int) -> ProcStat | None:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return parse_stat(f.read())
+        return _read_stat(pid)
     except OSError:
         return None
 
 
+def _read_stat(pid: int) -> ProcStat | None:
+    """None when the process is gone; OSError when no fd is left to look with."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return parse_stat(f.read())
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise
+        return None
+
+
 def all_processes() -> Iterator[ProcStat]:
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            stat = read_stat(int(entry.name))
-            if stat is not None:
-                yield stat
+    """Every process in /proc. Raises OSError when out of fds (EMFILE, ENFILE): a scan
+    that could not look at a process must not pass for one that found nothing."""
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                stat = _read_stat(int(entry.name))
+                if stat is not None:
+                    yield stat
 
 
 def session_members(session: int, leader_start: int | None = None) -> list[ProcStat]:

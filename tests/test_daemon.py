@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -24,6 +25,7 @@ from tests.helpers import (
     cmd,
     pid_alive,
     source_pythonpath,
+    toml_list,
     wait_until,
 )
 
@@ -116,6 +118,25 @@ def test_zero_backoff_restarts_within_milliseconds(supd: Factory, tmp_path: Path
     spawns = [datetime.fromisoformat(e["timestamp"]) for e in d.events("spawned")]
     gaps = [(spawn - exit).total_seconds() for exit, spawn in zip(exits, spawns[1:], strict=False)]
     assert gaps and max(gaps) < 0.2, gaps  # the default backoff would be 1 s
+
+
+def test_a_start_failing_at_once_is_retried_at_once_but_through_the_loop(
+    supd: Factory, tmp_path: Path
+) -> None:
+    # No delay between failed starts, and a due restart is ticked in the turn that made
+    # it due; yet each retry goes back through the loop (one select between two ticks),
+    # so requests are answered while the retries go on.
+    d = supd(f"""
+        [programs.ghost]
+        command = ["{tmp_path / "missing"}"]
+        startretries = 1000000
+        backoff_initial = 0
+    """)
+    first = d.status()["ghost"]["restarts"]
+    wait_until(lambda: d.status()["ghost"]["restarts"] >= first + 20, describe=d.describe)
+    assert d.status()["ghost"]["state"] in ("STARTING", "BACKOFF")  # still retrying
+    d.rpc("stop", {"names": ["ghost"]})
+    d.wait_state("ghost", "STOPPED")
 
 
 @pytest.mark.parametrize(
@@ -822,6 +843,60 @@ def test_subreaper_reaps_orphans_killed_with_their_program(supd: Factory, tmp_pa
     wait_until(lambda: not Path(f"/proc/{orphan}").exists(), describe="orphan killed and reaped")
 
 
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+def test_subreaper_reaps_an_orphan_that_died_behind_a_probes_zombie(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """supd's peek for orphans stops at the first zombie that is its own, to be reaped by
+    its owner; only a main process's reap looked again, so an orphan that exited together
+    with an exec probe, behind it in supd's list of children, stayed a zombie until some
+    later SIGCHLD (with nothing else exiting: for ever)."""
+    probe_pid, orphan_pid, release = tmp_path / "probe", tmp_path / "orphan", tmp_path / "go"
+    probe = [PY, "-c", textwrap.dedent(f"""
+        import os, time
+        def record(path):
+            open(path + ".tmp", "w").write(str(os.getpid()))
+            os.rename(path + ".tmp", path)
+        record({str(probe_pid)!r})
+        middle = os.fork()
+        if middle == 0:
+            if os.fork() == 0:  # orphaned at once, so adopted by supd after the probe
+                record({str(orphan_pid)!r})
+                while not os.path.exists({str(release)!r}):
+                    time.sleep(0.01)
+            os._exit(0)
+        os.waitpid(middle, 0)
+        while not os.path.exists({str(release)!r}):
+            time.sleep(0.01)
+    """)]  # fmt: skip
+    d = supd(f"""
+        [supervisor]
+        subreaper = true
+        cgroups = "off"  # (with cgroups the probe's group is killed at its exit: a SIGCHLD)
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        ready = {{ exec = {toml_list(probe)}, timeout = 60, ready_timeout = 60 }}
+    """)
+    probe_child = int(wait_until(lambda: probe_pid.exists() and probe_pid.read_text()))
+    orphan = int(wait_until(lambda: orphan_pid.exists() and orphan_pid.read_text()))
+    d.track(probe_child, orphan)
+    wait_until(lambda: proc_status(orphan)["PPid"] == str(d.pid), describe="adopted")
+    # Both exit while supd is stopped, so that it meets both zombies at once.
+    d.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: process_state(d.pid) == "T", describe="supd stopped")
+        release.touch()
+        wait_until(lambda: {process_state(probe_child), process_state(orphan)} == {"Z"})
+    finally:
+        d.signal(signal.SIGCONT)
+    d.wait_state("web", "RUNNING")  # the probe's exit was handled
+    wait_until(lambda: not Path(f"/proc/{orphan}").exists(), describe="orphan reaped by supd")
+
+
 # -- reload and shutdown edge cases (regressions from review) ---------------------------
 
 
@@ -1010,6 +1085,83 @@ def test_an_idle_daemon_does_not_wake_up(supd: Factory) -> None:
 
     wait_until(lambda: quiet_for(0.3), describe="the daemon to go quiet")
     assert quiet_for(1.0)  # the measurement itself: nothing happens in a whole second
+
+
+def test_a_daemon_goes_idle_after_exits_whose_sigchlds_collapsed(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """Twenty programs exit together (their SIGCHLDs collapse, so the selector peeks for
+    the exits no SIGCHLD named): every exit is reported, and then nothing is left armed
+    that wakes the daemon (no peek, no timer)."""
+    go = tmp_path / "go"
+    quitter = cmd(f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)")
+    d = supd(f"""
+        [programs.quitter]
+        command = {quitter}
+        numprocs = 20
+        startsecs = 0
+        autorestart = false
+        [programs.stays]
+        command = {SLEEP}
+        startsecs = 0
+    """)
+    for i in range(20):
+        d.wait_state(f"quitter:{i}", "RUNNING")
+    go.touch()
+    for i in range(20):
+        d.wait_state(f"quitter:{i}", "EXITED")
+    peeks = re.search(r"^supd_exit_peeks_total (\d+)", d.rpc("metrics")["text"], re.M)
+    assert peeks is not None and int(peeks[1]) >= 1  # the peeks ran (and must have ended)
+
+    def quiet_for(seconds: float) -> bool:
+        before = context_switches(d.pid)
+        time.sleep(seconds)  # a measurement window, not a wait for an event
+        return context_switches(d.pid) == before
+
+    wait_until(lambda: quiet_for(0.3), describe="the daemon to go quiet")
+    assert quiet_for(1.0)
+
+
+def test_exits_whose_sigchlds_collapsed_are_reported_with_their_pipes_still_open(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """Two programs exit while supd is stopped, so one SIGCHLD stands for both, and a
+    child of each keeps its output pipes open (no EOF, no hint_exit): the exit no
+    SIGCHLD names is found by the selector's peek, which wakes an idle daemon by itself."""
+    go = tmp_path / "go"
+    holders = tmp_path / "holders"
+    holders.mkdir()
+    program = cmd(f"""
+        import os, time
+        holder = os.fork()
+        if holder == 0:  # keeps stdout and stderr open after the program's exit
+            time.sleep(1000)
+            os._exit(0)
+        open(os.path.join({str(holders)!r}, str(holder)), "w").close()
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.01)
+        os._exit(3)
+    """)
+    d = supd(f"""
+        [programs.quitter]
+        command = {program}
+        numprocs = 2
+        startsecs = 0
+        autorestart = false
+        leftovers = "keep"  # (killing them would close the pipes: an EOF, a hint)
+    """)
+    mains = [d.wait_state(f"quitter:{i}", "RUNNING")["pid"] for i in range(2)]
+    wait_until(lambda: len(list(holders.iterdir())) == 2)
+    d.track(*(int(p.name) for p in holders.iterdir()))
+    d.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: process_state(d.pid) == "T", describe="supd stopped")
+        go.touch()
+        wait_until(lambda: {process_state(pid) for pid in mains} == {"Z"})
+    finally:
+        d.signal(signal.SIGCONT)
+    for i in range(2):
+        assert d.wait_state(f"quitter:{i}", "EXITED")["exit_code"] == 3
 
 
 def test_programs_start_in_priority_order(supd: Factory, tmp_path: Path) -> None:

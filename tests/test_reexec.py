@@ -4,6 +4,7 @@ Plus the saved state as data (reexec.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -852,6 +853,46 @@ def test_a_health_check_in_flight_during_a_reexec_is_run_again_not_failed(
     assert [e["healthy"] for e in d.events("health_changed")] == [True]
     assert len(d.events("spawned")) == 1
     assert not [p for p in before if Path(f"/proc/{p}").exists()]  # reaped, every one
+
+
+def test_a_log_compression_in_flight_leaves_no_child_behind_the_exec(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """The gzip helper of a rotated backup was a child the new image knew nothing of: it
+    ran on, and its exit was never reaped (a zombie for ever, its .gz-partial left).
+    The old image ends it before the exec, as at shutdown; the plain backup stays."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # The helper writes its result here: a FIFO holds it in flight (no reader opens it).
+    partial = logs / ".writer.out.log.1.gz-partial"
+    os.mkfifo(partial)
+    d = supd(f"""
+        [programs.writer]
+        command = {cmd("import sys, time; print('x' * 1500, flush=True); time.sleep(1000)")}
+        # (1,501 bytes: one rotation at 1KB, so one helper)
+        stdout_logfile = "{logs}/writer.out.log"
+        stdout_logfile_maxbytes = "1KB"
+        compress = true
+        startsecs = 0
+    """)
+
+    def helper() -> int | None:
+        for pid in (
+            int(p) for p in Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
+        ):
+            with contextlib.suppress(OSError):
+                if b"gz-partial" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
+
+    compressing = wait_until(helper, describe=d.describe)
+    d.track(compressing)
+    reexec_by_supctl(d)
+    wait_until(lambda: not Path(f"/proc/{compressing}").exists(), describe=d.describe)
+    assert not partial.exists()
+    assert (logs / "writer.out.log.1").exists()  # not compressed, not lost
+    assert sorted(p.name for p in logs.iterdir()) == ["writer.out.log", "writer.out.log.1"]
+    assert d.state("writer") == "RUNNING"
 
 
 def test_a_declared_mainpid_is_still_credited_after_a_reexec(supd: Factory, tmp_path: Path) -> None:

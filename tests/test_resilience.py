@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import PY, SLEEP, Supd, cmd, wait_until
+from tests.helpers import PY, SLEEP, Supd, cmd, pid_alive, wait_until
 
 Factory = Callable[..., Supd]
 
@@ -109,6 +109,82 @@ def test_out_of_fds_a_stop_still_kills_a_start_still_settles_and_sigterm_exits(
     kills = [e for e in d.events("signal_sent") if e["signal"] == "SIGKILL"]
     kills += [e for e in d.events("cgroup_killed") if e["reason"] == "SIGKILL"]
     assert [e["process"] for e in kills] == ["stopper"]
+
+
+def fill_fds(d: Supd) -> tuple[socket.socket, list[socket.socket]]:
+    """One accepted connection to talk on, then connections until supd has no fd left."""
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    first.settimeout(20)
+    first.connect(str(d.socket))
+    first.sendall(b'{"jsonrpc":"2.0","id":0,"method":"version"}\n')
+    assert read_answers(first, 1)[0]["result"]["pid"] == d.pid  # accepted: it holds an fd
+    held: list[socket.socket] = []
+    for _ in range(200):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        held.append(sock)
+        with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+            sock.connect(str(d.socket))
+    wait_until(lambda: fd_count(d.pid) >= 62, describe=lambda: f"{fd_count(d.pid)} fds")
+    return first, held
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
+def test_out_of_fds_without_cgroups_an_exit_is_reported_and_its_leftovers_killed_later(
+    supd: Factory, tmp_path: Path
+) -> None:
+    """Without cgroups an exit's leftovers are found in /proc, which takes an fd: at
+    EMFILE the scan failed, and with it the exit (never reaped nor reported: RUNNING
+    for ever, a zombie). The exit must come first; the leftovers follow when fds do."""
+    left = tmp_path / "leftover"
+    d = supd(
+        f"""
+        [supervisor]
+        cgroups = "off"
+        [programs.quitter]
+        command = {
+            cmd(f'''
+            import os, time
+            child = os.fork()
+            if child == 0:
+                os.setpgid(0, 0)  # its own process group: only the session scan finds it
+                time.sleep(1000)
+                os._exit(0)
+            with open({str(left)!r} + ".new", "w") as f:
+                f.write(str(child))
+            os.rename({str(left)!r} + ".new", {str(left)!r})
+            time.sleep(1000)
+        ''')
+        }
+        startsecs = 0
+        autorestart = false
+        """,
+        launcher=["prlimit", "--nofile=64:64", PY, "-m", "supd"],
+    )
+    main = d.wait_state("quitter", "RUNNING")["pid"]
+    wait_until(left.exists)
+    leftover = int(left.read_text())
+    d.track(leftover)
+    first, held = fill_fds(d)
+    try:
+        os.kill(main, signal.SIGKILL)
+        serial = iter(range(1, 1_000_000))
+
+        def state() -> str:
+            request = {"jsonrpc": "2.0", "id": next(serial), "method": "status"}
+            first.sendall(json.dumps(request).encode() + b"\n")
+            [answer] = read_answers(first, 1).values()
+            return str(next(r["state"] for r in answer["result"] if r["name"] == "quitter"))
+
+        wait_until(lambda: state() == "EXITED", describe=d.describe)
+        assert not os.path.exists(f"/proc/{main}")  # reaped
+    finally:
+        for sock in [first, *held]:
+            sock.close()
+    wait_until(lambda: not pid_alive(leftover), describe=d.describe)
+    # (killed first, logged next: the line may come a moment after the kill)
+    [killed] = wait_until(lambda: d.events("leftovers_killed"), describe=d.describe)
+    assert killed["pid"] == main and killed["pids"] == [leftover]
 
 
 def test_a_zero_backoff_retry_loop_leaves_the_daemon_responsive(supd: Factory) -> None:

@@ -751,6 +751,54 @@ def test_sigchld_is_blocked_only_while_processes_are_watched(selector, children)
     assert signal.SIGCHLD not in blocked_signals()
 
 
+def test_keep_sigchld_holds_it_from_the_first_process_until_close(children):
+    """A supervisor restarting its one program: the last exit does not give SIGCHLD
+    back, the next child is watched on the same signalfd, and close() restores all."""
+    assert signal.SIGCHLD not in blocked_signals()
+    with Selector[Any](keep_sigchld=True) as sel:
+        r, w = os.pipe()
+        try:
+            first = children.waiting_on(r)
+            ident = sel.register_process(first, "first")
+            signalfd = sel.statistics().signalfd
+            os.close(w)
+            w = -1
+            assert collect_until(sel, lambda got: got) == [
+                ReadyKey(ident, PROCESS_EXITED, 0, "first")
+            ]
+            children.reap(first)
+            sel.unregister(ident)
+            assert signal.SIGCHLD in blocked_signals()  # kept, though nothing is watched
+            assert sel.statistics().signalfd == signalfd
+            stranger = children.exited()  # an exit nobody watches: no event, no harm
+            assert sel.select(0) == []
+            children.reap(stranger)
+            r2, w2 = os.pipe()
+            try:
+                second = children.waiting_on(r2, exit_code=3)
+                ident = sel.register_process(second, "second")
+                assert sel.statistics().signalfd == signalfd
+                os.close(w2)
+                w2 = -1
+                assert collect_until(sel, lambda got: got) == [
+                    ReadyKey(ident, PROCESS_EXITED, 0, "second")
+                ]
+                assert children.reap(second) == 3
+            finally:
+                os.close(r2)
+                if w2 >= 0:
+                    os.close(w2)
+            sel.unregister(ident)
+            chld = sel.register_signal(signal.SIGCHLD, "chld")  # shares the kept one
+            sel.unregister(chld)
+            assert signal.SIGCHLD in blocked_signals()  # still kept for processes
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+    assert signal.SIGCHLD not in blocked_signals()
+
+
 def test_select_into_delivers_what_did_not_fit_on_the_next_calls(selector, children, fds):
     r, w = os.pipe()
     fds.extend((r, w))
@@ -890,6 +938,47 @@ def test_a_select_waiting_forever_wakes_for_a_peek_that_comes_due(
     selector.unregister(first.fd)
     children.reap(first.data)
     [second] = selector.select(-1)
+    assert {first.data, second.data} == set(pids)
+    children.reap(second.data)
+
+
+def test_a_peek_descheduled_midway_does_not_put_the_next_one_far_off(
+    selector: Selector[Any], children: Children, fds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next peek waits 50x what the last empty one cost: its CPU time, the kernel's
+    walk. Counted in wall time, a peek descheduled for 0.2 s (a busy machine; here a
+    sleep in the call) would put the next 10 s off, and an exit whose SIGCHLD collapsed
+    would go unreported that long."""
+    real = os.waitid
+
+    def descheduled(idtype: int, ident: int, options: int) -> Any:
+        if idtype == os.P_ALL:
+            time.sleep(0.2)
+        return real(idtype, ident, options)
+
+    monkeypatch.setattr(os, "waitid", descheduled)
+    r, w = os.pipe()
+    fds.extend((r, w))
+    alone = children.waiting_on(r)
+    selector.register_process(alone, alone)
+    os.close(w)
+    [key] = select_until(selector, bool)  # its own SIGCHLD names it
+    selector.unregister(key.fd)
+    children.reap(alone)
+    peeks = selector.peeks
+    assert selector.select(0) == []  # the peek that follows: due at once, finds nothing
+    assert selector.peeks == peeks + 1
+    r, w = os.pipe()
+    fds.extend((r, w))
+    pids = [children.waiting_on(r) for _ in range(2)]
+    for pid in pids:
+        selector.register_process(pid, pid)
+    os.close(w)
+    wait_until(lambda: all(process_state(pid) == "Z" for pid in pids), describe="both to exit")
+    [first] = select_until(selector, bool)  # one SIGCHLD for the two: one is hinted
+    selector.unregister(first.fd)
+    children.reap(first.data)
+    [second] = select_until(selector, bool, timeout=5)  # the other waits for the peek
     assert {first.data, second.data} == set(pids)
     children.reap(second.data)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import resource
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,3 +122,20 @@ def test_the_journal_compacts_itself(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(lines) <= 10
     assert sessions.SessionJournal(journal.path).load() == {os.getpid(): journal.live[os.getpid()]}
     journal.close(remove=True)
+
+
+def test_a_scan_that_cannot_open_a_process_says_so_instead_of_missing_it(leader: int) -> None:
+    """With one fd left, /proc itself opens but no process's stat does: the scan must
+    fail (the daemon tries again later), not report an empty session (members escape)."""
+    wait_until(lambda: len(sessions.session_members(leader)) == 2)
+    spare = os.dup(0)
+    os.close(spare)  # the lowest free fd: with the limit just above it, the only one
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (spare + 1, hard))
+    try:
+        with pytest.raises(OSError) as failed:
+            sessions.session_members(leader)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert failed.value.errno == errno.EMFILE
+    assert len(sessions.session_members(leader)) == 2
