@@ -11,6 +11,11 @@ whatever happened to the tests. systemd-nspawn gets SIGTERM (a clean poweroff of
 container) if the test process dies (`setpriv --pdeathsig`), and `Machine.close()`
 powers the container off, or kills its init (and with it every process in the
 container's PID namespace) when that does not happen in time.
+
+Each container gets a cgroup of its own (named after the machine) in the hierarchies
+systemd uses, which `Machine.close()` removes: without it, two test runs on one host
+booted two systemds over the same cgroup, and one supd's cgroup.kill reached the other
+container's programs.
 """
 
 from __future__ import annotations
@@ -81,6 +86,9 @@ set -f  # the --exclude=PATTERN words are for tar, not for the shell
 tar -C "$checkout" $TAR_EXCLUDES -cf - . | tar -C "$root$dest" -xf -
 set +f
 echo "launcher: root filesystem ready" >&2
+# A cgroup of its own in the hierarchies systemd uses: the container's systemd builds its
+# tree there, never where the container of another test run, at the same time, builds one.
+for dir in $JOIN_CGROUPS; do echo $$ > "$dir/cgroup.procs"; done
 exec systemd-nspawn -D "$root" --machine="$name" --boot --register=no --keep-unit \
   --tmpfs=/tmp --console=read-only --link-journal=no
 """
@@ -131,6 +139,32 @@ def enabled_host_units() -> list[str]:
     return sorted(names)
 
 
+def own_cgroup_dirs() -> list[Path]:
+    """This process's cgroup folders in the hierarchies systemd keeps its tree in: cgroup
+    v2's and, on a hybrid host, v1's name=systemd one."""
+    own: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0":
+            own["cgroup2"] = path
+        elif controllers == "name=systemd":
+            own["name=systemd"] = path
+    dirs = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mount, _, source = line.partition(" - ")
+        root, mount_point = mount.split()[3:5]
+        fstype, _device, options = source.split()[:3]
+        if fstype == "cgroup2":
+            key = "cgroup2"
+        elif fstype == "cgroup" and "name=systemd" in options.split(","):
+            key = "name=systemd"
+        else:
+            continue
+        if key in own and root == "/":  # a mount of the whole hierarchy
+            dirs.append(Path(mount_point) / own.pop(key).lstrip("/"))
+    return dirs
+
+
 class Machine:
     """One booted container. `run()` executes a command inside it."""
 
@@ -142,6 +176,7 @@ class Machine:
         self.console = work / "console.log"
         self.launcher: subprocess.Popen[bytes] | None = None
         self.init_pid = 0
+        self.cgroups: list[Path] = []  # made for the launcher, removed by close()
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -151,6 +186,10 @@ class Machine:
             raise Unavailable(reason)
         self.work.mkdir(parents=True, exist_ok=True)
         excludes = " ".join(f"--exclude={pattern}" for pattern in COPY_EXCLUDES)
+        for parent in own_cgroup_dirs():
+            with contextlib.suppress(OSError):  # not writable: the container shares it
+                (parent / self.name).mkdir()
+                self.cgroups.append(parent / self.name)
         with self.console.open("wb") as console:
             self.launcher = subprocess.Popen(
                 [
@@ -174,7 +213,11 @@ class Machine:
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
-                env={**CLEAN_ENVIRONMENT, "TAR_EXCLUDES": excludes},
+                env={
+                    **CLEAN_ENVIRONMENT,
+                    "TAR_EXCLUDES": excludes,
+                    "JOIN_CGROUPS": " ".join(map(str, self.cgroups)),
+                },
                 start_new_session=True,
             )
         deadline = time.monotonic() + BOOT_TIMEOUT
@@ -185,6 +228,7 @@ class Machine:
         """Power off; kill what is left. Safe to call more than once, or after a failed boot."""
         launcher, self.launcher = self.launcher, None
         if launcher is None:
+            self._remove_cgroups()
             return
         if launcher.poll() is None and self.init_pid:
             with contextlib.suppress(subprocess.SubprocessError, OSError):
@@ -199,6 +243,15 @@ class Machine:
             with contextlib.suppress(ProcessLookupError):
                 launcher.kill()
             launcher.wait(30)
+        self._remove_cgroups()
+
+    def _remove_cgroups(self) -> None:
+        """The launcher's cgroups, with whatever the container's systemd left in them."""
+        for top in self.cgroups:
+            for folder, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        self.cgroups = []
 
     def _wait(self, deadline: float, probe: Callable[[], T | None], what: str) -> T:
         while True:
