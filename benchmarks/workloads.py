@@ -159,10 +159,14 @@ class Session:
 
     def daemon(self, kind: str, workdir: Path) -> Daemon:
         if kind in (SUPD, SUPD_SESSIONS):
-            supd = Supd(workdir, cgroups="off" if kind == SUPD_SESSIONS else "auto")
-            self.supd_configs.append(supd.config_path)
-            return supd
+            return self.supd(workdir, cgroups="off" if kind == SUPD_SESSIONS else "auto")
         return Supervisord(workdir, self.bench_venv)
+
+    def supd(self, workdir: Path, cgroups: str = "auto") -> Supd:
+        """A supd whose cgroup tree remove_cgroups() will find."""
+        supd = Supd(workdir, cgroups=cgroups)
+        self.supd_configs.append(supd.config_path)
+        return supd
 
     def remove_cgroups(self) -> None:
         """supd is SIGKILLed after each round: remove the cgroup trees it leaves."""
@@ -610,7 +614,7 @@ def reexec(session: Session, subject: str) -> str:
     programs = session.sizes.fleet_programs
     workdir = session.workdir(f"reexec{programs}-{subject}")
     stamps = workdir / "stamps"
-    daemon = Supd(workdir)
+    daemon = session.supd(workdir)
     daemon.write_config(sleepers(session.helper, programs))
     process = daemon.launch(session.processes, session.stamps_env(stamps))
     try:
@@ -940,7 +944,7 @@ def churn(session: Session, subject: str) -> str:
     warm-up, by least squares over the samples."""
     sizes = session.sizes
     workdir = session.workdir(f"churn-{subject}")
-    daemon = Supd(workdir)
+    daemon = session.supd(workdir)
     base = [
         *sleepers(session.helper, CHURN_SLEEPERS),
         *(
