@@ -501,6 +501,9 @@ class Fleet:
             self.processes[process.name] = process
             self.programs.setdefault(process.config.name, []).append(process.name)
             self.state_counts[process.state] += 1
+            self._unhealthy += process.healthy is False
+            if process.waiting_for is not None:  # held for its dependencies: still is
+                self._held[process.name] = None
             self._out.append(CreateSlot(process.name, process.config))
         for name, timer, deadline in adopt.timers:
             if name not in self.processes:

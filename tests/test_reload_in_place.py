@@ -323,6 +323,51 @@ def test_on_dependency_restart_crosses_a_reexec() -> None:
     assert kills(sim) == ["web"]
 
 
+def adopted(sim: Sim, *programs: Any) -> None:
+    """The new image's fleet, given what the old one had (processes, armed timers)."""
+    timers = tuple(
+        (name, timer, deadline)
+        for name, armed in sim.fleet.armed_timers().items()
+        for timer, deadline in armed
+    )
+    processes = tuple(sim.fleet.processes.values())
+    sim.fleet = Fleet()
+    sim.slots.clear()
+    sim.post(Adopt(programs, processes, timers))
+
+
+def test_an_unhealthy_process_is_counted_across_a_reexec() -> None:
+    ignore = {**CHECK, "on_unhealthy": "ignore", "failures": 1}
+    programs = (program("web", health=ignore, **FAST),)
+    sim = Sim(*programs)
+    sim.advance(2.5)  # RUNNING at 0.5, first check at 2.5
+    answer(sim, Probe.HEALTH, False, "refused")
+    assert sim.fleet.unhealthy_count() == 1
+    adopted(sim, *programs)
+    assert sim.fleet.unhealthy_count() == 1  # STATUS= says so after the re-exec too
+    sim.advance(2)
+    answer(sim, Probe.HEALTH, True, "connected")
+    assert sim.fleet.processes["web"].healthy is True
+    assert sim.fleet.unhealthy_count() == 0
+
+
+def test_a_process_held_for_its_dependency_starts_after_a_reexec() -> None:
+    programs = (
+        program("db", ready={"tcp": TCP, "ready_timeout": 60}, **FAST),
+        program("web", depends_on=["db"], **FAST),
+    )
+    sim = Sim(*programs)
+    sim.advance(1)  # db waits for its probe; web is held
+    assert sim.state("db") is State.STARTING and "web" not in sim.children
+    assert sim.fleet.processes["web"].waiting_for == "waiting for db (ready)"
+    adopted(sim, *programs)
+    answer(sim, Probe.READY, True, "connected", name="db")
+    assert sim.state("db") is State.RUNNING
+    sim.advance(1)
+    assert sim.state("web") is State.RUNNING
+    assert sim.fleet.processes["web"].waiting_for is None
+
+
 def test_a_probe_in_flight_at_a_reexec_is_run_again_by_the_new_image() -> None:
     health = {**CHECK, "timeout": 5, "failures": 1}
     sim = Sim(program("web", health=health, **FAST))
