@@ -934,3 +934,29 @@ time.sleep(1000)
         describe=d.describe,
     )
     assert not d.events("notify_ignored")
+
+
+def test_a_process_held_for_its_dependency_starts_once_it_is_ready_after_a_reexec(
+    supd: Factory, tmp_path: Path
+) -> None:
+    ready = tmp_path / "db.ready"
+    d = supd(f"""
+        [programs.db]
+        command = {SLEEP}
+        startsecs = 0
+        ready = {{ file = "{ready}", interval = 0.1, ready_timeout = 600 }}
+
+        [programs.web]
+        command = {SLEEP}
+        startsecs = 0
+        depends_on = ["db"]
+    """)
+    wait_until(
+        lambda: d.status()["web"]["waiting_for"] == "waiting for db (ready)", describe=d.describe
+    )
+    assert d.state("db") == "STARTING"
+    reexec_by_supctl(d)
+    ready.touch()
+    d.wait_state("db", "RUNNING")
+    d.wait_state("web", "RUNNING")
+    assert d.status()["web"]["waiting_for"] is None
