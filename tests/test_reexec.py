@@ -960,3 +960,40 @@ def test_a_process_held_for_its_dependency_starts_once_it_is_ready_after_a_reexe
     d.wait_state("db", "RUNNING")
     d.wait_state("web", "RUNNING")
     assert d.status()["web"]["waiting_for"] is None
+
+
+def test_an_unhealthy_program_is_still_counted_in_the_status_after_a_reexec(
+    supd: Factory, tmp_path: Path
+) -> None:
+    from tests.test_systemd_daemon import NotifyListener, systemd_env
+
+    listener = NotifyListener(tmp_path / "notify.sock")
+    refused = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # bound, never listening
+    try:
+        refused.bind(("127.0.0.1", 0))
+        port = refused.getsockname()[1]
+        d = supd(
+            f"""
+            [programs.app]
+            command = {SLEEP}
+            startsecs = 0
+
+            [programs.app.health]
+            tcp = "127.0.0.1:{port}"
+            interval = 0.05
+            failures = 1
+            start_grace = 0
+            on_unhealthy = "ignore"
+            """,
+            env=systemd_env(listener),
+        )
+        listener.wait_status(lambda status: "1 unhealthy" in status)
+        assert d.status()["app"]["healthy"] is False
+        reexec_by_supctl(d)
+        listener.wait_for("RELOADING", "1")
+        ready = listener.wait_for("READY", "1")  # the new supd's, with its STATUS=
+        assert listener.messages[ready]["STATUS"] == "1 running, 1 unhealthy"
+        assert d.status()["app"]["healthy"] is False
+    finally:
+        refused.close()
+        listener.close()
