@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import PY, REPO, SLEEP, Supd, cmd, wait_until
+from tests.helpers import PY, REPO, SLEEP, Supd, children_of, cmd, wait_until
 
 Factory = Callable[..., Supd]
 
@@ -366,6 +366,49 @@ def test_a_process_waiting_to_be_ready_waits_on_the_probe_a_reload_gives_it(
     }
     assert reasons["filed"] == f"ready: file {exists} exists"
     assert reasons["logged"].startswith("ready: ") and reasons["logged"].endswith("5")
+
+
+def test_a_probe_in_flight_that_a_reload_removes_is_killed_and_reaped(
+    supd: Factory, tmp_path: Path
+) -> None:
+    # Each probe writes its pid, then hangs: it is in flight until something kills it.
+    def hanging(name: str) -> str:
+        path = str(tmp_path / name)
+        script = (
+            "import os, time\n"
+            f"open({path + '.part'!r}, 'w').write(str(os.getpid()))\n"
+            f"os.rename({path + '.part'!r}, {path!r})\n"
+            "time.sleep(1000)\n"
+        )
+        return json.dumps([PY, "-c", script])
+
+    config = f"""
+        [programs.starting]
+        command = {SLEEP}
+        startsecs = 0
+        {{ready}}
+        [programs.running]
+        command = {SLEEP}
+        startsecs = 0
+        {{health}}
+    """
+    ready = f"ready = {{ exec = {hanging('ready')}, timeout = 600, ready_timeout = 600 }}"
+    health = f"health = {{ exec = {hanging('health')}, interval = 0.05, timeout = 600 }}"
+    d = supd(config.format(ready=ready, health=health))
+    wait_until(lambda: (tmp_path / "ready").exists(), describe=d.describe)
+    wait_until(lambda: (tmp_path / "health").exists(), describe=d.describe)
+    probes = [int((tmp_path / name).read_text()) for name in ("ready", "health")]
+    d.track(*probes)
+    assert d.state("starting") == "STARTING"
+    assert all(probe in children_of(d.pid) for probe in probes)
+    d.write_config(config.format(ready="", health=""))
+    plan = reload_both(d)
+    assert plan["starting"]["step"] == plan["running"]["step"] == "update in place"
+    d.wait_state("starting", "RUNNING")
+    # killed and reaped: no longer supd's child, not even a zombie
+    wait_until(lambda: not set(probes) & set(children_of(d.pid)), describe=d.describe)
+    status = d.status()
+    assert status["running"]["healthy"] is None and status["running"]["state"] == "RUNNING"
 
 
 def test_dependencies_added_by_reload_apply_from_then_on_without_a_restart(
