@@ -10,7 +10,7 @@ supd inherits (its number in $SUPD_REEXEC_STATE):
   adopts with exactly what the children were started with, then reloads the file);
 - every process: its name and program, and every field of its `Process` (the state,
   why, pid, failure counters, what the operator asked for...). Monotonic times
-  (`*_at`, `*_until`) and armed timers are stored as seconds relative to the moment
+  (`*_at`, `*_until`, `*_deadline`) and armed timers are stored as seconds relative to the moment
   of the exec and re-based on the other side. Fields are taken generically from the
   dataclass, so a field added to `Process` later crosses too, and one the new version
   does not know is ignored (a missing one keeps its default);
@@ -59,7 +59,7 @@ PROBE_ANSWER = "adoptable"
 PROBE_TIMEOUT_S = 10.0
 
 # Process fields that hold monotonic times: stored relative to the exec.
-_TIME_SUFFIXES = ("_at", "_until")
+_TIME_SUFFIXES = ("_at", "_until", "_deadline")
 
 
 @dataclass

@@ -279,6 +279,17 @@ def test_a_process_crosses_with_its_fields_and_its_times_relative() -> None:
     assert (back.backoff_until, back.started_at) == (505.0, 490.0)
 
 
+def test_the_ready_deadline_crosses_relative_like_the_other_times() -> None:
+    # (EXTEND_TIMEOUT_USEC's deadline: compared with started_at by a reload's new `ready`)
+    config = runtime(ProgramConfig.model_validate({"name": "web", "command": ["x"]}))
+    process = Process("web", config, state=State.STARTING, want=Want.UP, pid=1234)
+    process.started_at, process.ready_deadline = 90.0, 130.0
+    data = json.loads(json.dumps(reexec.process_fields(process, now=100.0)))
+    assert data["ready_deadline"] == 30.0
+    back = reexec.restore_process("web", config, data, base=500.0)
+    assert (back.started_at, back.ready_deadline) == (490.0, 530.0)
+
+
 def test_the_death_ring_and_the_restart_window_cross_with_their_times() -> None:
     from supd.deaths import Cause, Death
 
