@@ -2309,6 +2309,8 @@ class Daemon:
                     fds.append(fd)
                 if slot.probe is not None and slot.probe.child is not None:
                     saved.probe_pid = slot.probe.child.pid
+                if slot.last_output_at is not None:
+                    saved.last_output = slot.last_output_at - now
                 if slot.child is not None:
                     saved.child_pid = slot.child.pid
                     saved.via_setpriv = slot.child.via_setpriv
@@ -2409,6 +2411,9 @@ class Daemon:
         self._perform(self.fleet.handle(adopt, now))
         for saved in state.processes:
             self._adopt_fds(saved)
+            slot = self.slots.get(saved.name)
+            if slot is not None and saved.last_output is not None:
+                slot.last_output_at = base + saved.last_output
         self.log.info("adopted", generation=self._generation, processes=len(processes))
         # What the children sent while supd was being replaced first, then the timers:
         # a WATCHDOG=1 waiting in the socket is not a missed watchdog.

@@ -78,6 +78,9 @@ class ProcessState:
     # An exec probe in flight: its answer would go to the old image, so the new one
     # kills and reaps it (and probes again at once: fleet.Adopt).
     probe_pid: int | None = None
+    # When the child last printed, relative to the exec: a log-silence health check
+    # counts the silence from then, not from the child's start.
+    last_output: float | None = None
 
 
 @dataclass

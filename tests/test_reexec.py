@@ -1008,3 +1008,44 @@ def test_an_unhealthy_program_is_still_counted_in_the_status_after_a_reexec(
     finally:
         refused.close()
         listener.close()
+
+
+CHATTY = cmd("import time\nwhile True:\n    print('still here', flush=True)\n    time.sleep(0.02)")
+
+
+def test_a_log_silence_check_counts_the_output_before_the_reexec(
+    supd: Factory, tmp_path: Path
+) -> None:
+    # talker prints all the time, but was started longer ago than log-silence: the new
+    # image must know when it last printed, not count its silence from its start.
+    ticks = tmp_path / "ticks"
+    tick = json.dumps(["/bin/sh", "-c", f"echo >> {ticks}"])
+    d = supd(f"""
+        [programs.talker]
+        command = {CHATTY}
+        startsecs = 0
+
+        [programs.talker.health]
+        log-silence = 1
+        interval = 0.05
+        failures = 1
+        start_grace = 0
+        on_unhealthy = "restart"
+
+        [programs.clock]
+        command = {SLEEP}
+        startsecs = 0
+        health = {{ exec = {tick}, interval = 0.05 }}
+    """)
+    wait_until(lambda: d.status()["talker"]["healthy"] is True, describe=d.describe)
+    wait_until(lambda: (d.status()["talker"]["uptime"] or 0) > 2, describe=d.describe)
+    pid = d.status()["talker"]["pid"]
+    reexec_by_supctl(d)
+    ticked = lines(ticks)
+    wait_until(lambda: lines(ticks) >= ticked + 5, describe=d.describe)  # checks ran
+    talker = d.status()["talker"]
+    assert (talker["pid"], talker["state"], talker["healthy"]) == (pid, "RUNNING", True)
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
