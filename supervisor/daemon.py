@@ -2413,7 +2413,9 @@ class Daemon:
             self._adopt_fds(saved)
             slot = self.slots.get(saved.name)
             if slot is not None and saved.last_output is not None:
-                slot.last_output_at = base + saved.last_output
+                # From now, not `base`: supd read nothing during the exec, and what the
+                # child printed meanwhile waits in its pipe; that time is no silence.
+                slot.last_output_at = now + saved.last_output
         self.log.info("adopted", generation=self._generation, processes=len(processes))
         # What the children sent while supd was being replaced first, then the timers:
         # a WATCHDOG=1 waiting in the socket is not a missed watchdog.
