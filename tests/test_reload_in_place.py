@@ -368,6 +368,22 @@ def test_a_process_held_for_its_dependency_starts_after_a_reexec() -> None:
     assert sim.fleet.processes["web"].waiting_for is None
 
 
+def test_a_dependant_stopping_with_its_dependency_comes_back_after_a_reexec() -> None:
+    programs = (
+        program("db", **FAST),
+        program("web", depends_on=["db"], on_dependency_restart="restart", **FAST),
+    )
+    sim = Sim(*programs)
+    sim.advance(1)
+    sim.ignore_term.add("web")  # still STOPPING at the re-exec
+    sim.exit("db", 1)
+    assert sim.state("web") is State.STOPPING
+    adopted(sim, *programs)
+    sim.advance(10)  # web killed after stopwaitsecs; db restarted after its backoff
+    assert sim.state("db") is State.RUNNING
+    assert sim.state("web") is State.RUNNING  # restarted with db, as without the re-exec
+
+
 def test_a_probe_in_flight_at_a_reexec_is_run_again_by_the_new_image() -> None:
     health = {**CHECK, "timeout": 5, "failures": 1}
     sim = Sim(program("web", health=health, **FAST))
