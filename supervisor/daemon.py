@@ -365,6 +365,8 @@ class Daemon:
         # supd's environment as every child starts from it (minus systemd's variables)
         self.base_environment = spawn.child_environment(os.environ)
         self.subreaper = False
+        # _reap_orphans' peek stopped at one of our own zombies: orphans may wait behind it.
+        self._orphans_hidden = False
         self._sigchld_key: int | None = None  # as a subreaper: every SIGCHLD
         self.cgroup_tree: cgroups.CgroupTree | None = None  # None: the session fallback
         self.journal: sessions.SessionJournal | None = None  # the fallback's record
@@ -579,10 +581,10 @@ class Daemon:
                 self.metrics_server.on_ready(key)
             case _:
                 self.log.warning("unknown_key", fd=key.fd, data=repr(key.data))
-        if self.subreaper and key.events & Event.PROCESS:
+        if self._orphans_hidden and key.events & Event.PROCESS:
             # Orphans that died with this child (a killed process group), or meanwhile,
-            # were hidden from _reap_orphans' peek behind its zombie (a main process's,
-            # a probe's, the checker's...): with it reaped, look again.
+            # were hidden from _reap_orphans' peek behind a zombie of ours (a main
+            # process's, a probe's, the checker's...): with one reaped, look again.
             self._reap_orphans()
 
     def _signal_received(self, signum: int) -> None:
@@ -963,6 +965,7 @@ class Daemon:
         naming it, the remaining orphans wait until that child's exit is dispatched
         (which looks again, whatever the child was).
         """
+        self._orphans_hidden = False
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -971,6 +974,7 @@ class Daemon:
             if info is None:
                 return
             if self.selector.watches_pid(info.si_pid):  # one of ours: O(1), not O(slots)
+                self._orphans_hidden = True
                 return
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, 0)
