@@ -98,6 +98,21 @@ def children_of(pid: int) -> list[int]:
     return children
 
 
+def checkers_of(pid: int) -> list[int]:
+    """The config checkers (`supd --check --emit-json`) `pid` is running now."""
+    from supd import configcheck
+
+    found = []
+    for child in children_of(pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if configcheck.EMIT_JSON_ARG.encode() in argv:
+            found.append(child)
+    return found
+
+
 class RpcError(Exception):
     def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(f"{error.get('code')}: {error.get('message')}")

@@ -30,6 +30,7 @@ from tests.helpers import (
     SLEEP,
     RpcError,
     Supd,
+    checkers_of,
     children_of,
     kill_quietly,
     remove_cgroup_tree,
@@ -136,18 +137,6 @@ def start(supd: Factory, tmp_path: Path, timeout_s: float = 30, config: str = PR
     )
     d = supd(config, env=env)
     return Checked(d, mode_file)
-
-
-def checkers_of(pid: int) -> list[int]:
-    found = []
-    for child in children_of(pid):
-        try:
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        if configcheck.EMIT_JSON_ARG.encode() in argv:
-            found.append(child)
-    return found
 
 
 def zombies_of(pid: int) -> list[int]:

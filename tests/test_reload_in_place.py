@@ -315,10 +315,7 @@ def test_on_dependency_restart_crosses_a_reexec() -> None:
     )
     sim = Sim(*programs)
     sim.advance(1)
-    processes = tuple(sim.fleet.processes.values())
-    sim.fleet = Fleet()  # the new image's, given what the old one had
-    sim.slots.clear()
-    sim.post(Adopt(programs, processes))
+    adopted(sim, *programs)
     sim.exit("db", 1)
     assert kills(sim) == ["web"]
 
@@ -389,16 +386,8 @@ def test_a_probe_in_flight_at_a_reexec_is_run_again_by_the_new_image() -> None:
     sim = Sim(program("web", health=health, **FAST))
     sim.advance(2.6)  # RUNNING at 0.5, the check at 2.5 is in flight
     assert probes(sim, 0) and sim.fleet.armed_timers()["web"][0][0] is proc.Timer.PROBE_TIMEOUT
-    timers = tuple(
-        (name, timer, deadline)
-        for name, armed in sim.fleet.armed_timers().items()
-        for timer, deadline in armed
-    )
-    processes = tuple(sim.fleet.processes.values())
-    sim.fleet = Fleet()
-    sim.slots.clear()
     mark = len(sim.effects)
-    sim.post(Adopt((program("web", health=health, **FAST),), processes, timers))
+    adopted(sim, program("web", health=health, **FAST))
     sim.advance(0)  # probed again at once, not failed 5 s later
     assert [run.probe for run in probes(sim, mark)] == [Probe.HEALTH]
     answer(sim, Probe.HEALTH, True, "connected")

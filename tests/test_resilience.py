@@ -74,20 +74,8 @@ def test_out_of_fds_a_stop_still_kills_a_start_still_settles_and_sigterm_exits(
     )
     d.wait_state("stopper", "RUNNING")
     wait_until(ready.exists)
-    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    first.settimeout(20)
-    first.connect(str(d.socket))
-    first.sendall(b'{"jsonrpc":"2.0","id":0,"method":"version"}\n')
-    assert read_answers(first, 1)[0]["result"]["pid"] == d.pid  # accepted: it holds an fd
-    held: list[socket.socket] = []
+    first, held = fill_fds(d)
     try:
-        for _ in range(200):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            held.append(sock)
-            with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
-                sock.connect(str(d.socket))
-        wait_until(lambda: fd_count(d.pid) >= 62, describe=lambda: f"{fd_count(d.pid)} fds")
         requests = [
             {"id": 1, "method": "stop", "params": {"names": ["stopper"]}},
             {"id": 2, "method": "start", "params": {"names": ["sleeper"]}},

@@ -839,12 +839,7 @@ def test_collapsed_sigchlds_lose_no_exit_when_the_owner_reaps_as_told(
     selector: Selector[Any], children: Children, fds: list[int]
 ) -> None:
     """100 children exit at once: most SIGCHLDs collapse, and the peeks find the rest."""
-    r, w = os.pipe()
-    fds.extend((r, w))
-    pids = [children.waiting_on(r) for _ in range(100)]
-    for pid in pids:
-        selector.register_process(pid, pid)
-    os.close(w)
+    pids = exiting_together(selector, children, fds, 100)
     exited = collect_exits(selector, children, len(pids))
     assert sorted(exited) == sorted(pids)
     assert selector.select(0) == []
@@ -856,15 +851,23 @@ def test_an_unwatched_zombie_does_not_hide_the_exits_behind_it(
     """A child nobody watches exits first and stays a zombie: the peek cannot see past
     it, so the selector falls back to asking every watched pid."""
     stray = children.exited()
-    r, w = os.pipe()
-    fds.extend((r, w))
-    pids = [children.waiting_on(r) for _ in range(20)]
-    for pid in pids:
-        selector.register_process(pid, pid)
-    os.close(w)
+    pids = exiting_together(selector, children, fds, 20)
     exited = collect_exits(selector, children, len(pids))
     assert sorted(exited) == sorted(pids)
     assert process_state(stray) == "Z"  # still there: not the selector's to reap
+
+
+def exiting_together(
+    selector: Selector[Any], children: Children, fds: list[int], count: int
+) -> list[int]:
+    """`count` watched children, made to exit at once (their SIGCHLDs may collapse)."""
+    r, w = os.pipe()
+    fds.extend((r, w))
+    pids = [children.waiting_on(r) for _ in range(count)]
+    for pid in pids:
+        selector.register_process(pid, pid)
+    os.close(w)
+    return pids
 
 
 def count_full_peeks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -927,12 +930,7 @@ def test_a_select_waiting_forever_wakes_for_a_peek_that_comes_due(
 ) -> None:
     """A collapsed exit is found by select(-1) itself, not by a caller that polls."""
     selector._peek_cost = 0.004  # the peek waits 0.2 s
-    r, w = os.pipe()
-    fds.extend((r, w))
-    pids = [children.waiting_on(r) for _ in range(2)]
-    for pid in pids:
-        selector.register_process(pid, pid)
-    os.close(w)
+    pids = exiting_together(selector, children, fds, 2)
     wait_until(lambda: all(process_state(pid) == "Z" for pid in pids), describe="both to exit")
     [first] = select_until(selector, bool)
     selector.unregister(first.fd)
@@ -968,12 +966,7 @@ def test_a_peek_descheduled_midway_does_not_put_the_next_one_far_off(
     peeks = selector.peeks
     assert selector.select(0) == []  # the peek that follows: due at once, finds nothing
     assert selector.peeks == peeks + 1
-    r, w = os.pipe()
-    fds.extend((r, w))
-    pids = [children.waiting_on(r) for _ in range(2)]
-    for pid in pids:
-        selector.register_process(pid, pid)
-    os.close(w)
+    pids = exiting_together(selector, children, fds, 2)
     wait_until(lambda: all(process_state(pid) == "Z" for pid in pids), describe="both to exit")
     [first] = select_until(selector, bool)  # one SIGCHLD for the two: one is hinted
     selector.unregister(first.fd)

@@ -22,7 +22,14 @@ from pydantic_core import PydanticUndefined
 from supd import config, configcheck, settings
 from supd.facts import EXIT_CONFIG, ErrorCode
 from supd.settings import ConfigError
-from tests.helpers import PY, SLEEP, Supd, children_of, source_pythonpath, wait_until
+from tests.helpers import (
+    PY,
+    SLEEP,
+    Supd,
+    checkers_of,
+    source_pythonpath,
+    wait_until,
+)
 
 Factory = Callable[..., Supd]
 
@@ -423,18 +430,6 @@ def test_the_daemon_starts_through_the_checker_and_reports_problems_as_before(
     )
     assert ran.returncode == EXIT_CONFIG
     assert ran.stderr.startswith(f"{path}:3: programs.web.startsecs: ")
-
-
-def checkers_of(pid: int) -> list[int]:
-    found = []
-    for child in children_of(pid):
-        try:
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        if configcheck.EMIT_JSON_ARG.encode() in argv:
-            found.append(child)
-    return found
 
 
 def test_a_hung_checker_is_a_clear_reload_error_and_the_daemon_carries_on(
